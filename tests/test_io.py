@@ -1,0 +1,123 @@
+"""Save, then load in a fresh process: identical logits and identical greedy generate()."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import slicegpt
+from slicegpt.io import SlicedFolderError
+
+from conftest import TINY_CONFIGS, calib_rows, make_tiny
+
+PROMPT = [[5, 17, 42, 99, 3, 250, 11, 8]]
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys, torch, slicegpt
+    model = slicegpt.load(sys.argv[1])
+    x = torch.tensor(json.loads(sys.argv[2]))
+    with torch.inference_mode():
+        logits = model(input_ids=x, use_cache=False).logits
+        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                             use_cache=True, pad_token_id=0)
+    torch.save({"logits": logits, "gen": gen}, sys.argv[3])
+    """
+)
+
+
+def _sliced(family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    model = make_tiny(family, dtype=dtype)
+    slicegpt.slice_model(model, None, calib_rows(16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_save_load_fresh_process_identical(family: str, tmp_path: Path) -> None:
+    model = _sliced(family)
+    out = slicegpt.save(model, tmp_path / "sliced")
+    x = torch.tensor(PROMPT)
+    with torch.inference_mode():
+        logits = model(input_ids=x, use_cache=False).logits
+        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
+    result = tmp_path / "child.pt"
+    subprocess.run([sys.executable, "-c", _CHILD, str(out), json.dumps(PROMPT), str(result)], check=True)
+    child = torch.load(result)
+    assert torch.equal(child["logits"], logits)
+    assert torch.equal(child["gen"], gen)
+    assert gen.shape[1] == x.shape[1] + 12
+
+
+def test_folder_contents_and_metadata(tmp_path: Path) -> None:
+    model = _sliced("llama")
+    out = slicegpt.save(model, tmp_path / "m")
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "slicegpt.json"} <= names
+    meta = json.loads((out / "slicegpt.json").read_text())
+    assert meta["format_version"] == 1
+    assert meta["settings"]["sparsity"] == 0.25
+    assert meta["files"]["model.safetensors"]["size"] == (out / "model.safetensors").stat().st_size
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_load_keeps_loading_without_source_or_sparsity(tmp_path: Path) -> None:
+    model = _sliced("qwen2")
+    out = slicegpt.save(model, tmp_path / "m")
+    loaded = slicegpt.load(out)
+    assert slicegpt.count_parameters(loaded) == slicegpt.count_parameters(model)
+    for (n1, p1), (n2, p2) in zip(sorted(model.state_dict().items()), sorted(loaded.state_dict().items())):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
+    model = _sliced("llama")
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        slicegpt.save(model, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    slicegpt.save(model, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_unsliced_model_refuses_to_save(tmp_path: Path) -> None:
+    with pytest.raises(SlicedFolderError, match="not been sliced"):
+        slicegpt.save(make_tiny("llama"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_folders_are_refused(tmp_path: Path) -> None:
+    model = _sliced("llama")
+    out = slicegpt.save(model, tmp_path / "m")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(SlicedFolderError, match="not a sliced model folder"):
+        slicegpt.load(plain)
+    # truncated weights
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(SlicedFolderError, match="truncated"):
+        slicegpt.load(out)
+    # same size, one byte changed
+    tampered = bytearray(data)
+    tampered[-5] ^= 0xFF
+    weights.write_bytes(bytes(tampered))
+    with pytest.raises(SlicedFolderError, match="checksum"):
+        slicegpt.load(out)
+    weights.write_bytes(data)
+    # a newer format
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["slicegpt"]["format_version"] = 99
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SlicedFolderError, match="format version 99"):
+        slicegpt.load(out)
