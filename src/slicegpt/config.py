@@ -40,6 +40,9 @@ class SliceConfig:
     damping: added to the covariance diagonal, as a share of its mean.
     pca_signal: 'normed' = PCA of the normalised signal each branch reads (as in the paper);
         'residual' = PCA of the raw residual stream.
+    uniform: one rotation for the whole network (PCA of all points' pooled, trace-normalised
+        covariances): no shortcut matrices, and the result is a standard checkpoint of the same
+        family with a smaller hidden_size. Implies slicing the head.
     """
 
     sparsity: float = 0.25
@@ -54,6 +57,7 @@ class SliceConfig:
     slice_head: bool = False
     damping: float = 0.01
     pca_signal: Literal["normed", "residual"] = "normed"
+    uniform: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -9,6 +9,7 @@ the recorded widths, and the tensors are assigned, never randomly initialised.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from .surgery import Widths, apply_widths, prepare
 
 WEIGHTS = "model.safetensors"
 METADATA = "slicegpt.json"
+REMOTE_MODULE = "modeling_slicegpt.py"
 
 
 class SlicedFolderError(ValueError):
@@ -54,6 +56,10 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False) -> Path:
     """Write a sliced model to ``out`` atomically.
 
+    Per-layer models become a slicegpt folder (loaded by :func:`load`, or by transformers'
+    ``from_pretrained(..., trust_remote_code=True)``); uniform models become a standard
+    checkpoint of their family that plain transformers loads.
+
     Everything is written into a hidden temporary folder beside ``out`` and renamed into place
     at the end, so a crash or a full disk never leaves a half-written model; an existing ``out``
     is replaced only with ``overwrite``.
@@ -65,22 +71,12 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, ove
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        from safetensors.torch import save_file
+        if meta.get("mode") == "uniform":
+            from .uniform import export_standard
 
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        meta = dict(meta)
-        meta["files"] = {WEIGHTS: {"size": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)}}
-        meta["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
-        config = model.config
-        config.slicegpt = meta
-        config.save_pretrained(tmp)
-        (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            export_standard(model, tmp, tokenizer=tokenizer)
+        else:
+            _write_per_layer(model, tmp, tokenizer)
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, backup / "old")
@@ -92,6 +88,28 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, ove
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_per_layer(model: nn.Module, tmp: Path, tokenizer: Any) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    meta = dict(model.config.slicegpt)
+    meta["files"] = {WEIGHTS: {"size": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)}}
+    meta["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    config = copy.deepcopy(model.config)
+    config.slicegpt = meta
+    # transformers' Auto classes find the loader through this (with trust_remote_code=True).
+    config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_MODULE[:-3]}.SlicedForCausalLM"}
+    config.save_pretrained(tmp)
+    shutil.copyfile(Path(__file__).parent / "remote" / REMOTE_MODULE, tmp / REMOTE_MODULE)
+    (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
 
 
 def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
@@ -156,9 +174,15 @@ def load(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    device_map: str | dict[str, Any] | None = None,
     checksum: bool = True,
 ) -> nn.Module:
-    """Load a sliced folder: needs only the folder (not the source model, not the sparsity)."""
+    """Load a sliced folder: needs only the folder (not the source model, not the sparsity).
+
+    ``device_map`` ('auto', or accelerate's mapping of module names to devices) spreads the
+    layers over the available devices instead of moving the whole model to ``device``;
+    ``checksum`` False checks only the file sizes (faster; a same-size corruption goes unseen).
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -179,6 +203,17 @@ def load(
         raise SlicedFolderError(f"{folder / WEIGHTS} lacks tensors: {', '.join(leftovers[:3])}")
     if dtype is not None:
         model.to(parse_dtype(dtype))
-    model.to(device)
+    if device_map is not None:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        if device_map == "auto":
+            # A block is the unit that must stay on one device: its shortcut and branches meet there.
+            device_map = infer_auto_device_map(model, no_split_module_classes=["SlicedBlock"])
+        if isinstance(device_map, str):
+            device_map = {"": device_map}
+        model = dispatch_model(model, device_map=device_map)
+        model.hf_device_map = device_map
+    else:
+        model.to(device)
     model.eval()
     return model

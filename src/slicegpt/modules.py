@@ -124,3 +124,18 @@ class SlicedBlock(nn.Module):
             y = self.carry(x, self.attn_shortcut) + self.attn_branch(x, args, kwargs)
             out = self.carry(y, self.mlp_shortcut) + self.mlp_branch(y)
         return (out,) if self.returns_tuple else out
+
+
+class ScaledRMSNorm(WeightlessRMSNorm):
+    """A weightless RMSNorm over the original width, then a per-coordinate scale.
+
+    Used only as the final norm of a uniform model whose head stays tied to the embeddings:
+    the final norm's scale can then no longer live in the head, so it lives here.
+    """
+
+    def __init__(self, width: int, eps: float, scale: torch.Tensor) -> None:
+        super().__init__(width, eps)
+        self.weight = nn.Parameter(scale.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.weight.to(x.dtype)

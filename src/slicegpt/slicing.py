@@ -126,11 +126,13 @@ class Covariance:
 class RotationSource(Protocol):
     """Gives the rotation (D, D float64, columns by significance) at each point of the stream.
 
-    ``needs_statistics`` False means the covariance is never looked at, so the loop skips
-    accumulating it.
+    ``needs_statistics``: the loop must stream calibration data and accumulate covariances.
+    ``shared``: every point gets the same basis, so a residual connection whose width does not
+    change carries no shortcut matrix.
     """
 
     needs_statistics: bool
+    shared: bool
 
     def __call__(self, point: str, cov: "Covariance | None") -> tuple[torch.Tensor | None, torch.Tensor]: ...
 
@@ -141,6 +143,7 @@ class PCARotation:
 
     damping: float = 0.01
     needs_statistics: bool = True
+    shared: bool = False
 
     def __call__(self, point: str, cov: "Covariance | None") -> tuple[torch.Tensor | None, torch.Tensor]:
         assert cov is not None
@@ -151,15 +154,44 @@ class PCARotation:
 class FixedRotation:
     """One given rotation everywhere (a random Q in invariance tests; the uniform mode's shared Q).
 
-    With the same basis on both sides of every residual connection, no shortcut matrix is needed
-    wherever the width does not change.
+    No calibration data is needed: the loop only rotates and slices weights.
     """
 
     q: torch.Tensor
     needs_statistics: bool = False
+    shared: bool = True
 
     def __call__(self, point: str, cov: "Covariance | None") -> tuple[torch.Tensor | None, torch.Tensor]:
         return None, self.q
+
+
+class PooledCovariance:
+    """Collects every point's covariance, trace-normalised, and returns the identity.
+
+    Run over the unrotated model at full width, it leaves the model unchanged and yields the
+    uniform mode's single rotation: the PCA of the sum of all points' covariances, each scaled
+    to unit trace so that no layer dominates by the size of its activations.
+    """
+
+    needs_statistics = True
+    shared = True
+
+    def __init__(self, dim: int) -> None:
+        self.eye = torch.eye(dim, dtype=torch.float64)
+        self.total = torch.zeros(dim, dim, dtype=torch.float64)
+        self.points: list[str] = []
+
+    def __call__(self, point: str, cov: "Covariance | None") -> tuple[torch.Tensor | None, torch.Tensor]:
+        assert cov is not None
+        c = (cov.sum / max(cov.count, 1)).cpu()
+        self.total += c / c.trace().clamp_min(1e-30)
+        self.points.append(point)
+        return None, self.eye
+
+    def rotation(self, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = Covariance(self.total.shape[0], torch.device("cpu"))
+        pooled.sum, pooled.count = self.total.clone(), len(self.points)
+        return pooled.pca(damping)
 
 
 # --------------------------------------------------------------------------- capture
@@ -268,7 +300,7 @@ class SliceReport:
         return kept
 
     def _width_of(self, name: str) -> int:
-        if name == "embedding":
+        if name in ("embedding", "uniform"):
             return self.widths.embedding
         _, idx, point = name.split(".")
         w = self.widths.layers[int(idx)]
@@ -313,11 +345,130 @@ def _resolve_rows(model: nn.Module, tokenizer: Any, calib: Any, config: SliceCon
     return calibration_rows(tokenizer, source, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed, bos_token_id=bos)
 
 
-def _shortcut(q_in: torch.Tensor, d_in: int, q_out: torch.Tensor, d_out: int, per_point: bool) -> torch.Tensor | None:
+def _shortcut(q_in: torch.Tensor, d_in: int, q_out: torch.Tensor, d_out: int, shared: bool) -> torch.Tensor | None:
     # A shared rotation and an unchanged width make the residual path the identity.
-    if not per_point and d_in == d_out and torch.equal(q_in, q_out):
+    if shared and d_in == d_out and torch.equal(q_in, q_out):
         return None
     return ops.shortcut_matrix(q_in, d_in, q_out, d_out)
+
+
+def _rotate_weights_only(model: nn.Module, spec: ArchSpec, widths: Widths, rotation: RotationSource, progress: bool) -> None:
+    """Rotate and slice with bases known in advance: no calibration forward at all."""
+    _, q = rotation("embedding", None)
+    for path in spec.embeddings:
+        ops.rotate_embedding(get_path(model, path), q, widths.embedding)
+    q_prev = q
+    dtype = next(model.parameters()).dtype
+    for idx, block in enumerate(tqdm(get_layers(model, spec), desc="rotating layers", unit="layer", disable=not progress)):
+        w = widths.layers[idx]
+        ops.rotate_inputs(attn_readers(block, spec), q_prev, w.d_in)
+        if spec.topology == "sequential":
+            _, q_mid = rotation(f"layer.{idx}.mid", None)
+            ops.rotate_outputs(attn_writers(block, spec), q_mid, w.d_mid)
+            block.set_shortcut("attn_shortcut", _shortcut(q_prev, w.d_in, q_mid, w.d_mid, rotation.shared), dtype)
+            ops.rotate_inputs(mlp_readers(block, spec), q_mid, w.d_mid)
+            q_from, d_from, writers, which = q_mid, w.d_mid, mlp_writers(block, spec), "mlp_shortcut"
+        else:
+            q_from, d_from, writers, which = q_prev, w.d_in, attn_writers(block, spec), "attn_shortcut"
+        _, q_out = rotation(f"layer.{idx}.out", None)
+        ops.rotate_outputs(writers, q_out, w.d_out)
+        block.set_shortcut(which, _shortcut(q_from, d_from, q_out, w.d_out, rotation.shared), dtype)
+        q_prev = q_out
+    ops.rotate_inputs([get_path(model, spec.head)], q_prev, widths.head)
+
+
+def _calibrated_loop(
+    model: nn.Module,
+    spec: ArchSpec,
+    rows: Rows,
+    config: SliceConfig,
+    widths: Widths,
+    rotation: RotationSource,
+    progress: bool,
+    desc: str = "slicing layers",
+) -> dict[str, list[float]]:
+    """The per-layer streaming loop (see the module docstring); returns the PCA spectra."""
+    device = torch.device(config.device)
+    D = widths.hidden
+    layers = get_layers(model, spec)
+    dtype = next(model.parameters()).dtype
+    spectra: dict[str, list[float]] = {}
+
+    def new_cov(wanted: bool = True) -> Covariance | None:
+        return Covariance(D, device) if wanted else None
+
+    def rotate_at(point: str, cov: Covariance | None) -> torch.Tensor:
+        evals, q = rotation(point, cov)
+        if evals is not None:
+            spectra[point] = evals.tolist()
+        return q.to(device=device, dtype=torch.float64)
+
+    inputs = capture_layer0_inputs(model, spec, rows, config.batch_size, device)
+    probe_norm = WeightlessRMSNorm(D, layers[0].attn_norm.eps)
+
+    # Embeddings: PCA of what layer 0 reads.
+    cov = new_cov()
+    for i, x in _stream(inputs.hidden, device):
+        cov.add(_signal(x, probe_norm, config), inputs.masks[i])
+    q_prev = rotate_at("embedding", cov)
+    for path in spec.embeddings:
+        ops.rotate_embedding(get_path(model, path), q_prev.cpu(), widths.embedding)
+    for i, x in _stream(inputs.hidden, device):
+        inputs.hidden[i] = (x.to(torch.float64) @ q_prev[:, : widths.embedding]).to(dtype).cpu()
+
+    for idx, block in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress)):
+        w = widths.layers[idx]
+        # The head reads the full width: the original basis serves, no PCA needed.
+        keep_full = idx == len(layers) - 1 and w.d_out == D and not rotation.shared
+        block.to(device)
+        q_in_t = q_prev[:, : w.d_in].t().to(dtype)  # (d_in, D): back to the original basis
+
+        ops.rotate_inputs(attn_readers(block, spec), q_prev, w.d_in)
+        if spec.topology == "sequential":
+            # Pass A: attention once per row; r (original basis) replaces x in host storage.
+            cov = new_cov()
+            for i, x in _stream(inputs.hidden, device):
+                args, kwargs = _to(inputs.args[i], device), _to(inputs.kwargs[i], device)
+                r = x @ q_in_t + block.attn_branch(x, args, kwargs)
+                cov.add(_signal(r, block.mlp_norm, config), inputs.masks[i])
+                inputs.hidden[i] = r.cpu()
+            q_mid = rotate_at(f"layer.{idx}.mid", cov)
+            ops.rotate_outputs(attn_writers(block, spec), q_mid, w.d_mid)
+            block.set_shortcut("attn_shortcut", _shortcut(q_prev, w.d_in, q_mid, w.d_mid, rotation.shared), dtype)
+            ops.rotate_inputs(mlp_readers(block, spec), q_mid, w.d_mid)
+
+            # Pass B: the MLP once per row.
+            q_mid_d = q_mid[:, : w.d_mid].to(dtype)
+            cov = new_cov(not keep_full)
+            for i, r in _stream(inputs.hidden, device):
+                y = r @ q_mid_d
+                o = y @ q_mid_d.t() + block.mlp_branch(y)
+                if cov is not None:
+                    cov.add(_signal(o, block.mlp_norm, config), inputs.masks[i])
+                inputs.hidden[i] = o.cpu()
+            q_from, d_from, writers, which = q_mid, w.d_mid, mlp_writers(block, spec), "mlp_shortcut"
+        else:
+            # Parallel block: attention and MLP read the same norm; one pass, one PCA.
+            cov = new_cov(not keep_full)
+            for i, x in _stream(inputs.hidden, device):
+                args, kwargs = _to(inputs.args[i], device), _to(inputs.kwargs[i], device)
+                o = x @ q_in_t + block.attn_branch(x, args, kwargs) + block.mlp_branch(x)
+                if cov is not None:
+                    cov.add(_signal(o, block.attn_norm, config), inputs.masks[i])
+                inputs.hidden[i] = o.cpu()
+            q_from, d_from, writers, which = q_prev, w.d_in, attn_writers(block, spec), "attn_shortcut"
+
+        q_out = torch.eye(D, dtype=torch.float64, device=device) if keep_full else rotate_at(f"layer.{idx}.out", cov)
+        ops.rotate_outputs(writers, q_out, w.d_out)
+        block.set_shortcut(which, _shortcut(q_from, d_from, q_out, w.d_out, rotation.shared), dtype)
+        q_out_d = q_out[:, : w.d_out].to(dtype)
+        for i, o in _stream(inputs.hidden, device):
+            inputs.hidden[i] = (o @ q_out_d).cpu()
+        q_prev = q_out
+        block.to("cpu")
+
+    ops.rotate_inputs([get_path(model, spec.head)], q_prev.cpu(), widths.head)
+    return spectra
 
 
 @torch.inference_mode()
@@ -337,117 +488,49 @@ def slice_model(
     ``calib`` is a source name or path ('wiki', 'wikitext2', 'corpus.txt'), raw text, a
     (rows, seqlen) tensor of token ids, or :class:`Rows`; None uses ``config.calib``.
     ``policy`` chooses the widths (default: :class:`ConstantWidth` from the config);
-    ``rotation`` the bases (default: :class:`PCARotation`, per point).
+    ``rotation`` the bases (default: :class:`PCARotation` per point, or with
+    ``config.uniform`` one pooled rotation for the whole network).
     """
     config = config or SliceConfig()
     config.validate()
     spec = spec_for_config(model.config)
-    device = torch.device(config.device)
     start = time.perf_counter()
     model.eval()
     params_before = count_parameters(model)
-    rows = _resolve_rows(model, tokenizer, calib, config, spec)
+    was_tied = _is_tied(model, spec)
+    if config.uniform:
+        from .uniform import check_uniform_supported
+
+        check_uniform_supported(model.config, spec)
+    rotation = rotation or PCARotation(config.damping)
+    rows = _resolve_rows(model, tokenizer, calib, config, spec) if (rotation.needs_statistics or config.uniform) else None
 
     prepare(model, spec)
     model.to("cpu")
     D = hidden_size(model)
-    layers = get_layers(model, spec)
-    policy = policy or ConstantWidth(config.sparsity, config.round_to, config.slice_head)
-    rotation = rotation or PCARotation(config.damping)
-    stats = rotation.needs_statistics
-
-    def new_cov(wanted: bool = True) -> Covariance | None:
-        return Covariance(D, device) if (wanted and stats) else None
-
-    def rotate_at(point: str, cov: Covariance | None) -> torch.Tensor:
-        evals, q = rotation(point, cov)
-        if evals is not None:
-            spectra[point] = evals.tolist()
-        return q.to(device=device, dtype=torch.float64)
-
-    widths = policy.widths(D, len(layers), spec.topology)
-    dtype = next(model.parameters()).dtype
+    n_layers = len(get_layers(model, spec))
+    policy = policy or ConstantWidth(config.sparsity, config.round_to, config.slice_head or config.uniform)
+    widths = policy.widths(D, n_layers, spec.topology)
     spectra: dict[str, list[float]] = {}
 
-    inputs = capture_layer0_inputs(model, spec, rows, config.batch_size, device)
-    probe_norm = WeightlessRMSNorm(D, layers[0].attn_norm.eps)
+    if config.uniform:
+        # First pass: the unrotated model at full width, pooling every point's covariance.
+        pool = PooledCovariance(D)
+        full = ConstantWidth(0.0, 1, slice_head=True).widths(D, n_layers, spec.topology)
+        _calibrated_loop(model, spec, rows, config, full, pool, progress, desc="pooling covariances")
+        evals, q = pool.rotation(config.damping)
+        spectra["uniform"] = evals.tolist()
+        rotation = FixedRotation(q)
 
-    # Embeddings: PCA of what layer 0 reads.
-    cov = new_cov()
-    if cov is not None:
-        for i, x in _stream(inputs.hidden, device):
-            cov.add(_signal(x, probe_norm, config), inputs.masks[i])
-    q_prev = rotate_at("embedding", cov)
-    for path in spec.embeddings:
-        ops.rotate_embedding(get_path(model, path), q_prev.cpu(), widths.embedding)
-    for i, x in _stream(inputs.hidden, device):
-        inputs.hidden[i] = (x.to(torch.float64) @ q_prev[:, : widths.embedding]).to(dtype).cpu()
-    del cov
+    if rotation.needs_statistics:
+        spectra.update(_calibrated_loop(model, spec, rows, config, widths, rotation, progress))
+    else:
+        _rotate_weights_only(model, spec, widths, rotation, progress)
 
-    bar = tqdm(total=len(layers), desc="slicing layers", unit="layer", disable=not progress)
-    for idx, block in enumerate(layers):
-        w = widths.layers[idx]
-        last = idx == len(layers) - 1
-        block.to(device)
-        q_in = q_prev[:, : w.d_in]
-        q_in_t = q_in.t().to(dtype)  # (d_in, D): back to the original basis
+    if config.uniform and was_tied:
+        from .uniform import retie_head
 
-        ops.rotate_inputs(attn_readers(block, spec), q_prev, w.d_in)
-        if spec.topology == "sequential":
-            # Pass A: attention once per row; r (original basis) replaces x in host storage.
-            cov = new_cov()
-            for i, x in _stream(inputs.hidden, device):
-                args, kwargs = _to(inputs.args[i], device), _to(inputs.kwargs[i], device)
-                r = x @ q_in_t + block.attn_branch(x, args, kwargs)
-                if cov is not None:
-                    cov.add(_signal(r, block.mlp_norm, config), inputs.masks[i])
-                inputs.hidden[i] = r.cpu()
-            q_mid = rotate_at(f"layer.{idx}.mid", cov)
-            ops.rotate_outputs(attn_writers(block, spec), q_mid, w.d_mid)
-            block.set_shortcut("attn_shortcut", _shortcut(q_prev, w.d_in, q_mid, w.d_mid, stats), dtype)
-            ops.rotate_inputs(mlp_readers(block, spec), q_mid, w.d_mid)
-
-            # Pass B: the MLP once per row.
-            q_mid_d = q_mid[:, : w.d_mid].to(dtype)
-            keep_full = last and not config.slice_head and stats
-            cov = new_cov(not keep_full)
-            for i, r in _stream(inputs.hidden, device):
-                y = r @ q_mid_d
-                o = y @ q_mid_d.t() + block.mlp_branch(y)
-                if cov is not None:
-                    cov.add(_signal(o, block.mlp_norm, config), inputs.masks[i])
-                inputs.hidden[i] = o.cpu()
-            q_from, d_from, writers, which = q_mid, w.d_mid, mlp_writers(block, spec), "mlp_shortcut"
-        else:
-            # Parallel block: attention and MLP read the same norm; one pass, one PCA.
-            keep_full = last and not config.slice_head and stats
-            cov = new_cov(not keep_full)
-            for i, x in _stream(inputs.hidden, device):
-                args, kwargs = _to(inputs.args[i], device), _to(inputs.kwargs[i], device)
-                o = x @ q_in_t + block.attn_branch(x, args, kwargs) + block.mlp_branch(x)
-                if cov is not None:
-                    cov.add(_signal(o, block.attn_norm, config), inputs.masks[i])
-                inputs.hidden[i] = o.cpu()
-            q_from, d_from, writers, which = q_prev, w.d_in, attn_writers(block, spec), "attn_shortcut"
-
-        if keep_full:
-            # The head reads the full width: the original basis serves, no PCA needed.
-            q_out = torch.eye(D, dtype=torch.float64, device=device)
-        else:
-            q_out = rotate_at(f"layer.{idx}.out", cov)
-        ops.rotate_outputs(writers, q_out, w.d_out)
-        block.set_shortcut(which, _shortcut(q_from, d_from, q_out, w.d_out, stats), dtype)
-        q_out_d = q_out[:, : w.d_out].to(dtype)
-        for i, o in _stream(inputs.hidden, device):
-            inputs.hidden[i] = (o @ q_out_d).cpu()
-        q_prev = q_out
-        block.to("cpu")
-        bar.update(1)
-    bar.close()
-
-    head = get_path(model, spec.head)
-    ops.rotate_inputs([head], q_prev.cpu(), widths.head)
-    del inputs
+        retie_head(model, spec)
 
     report = SliceReport(
         architecture=spec.name,
@@ -457,11 +540,17 @@ def slice_model(
         params_before=params_before,
         params_after=count_parameters(model),
         seconds=time.perf_counter() - start,
-        calibration_tokens=int(rows.input_ids.numel() if rows.attention_mask is None else rows.attention_mask.sum()),
+        calibration_tokens=0 if rows is None else int(rows.input_ids.numel() if rows.attention_mask is None else rows.attention_mask.sum()),
         spectra=spectra,
     )
     model.config.slicegpt = metadata(report, source_model)
     return report
+
+
+def _is_tied(model: nn.Module, spec: ArchSpec) -> bool:
+    head = get_path(model, spec.head).weight
+    emb = get_path(model, spec.embeddings[0]).weight
+    return head is emb or head.data_ptr() == emb.data_ptr()
 
 
 def metadata(report: SliceReport, source_model: str | None) -> dict[str, Any]:
@@ -474,6 +563,7 @@ def metadata(report: SliceReport, source_model: str | None) -> dict[str, Any]:
         "architecture": report.architecture,
         "model_type": report.model_type,
         "source_model": source_model,
+        "mode": "uniform" if report.config.uniform else "per-layer",
         "settings": report.config.to_dict(),
         "widths": report.widths.to_dict(),
         "params_before": report.params_before,

@@ -681,3 +681,23 @@ def evaluate_tasks(
             "notes": notes,
         },
     }
+
+
+def format_tasks_table(result: dict[str, Any]) -> str:
+    """Markdown table of an :func:`evaluate_tasks` result: acc and acc_norm with stderr, and the average."""
+
+    def cell(value: Any, err: Any) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f} ± {100 * err:.1f}" if err is not None else f"{100 * value:.1f}"
+
+    lines = ["| task | items | acc (%) | acc_norm (%) | paper metric |", "|---|---:|---:|---:|---|"]
+    for task, entry in result["results"].items():
+        lines.append(
+            f"| {task} | {entry['n_items']} | {cell(entry['acc'], entry['acc_stderr'])} | "
+            f"{cell(entry['acc_norm'], entry['acc_norm_stderr'])} | {entry['paper_metric']} |"
+        )
+    avg = result.get("average")
+    lines.append(f"| **average** | | | | {'-' if avg is None else f'{100 * avg:.1f}'} |")
+    notes = result.get("provenance", {}).get("notes") or []
+    return "\n".join(lines + [f"note: {n}" for n in notes])

@@ -1,0 +1,577 @@
+"""Export a standard Hugging Face Llama-family folder to a GGUF file (llama.cpp, ollama, LM Studio ...).
+
+Only *standard* checkpoints can be exported: a dense model, or a model sliced in the uniform mode
+(one rotation for the whole residual stream, so it is an ordinary model of the same family with a
+smaller ``hidden_size``, an explicit ``head_dim`` and rescaled RMSNorm weights). Per-layer sliced
+folders need a shortcut matrix on every residual connection, which no standard runtime has.
+
+The file is written with the ``gguf`` package alone (no llama.cpp checkout), one tensor at a time
+so that memory stays at one tensor beyond the writer's bookkeeping. The layout follows llama.cpp's
+``convert_hf_to_gguf.py``:
+
+* ``llama``/``mistral`` become the ``llama`` architecture, whose RoPE rotates interleaved pairs,
+  so the rows of q and k are permuted from Hugging Face's half-split layout into pairs;
+* ``qwen3`` becomes ``qwen3`` (NeoX RoPE, no permutation, per-head q/k norms);
+* ``qwen2`` becomes ``qwen2`` (NeoX RoPE, biases) when ``num_heads * head_dim == hidden_size``.
+  llama.cpp's qwen2 graph assumes that equality (its q and o projections are n_embd x n_embd), which
+  a sliced model breaks, so a sliced qwen2 is written as ``llama`` instead: the llama graph sizes
+  attention by ``key_length`` and reads optional q/k/v biases, and permuting q/k (biases included)
+  turns NeoX RoPE into the interleaved RoPE that graph applies. The two are the same function.
+
+``{arch}.attention.key_length``/``value_length`` always carry ``head_dim``, which is how llama.cpp
+learns a head size other than ``n_embd / n_head``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import torch
+
+Dtype = Literal["f16", "f32"]
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class ExportError(ValueError):
+    """A folder cannot be exported to GGUF (unsupported family, per-layer slicing, odd tokenizer ...)."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path.parent} is not a Hugging Face model folder (no {path.name})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path} is unreadable: {exc}") from exc
+
+
+def check_exportable(config: dict[str, Any], folder: Path) -> None:
+    """Refuse per-layer sliced folders and families llama.cpp would not run like transformers."""
+    meta = config.get("slicegpt")
+    if isinstance(meta, dict) and meta.get("mode") != "uniform":
+        raise ExportError(
+            f"{folder} is a per-layer sliced folder: its layers need shortcut matrices that no standard runtime "
+            "(llama.cpp, GGUF) has; slice with the uniform mode to get an exportable model"
+        )
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ExportError(f"cannot export model_type {model_type!r} to GGUF; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if config.get("mlp_bias"):
+        raise ExportError("cannot export a model with MLP biases (mlp_bias=true): llama.cpp's llama graph has none")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ExportError(f"cannot export hidden_act={config.get('hidden_act')!r}: llama.cpp's llama-family graphs use SiLU")
+
+
+@dataclass
+class _Hparams:
+    model_type: str
+    arch_name: str  # gguf architecture string: llama, qwen2, qwen3
+    permute_qk: bool  # llama arch: HF half-split RoPE rows -> interleaved pairs
+    hidden: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx: int
+    rms_eps: float
+    rope_theta: float
+    rope: dict[str, Any]
+    tied: bool
+    vocab_size: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5 keeps theta and scaling together in rope_parameters; older configs use
+    # rope_theta plus an optional rope_scaling dict (with 'type' or 'rope_type').
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "full_attention" in params:  # per-attention-type form
+        params = dict(params["full_attention"])
+    if "rope_type" not in params and "type" in params:
+        params["rope_type"] = params["type"]
+    if "rope_theta" not in params:
+        params["rope_theta"] = config.get("rope_theta", 10000.0)
+    return params
+
+
+def _hparams(config: dict[str, Any]) -> _Hparams:
+    model_type = config["model_type"]
+    hidden = int(config["hidden_size"])
+    n_head = int(config["num_attention_heads"])
+    n_head_kv = int(config.get("num_key_value_heads") or n_head)
+    head_dim = int(config.get("head_dim") or hidden // n_head)
+    if model_type == "qwen3":
+        arch_name, permute = "qwen3", False
+    elif model_type == "qwen2" and n_head * head_dim == hidden:
+        arch_name, permute = "qwen2", False
+    else:  # llama, mistral, and qwen2 whose attention width differs from hidden_size (see module doc)
+        arch_name, permute = "llama", True
+    if head_dim % 2:
+        raise ExportError(f"head_dim {head_dim} is odd; RoPE needs an even head size")
+    return _Hparams(
+        model_type=model_type,
+        arch_name=arch_name,
+        permute_qk=permute,
+        hidden=hidden,
+        n_layer=int(config["num_hidden_layers"]),
+        n_ff=int(config["intermediate_size"]),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_ctx=int(config.get("max_position_embeddings") or 2048),
+        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(_rope_parameters(config)["rope_theta"]),
+        rope=_rope_parameters(config),
+        # transformers' default for these families is untied when the key is absent
+        tied=bool(config.get("tie_word_embeddings", False)),
+        vocab_size=int(config["vocab_size"]),
+    )
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+class _Weights:
+    """The folder's safetensors tensors by name, single file or sharded, read lazily."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if single.is_file():
+            files = {single}
+            self._where: dict[str, Path] = {}
+        elif index.is_file():
+            weight_map = _read_json(index).get("weight_map", {})
+            self._where = {k: folder / v for k, v in weight_map.items()}
+            files = set(self._where.values())
+        else:
+            raise ExportError(f"{folder} has no model.safetensors (or model.safetensors.index.json)")
+        self._handles = {f: safe_open(str(f), framework="pt") for f in sorted(files)}
+        if not self._where:
+            (only,) = self._handles.values()
+            self._where = {k: single for k in only.keys()}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+# Hugging Face module suffix -> gguf.MODEL_TENSOR member name, per layer and outside the layers.
+_LAYER_MAP = {
+    "input_layernorm": "ATTN_NORM",
+    "post_attention_layernorm": "FFN_NORM",
+    "self_attn.q_proj": "ATTN_Q",
+    "self_attn.k_proj": "ATTN_K",
+    "self_attn.v_proj": "ATTN_V",
+    "self_attn.o_proj": "ATTN_OUT",
+    "self_attn.q_norm": "ATTN_Q_NORM",
+    "self_attn.k_norm": "ATTN_K_NORM",
+    "mlp.gate_proj": "FFN_GATE",
+    "mlp.up_proj": "FFN_UP",
+    "mlp.down_proj": "FFN_DOWN",
+}
+_GLOBAL_MAP = {"model.embed_tokens": "TOKEN_EMBD", "model.norm": "OUTPUT_NORM", "lm_head": "OUTPUT"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_GLOBAL_RE = re.compile(r"(.+)\.(weight|bias)")
+# Buffers some checkpoints carry that are recomputed at load time.
+_SKIP_RE = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a q/k projection (or bias) from HF's half-split RoPE layout to llama.cpp's pairs.
+
+    Within each head, HF rotates dimension i with i + head_dim/2; llama.cpp's ``llama`` graph rotates
+    2i with 2i+1. Interleaving the two halves makes the same computation (llama.cpp's ``permute``).
+    """
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of :func:`permute_qk` (for reading a GGUF back into HF layout)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class _Item:
+    gguf_name: str
+    shape: tuple[int, ...]
+    np_dtype: type
+    load: Callable[[], torch.Tensor]
+
+
+def _llama3_rope_factors(hp: _Hparams) -> torch.Tensor:
+    # Llama 3.1+ frequency scaling, as llama.cpp's converter computes it into rope_freqs.weight.
+    p = hp.rope
+    dim, base = hp.head_dim, hp.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = p.get("factor", 8.0)
+    low, high = p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
+    old_ctx = p.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> list[_Item]:
+    import gguf
+
+    allowed = set(gguf.MODEL_TENSORS[arch])
+    names = weights.names()
+    if not hp.tied and "lm_head.weight" not in names:
+        raise ExportError("config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
+    items: list[_Item] = []
+
+    def add(hf_name: str, key: str, bid: int | None, suffix: str) -> None:
+        member = getattr(gguf.MODEL_TENSOR, key)
+        if member not in allowed:
+            raise ExportError(f"tensor {hf_name} has no place in GGUF architecture {hp.arch_name!r}")
+        gguf_name = gguf.TENSOR_NAMES[member].format(bid=bid) + "." + suffix
+        shape = weights.shape(hf_name)
+        # Norms and biases (1-D) stay float32 whatever the dtype, as in llama.cpp's converter:
+        # they are tiny and the sliced norms carry scales that f16 would round.
+        np_dtype = np.float16 if dtype == "f16" and len(shape) > 1 else np.float32
+        heads = {"ATTN_Q": hp.n_head, "ATTN_K": hp.n_head_kv}.get(key) if hp.permute_qk else None
+
+        def load(hf_name: str = hf_name, heads: int | None = heads) -> torch.Tensor:
+            t = weights.get(hf_name).to(torch.float32)
+            if heads is not None:
+                t = permute_qk(t, heads)
+            return t
+
+        items.append(_Item(gguf_name, shape, np_dtype, load))
+
+    for name in names:
+        if _SKIP_RE.fullmatch(name):
+            continue
+        if m := _LAYER_RE.fullmatch(name):
+            bid, module, suffix = int(m[1]), m[2], m[3]
+            if module not in _LAYER_MAP or bid >= hp.n_layer:
+                raise ExportError(f"unexpected tensor {name}: not part of a standard {hp.model_type} checkpoint")
+            add(name, _LAYER_MAP[module], bid, suffix)
+        elif (m := _GLOBAL_RE.fullmatch(name)) and m[1] in _GLOBAL_MAP:
+            if m[1] == "lm_head" and hp.tied:
+                continue  # llama.cpp reuses token_embd when output.weight is absent
+            add(name, _GLOBAL_MAP[m[1]], None, m[2])
+        else:
+            raise ExportError(f"unexpected tensor {name}: not part of a standard {hp.model_type} checkpoint")
+
+    rope_type = str(hp.rope.get("rope_type") or "default").lower()
+    if rope_type == "llama3":
+        factors = _llama3_rope_factors(hp)
+        items.append(_Item(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape), np.float32, lambda: factors))
+
+    # Tensor order: by block, then llama.cpp's usual order (cosmetic; readers look tensors up by name).
+    def order(item: _Item) -> tuple[int, str]:
+        m = re.match(r"blk\.(\d+)\.", item.gguf_name)
+        return (int(m[1]) if m else (-1 if item.gguf_name.startswith("token_embd") else 1 << 30), item.gguf_name)
+
+    items.sort(key=order)
+    got = {i.gguf_name for i in items}
+    for bid in range(hp.n_layer):
+        for key in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
+            if f"blk.{bid}.{key}.weight" not in got:
+                raise ExportError(f"the checkpoint lacks the weights of blk.{bid}.{key} (layer {bid})")
+    for key in ("token_embd.weight", "output_norm.weight"):
+        if key not in got:
+            raise ExportError(f"the checkpoint lacks {key}")
+    return items
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+# Byte-level BPE pre-tokenizers, recognised from tokenizer.json's structure and mapped to the
+# names llama.cpp knows (llama-vocab.cpp). llama.cpp's own converter hashes the token ids of a
+# test string instead, which only recognises tokenizers it has seen on the hub; the structure is
+# what decides how text is split, and a folder converted from GGUF (like slicegpt's default model)
+# can differ from the hub tokenizer it came from.
+_LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SPLIT_REGEXES = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+
+
+def _bpe_pre_name(pre: dict[str, Any] | None) -> str:
+    steps = (pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else [pre]) or []
+    kinds = [s.get("type") if s else None for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # each digit alone, then GPT-2's regex (SmolLM, SmolLM2)
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex in _SPLIT_REGEXES and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+            return _SPLIT_REGEXES[regex]
+    raise ExportError(
+        f"unsupported tokenizer pre-tokenizer {json.dumps(pre)[:200]}; "
+        "known: GPT-2 byte level, SmolLM (digits + byte level), Llama 3 and Qwen2 regex splits"
+    )
+
+
+def _looks_special(token: str) -> bool:
+    # Added tokens some models forget to flag as special (llama.cpp's does_token_look_special).
+    return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
+
+
+@dataclass
+class _Vocab:
+    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE) or llama (SentencePiece-style)
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None = None
+    add_space_prefix: bool | None = None
+
+
+def _vocab(folder: Path, n_vocab: int) -> _Vocab:
+    import gguf
+
+    tj = _read_json(folder / "tokenizer.json")
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ExportError(f"unsupported tokenizer model {model.get('type')!r} (tokenizer.json); only BPE vocabularies are exported")
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    added = {a["id"]: a for a in tj.get("added_tokens") or []}
+    for a in added.values():
+        vocab[a["content"]] = a["id"]
+    if max(vocab.values(), default=-1) >= n_vocab:
+        raise ExportError(f"the tokenizer has token ids up to {max(vocab.values())} but the model only {n_vocab} embeddings")
+    reverse = {i: t for t, i in vocab.items()}
+    byte_fallback = bool(model.get("byte_fallback"))
+
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(n_vocab):  # embedding rows beyond the tokenizer are padding, as in llama.cpp
+        tok = reverse.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(tok)
+            special = added[i].get("special") or _looks_special(tok)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        elif byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
+            tokens.append(tok)
+            types.append(gguf.TokenType.BYTE)
+        else:
+            tokens.append(tok)
+            types.append(gguf.TokenType.NORMAL)
+
+    if not byte_fallback:
+        return _Vocab("gpt2", _bpe_pre_name(tj.get("pre_tokenizer")), tokens, types)
+
+    # SentencePiece-style BPE (Llama 2, Mistral): llama.cpp's SPM tokenizer merges the pair with the
+    # highest score first, so a token made by merge number r scores -r: that replays BPE's merge order.
+    merges = model.get("merges") or []
+    scores = [0.0] * n_vocab
+    for rank, pair in enumerate(merges):
+        left, right = pair.split(" ", 1) if isinstance(pair, str) else pair
+        tid = vocab.get(left + right)
+        if tid is not None and scores[tid] == 0.0:
+            scores[tid] = -float(rank + 1)
+    for i, t in enumerate(types):
+        if t != gguf.TokenType.NORMAL:
+            scores[i] = 0.0
+    text = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")])
+    add_space_prefix = '"Prepend"' in text or '"prepend_scheme": "first"' in text or '"prepend_scheme": "always"' in text
+    return _Vocab("llama", "default", tokens, types, scores, add_space_prefix)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def _display_name(folder: Path, config: dict[str, Any]) -> str:
+    meta = config.get("slicegpt") if isinstance(config.get("slicegpt"), dict) else {}
+    base = str(meta.get("source_model") or config.get("_name_or_path") or config.get("_model_name_or_path") or folder.name)
+    return Path(base).name or folder.name
+
+
+def check_output_file(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail before any work when ``out`` exists and may not be replaced."""
+    path = Path(out)
+    if path.is_dir():
+        raise FileExistsError(f"output path {path} is a folder; give a .gguf file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output file {path} exists; pass --overwrite (overwrite=True) to replace it")
+    return path
+
+
+def export_gguf(folder: str | Path, out: str | Path, *, dtype: Dtype = "f16", overwrite: bool = False) -> Path:
+    """Write the standard HF Llama-family model in ``folder`` to the GGUF file ``out``; returns ``out``.
+
+    ``dtype`` is the type of the matrices (embeddings included); norms and biases are always f32.
+    The file appears atomically (written beside ``out`` and renamed), and an existing ``out`` is
+    replaced only with ``overwrite``.
+    """
+    import gguf
+
+    if dtype not in ("f16", "f32"):
+        raise ExportError(f"dtype must be 'f16' or 'f32', not {dtype!r}")
+    folder = Path(folder)
+    out = check_output_file(out, overwrite)
+    config = _read_json(folder / "config.json")
+    check_exportable(config, folder)
+    hp = _hparams(config)
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == hp.arch_name)
+
+    weights = _Weights(folder)
+    items = _plan_tensors(weights, hp, arch, dtype)
+    n_vocab = weights.shape("model.embed_tokens.weight")[0]
+    vocab = _vocab(folder, n_vocab)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    writer = gguf.GGUFWriter(tmp, hp.arch_name)
+    try:
+        _write_metadata(writer, hp, folder, config, vocab, n_vocab, dtype)
+        for item in items:
+            nbytes = int(np.prod(item.shape)) * np.dtype(item.np_dtype).itemsize
+            writer.add_tensor_info(item.gguf_name, item.shape, np.dtype(item.np_dtype), nbytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for item in items:
+            array = item.load().numpy().astype(item.np_dtype)
+            if item.np_dtype == np.float16 and not np.isfinite(array).all():
+                raise ExportError(f"{item.gguf_name} overflows float16; export with --dtype f32")
+            if tuple(array.shape) != tuple(item.shape):
+                raise ExportError(f"{item.gguf_name}: shape {tuple(array.shape)} differs from the header's {item.shape}")
+            writer.write_tensor_data(array)
+        writer.close()
+        # mkstemp creates the file 0600; give it the permissions a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _context_length(hp: _Hparams, config: dict[str, Any]) -> int:
+    # Mistral v0.1 attends through a sliding window; llama.cpp's llama graph attends over the whole
+    # context, so the trained context is capped where the two compute the same thing.
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", hp.model_type == "mistral")
+    if window and uses_window and int(window) < hp.n_ctx:
+        return int(window)
+    return hp.n_ctx
+
+
+def _write_metadata(writer: Any, hp: _Hparams, folder: Path, config: dict[str, Any], vocab: _Vocab, n_vocab: int, dtype: Dtype) -> None:
+    import gguf
+
+    # (GGUFWriter writes general.architecture itself.)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(_display_name(folder, config))
+    meta = config.get("slicegpt")
+    if isinstance(meta, dict):
+        writer.add_description(
+            f"SliceGPT uniform slice of {meta.get('source_model', 'a model')}: hidden size {hp.hidden}"
+            + (f", sparsity {meta['sparsity']}" if "sparsity" in meta else "")
+        )
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    writer.add_vocab_size(n_vocab)
+    writer.add_context_length(_context_length(hp, config))
+    writer.add_embedding_length(hp.hidden)
+    writer.add_block_count(hp.n_layer)
+    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_head_kv)
+    # The head size, independent of n_embd / n_head: the point of uniform slicing is that these differ.
+    writer.add_key_length(hp.head_dim)
+    writer.add_value_length(hp.head_dim)
+    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+
+    rope_type = str(hp.rope.get("rope_type") or "default").lower()
+    factor = hp.rope.get("factor")
+    if rope_type == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(factor))
+    elif rope_type == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(factor))
+        writer.add_rope_scaling_orig_ctx_len(int(hp.rope["original_max_position_embeddings"]))
+    elif rope_type not in ("default", "llama3"):  # llama3 is carried by the rope_freqs tensor
+        raise ExportError(f"unsupported RoPE scaling {rope_type!r} for GGUF export")
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    # Merges, bos/eos/unk/pad ids, add_bos/add_eos and the chat template, read as llama.cpp does.
+    special = gguf.SpecialVocab(folder, load_merges=vocab.model == "gpt2", n_vocab=n_vocab)
+    special.add_special_token.update(_adds_special_tokens(folder))
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _adds_special_tokens(folder: Path) -> dict[str, bool]:
+    """Whether transformers' tokenizer for ``folder`` puts BOS first / EOS last, asked of it directly.
+
+    SpecialVocab infers this from tokenizer_config.json and simple post-processor templates only,
+    and leaves it unset otherwise, when llama.cpp falls back to per-vocabulary defaults that need
+    not match (SmolLM2 converted from GGUF adds no BOS; left unset llama.cpp would guess).
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ids = tok("Hello world")["input_ids"]
+    flags = {"bos": tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]}
+    flags["eos"] = tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]
+    return flags
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``slicegpt export FOLDER --gguf OUT [--dtype f16|f32] [--overwrite]``."""
+    parser.add_argument("folder", help="a standard Hugging Face folder: a dense Llama-family model or a uniform sliced one")
+    parser.add_argument("--gguf", required=True, metavar="OUT", help="the .gguf file to write")
+    parser.add_argument("--dtype", default="f16", choices=["f16", "f32"], help="type of the weight matrices (norms and biases stay f32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    out = export_gguf(args.folder, args.gguf, dtype=args.dtype, overwrite=args.overwrite)
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.1f} MB, {args.dtype})")
+    return 0
