@@ -61,7 +61,7 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=_SLICE.seed, help="seed for drawing calibration rows")
     p.add_argument("--slice-head", action="store_true", default=_SLICE.slice_head, help="also slice the last layer's output and the head's input")
     p.add_argument("--uniform", action="store_true", default=_SLICE.uniform, help="one rotation for the whole network: no shortcut matrices; saves a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; implies slicing the head")
-    p.add_argument("--pca-signal", default=_SLICE.pca_signal, choices=["normed", "residual"], help="PCA of the normalised signals each branch reads, or of the raw residual stream")
+    p.add_argument("--pca-signal", default=_SLICE.pca_signal, choices=["normed", "residual"], help="PCA of the residual stream before each norm (reference behaviour, better), or of the normalised signal")
     p.add_argument("--out", default=None, help="output folder (default: sliced/<model>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--ppl", default=None, metavar="DATA", help="also measure perplexity before and after on DATA ('wiki', 'wikitext2', a file; evaluation part)")
@@ -109,7 +109,7 @@ def cmd_slice(args: argparse.Namespace) -> int:
         result["dense_perplexity"] = dense.to_dict()
         model.to("cpu")
     report = slice_model(model, tokenizer, config.calib, config, source_model=name)
-    io.save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
+    io.save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, report=report)
     result.update(
         params_dense=report.params_before,
         params_sliced=report.params_after,

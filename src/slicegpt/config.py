@@ -38,8 +38,11 @@ class SliceConfig:
     seed: draws the calibration rows.
     slice_head: also slice the last layer's output and the head's input.
     damping: added to the covariance diagonal, as a share of its mean.
-    pca_signal: 'normed' = PCA of the normalised signal each branch reads (as in the paper);
-        'residual' = PCA of the raw residual stream.
+    pca_signal: 'residual' = PCA of the residual stream where each branch reads it (before the
+        norm, as the reference implementation does); 'normed' = PCA of the normalised signal
+        (as the paper's text describes). On SmolLM2 at 25%, residual gives perplexity 78.9 and
+        normed 135 on the first 40 'wiki' evaluation rows: tokens with very large activations
+        carry directions the model needs, and normalising first hides them.
     uniform: one rotation for the whole network (PCA of all points' pooled, trace-normalised
         covariances): no shortcut matrices, and the result is a standard checkpoint of the same
         family with a smaller hidden_size. Implies slicing the head.
@@ -56,7 +59,7 @@ class SliceConfig:
     seed: int = 42
     slice_head: bool = False
     damping: float = 0.01
-    pca_signal: Literal["normed", "residual"] = "normed"
+    pca_signal: Literal["normed", "residual"] = "residual"
     uniform: bool = False
 
     def __post_init__(self) -> None:

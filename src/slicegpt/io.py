@@ -29,6 +29,7 @@ from .surgery import Widths, apply_widths, prepare
 WEIGHTS = "model.safetensors"
 METADATA = "slicegpt.json"
 REMOTE_MODULE = "modeling_slicegpt.py"
+SPECTRA = "spectra.json"
 
 
 class SlicedFolderError(ValueError):
@@ -53,12 +54,22 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False) -> Path:
+def save(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    report: Any = None,
+) -> Path:
     """Write a sliced model to ``out`` atomically.
 
     Per-layer models become a slicegpt folder (loaded by :func:`load`, or by transformers'
     ``from_pretrained(..., trust_remote_code=True)``); uniform models become a standard
     checkpoint of their family that plain transformers loads.
+
+    With ``report`` (the :class:`~slicegpt.slicing.SliceReport` of the run), the PCA spectra
+    are kept beside the model in ``spectra.json`` (for ``slicegpt inspect`` and plots).
 
     Everything is written into a hidden temporary folder beside ``out`` and renamed into place
     at the end, so a crash or a full disk never leaves a half-written model; an existing ``out``
@@ -77,6 +88,8 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, ove
             export_standard(model, tmp, tokenizer=tokenizer)
         else:
             _write_per_layer(model, tmp, tokenizer)
+        if report is not None and getattr(report, "spectra", None):
+            (tmp / SPECTRA).write_text(json.dumps({"spectra": report.spectra, "widths": report.widths.to_dict()}) + "\n")
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, backup / "old")

@@ -76,18 +76,37 @@ def _has_head_dim(config: Any) -> bool:
     return int(q.weight.shape[0]) == heads * head_dim
 
 
-def retie_head(model: nn.Module, spec: ArchSpec) -> None:
-    """Tie the head to the rotated embeddings again, moving the final norm's scale into a norm.
+def final_norm_scale(model: nn.Module, spec: ArchSpec) -> torch.Tensor:
+    """The final norm's effective per-coordinate scale, before it is folded into the head (D,)."""
+    norm = get_path(model, spec.final_norm)
+    return norm.weight.detach().to(torch.float64) + spec.norm_weight_offset
 
-    The untied head is H = E diag(w) Q_d (the final norm's scale w folded in). Tied, it must be
-    E Q_d; the best per-coordinate scale s with E Q_d diag(s) ~ E diag(w) Q_d is, column by
-    column, the least-squares s_j = <E q_j, H_j> / |E q_j|^2. Exact when w is constant.
+
+def align_to_final_norm(q: torch.Tensor, d: int, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn the kept basis inside its own span so that a tied head stays (nearly) exact.
+
+    A tied head must be the rotated embedding E Q_d, so the final norm's scale w cannot live in
+    the head; it must be a diagonal scale in the rotated basis. Inside the kept subspace,
+    M = Q_d^T diag(w) Q_d (d x d, symmetric) has eigenvectors V; in the basis Q_d V the scale
+    is the diagonal of eigenvalues, exactly. Turning the basis inside span(Q_d) keeps the
+    subspace (and so everything PCA chose), and with one basis for the whole network every
+    layer is still invariant. What is lost is only diag(w)'s leakage out of the kept subspace:
+    nothing at sparsity 0.
+
+    Returns the new (D, D) orthogonal basis (kept columns first) and the (d,) final-norm scale.
     """
+    qd = q[:, :d]
+    m = qd.t() @ (scale.to(q.dtype)[:, None] * qd)  # (d, d)
+    lam, v = torch.linalg.eigh((m + m.t()) / 2)
+    q_new = q.clone()
+    q_new[:, :d] = qd @ v
+    return q_new, lam
+
+
+def retie_head(model: nn.Module, spec: ArchSpec, scale: torch.Tensor) -> None:
+    """Tie the head to the rotated embeddings again; the final norm takes ``scale`` (d,)."""
     emb = get_path(model, spec.embeddings[0])
     head = get_path(model, spec.head)
-    e = emb.weight.detach().to(torch.float64)  # (V, d)
-    h = head.weight.detach().to(torch.float64)  # (V, d)
-    scale = (e * h).sum(0) / (e * e).sum(0).clamp_min(1e-30)
     final = get_path(model, spec.final_norm)
     set_path(model, spec.final_norm, ScaledRMSNorm(final.width, final.eps, scale.to(emb.weight.dtype)))
     head.weight = emb.weight
