@@ -239,6 +239,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from . import export
+
+    p = sub.add_parser(
+        "export",
+        help="write a uniform sliced (or dense) Llama-family folder as a GGUF file for llama.cpp",
+        description="Write a standard Llama-family Hugging Face folder (a --uniform slice, or a dense model) as GGUF "
+        "with the gguf package. Per-layer sliced folders are refused: their shortcut matrices exist in no standard runtime.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    export.add_arguments(p)
+    p.set_defaults(func=lambda args: export.run_from_args(args))
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -254,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slice(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_export(sub)
     return parser
 
 

@@ -29,10 +29,10 @@ import json
 import math
 import os
 import re
-import tempfile
-from dataclasses import dataclass, field
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -57,13 +57,29 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ExportError(f"{path} is unreadable: {exc}") from exc
 
 
+def slicing_metadata(config: dict[str, Any], folder: Path) -> dict[str, Any] | None:
+    """The folder's slicegpt metadata: config.json's ``slicegpt`` key (per-layer folders keep it
+    there) or slicegpt.json (uniform folders move it out of config.json, which stays standard)."""
+    meta = config.get("slicegpt")
+    if isinstance(meta, dict):
+        return meta
+    side = folder / "slicegpt.json"
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return meta if isinstance(meta, dict) else None
+    return None
+
+
 def check_exportable(config: dict[str, Any], folder: Path) -> None:
     """Refuse per-layer sliced folders and families llama.cpp would not run like transformers."""
-    meta = config.get("slicegpt")
-    if isinstance(meta, dict) and meta.get("mode") != "uniform":
+    meta = slicing_metadata(config, folder)
+    if meta is not None and meta.get("mode") != "uniform":
         raise ExportError(
             f"{folder} is a per-layer sliced folder: its layers need shortcut matrices that no standard runtime "
-            "(llama.cpp, GGUF) has; slice with the uniform mode to get an exportable model"
+            "(llama.cpp, GGUF) has; slice with --uniform to get an exportable model"
         )
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -91,7 +107,6 @@ class _Hparams:
     rope: dict[str, Any]
     tied: bool
     vocab_size: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +304,7 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
         factors = _llama3_rope_factors(hp)
         items.append(_Item(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape), np.float32, lambda: factors))
 
-    # Tensor order: by block, then llama.cpp's usual order (cosmetic; readers look tensors up by name).
+    # Tensor order: embeddings, then block by block, the rest last (cosmetic; readers look tensors up by name).
     def order(item: _Item) -> tuple[int, str]:
         m = re.match(r"blk\.(\d+)\.", item.gguf_name)
         return (int(m[1]) if m else (-1 if item.gguf_name.startswith("token_embd") else 1 << 30), item.gguf_name)
@@ -373,13 +388,15 @@ def _vocab(folder: Path, n_vocab: int) -> _Vocab:
         if tok is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+        elif byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
+            # Before the added-token test: some tokenizers list their byte tokens as special added
+            # tokens, and llama.cpp decodes a byte token to its byte only when typed BYTE.
+            tokens.append(tok)
+            types.append(gguf.TokenType.BYTE)
         elif i in added:
             tokens.append(tok)
             special = added[i].get("special") or _looks_special(tok)
             types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-        elif byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
-            tokens.append(tok)
-            types.append(gguf.TokenType.BYTE)
         else:
             tokens.append(tok)
             types.append(gguf.TokenType.NORMAL)
@@ -408,7 +425,7 @@ def _vocab(folder: Path, n_vocab: int) -> _Vocab:
 
 
 def _display_name(folder: Path, config: dict[str, Any]) -> str:
-    meta = config.get("slicegpt") if isinstance(config.get("slicegpt"), dict) else {}
+    meta = slicing_metadata(config, folder) or {}
     base = str(meta.get("source_model") or config.get("_name_or_path") or config.get("_model_name_or_path") or folder.name)
     return Path(base).name or folder.name
 
@@ -447,9 +464,9 @@ def export_gguf(folder: str | Path, out: str | Path, *, dtype: Dtype = "f16", ov
     vocab = _vocab(folder, n_vocab)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A hidden name beside ``out`` (same file system, so the final rename is atomic); opened by the
+    # writer with plain open(), so the file gets the usual umask permissions.
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     writer = gguf.GGUFWriter(tmp, hp.arch_name)
     try:
         _write_metadata(writer, hp, folder, config, vocab, n_vocab, dtype)
@@ -467,10 +484,6 @@ def export_gguf(folder: str | Path, out: str | Path, *, dtype: Dtype = "f16", ov
                 raise ExportError(f"{item.gguf_name}: shape {tuple(array.shape)} differs from the header's {item.shape}")
             writer.write_tensor_data(array)
         writer.close()
-        # mkstemp creates the file 0600; give it the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     except BaseException:
         writer.close()
@@ -495,11 +508,15 @@ def _write_metadata(writer: Any, hp: _Hparams, folder: Path, config: dict[str, A
     # (GGUFWriter writes general.architecture itself.)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(_display_name(folder, config))
-    meta = config.get("slicegpt")
-    if isinstance(meta, dict):
+    meta = slicing_metadata(config, folder)
+    if meta is not None:
+        sparsity = (meta.get("settings") or {}).get("sparsity", meta.get("sparsity"))
+        widths = meta.get("widths") or {}
         writer.add_description(
-            f"SliceGPT uniform slice of {meta.get('source_model', 'a model')}: hidden size {hp.hidden}"
-            + (f", sparsity {meta['sparsity']}" if "sparsity" in meta else "")
+            f"SliceGPT uniform slice of {meta.get('source_model') or 'a model'}: hidden size "
+            + (f"{widths['hidden']} -> " if "hidden" in widths else "")
+            + f"{hp.hidden}"
+            + (f", sparsity {sparsity}" if sparsity is not None else "")
         )
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -526,7 +543,7 @@ def _write_metadata(writer: Any, hp: _Hparams, folder: Path, config: dict[str, A
     elif rope_type == "yarn" and factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(factor))
-        writer.add_rope_scaling_orig_ctx_len(int(hp.rope["original_max_position_embeddings"]))
+        writer.add_rope_scaling_orig_ctx_len(int(hp.rope.get("original_max_position_embeddings") or hp.n_ctx))
     elif rope_type not in ("default", "llama3"):  # llama3 is carried by the rope_freqs tensor
         raise ExportError(f"unsupported RoPE scaling {rope_type!r} for GGUF export")
     writer.add_tokenizer_model(vocab.model)

@@ -1,0 +1,237 @@
+"""GGUF export: tiny standard models written with export_gguf and read back give the same logits.
+
+The models have num_heads * head_dim != hidden_size (48 wide, 4 heads of 16), the shape a uniform
+slice produces. Two independent readers check the file: transformers' own GGUF loader (llama,
+which undoes llama.cpp's q/k permutation itself) and a plain gguf.GGUFReader mapping written here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SAMPLE_TEXT, randomise_norms, tiny_tokenizer
+
+gguf = pytest.importorskip("gguf")
+
+from slicegpt.export import ExportError, add_arguments, export_gguf, run_from_args, unpermute_qk  # noqa: E402
+
+TOL = {"f32": 1e-5, "f16": 5e-3}
+COMMON = dict(hidden_size=48, head_dim=16, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+              num_hidden_layers=2, vocab_size=320, max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+
+
+def _build(folder: Path, model_type: str, tied: bool, **extra) -> torch.nn.Module:
+    import transformers
+
+    cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig"}[model_type]
+    config = getattr(transformers, cls)(**{**COMMON, **extra}, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    randomise_norms(model)
+    with torch.no_grad():  # biases are zero at init; make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return model
+
+
+def _ids() -> torch.Tensor:
+    return tiny_tokenizer()(SAMPLE_TEXT[:300], return_tensors="pt")["input_ids"][:, :64]
+
+
+# HF module suffix per gguf tensor kind, the inverse of the exporter's table.
+_TO_HF = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
+    """(metadata, HF state dict) from a GGUF file, undoing the q/k permutation of the llama arch."""
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch = meta["general.architecture"]
+    n_head, n_kv = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        # GGUF lists dims innermost first; the data is already row-major in torch order.
+        data = torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape([int(d) for d in reversed(t.shape)])
+        if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name):
+            kind = m[2]
+            if arch == "llama" and kind in ("attn_q", "attn_k"):
+                data = unpermute_qk(data, n_head if kind == "attn_q" else n_kv)
+            state[f"model.layers.{m[1]}.{_TO_HF[kind]}.{m[3]}"] = data
+        else:
+            state[{"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                   "output.weight": "lm_head.weight"}[t.name]] = data
+    return meta, state
+
+
+def _logits_from_state(folder: Path, state: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    if config.tie_word_embeddings:
+        assert "lm_head.weight" not in state  # llama.cpp reuses token_embd when output is absent
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize(
+    "model_type,tied,extra",
+    [
+        ("llama", True, {}),
+        ("llama", False, {}),
+        ("qwen2", True, {}),  # head_dim * heads != hidden: written as llama with permuted biases
+        ("qwen2", False, dict(hidden_size=64)),  # standard shape: written as qwen2
+        ("qwen3", False, {}),
+        ("mistral", False, dict(sliding_window=None)),
+    ],
+)
+def test_export_roundtrip(tmp_path: Path, model_type: str, tied: bool, extra: dict, dtype: str) -> None:
+    folder = tmp_path / "hf"
+    model = _build(folder, model_type, tied, **extra)
+    out = export_gguf(folder, tmp_path / "m.gguf", dtype=dtype)
+    assert out == tmp_path / "m.gguf" and out.is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+    meta, state = read_gguf(out)
+    arch = meta["general.architecture"]
+    hidden = extra.get("hidden_size", 48)
+    expected_arch = {"qwen3": "qwen3", "qwen2": "qwen2" if hidden == 64 else "llama"}.get(model_type, "llama")
+    assert arch == expected_arch
+    assert meta[f"{arch}.embedding_length"] == hidden
+    assert meta[f"{arch}.attention.key_length"] == meta[f"{arch}.attention.value_length"] == 16
+    assert meta[f"{arch}.attention.head_count"] == 4 and meta[f"{arch}.attention.head_count_kv"] == 2
+    assert meta[f"{arch}.block_count"] == 2 and meta[f"{arch}.feed_forward_length"] == 96
+    assert meta[f"{arch}.context_length"] == 128
+    assert meta[f"{arch}.rope.freq_base"] == pytest.approx(model.config.rope_parameters["rope_theta"])
+    assert meta[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(model.config.rms_norm_eps)
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.bos_token_id"] == 0 and meta["tokenizer.ggml.eos_token_id"] == 1
+    assert meta["tokenizer.ggml.add_bos_token"] is False  # the tiny tokenizer adds nothing
+    assert ("lm_head.weight" in state) == (not tied)
+
+    reader = gguf.GGUFReader(out)
+    for t in reader.tensors:  # norms and biases f32, matrices in the asked type
+        want = "F32" if len(t.shape) == 1 or dtype == "f32" else "F16"
+        assert t.tensor_type.name == want, t.name
+
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = _logits_from_state(folder, state, ids)
+    err = (got - ref).abs().max().item()
+    assert err < TOL[dtype] * max(1.0, ref.abs().max().item()), err
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformers_gguf_loader_agrees(tmp_path: Path, tied: bool) -> None:
+    """transformers' GGUF loader (an independent reader of llama.cpp's layout) gives the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "hf"
+    model = _build(folder, "llama", tied)
+    export_gguf(folder, tmp_path / "m.gguf", dtype="f32")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert loaded.config.hidden_size == 48 and loaded.config.head_dim == 16
+    assert loaded.config.tie_word_embeddings == tied
+    ids = _ids()
+    with torch.no_grad():
+        err = (loaded(ids).logits - model(ids).logits).abs().max().item()
+    assert err < 1e-5, err
+    # The vocabulary and merges survive: the tokenizer rebuilt from the GGUF splits text the same way.
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    text = SAMPLE_TEXT[:500]
+    assert tok(text, add_special_tokens=False)["input_ids"] == tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
+
+
+def test_refusals(tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    _build(folder, "llama", True)
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_gguf(folder, out)
+    assert out.read_bytes() == b"keep"
+    export_gguf(folder, out, overwrite=True, dtype="f32")
+    assert out.read_bytes()[:4] == b"GGUF"
+
+    config = json.loads((folder / "config.json").read_text())
+    # Per-layer folders keep their metadata in config.json (older ones without a mode); refused.
+    for meta in ({"format_version": 1}, {"format_version": 1, "mode": "per-layer"}):
+        (folder / "config.json").write_text(json.dumps({**config, "slicegpt": meta}))
+        with pytest.raises(ExportError, match="per-layer sliced.*shortcut"):
+            export_gguf(folder, tmp_path / "x.gguf")
+    # Uniform folders are standard checkpoints with the metadata beside them in slicegpt.json.
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "slicegpt.json").write_text(json.dumps({"mode": "uniform", "source_model": "tiny", "widths": {"hidden": 64},
+                                                      "settings": {"sparsity": 0.25}}))
+    export_gguf(folder, tmp_path / "x.gguf", dtype="f32")
+    description = gguf.GGUFReader(tmp_path / "x.gguf").fields["general.description"].contents()
+    assert description == "SliceGPT uniform slice of tiny: hidden size 64 -> 48, sparsity 0.25"
+    (folder / "slicegpt.json").write_text(json.dumps({"mode": "per-layer"}))
+    with pytest.raises(ExportError, match="per-layer"):
+        export_gguf(folder, tmp_path / "z.gguf")
+    (folder / "slicegpt.json").unlink()
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
+    with pytest.raises(ExportError, match="model_type 'phi3'"):
+        export_gguf(folder, tmp_path / "y.gguf")
+    assert not (tmp_path / "y.gguf").exists()
+
+
+def test_cli_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "hf"
+    _build(folder, "llama", True)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(folder), "--gguf", str(tmp_path / "c.gguf"), "--dtype", "f32"])
+    assert run_from_args(args) == 0
+    assert "c.gguf" in capsys.readouterr().out
+    with pytest.raises(FileExistsError):
+        run_from_args(args)
+    args.overwrite = True
+    assert run_from_args(args) == 0
+
+
+def test_sentencepiece_style_vocab(tmp_path: Path) -> None:
+    """A byte-fallback BPE with a Metaspace pre-tokenizer (Llama 2, Mistral) becomes llama.cpp's 'llama'
+    vocabulary, scored so that merging by score replays the BPE merge order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([SAMPLE_TEXT], trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    folder = tmp_path / "hf"
+    LlamaForCausalLM(LlamaConfig(**{**COMMON, "vocab_size": 600, "bos_token_id": 1, "eos_token_id": 2})).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    export_gguf(folder, tmp_path / "m.gguf", dtype="f32")
+
+    meta, _ = read_gguf(tmp_path / "m.gguf")
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    types = meta["tokenizer.ggml.token_type"]
+    assert types[1] == gguf.TokenType.CONTROL and types[3 + 0x41] == gguf.TokenType.BYTE
+    # transformers rebuilds a tokenizer from the GGUF's tokens and scores; it must split like the original,
+    # byte fallback for unseen characters included.
+    text = SAMPLE_TEXT[:400] + " 123 ünïcödé 東京"
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert back(text, add_special_tokens=False)["input_ids"] == hf_tok(text, add_special_tokens=False)["input_ids"]
