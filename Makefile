@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/slicegpt slice --sparsity 0.25 --calib wiki --nsamples 128 --seqlen 1024 \
-		--ppl wiki --eval-seqlen 1024 --out sliced/SmolLM2-135M-Instruct-25 --overwrite \
+		--ppl wiki --eval-seqlen 1024 --eval-max-rows 40 --out sliced/SmolLM2-135M-Instruct-25 --overwrite \
 		--json sliced/demo.json
 
 test: $(STAMP)

@@ -239,6 +239,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- sweep, inspect
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    from . import sweep
+
+    p = sub.add_parser("sweep", help=sweep.SWEEP_HELP, description=sweep.SWEEP_DESCRIPTION,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sweep.add_sweep_arguments(p)
+    p.set_defaults(func=sweep.run_sweep)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    from . import sweep
+
+    p = sub.add_parser("inspect", help=sweep.INSPECT_HELP, description=sweep.INSPECT_DESCRIPTION,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sweep.add_inspect_arguments(p)
+    p.set_defaults(func=sweep.run_inspect)
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -271,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slice(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_sweep(sub)
+    _add_inspect(sub)
     _add_export(sub)
     return parser
 
@@ -280,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError, OSError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, OSError, ImportError) as exc:
         # Every expected failure is one line naming the problem (see the error classes).
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"slicegpt: error: {message}", file=sys.stderr)
