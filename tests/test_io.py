@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,16 +19,24 @@ from conftest import TINY_CONFIGS, calib_rows, make_tiny
 
 PROMPT = [[5, 17, 42, 99, 3, 250, 11, 8]]
 
+# One fresh interpreter loads every family's folder: starting one costs seconds, loading a tiny
+# model milliseconds. A failure is recorded per family and reported by that family's test.
 _CHILD = textwrap.dedent(
     """
     import json, sys, torch, slicegpt
-    model = slicegpt.load(sys.argv[1])
-    x = torch.tensor(json.loads(sys.argv[2]))
-    with torch.inference_mode():
-        logits = model(input_ids=x, use_cache=False).logits
-        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
-                             use_cache=True, pad_token_id=0)
-    torch.save({"logits": logits, "gen": gen}, sys.argv[3])
+    folders, x = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2]))
+    results = {}
+    for family, folder in folders.items():
+        try:
+            model = slicegpt.load(folder)
+            with torch.inference_mode():
+                logits = model(input_ids=x, use_cache=False).logits
+                gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                     use_cache=True, pad_token_id=0)
+            results[family] = {"logits": logits, "gen": gen}
+        except Exception as exc:
+            results[family] = f"{type(exc).__name__}: {exc}"
+    torch.save(results, sys.argv[3])
     """
 )
 
@@ -38,20 +47,39 @@ def _sliced(family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
-def test_save_load_fresh_process_identical(family: str, tmp_path: Path) -> None:
-    model = _sliced(family)
-    out = slicegpt.save(model, tmp_path / "sliced")
+@pytest.fixture(scope="module")
+def fresh_loads(tmp_path_factory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every family sliced and saved here, then loaded in one fresh process: (ours, theirs)."""
+    root = tmp_path_factory.mktemp("fresh")
     x = torch.tensor(PROMPT)
-    with torch.inference_mode():
-        logits = model(input_ids=x, use_cache=False).logits
-        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
-    result = tmp_path / "child.pt"
-    subprocess.run([sys.executable, "-c", _CHILD, str(out), json.dumps(PROMPT), str(result)], check=True)
-    child = torch.load(result)
-    assert torch.equal(child["logits"], logits)
-    assert torch.equal(child["gen"], gen)
-    assert gen.shape[1] == x.shape[1] + 12
+    ours: dict[str, Any] = {}
+    folders: dict[str, str] = {}
+    for family in sorted(TINY_CONFIGS):
+        try:
+            model = _sliced(family)
+            folders[family] = str(slicegpt.save(model, root / family))
+            with torch.inference_mode():
+                logits = model(input_ids=x, use_cache=False).logits
+                gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                     use_cache=True, pad_token_id=0)
+            ours[family] = {"logits": logits, "gen": gen}
+        except Exception as exc:  # reported by that family's test
+            ours[family] = exc
+    result = root / "child.pt"
+    subprocess.run([sys.executable, "-c", _CHILD, json.dumps(folders), json.dumps(PROMPT), str(result)], check=True)
+    return ours, torch.load(result)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_save_load_fresh_process_identical(family: str, fresh_loads: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    ours, theirs = fresh_loads
+    if isinstance(ours[family], Exception):
+        raise ours[family]
+    child = theirs[family]
+    assert not isinstance(child, str), f"loading in a fresh process failed: {child}"
+    assert torch.equal(child["logits"], ours[family]["logits"])
+    assert torch.equal(child["gen"], ours[family]["gen"])
+    assert ours[family]["gen"].shape[1] == len(PROMPT[0]) + 12
 
 
 def test_folder_contents_and_metadata(tmp_path: Path) -> None:

@@ -57,57 +57,84 @@ class SlicedBlock(nn.Module):
         z = x @ attn_shortcut + attn(norm(x)) + mlp(norm(x))
 
     A shortcut that is ``None`` is the identity (same basis on both sides).
+
+    Post-norms (Gemma 2/3) normalise a branch's output before the residual add. A norm does not
+    commute with a rotation, so the branch keeps writing the full width D in the original
+    basis; a weightless norm over D follows, then ``*_post_proj`` (D -> d, weight
+    Q[:, :d]^T diag(scale)) carries the result into the stream's rotated, sliced basis::
+
+        y = x @ attn_shortcut + attn_post_proj(norm_D(attn(norm(x))))
     """
 
     def __init__(
         self,
         attn: nn.Module,
-        mlp: nn.Module,
+        mlp: nn.Module | tuple[nn.Module, ...],
         *,
         attn_name: str,
-        mlp_name: str,
+        mlp_name: str | tuple[str, ...],
         topology: str,
         width: int,
         eps: float,
         returns_tuple: bool = False,
+        attn_post: tuple[WeightlessRMSNorm, nn.Linear] | None = None,
+        mlp_post: tuple[WeightlessRMSNorm, nn.Linear] | None = None,
     ) -> None:
         super().__init__()
         if topology not in ("sequential", "parallel"):
             raise ValueError(f"unknown block topology {topology!r}")
         self.attn_name = attn_name
+        # A tuple names a chain of the layer's own modules that together are its MLP.
+        self.mlp_names: tuple[str, ...] = (mlp_name,) if isinstance(mlp_name, str) else tuple(mlp_name)
         self.mlp_name = mlp_name
         self.topology = topology
         self.returns_tuple = returns_tuple
         # Registered under the original attribute names so that parameter names stay those of
         # the source model ("model.layers.3.self_attn.q_proj.weight").
         self.add_module(attn_name, attn)
-        self.add_module(mlp_name, mlp)
+        for name, module in zip(self.mlp_names, (mlp,) if isinstance(mlp, nn.Module) else mlp, strict=True):
+            self.add_module(name, module)
         self.attn_norm = WeightlessRMSNorm(width, eps)
         self.mlp_norm = WeightlessRMSNorm(width, eps) if topology == "sequential" else None
+        self.attn_post_norm, self.attn_post_proj = attn_post if attn_post is not None else (None, None)
+        self.mlp_post_norm, self.mlp_post_proj = mlp_post if mlp_post is not None else (None, None)
         self.attn_shortcut: nn.Parameter | None = None
         self.mlp_shortcut: nn.Parameter | None = None
 
-    # Not named `attn`/`mlp`: those are usually the submodules' own attribute names.
+    # Not named `attn`/`mlp`/`attention`: those are the submodules' own attribute names in
+    # some family (GPT-NeoX calls its attention `attention`).
     @property
-    def attention(self) -> nn.Module:
+    def attention_module(self) -> nn.Module:
         return self._modules[self.attn_name]
 
     @property
-    def feedforward(self) -> nn.Module:
-        return self._modules[self.mlp_name]
+    def feedforward_module(self) -> nn.Module:
+        if len(self.mlp_names) == 1:
+            return self._modules[self.mlp_names[0]]
+        return nn.Sequential(*(self._modules[n] for n in self.mlp_names))
 
     def set_shortcut(self, which: str, matrix: torch.Tensor | None, dtype: torch.dtype) -> None:
         """Install (d_in, d_out) as ``attn_shortcut`` or ``mlp_shortcut``; None removes it."""
         value = None if matrix is None else nn.Parameter(matrix.contiguous().to(dtype), requires_grad=False)
         setattr(self, which, value)
 
+    def _run_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        for name in self.mlp_names:
+            h = _first(self._modules[name](h))
+        return h
+
+    @staticmethod
+    def _post(out: torch.Tensor, norm: nn.Module | None, proj: nn.Module | None) -> torch.Tensor:
+        return out if norm is None else proj(norm(out))
+
     # The two branches are public so the calibration loop runs exactly what forward runs.
     def attn_branch(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        return _first(self.attention(self.attn_norm(x), *args, **kwargs))
+        out = _first(self.attention_module(self.attn_norm(x), *args, **kwargs))
+        return self._post(out, self.attn_post_norm, self.attn_post_proj)
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.mlp_norm if self.mlp_norm is not None else self.attn_norm
-        return _first(self.feedforward(norm(x)))
+        return self._post(self._run_mlp(norm(x)), self.mlp_post_norm, self.mlp_post_proj)
 
     @staticmethod
     def carry(x: torch.Tensor, shortcut: torch.Tensor | None) -> torch.Tensor:
@@ -116,10 +143,8 @@ class SlicedBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         x = hidden_states
         if self.topology == "parallel":
-            h = self.attn_norm(x)
-            a = _first(self.attention(h, *args, **kwargs))
-            m = _first(self.feedforward(h))
-            out = self.carry(x, self.attn_shortcut) + a + m
+            # One shortcut: attention and MLP both read x, and both write into the output basis.
+            out = self.carry(x, self.attn_shortcut) + self.attn_branch(x, args, kwargs) + self.mlp_branch(x)
         else:
             y = self.carry(x, self.attn_shortcut) + self.attn_branch(x, args, kwargs)
             out = self.carry(y, self.mlp_shortcut) + self.mlp_branch(y)

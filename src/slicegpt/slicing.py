@@ -39,6 +39,7 @@ from .surgery import (
     attn_readers,
     attn_writers,
     count_parameters,
+    fit_widths,
     get_layers,
     get_path,
     hidden_size,
@@ -201,16 +202,25 @@ class _Captured(Exception):
     pass
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts."""
+def _to(obj: Any, device: torch.device | str, memo: dict[int, tuple[Any, Any]] | None = None) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts.
+
+    With ``memo``, a tensor met again (layers of one kind share their mask and rotary tables) is
+    moved once and shared; the memo keeps the original alive so that its id cannot be reused.
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        hit = memo.get(id(obj))
+        if hit is None:
+            hit = memo[id(obj)] = (obj, obj.to(device))
+        return hit[1]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -223,40 +233,59 @@ def _non_layer_modules(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
 
 @dataclass
 class LayerInputs:
-    """Calibration inputs of the current layer, kept on the host, one entry per batch."""
+    """Calibration inputs, kept on the host, one entry per batch.
+
+    ``hidden`` holds the current layer's input; ``calls[batch][layer]`` the other arguments the
+    model hands each layer. They differ between layers where layer kinds differ (Gemma 2/3:
+    sliding-window and global layers get different masks and rotary tables).
+    """
 
     hidden: list[torch.Tensor]  # [B, T, width]
-    args: list[tuple]
-    kwargs: list[dict[str, Any]]
+    calls: list[list[tuple[tuple, dict[str, Any]]]]
     masks: list[torch.Tensor | None]  # [B, T]
+
+    def layer_call(self, layer: int, batch: int, device: torch.device) -> tuple[tuple, dict[str, Any]]:
+        args, kwargs = self.calls[batch][layer]
+        return _to(args, device), _to(kwargs, device)
+
+
+class _Recorder(nn.Module):
+    """Stands in for one decoder layer while capturing: records its arguments, passes x on."""
+
+    def __init__(self, index: int, sink: list, returns_tuple: bool, last: bool) -> None:
+        super().__init__()
+        self.index, self.sink, self.returns_tuple, self.last = index, sink, returns_tuple, last
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.sink.append((self.index, hidden, tuple(args[1:]), kwargs))
+        if self.last:  # nothing after the layers is needed: skip the final norm and the head
+            raise _Captured
+        return (hidden,) if self.returns_tuple else hidden
 
 
 @torch.inference_mode()
-def capture_layer0_inputs(model: nn.Module, spec: ArchSpec, rows: Rows, batch_size: int, device: torch.device) -> LayerInputs:
-    """Run the model up to its first layer and keep what that layer receives.
+def capture_layer_inputs(model: nn.Module, spec: ArchSpec, rows: Rows, batch_size: int, device: torch.device) -> LayerInputs:
+    """Run the model with its layers stood in for by recorders; keep what each layer receives.
 
-    A pre-hook on layer 0 records the hidden states and every keyword the model hands its
-    layers (masks, positions, rotary embeddings, cache arguments), then stops the forward: no
-    transformers forward is copied, and whatever a new version passes is passed on as is.
+    The model's own forward computes the hidden states layer 0 reads and every argument it hands
+    each layer (masks, positions, rotary embeddings, cache arguments): no transformers forward
+    is copied, and whatever a new version passes is passed on as is. The recorders cost nothing,
+    and the forward stops at the last one.
     """
     layers = get_layers(model, spec)
-    first = layers[0]
+    originals = list(layers)
     front = _non_layer_modules(model, spec)
     for m in front:
         m.to(device)
-    captured = LayerInputs([], [], [], [])
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach().to("cpu"))
-        captured.args.append(_to(tuple(args[1:]), "cpu"))
-        captured.kwargs.append(_to(dict(kwargs), "cpu"))
-        raise _Captured
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    captured = LayerInputs([], [], [])
+    sink: list = []
+    for i in range(len(layers)):
+        layers[i] = _Recorder(i, sink, spec.layer_returns_tuple, last=i == len(layers) - 1)
     try:
         for ids, mask in rows.batches(batch_size):
             captured.masks.append(mask)
+            sink.clear()
             try:
                 model(
                     input_ids=ids.to(device),
@@ -265,8 +294,15 @@ def capture_layer0_inputs(model: nn.Module, spec: ArchSpec, rows: Rows, batch_si
                 )
             except _Captured:
                 pass
+            if [entry[0] for entry in sink] != list(range(len(layers))):
+                raise RuntimeError(f"the model called its layers in an unexpected order: {[entry[0] for entry in sink]}")
+            memo: dict[int, tuple[Any, Any]] = {}
+            captured.hidden.append(sink[0][1].detach().to("cpu"))
+            captured.calls.append([(_to(a, "cpu", memo), _to(k, "cpu", memo)) for _, _, a, k in sink])
     finally:
-        handle.remove()
+        sink.clear()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
         for m in front:
             m.to("cpu")
     return captured
@@ -403,7 +439,7 @@ def _calibrated_loop(
             spectra[point] = evals.tolist()
         return q.to(device=device, dtype=torch.float64)
 
-    inputs = capture_layer0_inputs(model, spec, rows, config.batch_size, device)
+    inputs = capture_layer_inputs(model, spec, rows, config.batch_size, device)
     probe_norm = WeightlessRMSNorm(D, layers[0].attn_norm.eps)
 
     # Embeddings: PCA of what layer 0 reads.
@@ -428,30 +464,38 @@ def _calibrated_loop(
             # Pass A: attention once per row; r (original basis) replaces x in host storage.
             cov = new_cov()
             for i, x in _stream(inputs.hidden, device):
-                args, kwargs = _to(inputs.args[i], device), _to(inputs.kwargs[i], device)
+                args, kwargs = inputs.layer_call(idx, i, device)
                 r = x @ q_in_t + block.attn_branch(x, args, kwargs)
                 cov.add(_signal(r, block.mlp_norm, config), inputs.masks[i])
                 inputs.hidden[i] = r.cpu()
             q_mid = rotate_at(f"layer.{idx}.mid", cov)
             ops.rotate_outputs(attn_writers(block, spec), q_mid, w.d_mid)
             block.set_shortcut("attn_shortcut", _shortcut(q_prev, w.d_in, q_mid, w.d_mid, rotation.shared), dtype)
-            ops.rotate_inputs(mlp_readers(block, spec), q_mid, w.d_mid)
+            # Fused MoE blocks size their output like their input, while the MLP's writers are
+            # still D wide here: such MLPs run in the original basis (y projected back, readers
+            # not yet rotated), which computes the same, and their readers rotate after the pass.
+            in_original_basis = spec.mlp_preserves_width
+            if not in_original_basis:
+                ops.rotate_inputs(mlp_readers(block, spec), q_mid, w.d_mid)
 
             # Pass B: the MLP once per row.
             q_mid_d = q_mid[:, : w.d_mid].to(dtype)
             cov = new_cov(not keep_full)
             for i, r in _stream(inputs.hidden, device):
                 y = r @ q_mid_d
-                o = y @ q_mid_d.t() + block.mlp_branch(y)
+                y_back = y @ q_mid_d.t()
+                o = y_back + block.mlp_branch(y_back if in_original_basis else y)
                 if cov is not None:
                     cov.add(_signal(o, block.mlp_norm, config), inputs.masks[i])
                 inputs.hidden[i] = o.cpu()
+            if in_original_basis:
+                ops.rotate_inputs(mlp_readers(block, spec), q_mid, w.d_mid)
             q_from, d_from, writers, which = q_mid, w.d_mid, mlp_writers(block, spec), "mlp_shortcut"
         else:
             # Parallel block: attention and MLP read the same norm; one pass, one PCA.
             cov = new_cov(not keep_full)
             for i, x in _stream(inputs.hidden, device):
-                args, kwargs = _to(inputs.args[i], device), _to(inputs.kwargs[i], device)
+                args, kwargs = inputs.layer_call(idx, i, device)
                 o = x @ q_in_t + block.attn_branch(x, args, kwargs) + block.mlp_branch(x)
                 if cov is not None:
                     cov.add(_signal(o, block.attn_norm, config), inputs.masks[i])
@@ -498,10 +542,12 @@ def slice_model(
     model.eval()
     params_before = count_parameters(model)
     was_tied = _is_tied(model, spec)
+    final_scale = None
     if config.uniform:
-        from .uniform import check_uniform_supported
+        from .uniform import check_uniform_supported, final_norm_scale
 
         check_uniform_supported(model.config, spec)
+        final_scale = final_norm_scale(model, spec) if was_tied else None
     rotation = rotation or PCARotation(config.damping)
     rows = _resolve_rows(model, tokenizer, calib, config, spec) if (rotation.needs_statistics or config.uniform) else None
 
@@ -510,7 +556,7 @@ def slice_model(
     D = hidden_size(model)
     n_layers = len(get_layers(model, spec))
     policy = policy or ConstantWidth(config.sparsity, config.round_to, config.slice_head or config.uniform)
-    widths = policy.widths(D, n_layers, spec.topology)
+    widths = fit_widths(policy.widths(D, n_layers, spec.topology), spec)
     spectra: dict[str, list[float]] = {}
 
     if config.uniform:
@@ -520,6 +566,10 @@ def slice_model(
         _calibrated_loop(model, spec, rows, config, full, pool, progress, desc="pooling covariances")
         evals, q = pool.rotation(config.damping)
         spectra["uniform"] = evals.tolist()
+        if final_scale is not None:
+            from .uniform import align_to_final_norm
+
+            q, final_scale = align_to_final_norm(q, widths.embedding, final_scale)
         rotation = FixedRotation(q)
 
     if rotation.needs_statistics:
@@ -527,10 +577,10 @@ def slice_model(
     else:
         _rotate_weights_only(model, spec, widths, rotation, progress)
 
-    if config.uniform and was_tied:
+    if final_scale is not None:
         from .uniform import retie_head
 
-        retie_head(model, spec)
+        retie_head(model, spec, final_scale)
 
     report = SliceReport(
         architecture=spec.name,

@@ -8,15 +8,16 @@ with exactly the code that slicing used, so the two can never disagree.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from . import ops
-from .arch import ArchSpec
+from .arch import ArchSpec, UnsupportedModelError
 from .modules import SlicedBlock, WeightlessRMSNorm
+from .ops import WeightRef
 
 
 def get_path(root: nn.Module, path: str) -> Any:
@@ -60,27 +61,54 @@ def _norm_eps(norm: nn.Module, spec: ArchSpec, config: Any) -> float:
     return spec.norm_eps(config)
 
 
-def _modules(root: nn.Module, paths: Iterable[str]) -> list[nn.Module]:
-    return [get_path(root, p) for p in paths]
+def weight_refs(root: nn.Module, paths: Iterable[str]) -> list[WeightRef]:
+    """The matrices at ``paths`` (modules or bare parameters); optional paths (``...?``) may be absent."""
+    refs: list[WeightRef] = []
+    for raw in paths:
+        path, optional = raw.rstrip("?"), raw.endswith("?")
+        parent_path, _, name = path.rpartition(".")
+        try:
+            parent = get_path(root, parent_path) if parent_path else root
+            obj = getattr(parent, name)
+        except (AttributeError, IndexError):
+            if optional:
+                continue
+            raise
+        if isinstance(obj, nn.Module):
+            refs.append(WeightRef.of(obj))
+        elif isinstance(obj, torch.Tensor):
+            refs.append(WeightRef.parameter(parent, name))
+        elif not optional:
+            raise TypeError(f"{path} is neither a module nor a parameter ({type(obj).__name__})")
+    return refs
 
 
-def attn_readers(layer: nn.Module, spec: ArchSpec) -> list[nn.Module]:
-    readers = _modules(layer, spec.attn_inputs)
+def _branch_writers(layer: nn.Module, paths: Iterable[str], post_proj: str) -> list[WeightRef]:
+    # Behind a post-norm the branch's own output projection stays in the original basis; the
+    # projection after the norm is what writes into the stream.
+    proj = getattr(layer, post_proj, None) if isinstance(layer, SlicedBlock) else None
+    return [WeightRef.of(proj)] if proj is not None else weight_refs(layer, paths)
+
+
+def attn_readers(layer: nn.Module, spec: ArchSpec) -> list[WeightRef]:
+    readers = weight_refs(layer, spec.attn_inputs)
     # In a parallel block the MLP reads the same normalised stream as attention.
-    return readers + _modules(layer, spec.mlp_inputs) if spec.topology == "parallel" else readers
+    return readers + weight_refs(layer, spec.mlp_inputs) if spec.topology == "parallel" else readers
 
 
-def mlp_readers(layer: nn.Module, spec: ArchSpec) -> list[nn.Module]:
-    return [] if spec.topology == "parallel" else _modules(layer, spec.mlp_inputs)
+def mlp_readers(layer: nn.Module, spec: ArchSpec) -> list[WeightRef]:
+    return [] if spec.topology == "parallel" else weight_refs(layer, spec.mlp_inputs)
 
 
-def attn_writers(layer: nn.Module, spec: ArchSpec) -> list[nn.Module]:
-    writers = _modules(layer, spec.attn_outputs)
-    return writers + _modules(layer, spec.mlp_outputs) if spec.topology == "parallel" else writers
+def attn_writers(layer: nn.Module, spec: ArchSpec) -> list[WeightRef]:
+    writers = _branch_writers(layer, spec.attn_outputs, "attn_post_proj")
+    if spec.topology == "parallel":
+        writers += _branch_writers(layer, spec.mlp_outputs, "mlp_post_proj")
+    return writers
 
 
-def mlp_writers(layer: nn.Module, spec: ArchSpec) -> list[nn.Module]:
-    return [] if spec.topology == "parallel" else _modules(layer, spec.mlp_outputs)
+def mlp_writers(layer: nn.Module, spec: ArchSpec) -> list[WeightRef]:
+    return [] if spec.topology == "parallel" else _branch_writers(layer, spec.mlp_outputs, "mlp_post_proj")
 
 
 def untie_head(model: nn.Module, spec: ArchSpec) -> None:
@@ -104,8 +132,9 @@ def prepare(model: nn.Module, spec: ArchSpec) -> None:
     1. untie embeddings and head;
     2. LayerNorm families: centre embeddings and every write to the stream;
     3. fold each norm's scale (and bias) into the linears that read it;
-    4. replace each decoder layer by a :class:`SlicedBlock` and the final norm by a weightless
-       RMSNorm over the original width.
+    4. replace each decoder layer by a :class:`SlicedBlock` (post-norms become a weightless norm
+       and a projection diag(scale)) and the final norm by a weightless RMSNorm over the
+       original width.
     """
     if is_prepared(model, spec):
         return
@@ -115,32 +144,85 @@ def prepare(model: nn.Module, spec: ArchSpec) -> None:
     layers = get_layers(model, spec)
     width = hidden_size(model)
     if spec.norm == "layer":
+        if spec.post_norms is not None:
+            raise UnsupportedModelError(f"{spec.name}: post-norms are supported for RMSNorm families only")
         for path in spec.embeddings:
             ops.centre_embedding(get_path(model, path))
         for layer in layers:
             ops.centre_outputs(attn_writers(layer, spec) + mlp_writers(layer, spec))
 
     for i, layer in enumerate(layers):
+        attn_in, mlp_in = weight_refs(layer, spec.attn_inputs), weight_refs(layer, spec.mlp_inputs)
+        for kind, refs in (("attention inputs", attn_in), ("attention outputs", weight_refs(layer, spec.attn_outputs)),
+                           ("MLP inputs", mlp_in), ("MLP outputs", weight_refs(layer, spec.mlp_outputs))):
+            if not refs:  # a spec whose optional paths all missed would silently skip a rotation
+                raise RuntimeError(f"spec {spec.name!r} finds no {kind} in layer {i}")
         attn_norm = get_path(layer, spec.attn_norm)
         eps = _norm_eps(attn_norm, spec, model.config)
-        ops.fold_norm_into(attn_readers(layer, spec), *_norm_affine(attn_norm, spec))
-        if spec.mlp_norm is not None:
-            ops.fold_norm_into(mlp_readers(layer, spec), *_norm_affine(get_path(layer, spec.mlp_norm), spec))
+        if spec.mlp_norm is None:
+            ops.fold_norm_into(attn_in + mlp_in, *_norm_affine(attn_norm, spec))
+        else:
+            # Parallel GPT-NeoX too: its two norms read the same x, so once folded both are the
+            # block's one weightless norm.
+            ops.fold_norm_into(attn_in, *_norm_affine(attn_norm, spec))
+            ops.fold_norm_into(mlp_in, *_norm_affine(get_path(layer, spec.mlp_norm), spec))
+        attn_post = mlp_post = None
+        if spec.post_norms is not None:
+            attn_post, mlp_post = (_post_branch(get_path(layer, p), spec, model.config, width) for p in spec.post_norms)
+        mlp = get_path(layer, spec.mlp) if isinstance(spec.mlp, str) else tuple(get_path(layer, p) for p in spec.mlp)
         layers[i] = SlicedBlock(
             get_path(layer, spec.attn),
-            get_path(layer, spec.mlp),
+            mlp,
             attn_name=spec.attn,
             mlp_name=spec.mlp,
             topology=spec.topology,
             width=width,
             eps=eps,
             returns_tuple=spec.layer_returns_tuple,
+            attn_post=attn_post,
+            mlp_post=mlp_post,
         )
 
     final_norm = get_path(model, spec.final_norm)
     eps = _norm_eps(final_norm, spec, model.config)
     ops.fold_norm_into([get_path(model, spec.head)], *_norm_affine(final_norm, spec))
     set_path(model, spec.final_norm, WeightlessRMSNorm(width, eps))
+
+
+def _post_branch(norm: nn.Module, spec: ArchSpec, config: Any, width: int) -> tuple[WeightlessRMSNorm, nn.Linear]:
+    """A post-norm as a weightless norm over the full width and a (D, D) projection diag(scale).
+
+    Slicing later rotates the projection's outputs like any writer's, making it
+    Q[:, :d]^T diag(scale): (d, D), the parameters post-norm families pay for.
+    """
+    scale, shift = _norm_affine(norm, spec)
+    ref = getattr(norm, "weight", None)
+    dtype = ref.dtype if ref is not None else torch.float32
+    device = ref.device if ref is not None else torch.device("cpu")
+    # Built on the meta device and then given its real weight: no random init of a D x D matrix.
+    proj = nn.Linear(width, width, bias=shift is not None, device="meta", dtype=dtype)
+    diag = torch.diag(scale) if scale is not None else torch.eye(width, dtype=torch.float64, device=device)
+    ops.set_matrix(proj, diag)
+    if shift is not None:
+        ops.set_bias(proj, shift, dtype)
+    return WeightlessRMSNorm(width, _norm_eps(norm, spec, config)), proj
+
+
+def fit_widths(widths: "Widths", spec: ArchSpec) -> "Widths":
+    """Widths the family's modules can take.
+
+    Fused MoE blocks allocate their output like their input (``mlp_preserves_width``), so the
+    stream keeps one width across the MLP: ``d_mid = d_out``. In the last layer, whose output
+    stays full for the head, that leaves attention's output and the MLP's inputs unsliced.
+    GPT-2's forward views its final hidden states at the embeddings' width
+    (``head_reads_embedding_width``): there the head is sliced like the embeddings.
+    """
+    layers = list(widths.layers)
+    if spec.head_reads_embedding_width and layers:
+        layers[-1] = replace(layers[-1], d_out=widths.embedding)
+    if spec.mlp_preserves_width and spec.topology == "sequential":
+        layers = [replace(w, d_mid=w.d_out) for w in layers]
+    return replace(widths, layers=tuple(layers))
 
 
 @dataclass(frozen=True)
