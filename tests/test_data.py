@@ -77,3 +77,18 @@ def test_calibration_rows_are_distinct_seeded_and_bounded(tmp_path: Path) -> Non
     assert len(starts) == 5
     with pytest.raises(DataError, match="11 asked"):
         calibration_rows(tok, "<t>", nsamples=11, seqlen=100, seed=0, text=text)
+
+
+def test_wikitext2_loader_asks_for_the_right_dataset(monkeypatch) -> None:
+    """The online path, exercised offline on a stand-in for datasets.load_dataset."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return {"text": [" = Title = \n", " body line \n", ""]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_text("wikitext2", "calibration") == " = Title = \n\n\n body line \n\n\n"
+    load_text("wikitext2", "evaluation")
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "train"), ("wikitext", "wikitext-2-raw-v1", "test")]
