@@ -117,12 +117,17 @@ def _write_per_layer(model: nn.Module, tmp: Path, tokenizer: Any) -> None:
     config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_MODULE[:-3]}.SlicedForCausalLM"}
     config.save_pretrained(tmp)
     shutil.copyfile(Path(__file__).parent / "remote" / REMOTE_MODULE, tmp / REMOTE_MODULE)
-    (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    write_companions(tmp, meta, model, tokenizer)
+
+
+def write_companions(folder: Path, meta: dict[str, Any], model: nn.Module, tokenizer: Any) -> None:
+    """What every saved folder carries beside its weights and config: metadata, generation config, tokenizer."""
+    (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
-        generation_config.save_pretrained(tmp)
+        generation_config.save_pretrained(folder)
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(folder)
 
 
 def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:

@@ -12,7 +12,6 @@ vLLM and llama.cpp read it. Two facts make the export exact:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shutil
@@ -27,7 +26,6 @@ from .arch import ArchSpec, UnsupportedModelError, spec_for_config
 from .modules import ScaledRMSNorm, WeightlessRMSNorm
 from .surgery import get_layers, get_path, set_path
 
-METADATA = "slicegpt.json"
 
 
 def check_uniform_supported(config: Any, spec: ArchSpec) -> None:
@@ -161,9 +159,6 @@ def export_standard(model: nn.Module, out: Path, *, tokenizer: Any = None) -> No
     save_file(standard_state_dict(model, spec), str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)
     meta["standard_config"] = {"hidden_size": d, "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps}
-    (out / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    from .io import write_companions
+
+    write_companions(out, meta, model, tokenizer)
