@@ -40,6 +40,39 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- slice
 
 
+def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The :class:`SliceConfig` flags shared by ``slice`` and ``sweep`` (all but the sparsity)."""
+    p.add_argument("--calib", default=_SLICE.calib, help="calibration text: 'wiki' (built-in, offline), 'wikitext2' (hub, train split), or a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=_SLICE.nsamples, help="calibration rows")
+    p.add_argument("--seqlen", type=int, default=_SLICE.seqlen, help="tokens per calibration row (clipped to the model's context)")
+    p.add_argument("--batch-size", type=int, default=_SLICE.batch_size, help="calibration rows per forward pass")
+    p.add_argument("--round-to", type=int, default=_SLICE.round_to, help="round the kept width down to a multiple of this")
+    p.add_argument("--device", default=_SLICE.device, help="where each layer is processed (and, with --ppl, evaluated): cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=_SLICE.dtype, choices=list(DTYPES), help="dtype to load, slice and evaluate the model in (PCA is float64)")
+    p.add_argument("--seed", type=int, default=_SLICE.seed, help="seed for drawing calibration rows")
+    p.add_argument("--slice-head", action="store_true", default=_SLICE.slice_head, help="also slice the last layer's output and the head's input")
+    p.add_argument("--uniform", action="store_true", default=_SLICE.uniform, help="one rotation for the whole network: no shortcut matrices; a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; implies slicing the head")
+    p.add_argument("--pca-signal", default=_SLICE.pca_signal, choices=["normed", "residual"], help="PCA of the residual stream before each norm (reference behaviour, better), or of the normalised signal")
+
+
+def slice_config_from_args(args: argparse.Namespace, sparsity: float) -> SliceConfig:
+    """The :class:`SliceConfig` that :func:`add_slice_config_arguments` flags describe."""
+    return SliceConfig(
+        sparsity=sparsity,
+        round_to=args.round_to,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        slice_head=args.slice_head,
+        pca_signal=args.pca_signal,
+        uniform=args.uniform,
+    )
+
+
 def _add_slice(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "slice",
@@ -51,17 +84,7 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", nargs="?", default=None, help="hub id, local HF folder, .gguf file or folder holding one; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--sparsity", type=float, default=_SLICE.sparsity, help="share of the hidden width to remove, in [0, 1)")
-    p.add_argument("--calib", default=_SLICE.calib, help="calibration text: 'wiki' (built-in, offline), 'wikitext2' (hub, train split), or a .txt/.jsonl file")
-    p.add_argument("--nsamples", type=int, default=_SLICE.nsamples, help="calibration rows")
-    p.add_argument("--seqlen", type=int, default=_SLICE.seqlen, help="tokens per calibration row (clipped to the model's context)")
-    p.add_argument("--batch-size", type=int, default=_SLICE.batch_size, help="calibration rows per forward pass")
-    p.add_argument("--round-to", type=int, default=_SLICE.round_to, help="round the kept width down to a multiple of this")
-    p.add_argument("--device", default=_SLICE.device, help="where each layer is processed: cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default=_SLICE.dtype, choices=list(DTYPES), help="dtype to load and slice the model in (PCA is float64)")
-    p.add_argument("--seed", type=int, default=_SLICE.seed, help="seed for drawing calibration rows")
-    p.add_argument("--slice-head", action="store_true", default=_SLICE.slice_head, help="also slice the last layer's output and the head's input")
-    p.add_argument("--uniform", action="store_true", default=_SLICE.uniform, help="one rotation for the whole network: no shortcut matrices; saves a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; implies slicing the head")
-    p.add_argument("--pca-signal", default=_SLICE.pca_signal, choices=["normed", "residual"], help="PCA of the residual stream before each norm (reference behaviour, better), or of the normalised signal")
+    add_slice_config_arguments(p)
     p.add_argument("--out", default=None, help="output folder (default: sliced/<model>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--ppl", default=None, metavar="DATA", help="also measure perplexity before and after on DATA ('wiki', 'wikitext2', a file; evaluation part)")
@@ -82,20 +105,7 @@ def cmd_slice(args: argparse.Namespace) -> int:
     if args.list_architectures:
         print("\n".join(supported_architectures()))
         return 0
-    config = SliceConfig(
-        sparsity=args.sparsity,
-        round_to=args.round_to,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        slice_head=args.slice_head,
-        pca_signal=args.pca_signal,
-        uniform=args.uniform,
-    )
+    config = slice_config_from_args(args, args.sparsity)
     wall = time.perf_counter()
     if args.out:
         io.check_output_dir(args.out, args.overwrite)  # before any expensive work

@@ -39,13 +39,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .config import DTYPES, EvalConfig, SliceConfig
+from .config import EvalConfig, SliceConfig
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.figure import Figure
     from torch import nn
 
-_SLICE = SliceConfig()
 _EVAL = EvalConfig()
 
 DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.25, 0.3)
@@ -622,17 +621,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("model", nargs="?", default=None, help="hub id, local HF folder, .gguf file or folder holding one; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES), help="comma-separated sparsities in [0, 1); 0 is the dense model as shipped")
-    p.add_argument("--calib", default=_SLICE.calib, help="calibration text: 'wiki' (built-in, offline), 'wikitext2' (hub, train split), or a .txt/.jsonl file")
-    p.add_argument("--nsamples", type=int, default=_SLICE.nsamples, help="calibration rows")
-    p.add_argument("--seqlen", type=int, default=_SLICE.seqlen, help="tokens per calibration row (clipped to the model's context)")
-    p.add_argument("--batch-size", type=int, default=_SLICE.batch_size, help="calibration rows per forward pass")
-    p.add_argument("--round-to", type=int, default=_SLICE.round_to, help="round the kept width down to a multiple of this")
-    p.add_argument("--device", default=_SLICE.device, help="where slicing and evaluation run: cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default=_SLICE.dtype, choices=list(DTYPES), help="dtype to load, slice and evaluate the model in")
-    p.add_argument("--seed", type=int, default=_SLICE.seed, help="seed for drawing calibration rows")
-    p.add_argument("--slice-head", action="store_true", default=_SLICE.slice_head, help="also slice the last layer's output and the head's input")
-    p.add_argument("--uniform", action="store_true", default=_SLICE.uniform, help="one rotation for the whole network (standard checkpoint, no shortcut matrices); implies slicing the head")
-    p.add_argument("--pca-signal", default=_SLICE.pca_signal, choices=["normed", "residual"], help="PCA of the residual stream before each norm, or of the normalised signal")
+    from .cli import add_slice_config_arguments
+
+    add_slice_config_arguments(p)
     p.add_argument("--ppl", default="wiki", metavar="DATA", help="perplexity data ('wiki', 'wikitext2', a .txt/.jsonl file; evaluation part), or 'none' (then --tasks is needed)")
     p.add_argument("--eval-seqlen", type=int, default=_EVAL.seqlen, help="row length for --ppl (clipped to the model's context); also the context for FLOPs per token")
     p.add_argument("--eval-batch-size", type=int, default=_EVAL.batch_size, help="rows per forward pass for --ppl")
@@ -651,11 +642,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     """``slicegpt sweep``: run :func:`sweep` from parsed arguments and print the table."""
     from .models import DEFAULT_MODEL_NAME
 
-    config = SliceConfig(
-        sparsity=0.0, round_to=args.round_to, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-        batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed, slice_head=args.slice_head,
-        pca_signal=args.pca_signal, uniform=args.uniform,
-    )
+    from .cli import slice_config_from_args
+
+    config = slice_config_from_args(args, 0.0)
     ppl = None if str(args.ppl).strip().lower() in ("", "none") else args.ppl
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     out = args.out or os.path.join("sweeps", Path(args.model.rstrip("/")).name if args.model else DEFAULT_MODEL_NAME)
