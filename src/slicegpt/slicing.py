@@ -32,6 +32,7 @@ from . import ops
 from .arch import ArchSpec, spec_for_config
 from .config import SliceConfig, parse_dtype
 from .data import Rows, calibration_rows
+from .memory import release_free_memory
 from .modules import SlicedBlock, WeightlessRMSNorm
 from .surgery import (
     LayerWidths,
@@ -440,6 +441,7 @@ def _calibrated_loop(
         return q.to(device=device, dtype=torch.float64)
 
     inputs = capture_layer_inputs(model, spec, rows, config.batch_size, device)
+    release_free_memory()
     probe_norm = WeightlessRMSNorm(D, layers[0].attn_norm.eps)
 
     # Embeddings: PCA of what layer 0 reads.
@@ -510,6 +512,7 @@ def _calibrated_loop(
             inputs.hidden[i] = (o @ q_out_d).cpu()
         q_prev = q_out
         block.to("cpu")
+        release_free_memory()  # the old weights and this layer's activations were just replaced
 
     ops.rotate_inputs([get_path(model, spec.head)], q_prev.cpu(), widths.head)
     return spectra
@@ -553,6 +556,7 @@ def slice_model(
 
     prepare(model, spec)
     model.to("cpu")
+    release_free_memory()  # prepare replaced every folded weight
     D = hidden_size(model)
     n_layers = len(get_layers(model, spec))
     policy = policy or ConstantWidth(config.sparsity, config.round_to, config.slice_head or config.uniform)

