@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -30,9 +30,19 @@ class PerplexityResult:
     seqlen: int
     seconds: float
     source: str
+    # Summed NLL of each row's seqlen - 1 predictions, in row order: the perplexity of the
+    # first k rows is exp(sum(row_nll[:k]) / (k * (seqlen - 1))).
+    row_nll: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def perplexity_of_first(self, k: int) -> float:
+        """Perplexity over the first ``k`` rows only (comparable with a ``max_rows=k`` run)."""
+        k = min(k, len(self.row_nll))
+        if k < 1:
+            raise ValueError("no rows were evaluated")
+        return math.exp(sum(self.row_nll[:k]) / (k * (self.seqlen - 1)))
 
 
 def eval_rows(model: nn.Module, tokenizer: Any, data: str, seqlen: int, max_rows: int | None = None) -> torch.Tensor:
@@ -69,15 +79,17 @@ def perplexity(
     model.eval()
     total_nll = 0.0
     count = 0
+    row_nll: list[float] = []
     batches = range(0, rows.shape[0], batch_size)
     for start_row in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
         ids = rows[start_row : start_row + batch_size].to(dev)
         logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
         # Token t predicts token t+1; every row contributes seqlen - 1 predictions.
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B * (T - 1), V]
+        nll = F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1).sum(dim=1)  # [B]
+        del logits, flat
+        row_nll.extend(nll.double().tolist())
+        total_nll += float(nll.double().sum())
         count += ids[:, 1:].numel()
     mean = total_nll / count
     return PerplexityResult(
@@ -88,4 +100,5 @@ def perplexity(
         seqlen=rows.shape[1],
         seconds=time.perf_counter() - start,
         source=data if "\n" not in data else "<text>",
+        row_nll=row_nll,
     )
