@@ -54,3 +54,14 @@ def test_smollm2_sliced_25_percent_perplexity_bound(smollm2, tmp_path) -> None:
     assert report.params_before == 134_515_008  # as shipped, tied embeddings counted once
     assert report.params_after == slicegpt.count_parameters(model)
     assert report.params_after > report.params_before  # untied head + shortcuts: the honest size problem
+
+
+def test_default_display_name_resolves_to_the_embedded_model(tmp_path, monkeypatch) -> None:
+    from slicegpt.models import DEFAULT_MODEL_NAME, resolve_model
+
+    default = resolve_model(None)
+    assert resolve_model(DEFAULT_MODEL_NAME) == default
+    # A local folder of that name is what the user means instead.
+    (tmp_path / DEFAULT_MODEL_NAME).mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model(DEFAULT_MODEL_NAME) == (DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME)

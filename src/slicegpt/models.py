@@ -104,9 +104,11 @@ def converted_gguf(gguf: Path, name: str | None = None) -> Path:
 
 def resolve_model(name_or_path: str | None) -> tuple[str, str]:
     """(what to load with from_pretrained, a display name). GGUF sources become cached folders."""
-    if name_or_path is None:
+    path = Path(name_or_path) if name_or_path is not None else None
+    # The default's display name (what sliced folders record as their source) names it too,
+    # e.g. `slicegpt bench sliced/ --compare SmolLM2-135M-Instruct`; a folder of that name wins.
+    if path is None or (name_or_path == DEFAULT_MODEL_NAME and not path.exists()):
         return str(converted_gguf(default_model_gguf(), DEFAULT_MODEL_NAME)), DEFAULT_MODEL_NAME
-    path = Path(name_or_path)
     gguf = find_gguf(path) if path.exists() else None
     if gguf is not None:
         return str(converted_gguf(gguf)), gguf.stem
