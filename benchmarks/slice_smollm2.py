@@ -3,10 +3,15 @@
     .venv/bin/python benchmarks/slice_smollm2.py                       # per-layer, 0/20/25/30%
     .venv/bin/python benchmarks/slice_smollm2.py --modes per-layer,uniform --sparsities 0.2,0.25,0.3
 
-Each run happens in a fresh process (so its peak RSS is its own): 128 x 1024 calibration rows
-from the built-in 'wiki' corpus, float32, perplexity on the whole evaluation part at 1024
-tokens per row. The machine-independent cost figure is slicing time divided by the time of one
-dense forward pass over the same calibration tokens, measured in the same process.
+Each run happens in a fresh process (so its peak RSS is its own: loading, slicing and
+evaluation together): 128 x 1024 calibration rows from the built-in 'wiki' corpus, float32,
+perplexity on the whole evaluation part at 1024 tokens per row (and on its first 40 rows, from
+the same pass, for comparison with shorter runs). The machine-independent cost figure is
+slicing time divided by the time of one dense forward pass over the same calibration tokens,
+measured in the same process before slicing: the dense model runs one row at a time (its
+fastest setting here; batches of 8 are ~15% slower per token and hold 1.6 GB of logits) over
+the first --dense-rows calibration rows, and that time is scaled to all of them (every row has
+the same length, so the cost is linear in rows).
 Results: a markdown table on stdout and benchmarks/results/slice_smollm2.json.
 """
 
@@ -24,7 +29,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def one_run(mode: str, sparsity: float, nsamples: int, seqlen: int, eval_seqlen: int, max_rows: int | None) -> dict:
+def one_run(mode: str, sparsity: float, nsamples: int, seqlen: int, eval_seqlen: int, max_rows: int | None,
+            dense_rows: int) -> dict:
     import torch
 
     import slicegpt
@@ -37,20 +43,23 @@ def one_run(mode: str, sparsity: float, nsamples: int, seqlen: int, eval_seqlen:
     result: dict = {"model": name, "mode": mode, "sparsity": sparsity, "nsamples": nsamples, "seqlen": seqlen}
     if mode == "dense":
         res = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=eval_seqlen, max_rows=max_rows)
-        result.update(perplexity=res.perplexity, eval_rows=res.rows, eval_seconds=res.seconds,
+        result.update(perplexity=res.perplexity, perplexity_first40=res.perplexity_of_first(40), eval_rows=res.rows,
+                      eval_seconds=res.seconds,
                       params=slicegpt.count_parameters(model), share_removed=0.0)
     else:
         # One dense forward pass over exactly the calibration rows: the unit of slicing cost.
         rows = _resolve_rows(model, tokenizer, "wiki", config, spec_for_config(model.config))
+        timed = min(dense_rows, rows.input_ids.shape[0])
         start = time.perf_counter()
         with torch.inference_mode():
-            for ids, _ in rows.batches(config.batch_size):
-                model(input_ids=ids, use_cache=False)
-        dense_forward = time.perf_counter() - start
+            for i in range(timed):
+                model(input_ids=rows.input_ids[i : i + 1], use_cache=False)
+        dense_forward = (time.perf_counter() - start) * rows.input_ids.shape[0] / timed
         report = slicegpt.slice_model(model, tokenizer, rows, config, source_model=name)
         res = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=eval_seqlen, max_rows=max_rows)
         result.update(
             perplexity=res.perplexity,
+            perplexity_first40=res.perplexity_of_first(40),
             eval_rows=res.rows,
             eval_seconds=res.seconds,
             params=report.params_after,
@@ -58,21 +67,24 @@ def one_run(mode: str, sparsity: float, nsamples: int, seqlen: int, eval_seqlen:
             share_removed=1 - report.params_after / report.params_before,
             slicing_seconds=report.seconds,
             dense_forward_seconds=dense_forward,
+            dense_forward_rows_timed=timed,
             slicing_over_dense_forward=report.seconds / dense_forward,
             width=report.widths.embedding,
         )
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    result["torch_threads"] = torch.get_num_threads()
     return result
 
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| mode | sparsity | width | perplexity | parameters | share removed | slicing s | slicing / dense fwd | peak RSS GB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | sparsity | width | perplexity (eval rows) | first 40 rows | parameters | share removed | slicing s | slicing / dense fwd | peak RSS GB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
-            f"| {r['mode']} | {r['sparsity']:.2f} | {r.get('width', '')} | {r['perplexity']:.2f} | {r['params'] / 1e6:.1f}M | "
+            f"| {r['mode']} | {r['sparsity']:.2f} | {r.get('width', 576)} | {r['perplexity']:.2f} ({r.get('eval_rows', '?')}) | "
+            f"{r.get('perplexity_first40', float('nan')):.2f} | {r['params'] / 1e6:.1f}M | "
             f"{100 * r['share_removed']:.1f}% | {r.get('slicing_seconds', 0):.0f} | "
             f"{r.get('slicing_over_dense_forward', float('nan')):.2f} | {r['peak_rss_gb']:.2f} |"
         )
@@ -87,12 +99,14 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--eval-seqlen", type=int, default=1024)
     p.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows (default: all)")
+    p.add_argument("--dense-rows", type=int, default=32, help="calibration rows the dense forward pass is timed on")
     p.add_argument("--out", default=str(RESULTS / "slice_smollm2.json"))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job, print JSON
     args = p.parse_args()
     if args.one:
         mode, sparsity = args.one.split(":")
-        print("RESULT " + json.dumps(one_run(mode, float(sparsity), args.nsamples, args.seqlen, args.eval_seqlen, args.max_rows)))
+        print("RESULT " + json.dumps(one_run(mode, float(sparsity), args.nsamples, args.seqlen, args.eval_seqlen, args.max_rows,
+                                             args.dense_rows)))
         return
     jobs = []
     for mode in args.modes.split(","):
@@ -102,7 +116,7 @@ def main() -> None:
     results: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
     for job in jobs:
         cmd = [sys.executable, __file__, "--one", job, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-               "--eval-seqlen", str(args.eval_seqlen)] + (["--max-rows", str(args.max_rows)] if args.max_rows else [])
+               "--eval-seqlen", str(args.eval_seqlen), "--dense-rows", str(args.dense_rows)] + (["--max-rows", str(args.max_rows)] if args.max_rows else [])
         print(f"== {job}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

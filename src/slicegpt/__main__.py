@@ -1,0 +1,7 @@
+"""`python -m slicegpt ...` is the `slicegpt` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
