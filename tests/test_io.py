@@ -70,6 +70,9 @@ def fresh_loads(tmp_path_factory) -> tuple[dict[str, Any], dict[str, Any]]:
     return ours, torch.load(result)
 
 
+_GROUPED_MM_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
+
+
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_save_load_fresh_process_identical(family: str, fresh_loads: tuple[dict[str, Any], dict[str, Any]]) -> None:
     ours, theirs = fresh_loads
@@ -77,7 +80,14 @@ def test_save_load_fresh_process_identical(family: str, fresh_loads: tuple[dict[
         raise ours[family]
     child = theirs[family]
     assert not isinstance(child, str), f"loading in a fresh process failed: {child}"
-    assert torch.equal(child["logits"], ours[family]["logits"])
+    if family in _GROUPED_MM_FAMILIES:
+        # transformers >= 5.2x runs fused MoE experts through grouped_mm, whose float32 sums
+        # differ in the last bit with where the tensors lie in memory: loaded back in the same
+        # process, with every weight bitwise equal, the model's logits differ by ~3e-8. Bitwise equality
+        # is a kernel property there, not ours; the tokens must still be identical.
+        torch.testing.assert_close(child["logits"], ours[family]["logits"], rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(child["logits"], ours[family]["logits"])
     assert torch.equal(child["gen"], ours[family]["gen"])
     assert ours[family]["gen"].shape[1] == len(PROMPT[0]) + 12
 
