@@ -61,7 +61,7 @@ def one_run(model_key: str, mode: str, sparsity: float, args: argparse.Namespace
     max_rows = args.max_rows or None
     result: dict = {
         "model": model_key,
-        "mode": mode if sparsity > 0 else "dense",
+        "mode": mode,  # "dense" for sparsity 0
         "source": name,
         "model_type": model.config.model_type,
         "sparsity": sparsity,

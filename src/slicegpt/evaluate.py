@@ -77,7 +77,6 @@ def perplexity(
         model.to(device)
     dev = next(model.parameters()).device
     model.eval()
-    total_nll = 0.0
     count = 0
     row_nll: list[float] = []
     batches = range(0, rows.shape[0], batch_size)
@@ -89,9 +88,8 @@ def perplexity(
         nll = F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1).sum(dim=1)  # [B]
         del logits, flat
         row_nll.extend(nll.double().tolist())
-        total_nll += float(nll.double().sum())
         count += ids[:, 1:].numel()
-    mean = total_nll / count
+    mean = math.fsum(row_nll) / count
     return PerplexityResult(
         perplexity=math.exp(mean),
         nll=mean,
