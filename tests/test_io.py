@@ -33,7 +33,8 @@ _CHILD = textwrap.dedent(
                 logits = model(input_ids=x, use_cache=False).logits
                 gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
                                      use_cache=True, pad_token_id=0)
-            results[family] = {"logits": logits, "gen": gen}
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            results[family] = {"logits": logits, "gen": gen, "state": state}
         except Exception as exc:
             results[family] = f"{type(exc).__name__}: {exc}"
     torch.save(results, sys.argv[3])
@@ -62,7 +63,7 @@ def fresh_loads(tmp_path_factory) -> tuple[dict[str, Any], dict[str, Any]]:
                 logits = model(input_ids=x, use_cache=False).logits
                 gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
                                      use_cache=True, pad_token_id=0)
-            ours[family] = {"logits": logits, "gen": gen}
+            ours[family] = {"logits": logits, "gen": gen, "state": dict(model.state_dict())}
         except Exception as exc:  # reported by that family's test
             ours[family] = exc
     result = root / "child.pt"
@@ -80,6 +81,9 @@ def test_save_load_fresh_process_identical(family: str, fresh_loads: tuple[dict[
         raise ours[family]
     child = theirs[family]
     assert not isinstance(child, str), f"loading in a fresh process failed: {child}"
+    assert child["state"].keys() == ours[family]["state"].keys()
+    for name, tensor in ours[family]["state"].items():
+        assert torch.equal(child["state"][name], tensor), name
     if family in _GROUPED_MM_FAMILIES:
         # transformers >= 5.2x runs fused MoE experts through grouped_mm, whose float32 sums
         # differ in the last bit with where the tensors lie in memory: loaded back in the same
