@@ -149,6 +149,15 @@ def test_slicing_changes_little_and_matches_metadata(family: str) -> None:
     assert torch.isfinite(out).all()
     # random weights have no low-rank structure to exploit, but 25% must not destroy the model
     assert (out - ref).abs().mean() < ref.abs().mean()
+    # The sliced weights are ordinary tensors that autograd can use (recovery fine-tuning),
+    # not inference-mode tensors.
+    assert not any(p.is_inference() for p in sliced.parameters())
+    for p in sliced.parameters():
+        p.requires_grad_(True)
+    sliced(x).logits.float().square().mean().backward()
+    first = get_layers(sliced, spec)[0]
+    for trained in (sliced.get_input_embeddings().weight, first.attn_shortcut):
+        assert trained.grad is not None and trained.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])

@@ -518,7 +518,10 @@ def _calibrated_loop(
     return spectra
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: tensors made under inference_mode stay "inference tensors" for
+# good, and a sliced model's weights must take part in autograd afterwards (recovery
+# fine-tuning, even a .t() view outside inference mode fails on them).
+@torch.no_grad()
 def slice_model(
     model: nn.Module,
     tokenizer: Any,
