@@ -233,6 +233,36 @@ def test_benchmark_via_generate() -> None:
     assert "| 2 | model |" in format_table(result)
 
 
+@pytest.mark.parametrize("decode_method", ["manual", "generate"])
+def test_static_cache_decodes_dense_and_sliced_like(decode_method: str) -> None:
+    config = BenchConfig(prompt_len=8, gen_len=3, batch_sizes=(2,), repeats=2, warmup=0, cache="static",
+                         decode_method=decode_method, progress=False)
+    result = compare(tiny_llama(), sliced_like_llama(), VOCAB, config)
+    assert result["config"]["cache"] == "static"
+    for metrics in result["results"][0]["metrics"].values():
+        _assert_metrics(metrics, batch_size=2, gen_len=3)
+    assert "static KV cache" in format_table(result)
+
+
+def test_static_cache_gives_the_tokens_of_the_dynamic_one() -> None:
+    from slicegpt.bench import _decode_manual  # the loop both caches run through
+
+    model = sliced_like_llama()
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    seen: dict[str, list[torch.Tensor]] = {}
+    for cache in ("dynamic", "static"):
+        tokens: list[torch.Tensor] = []
+        handle = model.register_forward_hook(lambda _m, _a, out: tokens.append(out.logits[:, -1].argmax(-1)))
+        try:
+            with torch.no_grad():
+                _decode_manual(model, ids, BenchConfig(prompt_len=8, gen_len=5, cache=cache, progress=False),
+                               torch.device("cpu"))
+        finally:
+            handle.remove()
+        seen[cache] = tokens
+    assert len(seen["static"]) == 5 and all(torch.equal(a, b) for a, b in zip(seen["dynamic"], seen["static"]))
+
+
 class CacheDroppingLayer(nn.Module):
     """A buggy block that never hands the KV cache to attention."""
 
@@ -260,6 +290,8 @@ def test_config_validation() -> None:
         BenchConfig(dtype="float8")
     with pytest.raises(ValueError, match="decode_method"):
         BenchConfig(decode_method="beam")
+    with pytest.raises(ValueError, match="cache"):
+        BenchConfig(cache="paged")
     assert BenchConfig(batch_sizes=[4, 1]).batch_sizes == (4, 1)  # type: ignore[arg-type]
 
 

@@ -36,7 +36,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .layout import LAYOUTS, apply_layout
+
 __all__ = [
+    "CACHES",
     "DECODE_METHODS",
     "BenchConfig",
     "add_arguments",
@@ -54,6 +57,11 @@ __all__ = [
 #: ``generate``: ``model.generate`` with ``min_new_tokens == max_new_tokens``;
 #: decode time is the total generate time minus a separately timed prefill.
 DECODE_METHODS: tuple[str, ...] = ("manual", "generate")
+
+#: ``dynamic``: transformers' default cache, which grows by concatenation (on CPU that copy
+#: is a large, model-independent share of a one-token step). ``static``: a ``StaticCache``
+#: allocated once for prompt + generation, as serving engines preallocate theirs.
+CACHES: tuple[str, ...] = ("dynamic", "static")
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -87,6 +95,10 @@ class BenchConfig:
     repeats: int = 3
     seed: int = 0
     decode_method: str = "manual"
+    # "matvec": store wide-output weights input-major before timing (slicegpt.layout), on
+    # every model measured, so a comparison stays like for like.
+    layout: str = "stock"
+    cache: str = "dynamic"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -102,6 +114,10 @@ class BenchConfig:
             raise ValueError(f"need repeats >= 1 and warmup >= 0, got {self.repeats=}, {self.warmup=}")
         if self.decode_method not in DECODE_METHODS:
             raise ValueError(f"decode_method must be one of {DECODE_METHODS}, got {self.decode_method!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, got {self.cache!r}")
         _torch_dtype(self.dtype)  # fail early on typos
 
     @property
@@ -471,8 +487,21 @@ def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
-def _prefill_with_cache(model: nn.Module, input_ids: torch.Tensor, params: set[str]) -> tuple[torch.Tensor, Any]:
+def _new_cache(model: nn.Module, input_ids: torch.Tensor, config: BenchConfig) -> Any:
+    """None lets the model make its default (dynamic) cache; "static" preallocates one."""
+    if config.cache == "dynamic":
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + config.gen_len)
+
+
+def _prefill_with_cache(
+    model: nn.Module, input_ids: torch.Tensor, params: set[str], cache: Any = None
+) -> tuple[torch.Tensor, Any]:
     kwargs: dict[str, Any] = {"use_cache": True}
+    if cache is not None:
+        kwargs[_cache_kwarg(model)] = cache
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1  # only the last position is needed to pick the first token (as generate does)
     output = model(input_ids, **kwargs)
@@ -489,7 +518,7 @@ def _decode_manual(
 
     _sync(device)
     start = time.perf_counter()
-    next_tokens, cache = _prefill_with_cache(model, input_ids, params)
+    next_tokens, cache = _prefill_with_cache(model, input_ids, params, _new_cache(model, input_ids, config))
     _sync(device)
     ttft = time.perf_counter() - start
     _check_cache(cache, prompt_len, "after prefill")
@@ -526,7 +555,7 @@ def _decode_generate(
     # The prefill that generate() performs internally, timed on its own so it can be subtracted.
     _sync(device)
     start = time.perf_counter()
-    _, cache = _prefill_with_cache(model, input_ids, params)
+    _, cache = _prefill_with_cache(model, input_ids, params, _new_cache(model, input_ids, config))
     _sync(device)
     ttft = time.perf_counter() - start
     _check_cache(cache, prompt_len, "after prefill")
@@ -552,6 +581,7 @@ def _decode_generate(
             do_sample=False,
             use_cache=True,
             pad_token_id=_pad_token_id(model),
+            **({"cache_implementation": "static"} if config.cache == "static" else {}),
         )
         _sync(device)
         total = time.perf_counter() - start
@@ -605,12 +635,13 @@ def _vocab_size(tokenizer_or_vocab_size: Any, models: Sequence[nn.Module]) -> in
     return vocab
 
 
-def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, layout: str = "stock") -> nn.Module:
     model.eval()
     first = next(model.parameters(), None)
     # Only move when needed: a loader that already placed the model should not pay for a copy.
     if first is not None and (first.device != device or first.dtype != dtype):
         model.to(device=device, dtype=dtype)
+    apply_layout(model, layout)  # after the move: .to() may hand back fresh, contiguous storage
     return model
 
 
@@ -662,7 +693,7 @@ def _measure(
     device = torch.device(config.device)
     dtype = config.torch_dtype
     for model in models.values():
-        _prepare(model, device, dtype)
+        _prepare(model, device, dtype, config.layout)
     vocab = _vocab_size(tokenizer_or_vocab_size, list(models.values()))
     infos = {name: _model_info(model, config) for name, model in models.items()}
 
@@ -762,6 +793,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"**{result['device_name']}** ({result['device']}, {result['dtype']}, {result['torch_threads']} threads), "
         f"prompt {cfg['prompt_len']}, gen {cfg['gen_len']}, decode via {cfg['decode_method']}, "
+        f"{cfg.get('layout', 'stock')} weight layout, {cfg.get('cache', 'dynamic')} KV cache, "
         f"median of {cfg['repeats']} after {cfg['warmup']} warmup",
         "",
     ]
@@ -857,6 +889,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--decode-method", choices=DECODE_METHODS, default=defaults.decode_method)
     parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=defaults.layout,
+        help="weight storage for every model measured: 'stock' as loaded; 'matvec' stores weights with more "
+        "outputs than inputs input-major, which makes one-token matrix-vector products on CPU cost in "
+        "proportion to their size (see slicegpt.layout)",
+    )
+    parser.add_argument(
+        "--cache",
+        choices=CACHES,
+        default=defaults.cache,
+        help="KV cache for decoding: transformers' default 'dynamic' (grows by concatenation) or a preallocated "
+        "'static' one, as serving engines use",
+    )
+    parser.add_argument(
         "--names", type=_names, default=("reference", "model"), help="labels for OTHER,MODEL with --compare"
     )
     parser.add_argument("--json", metavar="PATH", default=None, help="write the full result dict as JSON")
@@ -881,6 +928,8 @@ def run_from_args(
         repeats=args.repeats,
         seed=args.seed,
         decode_method=args.decode_method,
+        layout=args.layout,
+        cache=args.cache,
         progress=not args.no_progress,
     )
     model, tokenizer = load_model(args.model, device, dtype)
