@@ -59,14 +59,20 @@ def test_matvec_layout_keeps_values_shapes_tying_and_logits(kind: str) -> None:
     assert use_matvec_layout(model) == 0  # idempotent: nothing left to re-lay
 
 
-def test_save_after_matvec_layout_round_trips(tmp_path: Path) -> None:
-    model = _sliced_llama(uniform=False)
+@pytest.mark.parametrize("uniform", [False, True], ids=["per-layer", "uniform"])
+def test_save_after_matvec_layout_round_trips(tmp_path: Path, uniform: bool) -> None:
+    model = _sliced_llama(uniform=uniform)
     use_matvec_layout(model)
     ids = calib_rows(2, 12, seed=6)
     with torch.no_grad():
         expected = model(ids).logits
     slicegpt.save(model, tmp_path / "out")
-    loaded = slicegpt.load(tmp_path / "out")
+    if uniform:  # a standard checkpoint: plain transformers reads it
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    else:
+        loaded = slicegpt.load(tmp_path / "out")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
