@@ -25,7 +25,7 @@ def _sliced_llama(uniform: bool) -> nn.Module:
 def _wide_output_linears(model: nn.Module) -> list[nn.Linear]:
     found: dict[int, nn.Linear] = {}
     for module in model.modules():
-        if isinstance(module, nn.Linear) and module.out_features > module.in_features:
+        if isinstance(module, nn.Linear) and module.out_features >= module.in_features:
             found.setdefault(id(module.weight), module)
     return list(found.values())
 
@@ -39,7 +39,7 @@ def test_matvec_layout_keeps_values_shapes_tying_and_logits(kind: str) -> None:
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     tied_before = model.lm_head.weight is model.get_input_embeddings().weight
     wide = _wide_output_linears(model)
-    assert wide, "a Llama has wide-output weights (gate/up, the head)"
+    assert wide, "a Llama has wide-output weights (q, gate/up, the head)"
 
     assert use_matvec_layout(model) == len(wide)
 
@@ -51,8 +51,8 @@ def test_matvec_layout_keeps_values_shapes_tying_and_logits(kind: str) -> None:
         weight = linear.weight
         assert not weight.is_contiguous() and weight.t().is_contiguous()  # stored (in, out)
     for module in model.modules():
-        if isinstance(module, nn.Linear) and module.out_features <= module.in_features:
-            assert module.weight.is_contiguous()  # square and wide-input weights keep rows
+        if isinstance(module, nn.Linear) and module.out_features < module.in_features:
+            assert module.weight.is_contiguous()  # wide-input weights keep rows
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied_before
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before_logits, rtol=1e-5, atol=1e-5)

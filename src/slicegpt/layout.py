@@ -10,6 +10,7 @@ over rows of length ``out`` and costs in proportion to its size: 148 µs against
 the head twice as fast. Slicing shrinks exactly the inner widths whose saving the row-major
 form hides, so a sliced model needs this layout to turn its smaller weights into speed; a dense
 model gains from it too, which is why ``slicegpt bench --layout matvec`` applies it to both.
+(A shortcut matrix S, used as ``x @ S`` with S stored (in, out), is input-major already.)
 
 Only the storage order changes: every weight keeps its values, shape, dtype, device and
 sharing (a head tied to the embedding stays tied), so logits are those of the stock layout up
@@ -27,10 +28,11 @@ LAYOUTS: tuple[str, ...] = ("stock", "matvec")
 
 
 def use_matvec_layout(model: nn.Module) -> int:
-    """Store, in place, every linear weight with more outputs than inputs input-major.
+    """Store, in place, every linear weight with at least as many outputs as inputs input-major.
 
-    Square and wide-input weights (``down_proj``: 576 x 1536) keep the row-major form, which is
-    already the faster one for them. Returns how many weights were re-laid.
+    Weights with more inputs than outputs (``down_proj``: 576 x 1536, ``k_proj``: 192 x 576)
+    keep the row-major form, which is the faster one for them; square ones are ~8% faster
+    input-major (``benchmarks/matvec_layout.py``). Returns how many weights were re-laid.
     """
     seen: set[int] = set()
     changed = 0
@@ -42,7 +44,7 @@ def use_matvec_layout(model: nn.Module) -> int:
             continue
         seen.add(id(weight))
         out_features, in_features = weight.shape
-        if out_features > in_features and weight.is_contiguous():
+        if out_features >= in_features and weight.is_contiguous():
             # (in, out) contiguous storage, viewed as (out, in): same values, other order.
             # Assigning .data keeps the Parameter object, hence any tying to an embedding.
             weight.data = weight.data.t().contiguous().t()
