@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from slicegpt.layout import prefers_input_major
+
 HERE = Path(__file__).resolve().parent
 
 # (name, dense (out, in), sliced (out, in)) for SmolLM2-135M sliced 576 -> 432.
@@ -56,7 +58,7 @@ def _time_once(weights: list[torch.Tensor]) -> float:
 
 def chosen(shape: tuple[int, int]) -> str:
     """What slicegpt.use_matvec_layout picks for a weight of this (out, in) shape."""
-    return "input-major" if shape[0] >= shape[1] else "row-major"
+    return "input-major" if prefers_input_major(*shape) else "row-major"
 
 
 def main() -> None:

@@ -69,6 +69,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sliced", default=str(SLICED["per-layer"]), help="the per-layer sliced folder")
     p.add_argument("--uniform", default=str(SLICED["uniform"]), help="the uniform sliced folder (skipped if absent)")
+    p.add_argument("--slices", default="per-layer,uniform", help="which slices to run: per-layer, uniform or both")
     p.add_argument("--dense", default="SmolLM2-135M-Instruct", help="the dense reference (default: the embedded model)")
     p.add_argument("--layouts", default="stock,matvec", help="weight layouts to run, applied to both models")
     p.add_argument("--device", default="cpu")
@@ -79,10 +80,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(HERE / "results" / "speed_smollm2_cpu.json"))
     args = p.parse_args()
-    folders = {"per-layer": Path(args.sliced), "uniform": Path(args.uniform)}
-    if not folders["per-layer"].is_dir():
+    slices = [name.strip() for name in args.slices.split(",") if name.strip()]
+    if not slices or any(name not in SLICED for name in slices):
+        raise SystemExit(f"--slices takes per-layer and/or uniform, got {args.slices!r}")
+    folders = {name: Path(args.sliced if name == "per-layer" else args.uniform) for name in slices}
+    if "per-layer" in folders and not folders["per-layer"].is_dir():
         raise SystemExit(f"no sliced folder at {folders['per-layer']}: run `make demo` first, or pass --sliced")
-    if not folders["uniform"].is_dir():
+    if "uniform" in folders and not folders["uniform"].is_dir():
         print(f"note: no uniform folder at {folders['uniform']}; uniform runs skipped", file=sys.stderr)
         del folders["uniform"]
 

@@ -58,9 +58,8 @@ __all__ = [
 #: decode time is the total generate time minus a separately timed prefill.
 DECODE_METHODS: tuple[str, ...] = ("manual", "generate")
 
-#: ``dynamic``: transformers' default cache, which grows by concatenation (on CPU that copy
-#: is a large, model-independent share of a one-token step). ``static``: a ``StaticCache``
-#: allocated once for prompt + generation, as serving engines preallocate theirs.
+#: ``dynamic``: transformers' default cache, which grows by concatenation. ``static``: a
+#: ``StaticCache`` allocated once for prompt + generation, as serving engines preallocate theirs.
 CACHES: tuple[str, ...] = ("dynamic", "static")
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -95,8 +94,8 @@ class BenchConfig:
     repeats: int = 3
     seed: int = 0
     decode_method: str = "manual"
-    # "matvec": store wide-output weights input-major before timing (slicegpt.layout), on
-    # every model measured, so a comparison stays like for like.
+    # "matvec": store weights with at least as many outputs as inputs input-major before
+    # timing (slicegpt.layout), on every model measured, so a comparison stays like for like.
     layout: str = "stock"
     cache: str = "dynamic"
     progress: bool = True
@@ -892,8 +891,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--layout",
         choices=LAYOUTS,
         default=defaults.layout,
-        help="weight storage for every model measured: 'stock' as loaded; 'matvec' stores weights with more "
-        "outputs than inputs input-major, which makes one-token matrix-vector products on CPU cost in "
+        help="weight storage for every model measured: 'stock' as loaded; 'matvec' stores weights with at least "
+        "as many outputs as inputs input-major, which makes one-token matrix-vector products on CPU cost in "
         "proportion to their size (see slicegpt.layout)",
     )
     parser.add_argument(

@@ -3,11 +3,11 @@
 ``nn.Linear`` stores its weight as (out, in) with rows contiguous, so for a single token
 ``F.linear(x, W)`` is a matrix-vector product of ``out`` dot products of length ``in``. With
 MKL on this project's CPU that form costs nearly as much per output row as per element: a
-(1536, 432) weight takes 279 µs where (1536, 576) takes 308 µs (91%, for 75% of the bytes),
-and the 49152 x 576 head streams at 5 GB/s. Stored input-major -- (in, out) contiguous, seen
-through a transposed view, so ``weight`` keeps its (out, in) shape -- the same product runs
-over rows of length ``out`` and costs in proportion to its size: 148 µs against 188 µs, and
-the head twice as fast. Slicing shrinks exactly the inner widths whose saving the row-major
+(1536, 432) weight takes 267 µs where (1536, 576) takes 306 µs (87%, for 75% of the bytes;
+``benchmarks/matvec_layout.py``). Stored input-major -- (in, out) contiguous, seen through a
+transposed view, so ``weight`` keeps its (out, in) shape -- the same product runs over rows of
+length ``out`` and costs in proportion to its size: 149 µs against 194 µs, and the 49152 x 576
+head takes 5.1 ms instead of 9.5 ms. Slicing shrinks exactly the inner widths whose saving the row-major
 form hides, so a sliced model needs this layout to turn its smaller weights into speed; a dense
 model gains from it too, which is why ``slicegpt bench --layout matvec`` applies it to both.
 (A shortcut matrix S, used as ``x @ S`` with S stored (in, out), is input-major already.)
@@ -19,20 +19,24 @@ to summation order. Meant for inference; ``slicegpt.save`` writes contiguous ten
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import nn
 
-Layout = Literal["stock", "matvec"]
 LAYOUTS: tuple[str, ...] = ("stock", "matvec")
 
 
-def use_matvec_layout(model: nn.Module) -> int:
-    """Store, in place, every linear weight with at least as many outputs as inputs input-major.
+def prefers_input_major(out_features: int, in_features: int) -> bool:
+    """Whether the matvec layout stores an (out, in) weight input-major.
 
     Weights with more inputs than outputs (``down_proj``: 576 x 1536, ``k_proj``: 192 x 576)
-    keep the row-major form, which is the faster one for them; square ones are ~8% faster
-    input-major (``benchmarks/matvec_layout.py``). Returns how many weights were re-laid.
+    are faster row-major; square ones are ~10% faster input-major.
+    """
+    return out_features >= in_features
+
+
+def use_matvec_layout(model: nn.Module) -> int:
+    """Store, in place, every linear weight that :func:`prefers_input_major` input-major.
+
+    Returns how many weights were re-laid.
     """
     seen: set[int] = set()
     changed = 0
@@ -43,8 +47,7 @@ def use_matvec_layout(model: nn.Module) -> int:
         if id(weight) in seen:
             continue
         seen.add(id(weight))
-        out_features, in_features = weight.shape
-        if out_features >= in_features and weight.is_contiguous():
+        if prefers_input_major(*weight.shape) and weight.is_contiguous():
             # (in, out) contiguous storage, viewed as (out, in): same values, other order.
             # Assigning .data keeps the Parameter object, hence any tying to an embedding.
             weight.data = weight.data.t().contiguous().t()
