@@ -31,7 +31,7 @@ MODELS = ("qwen2.5-coder-0.5b", "gemma-3-270m")
 def _post_norm_params(model) -> int:
     """Parameters of the projections that follow Gemma 2/3's post-norms (0 for other families)."""
     from slicegpt.arch import spec_for_config
-    from slicegpt.surgery import get_layers
+    from slicegpt.core.surgery import get_layers
 
     spec = spec_for_config(model.config)
     total = 0
@@ -45,7 +45,7 @@ def _post_norm_params(model) -> int:
 def _block_params(model) -> int:
     """Parameters of the decoder layers alone (no embeddings, head or final norm)."""
     from slicegpt.arch import spec_for_config
-    from slicegpt.surgery import get_layers
+    from slicegpt.core.surgery import get_layers
 
     return sum(p.numel() for p in get_layers(model, spec_for_config(model.config)).parameters())
 
@@ -54,7 +54,7 @@ def one_run(model_key: str, mode: str, sparsity: float, args: argparse.Namespace
     import torch
 
     import slicegpt
-    from slicegpt.fetch import materialise
+    from slicegpt.io.fetch import materialise
 
     torch.manual_seed(0)
     model, tokenizer, name = slicegpt.load_model(str(materialise(model_key)))

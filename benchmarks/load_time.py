@@ -42,7 +42,7 @@ print("SECONDS", time.perf_counter() - start)
 
 def ensure_models() -> dict[str, str]:
     import slicegpt
-    from slicegpt.models import resolve_model
+    from slicegpt.io.models import resolve_model
 
     dense = resolve_model(None)[0]
     paths = {"dense": dense}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from slicegpt.layout import prefers_input_major
+from slicegpt.core.layout import prefers_input_major
 
 HERE = Path(__file__).resolve().parent
 

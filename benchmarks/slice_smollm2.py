@@ -34,8 +34,7 @@ def one_run(mode: str, sparsity: float, nsamples: int, seqlen: int, eval_seqlen:
     import torch
 
     import slicegpt
-    from slicegpt.slicing import _resolve_rows
-    from slicegpt.arch import spec_for_config
+    from slicegpt.data import calibration_rows_for
 
     torch.manual_seed(0)
     model, tokenizer, name = slicegpt.load_model()
@@ -48,7 +47,7 @@ def one_run(mode: str, sparsity: float, nsamples: int, seqlen: int, eval_seqlen:
                       params=slicegpt.count_parameters(model), share_removed=0.0)
     else:
         # One dense forward pass over exactly the calibration rows: the unit of slicing cost.
-        rows = _resolve_rows(model, tokenizer, "wiki", config, spec_for_config(model.config))
+        rows = calibration_rows_for(model, tokenizer, "wiki", config)
         timed = min(dense_rows, rows.input_ids.shape[0])
         start = time.perf_counter()
         with torch.inference_mode():

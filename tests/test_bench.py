@@ -18,7 +18,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from slicegpt.bench import (
+from slicegpt.evaluation.bench import (
     BenchConfig,
     add_arguments,
     benchmark,
@@ -245,7 +245,7 @@ def test_static_cache_decodes_dense_and_sliced_like(decode_method: str) -> None:
 
 
 def test_static_cache_gives_the_tokens_of_the_dynamic_one() -> None:
-    from slicegpt.bench import _decode_manual  # the loop both caches run through
+    from slicegpt.evaluation.bench import _decode_manual  # the loop both caches run through
 
     model = sliced_like_llama()
     ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))

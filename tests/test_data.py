@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slicegpt.data import DataError, calibration_rows, cut_rows, file_text, load_text, wiki_articles
+from slicegpt.data import DataError, Text, calibration_rows, cut_rows, file_text, load_text, wiki_articles
 
 from conftest import have
 
@@ -66,9 +66,9 @@ def test_txt_and_jsonl(tmp_path: Path) -> None:
 def test_calibration_rows_are_distinct_seeded_and_bounded(tmp_path: Path) -> None:
     text = "".join(chr(65 + i % 26) for i in range(1000))
     tok = CharTokenizer()
-    a = calibration_rows(tok, "<t>", nsamples=5, seqlen=100, seed=0, text=text)
-    b = calibration_rows(tok, "<t>", nsamples=5, seqlen=100, seed=0, text=text)
-    c = calibration_rows(tok, "<t>", nsamples=5, seqlen=100, seed=1, text=text)
+    a = calibration_rows(tok, Text(text), nsamples=5, seqlen=100, seed=0)
+    b = calibration_rows(tok, Text(text), nsamples=5, seqlen=100, seed=0)
+    c = calibration_rows(tok, Text(text), nsamples=5, seqlen=100, seed=1)
     assert a.input_ids.shape == (5, 100)
     assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
     # rows are whole non-overlapping windows of the stream
@@ -76,7 +76,7 @@ def test_calibration_rows_are_distinct_seeded_and_bounded(tmp_path: Path) -> Non
     starts = {int(torch.nonzero((stream.unfold(0, 100, 100) == r).all(1))[0]) for r in a.input_ids}
     assert len(starts) == 5
     with pytest.raises(DataError, match="11 asked"):
-        calibration_rows(tok, "<t>", nsamples=11, seqlen=100, seed=0, text=text)
+        calibration_rows(tok, Text(text), nsamples=11, seqlen=100, seed=0)
 
 
 def test_wikitext2_loader_asks_for_the_right_dataset(monkeypatch) -> None:

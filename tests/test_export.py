@@ -20,7 +20,7 @@ from conftest import SAMPLE_TEXT, randomise_norms, tiny_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
-from slicegpt.export import ExportError, add_arguments, export_gguf, run_from_args, unpermute_qk  # noqa: E402
+from slicegpt.io.gguf import ExportError, add_arguments, export_gguf, run_from_args, unpermute_qk  # noqa: E402
 
 TOL = {"f32": 1e-5, "f16": 5e-3}
 COMMON = dict(hidden_size=48, head_dim=16, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from slicegpt import fetch
-from slicegpt.models import ModelLoadError
+from slicegpt.io import fetch
+from slicegpt.io.models import ModelLoadError
 
 
 def _fake_packages(root: Path, chunks: list[bytes]) -> tuple[tuple[str, str], ...]:

@@ -16,10 +16,12 @@ import torch
 
 import slicegpt
 from slicegpt.arch import UnsupportedModelError, spec_for_config, supported_architectures
-from slicegpt.modules import SlicedBlock, WeightlessRMSNorm
-from slicegpt.slicing import FixedRotation, capture_layer_inputs
+from slicegpt.core.modules import SlicedBlock, WeightlessRMSNorm
+from slicegpt.core.capture import capture_layer_inputs
+from slicegpt.core.pca import FixedRotation
 from slicegpt.data import Rows
-from slicegpt.surgery import (
+from slicegpt.io.format import build_metadata
+from slicegpt.core.surgery import (
     attn_readers,
     attn_writers,
     get_layers,
@@ -113,7 +115,7 @@ def test_slicing_changes_little_and_matches_metadata(family: str) -> None:
     sliced = copy.deepcopy(model)
     report = slicegpt.slice_model(sliced, None, calib_rows(16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
     d = int(0.75 * D) // 8 * 8
-    meta = sliced.config.slicegpt
+    meta = build_metadata(report)
     assert meta["widths"]["embedding"] == d
     spec = spec_for_config(model.config)
     for path in spec.embeddings:  # token and learned position embeddings

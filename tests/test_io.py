@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import slicegpt
-from slicegpt.io import SlicedFolderError
+from slicegpt.io.format import SlicedFolderError
 
 from conftest import TINY_CONFIGS, calib_rows, make_tiny
 

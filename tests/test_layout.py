@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import slicegpt
-from slicegpt.bench import BenchConfig, compare
-from slicegpt.layout import apply_layout, use_matvec_layout
+from slicegpt.evaluation.bench import BenchConfig, compare
+from slicegpt.core.layout import apply_layout, use_matvec_layout
 
 from conftest import VOCAB, calib_rows, make_tiny
 

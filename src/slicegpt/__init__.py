@@ -9,17 +9,20 @@
     slicegpt.use_matvec_layout(model)                         # faster one-token decoding on CPU
 """
 
-__version__ = "0.1.0"
-
-from .arch import ArchSpec, UnsupportedModelError, supported_architectures  # noqa: E402
-from .config import EvalConfig, SliceConfig  # noqa: E402
-from .data import DataError  # noqa: E402
-from .evaluate import PerplexityResult, perplexity  # noqa: E402
-from .io import SlicedFolderError, load, read_metadata, save  # noqa: E402
-from .layout import use_matvec_layout  # noqa: E402
-from .models import ModelLoadError, load_model  # noqa: E402
-from .slicing import ConstantWidth, SliceReport, slice_model  # noqa: E402
-from .surgery import LayerWidths, Widths, count_parameters, prepare  # noqa: E402
+from ._version import __version__
+from .arch import ArchSpec, UnsupportedModelError, supported_architectures
+from .config import EvalConfig, SliceConfig
+from .core.layout import use_matvec_layout
+from .core.report import SliceReport
+from .core.slicing import slice_model
+from .core.streams import Streams
+from .core.surgery import count_parameters, prepare
+from .core.widths import ConstantWidth, LayerWidths, Widths
+from .data import DataError, Text
+from .evaluation.perplexity import PerplexityResult, perplexity
+from .io.folders import load, save
+from .io.format import SlicedFolderError, read_metadata
+from .io.models import ModelLoadError, load_model
 
 __all__ = [
     "ArchSpec",
@@ -31,6 +34,8 @@ __all__ = [
     "PerplexityResult",
     "SliceConfig",
     "SliceReport",
+    "Streams",
+    "Text",
     "SlicedFolderError",
     "UnsupportedModelError",
     "Widths",

@@ -22,9 +22,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
+
+from .arch import UnsupportedModelError, spec_for_config
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .config import SliceConfig
 
 Split = Literal["calibration", "evaluation"]
 
@@ -38,6 +43,13 @@ WIKI_EVAL_SHA256_PREFIX = "e5237bcdf5ad27d4"
 
 class DataError(ValueError):
     """A text source is missing, unreadable or too small."""
+
+
+class Text(str):
+    """Raw text given directly (``Text("...")``), where a source name or a file path is expected.
+
+    A plain string is always a source name or a path; wrapping says which one is meant.
+    """
 
 
 def _join(docs: Sequence[str]) -> str:
@@ -109,9 +121,13 @@ def file_text(path: Path) -> str:
     return _join(re.split(r"\n\s*\n", raw))
 
 
-def load_text(source: str, split: Split) -> str:
-    """The text of ``source`` (a built-in name or a file path) for ``split``."""
-    if source == "wiki":
+def load_text(source: str | os.PathLike, split: Split) -> str:
+    """The text of ``source`` (a built-in name, a file path, or :class:`Text`) for ``split``."""
+    if isinstance(source, Text):
+        text = str(source)
+    elif isinstance(source, os.PathLike):
+        text = file_text(Path(source))
+    elif source == "wiki":
         text = wiki_text(split)
     elif source == "wikitext2":
         text = wikitext2_text(split)
@@ -122,6 +138,11 @@ def load_text(source: str, split: Split) -> str:
     if not text.strip():
         raise DataError(f"text source {source!r} is empty")
     return text
+
+
+def label(source: str | os.PathLike) -> str:
+    """How a source is named in results and messages (raw text is not repeated)."""
+    return "<text>" if isinstance(source, Text) else str(source)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -158,6 +179,11 @@ class Rows:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def tokens(self) -> int:
+        """Real (unpadded) tokens in all rows."""
+        return int(self.input_ids.numel() if self.attention_mask is None else self.attention_mask.sum())
+
     def batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):
             ids = self.input_ids[start : start + batch_size]
@@ -167,13 +193,12 @@ class Rows:
 
 def calibration_rows(
     tokenizer,
-    source: str,
+    source: str | os.PathLike,
     *,
     nsamples: int,
     seqlen: int,
     seed: int,
     bos_token_id: int | None = None,
-    text: str | None = None,
 ) -> Rows:
     """``nsamples`` distinct rows of ``seqlen`` tokens drawn with ``seed`` from the calibration text.
 
@@ -182,13 +207,46 @@ def calibration_rows(
     """
     if nsamples < 1:
         raise DataError("nsamples must be at least 1")
-    stream = tokenize(tokenizer, text if text is not None else load_text(source, "calibration"))
+    stream = tokenize(tokenizer, load_text(source, "calibration"))
     rows = cut_rows(stream, seqlen, bos_token_id)
     if rows.shape[0] < nsamples:
         raise DataError(
-            f"calibration text {source!r} has {stream.numel()} tokens = {rows.shape[0]} rows of {seqlen}; "
+            f"calibration text {label(source)} has {stream.numel()} tokens = {rows.shape[0]} rows of {seqlen}; "
             f"{nsamples} asked: give more text, or lower --nsamples or --seqlen"
         )
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(rows.shape[0], generator=gen)[:nsamples]
     return Rows(rows[pick].contiguous())
+
+
+def model_context(model: Any) -> int | None:
+    """The longest sequence the model's config allows, if it says."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def clip_seqlen(model: Any, seqlen: int) -> int:
+    ctx = model_context(model)
+    return min(seqlen, ctx) if ctx else seqlen
+
+
+def bos_for(model: Any, tokenizer: Any) -> int | None:
+    """The BOS id to start every row with, for families trained that way (Gemma); else None."""
+    try:
+        return tokenizer.bos_token_id if spec_for_config(model.config).bos_per_row else None
+    except UnsupportedModelError:
+        return None
+
+
+def calibration_rows_for(model: Any, tokenizer: Any, calib: Any, config: "SliceConfig") -> Rows:
+    """Calibration rows for ``model``: ``calib`` is :class:`Rows`, a (rows, seqlen) tensor of ids,
+    or a text source (name, path, :class:`Text`) drawn as ``config`` says."""
+    if isinstance(calib, Rows):
+        return calib
+    if isinstance(calib, torch.Tensor):
+        return Rows(calib.long())
+    return calibration_rows(tokenizer, calib, nsamples=config.nsamples, seqlen=clip_seqlen(model, config.seqlen),
+                            seed=config.seed, bos_token_id=bos_for(model, tokenizer))

@@ -37,3 +37,20 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (ru_maxrss is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def peak_memory(device: str | object) -> dict[str, float]:
+    """Peak host RSS of this process (GB), and peak CUDA allocation when on a GPU."""
+    out = {"peak_rss_gb": peak_rss_gb()}
+    if str(device).startswith("cuda"):
+        import torch
+
+        out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layout import LAYOUTS, apply_layout
+from ..core.layout import LAYOUTS, apply_layout
 
 __all__ = [
     "CACHES",

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import DTYPES, EvalConfig, SliceConfig
+from ..config import DTYPES, EvalConfig, SliceConfig
 
 _SLICE = SliceConfig()
 _EVAL = EvalConfig()
@@ -96,11 +96,11 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_slice(args: argparse.Namespace) -> int:
-    from . import io
-    from .arch import supported_architectures
-    from .evaluate import perplexity
-    from .models import load_model
-    from .slicing import slice_model
+    from ..arch import supported_architectures
+    from ..core.slicing import slice_model
+    from ..evaluation.perplexity import perplexity
+    from ..io import folders as io
+    from ..io.models import load_model
 
     if args.list_architectures:
         print("\n".join(supported_architectures()))
@@ -194,9 +194,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import perplexity
-    from .models import load_model
-    from .surgery import count_parameters
+    from ..core.surgery import count_parameters
+    from ..evaluation.perplexity import perplexity
+    from ..io.models import load_model
 
     model, tokenizer, name = load_model(args.model, dtype=args.dtype)
     result: dict[str, Any] = {"model": args.model or name, "parameters": count_parameters(model), "dtype": args.dtype, "device": args.device}
@@ -206,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["perplexity"] = res.to_dict()
         print(f"{result['model']}: perplexity {res.perplexity:.3f} on {res.source} ({res.rows} rows x {res.seqlen} tokens, {res.tokens} predictions) in {res.seconds:.1f} s")
     if args.tasks:
-        from .tasks import evaluate_tasks, format_tasks_table
+        from ..evaluation.tasks import evaluate_tasks, format_tasks_table
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         result["tasks"] = evaluate_tasks(
@@ -223,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from . import bench
+    from ..evaluation import bench
 
     p = sub.add_parser(
         "bench",
@@ -238,8 +238,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-    from .models import load_model
+    from ..evaluation import bench
+    from ..io.models import load_model
 
     def loader(path: str, device: str, dtype: str):
         model, tokenizer, _ = load_model(path, dtype=dtype, device=device)
@@ -253,7 +253,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    from . import sweep
+    from ..evaluation import sweep
 
     p = sub.add_parser("sweep", help=sweep.SWEEP_HELP, description=sweep.SWEEP_DESCRIPTION,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -262,7 +262,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    from . import sweep
+    from ..evaluation import sweep
 
     p = sub.add_parser("inspect", help=sweep.INSPECT_HELP, description=sweep.INSPECT_DESCRIPTION,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -274,7 +274,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from . import export
+    from ..io import gguf as export
 
     p = sub.add_parser(
         "export",
@@ -291,7 +291,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="slicegpt",

@@ -1,21 +1,20 @@
 """Structural changes to a Hugging Face causal LM, driven by its :class:`ArchSpec`.
 
 ``prepare`` makes a model computationally invariant (untied head, norms folded away, blocks
-rewired). ``Widths`` says how wide each point of the residual stream is after slicing, and
-``apply_widths`` cuts an (empty) prepared model to those widths: loading builds the skeleton
-with exactly the code that slicing used, so the two can never disagree.
+rewired); the readers and writers of the residual stream around each block are found here from
+the family's spec. Cutting to widths is :mod:`slicegpt.core.block`'s one walk, which slicing and
+loading share.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from . import ops
-from .arch import ArchSpec, UnsupportedModelError
+from ..arch import ArchSpec, UnsupportedModelError
 from .modules import SlicedBlock, WeightlessRMSNorm
 from .ops import WeightRef
 
@@ -208,87 +207,6 @@ def _post_branch(norm: nn.Module, spec: ArchSpec, config: Any, width: int) -> tu
     return WeightlessRMSNorm(width, _norm_eps(norm, spec, config)), proj
 
 
-def fit_widths(widths: "Widths", spec: ArchSpec) -> "Widths":
-    """Widths the family's modules can take.
-
-    Fused MoE blocks allocate their output like their input (``mlp_preserves_width``), so the
-    stream keeps one width across the MLP: ``d_mid = d_out``. In the last layer, whose output
-    stays full for the head, that leaves attention's output and the MLP's inputs unsliced.
-    GPT-2's forward views its final hidden states at the embeddings' width
-    (``head_reads_embedding_width``): there the head is sliced like the embeddings.
-    """
-    layers = list(widths.layers)
-    if spec.head_reads_embedding_width and layers:
-        layers[-1] = replace(layers[-1], d_out=widths.embedding)
-    if spec.mlp_preserves_width and spec.topology == "sequential":
-        layers = [replace(w, d_mid=w.d_out) for w in layers]
-    return replace(widths, layers=tuple(layers))
-
-
-@dataclass(frozen=True)
-class LayerWidths:
-    """Widths of the residual stream around one block.
-
-    ``d_in`` enters the block, ``d_mid`` sits between attention and MLP (sequential blocks only;
-    equal to ``d_in`` for parallel ones), ``d_out`` leaves it. The flags say whether the residual
-    path carries a change-of-basis matrix there.
-    """
-
-    d_in: int
-    d_mid: int
-    d_out: int
-    attn_shortcut: bool = True
-    mlp_shortcut: bool = True
-
-
-@dataclass(frozen=True)
-class Widths:
-    hidden: int
-    embedding: int
-    layers: tuple[LayerWidths, ...]
-
-    @property
-    def head(self) -> int:
-        return self.layers[-1].d_out if self.layers else self.embedding
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"hidden": self.hidden, "embedding": self.embedding, "layers": [asdict(w) for w in self.layers]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Widths":
-        return cls(
-            hidden=int(data["hidden"]),
-            embedding=int(data["embedding"]),
-            layers=tuple(LayerWidths(**w) for w in data["layers"]),
-        )
-
-
-def apply_widths(model: nn.Module, spec: ArchSpec, widths: Widths) -> None:
-    """Cut a prepared model to ``widths`` without rotating (for empty skeletons on load)."""
-    for path in spec.embeddings:
-        ops.rotate_embedding(get_path(model, path), None, widths.embedding)
-    for block, w in zip(get_layers(model, spec), widths.layers):
-        ops.rotate_inputs(attn_readers(block, spec), None, w.d_in)
-        ops.rotate_outputs(attn_writers(block, spec), None, w.d_mid if spec.topology == "sequential" else w.d_out)
-        ops.rotate_inputs(mlp_readers(block, spec), None, w.d_mid)
-        ops.rotate_outputs(mlp_writers(block, spec), None, w.d_out)
-        dtype = _dtype_of(block)
-        dev = next(block.parameters()).device
-        attn_out = w.d_mid if spec.topology == "sequential" else w.d_out
-        if w.attn_shortcut:
-            block.set_shortcut("attn_shortcut", torch.empty(w.d_in, attn_out, device=dev), dtype)
-        if w.mlp_shortcut and spec.topology == "sequential":
-            block.set_shortcut("mlp_shortcut", torch.empty(w.d_mid, w.d_out, device=dev), dtype)
-    ops.rotate_inputs([get_path(model, spec.head)], None, widths.head)
-
-
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def count_parameters(model: nn.Module) -> int:
     """Parameters actually stored, each shared tensor counted once."""
     seen: set[int] = set()
@@ -299,3 +217,10 @@ def count_parameters(model: nn.Module) -> int:
             seen.add(key)
             total += p.numel()
     return total
+
+
+def is_tied(model: nn.Module, spec: ArchSpec) -> bool:
+    """Does the head share its weight with the (first) embedding table?"""
+    head = get_path(model, spec.head).weight
+    emb = get_path(model, spec.embeddings[0]).weight
+    return head is emb or head.data_ptr() == emb.data_ptr()

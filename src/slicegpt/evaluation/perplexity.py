@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import UnsupportedModelError, spec_for_config
-from .data import cut_rows, load_text, tokenize
-from .slicing import clip_seqlen
+from ..data import Text, bos_for, clip_seqlen, cut_rows, label, load_text, tokenize
 
 
 @dataclass
@@ -47,12 +45,8 @@ class PerplexityResult:
 
 def eval_rows(model: nn.Module, tokenizer: Any, data: str, seqlen: int, max_rows: int | None = None) -> torch.Tensor:
     """The evaluation rows of ``data`` (a source name, a path, or raw text), shape (rows, seqlen)."""
-    text = data if "\n" in data else load_text(data, "evaluation")
-    try:
-        bos = tokenizer.bos_token_id if spec_for_config(model.config).bos_per_row else None
-    except UnsupportedModelError:
-        bos = None
-    rows = cut_rows(tokenize(tokenizer, text), clip_seqlen(model, seqlen), bos)
+    text = load_text(data, "evaluation")
+    rows = cut_rows(tokenize(tokenizer, text), clip_seqlen(model, seqlen), bos_for(model, tokenizer))
     if rows.shape[0] == 0:
         raise ValueError(f"evaluation text is shorter than one row of {seqlen} tokens")
     return rows if max_rows is None else rows[:max_rows]
@@ -97,6 +91,6 @@ def perplexity(
         rows=rows.shape[0],
         seqlen=rows.shape[1],
         seconds=time.perf_counter() - start,
-        source=data if "\n" not in data else "<text>",
+        source=label(data),
         row_nll=row_nll,
     )

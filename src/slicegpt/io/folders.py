@@ -1,16 +1,16 @@
-"""Save and load sliced models as self-describing folders.
+"""Save and load sliced models as self-describing folders (the format is :mod:`slicegpt.io.format`).
 
-A folder holds ``model.safetensors``, ``config.json`` (the source family's config, with the
-slicing metadata under the ``slicegpt`` key), ``slicegpt.json`` (the same metadata, alone, for
+A per-layer folder holds ``model.safetensors``, ``config.json`` (the source family's config, with
+the slicing metadata under the ``slicegpt`` key), ``slicegpt.json`` (the same metadata, alone, for
 people and scripts), the tokenizer files and the generation config. Loading needs nothing
-else: the skeleton is built on the meta device with the same surgery that slicing used, cut to
-the recorded widths, and the tensors are assigned, never randomly initialised.
+else: the skeleton is built on the meta device with the same surgery and the same per-layer walk
+that slicing used, cut to the recorded widths, and the tensors are assigned, never randomly
+initialised. A uniform folder is a standard checkpoint (:mod:`slicegpt.io.standard`).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -21,27 +21,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import spec_for_config
-from .config import parse_dtype
-from .slicing import FORMAT_VERSION
-from .surgery import Widths, apply_widths, prepare
-
-WEIGHTS = "model.safetensors"
-METADATA = "slicegpt.json"
-REMOTE_MODULE = "modeling_slicegpt.py"
-SPECTRA = "spectra.json"
-
-
-class SlicedFolderError(ValueError):
-    """A folder is not a (readable, intact, supported) sliced model."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ..arch import spec_for_config
+from ..config import parse_dtype
+from ..core.block import BlockBases, slice_block, slice_embeddings, slice_head
+from ..core.report import SliceReport
+from ..core.surgery import get_layers, prepare
+from ..core.widths import Widths
+from .format import (
+    REMOTE_MODULE,
+    SPECTRA,
+    WEIGHTS,
+    SlicedFolderError,
+    build_metadata,
+    is_standard,
+    provenance,
+    read_metadata,
+    sha256,
+    write_companions,
+)
+from .standard import export_standard
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -60,7 +58,7 @@ def save(
     *,
     tokenizer: Any = None,
     overwrite: bool = False,
-    report: Any = None,
+    report: SliceReport | None = None,
 ) -> Path:
     """Write a sliced model to ``out`` atomically.
 
@@ -68,26 +66,27 @@ def save(
     ``from_pretrained(..., trust_remote_code=True)``); uniform models become a standard
     checkpoint of their family that plain transformers loads.
 
-    With ``report`` (the :class:`~slicegpt.slicing.SliceReport` of the run), the PCA spectra
-    are kept beside the model in ``spectra.json`` (for ``slicegpt inspect`` and plots).
+    ``report`` is the :class:`~slicegpt.core.report.SliceReport` of the run (default: the one
+    :func:`~slicegpt.core.slicing.slice_model` left on the model, or the metadata of the folder
+    the model was loaded from); its PCA spectra are kept beside the model in ``spectra.json``
+    (for ``slicegpt inspect`` and plots).
 
     Everything is written into a hidden temporary folder beside ``out`` and renamed into place
     at the end, so a crash or a full disk never leaves a half-written model; an existing ``out``
     is replaced only with ``overwrite``.
     """
-    meta = getattr(model.config, "slicegpt", None)
-    if not isinstance(meta, dict):
-        raise SlicedFolderError("this model has not been sliced (no slicegpt metadata on its config)")
+    report = report if report is not None else getattr(model, "slicegpt_report", None)
+    meta = build_metadata(report) if report is not None else provenance(model)
+    if meta is None:
+        raise SlicedFolderError("this model has not been sliced (no slice report and no slicegpt metadata)")
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if meta.get("mode") == "uniform":
-            from .uniform import export_standard
-
-            export_standard(model, tmp, tokenizer=tokenizer)
+        if is_standard(meta):
+            export_standard(model, tmp, meta, tokenizer=tokenizer)
         else:
-            _write_per_layer(model, tmp, tokenizer)
+            _write_per_layer(model, tmp, meta, tokenizer)
         if report is not None and getattr(report, "spectra", None):
             (tmp / SPECTRA).write_text(json.dumps({"spectra": report.spectra, "widths": report.widths.to_dict()}) + "\n")
         if out.exists():
@@ -103,59 +102,21 @@ def save(
     return out
 
 
-def _write_per_layer(model: nn.Module, tmp: Path, tokenizer: Any) -> None:
+def _write_per_layer(model: nn.Module, tmp: Path, meta: dict[str, Any], tokenizer: Any) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    meta = dict(model.config.slicegpt)
-    meta["files"] = {WEIGHTS: {"size": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)}}
+    meta = dict(meta)
+    meta["files"] = {WEIGHTS: {"size": (tmp / WEIGHTS).stat().st_size, "sha256": sha256(tmp / WEIGHTS)}}
     meta["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     config = copy.deepcopy(model.config)
     config.slicegpt = meta
     # transformers' Auto classes find the loader through this (with trust_remote_code=True).
     config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_MODULE[:-3]}.SlicedForCausalLM"}
     config.save_pretrained(tmp)
-    shutil.copyfile(Path(__file__).parent / "remote" / REMOTE_MODULE, tmp / REMOTE_MODULE)
+    shutil.copyfile(Path(__file__).parent.parent / "remote" / REMOTE_MODULE, tmp / REMOTE_MODULE)
     write_companions(tmp, meta, model, tokenizer)
-
-
-def write_companions(folder: Path, meta: dict[str, Any], model: nn.Module, tokenizer: Any) -> None:
-    """What every saved folder carries beside its weights and config: metadata, generation config, tokenizer."""
-    (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-
-
-def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
-    """The slicing metadata of a folder, checked for presence and format version."""
-    folder = Path(folder)
-    config_file = folder / "config.json"
-    if not folder.is_dir() or not config_file.is_file():
-        raise SlicedFolderError(f"{folder} is not a sliced model folder (no config.json)")
-    try:
-        meta = json.loads(config_file.read_text()).get("slicegpt")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SlicedFolderError(f"{config_file} is unreadable: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise SlicedFolderError(f"{folder} is not a sliced model folder (config.json has no slicegpt metadata)")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SlicedFolderError(
-            f"{folder} was written in slicegpt format version {version}; this slicegpt reads up to {FORMAT_VERSION}: upgrade slicegpt"
-        )
-    return meta
-
-
-def is_sliced_folder(path: str | os.PathLike) -> bool:
-    try:
-        read_metadata(path)
-        return True
-    except SlicedFolderError:
-        return False
 
 
 def verify_files(folder: Path, meta: dict[str, Any], checksum: bool = True) -> None:
@@ -167,7 +128,7 @@ def verify_files(folder: Path, meta: dict[str, Any], checksum: bool = True) -> N
         size = path.stat().st_size
         if size != want["size"]:
             raise SlicedFolderError(f"{path} is {size} bytes, {want['size']} were written: truncated or replaced")
-        if checksum and _sha256(path) != want["sha256"]:
+        if checksum and sha256(path) != want["sha256"]:
             raise SlicedFolderError(f"{path} does not match the checksum recorded at save time: tampered or corrupted")
 
 
@@ -183,8 +144,16 @@ def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     prepare(model, spec)
     apply_widths(model, spec, Widths.from_dict(meta["widths"]))
-    model.config.slicegpt = meta
+    model.slicegpt_metadata = meta
     return model
+
+
+def apply_widths(model: nn.Module, spec: Any, widths: Widths) -> None:
+    """Cut a prepared (empty) model to ``widths``: the per-layer walk with no bases."""
+    slice_embeddings(model, spec, None, widths.embedding)
+    for block, w in zip(get_layers(model, spec), widths.layers):
+        slice_block(block, spec, BlockBases(None, None, None), w)
+    slice_head(model, spec, None, widths.head)
 
 
 def load(
@@ -195,7 +164,10 @@ def load(
     device_map: str | dict[str, Any] | None = None,
     checksum: bool = True,
 ) -> nn.Module:
-    """Load a sliced folder: needs only the folder (not the source model, not the sparsity).
+    """Load any folder slicegpt wrote: needs only the folder (not the source model, not the sparsity).
+
+    A per-layer folder is rebuilt by slicegpt; a uniform folder is a standard checkpoint, read by
+    transformers. Either way the folder's metadata is kept as ``model.slicegpt_metadata``.
 
     ``device_map`` ('auto', or accelerate's mapping of module names to devices) spreads the
     layers over the available devices instead of moving the whole model to ``device``;
@@ -207,6 +179,9 @@ def load(
     folder = Path(folder)
     meta = read_metadata(folder)
     verify_files(folder, meta, checksum=checksum)
+    if is_standard(meta):
+        model = _load_standard(folder, meta, dtype)
+        return _place(model, device, device_map, no_split=None)
     config = AutoConfig.from_pretrained(folder)
     saved_dtype = parse_dtype(meta.get("dtype", "float32"))
     model = build_skeleton(config, saved_dtype)
@@ -221,12 +196,28 @@ def load(
         raise SlicedFolderError(f"{folder / WEIGHTS} lacks tensors: {', '.join(leftovers[:3])}")
     if dtype is not None:
         model.to(parse_dtype(dtype))
+    # A block is the unit that must stay on one device: its shortcut and branches meet there.
+    return _place(model, device, device_map, no_split=["SlicedBlock"])
+
+
+def _load_standard(folder: Path, meta: dict[str, Any], dtype: str | torch.dtype | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype) if dtype is not None else "auto")
+    except (OSError, ValueError, KeyError) as exc:
+        raise SlicedFolderError(f"{folder} does not load as a standard checkpoint: {str(exc).strip().splitlines()[0]}") from exc
+    model.slicegpt_metadata = meta
+    return model
+
+
+def _place(model: nn.Module, device: str | torch.device, device_map: str | dict[str, Any] | None,
+           no_split: list[str] | None) -> nn.Module:
     if device_map is not None:
         from accelerate import dispatch_model, infer_auto_device_map
 
         if device_map == "auto":
-            # A block is the unit that must stay on one device: its shortcut and branches meet there.
-            device_map = infer_auto_device_map(model, no_split_module_classes=["SlicedBlock"])
+            device_map = infer_auto_device_map(model, no_split_module_classes=no_split or model._no_split_modules)
         if isinstance(device_map, str):
             device_map = {"": device_map}
         model = dispatch_model(model, device_map=device_map)

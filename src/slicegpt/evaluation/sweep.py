@@ -39,7 +39,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .config import EvalConfig, SliceConfig
+from .._version import __version__
+from ..config import EvalConfig, SliceConfig
+from ..core.slicing import slice_model
+from ..core.surgery import count_parameters
+from ..data import clip_seqlen
+from ..io.format import SPECTRA, is_sliced_folder, is_standard, read_metadata
+from ..io.models import DEFAULT_MODEL_NAME, load_model
+from . import bench
+from .perplexity import perplexity
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.figure import Figure
@@ -496,13 +504,6 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
-    from . import __version__
-    from .bench import flops_per_token
-    from .evaluate import perplexity
-    from .io import is_sliced_folder
-    from .models import load_model
-    from .slicing import clip_seqlen, slice_model
-    from .surgery import count_parameters
 
     base = copy.deepcopy(config) if config is not None else SliceConfig()
     base.validate()
@@ -555,7 +556,7 @@ def sweep(
         results["model"] = name
         seq = clip_seqlen(model, eval_seqlen)
         params_before = count_parameters(model)
-        flops_before = flops_per_token(model, seq)
+        flops_before = bench.flops_per_token(model, seq)
         run: dict[str, Any] = {"sparsity": sparsity, "dense": sparsity == 0.0}
         if sparsity == 0.0:
             # The paper's 0% row: the model as shipped, not rotated (rotating at full width
@@ -573,7 +574,7 @@ def sweep(
             )
             del report
         run["share_removed"] = 1.0 - run["params_after"] / run["params_before"]
-        flops_after = flops_per_token(model, seq)
+        flops_after = bench.flops_per_token(model, seq)
         run.update(flops_seq_len=seq, flops_before=flops_before, flops_after=flops_after,
                    flops_share_removed=1.0 - flops_after / flops_before)
         run["perplexity"] = run["perplexity_details"] = None
@@ -621,7 +622,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("model", nargs="?", default=None, help="hub id, local HF folder, .gguf file or folder holding one; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES), help="comma-separated sparsities in [0, 1); 0 is the dense model as shipped")
-    from .cli import add_slice_config_arguments
+    from ..cli import add_slice_config_arguments
 
     add_slice_config_arguments(p)
     p.add_argument("--ppl", default="wiki", metavar="DATA", help="perplexity data ('wiki', 'wikitext2', a .txt/.jsonl file; evaluation part), or 'none' (then --tasks is needed)")
@@ -640,9 +641,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """``slicegpt sweep``: run :func:`sweep` from parsed arguments and print the table."""
-    from .models import DEFAULT_MODEL_NAME
-
-    from .cli import slice_config_from_args
+    from ..cli import slice_config_from_args
 
     config = slice_config_from_args(args, 0.0)
     ppl = None if str(args.ppl).strip().lower() in ("", "none") else args.ppl
@@ -667,27 +666,6 @@ def run_sweep(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- inspect
 
 
-def _folder_metadata(folder: Path) -> tuple[dict[str, Any], bool]:
-    """(metadata, is a standard checkpoint). Uniform folders keep it in slicegpt.json only."""
-    from .io import METADATA, SlicedFolderError, read_metadata
-    from .slicing import FORMAT_VERSION
-
-    try:
-        return read_metadata(folder), False
-    except SlicedFolderError:
-        side = folder / METADATA
-        if not side.is_file():
-            raise
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SlicedFolderError(f"{side} is unreadable: {exc}") from exc
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        if not isinstance(version, int) or version > FORMAT_VERSION or meta.get("mode") != "uniform":
-            raise
-        return meta, True
-
-
 def _empty_model(config: Any) -> "nn.Module":
     """A model of ``config`` on the meta device: shapes only, no memory, no file read.
 
@@ -703,8 +681,6 @@ def _empty_model(config: Any) -> "nn.Module":
 
 def _layer_flops(layer: "nn.Module", config: Any, seq_len: int) -> float:
     """One decoder layer's share of :func:`slicegpt.bench.flops_breakdown` (same counting rules)."""
-    from . import bench
-
     conv1d = bench._conv1d_class()
     total = 0
     for module in layer.modules():
@@ -734,14 +710,13 @@ def inspect_folder(folder: str | os.PathLike[str], *, seq_len: int = _EVAL.seqle
     """
     from transformers import AutoConfig
 
+    from ..config import parse_dtype
+    from ..io.folders import build_skeleton
     from .bench import find_decoder_layers, flops_breakdown
-    from .config import parse_dtype
-    from .io import SPECTRA, build_skeleton
-    from .slicing import clip_seqlen
-    from .surgery import count_parameters
 
     path = Path(folder)
-    meta, standard = _folder_metadata(path)
+    meta = read_metadata(path)
+    standard = is_standard(meta)
     config = AutoConfig.from_pretrained(path)
     widths = meta["widths"]
     if standard:
@@ -865,7 +840,6 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``slicegpt inspect``: print the per-layer table; draw the spectra with --plot."""
-    from .io import SPECTRA
 
     if args.plot:
         try:

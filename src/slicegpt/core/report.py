@@ -1,0 +1,53 @@
+"""What one slicing run did: the typed record that saving turns into a folder's metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import SliceConfig
+from .widths import Widths, variance_kept
+
+
+@dataclass
+class SliceReport:
+    """Widths, spectra, parameter counts and time of one run, and what it was run on."""
+
+    architecture: str
+    model_type: str
+    widths: Widths
+    config: SliceConfig
+    params_before: int
+    params_after: int
+    seconds: float
+    calibration_tokens: int
+    # PCA eigenvalues per point, descending: "embedding", "layer.{i}.mid", "layer.{i}.out", "uniform".
+    spectra: dict[str, list[float]] = field(default_factory=dict)
+    source_model: str | None = None
+
+    @property
+    def mode(self) -> str:
+        return "uniform" if self.config.uniform else "per-layer"
+
+    @property
+    def share_removed(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+    def variance_kept(self) -> dict[str, float]:
+        """Share of each spectrum's total kept at the chosen width."""
+        return variance_kept(self.spectra, self.widths)
+
+    def summary(self) -> dict[str, Any]:
+        """The report's figures as plain data (what metadata and scripts record)."""
+        return {
+            "architecture": self.architecture,
+            "model_type": self.model_type,
+            "source_model": self.source_model,
+            "mode": self.mode,
+            "settings": self.config.to_dict(),
+            "widths": self.widths.to_dict(),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "calibration_tokens": self.calibration_tokens,
+            "variance_kept": self.variance_kept(),
+        }

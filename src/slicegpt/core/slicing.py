@@ -1,0 +1,229 @@
+"""The orchestrating loop: calibrate, rotate and slice one layer at a time.
+
+Memory discipline: only the layer being processed sits on ``device``; calibration activations
+live on the host in the model's dtype and travel to the device one batch at a time; covariance
+sums are accumulated on the device in float64 while streaming.
+
+The walk, per layer (:func:`walk`)::
+
+    block = source.layer(i)                      where the weights come from
+    bases = calibrate_block(block, ...)          statistics with the weights untouched: Q_mid, Q_out
+    widths = slice_block(block, bases, w)        the one rotate-and-slice of the block
+    sink.done(i, block); checkpoint.after_layer  where the layer goes; what resume needs
+
+:func:`calibrate_block` runs the block in its *original* basis on inputs carried back from the
+upstream basis (x Q_in^T: the same function, as Q_in has orthonormal columns), once for
+attention and once for the MLP, so every PCA sees the signals of the already-sliced upstream
+model. For a sequential layer with input basis Q_in (kept width d_in)::
+
+    x   = inputs in basis Q_in                      [B, T, d_in]
+    r   = x Q_in^T + attn(norm(x Q_in^T))           [B, T, D]   PCA -> Q_mid
+    y   = r Q_mid Q_mid^T                           [B, T, D]   (the sliced mid stream, carried back)
+    o   = y + mlp(norm(y))                          [B, T, D]   PCA -> Q_out
+    out = o Q_out                                   [B, T, d_out] next layer's input
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import ArchSpec, spec_for_config
+from ..config import SliceConfig
+from ..data import Rows, calibration_rows_for
+from ..memory import release_free_memory
+from . import uniform
+from .block import BlockBases, slice_block, slice_embeddings, slice_head
+from .capture import LayerInputs, capture_layer_inputs, stream
+from .modules import SlicedBlock, WeightlessRMSNorm
+from .pca import Covariance, FixedRotation, PCARotation, PooledCovariance, RotationSource
+from .report import SliceReport
+from .streams import LoopState, Streams
+from .surgery import count_parameters, get_layers, hidden_size, is_tied, prepare
+from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
+
+
+class _BasisChooser:
+    """Asks the rotation source for the basis at each point, after the covariance is reduced."""
+
+    def __init__(self, rotation: RotationSource, streams: Streams, device: torch.device) -> None:
+        self.rotation, self.streams, self.device = rotation, streams, device
+        self.spectra: dict[str, list[float]] = {}
+
+    def __call__(self, point: str, cov: Covariance | None) -> torch.Tensor:
+        evals, q = self.rotation(point, None if cov is None else self.streams.reduce(cov))
+        if evals is not None:
+            self.spectra[point] = evals.tolist()
+        return q.to(device=self.device, dtype=torch.float64)
+
+
+def _signal(config: SliceConfig, norm: WeightlessRMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    return norm if config.pca_signal == "normed" else (lambda x: x)
+
+
+def calibrate_block(
+    block: SlicedBlock, spec: ArchSpec, index: int, inputs: LayerInputs, q_in: torch.Tensor, w: Any,
+    choose: _BasisChooser, config: SliceConfig, keep_full: bool,
+) -> BlockBases:
+    """Run ``block`` (weights untouched) over the calibration rows; choose its mid and out bases.
+
+    Leaves the next layer's inputs, in the chosen output basis, in ``inputs.hidden``.
+    ``keep_full``: the output stays full width in the original basis (the head reads it).
+    """
+    device = choose.device
+    D = q_in.shape[0]
+    dtype = inputs.hidden[0].dtype
+    signal = _signal(config, block.attn_norm)
+    back_in = q_in[:, : w.d_in].t().to(dtype)  # (d_in, D): back to the original basis
+    q_mid = None
+    if spec.topology == "sequential":
+        cov = Covariance(D, device)
+        for i, x in stream(inputs.hidden, device):  # attention once per batch
+            args, kwargs = inputs.layer_call(index, i, device)
+            xb = x @ back_in
+            r = xb + block.attn_branch(xb, args, kwargs)
+            cov.add(signal(r), inputs.masks[i])
+            inputs.hidden[i] = r.cpu()
+        q_mid = choose(f"layer.{index}.mid", cov)
+        mid = q_mid[:, : w.d_mid].to(dtype)
+        cov = None if keep_full else Covariance(D, device)
+        for i, r in stream(inputs.hidden, device):  # the MLP once per batch, on the sliced mid stream
+            y = (r @ mid) @ mid.t()
+            o = y + block.mlp_branch(y)
+            if cov is not None:
+                cov.add(signal(o), inputs.masks[i])
+            inputs.hidden[i] = o.cpu()
+    else:
+        cov = None if keep_full else Covariance(D, device)
+        for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
+            args, kwargs = inputs.layer_call(index, i, device)
+            xb = x @ back_in
+            o = xb + block.attn_branch(xb, args, kwargs) + block.mlp_branch(xb)
+            if cov is not None:
+                cov.add(signal(o), inputs.masks[i])
+            inputs.hidden[i] = o.cpu()
+    q_out = torch.eye(D, dtype=torch.float64, device=device) if keep_full else choose(f"layer.{index}.out", cov)
+    inputs.project(q_out[:, : w.d_out], device)
+    return BlockBases(q_in=q_in, q_mid=q_mid, q_out=q_out)
+
+
+def walk(
+    model: nn.Module, spec: ArchSpec, rows: Rows | None, widths: Widths, rotation: RotationSource,
+    config: SliceConfig, streams: Streams, *, progress: bool = True, desc: str = "slicing layers",
+) -> tuple[Widths, dict[str, list[float]]]:
+    """Rotate and slice every layer in order; returns the widths as built and the PCA spectra."""
+    device = torch.device(config.device)
+    D, n = widths.hidden, len(get_layers(model, spec))
+    choose = _BasisChooser(rotation, streams, device)
+    inputs = None
+    if rotation.needs_statistics:
+        inputs = capture_layer_inputs(model, spec, rows, config.batch_size, device)
+        release_free_memory()
+    q_prev = choose("embedding", inputs.covariance(_signal(config, WeightlessRMSNorm(D, 1e-6)), device) if inputs else None)
+    if not rotation.collect_only:
+        slice_embeddings(model, spec, q_prev, widths.embedding)
+    if inputs is not None:
+        inputs.project(q_prev[:, : widths.embedding], device)
+    built = []
+    for index in tqdm(range(n), desc=desc, unit="layer", disable=not progress):
+        block = streams.source.layer(model, spec, index).to(device)
+        w = widths.layers[index]
+        if inputs is not None:
+            keep_full = index == n - 1 and w.d_out == D and not rotation.shared
+            bases = calibrate_block(block, spec, index, inputs, q_prev, w, choose, config, keep_full)
+        else:
+            bases = BlockBases(q_prev, choose(f"layer.{index}.mid", None), choose(f"layer.{index}.out", None))
+        built.append(w if rotation.collect_only else slice_block(block, spec, bases, w, shared=rotation.shared))
+        streams.sink.done(model, spec, index, block)
+        q_prev = bases.q_out
+        streams.checkpoint.after_layer(LoopState(index + 1, q_prev, choose.spectra))
+        release_free_memory()  # the old weights and this layer's activations were just replaced
+    if not rotation.collect_only:
+        slice_head(model, spec, q_prev, widths.head)
+    return replace(widths, layers=tuple(built)), choose.spectra
+
+
+# no_grad, not inference_mode: tensors made under inference_mode stay "inference tensors" for
+# good, and a sliced model's weights must take part in autograd afterwards (recovery
+# fine-tuning, even a .t() view outside inference mode fails on them).
+@torch.no_grad()
+def slice_model(
+    model: nn.Module,
+    tokenizer: Any,
+    calib: Any = None,
+    config: SliceConfig | None = None,
+    *,
+    policy: WidthPolicy | None = None,
+    rotation: RotationSource | None = None,
+    progress: bool = True,
+    source_model: str | None = None,
+    streams: Streams | None = None,
+) -> SliceReport:
+    """Rotate and slice ``model`` in place; the report is also kept as ``model.slicegpt_report``.
+
+    ``calib`` is a source name or path ('wiki', 'wikitext2', 'corpus.txt'), raw text as
+    :class:`slicegpt.data.Text`, a (rows, seqlen) tensor of token ids, or :class:`Rows`; None
+    uses ``config.calib``. ``policy`` chooses the widths (default: :class:`ConstantWidth` from
+    the config); ``rotation`` the bases (default: :class:`PCARotation` per point, or with
+    ``config.uniform`` one pooled rotation for the whole network); ``streams`` where layers come
+    from and go, how covariances are combined, and what is checkpointed between layers.
+    """
+    config = config or SliceConfig()
+    config.validate()
+    spec = spec_for_config(model.config)
+    start = time.perf_counter()
+    model.eval()
+    params_before = count_parameters(model)
+    tied = is_tied(model, spec)
+    final_scale = None
+    if config.uniform:
+        uniform.check_supported(model.config, spec)
+        final_scale = uniform.final_norm_scale(model, spec) if tied else None
+    rotation = rotation or PCARotation(config.damping)
+    needs_rows = rotation.needs_statistics or config.uniform
+    rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config) if needs_rows else None
+    streams = streams or Streams()
+
+    prepare(model, spec)
+    model.to("cpu")
+    release_free_memory()  # prepare replaced every folded weight
+    D, n = hidden_size(model), len(get_layers(model, spec))
+    policy = policy or ConstantWidth(config.sparsity, config.round_to, config.slice_head or config.uniform)
+    widths = fit_widths(policy.widths(D, n, spec.topology), spec)
+    spectra: dict[str, list[float]] = {}
+
+    if config.uniform:
+        # First walk: statistics only, the unrotated model at full width, pooling every point.
+        pool = PooledCovariance(D)
+        full = ConstantWidth(0.0, 1, slice_head=True).widths(D, n, spec.topology)
+        walk(model, spec, rows, full, pool, config, Streams(reduce=streams.reduce), progress=progress, desc="pooling covariances")
+        evals, q = pool.rotation(config.damping)
+        spectra["uniform"] = evals.tolist()
+        if final_scale is not None:
+            q, final_scale = uniform.align_to_final_norm(q, widths.embedding, final_scale)
+        rotation = FixedRotation(q)
+
+    widths, found = walk(model, spec, rows, widths, rotation, config, streams, progress=progress)
+    spectra.update(found)
+    if final_scale is not None:
+        uniform.retie_head(model, spec, final_scale)
+
+    report = SliceReport(
+        architecture=spec.name,
+        model_type=model.config.model_type,
+        widths=widths,
+        config=config,
+        params_before=params_before,
+        params_after=count_parameters(model),
+        seconds=time.perf_counter() - start,
+        calibration_tokens=0 if rows is None else rows.tokens,
+        spectra=spectra,
+        source_model=source_model,
+    )
+    model.slicegpt_report = report
+    return report

@@ -1,0 +1,73 @@
+"""A uniform slice written as a standard checkpoint of its family.
+
+Two facts make the export exact:
+
+* a weightless RMSNorm over the original width D applied to d coordinates equals a standard
+  RMSNorm over d with weight sqrt(D/d) and epsilon eps * D/d;
+* attention keeps its head size, so the config states ``head_dim`` explicitly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import ArchSpec, spec_for_config
+from ..core.modules import ScaledRMSNorm
+from ..core.surgery import get_layers, get_path
+from .format import write_companions
+
+
+def _standard_config(model: nn.Module, spec: ArchSpec, d: int) -> Any:
+    config = copy.deepcopy(model.config)
+    D = int(config.hidden_size)
+    attn = getattr(get_layers(model, spec)[0], spec.attn)
+    head_dim = int(getattr(attn, "head_dim", None) or getattr(config, "head_dim", None) or D // config.num_attention_heads)
+    config.hidden_size = d
+    config.head_dim = head_dim
+    config.rms_norm_eps = float(config.rms_norm_eps) * D / d
+    for key in ("slicegpt", "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    return config
+
+
+def standard_state_dict(model: nn.Module, spec: ArchSpec, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The uniform model's tensors under the family's standard names, norms made explicit."""
+    D = int(meta["widths"]["hidden"])
+    d = int(meta["widths"]["embedding"])
+    gain = math.sqrt(D / d)
+    dtype = next(model.parameters()).dtype
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    offset = spec.norm_weight_offset
+    const = torch.full((d,), gain - offset, dtype=dtype)
+    for i in range(len(get_layers(model, spec))):
+        state[f"{spec.layers}.{i}.{spec.attn_norm}.weight"] = const.clone()
+        if spec.mlp_norm is not None:
+            state[f"{spec.layers}.{i}.{spec.mlp_norm}.weight"] = const.clone()
+    final = get_path(model, spec.final_norm)
+    scale = final.weight.detach().to("cpu", torch.float64) if isinstance(final, ScaledRMSNorm) else torch.ones(d, dtype=torch.float64)
+    state[f"{spec.final_norm}.weight"] = (gain * scale - offset).to(dtype)
+    if model.config.tie_word_embeddings:
+        state.pop(f"{spec.head}.weight", None)
+    return state
+
+
+def export_standard(model: nn.Module, out: Path, meta: dict[str, Any], *, tokenizer: Any = None) -> None:
+    """Write a uniform model into the (empty, temporary) folder ``out`` as a standard checkpoint."""
+    from safetensors.torch import save_file
+
+    spec = spec_for_config(model.config)
+    meta = dict(meta)
+    d = int(meta["widths"]["embedding"])
+    config = _standard_config(model, spec, d)
+    config.architectures = [type(model).__name__]
+    save_file(standard_state_dict(model, spec, meta), str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    meta["standard_config"] = {"hidden_size": d, "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps}
+    write_companions(out, meta, model, tokenizer)
