@@ -13,7 +13,23 @@ import torch
 
 import slicegpt
 
-from conftest import calib_rows, make_tiny
+from slicegpt.arch import UnsupportedModelError, spec_for_config
+from slicegpt.core import uniform
+
+from conftest import TINY_CONFIGS, calib_rows, make_tiny
+
+
+def _uniform_accepts(family: str) -> bool:
+    config = make_tiny(family, dtype=torch.float32).config
+    try:
+        uniform.check_supported(config, spec_for_config(config))
+        return True
+    except UnsupportedModelError:
+        return False
+
+
+# Every family whose standard config can express a uniform slice (the rest are refused, tested below).
+UNIFORM_FAMILIES = [f for f in sorted(TINY_CONFIGS) if _uniform_accepts(f)]
 
 PROMPT = [[5, 17, 42, 99, 3, 250, 11, 8]]
 
@@ -53,12 +69,17 @@ def test_per_layer_folder_loads_with_auto_class_and_device_map(tmp_path: Path) -
     assert set(got["map"].values()) == {"cpu"}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_uniform_families_cover_the_rms_sequential_ones() -> None:
+    assert {"llama", "mistral", "qwen2", "qwen3", "mixtral"} <= set(UNIFORM_FAMILIES)
+
+
+@pytest.mark.parametrize("family", UNIFORM_FAMILIES)
 def test_uniform_is_a_standard_checkpoint_without_slicegpt(family: str, tmp_path: Path) -> None:
     model = make_tiny(family, dtype=torch.float32)
     tied = model.config.tie_word_embeddings
     report = slicegpt.slice_model(model, None, calib_rows(16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, uniform=True), progress=False)
     assert all(b.attn_shortcut is None and b.mlp_shortcut is None for b in model.model.layers)
+    assert not any(w.attn_shortcut or w.mlp_shortcut for w in report.widths.layers)
     assert report.widths.head == report.widths.embedding == 48
     out = slicegpt.save(model, tmp_path / "u")
     logits, gen = _logits_and_greedy(model)
@@ -85,6 +106,13 @@ def test_uniform_is_a_standard_checkpoint_without_slicegpt(family: str, tmp_path
     assert got["tied"] == tied  # a tied source stays tied (and is counted once)
     assert torch.allclose(got["logits"], logits, atol=1e-4, rtol=0)
     assert torch.equal(got["gen"], gen)
+    # slicegpt.load reads the same folder through transformers and keeps its provenance reachable
+    loaded = slicegpt.load(out)
+    assert type(loaded).__name__ == type(model).__name__
+    assert loaded.slicegpt_metadata["mode"] == "uniform"
+    assert loaded.slicegpt_metadata["params_after"] == report.params_after == slicegpt.count_parameters(loaded)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(input_ids=torch.tensor(PROMPT)).logits, logits, atol=1e-4, rtol=0)
 
 
 def test_uniform_unsliced_tied_model_is_exact() -> None:

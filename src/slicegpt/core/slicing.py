@@ -219,7 +219,7 @@ def slice_model(
         widths=widths,
         config=config,
         params_before=params_before,
-        params_after=count_parameters(model),
+        params_after=count_parameters(model) + (uniform.explicit_norm_parameters(model, spec, widths.embedding) if config.uniform else 0),
         seconds=time.perf_counter() - start,
         calibration_tokens=0 if rows is None else rows.tokens,
         spectra=spectra,

@@ -99,3 +99,15 @@ def retie_head(model: nn.Module, spec: ArchSpec, scale: torch.Tensor) -> None:
     set_path(model, spec.final_norm, ScaledRMSNorm(final.width, final.eps, scale.to(emb.weight.dtype)))
     head.weight = emb.weight
     model.config.tie_word_embeddings = True
+
+
+def explicit_norm_parameters(model: nn.Module, spec: ArchSpec, d: int) -> int:
+    """Parameters the standard checkpoint adds: the norm weights that are implicit in memory.
+
+    In memory every norm of a uniform model is weightless (the final one carries a scale only
+    when the head stays tied); the standard checkpoint writes each as an explicit (d,) weight.
+    The report counts the model as saved, so these count too.
+    """
+    per_layer = 1 + (spec.mlp_norm is not None)
+    final = 0 if isinstance(get_path(model, spec.final_norm), ScaledRMSNorm) else 1
+    return (per_layer * len(get_layers(model, spec)) + final) * d

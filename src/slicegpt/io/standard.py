@@ -52,6 +52,17 @@ def standard_state_dict(model: nn.Module, spec: ArchSpec, meta: dict[str, Any]) 
             state[f"{spec.layers}.{i}.{spec.mlp_norm}.weight"] = const.clone()
     final = get_path(model, spec.final_norm)
     scale = final.weight.detach().to("cpu", torch.float64) if isinstance(final, ScaledRMSNorm) else torch.ones(d, dtype=torch.float64)
+    # Families that scale embeddings by sqrt(hidden_size) (Gemma) compute that factor from the
+    # config, which now says d: the table takes the difference, and a tied head, which would
+    # take it too, gets it back from the final norm.
+    emb = get_path(model, spec.embeddings[0])
+    embed_scale = getattr(emb, "embed_scale", None)
+    if embed_scale is not None:
+        c = float(embed_scale) / math.sqrt(d)
+        key = f"{spec.embeddings[0]}.weight"
+        state[key] = (state[key].to(torch.float64) * c).to(dtype)
+        if model.config.tie_word_embeddings:
+            scale = scale / c
     state[f"{spec.final_norm}.weight"] = (gain * scale - offset).to(dtype)
     if model.config.tie_word_embeddings:
         state.pop(f"{spec.head}.weight", None)
