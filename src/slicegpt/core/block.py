@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec
-from . import ops
+from . import neurons, ops
 from .modules import SlicedBlock
 from .surgery import attn_readers, attn_writers, get_path, mlp_readers, mlp_writers
 from .widths import LayerWidths
@@ -56,6 +56,7 @@ def slice_block(block: SlicedBlock, spec: ArchSpec, bases: BlockBases, w: LayerW
     Sequential::   attention  reads (q_in, d_in),  writes (q_mid, d_mid);  shortcut d_in -> d_mid
                    MLP        reads (q_mid, d_mid), writes (q_out, d_out);  shortcut d_mid -> d_out
     Parallel::     both read (q_in, d_in) and write (q_out, d_out);         one shortcut d_in -> d_out
+    MLP neurons::  ``w.mlp`` kept (an empty skeleton keeps its first ``w.mlp``)
 
     ``shared``: every point uses one basis, so a residual path that keeps its width needs no
     matrix. Returns ``w`` with the shortcut flags saying which matrices were installed (what a
@@ -63,6 +64,8 @@ def slice_block(block: SlicedBlock, spec: ArchSpec, bases: BlockBases, w: LayerW
     """
     dtype = next(p for p in block.parameters() if p.is_floating_point()).dtype
     device = next(block.parameters()).device
+    if w.mlp is not None:  # calibrated runs pruned already (neurons chosen by statistics); skeletons cut here
+        neurons.cut_neurons(block, spec, w.mlp)
     sequential = spec.topology == "sequential"
     ops.rotate_inputs(attn_readers(block, spec), bases.q_in, w.d_in)
     if sequential:

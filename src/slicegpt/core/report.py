@@ -24,6 +24,9 @@ class SliceReport:
     # PCA eigenvalues per point, descending: "embedding", "layer.{i}.mid", "layer.{i}.out", "uniform".
     spectra: dict[str, list[float]] = field(default_factory=dict)
     source_model: str | None = None
+    # With a parameter target: the target, and how the widths were chosen (axes, split, search).
+    target_params: int | None = None
+    allocation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -50,4 +53,6 @@ class SliceReport:
             "params_after": self.params_after,
             "calibration_tokens": self.calibration_tokens,
             "variance_kept": self.variance_kept(),
+            "target_params": self.target_params,
+            "allocation": self.allocation,
         }

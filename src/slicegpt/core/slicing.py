@@ -25,6 +25,7 @@ model. For a sequential layer with input basis Q_in (kept width d_in)::
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 from typing import Any, Callable
@@ -34,10 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, spec_for_config
-from ..config import SliceConfig
+from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig
 from ..data import Rows, calibration_rows_for
 from ..memory import release_free_memory
-from . import uniform
+from . import neurons, ops, uniform
+from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
 from .block import BlockBases, slice_block, slice_embeddings, slice_head
 from .capture import LayerInputs, capture_layer_inputs, stream
 from .modules import SlicedBlock, WeightlessRMSNorm
@@ -81,6 +83,8 @@ def calibrate_block(
     signal = _signal(config, block.attn_norm)
     back_in = q_in[:, : w.d_in].t().to(dtype)  # (d_in, D): back to the original basis
     q_mid = None
+    if w.mlp is not None and w.mlp < neurons.intermediate_size(block, spec):
+        _prune_mlp(block, spec, index, inputs, q_in, w, choose.device, config)
     if spec.topology == "sequential":
         cov = Covariance(D, device)
         for i, x in stream(inputs.hidden, device):  # attention once per batch
@@ -110,6 +114,34 @@ def calibrate_block(
     q_out = torch.eye(D, dtype=torch.float64, device=device) if keep_full else choose(f"layer.{index}.out", cov)
     inputs.project(q_out[:, : w.d_out], device)
     return BlockBases(q_in=q_in, q_mid=q_mid, q_out=q_out)
+
+
+def _prune_mlp(block: SlicedBlock, spec: ArchSpec, index: int, inputs: LayerInputs, q_in: torch.Tensor, w: Any,
+               device: torch.device, config: SliceConfig) -> None:
+    """Keep ``w.mlp`` MLP neurons, chosen on what the MLP reads in the compressed upstream model,
+    and refit the consumers on them (:mod:`slicegpt.core.neurons`).
+
+    The MLP's input is the stream the block's attention leaves (sequential) or the block's input
+    (parallel), carried back to the original basis; one extra MLP-only pass gathers E[h^T h].
+    """
+    _, consumers = neurons.mlp_neuron_refs(block, spec)
+    stats = neurons.NeuronStats()
+    handles = [ref.module.register_forward_pre_hook(stats.hook) for ref in consumers[:1]]
+    back_in = q_in[:, : w.d_in].t().to(inputs.hidden[0].dtype)
+    try:
+        for i, x in stream(inputs.hidden, device):
+            xb = x @ back_in
+            if spec.topology == "sequential":
+                args, kwargs = inputs.layer_call(index, i, device)
+                xb = xb + block.attn_branch(xb, args, kwargs)
+            block.mlp_branch(xb)
+    finally:
+        for h in handles:
+            h.remove()
+    cov = stats.mean()
+    w_refs = [ops.get_matrix(ref) for ref in consumers]
+    keep = neurons.greedy_neurons(cov, torch.cat(w_refs, dim=0), w.mlp)
+    neurons.keep_neurons(block, spec, keep, [neurons.ridge_refit(cov, wr, keep, config.mlp_ridge) for wr in w_refs])
 
 
 def walk(
@@ -184,6 +216,9 @@ def slice_model(
     if config.uniform:
         uniform.check_supported(model.config, spec)
         final_scale = uniform.final_norm_scale(model, spec) if tied else None
+    if config.target_params is not None and policy is None:
+        # the axes and the budget's feasibility are checked before any calibration work
+        policy = _budget_policy(model, spec, config, params_before)
     rotation = rotation or PCARotation(config.damping)
     needs_rows = rotation.needs_statistics or config.uniform
     rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config) if needs_rows else None
@@ -193,7 +228,7 @@ def slice_model(
     model.to("cpu")
     release_free_memory()  # prepare replaced every folded weight
     D, n = hidden_size(model), len(get_layers(model, spec))
-    policy = policy or ConstantWidth(config.sparsity, config.round_to, config.slice_head or config.uniform)
+    policy = policy or _default_policy(model, spec, config, params_before, tied)
     widths = fit_widths(policy.widths(D, n, spec.topology), spec)
     spectra: dict[str, list[float]] = {}
 
@@ -225,5 +260,36 @@ def slice_model(
         spectra=spectra,
         source_model=source_model,
     )
+    if isinstance(policy, BudgetWidth):
+        report.target_params = policy.target
+        report.allocation = {"axes": list(parse_axes(config.axes)), "residual_share": policy.residual_share,
+                             "residual_width": widths.embedding, "mlp_neurons": widths.layers[0].mlp}
+        if report.params_after > policy.target:  # counted on the meta skeleton; the real model must agree
+            raise RuntimeError(f"compressed model has {report.params_after:,} parameters, above the target {policy.target:,}")
     model.slicegpt_report = report
     return report
+
+
+def _budget_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shipped: int) -> BudgetWidth:
+    axes = parse_axes(config.axes)
+    share = 1.0 if axes == ("residual",) else 0.0 if axes == ("mlp",) else (
+        DEFAULT_RESIDUAL_SHARE if config.residual_share is None else config.residual_share)
+    counter = ParameterCounter(model.config, spec, config.uniform)
+    valid = (lambda d: uniform.width_accepted(model.config, d)) if config.uniform else None
+    policy = BudgetWidth(resolve_target(config.target_params, shipped), counter, share, config.round_to,
+                         config.slice_head or config.uniform, valid)
+    policy.widths(counter.hidden, counter.layers, spec.topology)  # an impossible target fails here, before any work
+    return policy
+
+
+def _default_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shipped: int, tied: bool) -> WidthPolicy:
+    """The paper's constant width; in uniform mode, moved down to a width the family's standard config accepts."""
+    policy = ConstantWidth(config.sparsity, config.round_to, config.slice_head or config.uniform)
+    if config.uniform:
+        d = policy.kept(hidden_size(model))
+        ok = uniform.accepted_width(model.config, d, config.round_to)
+        if ok != d:
+            print(f"slicegpt: width {d} is not one {model.config.model_type}'s standard config accepts "
+                  f"(num_attention_heads={getattr(model.config, 'num_attention_heads', '?')}); using {ok}", file=sys.stderr)
+            policy = ConstantWidth(config.sparsity, 1, True, width=ok)
+    return policy

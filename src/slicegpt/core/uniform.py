@@ -111,3 +111,35 @@ def explicit_norm_parameters(model: nn.Module, spec: ArchSpec, d: int) -> int:
     per_layer = 1 + (spec.mlp_norm is not None)
     final = 0 if isinstance(get_path(model, spec.final_norm), ScaledRMSNorm) else 1
     return (per_layer * len(get_layers(model, spec)) + final) * d
+
+
+def width_accepted(config: Any, d: int) -> bool:
+    """Does the family's standard config accept hidden_size ``d`` (head size kept explicit)?
+
+    Asked of transformers itself: transformers 5 refuses, for instance, a Llama config whose
+    hidden_size is not a multiple of num_attention_heads even with an explicit head_dim, so a
+    uniform slice at such a width could be computed but never saved.
+    """
+    from transformers import AutoModelForCausalLM
+
+    heads = getattr(config, "num_attention_heads", None)
+    if heads and d % int(heads):
+        return False  # the common refusal, answered without building anything
+    probe = copy.deepcopy(config)
+    head_dim = int(getattr(probe, "head_dim", None) or probe.hidden_size // probe.num_attention_heads)
+    probe.hidden_size, probe.head_dim = d, head_dim
+    try:
+        probe = type(config).from_dict(probe.to_dict())
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(probe)
+    except Exception:  # any refusal by the family's config or model code
+        return False
+    return True
+
+
+def accepted_width(config: Any, d: int, round_to: int) -> int:
+    """The widest width at most ``d``, a multiple of ``round_to``, that the standard config accepts."""
+    for c in range(d, 0, -1):
+        if (c % round_to == 0 or c == int(config.hidden_size)) and width_accepted(config, c):
+            return c
+    raise UnsupportedModelError(f"no hidden width up to {d} is accepted by {config.model_type}'s standard config")

@@ -14,7 +14,8 @@ class LayerWidths:
 
     ``d_in`` enters the block, ``d_mid`` sits between attention and MLP (sequential blocks only;
     equal to ``d_in`` for parallel ones), ``d_out`` leaves it. The flags say whether the residual
-    path carries a change-of-basis matrix there.
+    path carries a change-of-basis matrix there. ``mlp`` is the number of MLP intermediate
+    neurons kept (None: all of them).
     """
 
     d_in: int
@@ -22,6 +23,7 @@ class LayerWidths:
     d_out: int
     attn_shortcut: bool = True
     mlp_shortcut: bool = True
+    mlp: int | None = None
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,9 @@ class Widths:
         return self.layers[-1].d_out if self.layers else self.embedding
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hidden": self.hidden, "embedding": self.embedding, "layers": [asdict(w) for w in self.layers]}
+        # ``mlp`` is written only where neurons were pruned: folders from before read the same.
+        layers = [{k: v for k, v in asdict(w).items() if not (k == "mlp" and v is None)} for w in self.layers]
+        return {"hidden": self.hidden, "embedding": self.embedding, "layers": layers}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Widths":
@@ -80,8 +84,11 @@ class ConstantWidth:
     sparsity: float
     round_to: int = 8
     slice_head: bool = False
+    width: int | None = None  # an exact kept width instead of the sparsity's
 
     def kept(self, hidden: int) -> int:
+        if self.width is not None:
+            return self.width
         d = int((1.0 - self.sparsity) * hidden)
         if d < hidden:
             d -= d % self.round_to

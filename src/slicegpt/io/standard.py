@@ -23,13 +23,16 @@ from ..core.surgery import get_layers, get_path
 from .format import write_companions
 
 
-def _standard_config(model: nn.Module, spec: ArchSpec, d: int) -> Any:
+def _standard_config(model: nn.Module, spec: ArchSpec, d: int, meta_widths: dict[str, Any]) -> Any:
     config = copy.deepcopy(model.config)
     D = int(config.hidden_size)
     attn = getattr(get_layers(model, spec)[0], spec.attn)
     head_dim = int(getattr(attn, "head_dim", None) or getattr(config, "head_dim", None) or D // config.num_attention_heads)
     config.hidden_size = d
     config.head_dim = head_dim
+    kept = {w.get("mlp") for w in meta_widths["layers"]}
+    if kept != {None}:  # uniform pruning keeps one intermediate size in every layer
+        (config.intermediate_size,) = kept
     config.rms_norm_eps = float(config.rms_norm_eps) * D / d
     for key in ("slicegpt", "auto_map"):
         if hasattr(config, key):
@@ -76,7 +79,7 @@ def export_standard(model: nn.Module, out: Path, meta: dict[str, Any], *, tokeni
     spec = spec_for_config(model.config)
     meta = dict(meta)
     d = int(meta["widths"]["embedding"])
-    config = _standard_config(model, spec, d)
+    config = _standard_config(model, spec, d, meta["widths"])
     config.architectures = [type(model).__name__]
     save_file(standard_state_dict(model, spec, meta), str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)

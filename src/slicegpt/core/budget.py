@@ -1,0 +1,127 @@
+"""Parameter budgets: count a compressed model exactly before building it, and choose widths for a target.
+
+Counting builds the compressed skeleton on the meta device (no memory, no weights) with the same
+surgery and the same per-layer walk as slicing, so the count is the saved model's by
+construction: shortcut matrices, an untied head, explicit norms of a standard checkpoint and a
+tied head counted once all included.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import ArchSpec, UnsupportedModelError
+from .block import BlockBases, slice_block, slice_embeddings, slice_head
+from .neurons import intermediate_size
+from .surgery import count_parameters, get_layers, get_path, is_tied, prepare
+from .uniform import explicit_norm_parameters
+from .widths import ConstantWidth, Widths, fit_widths
+
+AXES = ("residual", "mlp")
+
+
+def parse_axes(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    axes = tuple(a.strip() for a in (text.split(",") if isinstance(text, str) else text) if a.strip())
+    bad = [a for a in axes if a not in AXES]
+    if bad or not axes:
+        raise ValueError(f"unknown compression axes {bad or text!r}; choose among {', '.join(AXES)} (comma-separated)")
+    return axes
+
+
+def resolve_target(target: float, shipped: int) -> int:
+    """A parameter target: a count (> 1), or a fraction (0, 1] of the parameters as shipped."""
+    if not target > 0:
+        raise ValueError(f"target parameters must be positive, got {target}")
+    return int(target * shipped) if target <= 1 else int(target)
+
+
+class ParameterCounter:
+    """Exact saved-parameter counts of compressed versions of one model, from its config alone."""
+
+    def __init__(self, config: Any, spec: ArchSpec, uniform: bool) -> None:
+        from transformers import AutoModelForCausalLM
+
+        cfg = copy.deepcopy(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        self.tied = is_tied(model, spec)
+        prepare(model, spec)
+        self.model, self.spec, self.uniform = model, spec, uniform
+        self.hidden = int(cfg.hidden_size)
+        self.layers = len(get_layers(model, spec))
+        try:
+            self.intermediate: int | None = intermediate_size(get_layers(model, spec)[0], spec)
+        except UnsupportedModelError:
+            self.intermediate = None
+
+    def count(self, widths: Widths) -> int:
+        model = copy.deepcopy(self.model)  # meta tensors: nothing is copied but shapes
+        slice_embeddings(model, self.spec, None, widths.embedding)
+        for block, w in zip(get_layers(model, self.spec), widths.layers):
+            slice_block(block, self.spec, BlockBases(None, None, None), w)
+        slice_head(model, self.spec, None, widths.head)
+        n = count_parameters(model)
+        if self.uniform:
+            # one basis: no shortcuts; the head stays tied if it was; norms become explicit
+            n -= sum(p.numel() for b in get_layers(model, self.spec) for p in (b.attn_shortcut, b.mlp_shortcut) if p is not None)
+            if self.tied:
+                n -= get_path(model, self.spec.head).weight.numel()
+            n += explicit_norm_parameters(model, self.spec, widths.embedding)  # the final norm's scale included
+        return n
+
+
+@dataclass(frozen=True)
+class BudgetWidth:
+    """Widths for a parameter target: residual width ``d`` (a multiple of ``round_to``, and one the
+    family's standard config accepts in uniform mode), then the most MLP neurons (a multiple of
+    ``round_to``, the same in every layer) that keep the count within ``target``.
+
+    ``residual_share`` says how the budget is split: the share of the parameters to remove that
+    the residual width takes (0: MLP neurons only; 1: residual only, SliceGPT as in the paper).
+    """
+
+    target: int
+    counter: ParameterCounter
+    residual_share: float
+    round_to: int = 8
+    slice_head: bool = False
+    valid_width: Any = None  # callable(d) -> bool, e.g. the family's head-count divisibility
+
+    def _widths(self, d: int, k: int | None) -> Widths:
+        base = ConstantWidth(0.0, 1, self.slice_head, width=d).widths(
+            self.counter.hidden, self.counter.layers, self.counter.spec.topology)
+        base = fit_widths(base, self.counter.spec)
+        return replace(base, layers=tuple(replace(w, mlp=k) for w in base.layers))
+
+    def _widths_ok(self, d: int) -> bool:
+        return d % self.round_to == 0 and (self.valid_width is None or self.valid_width(d))
+
+    def widths(self, hidden: int, num_layers: int, topology: str) -> Widths:
+        full = self.counter.count(self._widths(hidden, None))
+        if self.target >= full:
+            raise ValueError(f"the target {self.target:,} parameters is not below the model's {full:,}: nothing to remove")
+        # residual width first: its share of the parameters to remove
+        want = full - self.residual_share * (full - self.target)
+        d = hidden
+        if self.residual_share > 0:
+            candidates = [c for c in range(hidden, 0, -1) if self._widths_ok(c) or c == hidden]
+            d = next((c for c in candidates if self.counter.count(self._widths(c, None)) <= want), candidates[-1])
+        at_d = self.counter.count(self._widths(d, None))
+        if at_d <= self.target:
+            return self._widths(d, None)
+        n = self.counter.intermediate
+        if n is None:
+            raise UnsupportedModelError(f"{self.counter.spec.name}: the MLP-neuron axis is not available; use --axes residual")
+        per_neuron = at_d - self.counter.count(self._widths(d, n - 1))
+        k = n - -(-(at_d - self.target) // per_neuron)  # fewest neurons removed that reach the target
+        k -= k % self.round_to
+        if k < self.round_to:
+            raise ValueError(f"the target {self.target:,} leaves no MLP neurons at residual width {d}")
+        widths = self._widths(d, k)
+        assert self.counter.count(widths) <= self.target
+        return widths

@@ -1,0 +1,133 @@
+"""Parameter budgets and the MLP-neuron axis: pure operations, exact counts, targets never exceeded."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import slicegpt
+from slicegpt.arch import spec_for_config
+from slicegpt.core import neurons
+from slicegpt.core.budget import ParameterCounter, parse_axes, resolve_target
+
+from conftest import calib_rows, make_tiny
+
+X = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
+
+
+def _moments(n: int = 12, d: int = 5, tokens: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, n, dtype=torch.float64, generator=g) * torch.linspace(0.1, 2.0, n, dtype=torch.float64)
+    w = torch.randn(d, n, dtype=torch.float64, generator=g)
+    return h, w, h.t() @ h / tokens
+
+
+def test_greedy_keeps_k_distinct_sorted_neurons_and_all_when_asked() -> None:
+    _, w, cov = _moments()
+    keep = neurons.greedy_neurons(cov, w, 7)
+    assert keep.tolist() == sorted(set(keep.tolist())) and len(keep) == 7
+    assert neurons.greedy_neurons(cov, w, 12).tolist() == list(range(12))
+    with pytest.raises(ValueError):
+        neurons.greedy_neurons(cov, w, 13)
+
+
+def test_greedy_skips_a_duplicate_neuron() -> None:
+    h, w, _ = _moments(n=6)
+    h = torch.cat([h, h[:, -1:]], dim=1)  # neuron 6 repeats neuron 5, the strongest
+    w = torch.cat([w, w[:, -1:]], dim=1)
+    keep = neurons.greedy_neurons(h.t() @ h / h.shape[0], w, 3)
+    assert not {5, 6} <= set(keep.tolist())
+
+
+def test_ridge_refit_is_least_squares_and_exact_with_every_neuron() -> None:
+    h, w, cov = _moments()
+    every = torch.arange(12)
+    assert torch.allclose(neurons.ridge_refit(cov, w, every, 0.0), w, atol=1e-10)
+    keep = torch.tensor([0, 3, 5, 8, 11])
+    fit = neurons.ridge_refit(cov, w, keep, 0.0)  # (D, k)
+    ls = torch.linalg.lstsq(h[:, keep], h @ w.t()).solution.t()
+    assert torch.allclose(fit, ls, atol=1e-8)
+    # ridge pulls toward the original columns
+    far = neurons.ridge_refit(cov, w, keep, 1e6)
+    assert torch.allclose(far, w[:, keep], atol=1e-3)
+
+
+def test_refit_beats_plain_dropping_on_the_block_output() -> None:
+    model = make_tiny("llama")
+    spec = spec_for_config(model.config)
+    slicegpt.prepare(model, spec)
+    block = model.model.layers[0]
+    x = torch.randn(4, 10, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    stats = neurons.NeuronStats()
+    producers, consumers = neurons.mlp_neuron_refs(block, spec)
+    handle = consumers[0].module.register_forward_pre_hook(stats.hook)
+    with torch.no_grad():
+        ref = block.mlp_branch(x)
+    handle.remove()
+    keep = neurons.greedy_neurons(stats.mean(), consumers[0].module.weight.double(), 48)
+    dropped, refit = copy.deepcopy(block), copy.deepcopy(block)
+    neurons.keep_neurons(dropped, spec, keep)
+    neurons.keep_neurons(refit, spec, keep, [neurons.ridge_refit(stats.mean(), consumers[0].module.weight.double(), keep, 0.0)])
+    with torch.no_grad():
+        err_drop = (dropped.mlp_branch(x) - ref).pow(2).mean()
+        err_refit = (refit.mlp_branch(x) - ref).pow(2).mean()
+    assert refit.mlp.down_proj.in_features == refit.mlp.gate_proj.out_features == 48
+    assert err_refit < 0.5 * err_drop
+
+
+def test_moe_and_fused_mlps_refuse_the_neuron_axis() -> None:
+    for family in ("mixtral", "phi3"):
+        model = make_tiny(family)
+        spec = spec_for_config(model.config)
+        slicegpt.prepare(model, spec)
+        with pytest.raises(slicegpt.UnsupportedModelError, match="--axes residual"):
+            neurons.mlp_neuron_refs(model.model.layers[0], spec)
+
+
+@pytest.mark.parametrize("family,uniform,fraction", [("llama", True, 0.85), ("qwen2", True, 0.85), ("llama", False, 0.85),
+                                                     ("opt", False, 0.95), ("gpt2", False, 0.9), ("gptj", False, 0.85)])
+def test_counter_equals_the_built_model_and_target_is_never_exceeded(family: str, uniform: bool, fraction: float, tmp_path: Path) -> None:
+    model = make_tiny(family, dtype=torch.float32)
+    shipped = slicegpt.count_parameters(model)
+    config = slicegpt.SliceConfig(batch_size=4, uniform=uniform, target_params=fraction, residual_share=0.5)
+    report = slicegpt.slice_model(model, None, calib_rows(16), config, progress=False)
+    target = resolve_target(fraction, shipped)
+    assert report.target_params == target and report.params_after <= target
+    assert report.allocation["mlp_neurons"] is not None or report.allocation["residual_width"] < 64
+    counter = ParameterCounter(make_tiny(family, dtype=torch.float32).config, spec_for_config(model.config), uniform)
+    assert counter.count(report.widths) == report.params_after
+    out = slicegpt.save(model, tmp_path / "m")
+    loaded = slicegpt.load(out)
+    assert slicegpt.count_parameters(loaded) == report.params_after
+    assert slicegpt.read_metadata(out)["allocation"]["residual_share"] == 0.5
+    with torch.inference_mode():
+        assert torch.allclose(loaded(input_ids=X).logits, model(input_ids=X).logits, atol=1e-5)
+
+
+def test_bad_targets_and_axes_fail_before_any_work() -> None:
+    model = make_tiny("llama", dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown compression axes"):
+        slicegpt.slice_model(model, None, calib_rows(4), slicegpt.SliceConfig(target_params=0.8, axes="heads"), progress=False)
+    with pytest.raises(ValueError, match="not below"):
+        slicegpt.slice_model(model, None, calib_rows(4), slicegpt.SliceConfig(target_params=2e6, uniform=True), progress=False)
+    with pytest.raises(ValueError, match="leaves no MLP neurons"):
+        slicegpt.slice_model(model, None, calib_rows(4), slicegpt.SliceConfig(target_params=0.3, axes="mlp", uniform=True), progress=False)
+    with pytest.raises(ValueError, match="positive"):
+        slicegpt.SliceConfig(target_params=-1)
+    assert parse_axes("mlp, residual") == ("mlp", "residual")
+    assert resolve_target(0.75, 1000) == 750 and resolve_target(800, 1000) == 800
+
+
+def test_uniform_width_the_config_refuses_moves_to_one_it_accepts(tmp_path: Path, capsys) -> None:
+    model = make_tiny("llama", dtype=torch.float32)  # 4 heads: transformers refuses hidden sizes not a multiple of 4
+    config = slicegpt.SliceConfig(sparsity=1 - 50 / 64, round_to=1, batch_size=4, uniform=True)
+    report = slicegpt.slice_model(model, None, calib_rows(8), config, progress=False)
+    assert report.widths.embedding == 48
+    assert "width 50 is not one llama's standard config accepts" in capsys.readouterr().err
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(slicegpt.save(model, tmp_path / "u"))
+    assert loaded.config.hidden_size == 48
