@@ -77,7 +77,10 @@ class SliceConfig:
         layer, chosen greedily from calibration statistics with the down projection refit).
     residual_share: with both axes, the share of the parameters to remove that the residual
         width takes (None: DEFAULT_RESIDUAL_SHARE, the best measured split).
-    mlp_ridge: ridge strength of the down-projection refit, relative to the mean kept variance.
+    correct: closed-form corrections: after each branch is compressed, refit its output projection
+        (o_proj, down_proj, ...) so the compressed stream matches the dense model's, by ridge least
+        squares toward the current weights, the strength chosen on held-out calibration rows.
+        Costs one more pass of the dense model and one of each branch.
     """
 
     sparsity: float = 0.25
@@ -96,7 +99,7 @@ class SliceConfig:
     target_params: float | None = None
     axes: str = "mlp,residual"
     residual_share: float | None = None
-    mlp_ridge: float = 1e-3
+    correct: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,8 +117,6 @@ class SliceConfig:
             raise ValueError(f"target_params must be positive, got {self.target_params}")
         if self.residual_share is not None and not 0.0 <= float(self.residual_share) <= 1.0:
             raise ValueError(f"residual_share must be in [0, 1], got {self.residual_share}")
-        if self.mlp_ridge < 0:
-            raise ValueError("mlp_ridge must be non-negative")
         if self.damping < 0:
             raise ValueError("damping must be non-negative")
         parse_dtype(self.dtype)

@@ -65,6 +65,9 @@ class LayerInputs:
     hidden: list[torch.Tensor]  # [B, T, width]
     calls: list[list[tuple[tuple, dict[str, Any]]]]
     masks: list[torch.Tensor | None]  # [B, T]
+    # The dense model's stream entering the current layer (original basis), when corrections
+    # refit writers toward it.
+    reference: list[torch.Tensor] | None = None
 
     def layer_call(self, layer: int, batch: int, device: torch.device) -> tuple[tuple, dict[str, Any]]:
         args, kwargs = self.calls[batch][layer]

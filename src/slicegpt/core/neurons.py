@@ -90,11 +90,12 @@ class NeuronStats:
         return self.sum / self.count
 
 
-def greedy_neurons(cov: torch.Tensor, w_ref: torch.Tensor, k: int) -> torch.Tensor:
+def greedy_neurons(cov: torch.Tensor, w_ref: torch.Tensor, k: int, cross: torch.Tensor | None = None) -> torch.Tensor:
     """The ``k`` neurons a greedy least-squares column selection keeps, sorted ([k], int64).
 
-    Works on moments only: C = E[h^T h] ([n, n]) and the target's cross moment B = C W_ref^T
-    ([n, D]). With the partial Cholesky factor L of C on the chosen neurons, the residual cross
+    Works on moments only: C = E[h^T h] ([n, n]) and the target's cross moment B ([n, D]):
+    B = C W_ref^T when the target is the layer's own unpruned output (``cross`` None), or
+    E[h^T t] for another target t (the dense model's). With the partial Cholesky factor L of C on the chosen neurons, the residual cross
     moment R = B - L (L_S:)^T-part and the Schur complements s_j = C_jj - ||L_j||^2, adding
     neuron j lowers the error by ||R_j||^2 / s_j; the best is kept and R, s are updated.
     """
@@ -102,7 +103,7 @@ def greedy_neurons(cov: torch.Tensor, w_ref: torch.Tensor, k: int) -> torch.Tens
     n = cov.shape[0]
     if not 0 < k <= n:
         raise ValueError(f"cannot keep {k} of {n} neurons")
-    resid = cov @ w_ref.to(torch.float64).t()  # [n, D]
+    resid = (cov @ w_ref.to(torch.float64).t() if cross is None else cross.to(torch.float64)).clone()  # [n, D]
     schur = cov.diagonal().clone()
     floor = 1e-12 * schur.max().clamp_min(1e-300)
     factor = torch.zeros(n, k, dtype=torch.float64, device=cov.device)

