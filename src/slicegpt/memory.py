@@ -1,4 +1,4 @@
-"""Give freed host memory back to the operating system.
+"""Memory of this process: peak resident size, and giving freed memory back.
 
 Slicing frees and reallocates many tensors of a few to a few hundred MB (every rotated weight
 replaces the old one; every calibration batch is rewritten once per pass). glibc keeps such
@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import sys
 from functools import lru_cache
 from typing import Callable
+
+import torch
 
 
 @lru_cache(maxsize=1)
@@ -39,18 +42,37 @@ def release_free_memory() -> None:
         trim(0)
 
 
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far, in GB (ru_maxrss is KiB on Linux)."""
-    import resource
+def release_memory() -> None:
+    """Free what is no longer referenced, everywhere: Python's cycles, CUDA's cache, glibc's heap.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    For the points between whole models (a sweep loads one model per run); the slicing loop,
+    which holds its model throughout, calls only :func:`release_free_memory`.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    release_free_memory()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far, in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource  # POSIX only
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in "GB" of 1.024e9 bytes.
+
+    That is ru_maxrss in KiB divided by 1e6, the figure every recorded result reports.
+    """
+    return peak_rss_bytes() / 1.024e9
 
 
 def peak_memory(device: str | object) -> dict[str, float]:
     """Peak host RSS of this process (GB), and peak CUDA allocation when on a GPU."""
     out = {"peak_rss_gb": peak_rss_gb()}
     if str(device).startswith("cuda"):
-        import torch
-
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out

@@ -74,6 +74,9 @@ class ArchSpec:
     layer_returns_tuple: bool = False
     # Families trained with a BOS token at the start of every sequence (Gemma).
     bos_per_row: bool = False
+    # llama.cpp's architecture for a standard checkpoint of the family (what GGUF export
+    # writes); None: not exportable.
+    gguf_arch: str | None = None
     # Optional check of a config for variants the spec cannot handle (raises UnsupportedModelError).
     check: Callable[[Any], None] | None = field(default=None, compare=False)
     # Maps config fields to the per-family values the core needs (eps, activation, ...).

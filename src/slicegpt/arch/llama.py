@@ -7,4 +7,4 @@ touches.
 
 from . import ArchSpec, register
 
-LLAMA = register(ArchSpec(name="llama", model_types=("llama", "mistral", "qwen2", "qwen3")))
+LLAMA = register(ArchSpec(name="llama", model_types=("llama", "mistral", "qwen2", "qwen3"), gguf_arch="llama"))
