@@ -81,6 +81,9 @@ class SliceConfig:
         (o_proj, down_proj, ...) so the compressed stream matches the dense model's, by ridge least
         squares toward the current weights, the strength chosen on held-out calibration rows.
         Costs one more pass of the dense model and one of each branch.
+    search: with a target and both axes, measure the split instead of using the default: each
+        candidate residual share compresses a copy of the model, the lowest loss on 8 further
+        calibration rows (held out from every statistic) wins (costs one compression per candidate).
     """
 
     sparsity: float = 0.25
@@ -100,6 +103,7 @@ class SliceConfig:
     axes: str = "mlp,residual"
     residual_share: float | None = None
     correct: bool = False
+    search: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

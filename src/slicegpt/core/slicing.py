@@ -38,7 +38,7 @@ from ..arch import ArchSpec, UnsupportedModelError, spec_for_config
 from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig
 from ..data import Rows, calibration_rows_for
 from ..memory import release_free_memory
-from . import neurons, ops, refit, uniform
+from . import allocate, neurons, ops, refit, uniform
 from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
 from .block import BlockBases, slice_block, slice_embeddings, slice_head
 from .capture import LayerInputs, capture_layer_inputs, stream
@@ -288,6 +288,15 @@ def slice_model(
     """
     config = config or SliceConfig()
     config.validate()
+    if config.search and config.target_params is not None and policy is None:
+        # the allocator: measure each split on held-out calibration rows, then compress at the best
+        share, records, seconds, fit = allocate.search_split(model, tokenizer, calib if calib is not None else config.calib,
+                                                             config, slice_model, progress=progress)
+        report = slice_model(model, tokenizer, fit, replace(config, residual_share=share, search=False), progress=progress,
+                             source_model=source_model, streams=streams)
+        report.allocation.update(search=records, search_seconds=seconds, searched=True)
+        report.config = config
+        return report
     spec = spec_for_config(model.config)
     start = time.perf_counter()
     model.eval()
