@@ -1,5 +1,5 @@
-"""Tests for slicegpt.bench: FLOP accounting from real shapes, the timing
-harness on tiny random models (dense and SliceGPT-like) and the CLI hook.
+"""Tests for slicegpt.evaluation.bench and .flops: FLOP accounting from real shapes, the timing
+harness on tiny random models (dense and with hand-made sliced blocks) and the CLI command.
 
 Only positivity/structure of timings is asserted; speed goals live in benchmarks/.
 """
@@ -18,17 +18,11 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from slicegpt.evaluation.bench import (
-    BenchConfig,
-    add_arguments,
-    benchmark,
-    compare,
-    find_decoder_layers,
-    flops_breakdown,
-    flops_per_token,
-    format_table,
-    run_from_args,
-)
+from slicegpt.arch import UnsupportedModelError
+from slicegpt.cli.bench import add_arguments, measure
+from slicegpt.core.modules import SlicedBlock
+from slicegpt.evaluation.bench import BenchConfig, benchmark, compare, format_table
+from slicegpt.evaluation.flops import find_decoder_layers, flops_breakdown, flops_per_token
 
 VOCAB = 256
 HIDDEN = 64
@@ -64,33 +58,22 @@ def narrow(linear: nn.Linear, in_features: int | None = None, out_features: int 
     return new
 
 
-class SlicedLikeLayer(nn.Module):
-    """Mimics a SliceGPT compressed block: the original attention and MLP with
-    narrower Linear in/out features, and shortcut matrices that map the
-    residual stream between the (different) widths before and after each block."""
-
-    def __init__(self, layer: nn.Module, d_in: int, d_mid: int, d_out: int) -> None:
-        super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.q_proj = narrow(attn.q_proj, in_features=d_in)
-        attn.k_proj = narrow(attn.k_proj, in_features=d_in)
-        attn.v_proj = narrow(attn.v_proj, in_features=d_in)
-        attn.o_proj = narrow(attn.o_proj, out_features=d_mid)
-        mlp.gate_proj = narrow(mlp.gate_proj, in_features=d_mid)
-        mlp.up_proj = narrow(mlp.up_proj, in_features=d_mid)
-        mlp.down_proj = narrow(mlp.down_proj, out_features=d_out)
-        self.self_attn, self.mlp = attn, mlp
-        self.input_layernorm = LlamaRMSNorm(d_in)
-        self.post_attention_layernorm = LlamaRMSNorm(d_mid)
-        self.attn_shortcut = nn.Parameter(torch.eye(d_in, d_mid))
-        self.mlp_shortcut = nn.Parameter(torch.eye(d_mid, d_out))
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # Everything the model hands its decoder layer (mask, positions, the KV cache under
-        # whatever name this transformers version uses) goes to attention untouched.
-        attn_out, _ = self.self_attn(self.input_layernorm(hidden_states), *args, **kwargs)
-        hidden_states = hidden_states @ self.attn_shortcut + attn_out
-        return hidden_states @ self.mlp_shortcut + self.mlp(self.post_attention_layernorm(hidden_states))
+def sliced_block(layer: nn.Module, d_in: int, d_mid: int, d_out: int) -> SlicedBlock:
+    """A SliceGPT block made by hand: the layer's own attention and MLP with narrower Linear
+    in/out features, and shortcut matrices that map the residual stream between the (different)
+    widths before and after each branch."""
+    attn, mlp = layer.self_attn, layer.mlp
+    attn.q_proj = narrow(attn.q_proj, in_features=d_in)
+    attn.k_proj = narrow(attn.k_proj, in_features=d_in)
+    attn.v_proj = narrow(attn.v_proj, in_features=d_in)
+    attn.o_proj = narrow(attn.o_proj, out_features=d_mid)
+    mlp.gate_proj = narrow(mlp.gate_proj, in_features=d_mid)
+    mlp.up_proj = narrow(mlp.up_proj, in_features=d_mid)
+    mlp.down_proj = narrow(mlp.down_proj, out_features=d_out)
+    block = SlicedBlock(attn, mlp, attn_name="self_attn", mlp_name="mlp", topology="sequential", width=HIDDEN, eps=1e-6)
+    block.set_shortcut("attn_shortcut", torch.eye(d_in, d_mid), torch.float32)
+    block.set_shortcut("mlp_shortcut", torch.eye(d_mid, d_out), torch.float32)
+    return block
 
 
 # (d_in, d_mid, d_out) per layer; d_out of layer i is d_in of layer i + 1.
@@ -100,7 +83,7 @@ SLICED_DIMS = [(56, 48, 48), (48, 40, 40)]
 def sliced_like_llama(seed: int = 0) -> LlamaForCausalLM:
     model = tiny_llama(seed)
     inner = model.model
-    inner.layers = nn.ModuleList(SlicedLikeLayer(layer, *dims) for layer, dims in zip(inner.layers, SLICED_DIMS))
+    inner.layers = nn.ModuleList(sliced_block(layer, *dims) for layer, dims in zip(inner.layers, SLICED_DIMS))
     first_width, last_width = SLICED_DIMS[0][0], SLICED_DIMS[-1][2]
     embed = nn.Embedding(VOCAB, first_width)
     with torch.no_grad():
@@ -136,11 +119,25 @@ def test_flops_per_token_matches_hand_count_for_dense_llama() -> None:
     assert flops_per_token(model, 116) - flops_per_token(model, 16) == 100 * 2 * 2 * 2 * 4 * 16
 
 
-def test_decoder_layers_are_found_generically() -> None:
+def test_decoder_layers_are_found_from_the_family_spec() -> None:
     model = tiny_llama()
     assert find_decoder_layers(model) is model.model.layers
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=128, n_positions=64))
     assert find_decoder_layers(gpt2) is gpt2.transformer.h
+    assert find_decoder_layers(sliced_like_llama()) is not None  # sliced blocks sit in the same list
+
+
+def test_unsupported_family_is_a_clear_error() -> None:
+    class Other(nn.Module):
+        config = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
+        config.model_type = "mamba"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(HIDDEN, HIDDEN) for _ in range(LAYERS))
+
+    with pytest.raises(UnsupportedModelError, match="FLOPs.*model_type='mamba'.*supported: .*llama"):
+        flops_per_token(Other(), 16)
 
 
 def test_flops_follow_actual_shapes_and_count_shortcuts() -> None:
@@ -329,7 +326,7 @@ def test_cli_compare_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[s
             "--no-progress",
         ]
     )
-    result = run_from_args(args, load_model)
+    result = measure(args, load_model)
 
     assert loaded == [("sliced_dir", "cpu", "float32"), ("dense_dir", "cpu", "float32")]
     written = json.loads(out.read_text())

@@ -20,7 +20,9 @@ from conftest import SAMPLE_TEXT, randomise_norms, tiny_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
-from slicegpt.io.gguf import ExportError, add_arguments, export_gguf, run_from_args, unpermute_qk  # noqa: E402
+from slicegpt.cli.export import add_arguments, run  # noqa: E402
+from slicegpt.io.format import FORMAT_VERSION, SlicedFolderError  # noqa: E402
+from slicegpt.io.gguf import ExportError, export_gguf, exportable_model_types, unpermute_qk  # noqa: E402
 
 TOL = {"f32": 1e-5, "f16": 5e-3}
 COMMON = dict(hidden_size=48, head_dim=16, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
@@ -180,19 +182,30 @@ def test_refusals(tmp_path: Path) -> None:
             export_gguf(folder, tmp_path / "x.gguf")
     # Uniform folders are standard checkpoints with the metadata beside them in slicegpt.json.
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "slicegpt.json").write_text(json.dumps({"mode": "uniform", "source_model": "tiny", "widths": {"hidden": 64},
-                                                      "settings": {"sparsity": 0.25}}))
+    uniform = {"format_version": FORMAT_VERSION, "mode": "uniform", "source_model": "tiny", "widths": {"hidden": 64},
+               "settings": {"sparsity": 0.25}}
+    (folder / "slicegpt.json").write_text(json.dumps(uniform))
     export_gguf(folder, tmp_path / "x.gguf", dtype="f32")
     description = gguf.GGUFReader(tmp_path / "x.gguf").fields["general.description"].contents()
     assert description == "SliceGPT uniform slice of tiny: hidden size 64 -> 48, sparsity 0.25"
-    (folder / "slicegpt.json").write_text(json.dumps({"mode": "per-layer"}))
-    with pytest.raises(ExportError, match="per-layer"):
+    # The metadata is read by slicegpt's one reader: a newer format is refused, and a slicegpt.json
+    # that is not a uniform folder's (per-layer folders keep theirs in config.json) is not taken as one.
+    (folder / "slicegpt.json").write_text(json.dumps({**uniform, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(SlicedFolderError, match="upgrade slicegpt"):
         export_gguf(folder, tmp_path / "z.gguf")
+    (folder / "slicegpt.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "mode": "per-layer"}))
+    with pytest.raises(SlicedFolderError, match="no slicegpt metadata"):
+        export_gguf(folder, tmp_path / "z.gguf")
+    assert not (tmp_path / "z.gguf").exists()
     (folder / "slicegpt.json").unlink()
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
-    with pytest.raises(ExportError, match="model_type 'phi3'"):
+    with pytest.raises(ExportError, match="model_type 'phi3' to GGUF; supported: llama, mistral, qwen2, qwen3"):
         export_gguf(folder, tmp_path / "y.gguf")
     assert not (tmp_path / "y.gguf").exists()
+
+
+def test_exportable_families_come_from_the_arch_specs() -> None:
+    assert exportable_model_types() == ["llama", "mistral", "qwen2", "qwen3"]
 
 
 def test_cli_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -201,12 +214,12 @@ def test_cli_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([str(folder), "--gguf", str(tmp_path / "c.gguf"), "--dtype", "f32"])
-    assert run_from_args(args) == 0
+    assert run(args) == 0
     assert "c.gguf" in capsys.readouterr().out
     with pytest.raises(FileExistsError):
-        run_from_args(args)
+        run(args)
     args.overwrite = True
-    assert run_from_args(args) == 0
+    assert run(args) == 0
 
 
 def test_sentencepiece_style_vocab(tmp_path: Path) -> None:

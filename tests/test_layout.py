@@ -1,4 +1,4 @@
-"""The matrix-vector weight layout (slicegpt.layout): storage order changes, nothing else."""
+"""The matrix-vector weight layout (slicegpt.core.layout): storage order changes, nothing else."""
 
 from __future__ import annotations
 

@@ -19,12 +19,17 @@ pytest.importorskip("matplotlib", reason="the plots need matplotlib: pip install
 Image = pytest.importorskip("PIL.Image", reason="reading the plots back needs Pillow (a matplotlib dependency)")
 
 import slicegpt  # noqa: E402
+from slicegpt.cli import inspect as inspect_cmd  # noqa: E402
+from slicegpt.cli import main  # noqa: E402
+from slicegpt.cli import sweep as sweep_cmd  # noqa: E402
 from slicegpt.evaluation import sweep as S  # noqa: E402
-from slicegpt.evaluation.bench import flops_per_token  # noqa: E402
+from slicegpt.evaluation.flops import flops_per_token  # noqa: E402
+from slicegpt.evaluation.plots import plot_spectra  # noqa: E402
+from slicegpt.evaluation.spectra import spectrum_summary  # noqa: E402
 
 from conftest import calib_rows, make_tiny, tiny_tokenizer  # noqa: E402
 
-# Figure sizes in pixels, from the inches in sweep.py at its DPI: a changed layout shows up here.
+# Figure sizes in pixels, from the inches in plots.py at its DPI: a changed layout shows up here.
 CURVE_PLOT_PX = (700, 480)
 SPECTRUM_2X2_PX = (720, 560)  # embedding + 3 layers of the tiny Llama: a 2 x 2 grid of 3.6 x 2.8 in panels
 
@@ -57,13 +62,13 @@ def swept(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     """One CLI sweep of the tiny Llama at 0 and 25% (given unsorted), shared by the assertions below."""
     out = tmp_path_factory.mktemp("sweep") / "out"
     corpus = str(tiny_model_dir / "corpus.txt")
-    args = _parse(S.add_sweep_arguments, [
+    args = _parse(sweep_cmd.add_arguments, [
         str(tiny_model_dir / "model"), "--sparsities", "0.25,0", "--calib", corpus, "--nsamples", "4", "--seqlen", "32",
         "--batch-size", "2", "--ppl", corpus, "--eval-seqlen", "32", "--eval-max-rows", "8", "--out", str(out),
     ])
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = S.run_sweep(args)
+        code = sweep_cmd.run(args)
     return out, code, stdout.getvalue()
 
 
@@ -134,7 +139,10 @@ def test_sweep_rejects_bad_input_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no sparsities"):
         S.sweep("/no/such/model", [])
     with pytest.raises(ValueError, match="nothing to measure"):
-        S.sweep("/no/such/model", [0.25], ppl=None)
+        S.sweep("/no/such/model", [0.25], evaluation=S.SweepEval(ppl=None))
+    with pytest.raises(ValueError, match="limit"):
+        S.SweepEval(tasks=("piqa",), limit=0)
+    assert S.SweepEval(ppl=None, tasks=[" piqa", "", "arc_easy "]).tasks == ("piqa", "arc_easy")
     assert not any(tmp_path.iterdir())
 
 
@@ -143,10 +151,9 @@ def test_missing_matplotlib_is_one_line_before_any_work(tmp_path: Path, monkeypa
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     # A model path that does not exist: reaching the loader would fail differently.
-    args = _parse(S.add_sweep_arguments, ["/no/such/model", "--out", str(tmp_path / "out")])
-    assert S.run_sweep(args) == 2
+    assert main(["sweep", "/no/such/model", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == "slicegpt: error: matplotlib is not installed: pip install 'slicegpt[plots]'"
-    assert S.run_inspect(_parse(S.add_inspect_arguments, ["/no/such/folder", "--plot", str(tmp_path / "p.png")])) == 2
+    assert main(["inspect", "/no/such/folder", "--plot", str(tmp_path / "p.png")]) == 2
     assert "pip install 'slicegpt[plots]'" in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.json").exists()
 
@@ -158,8 +165,9 @@ def test_missing_matplotlib_is_one_line_before_any_work(tmp_path: Path, monkeypa
 )
 def test_sweep_with_offline_task_draws_accuracy(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = slicegpt.SliceConfig(calib=str(tiny_model_dir / "corpus.txt"), nsamples=2, seqlen=32, batch_size=2)
-    data = S.sweep(str(tiny_model_dir / "model"), [0.0, 0.25], config=config, ppl=None, tasks=["arc_easy"], limit=2,
-                   tasks_offline=True, task_batch_size=2, out=tmp_path, progress=False)
+    evaluation = S.SweepEval(ppl=None, tasks=("arc_easy",), limit=2, tasks_offline=True, task_batch_size=2)
+    data = S.sweep(str(tiny_model_dir / "model"), [0.0, 0.25], config=config, evaluation=evaluation, out=tmp_path,
+                   progress=False)
     for run in data["runs"]:
         assert run["perplexity"] is None
         task = run["tasks"]["results"]["arc_easy"]
@@ -179,15 +187,15 @@ def test_spectrum_summary_and_plot_on_known_spectra(tmp_path: Path) -> None:
         {"d_in": 2, "d_mid": 2, "d_out": 2}, {"d_in": 2, "d_mid": 3, "d_out": 4}]}
     spectra = {"embedding": [4.0, 3.0, 2.0, 1.0], "layer.0.mid": [2.0, 1.0, 1.0, -1e-12], "layer.0.out": [1.0, 1.0, 1.0, 1.0],
                "layer.1.mid": [5.0, 3.0, 2.0, 0.0]}
-    summary = S.spectrum_summary(spectra, widths)
+    summary = spectrum_summary(spectra, widths)
     assert summary["embedding"] == {"dim": 4, "width": 2, "variance_kept": pytest.approx(0.7)}
     assert summary["layer.0.mid"]["variance_kept"] == pytest.approx(0.75)  # the tiny negative counts as zero
     assert summary["layer.0.out"]["variance_kept"] == pytest.approx(0.5)
     assert summary["layer.1.mid"] == {"dim": 4, "width": 3, "variance_kept": pytest.approx(1.0)}
-    path = S.plot_spectra(spectra, widths, tmp_path / "s.png")
+    path = plot_spectra(spectra, widths, tmp_path / "s.png")
     assert _read_png(path) == (720, 560)  # 3 panels: embedding, layer 0, layer 1 -> 2 x 2 grid
     with pytest.raises(ValueError, match="no spectra"):
-        S.plot_spectra({}, widths, tmp_path / "empty.png")
+        plot_spectra({}, widths, tmp_path / "empty.png")
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -210,7 +218,7 @@ def _table_widths(stdout: str) -> list[tuple[int, int, int]]:
 
 def test_inspect_prints_widths_params_flops_and_plots(sliced_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     plot, report = tmp_path / "spectrum.png", tmp_path / "inspect.json"
-    code = S.run_inspect(_parse(S.add_inspect_arguments, [str(sliced_folder), "--plot", str(plot), "--seq-len", "64",
+    code = inspect_cmd.run(_parse(inspect_cmd.add_arguments, [str(sliced_folder), "--plot", str(plot), "--seq-len", "64",
                                                            "--json", str(report)]))
     stdout = capsys.readouterr().out
     assert code == 0
@@ -235,11 +243,11 @@ def test_inspect_without_spectra_says_so(sliced_folder: Path, tmp_path: Path, ca
     folder = tmp_path / "no-spectra"
     shutil.copytree(sliced_folder, folder)
     (folder / "spectra.json").unlink()
-    assert S.run_inspect(_parse(S.add_inspect_arguments, [str(folder)])) == 0
+    assert inspect_cmd.run(_parse(inspect_cmd.add_arguments, [str(folder)])) == 0
     assert "no spectra.json" in capsys.readouterr().out
     plot = tmp_path / "p.png"
     with pytest.raises(FileNotFoundError, match="no spectra.json"):
-        S.run_inspect(_parse(S.add_inspect_arguments, [str(folder), "--plot", str(plot)]))
+        inspect_cmd.run(_parse(inspect_cmd.add_arguments, [str(folder), "--plot", str(plot)]))
     assert not plot.exists()
 
 
@@ -252,7 +260,7 @@ def test_inspect_uniform_standard_checkpoint(tmp_path: Path, capsys: pytest.Capt
                                   progress=False)
     slicegpt.save(model, tmp_path / "uni", report=report)
     plot, out = tmp_path / "u.png", tmp_path / "u.json"
-    assert S.run_inspect(_parse(S.add_inspect_arguments, [str(tmp_path / "uni"), "--plot", str(plot), "--seq-len", "64",
+    assert inspect_cmd.run(_parse(inspect_cmd.add_arguments, [str(tmp_path / "uni"), "--plot", str(plot), "--seq-len", "64",
                                                            "--json", str(out)])) == 0
     stdout = capsys.readouterr().out
     info = json.loads(out.read_text())

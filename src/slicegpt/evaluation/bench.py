@@ -3,32 +3,26 @@
 SliceGPT's promise is that a sliced model is *faster* because every matmul is
 narrower.  This module measures that promise honestly:
 
-* :func:`flops_per_token` counts forward FLOPs from the *actual* module shapes
-  (not from ``config.hidden_size``, which a sliced model no longer honours), so
-  the speed-up predicted by arithmetic can be compared with the measured one.
 * :func:`benchmark` times prefill (one forward over ``batch x prompt_len``) and
   KV-cached greedy decoding for one model.
 * :func:`compare` times two models *alternately* in one process so that machine
   noise (turbo, thermal throttling, neighbours) hits both equally, and reports
-  measured and FLOP-predicted throughput ratios side by side.
+  measured and FLOP-predicted throughput ratios side by side; the FLOPs come from
+  :mod:`slicegpt.evaluation.flops` (the actual module shapes, shortcut matrices included).
 
-Everything here is self-contained (torch + transformers only) so it can be used
-on any ``*ForCausalLM`` whether or not it has been sliced.
+Timing works on any ``*ForCausalLM``, sliced or not; the FLOP prediction needs a family
+slicegpt supports (:func:`slicegpt.supported_architectures`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import re
-import resource
 import statistics
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,20 +30,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import dtype_name, parse_dtype
 from ..core.layout import LAYOUTS, apply_layout
+from ..memory import peak_rss_bytes
+from .flops import flops_breakdown, flops_per_token
 
 __all__ = [
     "CACHES",
     "DECODE_METHODS",
     "BenchConfig",
-    "add_arguments",
     "benchmark",
     "compare",
-    "find_decoder_layers",
-    "flops_breakdown",
-    "flops_per_token",
     "format_table",
-    "run_from_args",
 ]
 
 #: ``manual``: our own greedy loop feeding the KV cache back into ``forward``
@@ -61,17 +53,6 @@ DECODE_METHODS: tuple[str, ...] = ("manual", "generate")
 #: ``dynamic``: transformers' default cache, which grows by concatenation. ``static``: a
 #: ``StaticCache`` allocated once for prompt + generation, as serving engines preallocate theirs.
 CACHES: tuple[str, ...] = ("dynamic", "static")
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 _MB = 1024.0 * 1024.0
 
@@ -95,7 +76,7 @@ class BenchConfig:
     seed: int = 0
     decode_method: str = "manual"
     # "matvec": store weights with at least as many outputs as inputs input-major before
-    # timing (slicegpt.layout), on every model measured, so a comparison stays like for like.
+    # timing (slicegpt.core.layout), on every model measured, so a comparison stays like for like.
     layout: str = "stock"
     cache: str = "dynamic"
     progress: bool = True
@@ -117,178 +98,17 @@ class BenchConfig:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, got {self.cache!r}")
-        _torch_dtype(self.dtype)  # fail early on typos
+        parse_dtype(self.dtype)  # fail early on typos
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _torch_dtype(self.dtype)
+        return parse_dtype(self.dtype)
 
     @property
     def decode_context_len(self) -> int:
         """Average KV length seen by a decode step (the cache grows from
         ``prompt_len`` to ``prompt_len + gen_len - 1``); used for FLOP predictions."""
         return int(round(self.prompt_len + (self.gen_len - 1) / 2))
-
-
-def _torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    key = str(name).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[key]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-# --------------------------------------------------------------------------- FLOPs
-
-
-def _text_config(model: nn.Module) -> Any:
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError("model has no `.config`; expected a Hugging Face PreTrainedModel")
-    # Multimodal wrappers keep the decoder hyper-parameters in a sub-config.
-    get_text_config = getattr(config, "get_text_config", None)
-    return get_text_config() if callable(get_text_config) else config
-
-
-def _num_hidden_layers(config: Any) -> int:
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ValueError("config does not declare the number of decoder layers (num_hidden_layers)")
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` with ``config.num_hidden_layers`` entries.
-
-    Found generically (not via ``model.model.layers``) because architectures
-    name it differently (``transformer.h``, ``model.decoder.layers`` ...) and a
-    sliced model replaces its *entries* but keeps the list.  If several lists
-    have the right length (e.g. per-layer helper modules) the one holding the
-    most parameters is the decoder stack.
-    """
-    n_layers = _num_hidden_layers(_text_config(model))
-    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if not candidates:
-        raise ValueError(f"no nn.ModuleList with {n_layers} entries (config.num_hidden_layers) in the model")
-    return max(candidates, key=lambda ml: sum(p.numel() for p in ml.parameters()))
-
-
-def _conv1d_class() -> type[nn.Module] | None:
-    # HF's GPT-2 style Conv1D is a transposed Linear; import lazily so this
-    # module does not depend on transformers internals at import time.
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - very old/new transformers
-        return None
-    return Conv1D
-
-
-def _matmul_flops(module: nn.Module, conv1d: type[nn.Module] | None) -> int | None:
-    """2 * in * out for a dense projection (bias adds are ignored, as usual)."""
-    if isinstance(module, nn.Linear):
-        return 2 * module.in_features * module.out_features
-    if conv1d is not None and isinstance(module, conv1d):
-        return 2 * module.weight.numel()  # weight is [in, out]
-    return None
-
-
-def _attention_dims(layer: nn.Module, config: Any) -> tuple[int, int]:
-    """(num query heads, head_dim) of one decoder layer.
-
-    Read from the attention module itself where possible because that is what
-    actually runs; SliceGPT slices the residual width, never the head width,
-    so these normally equal the config values.
-    """
-    modules = list(layer.modules())
-    # Prefer a module that *is* an attention block; fall back to anything exposing head_dim.
-    ordered = [m for m in modules if "attention" in type(m).__name__.lower()] + modules
-    for module in ordered:
-        head_dim = getattr(module, "head_dim", None)
-        if not isinstance(head_dim, int) or head_dim <= 0:
-            continue
-        heads = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None)
-        if not isinstance(heads, int):
-            module_config = getattr(module, "config", None) or config
-            heads = getattr(module_config, "num_attention_heads", None)
-        if isinstance(heads, int) and heads > 0:
-            return heads, head_dim
-    heads = int(config.num_attention_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, int(head_dim)
-
-
-def flops_breakdown(model: nn.Module, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs per token, split by source.
-
-    Keys: ``decoder_linear`` (nn.Linear / Conv1D inside the decoder layers),
-    ``lm_head``, ``other_linear`` (projections elsewhere that also run per
-    token, e.g. OPT's project_in/out; 0 for Llama), ``shortcut`` (2-D
-    parameters/buffers named ``*shortcut*``, applied as ``x @ S``) and
-    ``attention`` (QK^T and AV: ``2 * 2 * seq_len * heads * head_dim`` per layer).
-    Embedding lookups cost nothing.
-    """
-    if seq_len < 0:
-        raise ValueError(f"seq_len must be >= 0, got {seq_len}")
-    config = _text_config(model)
-    conv1d = _conv1d_class()
-    layers = find_decoder_layers(model)
-
-    # Weights already charged as a matmul, so a Linear called "shortcut" is not counted twice.
-    charged: set[int] = set()
-
-    decoder_linear = 0
-    for module in layers.modules():
-        flops = _matmul_flops(module, conv1d)
-        if flops is not None:
-            decoder_linear += flops
-            charged.add(id(module.weight))
-
-    lm_head = 0
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and id(getattr(head, "weight", None)) not in charged:
-        flops = _matmul_flops(head, conv1d)
-        if flops is not None:
-            lm_head = flops
-            charged.add(id(head.weight))
-
-    other_linear = 0
-    for module in model.modules():
-        flops = _matmul_flops(module, conv1d)
-        if flops is not None and id(module.weight) not in charged:
-            other_linear += flops
-            charged.add(id(module.weight))
-
-    shortcut = 0
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    for name, tensor in tensors:
-        if tensor is None or tensor.dim() != 2 or "shortcut" not in name.lower() or id(tensor) in charged:
-            continue
-        shortcut += 2 * tensor.numel()  # x[.., d_in] @ S[d_in, d_out]
-        charged.add(id(tensor))
-
-    attention = 0
-    for layer in layers:
-        heads, head_dim = _attention_dims(layer, config)
-        attention += 2 * 2 * seq_len * heads * head_dim
-
-    return {
-        "decoder_linear": float(decoder_linear),
-        "lm_head": float(lm_head),
-        "other_linear": float(other_linear),
-        "shortcut": float(shortcut),
-        "attention": float(attention),
-    }
-
-
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Total forward FLOPs per token at context length ``seq_len`` (see :func:`flops_breakdown`)."""
-    return float(sum(flops_breakdown(model, seq_len).values()))
 
 
 # --------------------------------------------------------------------------- environment
@@ -316,7 +136,7 @@ def _environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "device": str(device),
         "device_name": _device_name(device),
         "torch_threads": torch.get_num_threads(),
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "python_version": platform.python_version(),
@@ -342,12 +162,16 @@ def _proc_status_kb(field: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# This measures something slicegpt.memory does not: the peak of one *window* (a timed run) above
+# the level at its start. slicegpt.memory.peak_rss_bytes is the process's lifetime high-water
+# mark, which cannot show the second model of a comparison; so on Linux the kernel's counter is
+# reset at the start of each window, and the lifetime mark is only the fallback.
+
+
 def _reset_host_peak() -> bool:
     """Reset the kernel's peak-RSS counter (VmHWM) for this process (Linux >= 4.0).
 
-    ``resource.getrusage`` only gives a process-lifetime high-water mark, which
-    is useless for the second model of a comparison; writing ``5`` to
-    ``/proc/self/clear_refs`` resets VmHWM to the current RSS.
+    Writing ``5`` to ``/proc/self/clear_refs`` resets VmHWM to the current RSS.
     """
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
@@ -387,7 +211,7 @@ class _PeakMemory:
             else:  # clear_refs not writable (e.g. sandbox): fall back to the lifetime counter
                 self.method = "host_ru_maxrss"
         if self.method == "host_ru_maxrss":
-            self._base = _ru_maxrss_bytes()
+            self._base = peak_rss_bytes()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -397,15 +221,9 @@ class _PeakMemory:
         elif self.method == "host_rss_hwm":
             self.delta_bytes = (_proc_status_kb("VmHWM") or 0) * 1024 - self._base
         elif self.method == "host_ru_maxrss":
-            self.delta_bytes = _ru_maxrss_bytes() - self._base
+            self.delta_bytes = peak_rss_bytes() - self._base
         if self.delta_bytes is not None:
             self.delta_bytes = max(self.delta_bytes, 0)
-
-
-def _ru_maxrss_bytes() -> int:
-    # Linux reports kilobytes, macOS bytes.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _weights_bytes(model: nn.Module) -> int:
@@ -844,106 +662,3 @@ def format_table(result: dict[str, Any]) -> str:
             ],
         )
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"--batch-sizes expects e.g. 1,8; got {text!r}") from error
-    if not sizes or any(size < 1 for size in sizes):
-        raise argparse.ArgumentTypeError(f"--batch-sizes expects positive ints, got {text!r}")
-    return sizes
-
-
-def _names(text: str) -> tuple[str, str]:
-    parts = [part.strip() for part in text.split(",")]
-    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
-        raise argparse.ArgumentTypeError(f"--names expects two different names like dense,sliced; got {text!r}")
-    return parts[0], parts[1]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``slicegpt bench MODEL_OR_FOLDER [--compare OTHER] ...``."""
-    defaults = BenchConfig()
-    parser.add_argument("model", help="model name or folder (dense or sliced) to benchmark")
-    parser.add_argument(
-        "--compare",
-        metavar="OTHER",
-        default=None,
-        help="reference model benchmarked alternately with MODEL; ratios are MODEL / OTHER",
-    )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--dtype", default=None, choices=sorted(_DTYPES), help="default: float16 on cuda, float32 otherwise"
-    )
-    parser.add_argument("--batch-sizes", type=_batch_sizes, default=defaults.batch_sizes, help="comma list, e.g. 1,8")
-    parser.add_argument("--prompt-len", type=int, default=defaults.prompt_len)
-    parser.add_argument("--gen-len", type=int, default=defaults.gen_len, help="generated tokens per sequence (>= 2)")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup)
-    parser.add_argument("--repeats", type=int, default=defaults.repeats)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--decode-method", choices=DECODE_METHODS, default=defaults.decode_method)
-    parser.add_argument(
-        "--layout",
-        choices=LAYOUTS,
-        default=defaults.layout,
-        help="weight storage for every model measured: 'stock' as loaded; 'matvec' stores weights with at least "
-        "as many outputs as inputs input-major, which makes one-token matrix-vector products on CPU cost in "
-        "proportion to their size (see slicegpt.layout)",
-    )
-    parser.add_argument(
-        "--cache",
-        choices=CACHES,
-        default=defaults.cache,
-        help="KV cache for decoding: transformers' default 'dynamic' (grows by concatenation) or a preallocated "
-        "'static' one, as serving engines use",
-    )
-    parser.add_argument(
-        "--names", type=_names, default=("reference", "model"), help="labels for OTHER,MODEL with --compare"
-    )
-    parser.add_argument("--json", metavar="PATH", default=None, help="write the full result dict as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
-
-
-def run_from_args(
-    args: argparse.Namespace, load_model: Callable[[str, str, str], tuple[nn.Module, Any]]
-) -> dict[str, Any]:
-    """Run the ``bench`` sub-command.  ``load_model(path, device, dtype)``
-    returns ``(model, tokenizer)``; it is supplied by the caller so this module
-    does not depend on how dense/sliced checkpoints are stored."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("float16" if torch.device(device).type == "cuda" else "float32")
-    config = BenchConfig(
-        device=device,
-        dtype=dtype,
-        batch_sizes=tuple(args.batch_sizes),
-        prompt_len=args.prompt_len,
-        gen_len=args.gen_len,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        seed=args.seed,
-        decode_method=args.decode_method,
-        layout=args.layout,
-        cache=args.cache,
-        progress=not args.no_progress,
-    )
-    model, tokenizer = load_model(args.model, device, dtype)
-    if args.compare:
-        reference, _ = load_model(args.compare, device, dtype)
-        names = tuple(args.names)
-        result = compare(reference, model, tokenizer, config, names=(names[0], names[1]))
-        result["paths"] = {names[0]: args.compare, names[1]: args.model}
-    else:
-        result = benchmark(model, tokenizer, config)
-        result["paths"] = {"model": args.model}
-    print(format_table(result))
-    if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-    return result

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import Text, bos_for, clip_seqlen, cut_rows, label, load_text, tokenize
+from ..data import bos_for, clip_seqlen, cut_rows, label, load_text, tokenize
 
 
 @dataclass

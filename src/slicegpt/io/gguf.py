@@ -9,6 +9,10 @@ The file is written with the ``gguf`` package alone (no llama.cpp checkout), one
 so that memory stays at one tensor beyond the writer's bookkeeping. The layout follows llama.cpp's
 ``convert_hf_to_gguf.py``:
 
+Which families can be exported is the family's :class:`~slicegpt.arch.ArchSpec`'s ``gguf_arch``
+(llama.cpp's architecture for a standard checkpoint of it; None: not exportable). For the
+``llama`` spec (Llama, Mistral, Qwen2, Qwen3):
+
 * ``llama``/``mistral`` become the ``llama`` architecture, whose RoPE rotates interleaved pairs,
   so the rows of q and k are permuted from Hugging Face's half-split layout into pairs;
 * ``qwen3`` becomes ``qwen3`` (NeoX RoPE, no permutation, per-head q/k norms);
@@ -24,7 +28,6 @@ learns a head size other than ``n_embd / n_head``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -37,8 +40,10 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
+from ..arch import ArchSpec, UnsupportedModelError, spec_for_config, supported_architectures
+from .format import METADATA, read_metadata
+
 Dtype = Literal["f16", "f32"]
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class ExportError(ValueError):
@@ -58,23 +63,30 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def slicing_metadata(config: dict[str, Any], folder: Path) -> dict[str, Any] | None:
-    """The folder's slicegpt metadata: config.json's ``slicegpt`` key (per-layer folders keep it
-    there) or slicegpt.json (uniform folders move it out of config.json, which stays standard)."""
-    meta = config.get("slicegpt")
-    if isinstance(meta, dict):
-        return meta
-    side = folder / "slicegpt.json"
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        return meta if isinstance(meta, dict) else None
-    return None
+    """The folder's slicegpt metadata, read and version-checked by :func:`slicegpt.io.format.read_metadata`;
+    None for a folder slicegpt did not write (no ``slicegpt`` key in config.json, no slicegpt.json)."""
+    if "slicegpt" not in config and not (folder / METADATA).is_file():
+        return None
+    return read_metadata(folder)
 
 
-def check_exportable(config: dict[str, Any], folder: Path) -> None:
-    """Refuse per-layer sliced folders and families llama.cpp would not run like transformers."""
+def _spec(config: dict[str, Any]) -> ArchSpec | None:
+    """The family's spec, from a transformers config built of config.json; None if slicegpt has none."""
+    from transformers import AutoConfig
+
+    try:
+        return spec_for_config(AutoConfig.for_model(**config))
+    except (UnsupportedModelError, ValueError):  # ValueError: a model_type transformers does not know
+        return None
+
+
+def exportable_model_types() -> list[str]:
+    """The ``model_type`` values whose :class:`~slicegpt.arch.ArchSpec` names a llama.cpp architecture."""
+    return [t for t in supported_architectures() if (spec := _spec({"model_type": t})) is not None and spec.gguf_arch]
+
+
+def check_exportable(config: dict[str, Any], folder: Path) -> ArchSpec:
+    """Refuse per-layer sliced folders and families llama.cpp would not run like transformers; the family's spec."""
     meta = slicing_metadata(config, folder)
     if meta is not None and meta.get("mode") != "uniform":
         raise ExportError(
@@ -82,12 +94,14 @@ def check_exportable(config: dict[str, Any], folder: Path) -> None:
             "(llama.cpp, GGUF) has; slice with --uniform to get an exportable model"
         )
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ExportError(f"cannot export model_type {model_type!r} to GGUF; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    spec = _spec(config)
+    if spec is None or spec.gguf_arch is None:
+        raise ExportError(f"cannot export model_type {model_type!r} to GGUF; supported: {', '.join(exportable_model_types())}")
     if config.get("mlp_bias"):
         raise ExportError("cannot export a model with MLP biases (mlp_bias=true): llama.cpp's llama graph has none")
     if config.get("hidden_act", "silu") != "silu":
         raise ExportError(f"cannot export hidden_act={config.get('hidden_act')!r}: llama.cpp's llama-family graphs use SiLU")
+    return spec
 
 
 @dataclass
@@ -122,7 +136,7 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _hparams(config: dict[str, Any]) -> _Hparams:
+def _hparams(config: dict[str, Any], spec: ArchSpec) -> _Hparams:
     model_type = config["model_type"]
     hidden = int(config["hidden_size"])
     n_head = int(config["num_attention_heads"])
@@ -132,8 +146,10 @@ def _hparams(config: dict[str, Any]) -> _Hparams:
         arch_name, permute = "qwen3", False
     elif model_type == "qwen2" and n_head * head_dim == hidden:
         arch_name, permute = "qwen2", False
-    else:  # llama, mistral, and qwen2 whose attention width differs from hidden_size (see module doc)
-        arch_name, permute = "llama", True
+    elif spec.gguf_arch == "llama":  # llama, mistral, and qwen2 whose attention width differs from hidden_size
+        arch_name, permute = "llama", True  # (see the module's doc)
+    else:  # pragma: no cover - a spec naming an architecture this writer does not know
+        raise ExportError(f"GGUF architecture {spec.gguf_arch!r} of model_type {model_type!r} has no writer here")
     if head_dim % 2:
         raise ExportError(f"head_dim {head_dim} is odd; RoPE needs an even head size")
     return _Hparams(
@@ -454,8 +470,8 @@ def export_gguf(folder: str | Path, out: str | Path, *, dtype: Dtype = "f16", ov
     folder = Path(folder)
     out = check_output_file(out, overwrite)
     config = _read_json(folder / "config.json")
-    check_exportable(config, folder)
-    hp = _hparams(config)
+    spec = check_exportable(config, folder)
+    hp = _hparams(config, spec)
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == hp.arch_name)
 
     weights = _Weights(folder)
@@ -574,21 +590,3 @@ def _adds_special_tokens(folder: Path) -> dict[str, bool]:
     flags = {"bos": tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]}
     flags["eos"] = tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]
     return flags
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``slicegpt export FOLDER --gguf OUT [--dtype f16|f32] [--overwrite]``."""
-    parser.add_argument("folder", help="a standard Hugging Face folder: a dense Llama-family model or a uniform sliced one")
-    parser.add_argument("--gguf", required=True, metavar="OUT", help="the .gguf file to write")
-    parser.add_argument("--dtype", default="f16", choices=["f16", "f32"], help="type of the weight matrices (norms and biases stay f32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    out = export_gguf(args.folder, args.gguf, dtype=args.dtype, overwrite=args.overwrite)
-    size = out.stat().st_size
-    print(f"wrote {out} ({size / 1e6:.1f} MB, {args.dtype})")
-    return 0

@@ -1,0 +1,87 @@
+"""What the commands share: the slicing flags, JSON output, and failing in one line.
+
+Every default comes from the config dataclasses (:class:`SliceConfig`, :class:`EvalConfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+from ..config import DTYPES, EvalConfig, SliceConfig
+
+SLICE_DEFAULTS = SliceConfig()
+EVAL_DEFAULTS = EvalConfig()
+
+# Failures a user can cause (bad input, missing files or extras): one line, no traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, OSError, ImportError)
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, command: ModuleType) -> argparse.ArgumentParser:
+    """The sub-command ``name`` from a module of this package: its HELP, DESCRIPTION, add_arguments and run."""
+    parser = sub.add_parser(name, help=command.HELP, description=command.DESCRIPTION,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    command.add_arguments(parser)
+    parser.set_defaults(func=command.run)
+    return parser
+
+
+def run_in_one_line(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command; an expected failure becomes ``slicegpt: error: <first line>`` on stderr and exit code 2."""
+    try:
+        return int(func(args) or 0)
+    except EXPECTED_ERRORS as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"slicegpt: error: {message}", file=sys.stderr)
+        return 2
+
+
+def write_json(path: str | None, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON to ``path`` (parents created); nothing when ``path`` is None."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def split_tasks(text: str | None) -> list[str] | None:
+    """'piqa, arc_easy' -> ['piqa', 'arc_easy']; None or nothing -> None."""
+    tasks = [t.strip() for t in (text or "").split(",") if t.strip()]
+    return tasks or None
+
+
+def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The :class:`SliceConfig` flags shared by ``slice`` and ``sweep`` (all but the sparsity)."""
+    d = SLICE_DEFAULTS
+    p.add_argument("--calib", default=d.calib, help="calibration text: 'wiki' (built-in, offline), 'wikitext2' (hub, train split), or a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration rows")
+    p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration row (clipped to the model's context)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration rows per forward pass")
+    p.add_argument("--round-to", type=int, default=d.round_to, help="round the kept width down to a multiple of this")
+    p.add_argument("--device", default=d.device, help="where each layer is processed (and, with --ppl, evaluated): cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype to load, slice and evaluate the model in (PCA is float64)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing calibration rows")
+    p.add_argument("--slice-head", action="store_true", default=d.slice_head, help="also slice the last layer's output and the head's input")
+    p.add_argument("--uniform", action="store_true", default=d.uniform, help="one rotation for the whole network: no shortcut matrices; a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; implies slicing the head")
+    p.add_argument("--pca-signal", default=d.pca_signal, choices=["normed", "residual"], help="PCA of the residual stream before each norm (reference behaviour, better), or of the normalised signal")
+
+
+def slice_config_from_args(args: argparse.Namespace, sparsity: float) -> SliceConfig:
+    """The :class:`SliceConfig` that :func:`add_slice_config_arguments` flags describe."""
+    return SliceConfig(
+        sparsity=sparsity,
+        round_to=args.round_to,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        slice_head=args.slice_head,
+        pca_signal=args.pca_signal,
+        uniform=args.uniform,
+    )

