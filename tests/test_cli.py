@@ -106,3 +106,25 @@ def test_unreadable_model_path(tmp_path: Path, capsys) -> None:
     code, _, err = _run(capsys, "eval", str(garbage))
     _one_line_error(code, err, "garbage")
     assert not (tmp_path / "o").exists()
+
+
+def test_python_m_slicegpt_help_lists_every_command() -> None:
+    import subprocess
+    import sys
+
+    from slicegpt.cli import COMMANDS
+
+    assert list(COMMANDS) == ["slice", "eval", "bench", "sweep", "inspect", "export"]
+    done = subprocess.run([sys.executable, "-m", "slicegpt", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    listed = done.stdout.split("positional arguments:")[1]
+    for command in COMMANDS:
+        assert f"\n    {command} " in listed, command
+
+
+@pytest.mark.parametrize("command", ["slice", "eval", "bench", "sweep", "inspect", "export"])
+def test_every_command_has_help(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: slicegpt {command} ")

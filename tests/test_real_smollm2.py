@@ -36,6 +36,7 @@ def smollm2():
     return slicegpt.load_model()
 
 
+@pytest.mark.real
 def test_smollm2_sliced_25_percent_perplexity_bound(smollm2, tmp_path) -> None:
     import slicegpt
 
@@ -56,6 +57,7 @@ def test_smollm2_sliced_25_percent_perplexity_bound(smollm2, tmp_path) -> None:
     assert report.params_after > report.params_before  # untied head + shortcuts: the honest size problem
 
 
+@pytest.mark.real
 def test_default_display_name_resolves_to_the_embedded_model(tmp_path, monkeypatch) -> None:
     from slicegpt.io.models import DEFAULT_MODEL_NAME, resolve_model
 
