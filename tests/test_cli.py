@@ -128,3 +128,37 @@ def test_every_command_has_help(command: str, capsys) -> None:
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: slicegpt {command} ")
+
+
+def test_slice_to_a_parameter_target_never_exceeds_it(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    corpus = str(tiny_model_dir / "corpus.txt")
+    common = ("--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--uniform")
+    code, stdout, _ = _run(capsys, "slice", str(tiny_model_dir / "model"), "--target-params", "0.8", "--axes", "mlp,residual",
+                           "--residual-share", "0.5", "--correct", *common, "--out", str(tmp_path / "t"), "--json", str(tmp_path / "t.json"))
+    assert code == 0, stdout
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["params_sliced"] <= data["target_params"] == int(0.8 * data["params_dense"])
+    assert data["allocation"]["residual_share"] == 0.5 and "achieved" in stdout
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "t")  # a standard checkpoint: one width, one intermediate size
+    assert loaded.config.hidden_size == data["allocation"]["residual_width"]
+    assert loaded.config.intermediate_size == data["allocation"]["mlp_neurons"]
+    assert sum(p.numel() for p in loaded.parameters()) == data["params_sliced"]
+    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--target-params", "12k", *common, "--out", str(tmp_path / "u"))
+    _one_line_error(code, err, "leaves no MLP neurons")
+    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--target-params", "0.8", "--axes", "heads", *common,
+                        "--out", str(tmp_path / "v"))
+    _one_line_error(code, err, "unknown compression axes")
+    assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
+
+
+def test_sweep_over_parameter_targets(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    corpus = str(tiny_model_dir / "corpus.txt")
+    code, _, _ = _run(capsys, "sweep", str(tiny_model_dir / "model"), "--targets", "1,0.85", "--uniform", "--calib", corpus,
+                      "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--ppl", corpus, "--eval-seqlen", "32",
+                      "--out", str(tmp_path / "s"), "--no-plots")
+    assert code == 0
+    runs = json.loads((tmp_path / "s" / "results.json").read_text())["runs"]
+    assert [r["target"] for r in runs] == [None, 0.85] and runs[0]["dense"]
+    assert runs[1]["params_after"] <= runs[1]["target_params"] == int(0.85 * runs[1]["params_before"])

@@ -66,6 +66,10 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing calibration rows")
     p.add_argument("--slice-head", action="store_true", default=d.slice_head, help="also slice the last layer's output and the head's input")
     p.add_argument("--uniform", action="store_true", default=d.uniform, help="one rotation for the whole network: no shortcut matrices; a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; implies slicing the head")
+    p.add_argument("--axes", default=d.axes, help="with a parameter target: where to spend it, comma-separated: 'residual' (the stream's width: SliceGPT as in the paper), 'mlp' (MLP neurons, chosen greedily, down projection refit)")
+    p.add_argument("--residual-share", type=float, default=d.residual_share, help="with both axes: the share of the parameters to remove that the residual width takes (default: the best measured split)")
+    p.add_argument("--correct", action="store_true", default=d.correct, help="closed-form corrections: refit each attention and MLP output projection toward the dense model's stream (ridge chosen on held-out calibration rows)")
+    p.add_argument("--search", action="store_true", default=d.search, help="with a parameter target: measure the split between the axes on held-out calibration rows (one compression per candidate) instead of the default")
     p.add_argument("--pca-signal", default=d.pca_signal, choices=["normed", "residual"], help="PCA of the residual stream before each norm (reference behaviour, better), or of the normalised signal")
 
 
@@ -84,4 +88,19 @@ def slice_config_from_args(args: argparse.Namespace, sparsity: float) -> SliceCo
         slice_head=args.slice_head,
         pca_signal=args.pca_signal,
         uniform=args.uniform,
+        target_params=getattr(args, "target_params", None),
+        axes=args.axes,
+        residual_share=args.residual_share,
+        correct=args.correct,
+        search=args.search,
     )
+
+
+def parse_count(text: str) -> float:
+    """A parameter count or fraction: '100.9M', '1.2B', '9e7', '0.75' (a fraction of the model as shipped)."""
+    units = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a parameter count (100.9M, 1.2B, 9e7) or a fraction (0.75), got {text!r}") from None

@@ -15,7 +15,7 @@ from ..evaluation.perplexity import perplexity
 from ..io import folders
 from ..io.models import load_model
 from ..memory import peak_memory
-from .common import EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
+from .common import parse_count, EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
 
 HELP = "rotate and slice a model, then save it"
 DESCRIPTION = (
@@ -27,7 +27,8 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="hub id, local HF folder, .gguf file or folder holding one; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--sparsity", type=float, default=SLICE_DEFAULTS.sparsity, help="share of the hidden width to remove, in [0, 1)")
+    p.add_argument("--sparsity", type=float, default=SLICE_DEFAULTS.sparsity, help="share of the hidden width to remove, in [0, 1) (the paper's setting; ignored with --target-params)")
+    p.add_argument("--target-params", type=parse_count, default=None, metavar="N", help="a parameter budget instead: a count (100.9M, 1.2B) or a fraction of the model as shipped (0.75), tied weights counted once; the saved model never exceeds it. Spent as --axes says")
     add_slice_config_arguments(p)
     p.add_argument("--out", default=None, help="output folder (default: sliced/<model>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -47,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         folders.check_output_dir(args.out, args.overwrite)  # before any expensive work
     model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
-    out = args.out or os.path.join("sliced", f"{Path(name).name}-{round(config.sparsity * 100)}{'-uniform' if config.uniform else ''}")
+    tag = f"p{round(config.target_params * 100)}" if config.target_params is not None and config.target_params <= 1 else (
+        f"{config.target_params / 1e6:.0f}M" if config.target_params is not None else f"{round(config.sparsity * 100)}")
+    out = args.out or os.path.join("sliced", f"{Path(name).name}-{tag}{'-uniform' if config.uniform else ''}")
     folders.check_output_dir(out, args.overwrite)
 
     result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
@@ -63,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         share_removed=1 - report.params_after / report.params_before,
         slicing_seconds=report.seconds,
         widths=report.widths.to_dict(),
+        target_params=report.target_params,
+        allocation=report.allocation,
     )
     if args.ppl:
         sliced = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)

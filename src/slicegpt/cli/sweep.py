@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EVAL_DEFAULTS
     p.add_argument("model", nargs="?", default=None, help="hub id, local HF folder, .gguf file or folder holding one; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES), help="comma-separated sparsities in [0, 1); 0 is the dense model as shipped")
+    p.add_argument("--targets", default=None, help="parameter targets instead of sparsities: comma-separated fractions of the parameters as shipped, e.g. 1,0.8,0.75,0.7 (1 is the dense model); the budget is spent as --axes says")
     add_slice_config_arguments(p)
     p.add_argument("--ppl", default="wiki", metavar="DATA", help="perplexity data ('wiki', 'wikitext2', a .txt/.jsonl file; evaluation part), or 'none' (then --tasks is needed)")
     p.add_argument("--eval-seqlen", type=int, default=d.seqlen, help="row length for --ppl (clipped to the model's context); also the context for FLOPs per token")
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     config = slice_config_from_args(args, 0.0)
     evaluation = evaluation_from_args(args)
     out = args.out or os.path.join("sweeps", Path(args.model.rstrip("/")).name if args.model else DEFAULT_MODEL_NAME)
-    results = sweep(args.model, parse_sparsities(args.sparsities), config=config, evaluation=evaluation, out=out,
+    results = sweep(args.model, parse_sparsities(args.sparsities), targets=args.targets, config=config, evaluation=evaluation, out=out,
                     overwrite=args.overwrite, plots=not args.no_plots)
     print(format_sweep_markdown(results))
     print(f"results in {out}/ ({RESULTS_JSON}, {RESULTS_MD}{', plots' if results.get('plots') else ''})")

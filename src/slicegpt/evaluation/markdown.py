@@ -52,16 +52,22 @@ def _fmt_params(n: int) -> str:
 
 
 def format_slice_table(r: dict[str, Any]) -> str:
-    pct = round(r["settings"]["sparsity"] * 100)
     share = r["share_removed"]
+    target = r.get("target_params")
+    label = f"compressed to {_fmt_params(target)}" if target else f"sliced {round(r['settings']['sparsity'] * 100)}%"
     lines = [
         f"model: {r['model']}  ->  {r['out']}",
         "",
-        f"| | dense (as shipped) | sliced {pct}% |",
+        f"| | dense (as shipped) | {label} |",
         "|---|---:|---:|",
         f"| parameters | {_fmt_params(r['params_dense'])} | {_fmt_params(r['params_sliced'])} |",
         f"| share of parameters removed | | {share * 100:.1f}% |",
     ]
+    if target:
+        a = r.get("allocation") or {}
+        lines.append(f"| target (achieved never exceeds it) | | {target:,} (achieved {r['params_sliced']:,}) |")
+        lines.append(f"| residual width / MLP neurons per layer | {r['widths']['hidden']} / all | "
+                     f"{a.get('residual_width')} / {a.get('mlp_neurons') or 'all'} |")
     if "dense_perplexity" in r:
         d, s = r["dense_perplexity"], r["sliced_perplexity"]
         lines.append(f"| perplexity ({d['source']}, {d['rows']} x {d['seqlen']} tokens) | {d['perplexity']:.2f} | {s['perplexity']:.2f} |")

@@ -95,6 +95,17 @@ class SweepEval:
         return data
 
 
+def parse_targets(text: str | Sequence[float]) -> list[float]:
+    """'1,0.8,0.75' (or a sequence) -> parameter targets as fractions in (0, 1], largest first (1: dense)."""
+    try:
+        values = [float(v) for v in (text.split(",") if isinstance(text, str) else text) if str(v).strip()]
+    except ValueError:
+        raise ValueError(f"--targets must be comma-separated fractions, got {text!r}") from None
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise ValueError(f"every target must be a fraction in (0, 1] of the parameters as shipped, got {text!r}")
+    return sorted(set(values), reverse=True)
+
+
 def parse_sparsities(text: str | Sequence[float]) -> list[float]:
     """'0,0.1,0.25' (or a sequence) -> sorted, de-duplicated sparsities, each checked to lie in [0, 1)."""
     if isinstance(text, str):
@@ -154,27 +165,32 @@ def _measure(model: Any, tokenizer: Any, evaluation: SweepEval, device: str, pro
 
 
 def _one_run(model_name_or_path: str | None, sparsity: float, base: SliceConfig, evaluation: SweepEval,
-             progress: bool) -> tuple[str, dict[str, Any]]:
-    """Load, slice (unless sparsity is 0) and measure one model; returns its name and the run."""
+             progress: bool, target: float | None = None) -> tuple[str, dict[str, Any]]:
+    """Load, slice (unless sparsity is 0) and measure one model; returns its name and the run.
+
+    With ``target`` (a fraction of the parameters as shipped) the run compresses to that budget
+    and ``sparsity`` is its label, the share of parameters to remove.
+    """
     wall = time.perf_counter()
     model, tokenizer, name = load_model(model_name_or_path, dtype=base.dtype, require_sliceable=True)
     seq = clip_seqlen(model, evaluation.seqlen)
     params_before = count_parameters(model)
     flops_before = flops_per_token(model, seq)
-    run: dict[str, Any] = {"sparsity": sparsity, "dense": sparsity == 0.0}
+    run: dict[str, Any] = {"sparsity": sparsity, "dense": sparsity == 0.0, "target": target}
     if sparsity == 0.0:
         # The paper's 0% row: the model as shipped, not rotated (rotating at full width
         # changes nothing measurable but adds shortcut matrices).
         run.update(params_before=params_before, params_after=params_before, slicing_seconds=0.0, settings=None,
                    widths=None, variance_kept={}, spectra={}, calibration_tokens=0)
     else:
-        cfg = replace(base, sparsity=sparsity)
+        cfg = replace(base, sparsity=sparsity) if target is None else replace(base, target_params=target)
         report = slice_model(model, tokenizer, cfg.calib, cfg, progress=progress, source_model=name)
         run.update(
             params_before=report.params_before, params_after=report.params_after, slicing_seconds=report.seconds,
             settings=cfg.to_dict(), widths=report.widths.to_dict(), variance_kept=report.variance_kept(),
             spectra={k: _round_spectrum(v) for k, v in report.spectra.items()},
-            calibration_tokens=report.calibration_tokens,
+            calibration_tokens=report.calibration_tokens, target_params=report.target_params,
+            allocation=report.allocation,
         )
         del report
     run["share_removed"] = 1.0 - run["params_after"] / run["params_before"]
@@ -193,6 +209,7 @@ def sweep(
     model_name_or_path: str | None,
     sparsities: Sequence[float] | str = DEFAULT_SPARSITIES,
     *,
+    targets: Sequence[float] | str | None = None,
     config: SliceConfig | None = None,
     evaluation: SweepEval | None = None,
     out: str | os.PathLike[str] | None = None,
@@ -213,7 +230,11 @@ def sweep(
     """
     base = copy.deepcopy(config) if config is not None else SliceConfig()
     base.validate()
-    values = parse_sparsities(sparsities if isinstance(sparsities, str) else list(sparsities))
+    # With parameter targets (fractions of the model as shipped) each run is labelled by the share
+    # it must remove: target 0.75 is the 0.25 run, target 1 the dense model.
+    kept = parse_targets(targets) if targets is not None else None
+    values = [round(1.0 - t, 6) for t in kept] if kept is not None else parse_sparsities(
+        sparsities if isinstance(sparsities, str) else list(sparsities))
     evaluation = evaluation if evaluation is not None else SweepEval()
     evaluation.validate()
     # Everything that can fail cheaply fails before the first model is loaded.
@@ -232,6 +253,7 @@ def sweep(
         "slicegpt_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "sparsities": values,
+        "targets": kept,
         "settings": settings,
         "evaluation": {**evaluation.to_dict(), "device": base.device},
         "runs": [],
@@ -240,9 +262,10 @@ def sweep(
         out_dir.mkdir(parents=True, exist_ok=True)
 
     bar = tqdm(values, desc="sweep", unit="run", disable=not progress)
-    for sparsity in bar:
+    for i, sparsity in enumerate(bar):
         bar.set_postfix(sparsity=sparsity_label(sparsity))
-        results["model"], run = _one_run(model_name_or_path, sparsity, base, evaluation, progress)
+        target = None if kept is None or kept[i] >= 1.0 else kept[i]
+        results["model"], run = _one_run(model_name_or_path, sparsity, base, evaluation, progress, target)
         results["runs"].append(run)
         results["peak_rss_gb"] = peak_rss_gb()
         tqdm.write(_run_line(run), file=sys.stderr)
