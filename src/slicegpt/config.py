@@ -77,9 +77,10 @@ class SliceConfig:
         layer, chosen greedily from calibration statistics with the down projection refit).
     residual_share: with both axes, the share of the parameters to remove that the residual
         width takes (None: DEFAULT_RESIDUAL_SHARE, the best measured split).
-    correct: closed-form corrections: after each branch is compressed, refit its output projection
-        (o_proj, down_proj, ...) so the compressed stream matches the dense model's, by ridge least
-        squares toward the current weights, the strength chosen on held-out calibration rows.
+    correct: closed-form corrections: refit each branch's output projection (o_proj, down_proj, ...)
+        so that, fed the compressed model's stream, it writes what the dense model's branch writes,
+        by ridge least squares toward the current weights, the strength chosen on held-out
+        calibration rows.
         Costs one more pass of the dense model and one of each branch.
     search: with a target and both axes, measure the split instead of using the default: each
         candidate residual share compresses a copy of the model, the lowest loss on 8 further
