@@ -324,7 +324,14 @@ def slice_model(
     widths = fit_widths(policy.widths(D, n, spec.topology), spec)
     spectra: dict[str, list[float]] = {}
 
-    if config.uniform:
+    if config.uniform and widths.embedding == D and rotation.needs_statistics:
+        # The stream keeps its width (only MLP neurons go): any basis serves, the original one
+        # costs no pooling walk.
+        q = torch.eye(D, dtype=torch.float64)
+        if final_scale is not None:
+            q, final_scale = uniform.align_to_final_norm(q, D, final_scale)
+        rotation = FixedRotation(q)
+    elif config.uniform:
         # First walk: statistics only, the unrotated model at full width, pooling every point.
         pool = PooledCovariance(D)
         full = ConstantWidth(0.0, 1, slice_head=True).widths(D, n, spec.topology)

@@ -1,0 +1,137 @@
+"""SmolLM2-135M-Instruct compressed to parameter targets: the budget's methods against SliceGPT alone.
+
+    .venv/bin/python benchmarks/budget_smollm2.py                                   # 25%, uniform, both methods
+    .venv/bin/python benchmarks/budget_smollm2.py --targets 0.8,0.75,0.7 --modes uniform,per-layer
+
+Each job runs in a fresh process: load the embedded model, compress it to the target (a fraction
+of the 134.5M parameters as shipped, tied head counted once) with calibration rows from the
+'wiki' calibration part, then perplexity on the 'wiki' evaluation part (--wiki-rows rows of 1024
+tokens; all 171 by default) and on a second domain no calibration text comes from ('lambada':
+novels, --books-rows rows), and optionally zero-shot accuracy (--tasks, --limit items per task).
+Methods:
+  slicegpt  --axes residual: the paper's method, the residual width alone (--round-to 1 so the
+            width can land on one the standard config accepts just under the target);
+  budget    the default of --target-params (MLP neurons, chosen greedily, down projection refit),
+            with the options given by --budget-args.
+Results: a markdown table on stdout, every job in benchmarks/results/budget_smollm2.json (a job
+already there is not run again unless --rerun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+METHODS = {"slicegpt": {"axes": "residual", "round_to": 1}, "budget": {}}
+
+
+def one_run(job: dict) -> dict:
+    import torch
+
+    import slicegpt
+    from slicegpt.memory import peak_rss_gb
+
+    torch.manual_seed(0)
+    model, tokenizer, name = slicegpt.load_model()
+    result = dict(job)
+    if job["method"] != "dense":
+        settings = {**METHODS[job["method"]], **(job.get("budget_args") or {} if job["method"] == "budget" else {})}
+        config = slicegpt.SliceConfig(target_params=job["target"], uniform=job["mode"] == "uniform", nsamples=job["nsamples"],
+                                      seqlen=1024, **settings)
+        report = slicegpt.slice_model(model, tokenizer, "wiki", config, source_model=name)
+        result.update(params=report.params_after, params_dense=report.params_before, target_params=report.target_params,
+                      allocation=report.allocation, slicing_seconds=report.seconds, settings=config.to_dict(),
+                      refits=report.refits)
+    else:
+        result.update(params=slicegpt.count_parameters(model), params_dense=slicegpt.count_parameters(model))
+    wiki = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024, max_rows=job["wiki_rows"])
+    books = slicegpt.perplexity(model, tokenizer, "lambada", seqlen=1024, max_rows=job["books_rows"])
+    result.update(wiki=wiki.perplexity, wiki_rows=wiki.rows, wiki_first16=wiki.perplexity_of_first(16),
+                  books=books.perplexity, books_rows=books.rows)
+    if job.get("tasks"):
+        from slicegpt.evaluation.tasks import evaluate_tasks
+
+        result["tasks"] = evaluate_tasks(model, tokenizer, job["tasks"].split(","), limit=job["limit"], batch_size=16,
+                                         offline=True, device="cpu")
+    result["peak_rss_gb"] = peak_rss_gb()
+    result["torch_threads"] = torch.get_num_threads()
+    return result
+
+
+def _key(r: dict) -> tuple:
+    return (r["method"], r["mode"], r["target"], json.dumps(r.get("budget_args") or {}, sort_keys=True))
+
+
+def table(rows: list[dict]) -> str:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    out = ["| method | mode | target | parameters | residual width | MLP neurons | wiki ppl (rows) | x dense | books ppl (rows) | x dense | zero-shot avg | slicing s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        a = r.get("allocation") or {}
+        avg = (r.get("tasks") or {}).get("average")
+        wx = r["wiki"] / dense["wiki"] if dense and dense["wiki_rows"] == r["wiki_rows"] else float("nan")
+        bx = r["books"] / dense["books"] if dense and dense["books_rows"] == r["books_rows"] else float("nan")
+        out.append(f"| {r['method']}{' ' + json.dumps(r['budget_args']) if r.get('budget_args') else ''} | {r['mode']} | "
+                   f"{r['target'] if r['target'] else ''} | {r['params'] / 1e6:.2f}M | {a.get('residual_width', 576)} | "
+                   f"{a.get('mlp_neurons') or 1536} | {r['wiki']:.2f} ({r['wiki_rows']}) | {wx:.2f} | {r['books']:.2f} ({r['books_rows']}) | "
+                   f"{bx:.2f} | {'' if avg is None else f'{100 * avg:.1f}'} | {r.get('slicing_seconds', 0):.0f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", default="0.75")
+    p.add_argument("--modes", default="uniform")
+    p.add_argument("--methods", default="dense,slicegpt,budget")
+    p.add_argument("--budget-args", default="{}", help="JSON of SliceConfig fields for the budget method, e.g. '{\"correct\": true}'")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--wiki-rows", type=int, default=None)
+    p.add_argument("--books-rows", type=int, default=64)
+    p.add_argument("--tasks", default=None)
+    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--rerun", action="store_true")
+    p.add_argument("--out", default=str(RESULTS / "budget_smollm2.json"))
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+        return
+    jobs = []
+    for method in args.methods.split(","):
+        for mode in ["-"] if method == "dense" else args.modes.split(","):
+            for target in [None] if method == "dense" else [float(t) for t in args.targets.split(",")]:
+                jobs.append(dict(method=method, mode=mode, target=target, nsamples=args.nsamples, wiki_rows=args.wiki_rows,
+                                 books_rows=args.books_rows, tasks=args.tasks, limit=args.limit,
+                                 budget_args=json.loads(args.budget_args) if method == "budget" else None))
+    out_path = Path(args.out)
+    results: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
+    for job in jobs:
+        same = ("nsamples", "books_rows", "tasks", "limit")
+        done = [r for r in results if _key(r) == _key(job) and all(r.get(k) == job[k] for k in same)
+                and (job["wiki_rows"] is None or r["wiki_rows"] == job["wiki_rows"])]
+        if done and not args.rerun:
+            continue
+        print(f"== {job['method']} {job['mode']} {job['target']} {job.get('budget_args') or ''}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"job {job} failed")
+        r = json.loads(line[-1][7:])
+        r["wall_seconds"] = time.perf_counter() - start
+        results = [x for x in results if _key(x) != _key(r)] + [r]
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({"runs": results}, indent=2) + "\n")
+        print(table([x for x in results if x["method"] == "dense"] + [r]).splitlines()[-1], flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
