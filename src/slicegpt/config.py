@@ -82,6 +82,9 @@ class SliceConfig:
         by ridge least squares toward the current weights, the strength chosen on held-out
         calibration rows.
         Costs one more pass of the dense model and one of each branch.
+    token_weighting: how calibration tokens count in MLP neuron selection and refits: 'none'
+        (equally) or 'norm' (by 1 / the mean square of the stream the MLP writes into, so that the
+        few tokens with massive activations do not decide the fit).
     search: with a target and both axes, measure the split instead of using the default: each
         candidate residual share compresses a copy of the model, the lowest loss on 8 further
         calibration rows (held out from every statistic) wins (costs one compression per candidate).
@@ -105,6 +108,7 @@ class SliceConfig:
     residual_share: float | None = None
     correct: bool = False
     search: bool = False
+    token_weighting: Literal["none", "norm"] = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +126,8 @@ class SliceConfig:
             raise ValueError(f"target_params must be positive, got {self.target_params}")
         if self.residual_share is not None and not 0.0 <= float(self.residual_share) <= 1.0:
             raise ValueError(f"residual_share must be in [0, 1], got {self.residual_share}")
+        if self.token_weighting not in ("none", "norm"):
+            raise ValueError(f"token_weighting must be 'none' or 'norm', got {self.token_weighting!r}")
         if self.damping < 0:
             raise ValueError("damping must be non-negative")
         parse_dtype(self.dtype)

@@ -104,7 +104,7 @@ def calibrate_block(
         mid = q_mid[:, : w.d_mid].to(dtype)
         if prune is not None or dense is not None:
             _refit_mlp(block, spec, inputs, lambda r: (r @ mid) @ mid.t(), None if dense is None else dense[1], prune,
-                       device, choose.refits, f"layer.{index}.mlp")
+                       device, choose.refits, f"layer.{index}.mlp", config.token_weighting)
         cov = None if keep_full or not wants_pca else Covariance(D, device)
         for i, r in stream(inputs.hidden, device):  # the MLP once per batch, on the sliced mid stream
             y = (r @ mid) @ mid.t()
@@ -114,7 +114,8 @@ def calibrate_block(
             inputs.hidden[i] = o.cpu()
     else:
         if prune is not None:
-            _refit_mlp(block, spec, inputs, lambda x: x @ back_in, None, prune, device, choose.refits, f"layer.{index}.mlp")
+            _refit_mlp(block, spec, inputs, lambda x: x @ back_in, None, prune, device, choose.refits, f"layer.{index}.mlp",
+                       config.token_weighting)
         cov = None if keep_full or not wants_pca else Covariance(D, device)
         for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
             args, kwargs = inputs.layer_call(index, i, device)
@@ -182,7 +183,8 @@ def _refit_attention(block: SlicedBlock, spec: ArchSpec, index: int, inputs: Lay
 
 
 def _refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input: Callable[[torch.Tensor], torch.Tensor],
-               targets: list | None, keep: int | None, device: torch.device, record: dict[str, float], point: str) -> None:
+               targets: list | None, keep: int | None, device: torch.device, record: dict[str, float], point: str,
+               weighting: str) -> None:
     """Keep ``keep`` MLP neurons (all with None) and refit the MLP's writer on them.
 
     The target is what the dense model's MLP writes (``targets``), or the MLP's own unpruned
@@ -196,12 +198,20 @@ def _refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input
     try:
         for i, h in stream(inputs.hidden, device):
             y = to_input(h)
-            block.mlp_branch(y)
+            m = block.mlp_branch(y)
             t = None
             if targets is not None:
                 t = targets[i].to(device, torch.float64)
                 t = t if bias is None else t - bias
-            moments.add(rec.last, t, i == held)
+            x = rec.last
+            if weighting == "norm":
+                # What the next norm sees of an error is its size relative to the token's stream:
+                # weight each token by 1 / mean((y + mlp(y))^2), so that a few tokens with massive
+                # activations (attention sinks) do not decide the fit for all the others.
+                wt = torch.rsqrt((y + m).to(torch.float64).pow(2).mean(-1, keepdim=True) + 1e-12)
+                x = x * wt.to(x.dtype)
+                t = None if t is None else t * wt
+            moments.add(x, t, i == held)
     finally:
         rec.remove()
     for m in (moments.fit, moments.held):
