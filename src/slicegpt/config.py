@@ -78,9 +78,9 @@ class SliceConfig:
     residual_share: with both axes, the share of the parameters to remove that the residual
         width takes (None: DEFAULT_RESIDUAL_SHARE, the best measured split).
     correct: closed-form corrections: refit each branch's output projection (o_proj, down_proj, ...)
-        so that, fed the compressed model's stream, it writes what the dense model's branch writes,
-        by ridge least squares toward the current weights, the strength chosen on held-out
-        calibration rows.
+        so that the compressed model's stream after the branch matches the dense model's, by ridge
+        least squares toward the current weights, the strength chosen on held-out calibration rows;
+        with MLP neurons pruned, they are also chosen for that target.
         Costs one more pass of the dense model and one of each branch.
     token_weighting: how calibration tokens count in MLP neuron selection and refits: 'none'
         (equally) or 'norm' (by 1 / the mean square of the stream the MLP writes into, so that the
