@@ -163,3 +163,16 @@ def test_bad_folders_are_refused(tmp_path: Path) -> None:
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SlicedFolderError, match="format version 99"):
         slicegpt.load(out)
+
+
+@pytest.mark.parametrize("kind", ["per_layer", "uniform"])
+def test_folders_written_by_format_1_before_the_restructure_still_load(kind: str) -> None:
+    """tests/data holds a tiny Llama sliced and saved by slicegpt 0.1.0 as it was before the
+    package was restructured (commit 0279580), with the logits it computed then."""
+    data = Path(__file__).parent / "data"
+    expected = torch.load(data / "format1_logits.pt")
+    model = slicegpt.load(data / f"format1_{kind}")
+    assert model.slicegpt_metadata["format_version"] == 1
+    with torch.inference_mode():
+        logits = model(input_ids=expected["input_ids"]).logits
+    assert torch.allclose(logits, expected[kind], atol=1e-5, rtol=0), (logits - expected[kind]).abs().max()
