@@ -187,3 +187,34 @@ def test_split_search_measures_each_candidate_on_held_out_rows_and_keeps_the_bes
     assert report.widths.embedding == best["residual_width"] and report.params_after == best["params"]
     assert all(r["params"] <= report.target_params for r in records)
     assert slicegpt.read_metadata(slicegpt.save(model, tmp_path / "m"))["allocation"]["search"] == records
+
+
+def test_every_uniform_width_a_sweep_reports_saves_and_reloads_in_plain_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from slicegpt.evaluation.sweep import SweepEval, sweep
+
+    base = slicegpt.SliceConfig(round_to=1, batch_size=4, nsamples=4, seqlen=24, uniform=True, calib=slicegpt.Text(_TEXT))
+    results = sweep(_tiny_dir(tmp_path), "0.1,0.2,0.3", config=base,
+                    evaluation=SweepEval(ppl=slicegpt.Text(_TEXT), seqlen=24), plots=False, progress=False)
+    widths = [r["widths"]["embedding"] for r in results["runs"]]
+    assert all(w % 4 == 0 for w in widths) and len(set(widths)) == 3  # 4 heads: multiples of 4 only
+    for run in results["runs"]:
+        model = make_tiny("llama", dtype=torch.float32)
+        config = slicegpt.SliceConfig(**{**run["settings"], "calib": "wiki"})
+        slicegpt.slice_model(model, None, calib_rows(8), config, progress=False)
+        assert model.model.embed_tokens.weight.shape[1] == run["widths"]["embedding"]
+        out = slicegpt.save(model, tmp_path / f"u{run['sparsity']}")
+        assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == run["widths"]["embedding"]
+
+
+_TEXT = " ".join(f"word{i % 97} and word{i % 13}." for i in range(3000))
+
+
+def _tiny_dir(tmp_path: Path) -> str:
+    from conftest import tiny_tokenizer
+
+    folder = tmp_path / "dense"
+    make_tiny("llama", dtype=torch.float32).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
