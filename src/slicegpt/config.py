@@ -80,7 +80,8 @@ class SliceConfig:
     correct: closed-form corrections: refit each branch's output projection (o_proj, down_proj, ...)
         so that the compressed model's stream after the branch matches the dense model's, by ridge
         least squares toward the current weights, the strength chosen on held-out calibration rows;
-        with MLP neurons pruned, they are also chosen for that target.
+        with MLP neurons pruned, they are also chosen for that target. None: on with a parameter
+        target (the best measured), off for the paper's ``sparsity``.
         Costs one more pass of the dense model and one of each branch.
     token_weighting: how calibration tokens count in MLP neuron selection and refits: 'none'
         (equally) or 'norm' (by 1 / the mean square of the stream the MLP writes into, so that the
@@ -106,7 +107,7 @@ class SliceConfig:
     target_params: float | None = None
     axes: str = "mlp,residual"
     residual_share: float | None = None
-    correct: bool = False
+    correct: bool | None = None
     search: bool = False
     token_weighting: Literal["none", "norm"] = "none"
 
@@ -131,6 +132,11 @@ class SliceConfig:
         if self.damping < 0:
             raise ValueError("damping must be non-negative")
         parse_dtype(self.dtype)
+
+    @property
+    def corrections(self) -> bool:
+        """Whether closed-form corrections run (``correct``, or its default for the mode)."""
+        return self.target_params is not None if self.correct is None else bool(self.correct)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

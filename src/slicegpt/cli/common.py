@@ -68,7 +68,7 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uniform", action="store_true", default=d.uniform, help="one rotation for the whole network: no shortcut matrices; a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; implies slicing the head")
     p.add_argument("--axes", default=d.axes, help="with a parameter target: where to spend it, comma-separated: 'residual' (the stream's width: SliceGPT as in the paper), 'mlp' (MLP neurons, chosen greedily, down projection refit)")
     p.add_argument("--residual-share", type=float, default=d.residual_share, help="with both axes: the share of the parameters to remove that the residual width takes (default: the best measured split)")
-    p.add_argument("--correct", action="store_true", default=d.correct, help="closed-form corrections: refit each attention and MLP output projection toward the dense model's stream (ridge chosen on held-out calibration rows)")
+    p.add_argument("--correct", action=argparse.BooleanOptionalAction, default=d.correct, help="closed-form corrections: refit the output projections of compressed branches so the stream matches the dense model's (ridge chosen on held-out calibration rows); default: on with --target-params, off with --sparsity")
     p.add_argument("--search", action="store_true", default=d.search, help="with a parameter target: measure the split between the axes on held-out calibration rows (one compression per candidate) instead of the default")
     p.add_argument("--pca-signal", default=d.pca_signal, choices=["normed", "residual"], help="PCA of the residual stream before each norm (reference behaviour, better), or of the normalised signal")
 

@@ -57,5 +57,6 @@ class SliceReport:
             "variance_kept": self.variance_kept(),
             "target_params": self.target_params,
             "allocation": self.allocation,
+            "corrections": self.config.corrections,
             "refits": self.refits,
         }
