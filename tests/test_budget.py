@@ -222,3 +222,13 @@ def _tiny_dir(tmp_path: Path) -> str:
     make_tiny("llama", dtype=torch.float32).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+def test_per_layer_targets_move_budget_to_the_residual_width_when_neurons_cannot_reach_them() -> None:
+    # per-layer mode pays for shortcut matrices and an untied head: MLP neurons alone cannot get
+    # a tiny Llama down to 85%, so the residual width takes a larger share, which is recorded
+    model = make_tiny("llama", dtype=torch.float32)
+    config = slicegpt.SliceConfig(batch_size=4, target_params=0.85, residual_share=0.0)
+    report = slicegpt.slice_model(model, None, calib_rows(8), config, progress=False)
+    assert report.params_after <= report.target_params
+    assert report.allocation["residual_share"] > 0 and report.widths.embedding < 64

@@ -145,7 +145,8 @@ def test_slice_to_a_parameter_target_never_exceeds_it(tiny_model_dir: Path, tmp_
     assert loaded.config.hidden_size == data["allocation"]["residual_width"]
     assert loaded.config.intermediate_size == data["allocation"]["mlp_neurons"]
     assert sum(p.numel() for p in loaded.parameters()) == data["params_sliced"]
-    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--target-params", "12k", *common, "--out", str(tmp_path / "u"))
+    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--target-params", "12k", "--axes", "mlp", *common,
+                        "--out", str(tmp_path / "u"))
     _one_line_error(code, err, "leaves no MLP neurons")
     code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--target-params", "0.8", "--axes", "heads", *common,
                         "--out", str(tmp_path / "v"))

@@ -91,6 +91,7 @@ class BudgetWidth:
     round_to: int = 8
     slice_head: bool = False
     valid_width: Any = None  # callable(d) -> bool, e.g. the family's head-count divisibility
+    residual_allowed: bool = True  # may the residual width take more when neurons cannot reach the target
 
     def _widths(self, d: int, k: int | None) -> Widths:
         base = ConstantWidth(0.0, 1, self.slice_head, width=d).widths(
@@ -102,13 +103,30 @@ class BudgetWidth:
         return d % self.round_to == 0 and (self.valid_width is None or self.valid_width(d))
 
     def widths(self, hidden: int, num_layers: int, topology: str) -> Widths:
+        return self.split(hidden)[0]
+
+    def split(self, hidden: int) -> tuple[Widths, float]:
+        """The widths, and the residual share they were found at: when MLP neurons alone cannot
+        reach the target at ``residual_share`` (per-layer mode pays for shortcut matrices and an
+        untied head), the residual width takes more, in steps of a quarter."""
+        more = (0.25, 0.5, 0.75, 1.0) if self.residual_allowed else ()
+        shares = [self.residual_share] + [s for s in more if s > self.residual_share]
+        for i, share in enumerate(shares):
+            try:
+                return self._at(hidden, share), share
+            except ValueError as exc:
+                if i == len(shares) - 1 or "leaves no MLP neurons" not in str(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _at(self, hidden: int, residual_share: float) -> Widths:
         full = self.counter.count(self._widths(hidden, None))
         if self.target >= full:
             raise ValueError(f"the target {self.target:,} parameters is not below the model's {full:,}: nothing to remove")
         # residual width first: its share of the parameters to remove
-        want = full - self.residual_share * (full - self.target)
+        want = full - residual_share * (full - self.target)
         d = hidden
-        if self.residual_share > 0:
+        if residual_share > 0:
             candidates = [c for c in range(hidden, 0, -1) if self._widths_ok(c) or c == hidden]
             d = next((c for c in candidates if self.counter.count(self._widths(c, None)) <= want), candidates[-1])
         at_d = self.counter.count(self._widths(d, None))
