@@ -19,7 +19,7 @@ from torch import nn
 
 # Relative ridge strengths tried on the held-out rows; the largest leave the weights nearly as they
 # were, so a refit that does not generalise is declined.
-RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
+RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
 
 
 @dataclass
