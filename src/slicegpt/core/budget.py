@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..arch import ArchSpec, UnsupportedModelError
 from .block import BlockBases, slice_block, slice_embeddings, slice_head

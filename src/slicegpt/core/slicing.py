@@ -21,6 +21,10 @@ model. For a sequential layer with input basis Q_in (kept width d_in)::
     y   = r Q_mid Q_mid^T                           [B, T, D]   (the sliced mid stream, carried back)
     o   = y + mlp(norm(y))                          [B, T, D]   PCA -> Q_out
     out = o Q_out                                   [B, T, d_out] next layer's input
+
+With MLP neurons to prune or corrections on, :mod:`slicegpt.core.corrections` adds its passes
+between these (the dense model's layer, once; attention's writer refit; the MLP's neuron choice
+and writer refit), each before the pass whose output it changes.
 """
 
 from __future__ import annotations
@@ -34,11 +38,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchSpec, UnsupportedModelError, spec_for_config
+from ..arch import ArchSpec, spec_for_config
 from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig
 from ..data import Rows, calibration_rows_for
 from ..memory import release_free_memory
-from . import allocate, neurons, ops, refit, uniform
+from . import allocate, corrections, neurons, uniform
 from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
 from .block import BlockBases, slice_block, slice_embeddings, slice_head
 from .capture import LayerInputs, capture_layer_inputs, stream
@@ -46,7 +50,7 @@ from .modules import SlicedBlock, WeightlessRMSNorm
 from .pca import Covariance, FixedRotation, PCARotation, PooledCovariance, RotationSource
 from .report import SliceReport
 from .streams import LoopState, Streams
-from .surgery import count_parameters, get_layers, hidden_size, is_tied, prepare, weight_refs
+from .surgery import count_parameters, get_layers, hidden_size, is_tied, prepare
 from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
 
 
@@ -87,14 +91,14 @@ def calibrate_block(
     back_in = q_in[:, : w.d_in].t().to(dtype)  # (d_in, D): back to the original basis
     wants_pca = choose.rotation.needs_statistics
     prune = w.mlp if w.mlp is not None and w.mlp < neurons.intermediate_size(block, spec) else None
-    dense = _dense_layer(block, index, inputs, device) if inputs.reference is not None else None
+    dense = corrections.dense_layer(block, index, inputs, device) if inputs.reference is not None else None
     q_mid = None
     if spec.topology == "sequential":
         if dense is not None:
             # also where attention itself is not compressed (MLP neurons only): its refit lets it
             # cancel what upstream pruning changed (SmolLM2, 25% of parameters by MLP neurons, 32
             # calibration rows: wiki 2.49x / books 3.26x dense perplexity with it, 2.46x / 3.43x without)
-            _refit_attention(block, spec, index, inputs, back_in, dense[0], device, choose.refits)
+            corrections.refit_attention(block, spec, index, inputs, back_in, dense[0], device, choose.refits)
         cov = Covariance(D, device) if wants_pca else None
         for i, x in stream(inputs.hidden, device):  # attention once per batch
             args, kwargs = inputs.layer_call(index, i, device)
@@ -106,7 +110,7 @@ def calibrate_block(
         q_mid = choose(f"layer.{index}.mid", cov)
         mid = q_mid[:, : w.d_mid].to(dtype)
         if prune is not None or dense is not None:
-            _refit_mlp(block, spec, inputs, lambda r: (r @ mid) @ mid.t(), None if dense is None else dense[1], prune,
+            corrections.refit_mlp(block, spec, inputs, lambda r: (r @ mid) @ mid.t(), None if dense is None else dense[1], prune,
                        device, choose.refits, f"layer.{index}.mlp", config.token_weighting)
         cov = None if keep_full or not wants_pca else Covariance(D, device)
         for i, r in stream(inputs.hidden, device):  # the MLP once per batch, on the sliced mid stream
@@ -117,7 +121,7 @@ def calibrate_block(
             inputs.hidden[i] = o.cpu()
     else:
         if prune is not None:
-            _refit_mlp(block, spec, inputs, lambda x: x @ back_in, None, prune, device, choose.refits, f"layer.{index}.mlp",
+            corrections.refit_mlp(block, spec, inputs, lambda x: x @ back_in, None, prune, device, choose.refits, f"layer.{index}.mlp",
                        config.token_weighting)
         cov = None if keep_full or not wants_pca else Covariance(D, device)
         for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
@@ -132,107 +136,6 @@ def calibrate_block(
     q_out = torch.eye(D, dtype=torch.float64, device=device) if keep_full else choose(f"layer.{index}.out", cov)
     inputs.project(q_out[:, : w.d_out], device)
     return BlockBases(q_in=q_in, q_mid=q_mid, q_out=q_out)
-
-
-def _held_out(batches: int) -> int:
-    """The calibration batch whose rows choose ridge strengths (the last; none with one batch)."""
-    return batches - 1 if batches > 1 else -1
-
-
-def _dense_layer(block: SlicedBlock, index: int, inputs: LayerInputs, device: torch.device) -> tuple[list, list]:
-    """The dense model's stream after attention and after the MLP, per batch (host, original basis).
-
-    Run before this block's weights change: the prepared block computes the dense layer exactly.
-    """
-    mids, outs = [], []
-    for i, x in stream(inputs.reference, device):
-        args, kwargs = inputs.layer_call(index, i, device)
-        r = x + block.attn_branch(x, args, kwargs)
-        mids.append(r.cpu())
-        outs.append((r + block.mlp_branch(r)).cpu())
-    return mids, outs
-
-
-def _writer(refs: list, what: str) -> Any:
-    if len(refs) != 1 or refs[0].tensor.dim() != 2:
-        raise UnsupportedModelError(f"closed-form corrections need one plain {what} matrix per layer; use correct=False")
-    return refs[0]
-
-
-def _refit_attention(block: SlicedBlock, spec: ArchSpec, index: int, inputs: LayerInputs, back_in: torch.Tensor,
-                     targets: list, device: torch.device, record: dict[str, float]) -> None:
-    """Refit attention's output projection so that the compressed stream after attention lands on the
-    dense model's: min E||r_dense - x - attn(x)||^2 over the projection, ridge chosen on held-out
-    rows. Each branch so also cancels what the layers before it got wrong (matching the dense
-    branch's own output instead shrinks every layer's output, the fit being made on perturbed
-    inputs, and that compounds: 6.3x dense perplexity against 2.4x on SmolLM2)."""
-    if spec.post_norms is not None:
-        raise UnsupportedModelError(f"{spec.name}: corrections through post-norms are not supported; use correct=False")
-    ref = _writer(weight_refs(block, spec.attn_outputs), "attention output")
-    bias = ops.get_bias(ref)
-    held = _held_out(len(inputs.hidden))
-    moments, rec = refit.FitMoments(), refit.InputRecorder(ref.module)
-    try:
-        for i, x in stream(inputs.hidden, device):
-            args, kwargs = inputs.layer_call(index, i, device)
-            xb = x @ back_in
-            block.attn_branch(xb, args, kwargs)
-            t = targets[i].to(device, torch.float64) - xb.to(torch.float64)
-            moments.add(rec.last, t if bias is None else t - bias, i == held)
-    finally:
-        rec.remove()
-    w, rel = refit.refit(moments, ops.get_matrix(ref))
-    ops.set_matrix(ref, w)
-    record[f"layer.{index}.attn"] = rel
-
-
-def _refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input: Callable[[torch.Tensor], torch.Tensor],
-               targets: list | None, keep: int | None, device: torch.device, record: dict[str, float], point: str,
-               weighting: str) -> None:
-    """Keep ``keep`` MLP neurons (all with None) and refit the MLP's writer on them.
-
-    The target is the dense model's stream after the MLP less the compressed stream before it
-    (``targets``: the stream lands back on the dense one), or the MLP's own unpruned output on the
-    compressed stream; neurons are chosen greedily for that least-squares problem (:mod:`slicegpt.core.neurons`).
-    """
-    ref = _writer(neurons.mlp_neuron_refs(block, spec)[1], "MLP output")
-    w0 = ops.get_matrix(ref)  # (D, n)
-    bias = ops.get_bias(ref)
-    held = _held_out(len(inputs.hidden))
-    moments, rec = refit.FitMoments(), refit.InputRecorder(ref.module)
-    try:
-        for i, h in stream(inputs.hidden, device):
-            y = to_input(h)
-            m = block.mlp_branch(y)
-            t = None
-            if targets is not None:
-                t = targets[i].to(device, torch.float64) - y.to(torch.float64)
-                t = t if bias is None else t - bias
-            x = rec.last
-            if weighting == "norm":
-                # What the next norm sees of an error is its size relative to the token's stream:
-                # weight each token by 1 / mean((y + mlp(y))^2), so that a few tokens with massive
-                # activations (attention sinks) do not decide the fit for all the others.
-                wt = torch.rsqrt((y + m).to(torch.float64).pow(2).mean(-1, keepdim=True) + 1e-12)
-                x = x * wt.to(x.dtype)
-                t = None if t is None else t * wt
-            moments.add(x, t, i == held)
-    finally:
-        rec.remove()
-    for m in (moments.fit, moments.held):
-        if m.count and m.xt is None:  # the MLP's own output: E[h^T t] = E[h^T h] W^T
-            m.xt = m.xx @ w0.t()
-    n = w0.shape[1]
-    index = torch.arange(n, device=w0.device)
-    if keep is not None:
-        cov, cross = moments.fit.merged(moments.held).mean() if moments.held.count else moments.fit.mean()
-        index = neurons.greedy_neurons(cov, w0, keep, cross=cross)
-        for m in (moments.fit, moments.held):
-            if m.count:
-                m.xx, m.xt = m.xx[index][:, index], m.xt[index]
-    w, rel = refit.refit(moments, w0[:, index])
-    neurons.keep_neurons(block, spec, index, [w])
-    record[point] = rel
 
 
 def walk(
