@@ -9,8 +9,10 @@ of the 134.5M parameters as shipped, tied head counted once) with calibration ro
 tokens; all 171 by default) and on a second domain no calibration text comes from ('lambada':
 novels, --books-rows rows), and optionally zero-shot accuracy (--tasks, --limit items per task).
 Methods:
-  slicegpt  --axes residual: the paper's method, the residual width alone (--round-to 1 so the
-            width can land on one the standard config accepts just under the target);
+  slicegpt  --axes residual --no-correct: the paper's method, the residual width alone
+            (--round-to 1 so the width can land on one the standard config accepts just under
+            the target);
+  residual+correct  the same width with the closed-form corrections;
   budget    the default of --target-params (MLP neurons, chosen greedily, down projection refit),
             with the options given by --budget-args.
 Results: a markdown table on stdout, every job in benchmarks/results/budget_smollm2.json (a job
@@ -28,7 +30,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-METHODS = {"slicegpt": {"axes": "residual", "round_to": 1}, "budget": {}}
+METHODS = {"slicegpt": {"axes": "residual", "round_to": 1, "correct": False},
+           "residual+correct": {"axes": "residual", "round_to": 1, "correct": True}, "budget": {}}
 
 
 def one_run(job: dict) -> dict:
