@@ -231,3 +231,18 @@ def test_per_layer_targets_move_budget_to_the_residual_width_when_neurons_cannot
     report = slicegpt.slice_model(model, None, calib_rows(8), config, progress=False)
     assert report.params_after <= report.target_params
     assert report.allocation["residual_share"] > 0 and report.widths.embedding < 64
+
+
+def test_corrections_default_on_with_a_target_and_token_weighting_changes_the_fit() -> None:
+    assert slicegpt.SliceConfig(target_params=0.8).corrections and not slicegpt.SliceConfig(sparsity=0.25).corrections
+    assert not slicegpt.SliceConfig(target_params=0.8, correct=False).corrections
+    with pytest.raises(ValueError, match="token_weighting"):
+        slicegpt.SliceConfig(token_weighting="max")
+    down = {}
+    for weighting in ("none", "norm"):
+        model = make_tiny("llama", dtype=torch.float32)
+        config = slicegpt.SliceConfig(batch_size=4, uniform=True, target_params=0.85, axes="mlp", token_weighting=weighting)
+        report = slicegpt.slice_model(model, None, calib_rows(16), config, progress=False)
+        assert report.params_after <= report.target_params and report.summary()["corrections"]
+        down[weighting] = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    assert down["none"].shape == down["norm"].shape and not torch.allclose(down["none"], down["norm"])
