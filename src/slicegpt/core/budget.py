@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -102,17 +103,19 @@ class BudgetWidth:
         return d % self.round_to == 0 and (self.valid_width is None or self.valid_width(d))
 
     def widths(self, hidden: int, num_layers: int, topology: str) -> Widths:
-        return self.split(hidden)[0]
+        return self.split[0]
 
-    def split(self, hidden: int) -> tuple[Widths, float]:
-        """The widths, and the residual share they were found at: when MLP neurons alone cannot
-        reach the target at ``residual_share`` (per-layer mode pays for shortcut matrices and an
+    @cached_property
+    def split(self) -> tuple[Widths, float]:
+        """The widths, and the residual share they were found at (found once: each candidate is
+        counted on a skeleton, and slicing asks before any work and again when it starts). When
+        MLP neurons alone cannot reach the target at ``residual_share`` (per-layer mode pays for shortcut matrices and an
         untied head), the residual width takes more, in steps of a quarter."""
         more = (0.25, 0.5, 0.75, 1.0) if self.residual_allowed else ()
         shares = [self.residual_share] + [s for s in more if s > self.residual_share]
         for i, share in enumerate(shares):
             try:
-                return self._at(hidden, share), share
+                return self._at(self.counter.hidden, share), share
             except ValueError as exc:
                 if i == len(shares) - 1 or "leaves no MLP neurons" not in str(exc):
                     raise

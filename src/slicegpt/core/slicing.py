@@ -280,7 +280,7 @@ def slice_model(
     )
     if isinstance(policy, BudgetWidth):
         report.target_params = policy.target
-        report.allocation = {"axes": list(parse_axes(config.axes)), "residual_share": policy.split(D)[1],
+        report.allocation = {"axes": list(parse_axes(config.axes)), "residual_share": policy.split[1],
                              "residual_width": widths.embedding, "mlp_neurons": widths.layers[0].mlp}
         if report.params_after > policy.target:  # counted on the meta skeleton; the real model must agree
             raise RuntimeError(f"compressed model has {report.params_after:,} parameters, above the target {policy.target:,}")
@@ -296,7 +296,7 @@ def _budget_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shippe
     valid = (lambda d: uniform.width_accepted(model.config, d)) if config.uniform else None
     policy = BudgetWidth(resolve_target(config.target_params, shipped), counter, share, config.round_to,
                          config.slice_head or config.uniform, valid, residual_allowed="residual" in axes)
-    policy.widths(counter.hidden, counter.layers, spec.topology)  # an impossible target fails here, before any work
+    policy.split  # an impossible target fails here, before any work
     return policy
 
 
