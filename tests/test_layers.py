@@ -1,6 +1,6 @@
 """The package's layers import one way only, and no import of a slicegpt module hides inside a function.
 
-base (config, data, memory, _version, arch/) <- core/ <- io/ <- evaluation/ <- cli/
+base (config, data, memory, _version, arch/) <- core/ <- io/ <- evaluation/ <- training/ <- cli/
 (``remote/`` is copied into saved folders and imports slicegpt only through its public API.)
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import slicegpt
 
 ROOT = Path(slicegpt.__file__).parent
-RANK = {"base": 0, "core": 1, "io": 2, "evaluation": 3, "cli": 4}
+RANK = {"base": 0, "core": 1, "io": 2, "evaluation": 3, "training": 4, "cli": 5}
 
 
 def _layer(module: str) -> str:

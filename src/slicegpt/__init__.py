@@ -7,11 +7,12 @@
     model = slicegpt.load("sliced/")
     ppl = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024).perplexity
     slicegpt.use_matvec_layout(model)                         # faster one-token decoding on CPU
+    model, report = slicegpt.recover(model, tokenizer, slicegpt.RecoverConfig(train="lora"))  # recovery training
 """
 
 from ._version import __version__
 from .arch import ArchSpec, UnsupportedModelError, supported_architectures
-from .config import EvalConfig, SliceConfig
+from .config import EvalConfig, RecoverConfig, SliceConfig
 from .core.layout import use_matvec_layout
 from .core.report import SliceReport
 from .core.slicing import slice_model
@@ -23,6 +24,7 @@ from .evaluation.perplexity import PerplexityResult, perplexity
 from .io.folders import load, save
 from .io.format import SlicedFolderError, read_metadata
 from .io.models import ModelLoadError, load_model
+from .training.recover import RecoveryReport, recover
 
 __all__ = [
     "ArchSpec",
@@ -32,6 +34,8 @@ __all__ = [
     "LayerWidths",
     "ModelLoadError",
     "PerplexityResult",
+    "RecoverConfig",
+    "RecoveryReport",
     "SliceConfig",
     "SliceReport",
     "Streams",
@@ -45,6 +49,7 @@ __all__ = [
     "perplexity",
     "prepare",
     "read_metadata",
+    "recover",
     "save",
     "slice_model",
     "supported_architectures",

@@ -154,3 +154,124 @@ class EvalConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_rows: int | None = None
+
+
+#: LoRA target groups: which of a family's linear layers (named by its ArchSpec) get adapters.
+LORA_GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+
+
+@dataclass
+class RecoverConfig:
+    """How to recover a compressed model by training (``slicegpt recover``).
+
+    loss: 'kd' (KL divergence from the dense teacher's next-token distribution to the student's,
+        computed batch by batch, never stored) or 'lm' (the plain next-token cross-entropy).
+        None: 'kd' when a teacher is given, else 'lm'.
+    train: 'all' (every weight of the student, shortcut matrices included) or 'lora' (low-rank
+        adapters through peft on ``lora_targets``, merged into the weights at the end; shortcut
+        matrices stay trainable).
+    lora_rank, lora_alpha, lora_dropout: the adapters (the paper: 32, 10, 0.05).
+    lora_targets: comma-separated groups of :data:`LORA_GROUPS` ('attn_in' = q/k/v, 'attn_out' =
+        o_proj, 'mlp_in' = gate/up, 'mlp_out' = down; each family's names come from its spec).
+    data: training text ('wiki' = the calibration part of the built-in corpus, 'wikitext2' =
+        its train split, a .txt/.jsonl file, or 'hf:NAME' for a datasets data set, e.g.
+        instruction data such as 'hf:tatsu-lab/alpaca'). Never the evaluation part.
+    tokens: training tokens (steps = tokens / (batch_size * grad_accum * seqlen)), unless
+        ``max_steps`` is given. The paper's recovery used about 8M.
+    lr, warmup, weight_decay: AdamW with linear warm-up over ``warmup`` steps, then cosine decay
+        to a tenth of ``lr``.
+    seqlen, batch_size, grad_accum: rows of ``seqlen`` tokens, ``batch_size`` per forward,
+        ``grad_accum`` forwards per optimiser step.
+    temperature: the distillation temperature (the KL is scaled by its square).
+    val_rows: rows of the training text held out (never trained on) to measure validation
+        perplexity every ``eval_every`` steps; early stopping and the kept best state use it.
+    eval_data, eval_max_rows: also measure perplexity on this text's evaluation part every
+        ``eval_every`` steps, for the curve only (never used to choose anything).
+    early_stop_patience: stop after this many validations without improvement and keep the
+        best state (None: train to the end).
+    checkpoint_every: write a resumable training checkpoint every N steps (0: never), in a
+        staging folder beside the output that ``resume`` continues from.
+    device, dtype: where to train; 'bfloat16'/'float16' train under autocast (float32 weights).
+    gradient_checkpointing: recompute each layer's activations in the backward pass.
+    seed: the order of the training rows and the adapters' initialisation.
+    """
+
+    loss: Literal["kd", "lm"] | None = None
+    train: Literal["all", "lora"] = "all"
+    lora_rank: int = 32
+    lora_alpha: float = 10.0
+    lora_dropout: float = 0.05
+    lora_targets: str = ",".join(LORA_GROUPS)
+    data: str = "wiki"
+    tokens: int = 8_000_000
+    max_steps: int | None = None
+    lr: float = 2e-4
+    warmup: int = 20
+    weight_decay: float = 0.0
+    seqlen: int = 1024
+    batch_size: int = 4
+    grad_accum: int = 1
+    temperature: float = 1.0
+    val_rows: int = 8
+    eval_data: str | None = None
+    eval_max_rows: int | None = 32
+    eval_every: int = 50
+    early_stop_patience: int | None = None
+    checkpoint_every: int = 50
+    device: str = "cpu"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.loss not in (None, "kd", "lm"):
+            raise ValueError(f"loss must be 'kd' or 'lm', got {self.loss!r}")
+        if self.train not in ("all", "lora"):
+            raise ValueError(f"train must be 'all' or 'lora', got {self.train!r}")
+        if self.lora_rank < 1:
+            raise ValueError(f"the LoRA rank must be at least 1, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        self.target_groups  # validates the names
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.max_steps is None and self.tokens < 1:
+            raise ValueError(f"tokens must be at least 1, got {self.tokens}")
+        if not self.lr > 0 or self.warmup < 0 or self.weight_decay < 0:
+            raise ValueError("lr must be positive, warmup and weight_decay non-negative")
+        if self.seqlen < 2 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("seqlen must be at least 2, batch_size and grad_accum at least 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.val_rows < 1 or self.eval_every < 1 or self.checkpoint_every < 0:
+            raise ValueError("val_rows and eval_every must be at least 1, checkpoint_every non-negative")
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise ValueError(f"early_stop_patience must be at least 1, got {self.early_stop_patience}")
+        parse_dtype(self.dtype)
+
+    @property
+    def target_groups(self) -> tuple[str, ...]:
+        groups = tuple(g.strip() for g in self.lora_targets.split(",") if g.strip())
+        unknown = [g for g in groups if g not in LORA_GROUPS]
+        if unknown or not groups:
+            raise ValueError(f"unknown LoRA target group {', '.join(unknown) or '(none)'}; choose among {', '.join(LORA_GROUPS)}")
+        return groups
+
+    def loss_for(self, has_teacher: bool) -> str:
+        """The loss that runs: ``loss``, or kd with a teacher and lm without."""
+        if self.loss == "kd" and not has_teacher:
+            raise ValueError("loss 'kd' needs a teacher model")
+        return self.loss or ("kd" if has_teacher else "lm")
+
+    def steps(self) -> int:
+        """Optimiser steps: ``max_steps``, or as many as ``tokens`` takes (at least one)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        per_step = self.batch_size * self.grad_accum * self.seqlen
+        return max(1, -(-self.tokens // per_step))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -8,6 +8,10 @@ Sources, by name:
   evaluation), for users who can reach the hub.
 * a ``.txt`` file (documents separated by blank lines) or a ``.jsonl`` file (a ``text`` field per
   line); the whole file is used for whichever purpose it is given to.
+* ``hf:NAME`` or ``hf:NAME:SPLIT``: a data set through ``datasets`` (a hub id, or a folder written
+  by ``save_to_disk``), e.g. instruction data such as ``hf:tatsu-lab/alpaca``; split ``train`` for
+  calibration and training, ``test`` for evaluation unless named. Records are their ``text`` field,
+  or instruction / input / output put together in the Alpaca layout.
 
 Each part is its documents joined by one blank line, with one final newline.
 """
@@ -121,6 +125,42 @@ def lambada_text(split: Split) -> str:
     return _join([d["query"] + " " + d["answers_text"][0] for d in docs])
 
 
+HF_PREFIX = "hf:"
+
+
+def _record_text(record: dict[str, Any]) -> str:
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record.get("instruction"), str):
+        parts = [f"### Instruction:\n{record['instruction'].strip()}"]
+        if str(record.get("input") or "").strip():
+            parts.append(f"### Input:\n{str(record['input']).strip()}")
+        parts.append(f"### Response:\n{str(record.get('output') or '').strip()}")
+        return "\n\n".join(parts)
+    return "\n".join(str(v) for v in record.values() if isinstance(v, str))
+
+
+def hf_text(name: str, split: Split) -> str:
+    """The text of a ``datasets`` data set: ``NAME`` or ``NAME:SPLIT``, a hub id or a saved folder."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise DataError("'hf:' sources need the datasets package: pip install 'slicegpt[data]'") from exc
+    name, _, hf_split = name.partition(":")
+    hf_split = hf_split or ("train" if split == "calibration" else "test")
+    if not name:
+        raise DataError("an 'hf:' source needs a data set name, e.g. hf:tatsu-lab/alpaca")
+    try:
+        if os.path.isdir(name):
+            ds = datasets.load_from_disk(name)
+            ds = ds[hf_split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:  # pragma: no cover - needs the hub
+            ds = datasets.load_dataset(name, split=hf_split)
+    except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
+        raise DataError(f"cannot load data set {name!r} split {hf_split!r}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+    return _join([_record_text(r) for r in ds])
+
+
 def file_text(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"text file not found: {path}")
@@ -153,10 +193,12 @@ def load_text(source: str | os.PathLike, split: Split) -> str:
         text = wikitext2_text(split)
     elif source == "lambada":
         text = lambada_text(split)
+    elif source.startswith(HF_PREFIX):
+        text = hf_text(source[len(HF_PREFIX):], split)
     elif os.path.exists(source) or source.endswith((".txt", ".jsonl")):
         text = file_text(Path(source))
     else:
-        raise DataError(f"unknown text source {source!r}: use 'wiki', 'wikitext2', 'lambada' (evaluation only), or a .txt/.jsonl file")
+        raise DataError(f"unknown text source {source!r}: use 'wiki', 'wikitext2', 'lambada' (evaluation only), 'hf:NAME', or a .txt/.jsonl file")
     if not text.strip():
         raise DataError(f"text source {source!r} is empty")
     return text
@@ -272,3 +314,40 @@ def calibration_rows_for(model: Any, tokenizer: Any, calib: Any, config: "SliceC
         return Rows(calib.long())
     return calibration_rows(tokenizer, calib, nsamples=config.nsamples, seqlen=clip_seqlen(model, config.seqlen),
                             seed=config.seed, bos_token_id=bos_for(model, tokenizer))
+
+
+def documents(text: str) -> list[str]:
+    """The documents of a part (blank-line separated), stripped."""
+    return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+
+
+def shared_documents(train_text: str, eval_text: str, min_chars: int = 80) -> int:
+    """How many documents of ``eval_text`` (of at least ``min_chars``) also occur in ``train_text``."""
+    seen = {hashlib.sha256(d.encode("utf-8")).digest() for d in documents(train_text) if len(d) >= min_chars}
+    return sum(hashlib.sha256(d.encode("utf-8")).digest() in seen for d in documents(eval_text) if len(d) >= min_chars)
+
+
+def training_rows(
+    tokenizer: Any,
+    source: str | os.PathLike,
+    *,
+    seqlen: int,
+    val_rows: int,
+    seed: int,
+    bos_token_id: int | None = None,
+) -> tuple[Rows, Rows]:
+    """(training rows, held-out validation rows) from the calibration part of ``source``.
+
+    The part is cut into non-overlapping rows of ``seqlen`` tokens, shuffled with ``seed``; the
+    first ``val_rows`` are held out for validation and never trained on.
+    """
+    stream = tokenize(tokenizer, load_text(source, "calibration"))
+    rows = cut_rows(stream, seqlen, bos_token_id)
+    if rows.shape[0] < val_rows + 1:
+        raise DataError(
+            f"training text {label(source)} has {stream.numel()} tokens = {rows.shape[0]} rows of {seqlen}; "
+            f"at least {val_rows + 1} are needed ({val_rows} held out for validation): give more text or lower --seqlen"
+        )
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))
+    rows = rows[order].contiguous()
+    return Rows(rows[val_rows:]), Rows(rows[:val_rows])

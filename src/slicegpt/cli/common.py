@@ -13,12 +13,13 @@ from types import ModuleType
 from typing import Any, Callable
 
 from ..config import DTYPES, EvalConfig, SliceConfig
+from ..training.recover import TrainingError
 
 SLICE_DEFAULTS = SliceConfig()
 EVAL_DEFAULTS = EvalConfig()
 
 # Failures a user can cause (bad input, missing files or extras): one line, no traceback.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, OSError, ImportError)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, OSError, ImportError, TrainingError)
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, command: ModuleType) -> argparse.ArgumentParser:

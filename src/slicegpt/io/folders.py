@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from ..arch import spec_for_config
 from ..config import parse_dtype
 from ..core.block import BlockBases, slice_block, slice_embeddings, slice_head
 from ..core.report import SliceReport
-from ..core.surgery import get_layers, prepare
+from ..core.surgery import get_layers, is_prepared, prepare
 from ..core.widths import Widths
 from .format import (
     REMOTE_MODULE,
@@ -59,6 +59,7 @@ def save(
     tokenizer: Any = None,
     overwrite: bool = False,
     report: SliceReport | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a sliced model to ``out`` atomically.
 
@@ -73,22 +74,31 @@ def save(
 
     Everything is written into a hidden temporary folder beside ``out`` and renamed into place
     at the end, so a crash or a full disk never leaves a half-written model; an existing ``out``
-    is replaced only with ``overwrite``.
+    is replaced only with ``overwrite``. ``extra(folder)`` may add files to the temporary folder
+    before it is renamed (a LoRA adapter beside a recovered model).
     """
     report = report if report is not None else getattr(model, "slicegpt_report", None)
     meta = build_metadata(report) if report is not None else provenance(model)
     if meta is None:
         raise SlicedFolderError("this model has not been sliced (no slice report and no slicegpt metadata)")
+    recovery = getattr(model, "slicegpt_recovery", None)  # left by slicegpt.recover (training/ layer)
+    if recovery is not None:
+        meta = {**meta, "recovery": recovery.summary()}
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if is_standard(meta):
+        if is_standard(meta) and not is_prepared(model, spec_for_config(model.config)):
+            # Already a standard model (a uniform folder loaded, then trained): written as is.
+            _write_loaded_standard(model, tmp, meta, tokenizer)
+        elif is_standard(meta):
             export_standard(model, tmp, meta, tokenizer=tokenizer)
         else:
             _write_per_layer(model, tmp, meta, tokenizer)
         if report is not None and getattr(report, "spectra", None):
             (tmp / SPECTRA).write_text(json.dumps({"spectra": report.spectra, "widths": report.widths.to_dict()}) + "\n")
+        if extra is not None:
+            extra(tmp)
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, backup / "old")
@@ -100,6 +110,18 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_loaded_standard(model: nn.Module, tmp: Path, meta: dict[str, Any], tokenizer: Any) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    spec = spec_for_config(model.config)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop(f"{spec.head}.weight", None)  # tying kept: the head is the embedding table
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    write_companions(tmp, meta, model, tokenizer)
 
 
 def _write_per_layer(model: nn.Module, tmp: Path, meta: dict[str, Any], tokenizer: Any) -> None:

@@ -1,0 +1,131 @@
+"""``slicegpt recover``: train a sliced folder back toward the dense model (distillation or LM loss; all weights or LoRA)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..config import DTYPES, LORA_GROUPS, RecoverConfig
+from ..data import DataError, label, load_text, shared_documents
+from ..evaluation.perplexity import eval_rows
+from ..io import folders
+from ..io.format import SlicedFolderError, read_metadata
+from ..io.models import ModelLoadError, load_model
+from ..memory import peak_memory
+from ..training.recover import recover
+from ..training.state import staging_dir
+from .common import parse_count, write_json
+
+HELP = "recover quality by training: distil the dense model into a sliced one, or fine-tune it"
+DESCRIPTION = (
+    "Train a folder written by `slicegpt slice` and save the result in the same format (per-layer "
+    "folders stay slicegpt folders, uniform folders stay standard checkpoints, LoRA merged). By "
+    "default the dense model it was sliced from is the teacher and the loss is the KL divergence "
+    "between the teacher's and the student's next-token distributions, computed batch by batch."
+)
+D = RecoverConfig()
+ADAPTER = "adapter"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="a sliced folder (written by `slicegpt slice`)")
+    p.add_argument("--teacher", default=None, metavar="MODEL", help="the dense teacher: hub id, local folder, .gguf; default: the source model the folder records")
+    p.add_argument("--data", default=D.data, help="training text: 'wiki' (built-in, its calibration part), 'wikitext2' (hub, train split), 'hf:NAME' (a datasets data set, e.g. hf:tatsu-lab/alpaca), or a .txt/.jsonl file")
+    p.add_argument("--out", default=None, help="output folder (default: FOLDER-recovered)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--resume", action="store_true", help="continue from the last training checkpoint of the same run (kept beside --out)")
+    p.add_argument("--loss", default=D.loss, choices=["kd", "lm"], help="kd: distillation from the teacher (default); lm: next-token cross-entropy, no teacher")
+    p.add_argument("--train", default=D.train, choices=["all", "lora"], help="train every weight, or LoRA adapters (peft; merged at the end)")
+    p.add_argument("--lora-rank", type=int, default=D.lora_rank, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=D.lora_alpha, help="LoRA alpha")
+    p.add_argument("--lora-dropout", type=float, default=D.lora_dropout, help="LoRA dropout")
+    p.add_argument("--lora-targets", default=D.lora_targets, help=f"comma-separated groups among {', '.join(LORA_GROUPS)} (names from the family's spec)")
+    p.add_argument("--keep-adapter", action="store_true", help="with --train lora: also save the adapter alone, in OUT/adapter (it applies to FOLDER's weights)")
+    p.add_argument("--tokens", type=parse_count, default=D.tokens, help="training tokens (e.g. 2M); steps = tokens / (batch-size x grad-accum x seqlen)")
+    p.add_argument("--max-steps", type=int, default=D.max_steps, help="optimiser steps instead of --tokens")
+    p.add_argument("--lr", type=float, default=D.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=D.warmup, help="linear warm-up steps, then cosine decay to lr/10")
+    p.add_argument("--weight-decay", type=float, default=D.weight_decay, help="AdamW weight decay")
+    p.add_argument("--seqlen", type=int, default=D.seqlen, help="tokens per training row (clipped to the model's context)")
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help="rows per forward pass")
+    p.add_argument("--grad-accum", type=int, default=D.grad_accum, help="forward passes per optimiser step")
+    p.add_argument("--temperature", type=float, default=D.temperature, help="distillation temperature")
+    p.add_argument("--val-rows", type=int, default=D.val_rows, help="training-text rows held out for validation (early stopping, the kept best state)")
+    p.add_argument("--eval-data", default=D.eval_data, metavar="DATA", help="also measure perplexity on DATA's evaluation part every --eval-every steps (for the curve only; must not overlap the training text)")
+    p.add_argument("--eval-max-rows", type=int, default=D.eval_max_rows, help="rows of --eval-data measured each time")
+    p.add_argument("--eval-every", type=int, default=D.eval_every, help="validate every N steps")
+    p.add_argument("--early-stop-patience", type=int, default=D.early_stop_patience, help="stop after N validations without improvement and keep the best state")
+    p.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="write a resumable checkpoint every N steps (0: never)")
+    p.add_argument("--device", default=D.device, help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=D.dtype, choices=list(DTYPES), help="bfloat16/float16: autocast (weights stay float32)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=D.gradient_checkpointing, help="recompute layer activations in the backward pass (less memory, more time)")
+    p.add_argument("--seed", type=int, default=D.seed, help="row order and adapter initialisation")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the report (curve, tokens, seconds, memory) as JSON")
+
+
+def config_from_args(args: argparse.Namespace) -> RecoverConfig:
+    return RecoverConfig(
+        loss=args.loss, train=args.train, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, data=args.data, tokens=int(args.tokens),
+        max_steps=args.max_steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, seqlen=args.seqlen,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, temperature=args.temperature, val_rows=args.val_rows,
+        eval_data=args.eval_data, eval_max_rows=args.eval_max_rows, eval_every=args.eval_every,
+        early_stop_patience=args.early_stop_patience, checkpoint_every=args.checkpoint_every, device=args.device,
+        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.keep_adapter and config.train != "lora":
+        raise ValueError("--keep-adapter needs --train lora")
+    folder = Path(args.folder)
+    try:
+        meta = read_metadata(folder)
+    except SlicedFolderError as exc:
+        raise SlicedFolderError(f"recover takes a folder written by `slicegpt slice`: {exc}") from None
+    out = Path(args.out or f"{str(folder).rstrip('/')}-recovered")
+    if out.resolve() == folder.resolve() or folder.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"--out {out} would replace the input folder {folder}; choose another")
+    folders.check_output_dir(out, args.overwrite)
+    train_text = load_text(config.data, "calibration")  # a missing or unreadable source fails before any model loads
+    if config.eval_data is not None:
+        shared = shared_documents(train_text, load_text(config.eval_data, "evaluation"))
+        if shared:
+            raise DataError(f"{shared} documents of --eval-data {label(config.eval_data)} are also in the training text {label(config.data)}")
+
+    student, tokenizer, source = load_model(str(folder))
+    teacher = teacher_tok = teacher_name = None
+    if config.loss != "lm":
+        teacher_name = args.teacher or meta.get("source_model")
+        if not teacher_name:
+            raise ValueError("the folder records no source model: name the dense model with --teacher, or use --loss lm")
+        try:
+            teacher, teacher_tok, teacher_name = load_model(teacher_name)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{exc} (the teacher; name another with --teacher, or use --loss lm)") from None
+    eval_ids = eval_rows(student, tokenizer, config.eval_data, config.seqlen, config.eval_max_rows) if config.eval_data else None
+
+    state = staging_dir(out)
+    model, report = recover(
+        student, tokenizer, config, teacher=teacher, teacher_tokenizer=teacher_tok, teacher_name=teacher_name,
+        eval_ids=eval_ids, state_dir=state, resume=args.resume, adapter_dir=state / ADAPTER if args.keep_adapter else None,
+    )
+    del teacher
+    extra = (lambda tmp: shutil.copytree(state / ADAPTER, tmp / ADAPTER)) if args.keep_adapter else None
+    folders.save(model.to("cpu"), out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra)
+    shutil.rmtree(state, ignore_errors=True)  # the run is complete: nothing left to resume
+
+    first, last = report.curve[0], report.curve[-1]
+    result: dict[str, Any] = {"folder": str(folder), "out": str(out), "source_model": source, **report.summary()}
+    result.update(peak_memory(config.device))
+    print(f"{out}: {report.loss}/{report.train}, {report.steps} steps, {report.tokens:,} tokens in {report.seconds:.0f} s "
+          f"({report.tokens_per_second:.0f} tokens/s); validation perplexity {first['val_ppl']:.3f} -> {last['val_ppl']:.3f}"
+          + (f"; {label(config.eval_data)} {first['eval_ppl']:.3f} -> {last['eval_ppl']:.3f}" if "eval_ppl" in last else ""))
+    if not math.isfinite(last["val_ppl"]):
+        return 1
+    write_json(args.json, result)
+    return 0

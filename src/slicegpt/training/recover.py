@@ -1,0 +1,356 @@
+"""Recovery training: distil the dense teacher into the compressed student, or fine-tune it.
+
+One loop for every combination of loss (``kd``: KL from the teacher's next-token distribution,
+computed batch by batch and never stored; ``lm``: next-token cross-entropy) and trained weights
+(``all``, or LoRA adapters merged at the end). Training rows come from the training text's
+calibration part, with ``val_rows`` of them held out for validation (early stopping and the kept
+best state use that, never evaluation text). Everything that decides the result is seeded, and a
+checkpoint restores all of it, so a resumed run ends bit for bit where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import spec_for_config
+from ..config import RecoverConfig, parse_dtype
+from ..core.surgery import get_layers
+from ..data import Rows, bos_for, clip_seqlen, label, training_rows
+from . import lora
+from .state import check_fingerprint, fingerprint, load_state, save_state
+
+
+class TrainingError(RuntimeError):
+    """Training went numerically wrong (a NaN or infinite loss or gradient)."""
+
+
+@dataclass
+class RecoveryReport:
+    """What a recovery run did: settings, data, tokens, time, and its validation curve."""
+
+    loss: str
+    train: str
+    data: str
+    teacher: str | None
+    steps: int
+    tokens: int
+    seconds: float
+    trainable_parameters: int
+    settings: dict[str, Any]
+    curve: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool = False
+    resumed_at_step: int | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_second": self.tokens_per_second}
+
+
+def check_teacher(student: nn.Module, tokenizer: Any, teacher: nn.Module, teacher_tokenizer: Any | None) -> None:
+    """The teacher must predict over the student's vocabulary with the same tokenizer."""
+    vs, vt = _vocab_size(student), _vocab_size(teacher)
+    if vs != vt:
+        raise ValueError(f"the teacher predicts {vt} tokens and the student {vs}: they must share a tokenizer")
+    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError("the teacher's tokenizer differs from the student's: distillation needs one tokenizer")
+
+
+def _vocab_size(model: nn.Module) -> int:
+    out = model.get_output_embeddings()
+    return int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) at ``temperature``, times temperature^2.
+
+    Both [B, T, V]; computed in float32 whatever the autocast dtype.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: token t predicts token t + 1. logits [B, T, V], ids [B, T]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+class RowOrder:
+    """Which training rows the i-th row of the run is: a fresh seeded shuffle every epoch."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, i: int) -> int:
+        epoch, pos = divmod(i, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))}
+        return int(self._perms[epoch][pos])
+
+
+def schedule(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 0.1."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def checkpoint_layers(model: nn.Module, spec: Any) -> list[nn.Module]:
+    """Recompute each decoder layer in the backward pass (gradient checkpointing), any family."""
+    layers = list(get_layers(model, spec))
+    for layer in layers:
+        inner = layer.forward
+
+        @functools.wraps(inner)
+        def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+    return layers
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+@torch.no_grad()
+def mean_nll(model: nn.Module, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, batch_size: int) -> float:
+    """Mean next-token NLL over the rows ``ids`` [N, T] (the model put in eval mode)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, ids.shape[0], batch_size):
+        batch = ids[start : start + batch_size].to(device)
+        with _autocast(device, dtype):
+            logits = model(input_ids=batch, use_cache=False).logits
+        total += float(lm_loss(logits, batch)) * batch[:, 1:].numel()
+        count += batch[:, 1:].numel()
+    return total / count
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    seen: set[int] = set()
+    out: dict[str, nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out
+
+
+def recover(
+    student: nn.Module,
+    tokenizer: Any,
+    config: RecoverConfig | None = None,
+    *,
+    teacher: nn.Module | None = None,
+    teacher_tokenizer: Any | None = None,
+    teacher_name: str | None = None,
+    rows: tuple[Rows, Rows] | None = None,
+    eval_ids: torch.Tensor | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    adapter_dir: str | Path | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, RecoveryReport]:
+    """Train ``student`` to recover quality; returns (the trained model, its report).
+
+    ``teacher`` (with ``loss`` 'kd', the default when given) is the dense model the student was
+    compressed from; it only runs forward, under ``no_grad``. ``rows`` is (training, validation)
+    rows; default: drawn from ``config.data``. ``eval_ids`` [N, T] is measured every
+    ``eval_every`` steps for the curve only. ``state_dir`` receives a checkpoint every
+    ``checkpoint_every`` steps; ``resume`` continues from the one there. ``adapter_dir`` (LoRA)
+    saves the adapter alone before merging. ``stop_after`` ends the run after that many steps of
+    this call (as a crash would; for tests). With LoRA the returned model is the student with
+    the adapters merged (the same object); otherwise the student itself.
+    """
+    config = config or RecoverConfig()
+    loss_kind = config.loss_for(teacher is not None)
+    if teacher is not None and loss_kind == "kd":
+        check_teacher(student, tokenizer, teacher, teacher_tokenizer)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} asked for, but CUDA is not available here")
+    amp = parse_dtype(config.dtype)
+    spec = spec_for_config(student.config)
+    seqlen = clip_seqlen(student, config.seqlen)
+    train, val = rows or training_rows(tokenizer, config.data, seqlen=seqlen, val_rows=config.val_rows,
+                                       seed=config.seed, bos_token_id=bos_for(student, tokenizer))
+    state_dir = Path(state_dir) if state_dir is not None else None
+    print_ = tqdm.write if progress else (lambda *_: None)
+
+    # Seeded inside a forked RNG: adapters' initialisation and dropout are reproducible, and the
+    # caller's global RNG is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        if config.train == "lora":
+            model = lora.wrap(student, spec, config)
+        else:
+            model = student
+            for p in model.parameters():
+                p.requires_grad_(True)
+        model.to(device)
+        if teacher is not None and loss_kind == "kd":
+            teacher.to(device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        if config.gradient_checkpointing:
+            checkpoint_layers(model, spec)
+        params = _trainable(model)
+        optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+        total = config.steps()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.warmup, total))
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+        fp = fingerprint(getattr(student, "slicegpt_metadata", None) or student.config.to_dict(), teacher_name if loss_kind == "kd" else None,
+                         {**config.to_dict(), "loss": loss_kind}, train.input_ids)
+        step, tokens, seconds = 0, 0, 0.0
+        curve: list[dict[str, float]] = []
+        best: tuple[float, int | None] = (math.inf, None)
+        best_state: dict[str, torch.Tensor] | None = None
+        bad, resumed_at = 0, None
+        if resume and state_dir is not None:
+            saved = load_state(state_dir)
+            if saved is None:
+                print_(f"nothing to resume in {state_dir}: starting from the beginning")
+            else:
+                check_fingerprint(saved["fingerprint"], fp, state_dir)
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.copy_(saved["trainable"][name])
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+                scaler.load_state_dict(saved["scaler"])
+                torch.set_rng_state(saved["rng"])
+                step, tokens, seconds = saved["step"], saved["tokens"], saved["seconds"]
+                curve, best, bad = saved["curve"], (saved["best_val"], saved["best_step"]), saved["bad"]
+                best_state = saved.get("best_state")
+                resumed_at = step
+                print_(f"resuming at step {step} of {total} from {state_dir}")
+
+        order = RowOrder(len(train), config.seed)
+
+        def batch(i: int) -> torch.Tensor:
+            start = i * config.batch_size
+            return train.input_ids[[order[start + j] for j in range(config.batch_size)]]
+
+        def validate(at: int) -> bool:
+            """Append a point to the curve; True when early stopping says stop."""
+            nonlocal best, best_state, bad
+            point = {"step": at, "tokens": tokens, "val_ppl": math.exp(mean_nll(model, val.input_ids, device, amp, config.batch_size))}
+            if eval_ids is not None:
+                point["eval_ppl"] = math.exp(mean_nll(model, eval_ids, device, amp, config.batch_size))
+            curve.append(point)
+            if point["val_ppl"] < best[0]:
+                best, bad = (point["val_ppl"], at), 0
+                if config.early_stop_patience is not None:
+                    best_state = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+            else:
+                bad += 1
+            print_(f"step {at}: validation perplexity {point['val_ppl']:.3f}" + (f", {label(config.eval_data or '')} {point['eval_ppl']:.3f}" if "eval_ppl" in point else ""))
+            return config.early_stop_patience is not None and bad >= config.early_stop_patience
+
+        def checkpoint() -> None:
+            if state_dir is None:
+                return
+            save_state(state_dir, {
+                "fingerprint": fp, "step": step, "tokens": tokens, "seconds": seconds,
+                "trainable": {n: p.detach().to("cpu") for n, p in params.items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": torch.get_rng_state(), "curve": curve, "best_val": best[0], "best_step": best[1], "bad": bad,
+                "best_state": best_state,
+            })
+
+        if step == 0 and not curve:
+            validate(0)
+        stopped_early = False
+        done_here = 0
+        bar = tqdm(total=total, initial=step, desc=f"recover ({loss_kind}, {config.train})", unit="step", disable=not progress)
+        while step < total and not stopped_early:
+            if stop_after is not None and done_here >= stop_after:
+                break
+            t0 = time.perf_counter()
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(config.grad_accum):
+                ids = batch(step * config.grad_accum + micro).to(device)
+                with _autocast(device, amp):
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    if loss_kind == "kd":
+                        with torch.no_grad():
+                            target = teacher(input_ids=ids, use_cache=False).logits
+                        loss = kd_loss(logits, target, config.temperature)
+                    else:
+                        loss = lm_loss(logits, ids)
+                if not torch.isfinite(loss.detach()):
+                    raise TrainingError(f"the loss is {float(loss.detach())} at step {step + 1}; last good checkpoint: "
+                                        f"{state_dir if state_dir is not None and (state_dir / 'state.pt').is_file() else 'none'}")
+                scaler.scale(loss / config.grad_accum).backward()
+                step_loss += float(loss.detach()) / config.grad_accum
+                del logits, loss
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            if not torch.isfinite(norm) and amp != torch.float16:
+                raise TrainingError(f"the gradient norm is {float(norm)} at step {step + 1}; last good checkpoint: "
+                                    f"{state_dir if state_dir is not None and (state_dir / 'state.pt').is_file() else 'none'}")
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            done_here += 1
+            tokens += config.grad_accum * config.batch_size * train.input_ids.shape[1]
+            seconds += time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+            if step % config.eval_every == 0 or step == total:
+                stopped_early = validate(step)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                checkpoint()
+        bar.close()
+
+        if best_state is not None and best[1] is not None and best[1] != step:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(best_state[name])
+            print_(f"kept the best validation state, step {best[1]} ({best[0]:.3f})")
+        if config.gradient_checkpointing:
+            for layer in get_layers(student, spec):
+                layer.__dict__.pop("forward", None)
+        if config.train == "lora":
+            if adapter_dir is not None:
+                lora.save_adapter(model, str(adapter_dir))
+            model = lora.merge(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+
+    report = RecoveryReport(
+        loss=loss_kind, train=config.train, data=label(config.data), teacher=teacher_name if loss_kind == "kd" else None,
+        steps=step, tokens=tokens, seconds=seconds, trainable_parameters=sum(p.numel() for p in params.values()),
+        settings=config.to_dict(), curve=curve, best_step=best[1] if best_state is not None else None,
+        stopped_early=stopped_early, resumed_at_step=resumed_at,
+    )
+    model.slicegpt_recovery = report
+    return model, report

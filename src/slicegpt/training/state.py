@@ -1,0 +1,83 @@
+"""Resumable training checkpoints: everything a stopped run needs to continue bit for bit.
+
+A checkpoint is one file, ``state.pt``, in a staging folder beside the output. It holds the
+trainable tensors, the optimiser and schedule state, the RNG state, the step, the tokens seen,
+the curve so far, and a fingerprint of what the run trains (student, teacher, settings, data).
+It is written to a temporary name and renamed, so a kill during the write leaves the previous
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.pt"
+
+# Settings that do not change what is trained (where it is measured or saved).
+NEUTRAL_SETTINGS = ("checkpoint_every", "eval_data", "eval_max_rows")
+
+
+class ResumeError(ValueError):
+    """A checkpoint does not belong to the run asked for."""
+
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """Where a run that writes ``out`` keeps its checkpoints (a hidden folder beside it)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.recover-state"
+
+
+def digest(data: Any) -> str:
+    """sha256 (16 hex digits) of a tensor's bytes or of a JSON-able value."""
+    if isinstance(data, torch.Tensor):
+        raw = data.detach().cpu().contiguous().numpy().tobytes()
+    else:
+        raw = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def fingerprint(student_meta: Any, teacher: str | None, settings: dict[str, Any], train_ids: torch.Tensor) -> dict[str, Any]:
+    """What must match for a checkpoint to continue this run."""
+    return {
+        "student": digest(student_meta),
+        "teacher": teacher,
+        "settings": {k: v for k, v in settings.items() if k not in NEUTRAL_SETTINGS},
+        "data": digest(train_ids),
+    }
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Refuse a checkpoint of another run, naming what differs."""
+    differ = []
+    for key in ("student", "teacher", "data"):
+        if saved.get(key) != current.get(key):
+            differ.append({"student": "the student model", "teacher": "the teacher", "data": "the training data"}[key])
+    a, b = saved.get("settings", {}), current.get("settings", {})
+    differ += [f"{k} ({a.get(k)!r} then, {b.get(k)!r} now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if differ:
+        raise ResumeError(f"the checkpoint in {where} is of another run: {', '.join(differ)} differ; drop --resume or use another --out")
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / STATE_FILE
+    tmp = folder / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(folder: Path) -> dict[str, Any] | None:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a foreign or damaged file: say which
+        raise ResumeError(f"cannot read the training checkpoint {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc

@@ -1,0 +1,256 @@
+"""Recovery training on tiny models of two families: each loss x trained-weights combination
+lowers its loss, LoRA merges exactly, results reload bitwise in a fresh process, a resumed run
+equals an uninterrupted one, and bad settings fail in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import slicegpt
+from slicegpt.cli import main
+from slicegpt.data import Rows, load_text, shared_documents, training_rows
+from slicegpt.training.recover import TrainingError, check_teacher, kd_loss, lm_loss
+
+from conftest import VOCAB, calib_rows, have, make_tiny, tiny_tokenizer
+
+needs_peft = pytest.mark.skipif(not have("peft"), reason="LoRA needs peft")
+FAMILIES = ["llama", "opt"]
+
+
+def _sharp(model: torch.nn.Module) -> torch.nn.Module:
+    """A random tiny model predicts nearly uniformly, so a student is trivially close to it:
+    scale the head (tied or not) so that the distributions are peaked and distilling them is a task."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def _pair(family: str, uniform: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(dense teacher, student sliced 25% from a copy of it), float32."""
+    teacher, student = (_sharp(make_tiny(family, dtype=torch.float32)) for _ in range(2))
+    cfg = slicegpt.SliceConfig(sparsity=0.25, batch_size=4, uniform=uniform)
+    slicegpt.slice_model(student, None, calib_rows(16, 32), cfg, progress=False)
+    return teacher, student
+
+
+def _rows(n: int = 6, seqlen: int = 32) -> tuple[Rows, Rows]:
+    ids = calib_rows(n + 2, seqlen, seed=7)
+    return Rows(ids[2:]), Rows(ids[:2])
+
+
+def _objective(student, teacher, ids: torch.Tensor, kind: str) -> float:
+    with torch.no_grad():
+        logits = student(input_ids=ids, use_cache=False).logits
+        return float(kd_loss(logits, teacher(input_ids=ids, use_cache=False).logits) if kind == "kd" else lm_loss(logits, ids))
+
+
+def _config(**kw) -> slicegpt.RecoverConfig:
+    base = dict(max_steps=8, lr=5e-3, warmup=0, seqlen=32, batch_size=2, eval_every=4, val_rows=2, checkpoint_every=0, seed=3)
+    return slicegpt.RecoverConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("loss", ["kd", "lm"])
+@pytest.mark.parametrize("train", ["all", pytest.param("lora", marks=needs_peft)])
+def test_a_few_steps_lower_the_training_loss(family: str, loss: str, train: str) -> None:
+    teacher, student = _pair(family)
+    rows = _rows()
+    before = _objective(student, teacher, rows[0].input_ids, loss)
+    extra = dict(lr=5e-3, lora_dropout=0.0, lora_rank=4) if train == "lora" else dict(lr=1e-3)
+    model, report = slicegpt.recover(student, None, _config(loss=loss, train=train, **extra), teacher=teacher if loss == "kd" else None,
+                                     teacher_name="dense", rows=rows, progress=False)
+    after = _objective(model, teacher, rows[0].input_ids, loss)
+    assert after < 0.95 * before, (before, after)
+    assert report.loss == loss and report.train == train and report.steps == 8
+    assert report.tokens == 8 * 2 * 32
+    assert [p["step"] for p in report.curve] == [0, 4, 8]
+    assert not any(p.requires_grad for p in model.parameters())
+    # LoRA trains the adapters and the shortcut matrices only; "all" trains every weight.
+    total = sum(p.numel() for p in student.parameters())
+    assert (report.trainable_parameters < total / 2) if train == "lora" else (report.trainable_parameters == total)
+
+
+@needs_peft
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_lora_equals_the_unmerged_peft_model(family: str) -> None:
+    from slicegpt.arch import spec_for_config
+    from slicegpt.training import lora
+
+    _, student = _pair(family)
+    wrapped = lora.wrap(student, spec_for_config(student.config), _config(train="lora", lora_rank=4))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: make the adapters do something
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    wrapped.eval()
+    x = calib_rows(2, 16, seed=9)
+    with torch.no_grad():
+        unmerged = wrapped(input_ids=x, use_cache=False).logits
+        base = student(input_ids=x, use_cache=False).logits  # peft injects into the student itself
+        model = lora.merge(wrapped)
+        merged = model(input_ids=x, use_cache=False).logits
+    assert torch.allclose(base, unmerged)
+    assert torch.allclose(merged, unmerged, atol=1e-5, rtol=1e-5)
+    assert not any("lora" in n for n, _ in model.named_parameters()) and model is student
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys, torch, slicegpt
+    model = slicegpt.load(sys.argv[1])
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor(json.loads(sys.argv[2])), use_cache=False).logits
+    torch.save({"logits": logits, "meta": model.slicegpt_metadata}, sys.argv[3])
+    """
+)
+
+
+@pytest.mark.parametrize("family,uniform,train", [
+    ("llama", False, "all"), ("llama", True, "all"),
+    pytest.param("opt", False, "lora", marks=needs_peft), pytest.param("llama", True, "lora", marks=needs_peft),
+])
+def test_the_saved_result_reloads_bitwise_in_a_fresh_process(family: str, uniform: bool, train: str, tmp_path: Path) -> None:
+    teacher, student = _pair(family, uniform)
+    # As `slicegpt recover` does: the student comes from its folder (a uniform one is a standard checkpoint).
+    student = slicegpt.load(slicegpt.save(student, tmp_path / "sliced"))
+    model, report = slicegpt.recover(student, None, _config(train=train, max_steps=3), teacher=teacher, teacher_name="dense",
+                                     rows=_rows(), progress=False)
+    out = slicegpt.save(model, tmp_path / "rec")
+    x = [[5, 17, 42, 99, 3, 250, 11, 8]]
+    with torch.inference_mode():
+        ours = model(input_ids=torch.tensor(x), use_cache=False).logits
+    subprocess.run([sys.executable, "-c", _CHILD, str(out), json.dumps(x), str(tmp_path / "r.pt")], check=True)
+    theirs = torch.load(tmp_path / "r.pt", weights_only=False)
+    assert torch.equal(ours, theirs["logits"])
+    rec = theirs["meta"]["recovery"]
+    assert rec["steps"] == 3 and rec["tokens"] == report.tokens and rec["loss"] == "kd" and rec["train"] == train
+    assert rec["curve"] == report.curve and rec["settings"]["lr"] == 5e-3
+    if uniform:  # still a standard checkpoint, with tying kept
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(out)
+        assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
+        with torch.inference_mode():
+            assert torch.equal(plain(input_ids=torch.tensor(x)).logits, ours)
+
+
+@pytest.mark.parametrize("train", ["all", pytest.param("lora", marks=needs_peft)])
+def test_resume_after_a_stop_equals_an_uninterrupted_run(train: str, tmp_path: Path) -> None:
+    cfg = _config(train=train, max_steps=6, checkpoint_every=2, eval_every=3, early_stop_patience=5)
+    teacher, student = _pair("llama")
+    whole, whole_report = slicegpt.recover(student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), progress=False)
+
+    state = tmp_path / "state"
+    teacher, student = _pair("llama")
+    slicegpt.recover(student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), state_dir=state, stop_after=4, progress=False)
+    teacher, student = _pair("llama")  # a new process would start from the input folder again
+    resumed, report = slicegpt.recover(student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), state_dir=state,
+                                       resume=True, progress=False)
+    assert report.resumed_at_step == 4 and report.steps == 6 and report.tokens == whole_report.tokens
+    assert report.curve == whole_report.curve
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_run_and_starts_over_with_nothing(tmp_path: Path, capsys) -> None:
+    from slicegpt.training.state import ResumeError
+
+    state = tmp_path / "state"
+    teacher, student = _pair("llama")
+    slicegpt.recover(student, None, _config(checkpoint_every=2), teacher=teacher, teacher_name="t", rows=_rows(),
+                     state_dir=state, stop_after=2, progress=False)
+    teacher, student = _pair("llama")
+    with pytest.raises(ResumeError, match=r"lr \(0.005 then, 0.001 now\)"):
+        slicegpt.recover(student, None, _config(checkpoint_every=2, lr=1e-3), teacher=teacher, teacher_name="t", rows=_rows(),
+                         state_dir=state, resume=True, progress=False)
+    with pytest.raises(ResumeError, match="the training data"):
+        slicegpt.recover(student, None, _config(checkpoint_every=2), teacher=teacher, teacher_name="t", rows=_rows(n=4),
+                         state_dir=state, resume=True, progress=False)
+    _, report = slicegpt.recover(student, None, _config(max_steps=1), teacher=teacher, teacher_name="t", rows=_rows(),
+                                 state_dir=tmp_path / "empty", resume=True, progress=True)
+    assert report.resumed_at_step is None and report.steps == 1
+    captured = capsys.readouterr()
+    assert "nothing to resume" in captured.out + captured.err
+
+
+def test_a_nan_loss_stops_naming_the_step() -> None:
+    teacher, student = _pair("llama")
+    with torch.no_grad():
+        student.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="at step 1; last good checkpoint: none"):
+        slicegpt.recover(student, None, _config(), teacher=teacher, teacher_name="t", rows=_rows(), progress=False)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        slicegpt.RecoverConfig(lora_rank=0)
+    with pytest.raises(ValueError, match="unknown LoRA target group attn_qkv"):
+        slicegpt.RecoverConfig(lora_targets="attn_qkv,mlp_in")
+    with pytest.raises(ValueError, match="'kd' needs a teacher"):
+        slicegpt.recover(_pair("llama")[1], None, _config(loss="kd"), rows=_rows(), progress=False)
+    teacher = make_tiny("llama", dtype=torch.float32)
+    teacher.resize_token_embeddings(VOCAB + 8)
+    with pytest.raises(ValueError, match="must share a tokenizer"):
+        check_teacher(_pair("llama")[1], None, teacher, None)
+
+
+def test_training_rows_hold_out_validation_and_refuse_short_text() -> None:
+    from slicegpt.data import cut_rows, tokenize
+
+    from conftest import SAMPLE_TEXT
+
+    tok = tiny_tokenizer()
+    train, val = training_rows(tok, slicegpt.Text(SAMPLE_TEXT), seqlen=32, val_rows=3, seed=0)
+    every = cut_rows(tokenize(tok, SAMPLE_TEXT + "\n"), 32)
+    assert len(val) == 3 and len(train) + len(val) == len(every) and train.input_ids.shape[1] == 32
+    # Each row of the text is in exactly one of the two parts.
+    both = torch.cat([val.input_ids, train.input_ids])
+    assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, every.tolist()))
+    with pytest.raises(slicegpt.DataError, match="at least 4 are needed"):
+        training_rows(tok, slicegpt.Text("too short"), seqlen=32, val_rows=3, seed=0)
+    assert shared_documents("a" * 100 + "\n\n" + "shared " * 20, "shared " * 20 + "\n\n" + "other " * 20) == 1
+
+
+def test_hf_sources_read_saved_datasets_and_instruction_records(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"instruction": ["Name a colour."], "input": [""], "output": ["Blue."]})
+    ds.save_to_disk(str(tmp_path / "alpaca"))
+    text = load_text(f"hf:{tmp_path / 'alpaca'}", "calibration")
+    assert text == "### Instruction:\nName a colour.\n\n### Response:\nBlue.\n"
+    with pytest.raises(slicegpt.DataError, match="cannot load data set"):
+        load_text(f"hf:{tmp_path / 'missing'}:train", "calibration")
+
+
+def test_cli_recover_end_to_end_and_its_errors(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
+    sliced = tmp_path / "sliced"
+    assert main(["slice", model, "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--out", str(sliced)]) == 0
+    common = ["--data", corpus, "--max-steps", "2", "--seqlen", "32", "--batch-size", "2", "--val-rows", "2", "--eval-every", "1"]
+    out = tmp_path / "rec"
+    assert main(["recover", str(sliced), "--teacher", model, "--out", str(out), "--json", str(tmp_path / "r.json"), *common]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["loss"] == "kd" and result["steps"] == 2 and len(result["curve"]) == 3
+    assert slicegpt.read_metadata(out)["recovery"]["teacher"] == model
+    assert not (tmp_path / ".rec.recover-state").exists()  # finished: nothing left to resume
+    capsys.readouterr()
+
+    def error(*argv: str) -> str:
+        assert main(["recover", *argv]) == 2
+        return capsys.readouterr().err.strip()
+
+    assert "exists; pass --overwrite" in error(str(sliced), "--out", str(out), *common)
+    assert "would replace the input folder" in error(str(sliced), "--out", str(sliced), "--overwrite", *common)
+    assert "recover takes a folder written by `slicegpt slice`" in error(model, "--out", str(tmp_path / "x"), *common)
+    assert "also in the training text" in error(str(sliced), "--out", str(tmp_path / "x"), "--eval-data", corpus, *common)
+    assert "--keep-adapter needs --train lora" in error(str(sliced), "--out", str(tmp_path / "x"), "--keep-adapter", *common)
+    assert "rank must be at least 1" in error(str(sliced), "--out", str(tmp_path / "x"), "--train", "lora", "--lora-rank", "0", *common)
+    for line in (error(str(sliced), "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nope.txt")),):
+        assert line.startswith("slicegpt: error:") and "\n" not in line
