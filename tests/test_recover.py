@@ -254,3 +254,15 @@ def test_cli_recover_end_to_end_and_its_errors(tiny_model_dir: Path, tmp_path: P
     assert "rank must be at least 1" in error(str(sliced), "--out", str(tmp_path / "x"), "--train", "lora", "--lora-rank", "0", *common)
     for line in (error(str(sliced), "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nope.txt")),):
         assert line.startswith("slicegpt: error:") and "\n" not in line
+
+
+def test_recovery_curves_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    Image = pytest.importorskip("PIL.Image")
+    from slicegpt.evaluation.plots import plot_recovery
+
+    curves = {"kd/all": [{"tokens": 0, "eval_ppl": 90.0}, {"tokens": 4096, "eval_ppl": 40.0}],
+              "lm/all": [{"tokens": 0, "eval_ppl": 90.0}, {"tokens": 4096, "eval_ppl": 60.0}]}
+    path = plot_recovery(curves, tmp_path / "curves.png", dense=18.6)
+    with Image.open(path) as im:
+        assert im.size == (700, 480)

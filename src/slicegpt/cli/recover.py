@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     eval_ids = eval_rows(student, tokenizer, config.eval_data, config.seqlen, config.eval_max_rows) if config.eval_data else None
 
     state = staging_dir(out)
+    if not args.resume and state.exists():
+        print(f"note: {state} holds a checkpoint of an earlier run; starting over (pass --resume to continue it instead)")
+        shutil.rmtree(state)
     model, report = recover(
         student, tokenizer, config, teacher=teacher, teacher_tokenizer=teacher_tok, teacher_name=teacher_name,
         eval_ids=eval_ids, state_dir=state, resume=args.resume, adapter_dir=state / ADAPTER if args.keep_adapter else None,

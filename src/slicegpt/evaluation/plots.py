@@ -242,3 +242,42 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
             title = f"{model} at sparsity {sparsity_label(r['sparsity'])}: cumulative explained variance, chosen width dashed"
             written.append(plot_spectra(r["spectra"], r["widths"], out / spectrum_plot_name(r["sparsity"]), title=title))
     return written
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def plot_recovery(
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | os.PathLike[str],
+    *,
+    key: str = "eval_ppl",
+    dense: float | None = None,
+    title: str = "perplexity against training tokens",
+) -> Path:
+    """One line per recovery run: ``key`` ('eval_ppl' or 'val_ppl') of each curve point against
+    the tokens seen (a recovery report's ``curve``); ``dense`` draws the teacher's level."""
+    fig = _figure(7.0, 4.8)
+    ax = fig.subplots()
+    values: list[float] = []
+    for i, (name, curve) in enumerate(curves.items()):
+        pts = [(p["tokens"] / 1e3, p[key]) for p in curve if key in p]
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=3, color=f"C{i % 10}", label=name)
+            values += [y for _, y in pts]
+    if dense is not None:
+        ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense teacher ({dense:.2f})")
+        values.append(dense)
+    if values and min(values) > 0 and max(values) / min(values) > 5:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel("training tokens seen (thousands)")
+    ax.set_ylabel("perplexity" + (" (held-out validation rows)" if key == "val_ppl" else ""))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path)

@@ -212,7 +212,9 @@ def recover(
                 p.requires_grad_(True)
         model.to(device)
         if teacher is not None and loss_kind == "kd":
-            teacher.to(device).eval()
+            # The teacher only runs forward: under autocast it is kept in the half dtype outright
+            # (half the memory, no per-step weight casts).
+            teacher.to(device=device, dtype=amp if amp in (torch.float16, torch.bfloat16) else None).eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
         if config.gradient_checkpointing:
