@@ -93,6 +93,25 @@ def test_output_folder_exists(tiny_model_dir: Path, tmp_path: Path, capsys) -> N
     assert [p.name for p in out.iterdir()] == ["precious"]
 
 
+def test_overwrite_never_deletes_the_input_model_or_the_working_directory(tmp_path: Path, capsys, monkeypatch) -> None:
+    import torch
+    from conftest import SAMPLE_TEXT, make_tiny, tiny_tokenizer
+
+    src = tmp_path / "models" / "m"
+    make_tiny("llama", dtype=torch.float32).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SAMPLE_TEXT)
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, src.parent, tmp_path):
+        code, _, err = _run(capsys, "slice", str(src), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--out", str(out), "--overwrite")
+        _one_line_error(code, err, "would replace the input")
+    monkeypatch.chdir(tmp_path / "models")
+    code, _, err = _run(capsys, "slice", str(src), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--out", ".", "--overwrite")
+    _one_line_error(code, err, "would replace")
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
 def test_unreadable_model_path(tmp_path: Path, capsys) -> None:
     code, _, err = _run(capsys, "slice", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
     _one_line_error(code, err, "nowhere")

@@ -247,7 +247,7 @@ def test_cli_recover_end_to_end_and_its_errors(tiny_model_dir: Path, tmp_path: P
         return capsys.readouterr().err.strip()
 
     assert "exists; pass --overwrite" in error(str(sliced), "--out", str(out), *common)
-    assert "would replace the input folder" in error(str(sliced), "--out", str(sliced), "--overwrite", *common)
+    assert "would replace the input" in error(str(sliced), "--out", str(sliced), "--overwrite", *common)
     assert "recover takes a folder written by `slicegpt slice`" in error(model, "--out", str(tmp_path / "x"), *common)
     assert "also in the training text" in error(str(sliced), "--out", str(tmp_path / "x"), "--eval-data", corpus, *common)
     assert "--keep-adapter needs --train lora" in error(str(sliced), "--out", str(tmp_path / "x"), "--keep-adapter", *common)

@@ -88,9 +88,7 @@ def run(args: argparse.Namespace) -> int:
     except SlicedFolderError as exc:
         raise SlicedFolderError(f"recover takes a folder written by `slicegpt slice`: {exc}") from None
     out = Path(args.out or f"{str(folder).rstrip('/')}-recovered")
-    if out.resolve() == folder.resolve() or folder.resolve().is_relative_to(out.resolve()):
-        raise ValueError(f"--out {out} would replace the input folder {folder}; choose another")
-    folders.check_output_dir(out, args.overwrite)
+    folders.check_output_dir(out, args.overwrite, protect=(folder, args.teacher))
     train_text = load_text(config.data, "calibration")  # a missing or unreadable source fails before any model loads
     if config.eval_data is not None:
         shared = shared_documents(train_text, load_text(config.eval_data, "evaluation"))

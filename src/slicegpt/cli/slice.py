@@ -46,12 +46,12 @@ def run(args: argparse.Namespace) -> int:
     config = slice_config_from_args(args, args.sparsity)
     wall = time.perf_counter()
     if args.out:
-        folders.check_output_dir(args.out, args.overwrite)  # before any expensive work
+        folders.check_output_dir(args.out, args.overwrite, protect=(args.model,))  # before any expensive work
     model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
     tag = f"p{round(config.target_params * 100)}" if config.target_params is not None and config.target_params <= 1 else (
         f"{config.target_params / 1e6:.0f}M" if config.target_params is not None else f"{round(config.sparsity * 100)}")
     out = args.out or os.path.join("sliced", f"{Path(name).name}-{tag}{'-uniform' if config.uniform else ''}")
-    folders.check_output_dir(out, args.overwrite)
+    folders.check_output_dir(out, args.overwrite, protect=(args.model,))
 
     result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
     if args.ppl:

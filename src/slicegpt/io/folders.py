@@ -42,9 +42,21 @@ from .format import (
 from .standard import export_standard
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before any work) when ``out`` exists and may not be replaced."""
+def check_output_dir(out: str | os.PathLike, overwrite: bool, protect: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+    """Fail early (before any work) when ``out`` exists and may not be replaced.
+
+    ``out`` may never be, or contain, a folder in ``protect`` (the input model) or the working
+    directory: replacing it with ``--overwrite`` would delete them.
+    """
     path = Path(out)
+    target = path.resolve()
+    for keep in (*protect, Path.cwd()):
+        if keep is None or not Path(keep).exists():
+            continue
+        kept = Path(keep).resolve()
+        if kept == target or kept.is_relative_to(target):
+            what = "the working directory" if keep == Path.cwd() else f"the input {keep}"
+            raise FileExistsError(f"output folder {path} would replace {what}; choose another --out")
     if path.exists() and not overwrite:
         raise FileExistsError(f"output folder {path} exists; pass --overwrite (overwrite=True) to replace it")
     if path.exists() and not path.is_dir():
