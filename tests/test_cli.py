@@ -182,3 +182,38 @@ def test_sweep_over_parameter_targets(tiny_model_dir: Path, tmp_path: Path, caps
     runs = json.loads((tmp_path / "s" / "results.json").read_text())["runs"]
     assert [r["target"] for r in runs] == [None, 0.85] and runs[0]["dense"]
     assert runs[1]["params_after"] <= runs[1]["target_params"] == int(0.85 * runs[1]["params_before"])
+
+
+def test_numerical_faults_and_impossible_devices_are_one_line(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    import torch
+
+    import slicegpt
+    from conftest import calib_rows, make_tiny, tiny_tokenizer
+
+    bad = make_tiny("llama", dtype=torch.float32)
+    with torch.no_grad():
+        bad.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    bad.save_pretrained(tmp_path / "nan")
+    tiny_tokenizer().save_pretrained(tmp_path / "nan")
+    corpus = str(tiny_model_dir / "corpus.txt")
+    code, _, err = _run(capsys, "slice", str(tmp_path / "nan"), "--calib", corpus, "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o"))
+    _one_line_error(code, err, "model.layers.1.mlp.down_proj.weight holds NaN or Inf")
+    assert not (tmp_path / "o").exists()
+    # Activations that overflow are caught where they first reach a covariance, naming the place.
+    model = make_tiny("llama", dtype=torch.float32)
+    model.model.layers[0].self_attn.register_forward_hook(lambda _m, _i, out: (out[0] * float("inf"), *out[1:]))
+    with pytest.raises(slicegpt.core.pca.NumericalError, match="layer 0, the stream after its attention branch"):
+        slicegpt.slice_model(model, None, calib_rows(4, 16), slicegpt.SliceConfig(batch_size=4), progress=False)
+    if not torch.cuda.is_available():
+        code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--calib", corpus, "--nsamples", "2", "--seqlen", "32",
+                            "--device", "cuda", "--out", str(tmp_path / "c"))
+        _one_line_error(code, err, "CUDA is not available")
+        code, _, err = _run(capsys, "eval", str(tiny_model_dir / "model"), "--ppl", corpus, "--device", "cuda")
+        _one_line_error(code, err, "CUDA is not available")
+    code, _, err = _run(capsys, "eval", str(tiny_model_dir / "model"), "--ppl", corpus, "--seqlen", "1")
+    _one_line_error(code, err, "seqlen must be at least 2")
+    with pytest.raises(TypeError, match="sparsity must be a number"):
+        slicegpt.SliceConfig(sparsity="0.2")
+    # Fewer calibration tokens than the hidden width: a warning, the run goes on.
+    slicegpt.slice_model(make_tiny("llama", dtype=torch.float32), None, calib_rows(2, 8), slicegpt.SliceConfig(batch_size=2), progress=False)
+    assert "rank-deficient" in capsys.readouterr().err

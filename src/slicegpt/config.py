@@ -42,6 +42,26 @@ def dtype_name(dtype: str | torch.dtype) -> str:
     return str(parse_dtype(dtype)).removeprefix("torch.")
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, or a one-line error when it cannot be used here (CUDA asked for, none present)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:1, mps ...") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but MPS is not available on this machine")
+    return dev
+
+
+def _number(name: str, value: Any, kind: type = float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise TypeError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+
+
 # With a parameter target and both axes: the share of what is removed that the residual width
 # takes; the rest comes from MLP neurons (see README "Parameter budgets" for the measurements).
 DEFAULT_RESIDUAL_SHARE = 0.0
@@ -115,6 +135,11 @@ class SliceConfig:
         self.validate()
 
     def validate(self) -> None:
+        _number("sparsity", self.sparsity)
+        for name in ("round_to", "nsamples", "seqlen", "batch_size", "seed"):
+            _number(name, getattr(self, name), int)
+        if self.target_params is not None:
+            _number("target_params", self.target_params)
         if not (0.0 <= float(self.sparsity) < 1.0):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.round_to < 1:

@@ -8,6 +8,26 @@ from typing import Protocol
 import torch
 
 
+class NumericalError(ValueError):
+    """Weights or activations are not finite (NaN or Inf): slicing would silently produce garbage."""
+
+
+def describe_point(point: str) -> str:
+    """'layer.3.mid' -> 'layer 3, the stream after its attention branch (what its MLP reads)'."""
+    parts = point.split(".")
+    if parts[0] == "layer" and len(parts) == 3:
+        where = {"mid": "the stream after its attention branch (what its MLP reads)", "out": "the stream after its MLP branch (the layer's output)"}
+        return f"layer {parts[1]}, {where.get(parts[2], parts[2])}"
+    return {"embedding": "the embeddings' output (what layer 0 reads)"}.get(point, point)
+
+
+def check_finite(point: str, cov: "Covariance") -> None:
+    """Stop, naming the layer and the branch, when calibration activations went NaN or Inf."""
+    if not bool(torch.isfinite(cov.sum).all()):
+        raise NumericalError(f"calibration activations at {describe_point(point)} are not finite (NaN or Inf); "
+                             "stopping before they reach the weights (check the source weights, or use a wider --dtype)")
+
+
 class Covariance:
     """Streaming sum of x^T x over unmasked tokens, float64, on the device it is given."""
 
@@ -33,6 +53,8 @@ class Covariance:
         cov = self.mean()
         damped = cov + damping * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
         evals, evecs = torch.linalg.eigh(damped)
+        if not bool(torch.isfinite(evals).all()):
+            raise NumericalError("the covariance's eigenvalues are not finite")
         order = torch.argsort(evals, descending=True)
         # Report the undamped spectrum: what the data says, not the regulariser.
         undamped = torch.einsum("ij,ji->i", evecs.t() @ cov, evecs)

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, spec_for_config
-from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig
+from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig, check_device
 from ..data import Rows, calibration_rows_for
 from ..memory import release_free_memory
 from . import allocate, corrections, neurons, uniform
@@ -47,7 +47,7 @@ from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
 from .block import BlockBases, slice_block, slice_embeddings, slice_head
 from .capture import LayerInputs, capture_layer_inputs, stream
 from .modules import SlicedBlock, WeightlessRMSNorm
-from .pca import Covariance, FixedRotation, PCARotation, PooledCovariance, RotationSource
+from .pca import Covariance, FixedRotation, NumericalError, PCARotation, PooledCovariance, RotationSource, check_finite
 from .report import SliceReport
 from .streams import LoopState, Streams
 from .surgery import count_parameters, get_layers, hidden_size, is_tied, prepare
@@ -63,7 +63,10 @@ class _BasisChooser:
         self.refits: dict[str, float] = {}  # relative ridge strength chosen per refit writer
 
     def __call__(self, point: str, cov: Covariance | None) -> torch.Tensor:
-        evals, q = self.rotation(point, None if cov is None else self.streams.reduce(cov))
+        if cov is not None:
+            cov = self.streams.reduce(cov)
+            check_finite(point, cov)
+        evals, q = self.rotation(point, cov)
         if evals is not None:
             self.spectra[point] = evals.tolist()
         return q.to(device=self.device, dtype=torch.float64)
@@ -218,8 +221,12 @@ def slice_model(
         report.config = config
         return report
     spec = spec_for_config(model.config)
+    check_device(config.device)
     start = time.perf_counter()
     model.eval()
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise NumericalError(f"the source weight {bad} holds NaN or Inf: the model is damaged; nothing was sliced")
     params_before = count_parameters(model)
     tied = is_tied(model, spec)
     final_scale = None
@@ -233,6 +240,10 @@ def slice_model(
     needs_rows = rotation.needs_statistics or config.uniform or config.corrections or config.target_params is not None
     rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config) if needs_rows else None
     streams = streams or Streams()
+    if rows is not None and rows.tokens < hidden_size(model):
+        print(f"warning: {rows.tokens} calibration tokens for a hidden width of {hidden_size(model)}: the covariance is "
+              "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones (--seqlen)",
+              file=sys.stderr)
 
     prepare(model, spec)
     model.to("cpu")

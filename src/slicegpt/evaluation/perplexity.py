@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import check_device
 from ..data import bos_for, clip_seqlen, cut_rows, label, load_text, tokenize
 
 
@@ -45,6 +46,8 @@ class PerplexityResult:
 
 def eval_rows(model: nn.Module, tokenizer: Any, data: str, seqlen: int, max_rows: int | None = None) -> torch.Tensor:
     """The evaluation rows of ``data`` (a source name, a path, or raw text), shape (rows, seqlen)."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2 (a row of {seqlen} token predicts nothing)")
     text = load_text(data, "evaluation")
     rows = cut_rows(tokenize(tokenizer, text), clip_seqlen(model, seqlen), bos_for(model, tokenizer))
     if rows.shape[0] == 0:
@@ -68,7 +71,7 @@ def perplexity(
     start = time.perf_counter()
     rows = eval_rows(model, tokenizer, data, seqlen, max_rows)
     if device is not None:
-        model.to(device)
+        model.to(check_device(device))
     dev = next(model.parameters()).device
     model.eval()
     count = 0

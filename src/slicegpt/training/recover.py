@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import spec_for_config
-from ..config import RecoverConfig, parse_dtype
+from ..config import RecoverConfig, check_device, parse_dtype
 from ..core.surgery import get_layers
 from ..data import Rows, bos_for, clip_seqlen, label, training_rows
 from . import lora
@@ -189,9 +189,7 @@ def recover(
     loss_kind = config.loss_for(teacher is not None)
     if teacher is not None and loss_kind == "kd":
         check_teacher(student, tokenizer, teacher, teacher_tokenizer)
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {config.device!r} asked for, but CUDA is not available here")
+    device = check_device(config.device)
     amp = parse_dtype(config.dtype)
     spec = spec_for_config(student.config)
     seqlen = clip_seqlen(student, config.seqlen)
