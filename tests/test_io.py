@@ -102,7 +102,7 @@ def test_folder_contents_and_metadata(tmp_path: Path) -> None:
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "slicegpt.json"} <= names
     meta = json.loads((out / "slicegpt.json").read_text())
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == slicegpt.io.format.FORMAT_VERSION
     assert meta["settings"]["sparsity"] == 0.25
     assert meta["files"]["model.safetensors"]["size"] == (out / "model.safetensors").stat().st_size
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
@@ -176,3 +176,22 @@ def test_folders_written_by_format_1_before_the_restructure_still_load(kind: str
     with torch.inference_mode():
         logits = model(input_ids=expected["input_ids"]).logits
     assert torch.allclose(logits, expected[kind], atol=1e-5, rtol=0), (logits - expected[kind]).abs().max()
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_every_folder_records_checksums_and_an_edited_record_is_refused(uniform: bool, tmp_path: Path) -> None:
+    model = make_tiny("llama", dtype=torch.float32)
+    slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, uniform=uniform), progress=False)
+    out = slicegpt.save(model, tmp_path / "m")
+    meta_file = out / ("slicegpt.json" if uniform else "config.json")
+    weights = out / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-3] ^= 0x01  # one flipped bit in the last tensor
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(SlicedFolderError, match="checksum"):
+        slicegpt.load(out)
+    data = json.loads(meta_file.read_text())
+    (data if uniform else data["slicegpt"]).pop("files")
+    meta_file.write_text(json.dumps(data))
+    with pytest.raises(SlicedFolderError, match="records no file sizes or checksums"):
+        slicegpt.load(out)

@@ -28,11 +28,13 @@ from ..core.report import SliceReport
 from ..core.surgery import get_layers, is_prepared, prepare
 from ..core.widths import Widths
 from .format import (
+    FORMAT_VERSION,
     REMOTE_MODULE,
     SPECTRA,
     WEIGHTS,
     SlicedFolderError,
     build_metadata,
+    file_record,
     is_standard,
     provenance,
     read_metadata,
@@ -133,7 +135,7 @@ def _write_loaded_standard(model: nn.Module, tmp: Path, meta: dict[str, Any], to
         state.pop(f"{spec.head}.weight", None)  # tying kept: the head is the embedding table
     save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
     model.config.save_pretrained(tmp)
-    write_companions(tmp, meta, model, tokenizer)
+    write_companions(tmp, {**meta, "format_version": FORMAT_VERSION, "files": {WEIGHTS: file_record(tmp / WEIGHTS)}}, model, tokenizer)
 
 
 def _write_per_layer(model: nn.Module, tmp: Path, meta: dict[str, Any], tokenizer: Any) -> None:
@@ -142,7 +144,7 @@ def _write_per_layer(model: nn.Module, tmp: Path, meta: dict[str, Any], tokenize
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
     meta = dict(meta)
-    meta["files"] = {WEIGHTS: {"size": (tmp / WEIGHTS).stat().st_size, "sha256": sha256(tmp / WEIGHTS)}}
+    meta["files"] = {WEIGHTS: file_record(tmp / WEIGHTS)}
     meta["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     config = copy.deepcopy(model.config)
     config.slicegpt = meta
@@ -155,6 +157,9 @@ def _write_per_layer(model: nn.Module, tmp: Path, meta: dict[str, Any], tokenize
 
 def verify_files(folder: Path, meta: dict[str, Any], checksum: bool = True) -> None:
     """Sizes (always) and sha256 (when ``checksum``) against what was recorded at save time."""
+    if "files" not in meta and (not is_standard(meta) or meta.get("format_version", 1) >= 2):
+        raise SlicedFolderError(f"{folder}'s metadata records no file sizes or checksums (its 'files' entry was removed): "
+                                "it cannot be checked; refusing to load it")
     for name, want in meta.get("files", {}).items():
         path = folder / name
         if not path.is_file():

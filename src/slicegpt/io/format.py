@@ -7,7 +7,9 @@ Two kinds of folder, both described by ``slicegpt.json``:
 * uniform: a standard checkpoint of the family; the metadata lives in ``slicegpt.json`` only.
 
 Format version rules: a folder written by a newer format is refused with "upgrade slicegpt";
-older versions are read as they were written.
+older versions are read as they were written. Version 2 (this one): uniform folders record their
+weights' size and sha256 too (version 1 did so for per-layer folders only), so every version-2
+folder must have its ``files`` entry: one that lacks it was edited, and is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 from .._version import __version__
 from ..core.report import SliceReport
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
 METADATA = "slicegpt.json"
 SPECTRA = "spectra.json"
@@ -107,6 +109,11 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What is recorded of a written file so that loading can tell it was truncated or changed."""
+    return {"size": path.stat().st_size, "sha256": sha256(path)}
 
 
 def write_companions(folder: Path, meta: dict[str, Any], model: nn.Module, tokenizer: Any) -> None:

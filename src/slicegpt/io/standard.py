@@ -20,7 +20,7 @@ from torch import nn
 from ..arch import ArchSpec, spec_for_config
 from ..core.modules import ScaledRMSNorm
 from ..core.surgery import get_layers, get_path
-from .format import write_companions
+from .format import WEIGHTS, file_record, write_companions
 
 
 def _standard_config(model: nn.Module, spec: ArchSpec, d: int, meta_widths: dict[str, Any]) -> Any:
@@ -81,7 +81,8 @@ def export_standard(model: nn.Module, out: Path, meta: dict[str, Any], *, tokeni
     d = int(meta["widths"]["embedding"])
     config = _standard_config(model, spec, d, meta["widths"])
     config.architectures = [type(model).__name__]
-    save_file(standard_state_dict(model, spec, meta), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(standard_state_dict(model, spec, meta), str(out / WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(out)
+    meta["files"] = {WEIGHTS: file_record(out / WEIGHTS)}
     meta["standard_config"] = {"hidden_size": d, "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps}
     write_companions(out, meta, model, tokenizer)
