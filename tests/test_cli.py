@@ -133,7 +133,7 @@ def test_python_m_slicegpt_help_lists_every_command() -> None:
 
     from slicegpt.cli import COMMANDS
 
-    assert list(COMMANDS) == ["slice", "eval", "bench", "sweep", "inspect", "export"]
+    assert list(COMMANDS) == ["slice", "recover", "eval", "bench", "sweep", "inspect", "export"]
     done = subprocess.run([sys.executable, "-m", "slicegpt", "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     listed = done.stdout.split("positional arguments:")[1]
@@ -141,7 +141,7 @@ def test_python_m_slicegpt_help_lists_every_command() -> None:
         assert f"\n    {command} " in listed, command
 
 
-@pytest.mark.parametrize("command", ["slice", "eval", "bench", "sweep", "inspect", "export"])
+@pytest.mark.parametrize("command", ["slice", "recover", "eval", "bench", "sweep", "inspect", "export"])
 def test_every_command_has_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -217,3 +217,62 @@ def test_numerical_faults_and_impossible_devices_are_one_line(tiny_model_dir: Pa
     # Fewer calibration tokens than the hidden width: a warning, the run goes on.
     slicegpt.slice_model(make_tiny("llama", dtype=torch.float32), None, calib_rows(2, 8), slicegpt.SliceConfig(batch_size=2), progress=False)
     assert "rank-deficient" in capsys.readouterr().err
+
+
+def test_hostile_input_is_refused_before_any_work(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import slicegpt
+    from conftest import make_tiny, tiny_tokenizer
+
+    model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
+    args = ["--calib", corpus, "--nsamples", "2", "--seqlen", "32"]
+    # A checkpoint with a tensor missing would be filled with random numbers by transformers.
+    holed = tmp_path / "holed"
+    make_tiny("llama", dtype=torch.float32).save_pretrained(holed)
+    tiny_tokenizer().save_pretrained(holed)
+    state = load_file(holed / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, holed / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = _run(capsys, "slice", str(holed), *args, "--out", str(tmp_path / "o"))
+    _one_line_error(code, err, "lacks 1 tensor(s): model.layers.1.mlp.up_proj.weight")
+    # A GGUF with valid magic and garbage after it.
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + os.urandom(256))
+    code, _, err = _run(capsys, "eval", str(tmp_path / "bad.gguf"))
+    _one_line_error(code, err, "cannot read", "as a GGUF model")
+    # Re-slicing a sliced folder; a newer format version; --json at a folder; a dangling --out link.
+    sliced = tmp_path / "sliced"
+    assert _run(capsys, "slice", model, *args, "--out", str(sliced))[0] == 0
+    code, _, err = _run(capsys, "slice", str(sliced), *args, "--out", str(tmp_path / "again"))
+    _one_line_error(code, err, "already sliced")
+    code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "j"), "--json", str(tmp_path))
+    _one_line_error(code, err, "is a folder")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "dangling"))
+    _one_line_error(code, err, "dangling symbolic link")
+    code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / ("n" * 250)))
+    _one_line_error(code, err, "cannot write the output folder")
+    newer = tmp_path / "newer"
+    import shutil
+
+    shutil.copytree(sliced, newer)
+    config = json.loads((newer / "config.json").read_text())
+    config["slicegpt"]["format_version"] = 99
+    (newer / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(capsys, "eval", str(newer))
+    _one_line_error(code, err, "upgrade slicegpt")
+    # Calibration text of NUL bytes; a --seqlen above the context is recorded as used.
+    (tmp_path / "nul.txt").write_text("\x00" * 5000)
+    code, _, err = _run(capsys, "slice", model, "--calib", str(tmp_path / "nul.txt"), "--out", str(tmp_path / "z"))
+    _one_line_error(code, err, "not text")
+    assert _run(capsys, "slice", model, "--calib", corpus, "--nsamples", "1", "--seqlen", "100000", "--out", str(tmp_path / "long"))[0] == 0
+    assert slicegpt.read_metadata(tmp_path / "long")["settings"]["seqlen"] == 256
+    # A writer killed mid-save left its staging folder: the next save beside it removes it.
+    stale = tmp_path / ".sliced2.tmp-999999-abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 100)
+    assert _run(capsys, "slice", model, *args, "--out", str(tmp_path / "sliced2"))[0] == 0
+    assert not stale.exists()

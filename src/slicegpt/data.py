@@ -200,7 +200,10 @@ def load_text(source: str | os.PathLike, split: Split) -> str:
     else:
         raise DataError(f"unknown text source {source!r}: use 'wiki', 'wikitext2', 'lambada' (evaluation only), 'hf:NAME', or a .txt/.jsonl file")
     if not text.strip():
-        raise DataError(f"text source {source!r} is empty")
+        raise DataError(f"text source {label(source)!r} is empty")
+    head = text[:100_000]
+    if sum(ch.isprintable() or ch.isspace() for ch in head) < 0.5 * len(head):
+        raise DataError(f"text source {label(source)!r} is not text: mostly NUL or control characters")
     return text
 
 

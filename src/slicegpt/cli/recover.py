@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if args.keep_adapter and config.train != "lora":
         raise ValueError("--keep-adapter needs --train lora")
     folder = Path(args.folder)
+    if args.json and Path(args.json).is_dir():
+        raise FileExistsError(f"--json {args.json} is a folder; name a file")
     try:
         meta = read_metadata(folder)
     except SlicedFolderError as exc:

@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     config = slice_config_from_args(args, args.sparsity)
     wall = time.perf_counter()
+    if args.json and Path(args.json).is_dir():
+        raise FileExistsError(f"--json {args.json} is a folder; name a file")
     if args.out:
         folders.check_output_dir(args.out, args.overwrite, protect=(args.model,))  # before any expensive work
     model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, spec_for_config
 from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig, check_device
-from ..data import Rows, calibration_rows_for
+from ..data import Rows, calibration_rows_for, clip_seqlen
 from ..memory import release_free_memory
 from . import allocate, corrections, neurons, uniform
 from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
@@ -50,7 +50,7 @@ from .modules import SlicedBlock, WeightlessRMSNorm
 from .pca import Covariance, FixedRotation, NumericalError, PCARotation, PooledCovariance, RotationSource, check_finite
 from .report import SliceReport
 from .streams import LoopState, Streams
-from .surgery import count_parameters, get_layers, hidden_size, is_tied, prepare
+from .surgery import count_parameters, get_layers, hidden_size, is_prepared, is_tied, prepare
 from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
 
 
@@ -211,6 +211,11 @@ def slice_model(
     """
     config = config or SliceConfig()
     config.validate()
+    if getattr(model, "slicegpt_metadata", None) is not None or is_prepared(model, spec_for_config(model.config)):
+        raise ValueError("this model is already sliced (loaded from a slicegpt folder): slice its source model instead")
+    if clip_seqlen(model, config.seqlen) < config.seqlen:
+        print(f"note: --seqlen {config.seqlen} is above the model's context; using {clip_seqlen(model, config.seqlen)}", file=sys.stderr)
+        config = replace(config, seqlen=clip_seqlen(model, config.seqlen))
     if config.search and config.target_params is not None and policy is None:
         # the allocator: measure each split on held-out calibration rows, then compress at the best
         share, records, seconds, fit = allocate.search_split(model, tokenizer, calib if calib is not None else config.calib,

@@ -11,6 +11,7 @@ initialised. A uniform folder is a standard checkpoint (:mod:`slicegpt.io.standa
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import shutil
@@ -59,11 +60,47 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, protect: tuple[str
         if kept == target or kept.is_relative_to(target):
             what = "the working directory" if keep == Path.cwd() else f"the input {keep}"
             raise FileExistsError(f"output folder {path} would replace {what}; choose another --out")
+    if path.is_symlink() and not path.exists():
+        raise FileExistsError(f"output path {path} is a dangling symbolic link; remove it or choose another --out")
     if path.exists() and not overwrite:
         raise FileExistsError(f"output folder {path} exists; pass --overwrite (overwrite=True) to replace it")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {path} exists and is not a folder")
+    # Can the staging folder be made beside it? (A read-only parent or a name too long with the
+    # staging suffix would otherwise be found only after hours of work.)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=staging_prefix(path, "tmp"), dir=path.parent)).rmdir()
+    except OSError as exc:
+        raise OSError(f"cannot write the output folder {path}: {exc.strerror or exc}") from None
     return path
+
+
+def staging_prefix(out: Path, kind: str) -> str:
+    """Hidden staging folders beside ``out`` carry the writer's PID, so a killed writer's are recognisable."""
+    return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Delete staging folders beside ``out`` left by writers that no longer run (killed mid-save)."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for folder in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*-*"):
+            pid = folder.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def save(
@@ -100,7 +137,8 @@ def save(
         meta = {**meta, "recovery": recovery.summary()}
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_staging(out)
+    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent))
     try:
         if is_standard(meta) and not is_prepared(model, spec_for_config(model.config)):
             # Already a standard model (a uniform folder loaded, then trained): written as is.
@@ -114,7 +152,7 @@ def save(
         if extra is not None:
             extra(tmp)
         if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            backup = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "old"), dir=out.parent))
             os.replace(out, backup / "old")
             os.replace(tmp, out)
             shutil.rmtree(backup, ignore_errors=True)

@@ -91,11 +91,13 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def is_sliced_folder(path: str | os.PathLike) -> bool:
+    """Does ``path`` hold a folder slicegpt wrote (of any format version: a newer one is then
+    refused by :func:`read_metadata` with "upgrade slicegpt", not read as something else)?"""
     try:
         read_metadata(path)
         return True
-    except SlicedFolderError:
-        return False
+    except SlicedFolderError as exc:
+        return "upgrade slicegpt" in str(exc)
 
 
 def is_standard(meta: dict[str, Any]) -> bool:

@@ -89,7 +89,10 @@ def converted_gguf(gguf: Path, name: str | None = None) -> Path:
     target = cache_dir() / "converted" / f"{name}-{stat.st_size}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    model, tokenizer = _load_gguf(gguf, torch.float32)
+    try:
+        model, tokenizer = _load_gguf(gguf, torch.float32)
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file, whatever the parser raises
+        raise ModelLoadError(f"cannot read {gguf} as a GGUF model: {first_line(exc)}") from exc
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -103,6 +106,20 @@ def converted_gguf(gguf: Path, name: str | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (a line ending in ':' keeps the line after it)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
+
+
+def _tied_away(model: nn.Module, key: str) -> bool:
+    """A key that is absent because it is tied to another tensor (the head to the embeddings)."""
+    out = model.get_output_embeddings()
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None and key.endswith("lm_head.weight")
 
 
 def resolve_model(name_or_path: str | None) -> tuple[str, str]:
@@ -145,8 +162,7 @@ def load_model(
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
         raise ModelLoadError(f"cannot load model {name_or_path}: no config.json or .gguf file there")
     def fail(exc: Exception) -> ModelLoadError:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return ModelLoadError(f"cannot load model {name_or_path}: {reason}")
+        return ModelLoadError(f"cannot load model {name_or_path}: {first_line(exc)}")
 
     try:
         config = AutoConfig.from_pretrained(source)
@@ -156,9 +172,19 @@ def load_model(
         spec_for_config(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to read the files is the user's to fix
+        raise ModelLoadError(f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}") from exc
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated, reshaped or garbage checkpoint
         raise fail(exc) from exc
+    # transformers initialises a missing tensor at random and only logs it: a model that silently
+    # is not the checkpoint must not be sliced or evaluated.
+    missing = [k for k in info.get("missing_keys", []) if not _tied_away(model, k)]
+    if missing:
+        raise ModelLoadError(f"cannot load model {name_or_path}: the checkpoint lacks {len(missing)} tensor(s): {', '.join(sorted(missing)[:3])}")
+    if info.get("mismatched_keys"):
+        raise ModelLoadError(f"cannot load model {name_or_path}: tensors of the wrong shape: {', '.join(str(k[0] if isinstance(k, tuple) else k) for k in info['mismatched_keys'][:3])}")
     model.to(device)
     model.eval()
     return model, tokenizer, display
