@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import slicegpt
@@ -96,3 +97,28 @@ def test_fixed_rotation_walk_needs_no_statistics() -> None:
     assert reduce.calls == 0 and len(ckpt.states) == 3
     with torch.inference_mode():
         assert torch.allclose(model(input_ids=X).logits, ref(input_ids=X).logits, atol=1e-5)
+
+
+def test_verify_refuses_a_fusion_that_changes_the_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    import slicegpt.core.slicing as slicing
+    from slicegpt.core.pca import NumericalError
+
+    model = make_tiny("llama")
+    report = slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
+    assert report.verified is not None and report.verified < 1e-6
+    summary = report.summary()
+    assert len(summary["calibration_sha256"]) == 64 and set(summary["versions"]) == {"slicegpt", "torch", "transformers"}
+
+    real = slicing.prepare
+
+    def wrong_fold(model, spec):  # a spec that gets one norm's fold wrong, as a new family might
+        real(model, spec)
+        with torch.no_grad():
+            slicing.get_layers(model, spec)[1].mlp.up_proj.weight.mul_(1.5)
+
+    monkeypatch.setattr(slicing, "prepare", wrong_fold)
+    with pytest.raises(NumericalError, match="no longer computes what it did"):
+        slicegpt.slice_model(make_tiny("llama"), None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
+    report = slicegpt.slice_model(make_tiny("llama"), None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, verify=False),
+                                  progress=False)
+    assert report.verified is None

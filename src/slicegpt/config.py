@@ -106,6 +106,9 @@ class SliceConfig:
     token_weighting: how calibration tokens count in MLP neuron selection and refits: 'none'
         (equally) or 'norm' (by 1 / the mean square of the stream the MLP writes into, so that the
         few tokens with massive activations do not decide the fit).
+    verify: before anything is sliced, run the first calibration row (32 tokens) through the model
+        as loaded and as made invariant (norms folded, blocks rewired), and refuse to go on if the
+        logits differ beyond the dtype's rounding: a family the spec describes wrongly.
     search: with a target and both axes, measure the split instead of using the default: each
         candidate residual share compresses a copy of the model, the lowest loss on 8 further
         calibration rows (held out from every statistic) wins (costs one compression per candidate).
@@ -130,6 +133,7 @@ class SliceConfig:
     correct: bool | None = None
     search: bool = False
     token_weighting: Literal["none", "norm"] = "none"
+    verify: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

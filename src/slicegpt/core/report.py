@@ -29,6 +29,11 @@ class SliceReport:
     allocation: dict[str, Any] = field(default_factory=dict)
     # Refit writers and the relative ridge strength chosen for each on held-out calibration rows.
     refits: dict[str, float] = field(default_factory=dict)
+    # What makes a run reproducible: sha256 of the calibration token ids, the library versions,
+    # and the fused model's largest relative logit difference from the original (--verify).
+    calibration_sha256: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    verified: float | None = None
 
     @property
     def mode(self) -> str:
@@ -59,4 +64,7 @@ class SliceReport:
             "allocation": self.allocation,
             "corrections": self.config.corrections,
             "refits": self.refits,
+            "calibration_sha256": self.calibration_sha256,
+            "versions": self.versions,
+            "verify_max_relative_logit_difference": self.verified,
         }

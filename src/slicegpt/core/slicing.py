@@ -29,6 +29,7 @@ and writer refit), each before the pass whose output it changes.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import replace
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._version import __version__
 from ..arch import ArchSpec, spec_for_config
 from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig, check_device
 from ..data import Rows, calibration_rows_for, clip_seqlen
@@ -250,8 +252,11 @@ def slice_model(
               "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones (--seqlen)",
               file=sys.stderr)
 
+    probe = rows.input_ids[:1, :32] if rows is not None and config.verify else None
+    before = _logits(model, probe) if probe is not None else None
     prepare(model, spec)
     model.to("cpu")
+    verified = _verify(model, probe, before, spec) if probe is not None else None
     release_free_memory()  # prepare replaced every folded weight
     D, n = hidden_size(model), len(get_layers(model, spec))
     policy = policy or _default_policy(model, spec, config, params_before, tied)
@@ -293,6 +298,9 @@ def slice_model(
         spectra=spectra,
         source_model=source_model,
         refits=refits,
+        calibration_sha256=None if rows is None else hashlib.sha256(rows.input_ids.numpy().tobytes()).hexdigest(),
+        versions=library_versions(),
+        verified=verified,
     )
     if isinstance(policy, BudgetWidth):
         report.target_params = policy.target
@@ -302,6 +310,36 @@ def slice_model(
             raise RuntimeError(f"compressed model has {report.params_after:,} parameters, above the target {policy.target:,}")
     model.slicegpt_report = report
     return report
+
+
+# Largest relative logit difference a correct fusion can show, by dtype (rounding, not error).
+VERIFY_TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    return model(input_ids=ids.to(dev), use_cache=False).logits.to("cpu", torch.float64)
+
+
+def _verify(model: nn.Module, probe: torch.Tensor, before: torch.Tensor, spec: ArchSpec) -> float:
+    """The invariant model must compute what the loaded one did; refuse a family described wrongly."""
+    if not bool(torch.isfinite(before).all()):
+        raise NumericalError("the model as loaded gives NaN or Inf logits on the first calibration row: its weights or "
+                             "its dtype cannot represent it; nothing was sliced")
+    after = _logits(model, probe)
+    diff = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+    dtype = next(model.parameters()).dtype
+    if not diff <= VERIFY_TOLERANCE.get(dtype, 2e-3):  # also catches NaN
+        raise NumericalError(f"made invariant, this {spec.name} model no longer computes what it did (largest relative logit "
+                             f"difference {diff:.2e}): its family's spec does not fit it; nothing was sliced (--no-verify skips this check)")
+    return diff
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    return {"slicegpt": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _budget_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shipped: int) -> BudgetWidth:
