@@ -266,3 +266,69 @@ def test_recovery_curves_plot(tmp_path: Path) -> None:
     path = plot_recovery(curves, tmp_path / "curves.png", dense=18.6)
     with Image.open(path) as im:
         assert im.size == (700, 480)
+
+
+def test_a_killed_recover_resumes_to_the_same_files(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL a real `slicegpt recover` at a random moment after its first checkpoint; the same
+    command with --resume writes the weights an uninterrupted run writes, bit for bit."""
+    import hashlib
+    import os
+    import random
+    import signal
+    import time
+
+    model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
+    sliced = tmp_path / "sliced"
+    assert main(["slice", model, "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--out", str(sliced)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "slicegpt", "recover", str(sliced), "--teacher", model, "--data", corpus, "--out", str(out),
+                "--max-steps", "60", "--seqlen", "32", "--batch-size", "2", "--val-rows", "2", "--eval-every", "20",
+                "--checkpoint-every", "3", "--train", "lora" if have("peft") else "all", "--lora-rank", "4"]
+
+    subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / ".killed.recover-state" / "state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the run finished before it could be killed: make it longer"
+    done = subprocess.run(command(out) + ["--resume"], check=True, env=env, capture_output=True, text=True)
+    assert "resuming at step" in done.stdout + done.stderr
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(out / "model.safetensors") == digest(tmp_path / "whole" / "model.safetensors")
+    a, b = (slicegpt.read_metadata(p)["recovery"] for p in (out, tmp_path / "whole"))
+    assert a["curve"] == b["curve"] and a["tokens"] == b["tokens"] and a["resumed_at_step"] > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_trains_the_same_weights(family: str) -> None:
+    results = []
+    for checkpointing in (False, True):
+        teacher, student = _pair(family)
+        model, _ = slicegpt.recover(student, None, _config(max_steps=3, lr=1e-3, gradient_checkpointing=checkpointing),
+                                    teacher=teacher, teacher_name="t", rows=_rows(), progress=False)
+        results.append(model.state_dict())
+        assert "forward" not in vars(slicegpt.core.surgery.get_layers(model, slicegpt.arch.spec_for_config(model.config))[0])
+    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
+
+
+@needs_peft
+def test_keep_adapter_saves_the_adapter_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
+    sliced = tmp_path / "sliced"
+    assert main(["slice", model, "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--uniform", "--out", str(sliced)]) == 0
+    out = tmp_path / "rec"
+    assert main(["recover", str(sliced), "--teacher", model, "--data", corpus, "--out", str(out), "--max-steps", "2", "--seqlen", "32",
+                 "--batch-size", "2", "--val-rows", "2", "--train", "lora", "--lora-rank", "4", "--lora-targets", "attn_in,mlp_out",
+                 "--keep-adapter"]) == 0
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and any(t.endswith("mlp.down_proj") for t in adapter["target_modules"])
+    assert not any(t.endswith("o_proj") for t in adapter["target_modules"])
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    slicegpt.load(out)  # the folder itself still loads (and checks) as before
