@@ -53,8 +53,10 @@ def evaluate(folder: str | None, wiki_rows: int | None, books_rows: int, tasks: 
     model, tokenizer, _ = slicegpt.load_model(folder)
     wiki = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024, max_rows=wiki_rows)
     books = slicegpt.perplexity(model, tokenizer, "lambada", seqlen=1024, max_rows=books_rows)
+    # The rows the training curves are measured on (first 8 'wiki' evaluation rows of 512 tokens).
+    curve_rows = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=512, max_rows=8)
     out = {"params": slicegpt.count_parameters(model), "wiki": wiki.perplexity, "wiki_rows": wiki.rows,
-           "books": books.perplexity, "books_rows": books.rows}
+           "books": books.perplexity, "books_rows": books.rows, "wiki_8x512": curve_rows.perplexity}
     if tasks:
         from slicegpt.evaluation.tasks import evaluate_tasks
 
@@ -71,6 +73,7 @@ def main() -> None:
     p.add_argument("--tasks", default="piqa,winogrande,hellaswag,arc_easy,arc_challenge")
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--tasks-for", default="", help="comma-separated model names (dense, budget, budget-kd-all, ...) to run --tasks on")
+    p.add_argument("--models", default=None, help="evaluate only these (comma-separated), e.g. to split the work over processes")
     p.add_argument("--json", default=str(RESULTS / "recover_smollm2.json"))
     args = p.parse_args()
     work = Path(args.work)
@@ -90,6 +93,8 @@ def main() -> None:
                              *TRAIN_ARGS, *extra, "--json", str(work / f"{name}.json"), log=work / f"{name}.log")
     if args.only in (None, "eval"):
         names = ["dense", *STUDENTS, *(f"{s}-{l}-{t}" for s, l, t, _ in RUNS)]
+        if args.models:
+            names = [n for n in names if n in args.models.split(",")]
         want_tasks = {n.strip() for n in args.tasks_for.split(",") if n.strip()}
         for name in names:
             done = results["models"].get(name, {})
@@ -116,7 +121,7 @@ def main() -> None:
     if curves:
         from slicegpt.evaluation.plots import plot_recovery
 
-        plot_recovery(curves, RESULTS / "recover_smollm2_curves.png",
+        plot_recovery(curves, RESULTS / "recover_smollm2_curves.png", dense=(results["models"].get("dense") or {}).get("wiki_8x512"),
                       title="SmolLM2-135M-Instruct at 75% of its parameters: recovery\n(first 8 'wiki' evaluation rows of 512 tokens)")
 
 

@@ -280,3 +280,40 @@ def test_hostile_input_is_refused_before_any_work(tiny_model_dir: Path, tmp_path
     (stale / "model.safetensors").write_bytes(b"x" * 100)
     assert _run(capsys, "slice", model, *args, "--out", str(tmp_path / "sliced2"))[0] == 0
     assert not stale.exists()
+
+
+def test_damaged_source_checkpoints_are_one_line(tmp_path: Path, capsys) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import SAMPLE_TEXT, make_tiny, tiny_tokenizer
+
+    good = tmp_path / "good"
+    make_tiny("llama", dtype=torch.float32).save_pretrained(good)
+    tiny_tokenizer().save_pretrained(good)
+    (tmp_path / "c.txt").write_text(SAMPLE_TEXT)
+    args = ["--calib", str(tmp_path / "c.txt"), "--nsamples", "2", "--seqlen", "32"]
+
+    def damaged(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        return folder
+
+    truncated = damaged("truncated")
+    raw = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    reshaped = damaged("reshaped")
+    state = load_file(reshaped / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:-8].contiguous()
+    save_file(state, reshaped / "model.safetensors", metadata={"format": "pt"})
+    no_tokenizer = damaged("no_tokenizer")
+    for f in no_tokenizer.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            f.unlink()
+    for folder, needle in ((truncated, "cannot load model"), (reshaped, "cannot load model"), (no_tokenizer, "cannot load the tokenizer")):
+        code, _, err = _run(capsys, "slice", str(folder), *args, "--out", str(tmp_path / f"out-{folder.name}"))
+        _one_line_error(code, err, needle)
+        assert not err.strip().endswith(":"), err
+        assert not (tmp_path / f"out-{folder.name}").exists()
