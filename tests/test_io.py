@@ -195,3 +195,21 @@ def test_every_folder_records_checksums_and_an_edited_record_is_refused(uniform:
     meta_file.write_text(json.dumps(data))
     with pytest.raises(SlicedFolderError, match="records no file sizes or checksums"):
         slicegpt.load(out)
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_the_same_inputs_and_seed_give_bitwise_identical_files(uniform: bool, tmp_path: Path) -> None:
+    import hashlib
+
+    folders = []
+    for name in ("a", "b"):
+        model = make_tiny("llama", dtype=torch.float32)
+        cfg = slicegpt.SliceConfig(target_params=0.8, uniform=uniform, batch_size=4)
+        slicegpt.slice_model(model, None, calib_rows(8), cfg, progress=False)
+        folders.append(slicegpt.save(model, tmp_path / name))
+    files = sorted(p.name for p in folders[0].iterdir())
+    assert files == sorted(p.name for p in folders[1].iterdir())
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert all(digest(folders[0] / f) == digest(folders[1] / f) for f in files)
+    meta = slicegpt.read_metadata(folders[0])
+    assert meta["settings"]["seed"] == 42 and meta["versions"]["torch"] == torch.__version__ and len(meta["calibration_sha256"]) == 64
