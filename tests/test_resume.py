@@ -191,18 +191,19 @@ def test_cli_resume_notes_and_cleanup(tiny_model_dir: Path, tmp_path: Path, monk
     _assert_same_files(tmp_path / "again", whole)
 
 
-def test_a_resume_after_a_kill_during_the_final_save(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_resume_after_a_kill_during_the_final_save(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed after the output was renamed into place but before the staging was removed: --resume
     finishes (replacing the output with the same files) without --overwrite."""
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
     out = tmp_path / "out"
-    real = SliceStaging.finish
-    SliceStaging.finish = lambda self: (_ for _ in ()).throw(Crash())  # type: ignore[method-assign]
-    try:
+
+    def killed(self) -> None:
+        raise Crash
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SliceStaging, "finish", killed)
         with pytest.raises(Crash):
             main(_cli(model, corpus, out))
-    finally:
-        SliceStaging.finish = real  # type: ignore[method-assign]
     before = _digests(out)
     assert staging_dir(out).is_dir()
     assert main(_cli(model, corpus, out)) == 2  # without --resume (or --overwrite) the output is kept
