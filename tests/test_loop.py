@@ -13,7 +13,7 @@ import torch
 
 import slicegpt
 from slicegpt.core.pca import Covariance
-from slicegpt.core.streams import InMemorySink, InMemorySource, LoopState, Streams
+from slicegpt.core.streams import InMemorySink, InMemorySource, LoopState, NoCheckpoint, Streams
 from slicegpt.core.surgery import get_layers
 
 from conftest import calib_rows, make_tiny
@@ -54,7 +54,7 @@ class DoublingReduction:
         return doubled
 
 
-class RecordingCheckpoint:
+class RecordingCheckpoint(NoCheckpoint):
     def __init__(self) -> None:
         self.states: list[LoopState] = []
 

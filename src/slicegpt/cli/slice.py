@@ -10,10 +10,12 @@ from typing import Any
 
 from ..arch import supported_architectures
 from ..core.slicing import slice_model
+from ..core.streams import Streams
 from ..evaluation.markdown import format_slice_table
 from ..evaluation.perplexity import perplexity
 from ..io import folders
 from ..io.models import load_model
+from ..io.staging import SliceStaging, staging_dir
 from ..memory import peak_memory
 from .common import parse_count, EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
 
@@ -32,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_slice_config_arguments(p)
     p.add_argument("--out", default=None, help="output folder (default: sliced/<model>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run of this same command from the staging folder "
+                   "kept beside --out (.OUT.slice-state: every finished layer and what the next one needs); the result is bit for "
+                   "bit that of an uninterrupted run. A staging folder of another run (model, settings or calibration data) is "
+                   "refused naming what differs; with nothing to resume the run starts from the beginning. Not with --search "
+                   "(refused: its runs keep no staging)")
     p.add_argument("--ppl", default=None, metavar="DATA", help="also measure perplexity before and after on DATA ('wiki', 'wikitext2', a file; evaluation part)")
     p.add_argument("--eval-seqlen", type=int, default=EVAL_DEFAULTS.seqlen, help="row length for --ppl")
     p.add_argument("--eval-max-rows", type=int, default=None, help="evaluate --ppl on the first N rows only")
@@ -47,21 +54,28 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter()
     if args.json and Path(args.json).is_dir():
         raise FileExistsError(f"--json {args.json} is a folder; name a file")
+    if args.resume and config.search:
+        raise ValueError("--resume cannot continue a --search run (the search keeps no staging); drop --resume or --search")
     if args.out:
-        folders.check_output_dir(args.out, args.overwrite, protect=(args.model,))  # before any expensive work
+        folders.check_output_dir(args.out, _may_replace(args.out, args), protect=(args.model,))  # before any expensive work
     model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
     tag = f"p{round(config.target_params * 100)}" if config.target_params is not None and config.target_params <= 1 else (
         f"{config.target_params / 1e6:.0f}M" if config.target_params is not None else f"{round(config.sparsity * 100)}")
     out = args.out or os.path.join("sliced", f"{Path(name).name}-{tag}{'-uniform' if config.uniform else ''}")
-    folders.check_output_dir(out, args.overwrite, protect=(args.model,))
+    folders.check_output_dir(out, _may_replace(out, args), protect=(args.model,))
+    # The search compresses many candidates: it keeps no staging, and cannot be resumed.
+    staging = None if config.search else SliceStaging(staging_dir(out), resume=args.resume)
 
     result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
     if args.ppl:
         dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
         result["dense_perplexity"] = dense.to_dict()
         model.to("cpu")
-    report = slice_model(model, tokenizer, config.calib, config, source_model=name)
-    folders.save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, report=report)
+    report = slice_model(model, tokenizer, config.calib, config, source_model=name,
+                         streams=None if staging is None else Streams(checkpoint=staging))
+    folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report)
+    if staging is not None:
+        staging.finish()  # saved: nothing left to resume
     result.update(
         params_dense=report.params_before,
         params_sliced=report.params_after,
@@ -79,3 +93,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_slice_table(result))
     write_json(args.json, result)
     return 0
+
+
+def _may_replace(out: str | os.PathLike, args: argparse.Namespace) -> bool:
+    """--overwrite, or a resumed run whose output folder is there already: the stopped run was
+    killed after renaming its output into place but before removing its staging folder, so the
+    folder is this same run's, written again identically."""
+    return bool(args.overwrite or (args.resume and staging_dir(out).is_dir()))

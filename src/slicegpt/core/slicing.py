@@ -30,6 +30,7 @@ and writer refit), each before the pass whose output it changes.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from dataclasses import replace
@@ -51,8 +52,8 @@ from .capture import LayerInputs, capture_layer_inputs, stream
 from .modules import SlicedBlock, WeightlessRMSNorm
 from .pca import Covariance, FixedRotation, NumericalError, PCARotation, PooledCovariance, RotationSource, check_finite
 from .report import SliceReport
-from .streams import LoopState, Streams
-from .surgery import count_parameters, get_layers, hidden_size, is_prepared, is_tied, prepare
+from .streams import LoopState, Restart, Streams
+from .surgery import count_parameters, get_layers, get_path, hidden_size, is_prepared, is_tied, prepare
 from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
 
 
@@ -146,8 +147,15 @@ def calibrate_block(
 def walk(
     model: nn.Module, spec: ArchSpec, rows: Rows | None, widths: Widths, rotation: RotationSource,
     config: SliceConfig, streams: Streams, *, progress: bool = True, desc: str = "slicing layers",
+    start: LoopState | None = None,
 ) -> tuple[Widths, dict[str, list[float]], dict[str, float]]:
-    """Rotate and slice every layer in order; returns the widths as built and the PCA spectra."""
+    """Rotate and slice every layer in order; returns the widths as built, the PCA spectra and the refits.
+
+    ``start`` continues a stopped walk at ``start.next_layer``: the layers before it and the
+    embeddings are already rotated and sliced in ``model`` (see :func:`restore`), and the state
+    holds the activations, basis, spectra, refits and widths as built the stopped walk had
+    there, so the rest goes on bit for bit as it would have.
+    """
     device = torch.device(config.device)
     D, n = widths.hidden, len(get_layers(model, spec))
     choose = _BasisChooser(rotation, streams, device)
@@ -157,18 +165,29 @@ def walk(
     prunes = any(w.mlp is not None for w in widths.layers) and not rotation.collect_only
     correct = config.corrections and not rotation.collect_only
     if rotation.needs_statistics or prunes or correct:
+        # On a restart this captures through the restored (sliced) embeddings: only the layers'
+        # call arguments and the masks are kept, which do not depend on the embeddings' width.
         inputs = capture_layer_inputs(model, spec, rows, config.batch_size, device)
-        if correct:
+        if start is not None:
+            inputs.hidden = list(start.hidden)
+            inputs.reference = None if start.reference is None else list(start.reference)
+        elif correct:
             inputs.reference = [h.clone() for h in inputs.hidden]
         release_free_memory()
-    pca = inputs is not None and rotation.needs_statistics
-    q_prev = choose("embedding", inputs.covariance(_signal(config, WeightlessRMSNorm(D, 1e-6)), device) if pca else None)
-    if not rotation.collect_only:
-        slice_embeddings(model, spec, q_prev, widths.embedding)
-    if inputs is not None:
-        inputs.project(q_prev[:, : widths.embedding], device)
-    built = []
-    for index in tqdm(range(n), desc=desc, unit="layer", disable=not progress):
+    if start is None:
+        pca = inputs is not None and rotation.needs_statistics
+        q_prev = choose("embedding", inputs.covariance(_signal(config, WeightlessRMSNorm(D, 1e-6)), device) if pca else None)
+        if not rotation.collect_only:
+            slice_embeddings(model, spec, q_prev, widths.embedding)
+        if inputs is not None:
+            inputs.project(q_prev[:, : widths.embedding], device)
+        first, built = 0, []
+    else:
+        choose.spectra, choose.refits = dict(start.spectra), dict(start.refits)
+        q_prev = None if start.q_prev is None else start.q_prev.to(device)
+        first, built = start.next_layer, list(start.built)
+    embeddings = {} if rotation.collect_only else embedding_tensors(model, spec)
+    for index in tqdm(range(first, n), desc=desc, unit="layer", disable=not progress, initial=first, total=n):
         block = streams.source.layer(model, spec, index).to(device)
         w = widths.layers[index]
         if inputs is not None:
@@ -179,11 +198,57 @@ def walk(
         built.append(w if rotation.collect_only else slice_block(block, spec, bases, w, shared=rotation.shared))
         streams.sink.done(model, spec, index, block)
         q_prev = bases.q_out
-        streams.checkpoint.after_layer(LoopState(index + 1, q_prev, choose.spectra))
+        streams.checkpoint.after_layer(LoopState(
+            index + 1, q_prev, choose.spectra, choose.refits, built,
+            hidden=None if inputs is None else inputs.hidden, reference=None if inputs is None else inputs.reference,
+            layer=block.state_dict(), embeddings=embeddings))
         release_free_memory()  # the old weights and this layer's activations were just replaced
     if not rotation.collect_only:
         slice_head(model, spec, q_prev, widths.head)
     return replace(widths, layers=tuple(built)), choose.spectra, choose.refits
+
+
+def embedding_tensors(model: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
+    """The embedding tables' tensors under their model paths ('model.embed_tokens.weight')."""
+    return {f"{path}.{name}": t for path in spec.embeddings for name, t in get_path(model, path).state_dict().items()}
+
+
+def restore(model: nn.Module, spec: ArchSpec, widths: Widths, restart: Restart) -> None:
+    """Put a stopped walk's finished work back into the prepared ``model``: the embeddings and
+    every finished layer are cut to their widths (the per-layer walk with no bases, as loading
+    does) and take the tensors the walk had left in them."""
+    slice_embeddings(model, spec, None, widths.embedding)
+    for path in spec.embeddings:
+        prefix = f"{path}."
+        _assign(get_path(model, path), {k[len(prefix):]: v for k, v in restart.embeddings.items() if k.startswith(prefix)}, path)
+    layers = get_layers(model, spec)
+    for index, (w, tensors) in enumerate(zip(restart.state.built, restart.layers)):
+        slice_block(layers[index], spec, BlockBases(None, None, None), w)
+        _assign(layers[index], tensors, f"layer {index}")
+
+
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:  # a staging folder that does not fit the model it claims to continue
+        raise ValueError(f"the staged tensors of {what} do not fit the model: {str(exc).strip().splitlines()[0]}") from None
+
+
+def run_identity(model: nn.Module, config: SliceConfig, rows: Rows | None, widths: Widths, rotation: RotationSource,
+                 source_model: str | None) -> dict[str, Any]:
+    """What must match for a checkpoint to continue this run: the source model (its display name
+    and config), the settings, the calibration token ids, the widths and the kind of rotation.
+    Hashes, not contents, where contents are large."""
+    digest = lambda raw: hashlib.sha256(raw).hexdigest()  # noqa: E731
+    return {
+        "source model": source_model,
+        "model config": digest(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()),
+        "calibration data": None if rows is None else digest(rows.input_ids.numpy().tobytes()),
+        "widths": digest(json.dumps(widths.to_dict(), sort_keys=True).encode()),
+        "rotation": type(rotation).__name__ + ("" if getattr(rotation, "q", None) is None else " " + digest(
+            rotation.q.detach().cpu().contiguous().numpy().tobytes())[:16]),
+        "settings": config.to_dict(),
+    }
 
 
 # no_grad, not inference_mode: tensors made under inference_mode stay "inference tensors" for
@@ -210,6 +275,15 @@ def slice_model(
     the config); ``rotation`` the bases (default: :class:`PCARotation` per point, or with
     ``config.uniform`` one pooled rotation for the whole network); ``streams`` where layers come
     from and go, how covariances are combined, and what is checkpointed between layers.
+
+    Resume: ``streams=Streams(checkpoint=SliceStaging(folder, resume=True))``
+    (:mod:`slicegpt.io.staging`) keeps, after every layer, what the run needs to go on; called
+    again the same way on the same source model after a crash or a kill, it checks that the run
+    is the same one (source model, settings, calibration data; else a
+    :class:`~slicegpt.io.staging.ResumeError` naming what differs), puts the finished layers and
+    embeddings back and continues at the next layer, giving bit for bit the model an
+    uninterrupted run gives. Any :class:`~slicegpt.core.streams.Checkpoint` can do this: its
+    ``begin`` hands back a :class:`~slicegpt.core.streams.Restart`.
     """
     config = config or SliceConfig()
     config.validate()
@@ -262,8 +336,21 @@ def slice_model(
     policy = policy or _default_policy(model, spec, config, params_before, tied)
     widths = fit_widths(policy.widths(D, n, spec.topology), spec)
     spectra: dict[str, list[float]] = {}
+    restart = streams.checkpoint.begin(run_identity(model, config, rows, widths, rotation, source_model))
+    if restart is not None and restart.state is not None:
+        if config.uniform and restart.pooled is None and not (widths.embedding == D and rotation.needs_statistics):
+            raise ValueError("the staged run has finished layers but not uniform mode's rotation: it cannot be continued")
+        restore(model, spec, widths, restart)
 
-    if config.uniform and widths.embedding == D and rotation.needs_statistics:
+    if config.uniform and restart is not None and restart.pooled is not None:
+        # The pooling walk finished before the stop: its rotation was kept. (A stop inside the
+        # pooling walk keeps nothing: it is statistics only, and a restart runs it again.)
+        evals, q = restart.pooled
+        spectra["uniform"] = evals.tolist()
+        if final_scale is not None:
+            q, final_scale = uniform.align_to_final_norm(q, widths.embedding, final_scale)
+        rotation = FixedRotation(q)
+    elif config.uniform and widths.embedding == D and rotation.needs_statistics:
         # The stream keeps its width (only MLP neurons go): any basis serves, the original one
         # costs no pooling walk.
         q = torch.eye(D, dtype=torch.float64)
@@ -276,12 +363,14 @@ def slice_model(
         full = ConstantWidth(0.0, 1, slice_head=True).widths(D, n, spec.topology)
         walk(model, spec, rows, full, pool, config, Streams(reduce=streams.reduce), progress=progress, desc="pooling covariances")
         evals, q = pool.rotation(config.damping)
+        streams.checkpoint.pooled(evals, q)
         spectra["uniform"] = evals.tolist()
         if final_scale is not None:
             q, final_scale = uniform.align_to_final_norm(q, widths.embedding, final_scale)
         rotation = FixedRotation(q)
 
-    widths, found, refits = walk(model, spec, rows, widths, rotation, config, streams, progress=progress)
+    widths, found, refits = walk(model, spec, rows, widths, rotation, config, streams, progress=progress,
+                                 start=None if restart is None else restart.state)
     spectra.update(found)
     if final_scale is not None:
         uniform.retie_head(model, spec, final_scale)

@@ -6,14 +6,16 @@
   shards and dropped when streaming);
 * :class:`Reduction` -- combines covariance sums before each PCA (the identity in one process;
   an all-reduce over ranks when calibration is distributed);
-* :class:`Checkpoint` -- called between layers with the state needed to continue (nothing today;
-  a staging folder for resume).
+* :class:`Checkpoint` -- told what identifies the run before any work and handed the state
+  needed to continue after uniform mode's pooling walk and after every layer; it may hand back
+  a :class:`Restart` to continue a stopped run (nothing by default;
+  :class:`slicegpt.io.staging.SliceStaging` keeps a staging folder on disk for resume).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from torch import nn
 from ..arch import ArchSpec
 from .pca import Covariance
 from .surgery import get_layers
+from .widths import LayerWidths
 
 
 class LayerSource(Protocol):
@@ -37,16 +40,57 @@ class Reduction(Protocol):
 
 @dataclass
 class LoopState:
-    """What the walk carries from one layer to the next: the index of the next layer and the
-    basis of the stream entering it (D, D float64). The calibration activations that go with it
-    are in the loop's :class:`~slicegpt.core.capture.LayerInputs`."""
+    """What the walk carries from one layer to the next, and all that a restart needs to go on
+    bit for bit: the index of the next layer, the basis of the stream entering it (D, D float64),
+    the spectra and refit strengths chosen so far, the widths as built of the finished layers,
+    and the calibration activations the next layer reads.
+
+    ``layer`` and ``embeddings`` are the tensors of the layer just finished and of the sliced
+    embedding tables (state-dict names, the tables' under their model path): views of the
+    model's own tensors, for a checkpoint to write; a restart hands its finished layers back in
+    :class:`Restart` instead.
+    """
 
     next_layer: int
     q_prev: torch.Tensor | None
     spectra: dict[str, list[float]] = field(default_factory=dict)
+    refits: dict[str, float] = field(default_factory=dict)
+    built: list[LayerWidths] = field(default_factory=list)
+    # The next layer's input in its basis; the dense model's stream with corrections on. Not
+    # the layers' call arguments or masks: capture computes them again, identically, as they do
+    # not depend on the slicing.
+    hidden: list[torch.Tensor] | None = None
+    reference: list[torch.Tensor] | None = None
+    layer: dict[str, torch.Tensor] = field(default_factory=dict)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Restart:
+    """What a checkpoint hands back to continue a stopped run (see :func:`slicegpt.core.slicing.slice_model`).
+
+    ``pooled``: uniform mode's (eigenvalues, Q) once its statistics-only walk finished (the walk
+    is then skipped). ``state``: where the slicing walk goes on (its ``layer`` and ``embeddings``
+    unused), with ``layers[i]`` the tensors of each finished layer and ``embeddings`` those of
+    the sliced embedding tables, as :class:`LoopState` handed them out.
+    """
+
+    pooled: tuple[torch.Tensor, torch.Tensor] | None = None
+    state: LoopState | None = None
+    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Checkpoint(Protocol):
+    def begin(self, identity: dict[str, Any]) -> Restart | None:
+        """Called once before the walks with what identifies the run (source model, settings,
+        calibration data, widths); returns what to continue from, or None to start afresh."""
+        ...
+
+    def pooled(self, evals: torch.Tensor, q: torch.Tensor) -> None:
+        """Uniform mode's shared rotation, once its statistics-only walk finished."""
+        ...
+
     def after_layer(self, state: LoopState) -> None: ...
 
 
@@ -72,6 +116,14 @@ class LocalReduction:
 
 
 class NoCheckpoint:
+    """Nothing is kept: a stopped run starts over."""
+
+    def begin(self, identity: dict[str, Any]) -> Restart | None:
+        return None
+
+    def pooled(self, evals: torch.Tensor, q: torch.Tensor) -> None:
+        return None
+
     def after_layer(self, state: LoopState) -> None:
         return None
 

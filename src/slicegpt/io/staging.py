@@ -1,0 +1,194 @@
+"""A staging folder beside a slicing run's output: what a stopped ``slicegpt slice`` needs to go on bit for bit.
+
+The on-disk :class:`~slicegpt.core.streams.Checkpoint`. ``.OUT.slice-state/`` (hidden, beside
+the output folder ``OUT``) holds::
+
+    fingerprint.json          what identifies the run (written first, compared on resume)
+    pooled.pt                 uniform mode's (eigenvalues, Q), once its statistics-only walk finished
+    embeddings.safetensors    the sliced embedding tables (written with the first layer)
+    layer-00003.safetensors   the tensors of each finished layer
+    state.pt                  the loop state after the last finished layer: next layer, basis,
+                              spectra, refits, widths as built, and the activations it reads
+
+Every file is written to a temporary name and renamed into place, so a kill during a write
+leaves the previous checkpoint whole; ``state.pt`` is written last after each layer (the commit
+point), so it never names a layer whose file is not there yet. A layer file written after the
+last commit is simply written again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..core.streams import LoopState, Restart
+from ..core.widths import LayerWidths
+
+STATE = "state.pt"
+FINGERPRINT = "fingerprint.json"
+POOLED = "pooled.pt"
+EMBEDDINGS = "embeddings.safetensors"
+
+# Identity entries too large to show: only that they differ is said.
+_HASHED = ("model config", "calibration data", "widths")
+
+
+class ResumeError(ValueError):
+    """A staging folder does not belong to the run asked for, or cannot be read."""
+
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """Where a slicing run that writes ``out`` keeps its staging folder (hidden, beside it)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.slice-state"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Refuse a staging folder of another run, naming what differs (one line)."""
+    differ = []
+    keys = list(current) + [k for k in saved if k not in current]  # in the order the run names them
+    for key in (k for k in keys if k != "settings"):
+        a, b = saved.get(key), current.get(key)
+        if a != b:
+            differ.append(key if key in _HASHED else f"{key} ({a!r} then, {b!r} now)")
+    a, b = saved.get("settings", {}), current.get("settings", {})
+    differ += [f"{k} ({a.get(k)!r} then, {b.get(k)!r} now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if differ:
+        raise ResumeError(f"the staging folder {where} is of another run: {', '.join(differ)} differ; "
+                          "drop --resume to start over, or use another --out")
+
+
+def _replace_with(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary name and rename: a kill mid-write leaves the old file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _replace_with(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ResumeError(f"the staging folder {path.parent} lacks {path.name}: it was damaged; drop --resume to start over")
+    return load_file(str(path))
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a foreign or damaged file: say which
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ResumeError(f"cannot read {path}: {first}; drop --resume to start over") from exc
+
+
+def _layer_file(index: int) -> str:
+    return f"layer-{index:05d}.safetensors"
+
+
+class SliceStaging:
+    """The staging folder ``folder`` as a :class:`~slicegpt.core.streams.Checkpoint`.
+
+    ``resume``: continue the run staged there (refused with :class:`ResumeError` when it is of
+    another run; started afresh, saying so, when there is nothing to continue). Without it an
+    existing staging folder is announced and replaced. :meth:`finish` removes the folder once
+    the output is saved. ``say`` prints the one-line notes (stderr by default).
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, resume: bool = False, say: Callable[[str], None] = _stderr) -> None:
+        self.folder, self.resume, self.say = Path(folder), resume, say
+        self._embeddings_written = False
+
+    # -- the Checkpoint protocol ------------------------------------------------------------
+
+    def begin(self, identity: dict[str, Any]) -> Restart | None:
+        identity = json.loads(json.dumps(identity, default=str))  # as it reads back from disk
+        if not self.resume:
+            if self.folder.exists():
+                self.say(f"note: {self.folder} holds the staging of an earlier run; replacing it (pass --resume to continue it instead)")
+            self._fresh(identity)
+            return None
+        saved = self._read_fingerprint()
+        if saved is None:
+            self.say(f"note: nothing to resume in {self.folder}; starting from the beginning")
+            self._fresh(identity)
+            return None
+        check_fingerprint(saved, identity, self.folder)
+        pooled = _torch_load(self.folder / POOLED) if (self.folder / POOLED).is_file() else None
+        state = _torch_load(self.folder / STATE) if (self.folder / STATE).is_file() else None
+        if pooled is None and state is None:
+            self.say(f"note: nothing to resume in {self.folder} (the earlier run stopped before its first checkpoint); "
+                     "starting from the beginning")
+            return None
+        restart = Restart(pooled=None if pooled is None else (pooled["evals"], pooled["q"]))
+        if state is None:
+            self.say(f"slicegpt: resuming after uniform mode's pooling walk, from {self.folder}")
+            return restart
+        k = int(state["next_layer"])
+        restart.state = LoopState(k, state["q_prev"], state["spectra"], state["refits"],
+                                  [LayerWidths(**w) for w in state["built"]], state["hidden"], state["reference"])
+        restart.layers = [_load_tensors(self.folder / _layer_file(i)) for i in range(k)]
+        restart.embeddings = _load_tensors(self.folder / EMBEDDINGS)
+        self._embeddings_written = True
+        self.say(f"slicegpt: resuming at layer {k} ({k} finished), from {self.folder}")
+        return restart
+
+    def pooled(self, evals: torch.Tensor, q: torch.Tensor) -> None:
+        data = {"evals": evals.detach().cpu(), "q": q.detach().cpu()}
+        _replace_with(self.folder / POOLED, lambda tmp: torch.save(data, tmp))
+
+    def after_layer(self, state: LoopState) -> None:
+        if not self._embeddings_written:
+            _save_tensors(self.folder / EMBEDDINGS, state.embeddings)
+            self._embeddings_written = True
+        _save_tensors(self.folder / _layer_file(state.next_layer - 1), state.layer)
+        cpu = lambda ts: None if ts is None else [t.detach().cpu() for t in ts]  # noqa: E731
+        data = {
+            "next_layer": state.next_layer,
+            "q_prev": None if state.q_prev is None else state.q_prev.detach().cpu(),
+            "spectra": state.spectra,
+            "refits": state.refits,
+            "built": [asdict(w) for w in state.built],
+            "hidden": cpu(state.hidden),
+            "reference": cpu(state.reference),
+        }
+        _replace_with(self.folder / STATE, lambda tmp: torch.save(data, tmp))  # the commit point
+
+    # -- around the run ---------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """The output is saved: nothing is left to resume."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _fresh(self, identity: dict[str, Any]) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self._embeddings_written = False
+        text = json.dumps(identity, indent=2) + "\n"
+        _replace_with(self.folder / FINGERPRINT, lambda tmp: tmp.write_text(text))
+
+    def _read_fingerprint(self) -> dict[str, Any] | None:
+        path = self.folder / FINGERPRINT
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ResumeError(f"cannot read {path}: {exc}; drop --resume to start over") from exc
