@@ -317,3 +317,34 @@ def test_damaged_source_checkpoints_are_one_line(tmp_path: Path, capsys) -> None
         _one_line_error(code, err, needle)
         assert not err.strip().endswith(":"), err
         assert not (tmp_path / f"out-{folder.name}").exists()
+
+
+def test_only_safetensors_are_read_and_state_files_are_not_pickles(tmp_path: Path, capsys) -> None:
+    import math
+
+    import torch
+
+    from slicegpt.io.treefile import TreeFileError, load_tree, save_tree
+    from conftest import SAMPLE_TEXT, make_tiny, tiny_tokenizer
+
+    pickled = tmp_path / "pickled"
+    model = make_tiny("llama", dtype=torch.float32)
+    pickled.mkdir()
+    model.config.save_pretrained(pickled)
+    tiny_tokenizer().save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    (tmp_path / "c.txt").write_text(SAMPLE_TEXT)
+    code, _, err = _run(capsys, "slice", str(pickled), "--calib", str(tmp_path / "c.txt"), "--nsamples", "2", "--seqlen", "32",
+                        "--out", str(tmp_path / "o"))
+    _one_line_error(code, err, "cannot load model")
+    # Checkpoint state (optimiser states keyed by int, tuples, inf, views of one tensor) round-trips through safetensors.
+    base = torch.arange(6.0)
+    tree = {"state": {0: {"step": torch.tensor(3.0), "m": base.view(2, 3)}, 1: {"m": base[:2]}}, "best": math.inf,
+            "groups": [{"lr": 1e-3, "params": [0, 1]}], "pair": (1, "a"), "none": None}
+    save_tree(tmp_path / "s.safetensors", tree)
+    back = load_tree(tmp_path / "s.safetensors")
+    assert back["best"] == math.inf and back["pair"] == (1, "a") and back["groups"] == tree["groups"] and back["none"] is None
+    assert set(back["state"]) == {0, 1} and torch.equal(back["state"][0]["m"], base.view(2, 3)) and torch.equal(back["state"][1]["m"], base[:2])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(TreeFileError, match="cannot read the state file"):
+        load_tree(tmp_path / "bad.safetensors")

@@ -290,7 +290,7 @@ def test_a_killed_recover_resumes_to_the_same_files(tiny_model_dir: Path, tmp_pa
     subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / ".killed.recover-state" / "state.pt"
+    state = tmp_path / ".killed.recover-state" / "state.safetensors"
     deadline = time.time() + 120
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)

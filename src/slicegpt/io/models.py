@@ -175,7 +175,9 @@ def load_model(
     except Exception as exc:  # noqa: BLE001 - any failure to read the files is the user's to fix
         raise ModelLoadError(f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}") from exc
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype, output_loading_info=True)
+        # Only safetensors are read: a pickled checkpoint (pytorch_model.bin) can run code when loaded.
+        model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype, output_loading_info=True,
+                                                           use_safetensors=True)
     except Exception as exc:  # noqa: BLE001 - a truncated, reshaped or garbage checkpoint
         raise fail(exc) from exc
     # transformers initialises a missing tensor at random and only logs it: a model that silently

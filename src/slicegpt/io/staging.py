@@ -4,14 +4,14 @@ The on-disk :class:`~slicegpt.core.streams.Checkpoint`. ``.OUT.slice-state/`` (h
 the output folder ``OUT``) holds::
 
     fingerprint.json          what identifies the run (written first, compared on resume)
-    pooled.pt                 uniform mode's (eigenvalues, Q), once its statistics-only walk finished
+    pooled.safetensors        uniform mode's (eigenvalues, Q), once its statistics-only walk finished
     embeddings.safetensors    the sliced embedding tables (written with the first layer)
     layer-00003.safetensors   the tensors of each finished layer
-    state.pt                  the loop state after the last finished layer: next layer, basis,
+    state.safetensors         the loop state after the last finished layer: next layer, basis,
                               spectra, refits, widths as built, and the activations it reads
 
 Every file is written to a temporary name and renamed into place, so a kill during a write
-leaves the previous checkpoint whole; ``state.pt`` is written last after each layer (the commit
+leaves the previous checkpoint whole; ``state.safetensors`` is written last after each layer (the commit
 point), so it never names a layer whose file is not there yet. A layer file written after the
 last commit is simply written again.
 """
@@ -30,10 +30,11 @@ import torch
 
 from ..core.streams import LoopState, Restart
 from ..core.widths import LayerWidths
+from .treefile import TreeFileError, load_tree, save_tree
 
-STATE = "state.pt"
+STATE = "state.safetensors"
 FINGERPRINT = "fingerprint.json"
-POOLED = "pooled.pt"
+POOLED = "pooled.safetensors"
 EMBEDDINGS = "embeddings.safetensors"
 
 # Identity entries too large to show: only that they differ is said.
@@ -91,12 +92,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
+def _read_tree(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a foreign or damaged file: say which
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ResumeError(f"cannot read {path}: {first}; drop --resume to start over") from exc
+        return load_tree(path)
+    except TreeFileError as exc:  # a foreign or damaged file: say which
+        raise ResumeError(f"{exc}; drop --resume to start over") from exc
 
 
 def _layer_file(index: int) -> str:
@@ -131,8 +131,8 @@ class SliceStaging:
             self._fresh(identity)
             return None
         check_fingerprint(saved, identity, self.folder)
-        pooled = _torch_load(self.folder / POOLED) if (self.folder / POOLED).is_file() else None
-        state = _torch_load(self.folder / STATE) if (self.folder / STATE).is_file() else None
+        pooled = _read_tree(self.folder / POOLED) if (self.folder / POOLED).is_file() else None
+        state = _read_tree(self.folder / STATE) if (self.folder / STATE).is_file() else None
         if pooled is None and state is None:
             self.say(f"note: nothing to resume in {self.folder} (the earlier run stopped before its first checkpoint); "
                      "starting from the beginning")
@@ -152,7 +152,7 @@ class SliceStaging:
 
     def pooled(self, evals: torch.Tensor, q: torch.Tensor) -> None:
         data = {"evals": evals.detach().cpu(), "q": q.detach().cpu()}
-        _replace_with(self.folder / POOLED, lambda tmp: torch.save(data, tmp))
+        save_tree(self.folder / POOLED, data)
 
     def after_layer(self, state: LoopState) -> None:
         if not self._embeddings_written:
@@ -169,7 +169,7 @@ class SliceStaging:
             "hidden": cpu(state.hidden),
             "reference": cpu(state.reference),
         }
-        _replace_with(self.folder / STATE, lambda tmp: torch.save(data, tmp))  # the commit point
+        save_tree(self.folder / STATE, data)  # the commit point
 
     # -- around the run ---------------------------------------------------------------------
 

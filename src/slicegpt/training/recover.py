@@ -27,7 +27,7 @@ from ..config import RecoverConfig, check_device, parse_dtype
 from ..core.surgery import get_layers
 from ..data import Rows, bos_for, clip_seqlen, label, training_rows
 from . import lora
-from .state import check_fingerprint, fingerprint, load_state, save_state
+from .state import STATE_FILE, check_fingerprint, fingerprint, load_state, save_state
 
 
 class TrainingError(RuntimeError):
@@ -306,7 +306,7 @@ def recover(
                         loss = lm_loss(logits, ids)
                 if not torch.isfinite(loss.detach()):
                     raise TrainingError(f"the loss is {float(loss.detach())} at step {step + 1}; last good checkpoint: "
-                                        f"{state_dir if state_dir is not None and (state_dir / 'state.pt').is_file() else 'none'}")
+                                        f"{state_dir if state_dir is not None and (state_dir / STATE_FILE).is_file() else 'none'}")
                 scaler.scale(loss / config.grad_accum).backward()
                 step_loss += float(loss.detach()) / config.grad_accum
                 del logits, loss
@@ -314,7 +314,7 @@ def recover(
             norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             if not torch.isfinite(norm) and amp != torch.float16:
                 raise TrainingError(f"the gradient norm is {float(norm)} at step {step + 1}; last good checkpoint: "
-                                    f"{state_dir if state_dir is not None and (state_dir / 'state.pt').is_file() else 'none'}")
+                                    f"{state_dir if state_dir is not None and (state_dir / STATE_FILE).is_file() else 'none'}")
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

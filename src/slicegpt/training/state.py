@@ -1,6 +1,6 @@
 """Resumable training checkpoints: everything a stopped run needs to continue bit for bit.
 
-A checkpoint is one file, ``state.pt``, in a staging folder beside the output. It holds the
+A checkpoint is one file, ``state.safetensors`` (tensors, and the structure in its header: never a pickle), in a staging folder beside the output. It holds the
 trainable tensors, the optimiser and schedule state, the RNG state, the step, the tokens seen,
 the curve so far, and a fingerprint of what the run trains (student, teacher, settings, data).
 It is written to a temporary name and renamed, so a kill during the write leaves the previous
@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-STATE_FILE = "state.pt"
+from ..io.treefile import TreeFileError, load_tree, save_tree
+
+STATE_FILE = "state.safetensors"
 
 # Settings that do not change what is trained (where it is measured or saved).
 NEUTRAL_SETTINGS = ("checkpoint_every", "eval_data", "eval_max_rows")
@@ -66,11 +68,8 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Pat
 
 def save_state(folder: Path, state: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / STATE_FILE
-    tmp = folder / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    save_tree(folder / STATE_FILE, state)
+    return folder / STATE_FILE
 
 
 def load_state(folder: Path) -> dict[str, Any] | None:
@@ -78,6 +77,6 @@ def load_state(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a foreign or damaged file: say which
-        raise ResumeError(f"cannot read the training checkpoint {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+        return load_tree(path)
+    except TreeFileError as exc:  # a foreign or damaged file: say which
+        raise ResumeError(f"cannot read the training checkpoint: {exc}") from exc
