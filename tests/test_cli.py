@@ -348,3 +348,47 @@ def test_only_safetensors_are_read_and_state_files_are_not_pickles(tmp_path: Pat
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(TreeFileError, match="cannot read the state file"):
         load_tree(tmp_path / "bad.safetensors")
+
+
+def test_one_writer_per_output_and_free_space_checked(tiny_model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    import slicegpt.io.folders as folders
+
+    model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
+    args = ["--calib", corpus, "--nsamples", "2", "--seqlen", "32"]
+    lock = tmp_path / ".o.lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(live.pid))
+        code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "o"))
+        _one_line_error(code, err, f"another slicegpt run (PID {live.pid}) is writing")
+    finally:
+        live.kill()
+        live.wait()
+    lock.write_text("999999")  # a dead writer's lock is taken over, and released at the end
+    assert _run(capsys, "slice", model, *args, "--out", str(tmp_path / "o"))[0] == 0
+    assert not lock.exists()
+    # A disk too full for the model: refused before writing, nothing left behind.
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda _p: type("U", (), {"free": 1000})())
+    code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "full"))
+    _one_line_error(code, err, "needs about", "are free on the disk")
+    assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.tmp-*"))
+    assert (tmp_path / ".full.slice-state").is_dir()  # the finished layers stay: --resume once space is freed
+
+
+def test_mismatched_tokenizer_and_invalid_utf8_are_one_line(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from conftest import tiny_tokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir / "model", other)
+    big = tiny_tokenizer(vocab_size=400)
+    big.save_pretrained(other)
+    code, _, err = _run(capsys, "eval", str(other))
+    _one_line_error(code, err, "tokenizer has", "do not belong together")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 " * 200)
+    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--calib", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "o"))
+    _one_line_error(code, err, "cannot read", "bad.txt")

@@ -79,6 +79,12 @@ def config_from_args(args: argparse.Namespace) -> RecoverConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # One writer per output folder: a second run for the same --out stops at once.
+    with folders.OutputLock(output_folder(args)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.keep_adapter and config.train != "lora":
         raise ValueError("--keep-adapter needs --train lora")
@@ -89,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         meta = read_metadata(folder)
     except SlicedFolderError as exc:
         raise SlicedFolderError(f"recover takes a folder written by `slicegpt slice`: {exc}") from None
-    out = Path(args.out or f"{str(folder).rstrip('/')}-recovered")
+    out = output_folder(args)
     folders.check_output_dir(out, args.overwrite, protect=(folder, args.teacher))
     train_text = load_text(config.data, "calibration")  # a missing or unreadable source fails before any model loads
     if config.eval_data is not None:
@@ -132,3 +138,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     write_json(args.json, result)
     return 0
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    return Path(args.out or f"{str(args.folder).rstrip('/')}-recovered")

@@ -62,37 +62,39 @@ def run(args: argparse.Namespace) -> int:
     tag = f"p{round(config.target_params * 100)}" if config.target_params is not None and config.target_params <= 1 else (
         f"{config.target_params / 1e6:.0f}M" if config.target_params is not None else f"{round(config.sparsity * 100)}")
     out = args.out or os.path.join("sliced", f"{Path(name).name}-{tag}{'-uniform' if config.uniform else ''}")
-    folders.check_output_dir(out, _may_replace(out, args), protect=(args.model,))
-    # The search compresses many candidates: it keeps no staging, and cannot be resumed.
-    staging = None if config.search else SliceStaging(staging_dir(out), resume=args.resume)
+    # One writer per output folder: a second run for the same --out stops at once.
+    with folders.OutputLock(out):
+        folders.check_output_dir(out, _may_replace(out, args), protect=(args.model,))
+        # The search compresses many candidates: it keeps no staging, and cannot be resumed.
+        staging = None if config.search else SliceStaging(staging_dir(out), resume=args.resume)
 
-    result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
-    if args.ppl:
-        dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
-        result["dense_perplexity"] = dense.to_dict()
-        model.to("cpu")
-    report = slice_model(model, tokenizer, config.calib, config, source_model=name,
-                         streams=None if staging is None else Streams(checkpoint=staging))
-    folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report)
-    if staging is not None:
-        staging.finish()  # saved: nothing left to resume
-    result.update(
-        params_dense=report.params_before,
-        params_sliced=report.params_after,
-        share_removed=1 - report.params_after / report.params_before,
-        slicing_seconds=report.seconds,
-        widths=report.widths.to_dict(),
-        target_params=report.target_params,
-        allocation=report.allocation,
-    )
-    if args.ppl:
-        sliced = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
-        result["sliced_perplexity"] = sliced.to_dict()
-    result["wall_seconds"] = time.perf_counter() - wall
-    result.update(peak_memory(config.device))
-    print(format_slice_table(result))
-    write_json(args.json, result)
-    return 0
+        result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
+        if args.ppl:
+            dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
+            result["dense_perplexity"] = dense.to_dict()
+            model.to("cpu")
+        report = slice_model(model, tokenizer, config.calib, config, source_model=name,
+                             streams=None if staging is None else Streams(checkpoint=staging))
+        folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report)
+        if staging is not None:
+            staging.finish()  # saved: nothing left to resume
+        result.update(
+            params_dense=report.params_before,
+            params_sliced=report.params_after,
+            share_removed=1 - report.params_after / report.params_before,
+            slicing_seconds=report.seconds,
+            widths=report.widths.to_dict(),
+            target_params=report.target_params,
+            allocation=report.allocation,
+        )
+        if args.ppl:
+            sliced = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
+            result["sliced_perplexity"] = sliced.to_dict()
+        result["wall_seconds"] = time.perf_counter() - wall
+        result.update(peak_memory(config.device))
+        print(format_slice_table(result))
+        write_json(args.json, result)
+        return 0
 
 
 def _may_replace(out: str | os.PathLike, args: argparse.Namespace) -> bool:

@@ -76,6 +76,63 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, protect: tuple[str
     return path
 
 
+def bytes_needed(model: nn.Module) -> int:
+    """What the model's tensors take on disk (shared tensors once), plus a margin for headers and companions."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return int(total * 1.02) + (16 << 20)
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse before writing when the disk holding ``folder`` cannot take ``needed`` bytes."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(f"{what} needs about {needed / 1e9:.2f} GB; {free / 1e9:.2f} GB are free on the disk holding {folder}")
+
+
+class OutputLock:
+    """One writer per output folder: a lock file beside it holds the writer's PID.
+
+    A second run for the same ``--out`` stops at once while the first is alive; a lock left by
+    a dead process (killed) is taken over.
+    """
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        out = Path(out)
+        self.path = out.parent / f".{out.name}.lock"
+        self.held = False
+
+    def __enter__(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise FileExistsError(f"another slicegpt run (PID {pid}) is writing {self.path.parent / self.path.name[1:-5]}; "
+                                          "wait for it to finish or choose another --out") from None
+                self.path.unlink(missing_ok=True)  # a dead writer's lock: taken over
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise FileExistsError(f"cannot take the lock {self.path}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
 def staging_prefix(out: Path, kind: str) -> str:
     """Hidden staging folders beside ``out`` carry the writer's PID, so a killed writer's are recognisable."""
     return f".{out.name}.{kind}-{os.getpid()}-"
@@ -138,6 +195,7 @@ def save(
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
+    check_free_space(out.parent, bytes_needed(model), f"saving {out}")
     tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent))
     try:
         if is_standard(meta) and not is_prepared(model, spec_for_config(model.config)):
