@@ -246,3 +246,33 @@ def test_corrections_default_on_with_a_target_and_token_weighting_changes_the_fi
         assert report.params_after <= report.target_params and report.summary()["corrections"]
         down[weighting] = model.model.layers[1].mlp.down_proj.weight.detach().clone()
     assert down["none"].shape == down["norm"].shape and not torch.allclose(down["none"], down["norm"])
+
+
+def test_greedy_neurons_keep_k_distinct_neurons_when_the_moments_are_rank_deficient() -> None:
+    """Found by the property tests: 8 calibration tokens for 96 neurons made the selection pick
+    already chosen neurons again (a vanished Schur complement blew the factor up)."""
+    from slicegpt.core.neurons import greedy_neurons
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(8, 96, generator=gen, dtype=torch.float64)  # 8 tokens: rank 8
+    cov = h.t() @ h / 8
+    w = torch.randn(16, 96, generator=gen, dtype=torch.float64)
+    for k in (8, 9, 40, 96):
+        kept = greedy_neurons(cov, w, k)
+        assert len(kept) == k and len(set(kept.tolist())) == k
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "llama"])
+def test_an_untied_model_at_a_uniform_budget_stays_within_it(family: str) -> None:
+    """Found by the property tests: on the meta device every tensor has data_ptr() 0, so an
+    untied model's skeleton looked tied and the counter left out its head."""
+    from slicegpt.core.surgery import is_tied
+
+    model = make_tiny(family, dtype=torch.float32)
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    spec = slicegpt.arch.spec_for_config(model.config)
+    assert is_tied(skeleton, spec) == is_tied(model, spec) == bool(model.config.tie_word_embeddings)
+    report = slicegpt.slice_model(model, None, calib_rows(4, 16), slicegpt.SliceConfig(target_params=0.5, uniform=True, batch_size=4),
+                                  progress=False)
+    assert report.params_after <= report.target_params

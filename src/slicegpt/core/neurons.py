@@ -112,8 +112,14 @@ def greedy_neurons(cov: torch.Tensor, w_ref: torch.Tensor, k: int, cross: torch.
         gain = resid.pow(2).sum(dim=1) / schur.clamp_min(floor)
         gain[chosen | (schur <= floor)] = -1.0
         p = int(torch.argmax(gain))
-        if gain[p] < 0:  # the rest adds nothing numerically: take the largest remaining variance
-            p = int(torch.argmax(torch.where(chosen, -1.0, schur)))
+        if gain[p] < 0:
+            # The moments are exhausted (rank-deficient: fewer calibration tokens than neurons):
+            # the rest adds nothing numerically. Keep the largest remaining raw variance and leave
+            # the factor alone (dividing by a vanished Schur complement would blow it up, and
+            # already chosen neurons would then be picked again).
+            p = int(torch.argmax(torch.where(chosen, float("-inf"), cov.diagonal())))
+            chosen[p] = True
+            continue
         col = (cov[:, p] - factor[:, :t] @ factor[p, :t]) / schur[p].clamp_min(floor).sqrt()
         factor[:, t] = col
         resid -= torch.outer(col, resid[p] / schur[p].clamp_min(floor).sqrt())

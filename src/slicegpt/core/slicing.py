@@ -321,6 +321,10 @@ def slice_model(
     needs_rows = rotation.needs_statistics or config.uniform or config.corrections or config.target_params is not None
     rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config) if needs_rows else None
     streams = streams or Streams()
+    half = next(model.parameters()).dtype
+    if half in (torch.float16, torch.bfloat16) and rows is not None:
+        print(f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 covariances, "
+              "and the PCA, rotations and refits run in float64", file=sys.stderr)
     if rows is not None and rows.tokens < hidden_size(model):
         print(f"warning: {rows.tokens} calibration tokens for a hidden width of {hidden_size(model)}: the covariance is "
               "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones (--seqlen)",

@@ -223,4 +223,10 @@ def is_tied(model: nn.Module, spec: ArchSpec) -> bool:
     """Does the head share its weight with the (first) embedding table?"""
     head = get_path(model, spec.head).weight
     emb = get_path(model, spec.embeddings[0]).weight
-    return head is emb or head.data_ptr() == emb.data_ptr()
+    if head is emb:
+        return True
+    if head.is_meta or emb.is_meta:
+        # Every meta tensor has data_ptr() 0: an untied skeleton would look tied (and the budget
+        # counter would leave out a whole head). Not the same tensor: not tied.
+        return False
+    return head.data_ptr() == emb.data_ptr()
