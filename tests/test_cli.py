@@ -221,6 +221,9 @@ def test_numerical_faults_and_impossible_devices_are_one_line(tiny_model_dir: Pa
     # Fewer calibration tokens than the hidden width: a warning, the run goes on.
     slicegpt.slice_model(make_tiny("llama", dtype=torch.float32), None, calib_rows(2, 8), slicegpt.SliceConfig(batch_size=2), progress=False)
     assert "rank-deficient" in capsys.readouterr().err
+    # A half-precision model is sliced with float64 statistics, and says so.
+    slicegpt.slice_model(make_tiny("llama", dtype=torch.bfloat16), None, calib_rows(4, 16), slicegpt.SliceConfig(batch_size=4), progress=False)
+    assert "accumulated into float64 covariances" in capsys.readouterr().err
 
 
 def test_hostile_input_is_refused_before_any_work(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
