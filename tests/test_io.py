@@ -213,3 +213,19 @@ def test_the_same_inputs_and_seed_give_bitwise_identical_files(uniform: bool, tm
     assert all(digest(folders[0] / f) == digest(folders[1] / f) for f in files)
     meta = slicegpt.read_metadata(folders[0])
     assert meta["settings"]["seed"] == 42 and meta["versions"]["torch"] == torch.__version__ and len(meta["calibration_sha256"]) == 64
+
+
+def test_a_full_disk_during_save_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import safetensors.torch
+
+    model = _sliced("llama")
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        slicegpt.save(model, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []  # no output, no hidden staging folder
