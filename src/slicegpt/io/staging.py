@@ -42,7 +42,8 @@ _HASHED = ("model config", "calibration data", "widths")
 
 
 class ResumeError(ValueError):
-    """A staging folder does not belong to the run asked for, or cannot be read."""
+    """Staged state (a slicing staging folder, a training checkpoint) does not belong to the run
+    asked for, or cannot be read."""
 
 
 def staging_dir(out: str | os.PathLike) -> Path:
@@ -55,18 +56,24 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    """Refuse a staging folder of another run, naming what differs (one line)."""
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Path, *,
+                      hashed: tuple[str, ...] = _HASHED, what: str = "the staging folder") -> None:
+    """Refuse the staged state of another run, naming what differs (one line).
+
+    Entries are compared in the order the run names them; those in ``hashed`` are digests, so
+    only that they differ is said; ``settings`` is compared setting by setting. Used by slicing
+    (here) and by recovery training's checkpoints (``training/state.py``).
+    """
     differ = []
     keys = list(current) + [k for k in saved if k not in current]  # in the order the run names them
     for key in (k for k in keys if k != "settings"):
         a, b = saved.get(key), current.get(key)
         if a != b:
-            differ.append(key if key in _HASHED else f"{key} ({a!r} then, {b!r} now)")
+            differ.append(key if key in hashed else f"{key} ({a!r} then, {b!r} now)")
     a, b = saved.get("settings", {}), current.get("settings", {})
     differ += [f"{k} ({a.get(k)!r} then, {b.get(k)!r} now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if differ:
-        raise ResumeError(f"the staging folder {where} is of another run: {', '.join(differ)} differ; "
+        raise ResumeError(f"{what} {where} is of another run: {', '.join(differ)} differ; "
                           "drop --resume to start over, or use another --out")
 
 

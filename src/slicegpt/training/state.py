@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 
+from ..io.staging import ResumeError
+from ..io.staging import check_fingerprint as staged_check
 from ..io.treefile import TreeFileError, load_tree, save_tree
 
 STATE_FILE = "state.safetensors"
 
 # Settings that do not change what is trained (where it is measured or saved).
 NEUTRAL_SETTINGS = ("checkpoint_every", "eval_data", "eval_max_rows")
-
-
-class ResumeError(ValueError):
-    """A checkpoint does not belong to the run asked for."""
+# Fingerprint entries that are digests: only that they differ is said.
+HASHED = ("the student model", "the training data")
 
 
 def staging_dir(out: str | os.PathLike) -> Path:
@@ -47,23 +47,16 @@ def digest(data: Any) -> str:
 def fingerprint(student_meta: Any, teacher: str | None, settings: dict[str, Any], train_ids: torch.Tensor) -> dict[str, Any]:
     """What must match for a checkpoint to continue this run."""
     return {
-        "student": digest(student_meta),
-        "teacher": teacher,
+        "the student model": digest(student_meta),
+        "the teacher": teacher,
+        "the training data": digest(train_ids),
         "settings": {k: v for k, v in settings.items() if k not in NEUTRAL_SETTINGS},
-        "data": digest(train_ids),
     }
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     """Refuse a checkpoint of another run, naming what differs."""
-    differ = []
-    for key in ("student", "teacher", "data"):
-        if saved.get(key) != current.get(key):
-            differ.append({"student": "the student model", "teacher": "the teacher", "data": "the training data"}[key])
-    a, b = saved.get("settings", {}), current.get("settings", {})
-    differ += [f"{k} ({a.get(k)!r} then, {b.get(k)!r} now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if differ:
-        raise ResumeError(f"the checkpoint in {where} is of another run: {', '.join(differ)} differ; drop --resume or use another --out")
+    staged_check(saved, current, where, hashed=HASHED, what="the checkpoint in")
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> Path:
