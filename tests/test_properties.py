@@ -1,4 +1,5 @@
-"""Property-based tests: random settings and tiny configs of every family thrown at validation,
+"""Property-based tests: random settings and random tiny configs (depth, width, MLP width) of
+every family thrown at validation,
 slicing, saving and loading. Every outcome is a model that reloads with the logits it had, or a
 clear one-line error; no traceback escapes the command line."""
 
@@ -31,9 +32,48 @@ def _one_line(exc: BaseException) -> bool:
     return bool(text) and "\n" not in text and "Traceback" not in text
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer")
+_WIDTH_KEYS = ("hidden_size", "n_embd")
+_MLP_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size")
+
+
+def _random_tiny(family: str, layers: int, hidden: int, mlp: int, seed: int) -> torch.nn.Module:
+    """A tiny model of ``family`` with its config's depth, width and MLP width changed."""
+    import transformers
+
+    from conftest import randomise_biases, randomise_norms
+
+    cls_name, kwargs = TINY_CONFIGS[family]
+    kwargs = dict(kwargs)
+    for key in _LAYER_KEYS:
+        if key in kwargs:
+            kwargs[key] = layers
+    for key in _WIDTH_KEYS:
+        if key in kwargs:
+            kwargs[key] = hidden
+    if "word_embed_proj_dim" in kwargs:
+        kwargs["word_embed_proj_dim"] = hidden
+    for key in _MLP_KEYS:
+        if key in kwargs:
+            kwargs[key] = mlp
+    if "layer_types" in kwargs:  # Gemma 3 names every layer's kind
+        kwargs["layer_types"] = (kwargs["layer_types"] * layers)[:layers]
+    if "mlp_only_layers" in kwargs:
+        kwargs["mlp_only_layers"] = [i for i in kwargs["mlp_only_layers"] if i < layers]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    randomise_norms(model, seed)
+    randomise_biases(model, seed)
+    return model.float().eval()
+
+
 @PROFILE
 @given(
     family=st.sampled_from(sorted(TINY_CONFIGS)),
+    layers=st.integers(1, 3),
+    hidden=st.sampled_from([32, 64]),
+    mlp=st.sampled_from([16, 48, 96]),
     uniform=st.booleans(),
     budget=st.one_of(st.none(), st.floats(0.3, 1.0)),
     sparsity=st.floats(0.0, 0.9),
@@ -44,10 +84,10 @@ def _one_line(exc: BaseException) -> bool:
     correct=st.sampled_from([None, True, False]),
     slice_head=st.booleans(),
 )
-def test_random_settings_slice_save_and_reload_or_fail_clearly(family: str, uniform: bool, budget: float | None, sparsity: float,
-                                                              round_to: int, nsamples: int, seqlen: int, axes: str,
-                                                              correct: bool | None, slice_head: bool) -> None:
-    model = make_tiny(family, dtype=torch.float32)
+def test_random_settings_slice_save_and_reload_or_fail_clearly(family: str, layers: int, hidden: int, mlp: int, uniform: bool,
+                                                              budget: float | None, sparsity: float, round_to: int, nsamples: int,
+                                                              seqlen: int, axes: str, correct: bool | None, slice_head: bool) -> None:
+    model = _random_tiny(family, layers, hidden, mlp, seed=layers * 7 + hidden + mlp)
     rows = torch.randint(0, VOCAB, (nsamples, seqlen), generator=torch.Generator().manual_seed(nsamples * 100 + seqlen))
     try:
         config = slicegpt.SliceConfig(sparsity=sparsity, round_to=round_to, nsamples=nsamples, seqlen=seqlen, batch_size=2,
