@@ -338,13 +338,15 @@ def training_rows(
     val_rows: int,
     seed: int,
     bos_token_id: int | None = None,
+    text: str | None = None,
 ) -> tuple[Rows, Rows]:
     """(training rows, held-out validation rows) from the calibration part of ``source``.
 
     The part is cut into non-overlapping rows of ``seqlen`` tokens, shuffled with ``seed``; the
-    first ``val_rows`` are held out for validation and never trained on.
+    first ``val_rows`` are held out for validation and never trained on. ``text``: that part,
+    when the caller has read it already (``source`` then only names it in messages).
     """
-    stream = tokenize(tokenizer, load_text(source, "calibration"))
+    stream = tokenize(tokenizer, load_text(source, "calibration") if text is None else text)
     rows = cut_rows(stream, seqlen, bos_token_id)
     if rows.shape[0] < val_rows + 1:
         raise DataError(

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DTYPES, LORA_GROUPS, RecoverConfig
-from ..data import DataError, label, load_text, shared_documents
+from ..data import DataError, Text, bos_for, clip_seqlen, label, load_text, shared_documents, training_rows
 from ..evaluation.perplexity import eval_rows
 from ..io import folders
 from ..io.format import SlicedFolderError, read_metadata
 from ..io.models import ModelLoadError, load_model
+from ..io.staging import staging_dir
 from ..memory import peak_memory
 from ..training.recover import recover
-from ..training.state import staging_dir
 from .common import parse_count, write_json
 
 HELP = "recover quality by training: distil the dense model into a sliced one, or fine-tune it"
@@ -97,8 +97,9 @@ def _run(args: argparse.Namespace) -> int:
     out = output_folder(args)
     folders.check_output_dir(out, args.overwrite, protect=(folder, args.teacher))
     train_text = load_text(config.data, "calibration")  # a missing or unreadable source fails before any model loads
-    if config.eval_data is not None:
-        shared = shared_documents(train_text, load_text(config.eval_data, "evaluation"))
+    eval_text = load_text(config.eval_data, "evaluation") if config.eval_data is not None else None
+    if eval_text is not None:
+        shared = shared_documents(train_text, eval_text)
         if shared:
             raise DataError(f"{shared} documents of --eval-data {label(config.eval_data)} are also in the training text {label(config.data)}")
 
@@ -112,15 +113,18 @@ def _run(args: argparse.Namespace) -> int:
             teacher, teacher_tok, teacher_name = load_model(teacher_name)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{exc} (the teacher; name another with --teacher, or use --loss lm)") from None
-    eval_ids = eval_rows(student, tokenizer, config.eval_data, config.seqlen, config.eval_max_rows) if config.eval_data else None
+    # The texts read above are used as read (wiki is extracted from its archive once, not again).
+    rows = training_rows(tokenizer, config.data, seqlen=clip_seqlen(student, config.seqlen), val_rows=config.val_rows,
+                         seed=config.seed, bos_token_id=bos_for(student, tokenizer), text=train_text)
+    eval_ids = eval_rows(student, tokenizer, Text(eval_text), config.seqlen, config.eval_max_rows) if eval_text is not None else None
 
-    state = staging_dir(out)
+    state = staging_dir(out, "recover")
     if not args.resume and state.exists():
         print(f"note: {state} holds a checkpoint of an earlier run; starting over (pass --resume to continue it instead)")
         shutil.rmtree(state)
     model, report = recover(
         student, tokenizer, config, teacher=teacher, teacher_tokenizer=teacher_tok, teacher_name=teacher_name,
-        eval_ids=eval_ids, state_dir=state, resume=args.resume, adapter_dir=state / ADAPTER if args.keep_adapter else None,
+        rows=rows, eval_ids=eval_ids, state_dir=state, resume=args.resume, adapter_dir=state / ADAPTER if args.keep_adapter else None,
     )
     del teacher
     extra = (lambda tmp: shutil.copytree(state / ADAPTER, tmp / ADAPTER)) if args.keep_adapter else None

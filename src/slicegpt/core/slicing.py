@@ -234,7 +234,7 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> N
         raise ValueError(f"the staged tensors of {what} do not fit the model: {str(exc).strip().splitlines()[0]}") from None
 
 
-def run_identity(model: nn.Module, config: SliceConfig, rows: Rows | None, widths: Widths, rotation: RotationSource,
+def run_identity(model: nn.Module, config: SliceConfig, calibration_sha256: str | None, widths: Widths, rotation: RotationSource,
                  source_model: str | None) -> dict[str, Any]:
     """What must match for a checkpoint to continue this run: the source model (its display name
     and config), the settings, the calibration token ids, the widths and the kind of rotation.
@@ -243,7 +243,7 @@ def run_identity(model: nn.Module, config: SliceConfig, rows: Rows | None, width
     return {
         "source model": source_model,
         "model config": digest(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()),
-        "calibration data": None if rows is None else digest(rows.input_ids.numpy().tobytes()),
+        "calibration data": calibration_sha256,
         "widths": digest(json.dumps(widths.to_dict(), sort_keys=True).encode()),
         "rotation": type(rotation).__name__ + ("" if getattr(rotation, "q", None) is None else " " + digest(
             rotation.q.detach().cpu().contiguous().numpy().tobytes())[:16]),
@@ -340,7 +340,8 @@ def slice_model(
     policy = policy or _default_policy(model, spec, config, params_before, tied)
     widths = fit_widths(policy.widths(D, n, spec.topology), spec)
     spectra: dict[str, list[float]] = {}
-    restart = streams.checkpoint.begin(run_identity(model, config, rows, widths, rotation, source_model))
+    calibration_sha256 = None if rows is None else hashlib.sha256(rows.input_ids.numpy().tobytes()).hexdigest()
+    restart = streams.checkpoint.begin(run_identity(model, config, calibration_sha256, widths, rotation, source_model))
     if restart is not None and restart.state is not None:
         if config.uniform and restart.pooled is None and not (widths.embedding == D and rotation.needs_statistics):
             raise ValueError("the staged run has finished layers but not uniform mode's rotation: it cannot be continued")
@@ -391,7 +392,7 @@ def slice_model(
         spectra=spectra,
         source_model=source_model,
         refits=refits,
-        calibration_sha256=None if rows is None else hashlib.sha256(rows.input_ids.numpy().tobytes()).hexdigest(),
+        calibration_sha256=calibration_sha256,
         versions=library_versions(),
         verified=verified,
     )

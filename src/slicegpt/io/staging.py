@@ -46,10 +46,11 @@ class ResumeError(ValueError):
     asked for, or cannot be read."""
 
 
-def staging_dir(out: str | os.PathLike) -> Path:
-    """Where a slicing run that writes ``out`` keeps its staging folder (hidden, beside it)."""
+def staging_dir(out: str | os.PathLike, kind: str = "slice") -> Path:
+    """Where a run that writes ``out`` keeps its staged state (hidden, beside it):
+    ``.OUT.slice-state`` for slicing, ``.OUT.recover-state`` for recovery training."""
     out = Path(out)
-    return out.parent / f".{out.name}.slice-state"
+    return out.parent / f".{out.name}.{kind}-state"
 
 
 def _stderr(message: str) -> None:

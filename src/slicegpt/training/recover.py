@@ -112,10 +112,10 @@ def schedule(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def checkpoint_layers(model: nn.Module, spec: Any) -> list[nn.Module]:
-    """Recompute each decoder layer in the backward pass (gradient checkpointing), any family."""
-    layers = list(get_layers(model, spec))
-    for layer in layers:
+def checkpoint_layers(model: nn.Module, spec: Any) -> None:
+    """Recompute each decoder layer in the backward pass (gradient checkpointing), any family.
+    Undone by deleting the instance attribute ``forward`` again."""
+    for layer in get_layers(model, spec):
         inner = layer.forward
 
         @functools.wraps(inner)
@@ -125,7 +125,6 @@ def checkpoint_layers(model: nn.Module, spec: Any) -> list[nn.Module]:
             return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         layer.forward = forward
-    return layers
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -271,6 +270,10 @@ def recover(
             print_(f"step {at}: validation perplexity {point['val_ppl']:.3f}" + (f", {label(config.eval_data or '')} {point['eval_ppl']:.3f}" if "eval_ppl" in point else ""))
             return config.early_stop_patience is not None and bad >= config.early_stop_patience
 
+        def numerical_stop(what: str, at: int) -> TrainingError:
+            good = state_dir if state_dir is not None and (state_dir / STATE_FILE).is_file() else "none"
+            return TrainingError(f"{what} at step {at}; last good checkpoint: {good}")
+
         def checkpoint() -> None:
             if state_dir is None:
                 return
@@ -305,16 +308,14 @@ def recover(
                     else:
                         loss = lm_loss(logits, ids)
                 if not torch.isfinite(loss.detach()):
-                    raise TrainingError(f"the loss is {float(loss.detach())} at step {step + 1}; last good checkpoint: "
-                                        f"{state_dir if state_dir is not None and (state_dir / STATE_FILE).is_file() else 'none'}")
+                    raise numerical_stop(f"the loss is {float(loss.detach())}", step + 1)
                 scaler.scale(loss / config.grad_accum).backward()
                 step_loss += float(loss.detach()) / config.grad_accum
                 del logits, loss
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             if not torch.isfinite(norm) and amp != torch.float16:
-                raise TrainingError(f"the gradient norm is {float(norm)} at step {step + 1}; last good checkpoint: "
-                                    f"{state_dir if state_dir is not None and (state_dir / STATE_FILE).is_file() else 'none'}")
+                raise numerical_stop(f"the gradient norm is {float(norm)}", step + 1)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

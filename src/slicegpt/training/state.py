@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,6 @@ STATE_FILE = "state.safetensors"
 NEUTRAL_SETTINGS = ("checkpoint_every", "eval_data", "eval_max_rows")
 # Fingerprint entries that are digests: only that they differ is said.
 HASHED = ("the student model", "the training data")
-
-
-def staging_dir(out: str | os.PathLike) -> Path:
-    """Where a run that writes ``out`` keeps its checkpoints (a hidden folder beside it)."""
-    out = Path(out)
-    return out.parent / f".{out.name}.recover-state"
 
 
 def digest(data: Any) -> str:
