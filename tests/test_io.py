@@ -218,14 +218,14 @@ def test_the_same_inputs_and_seed_give_bitwise_identical_files(uniform: bool, tm
 def test_a_full_disk_during_save_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import safetensors.torch
+    from slicegpt.io.shards import ShardWriter
 
     model = _sliced("llama")
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(ShardWriter, "finish", full)
     with pytest.raises(OSError, match="No space left"):
         slicegpt.save(model, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []  # no output, no hidden staging folder

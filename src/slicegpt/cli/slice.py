@@ -14,8 +14,11 @@ from ..core.streams import Streams
 from ..evaluation.markdown import format_slice_table
 from ..evaluation.perplexity import perplexity
 from ..io import folders
+from ..io.format import is_sliced_folder
 from ..io.models import load_model
+from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.staging import SliceStaging, staging_dir
+from ..io.streaming import STREAM_MODES, open_streamed, slice_streamed, want_stream
 from ..memory import peak_memory
 from .common import parse_count, EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
 
@@ -39,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "bit that of an uninterrupted run. A staging folder of another run (model, settings or calibration data) is "
                    "refused naming what differs; with nothing to resume the run starts from the beginning. Not with --search "
                    "(refused: its runs keep no staging)")
+    p.add_argument("--stream", choices=STREAM_MODES, default="auto", help="read the model's layers from its safetensors files one "
+                   "at a time and write each finished layer to the output shards, so host memory holds one layer, the embeddings and "
+                   "the calibration activations, never the whole model. auto: whenever the model comes as safetensors (a GGUF is "
+                   "converted first) and nothing asks for the whole model (--ppl, --search, --resume); the output is the same, "
+                   "byte for byte, as in memory")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE", help="largest weights file written (5GB, "
+                   "500MB); larger models get numbered shards and model.safetensors.index.json, as transformers writes them")
     p.add_argument("--ppl", default=None, metavar="DATA", help="also measure perplexity before and after on DATA ('wiki', 'wikitext2', a file; evaluation part)")
     p.add_argument("--eval-seqlen", type=int, default=EVAL_DEFAULTS.seqlen, help="row length for --ppl")
     p.add_argument("--eval-max-rows", type=int, default=None, help="evaluate --ppl on the first N rows only")
@@ -58,7 +68,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--resume cannot continue a --search run (the search keeps no staging); drop --resume or --search")
     if args.out:
         folders.check_output_dir(args.out, _may_replace(args.out, args), protect=(args.model,))  # before any expensive work
-    model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
+    parse_size(args.max_shard_size)  # a bad size is refused before any work
+    blocking = {"--ppl": bool(args.ppl), "--search": config.search, "--resume": args.resume,
+                "a sliced folder as MODEL": args.model is not None and is_sliced_folder(args.model)}
+    opened = open_streamed(args.model, dtype=config.dtype, require=args.stream == "on") if want_stream(args.stream, blocking) else None
+    if opened is not None:
+        model, tokenizer, name, _ = opened
+    else:
+        model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
     tag = f"p{round(config.target_params * 100)}" if config.target_params is not None and config.target_params <= 1 else (
         f"{config.target_params / 1e6:.0f}M" if config.target_params is not None else f"{round(config.sparsity * 100)}")
     out = args.out or os.path.join("sliced", f"{Path(name).name}-{tag}{'-uniform' if config.uniform else ''}")
@@ -66,16 +83,21 @@ def run(args: argparse.Namespace) -> int:
     with folders.OutputLock(out):
         folders.check_output_dir(out, _may_replace(out, args), protect=(args.model,))
         # The search compresses many candidates: it keeps no staging, and cannot be resumed.
-        staging = None if config.search else SliceStaging(staging_dir(out), resume=args.resume)
+        staging = None if config.search or opened is not None else SliceStaging(staging_dir(out), resume=args.resume)
 
         result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
         if args.ppl:
             dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
             result["dense_perplexity"] = dense.to_dict()
             model.to("cpu")
-        report = slice_model(model, tokenizer, config.calib, config, source_model=name,
-                             streams=None if staging is None else Streams(checkpoint=staging))
-        folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report)
+        if opened is not None:
+            report = slice_streamed(args.model, out, config, overwrite=_may_replace(out, args), max_shard_size=args.max_shard_size,
+                                    opened=opened)
+        else:
+            report = slice_model(model, tokenizer, config.calib, config, source_model=name,
+                                 streams=None if staging is None else Streams(checkpoint=staging))
+            folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report,
+                         max_shard_size=args.max_shard_size)
         if staging is not None:
             staging.finish()  # saved: nothing left to resume
         result.update(

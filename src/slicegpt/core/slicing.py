@@ -52,8 +52,9 @@ from .capture import LayerInputs, capture_layer_inputs, stream
 from .modules import SlicedBlock, WeightlessRMSNorm
 from .pca import Covariance, FixedRotation, NumericalError, PCARotation, PooledCovariance, RotationSource, check_finite
 from .report import SliceReport
-from .streams import LoopState, Restart, Streams
-from .surgery import count_parameters, get_layers, get_path, hidden_size, is_prepared, is_tied, prepare
+from .streams import LoopState, NoCheckpoint, Restart, Streams
+from .surgery import (count_parameters, get_layers, get_path, hidden_size, is_prepared, is_tied, prepare, prepare_layer,
+                      prepare_outside_layers)
 from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
 
 
@@ -195,8 +196,12 @@ def walk(
             bases = calibrate_block(block, spec, index, inputs, q_prev, w, choose, config, keep_full)
         else:
             bases = BlockBases(q_prev, choose(f"layer.{index}.mid", None), choose(f"layer.{index}.out", None))
-        built.append(w if rotation.collect_only else slice_block(block, spec, bases, w, shared=rotation.shared))
-        streams.sink.done(model, spec, index, block)
+        if rotation.collect_only:
+            built.append(w)
+            streams.source.release(model, spec, index, block)
+        else:
+            built.append(slice_block(block, spec, bases, w, shared=rotation.shared))
+            streams.sink.done(model, spec, index, block)
         q_prev = bases.q_out
         streams.checkpoint.after_layer(LoopState(
             index + 1, q_prev, choose.spectra, choose.refits, built,
@@ -305,7 +310,12 @@ def slice_model(
     check_device(config.device)
     start = time.perf_counter()
     model.eval()
-    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    streams = streams or Streams()
+    streamed = streams.source.streamed
+    if streamed and not isinstance(streams.checkpoint, NoCheckpoint):
+        raise ValueError("a streamed slice cannot be staged for resume yet: slice in memory to use --resume")
+    # A streamed model's layers are read later; its source checks each layer's weights then.
+    bad = next((name for name, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all())), None)
     if bad is not None:
         raise NumericalError(f"the source weight {bad} holds NaN or Inf: the model is damaged; nothing was sliced")
     params_before = count_parameters(model)
@@ -320,7 +330,6 @@ def slice_model(
     rotation = rotation or PCARotation(config.damping)
     needs_rows = rotation.needs_statistics or config.uniform or config.corrections or config.target_params is not None
     rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config) if needs_rows else None
-    streams = streams or Streams()
     half = next(model.parameters()).dtype
     if half in (torch.float16, torch.bfloat16) and rows is not None:
         print(f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 covariances, "
@@ -331,10 +340,16 @@ def slice_model(
               file=sys.stderr)
 
     probe = rows.input_ids[:1, :32] if rows is not None and config.verify else None
-    before = _logits(model, probe) if probe is not None else None
-    prepare(model, spec)
-    model.to("cpu")
-    verified = _verify(model, probe, before, spec) if probe is not None else None
+    if streamed:
+        # Only the first layer is read for the check: the spec is the family's, so a fold that
+        # is wrong anywhere is wrong there.
+        verified = _verify_first_layer(model, spec, streams.source, probe) if probe is not None else None
+        prepare(model, spec)  # (done already when verified)
+    else:
+        before = _logits(model, probe) if probe is not None else None
+        prepare(model, spec)
+        model.to("cpu")
+        verified = _verify(model, probe, before, spec) if probe is not None else None
     release_free_memory()  # prepare replaced every folded weight
     D, n = hidden_size(model), len(get_layers(model, spec))
     policy = policy or _default_policy(model, spec, config, params_before, tied)
@@ -366,7 +381,8 @@ def slice_model(
         # First walk: statistics only, the unrotated model at full width, pooling every point.
         pool = PooledCovariance(D)
         full = ConstantWidth(0.0, 1, slice_head=True).widths(D, n, spec.topology)
-        walk(model, spec, rows, full, pool, config, Streams(reduce=streams.reduce), progress=progress, desc="pooling covariances")
+        walk(model, spec, rows, full, pool, config, Streams(source=streams.source, reduce=streams.reduce), progress=progress,
+             desc="pooling covariances")
         evals, q = pool.rotation(config.damping)
         streams.checkpoint.pooled(evals, q)
         spectra["uniform"] = evals.tolist()
@@ -428,6 +444,28 @@ def _verify(model: nn.Module, probe: torch.Tensor, before: torch.Tensor, spec: A
         raise NumericalError(f"made invariant, this {spec.name} model no longer computes what it did (largest relative logit "
                              f"difference {diff:.2e}): its family's spec does not fit it; nothing was sliced (--no-verify skips this check)")
     return diff
+
+
+def _verify_first_layer(model: nn.Module, spec: ArchSpec, source: Any, probe: torch.Tensor) -> float:
+    """:func:`_verify` for a streamed model, and its :func:`prepare`: the model cut to its first
+    layer (read for this) gives the same logits before and after it is made invariant. The
+    family's spec is checked where it could be wrong: a fold that is wrong anywhere is wrong in
+    layer 0. ``model`` is left prepared, its layers still empty."""
+    layers = get_layers(model, spec)
+    kept, depth = list(layers), model.config.num_hidden_layers
+    first = source.original(model, spec, 0)
+    try:
+        model.config.num_hidden_layers = 1  # the families that walk layers[: num_hidden_layers]
+        del layers[1:]
+        layers[0] = first
+        before = _logits(model, probe)
+        prepare_outside_layers(model, spec)
+        layers[0] = prepare_layer(first, spec, model.config, 0)
+        return _verify(model, probe, before, spec)
+    finally:
+        model.config.num_hidden_layers = depth
+        del layers[:]
+        layers.extend(prepare_layer(layer, spec, model.config, i) for i, layer in enumerate(kept))
 
 
 def library_versions() -> dict[str, str]:

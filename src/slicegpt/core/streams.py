@@ -1,9 +1,10 @@
 """The loop's connections to the outside, each a small protocol with today's implementation.
 
-* :class:`LayerSource` -- where a layer's weights come from (the model in memory today; shards
-  read from disk when models larger than memory are streamed);
-* :class:`LayerSink` -- where a finished layer goes (stays in the model today; written to output
-  shards and dropped when streaming);
+* :class:`LayerSource` -- where a layer's weights come from (the model in memory, or
+  :class:`slicegpt.io.streaming.StreamingSource`: read from the safetensors shards and prepared
+  when the layer's turn comes);
+* :class:`LayerSink` -- where a finished layer goes (stays in the model, or
+  :class:`slicegpt.io.streaming.StreamingSink`: written to the output shards and dropped);
 * :class:`Reduction` -- combines covariance sums before each PCA (the identity in one process;
   an all-reduce over ranks when calibration is distributed);
 * :class:`Checkpoint` -- told what identifies the run before any work and handed the state
@@ -27,7 +28,17 @@ from .widths import LayerWidths
 
 
 class LayerSource(Protocol):
-    def layer(self, model: nn.Module, spec: ArchSpec, index: int) -> nn.Module: ...
+    #: True when layers are read on demand and the model between them holds no layer weights
+    #: (meta tensors): the whole-model steps (NaN scan, logit check) then work layer by layer.
+    streamed: bool
+
+    def layer(self, model: nn.Module, spec: ArchSpec, index: int) -> nn.Module:
+        """The prepared layer ``index``, in place in ``model``, with its weights."""
+        ...
+
+    def release(self, model: nn.Module, spec: ArchSpec, index: int, block: nn.Module) -> None:
+        """A layer a statistics-only walk is done with (nothing of it is kept)."""
+        ...
 
 
 class LayerSink(Protocol):
@@ -97,8 +108,13 @@ class Checkpoint(Protocol):
 class InMemorySource:
     """The layers of the model already in host memory."""
 
+    streamed = False
+
     def layer(self, model: nn.Module, spec: ArchSpec, index: int) -> nn.Module:
         return get_layers(model, spec)[index]
+
+    def release(self, model: nn.Module, spec: ArchSpec, index: int, block: nn.Module) -> None:
+        block.to("cpu")
 
 
 class InMemorySink:

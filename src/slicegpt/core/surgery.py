@@ -137,55 +137,69 @@ def prepare(model: nn.Module, spec: ArchSpec) -> None:
     """
     if is_prepared(model, spec):
         return
+    prepare_outside_layers(model, spec)
+    layers = get_layers(model, spec)
+    for i, layer in enumerate(layers):
+        layers[i] = prepare_layer(layer, spec, model.config, i)
+
+
+def prepare_outside_layers(model: nn.Module, spec: ArchSpec) -> None:
+    """:func:`prepare` for everything but the decoder layers: head untied, (LayerNorm families)
+    embeddings centred, the final norm folded into the head and made weightless."""
     for p in model.parameters():
         p.requires_grad_(False)
     untie_head(model, spec)
-    layers = get_layers(model, spec)
-    width = hidden_size(model)
     if spec.norm == "layer":
         if spec.post_norms is not None:
             raise UnsupportedModelError(f"{spec.name}: post-norms are supported for RMSNorm families only")
         for path in spec.embeddings:
             ops.centre_embedding(get_path(model, path))
-        for layer in layers:
-            ops.centre_outputs(attn_writers(layer, spec) + mlp_writers(layer, spec))
-
-    for i, layer in enumerate(layers):
-        attn_in, mlp_in = weight_refs(layer, spec.attn_inputs), weight_refs(layer, spec.mlp_inputs)
-        for kind, refs in (("attention inputs", attn_in), ("attention outputs", weight_refs(layer, spec.attn_outputs)),
-                           ("MLP inputs", mlp_in), ("MLP outputs", weight_refs(layer, spec.mlp_outputs))):
-            if not refs:  # a spec whose optional paths all missed would silently skip a rotation
-                raise RuntimeError(f"spec {spec.name!r} finds no {kind} in layer {i}")
-        attn_norm = get_path(layer, spec.attn_norm)
-        eps = _norm_eps(attn_norm, spec, model.config)
-        if spec.mlp_norm is None:
-            ops.fold_norm_into(attn_in + mlp_in, *_norm_affine(attn_norm, spec))
-        else:
-            # Parallel GPT-NeoX too: its two norms read the same x, so once folded both are the
-            # block's one weightless norm.
-            ops.fold_norm_into(attn_in, *_norm_affine(attn_norm, spec))
-            ops.fold_norm_into(mlp_in, *_norm_affine(get_path(layer, spec.mlp_norm), spec))
-        attn_post = mlp_post = None
-        if spec.post_norms is not None:
-            attn_post, mlp_post = (_post_branch(get_path(layer, p), spec, model.config, width) for p in spec.post_norms)
-        mlp = get_path(layer, spec.mlp) if isinstance(spec.mlp, str) else tuple(get_path(layer, p) for p in spec.mlp)
-        layers[i] = SlicedBlock(
-            get_path(layer, spec.attn),
-            mlp,
-            attn_name=spec.attn,
-            mlp_name=spec.mlp,
-            topology=spec.topology,
-            width=width,
-            eps=eps,
-            returns_tuple=spec.layer_returns_tuple,
-            attn_post=attn_post,
-            mlp_post=mlp_post,
-        )
-
     final_norm = get_path(model, spec.final_norm)
     eps = _norm_eps(final_norm, spec, model.config)
     ops.fold_norm_into([get_path(model, spec.head)], *_norm_affine(final_norm, spec))
-    set_path(model, spec.final_norm, WeightlessRMSNorm(width, eps))
+    set_path(model, spec.final_norm, WeightlessRMSNorm(hidden_size(model), eps))
+
+
+def prepare_layer(layer: nn.Module, spec: ArchSpec, config: Any, index: int) -> SlicedBlock:
+    """One decoder layer made invariant: (LayerNorm families) its writes to the stream centred,
+    its norms folded into the linears that read them, the layer rewired as a :class:`SlicedBlock`
+    around the layer's own attention and MLP modules.
+
+    Touches nothing outside the layer, so a streamed slice prepares each layer when it is read
+    and gets the bits a whole-model :func:`prepare` gives."""
+    width = int(config.hidden_size)
+    if spec.norm == "layer":
+        ops.centre_outputs(attn_writers(layer, spec) + mlp_writers(layer, spec))
+    attn_in, mlp_in = weight_refs(layer, spec.attn_inputs), weight_refs(layer, spec.mlp_inputs)
+    for kind, refs in (("attention inputs", attn_in), ("attention outputs", weight_refs(layer, spec.attn_outputs)),
+                       ("MLP inputs", mlp_in), ("MLP outputs", weight_refs(layer, spec.mlp_outputs))):
+        if not refs:  # a spec whose optional paths all missed would silently skip a rotation
+            raise RuntimeError(f"spec {spec.name!r} finds no {kind} in layer {index}")
+    attn_norm = get_path(layer, spec.attn_norm)
+    eps = _norm_eps(attn_norm, spec, config)
+    if spec.mlp_norm is None:
+        ops.fold_norm_into(attn_in + mlp_in, *_norm_affine(attn_norm, spec))
+    else:
+        # Parallel GPT-NeoX too: its two norms read the same x, so once folded both are the
+        # block's one weightless norm.
+        ops.fold_norm_into(attn_in, *_norm_affine(attn_norm, spec))
+        ops.fold_norm_into(mlp_in, *_norm_affine(get_path(layer, spec.mlp_norm), spec))
+    attn_post = mlp_post = None
+    if spec.post_norms is not None:
+        attn_post, mlp_post = (_post_branch(get_path(layer, p), spec, config, width) for p in spec.post_norms)
+    mlp = get_path(layer, spec.mlp) if isinstance(spec.mlp, str) else tuple(get_path(layer, p) for p in spec.mlp)
+    return SlicedBlock(
+        get_path(layer, spec.attn),
+        mlp,
+        attn_name=spec.attn,
+        mlp_name=spec.mlp,
+        topology=spec.topology,
+        width=width,
+        eps=eps,
+        returns_tuple=spec.layer_returns_tuple,
+        attn_post=attn_post,
+        mlp_post=mlp_post,
+    )
 
 
 def _post_branch(norm: nn.Module, spec: ArchSpec, config: Any, width: int) -> tuple[WeightlessRMSNorm, nn.Linear]:

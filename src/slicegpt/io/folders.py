@@ -1,6 +1,6 @@
 """Save and load sliced models as self-describing folders (the format is :mod:`slicegpt.io.format`).
 
-A per-layer folder holds ``model.safetensors``, ``config.json`` (the source family's config, with
+A per-layer folder holds ``model.safetensors`` (or shards of it with their index), ``config.json`` (the source family's config, with
 the slicing metadata under the ``slicegpt`` key), ``slicegpt.json`` (the same metadata, alone, for
 people and scripts), the tokenizer files and the generation config. Loading needs nothing
 else: the skeleton is built on the meta device with the same surgery and the same per-layer walk
@@ -32,16 +32,15 @@ from .format import (
     FORMAT_VERSION,
     REMOTE_MODULE,
     SPECTRA,
-    WEIGHTS,
     SlicedFolderError,
     build_metadata,
-    file_record,
     is_standard,
     provenance,
     read_metadata,
     sha256,
     write_companions,
 )
+from .shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, read_state, write_weights
 from .standard import export_standard
 
 
@@ -168,6 +167,8 @@ def save(
     overwrite: bool = False,
     report: SliceReport | None = None,
     extra: Callable[[Path], None] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    shards: ShardWriter | None = None,
 ) -> Path:
     """Write a sliced model to ``out`` atomically.
 
@@ -184,6 +185,12 @@ def save(
     at the end, so a crash or a full disk never leaves a half-written model; an existing ``out``
     is replaced only with ``overwrite``. ``extra(folder)`` may add files to the temporary folder
     before it is renamed (a LoRA adapter beside a recovered model).
+
+    Weights are written in safetensors shards of at most ``max_shard_size`` (one
+    ``model.safetensors`` when they fit, else numbered shards and an index), one decoder layer
+    after another and then the rest. ``shards``: a writer (from :func:`staging_writer`) that a
+    streamed slice has already given its finished layers (the model's layers are then empty);
+    its folder becomes the output.
     """
     report = report if report is not None else getattr(model, "slicegpt_report", None)
     meta = build_metadata(report) if report is not None else provenance(model)
@@ -196,15 +203,16 @@ def save(
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     check_free_space(out.parent, bytes_needed(model), f"saving {out}")
-    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent))
+    tmp = shards.folder if shards is not None else Path(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent))
+    writer = shards if shards is not None else ShardWriter(tmp, max_shard_size)
     try:
         if is_standard(meta) and not is_prepared(model, spec_for_config(model.config)):
             # Already a standard model (a uniform folder loaded, then trained): written as is.
-            _write_loaded_standard(model, tmp, meta, tokenizer)
+            _write_loaded_standard(model, writer, meta, tokenizer)
         elif is_standard(meta):
-            export_standard(model, tmp, meta, tokenizer=tokenizer)
+            export_standard(model, writer, meta, tokenizer=tokenizer)
         else:
-            _write_per_layer(model, tmp, meta, tokenizer)
+            _write_per_layer(model, writer, meta, tokenizer)
         if report is not None and getattr(report, "spectra", None):
             (tmp / SPECTRA).write_text(json.dumps({"spectra": report.spectra, "widths": report.widths.to_dict()}) + "\n")
         if extra is not None:
@@ -222,26 +230,35 @@ def save(
     return out
 
 
-def _write_loaded_standard(model: nn.Module, tmp: Path, meta: dict[str, Any], tokenizer: Any) -> None:
-    from safetensors.torch import save_file
+def staging_writer(out: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> ShardWriter:
+    """A shard writer in a fresh staging folder beside ``out``, for a streamed slice to give its
+    finished layers to; :func:`save` (``shards=``) completes it and renames it into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    return ShardWriter(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent), max_shard_size)
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+def host_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict on the host, contiguous; empty (meta) tensors left out."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not v.is_meta}
+
+
+def _write_loaded_standard(model: nn.Module, writer: ShardWriter, meta: dict[str, Any], tokenizer: Any) -> None:
+    state = host_state(model)
     spec = spec_for_config(model.config)
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop(f"{spec.head}.weight", None)  # tying kept: the head is the embedding table
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    model.config.save_pretrained(tmp)
-    write_companions(tmp, {**meta, "format_version": FORMAT_VERSION, "files": {WEIGHTS: file_record(tmp / WEIGHTS)}}, model, tokenizer)
+    files = write_weights(writer, model, state)
+    model.config.save_pretrained(writer.folder)
+    write_companions(writer.folder, {**meta, "format_version": FORMAT_VERSION, "files": files}, model, tokenizer)
 
 
-def _write_per_layer(model: nn.Module, tmp: Path, meta: dict[str, Any], tokenizer: Any) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+def _write_per_layer(model: nn.Module, writer: ShardWriter, meta: dict[str, Any], tokenizer: Any) -> None:
+    tmp = writer.folder
     meta = dict(meta)
-    meta["files"] = {WEIGHTS: file_record(tmp / WEIGHTS)}
-    meta["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    meta["files"] = write_weights(writer, model, host_state(model))
+    meta["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     config = copy.deepcopy(model.config)
     config.slicegpt = meta
     # transformers' Auto classes find the loader through this (with trust_remote_code=True).
@@ -308,7 +325,6 @@ def load(
     layers over the available devices instead of moving the whole model to ``device``;
     ``checksum`` False checks only the file sizes (faster; a same-size corruption goes unseen).
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -320,15 +336,15 @@ def load(
     config = AutoConfig.from_pretrained(folder)
     saved_dtype = parse_dtype(meta.get("dtype", "float32"))
     model = build_skeleton(config, saved_dtype)
-    state = load_file(str(folder / WEIGHTS))
+    state = read_state(folder)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise SlicedFolderError(f"{folder / WEIGHTS} does not fit the recorded widths: {first}") from exc
+        raise SlicedFolderError(f"the weights in {folder} do not fit the recorded widths: {first}") from exc
     leftovers = [n for n, p in model.named_parameters() if p.is_meta]
     if leftovers:
-        raise SlicedFolderError(f"{folder / WEIGHTS} lacks tensors: {', '.join(leftovers[:3])}")
+        raise SlicedFolderError(f"the weights in {folder} lack tensors: {', '.join(leftovers[:3])}")
     if dtype is not None:
         model.to(parse_dtype(dtype))
     # A block is the unit that must stay on one device: its shortcut and branches meet there.

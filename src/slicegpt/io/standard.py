@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +19,8 @@ from torch import nn
 from ..arch import ArchSpec, spec_for_config
 from ..core.modules import ScaledRMSNorm
 from ..core.surgery import get_layers, get_path
-from .format import WEIGHTS, file_record, write_companions
+from .format import write_companions
+from .shards import ShardWriter, write_weights
 
 
 def _standard_config(model: nn.Module, spec: ArchSpec, d: int, meta_widths: dict[str, Any]) -> Any:
@@ -46,7 +46,8 @@ def standard_state_dict(model: nn.Module, spec: ArchSpec, meta: dict[str, Any]) 
     d = int(meta["widths"]["embedding"])
     gain = math.sqrt(D / d)
     dtype = next(model.parameters()).dtype
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # (a streamed slice's layers are empty here: written already, they are left out)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not v.is_meta}
     offset = spec.norm_weight_offset
     const = torch.full((d,), gain - offset, dtype=dtype)
     for i in range(len(get_layers(model, spec))):
@@ -72,17 +73,15 @@ def standard_state_dict(model: nn.Module, spec: ArchSpec, meta: dict[str, Any]) 
     return state
 
 
-def export_standard(model: nn.Module, out: Path, meta: dict[str, Any], *, tokenizer: Any = None) -> None:
-    """Write a uniform model into the (empty, temporary) folder ``out`` as a standard checkpoint."""
-    from safetensors.torch import save_file
-
+def export_standard(model: nn.Module, writer: ShardWriter, meta: dict[str, Any], *, tokenizer: Any = None) -> None:
+    """Write a uniform model into the writer's (empty, temporary) folder as a standard checkpoint."""
+    out = writer.folder
     spec = spec_for_config(model.config)
     meta = dict(meta)
     d = int(meta["widths"]["embedding"])
     config = _standard_config(model, spec, d, meta["widths"])
     config.architectures = [type(model).__name__]
-    save_file(standard_state_dict(model, spec, meta), str(out / WEIGHTS), metadata={"format": "pt"})
+    meta["files"] = write_weights(writer, model, standard_state_dict(model, spec, meta))
     config.save_pretrained(out)
-    meta["files"] = {WEIGHTS: file_record(out / WEIGHTS)}
     meta["standard_config"] = {"hidden_size": d, "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps}
     write_companions(out, meta, model, tokenizer)
