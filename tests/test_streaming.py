@@ -155,3 +155,27 @@ def test_shard_writer_round_trip_and_sizes(tmp_path: Path) -> None:
     ref = load_file(str(tmp_path / "w" / names[0]))
     assert all(torch.equal(ref[k], want[k]) for k in ref)
     assert not list((tmp_path / "w").glob(".shard-*"))
+
+
+def test_auto_streams_only_models_large_for_the_host() -> None:
+    from slicegpt.io.streaming import want_stream
+
+    assert want_stream("auto", {}, model_bytes=5 << 30, available=16 << 30)
+    assert not want_stream("auto", {}, model_bytes=1 << 30, available=16 << 30)  # resumable, in memory
+    assert not want_stream("auto", {"--resume": True}, model_bytes=50 << 30, available=16 << 30)
+    assert want_stream("on", {}) and not want_stream("off", {}, model_bytes=50 << 30, available=1)
+    with pytest.raises(ValueError, match="--stream on cannot be combined with --search"):
+        want_stream("on", {"--search": True})
+
+
+def test_a_streamed_slice_checks_free_space_before_any_work(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import slicegpt.io.folders as folders
+
+    model = _save_model(tmp_path, "llama")
+    (tmp_path / "c.txt").write_text(SAMPLE_TEXT)
+    capsys.readouterr()
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda _p: type("U", (), {"free": 1000})())
+    code = main(["slice", str(model), "--stream", "on", "--calib", str(tmp_path / "c.txt"), "--out", str(tmp_path / "full")])
+    err = capsys.readouterr().err
+    assert code != 0 and "are free on the disk" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.*"))

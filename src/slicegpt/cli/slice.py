@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ from ..io.format import is_sliced_folder
 from ..io.models import load_model
 from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.staging import SliceStaging, staging_dir
-from ..io.streaming import STREAM_MODES, open_streamed, slice_streamed, want_stream
-from ..memory import peak_memory
+from ..io.streaming import STREAM_MODES, open_streamed, slice_streamed, want_stream, weights_bytes
+from ..memory import available_host_bytes, peak_memory
 from .common import parse_count, EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
 
 HELP = "rotate and slice a model, then save it"
@@ -44,9 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(refused: its runs keep no staging)")
     p.add_argument("--stream", choices=STREAM_MODES, default="auto", help="read the model's layers from its safetensors files one "
                    "at a time and write each finished layer to the output shards, so host memory holds one layer, the embeddings and "
-                   "the calibration activations, never the whole model. auto: whenever the model comes as safetensors (a GGUF is "
-                   "converted first) and nothing asks for the whole model (--ppl, --search, --resume); the output is the same, "
-                   "byte for byte, as in memory")
+                   "the calibration activations, never the whole model; the output is the same, byte for byte, as in memory. "
+                   "auto: stream a safetensors model (a GGUF is converted first) whose weights exceed a quarter of the host's "
+                   "available memory, unless something needs the whole model (--ppl, --search, --resume); smaller models are "
+                   "sliced in memory, where a stopped run can be resumed")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE", help="largest weights file written (5GB, "
                    "500MB); larger models get numbered shards and model.safetensors.index.json, as transformers writes them")
     p.add_argument("--ppl", default=None, metavar="DATA", help="also measure perplexity before and after on DATA ('wiki', 'wikitext2', a file; evaluation part)")
@@ -71,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
     parse_size(args.max_shard_size)  # a bad size is refused before any work
     blocking = {"--ppl": bool(args.ppl), "--search": config.search, "--resume": args.resume,
                 "a sliced folder as MODEL": args.model is not None and is_sliced_folder(args.model)}
-    opened = open_streamed(args.model, dtype=config.dtype, require=args.stream == "on") if want_stream(args.stream, blocking) else None
+    stream = want_stream(args.stream, blocking, weights_bytes(args.model, config.dtype) if args.stream == "auto" else None,
+                         available_host_bytes())
+    if stream and args.stream == "auto":
+        print("slicegpt: the model is large for this host's memory: streaming it layer by layer (--stream off to slice in memory)",
+              file=sys.stderr)
+    opened = open_streamed(args.model, dtype=config.dtype, require=args.stream == "on") if stream else None
     if opened is not None:
         model, tokenizer, name, _ = opened
     else:

@@ -16,6 +16,7 @@ memory and says so.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import sys
@@ -31,7 +32,7 @@ from ..core.report import SliceReport
 from ..core.slicing import slice_model
 from ..core.streams import Streams
 from ..core.surgery import get_layers, get_path, prepare_layer
-from .folders import check_output_dir, save, staging_writer
+from .folders import check_free_space, check_output_dir, save, staging_writer
 from .models import ModelLoadError, first_line, resolve_model
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX, WEIGHTS, ShardReader, ShardWriter, layer_tensors
 
@@ -159,7 +160,18 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
     # Buffers (rotary frequencies) are not in the checkpoint: they are built for real.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    try:
+        reader = ShardReader(folder) if has_safetensors(folder) else None
+    except ValueError as exc:  # truncated, garbage, a shard missing
+        raise ModelLoadError(f"cannot load model {name_or_path}: {exc}") from None
     why = streamable(folder, model, spec)
+    if why is None:
+        # Every shape checked against the config now, from the headers: not at layer 60 of 80.
+        want = model.state_dict()
+        odd = next((n for n, e in reader.entries.items() if n in want and tuple(want[n].shape) != e.shape), None)
+        if odd is not None:
+            raise ModelLoadError(f"cannot load model {name_or_path}: tensor {odd} has shape {list(reader.entries[odd].shape)} in "
+                                 f"the checkpoint, the config says {list(want[odd].shape)}")
     if why is not None:
         if require:
             raise StreamingError(f"cannot stream {display}: {why}; use --stream off")
@@ -169,7 +181,6 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - any failure to read the files is the user's to fix
         raise ModelLoadError(f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}") from exc
-    reader = ShardReader(folder)
     source = StreamingSource(reader, model, spec, torch_dtype)
     outside = [n for n in reader.names() if not n.startswith(spec.layers + ".")]
     model.load_state_dict(reader.read(outside, torch_dtype), strict=False, assign=True)
@@ -188,9 +199,31 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
     return model, tokenizer, display, source
 
 
-def want_stream(mode: str, reasons: dict[str, bool]) -> bool:
-    """Whether to stream for ``--stream mode``; ``reasons`` names the settings that need the whole
-    model in memory (a true value rules streaming out: an error with 'on', a note with 'auto')."""
+#: --stream auto streams a model whose weights exceed this share of the host's available memory.
+AUTO_STREAM_SHARE = 0.25
+
+
+def weights_bytes(name_or_path: str | None, dtype: str | torch.dtype) -> int | None:
+    """The model's weights in ``dtype``, from its safetensors headers (no weights read); None
+    when it has none locally (a hub id not downloaded yet is counted after its download)."""
+    try:
+        folder, _ = local_folder(name_or_path)
+        reader = ShardReader(folder)
+    except ValueError:
+        return None
+    size = parse_dtype(dtype).itemsize
+    return sum(math.prod(e.shape) * (size if e.dtype.is_floating_point else e.dtype.itemsize) for e in reader.entries.values())
+
+
+def want_stream(mode: str, reasons: dict[str, bool], model_bytes: int | None = None, available: int | None = None) -> bool:
+    """Whether to stream for ``--stream mode``.
+
+    ``reasons`` names the settings that need the whole model in memory (a true value rules
+    streaming out: an error with 'on', in memory with 'auto'). 'auto' streams a model whose
+    weights (``model_bytes``) exceed :data:`AUTO_STREAM_SHARE` of the ``available`` host memory:
+    a model that fits easily is sliced in memory, where a stopped run can be resumed
+    (``--resume``; streamed runs keep no staging yet) and the output is the same file either way.
+    """
     if mode not in STREAM_MODES:
         raise ValueError(f"--stream must be one of {', '.join(STREAM_MODES)}, not {mode!r}")
     blocking = [name for name, on in reasons.items() if on]
@@ -198,7 +231,11 @@ def want_stream(mode: str, reasons: dict[str, bool]) -> bool:
         return False
     if blocking and mode == "on":
         raise ValueError(f"--stream on cannot be combined with {', '.join(blocking)} (they need the whole model in memory)")
-    return not blocking
+    if blocking:
+        return False
+    if mode == "on":
+        return True
+    return model_bytes is not None and available is not None and model_bytes > AUTO_STREAM_SHARE * available
 
 
 def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: SliceConfig | None = None, *,
@@ -215,6 +252,9 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
     out = Path(out)
     check_output_dir(out, overwrite, protect=(name_or_path,))
     model, tokenizer, name, source = opened or open_streamed(name_or_path, dtype=config.dtype, require=True)
+    # The output is never larger than the source: checked before any work, not at layer 60 of 80.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(out.parent, sum(e.end - e.start for e in source.reader.entries.values()), f"slicing into {out}")
     writer = staging_writer(out, max_shard_size)
     try:
         report = slice_model(model, tokenizer, config.calib, config, source_model=name, progress=progress,
