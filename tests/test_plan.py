@@ -150,7 +150,7 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
 # The models alone, on a 70B-like shape (numbers, no files).
 SHAPE = ModelShape(params=69_000_000_000, layer_params=68_000_000_000, non_layer_params=1_000_000_000, table_params=262_144_000,
                    largest_layer_params=850_000_000, largest_tensor=262_144_000, hidden=8192, intermediate=28672, layers=80,
-                   tied=False, points_per_layer=2, head_dim=128)
+                   tied=False, points_per_layer=2, head_dim=128, attention_width=8192)
 WORK = Workload(rows=128, seqlen=2048, batch_size=8, dtype_bytes=2, corrections=False, kept_neurons=None, residual_width=6144,
                 hidden=8192, device_is_host=False)
 
@@ -175,7 +175,8 @@ def test_time_model_terms() -> None:
     rate = Throughput(tflops=100, fp64_tflops=10, disk_gbps=1)
     t = time_model(SHAPE, WORK, rate, read_bytes=138 * GB, write_bytes=116 * GB)
     tokens = 128 * 2048
-    assert t.forward_flops == pytest.approx(2 * SHAPE.layer_params * tokens + 6 * 8192 ** 2 * tokens * 80)
+    per_token = 2 * SHAPE.layer_params + 4 * 2048 * 8192 * 80  # weights, then attention's scores and values
+    assert t.forward_flops == pytest.approx(per_token * tokens + 6 * 8192 ** 2 * tokens * 80)
     assert t.eigh_flops == 10 * 8192 ** 3 * 161 and t.solves == 0 and t.disk == pytest.approx(254)
     eight = time_model(SHAPE, replace(WORK, nproc=8), rate, 138 * GB, 116 * GB)
     assert eight.forward == pytest.approx(t.forward / 8) and eight.eigh == t.eigh and eight.disk == t.disk
@@ -186,4 +187,4 @@ def test_time_model_terms() -> None:
     assert mlp_only.eigh == 0 and mlp_only.statistics_flops > 0 and mlp_only.forward_flops > 0
     # uniform, plain: the pooling walk only gathers statistics; slicing runs no calibration
     pooled = time_model(SHAPE, replace(WORK, uniform=True), rate, 0, 0)
-    assert pooled.eigh_flops == 10 * 8192 ** 3 and pooled.forward_flops == pytest.approx(2 * SHAPE.layer_params * tokens)
+    assert pooled.eigh_flops == 10 * 8192 ** 3 and pooled.forward_flops == pytest.approx(per_token * tokens)

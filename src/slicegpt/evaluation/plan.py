@@ -63,6 +63,7 @@ class ModelShape:
     layer. ``largest_tensor``: elements of the largest single weight (what is rotated in float64
     at once). ``intermediate``: MLP neurons per layer (an MoE expert's for fused MoE blocks).
     ``points_per_layer``: PCA points per layer (2 for sequential blocks, 1 for parallel ones).
+    ``attention_width``: query heads x head size (what attention's score and value products span).
     """
 
     params: int
@@ -77,6 +78,7 @@ class ModelShape:
     tied: bool
     points_per_layer: int
     head_dim: int
+    attention_width: int
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,8 @@ class TimeEstimate:
                      attention pass and the MLP pass make one forward of the layer), +2 with
                      corrections (the dense layer once, each branch's refit pass), +1 when
                      neurons are pruned without corrections; +1 per statistics-only pooling
-                     walk (uniform); plus the rotations back to the original basis
+                     walk (uniform); attention's scores and values add 4 x seqlen x heads x
+                     head_dim per token and layer to each pass; plus the rotations back to the original basis
                      (6 x hidden^2 per token per layer per compressing pass). Divided over --nproc.
                      MoE layers are charged for every expert (conservative).
       statistics     float64 accumulation per token and layer: covariances 2 x hidden^2 per PCA
@@ -299,7 +302,9 @@ def time_model(shape: ModelShape, work: Workload, rate: Throughput, read_bytes: 
     if work.compressing_walk:
         compress_passes = 1 + (2 if work.corrections else 1 if work.prunes else 0)
     passes = compress_passes + (1 if work.pooling_walk else 0)
-    forward = 2.0 * shape.layer_params * tokens * passes + 6.0 * d * d * tokens * n * compress_passes
+    # scores and values: 2 x 2 x seqlen x attention width per token (SDPA computes the masked half too)
+    per_token = 2.0 * shape.layer_params + 4.0 * work.seqlen * shape.attention_width * n
+    forward = per_token * tokens * passes + 6.0 * d * d * tokens * n * compress_passes
     stats = 2.0 * d * d * tokens * n * shape.points_per_layer * work.covariance_walks
     solves = 0.0
     if work.corrections:
@@ -377,6 +382,7 @@ def model_shape(model: nn.Module) -> ModelShape:
         tied=tied,
         points_per_layer=2 if spec.topology == "sequential" else 1,
         head_dim=int(getattr(cfg, "head_dim", None) or d // heads),
+        attention_width=heads * int(getattr(cfg, "head_dim", None) or d // heads),
     )
 
 
@@ -508,6 +514,10 @@ def _gb(x: float) -> str:
     return f"{x / GB:,.1f} GB" if x >= 0.1 * GB else f"{x / 1e6:,.0f} MB"
 
 
+def _flop(x: float) -> str:
+    return f"{x / 1e15:,.1f} PFLOP" if x >= 1e14 else f"{x / 1e12:,.2f} TFLOP"
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 3600:,.1f} h" if seconds >= 5400 else f"{seconds / 60:,.1f} min"
 
@@ -552,9 +562,9 @@ def format_plan(plan: Plan) -> str:
         "",
         "| time | minutes |",
         "|---|---:|",
-        f"| calibration forwards ({t.forward_flops / 1e15:,.1f} PFLOP at {plan.throughput.tflops:g} TFLOP/s"
+        f"| calibration forwards ({_flop(t.forward_flops)} at {plan.throughput.tflops:g} TFLOP/s"
         + (f" / {plan.nproc}" if plan.nproc > 1 else "") + f") | {t.forward / 60:,.1f} |",
-        f"| float64 statistics ({t.statistics_flops / 1e15:,.1f} PFLOP at {plan.throughput.fp64_tflops:g} TFLOP/s"
+        f"| float64 statistics ({_flop(t.statistics_flops)} at {plan.throughput.fp64_tflops:g} TFLOP/s"
         + (f" / {plan.nproc}" if plan.nproc > 1 else "") + f") | {t.statistics / 60:,.1f} |",
         f"| eigendecompositions ({plan.workload.eigh_points(plan.shape.points_per_layer, plan.shape.layers)}) | {t.eigh / 60:,.1f} |",
     ]
