@@ -12,6 +12,7 @@ of a model one does not have on disk reads.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -228,6 +229,7 @@ def write_index_only_folder(folder: str | os.PathLike[str], config: Any, dtype: 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(config)  # the dtype is written into it: leave the caller's as it was
     torch_dtype = getattr(torch, dtype or str(getattr(config, "dtype", None) or "float32").removeprefix("torch."))
     if dtype is not None:
         config.dtype = torch_dtype
