@@ -133,7 +133,7 @@ def test_python_m_slicegpt_help_lists_every_command() -> None:
 
     from slicegpt.cli import COMMANDS
 
-    assert list(COMMANDS) == ["slice", "recover", "eval", "bench", "sweep", "inspect", "export"]
+    assert list(COMMANDS) == ["slice", "recover", "eval", "bench", "sweep", "inspect", "export", "plan"]
     done = subprocess.run([sys.executable, "-m", "slicegpt", "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     listed = done.stdout.split("positional arguments:")[1]
@@ -141,7 +141,7 @@ def test_python_m_slicegpt_help_lists_every_command() -> None:
         assert f"\n    {command} " in listed, command
 
 
-@pytest.mark.parametrize("command", ["slice", "recover", "eval", "bench", "sweep", "inspect", "export"])
+@pytest.mark.parametrize("command", ["slice", "recover", "eval", "bench", "sweep", "inspect", "export", "plan"])
 def test_every_command_has_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

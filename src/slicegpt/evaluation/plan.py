@@ -1,0 +1,583 @@
+"""``slicegpt plan``: what slicing a model will cost, before anything is loaded.
+
+From config.json and the safetensors headers (or the shard index) only: the model's parameters
+and size on disk, the sliced model's exact parameter count (the budget counter's meta skeleton,
+the width policies slicing uses), and estimates of the peak host and device memory of in-memory
+and streaming slicing and of the time.
+
+The estimates are pure functions of a few numbers (:class:`ModelShape`, :class:`Workload`,
+:class:`Throughput`), so they can be tested alone and set beside measured runs. They are models,
+not measurements: every term is named in :class:`MemoryEstimate` and :class:`TimeEstimate` with
+what it stands for. "GB" is 1e9 bytes throughout.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import UnsupportedModelError, spec_for_config
+from ..config import SliceConfig, parse_dtype
+from ..core import uniform
+from ..core.allocate import SHARES
+from ..core.budget import ParameterCounter
+from ..core.neurons import intermediate_size
+from ..core.slicing import _budget_policy, _default_policy
+from ..core.surgery import count_parameters, get_layers, get_path, is_tied
+from ..core.widths import Widths, fit_widths
+from ..data import clip_seqlen
+from ..io.headers import ModelFiles, read_model_files
+
+GB = 1e9
+
+#: Python, torch, transformers and slicegpt imported: 0.45 GB RSS measured here (CPU torch 2.13),
+#: plus what a first forward adds (kernels, thread pools).
+RUNTIME_BASELINE_BYTES = 0.6 * GB
+
+#: Sustained TFLOP/s assumed when --tflops / --fp64-tflops are not given: conservative figures
+#: per device kind, for matrix products in the model's dtype and for the float64 statistics,
+#: eigendecompositions and solves. A GPU without fast float64 (consumer cards) is far slower in
+#: float64 than assumed here: pass --fp64-tflops.
+DEFAULT_TFLOPS: dict[str, dict[str, float]] = {
+    "cpu": {"bfloat16": 0.2, "float16": 0.2, "float32": 0.2, "float64": 0.1},
+    "cuda": {"bfloat16": 100.0, "float16": 100.0, "float32": 20.0, "float64": 10.0},
+    "mps": {"bfloat16": 5.0, "float16": 5.0, "float32": 5.0, "float64": 0.5},
+}
+DEFAULT_DISK_GBPS = 1.0
+
+# Closed-form corrections try this many ridge strengths, each one solve, then solve once more on all rows.
+RIDGE_SOLVES = 12
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a model that memory and time depend on (counts of parameters, not bytes).
+
+    ``params``: stored parameters, a tied table once. ``non_layer_params``: everything but the
+    decoder layers (embeddings, final norm, head). ``table_params``: one embedding table (a tied
+    head is a clone of it once slicing unties it). ``largest_layer_params``: the largest decoder
+    layer. ``largest_tensor``: elements of the largest single weight (what is rotated in float64
+    at once). ``intermediate``: MLP neurons per layer (an MoE expert's for fused MoE blocks).
+    ``points_per_layer``: PCA points per layer (2 for sequential blocks, 1 for parallel ones).
+    ``attention_width``: query heads x head size (what attention's score and value products span).
+    """
+
+    params: int
+    layer_params: int
+    non_layer_params: int
+    table_params: int
+    largest_layer_params: int
+    largest_tensor: int
+    hidden: int
+    intermediate: int
+    layers: int
+    tied: bool
+    points_per_layer: int
+    head_dim: int
+    attention_width: int
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The run: calibration rows x seqlen tokens, batch rows per forward, the model dtype's bytes,
+    which passes run, across ``nproc`` processes (each with ``rows / nproc`` rows and one device).
+
+    ``uniform``: one rotation: a statistics-only pooling walk first (none when the stream keeps
+    its width), then a walk that runs calibration only to prune neurons or refit; per-layer mode
+    runs one walk that gathers a covariance at every point. ``kept_neurons``: per layer after
+    pruning (None: none pruned). ``residual_width``: the sliced stream's width. ``compressions``:
+    whole compressions run (1; with --search one per candidate, then the chosen one).
+    """
+
+    rows: int
+    seqlen: int
+    batch_size: int
+    dtype_bytes: int
+    corrections: bool
+    kept_neurons: int | None
+    residual_width: int
+    hidden: int
+    uniform: bool = False
+    nproc: int = 1
+    device_is_host: bool = True
+    compressions: int = 1
+
+    @property
+    def rows_per_process(self) -> int:
+        return -(-self.rows // self.nproc)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seqlen
+
+    @property
+    def prunes(self) -> bool:
+        return self.kept_neurons is not None
+
+    @property
+    def pooling_walk(self) -> bool:
+        """Uniform mode's statistics-only walk (skipped when only MLP neurons go)."""
+        return self.uniform and self.residual_width < self.hidden
+
+    @property
+    def compressing_walk(self) -> bool:
+        """Does the walk that slices run calibration forwards?"""
+        return not self.uniform or self.prunes or self.corrections
+
+    @property
+    def covariance_walks(self) -> int:
+        return 1 if (self.pooling_walk or not self.uniform) else 0
+
+    def eigh_points(self, points_per_layer: int, layers: int) -> int:
+        """Eigendecompositions: every point and the embedding's per-layer; the pooled one in uniform mode."""
+        if self.uniform:
+            return 1 if self.pooling_walk else 0
+        return 1 + points_per_layer * layers
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Sustained rates: matrix products in the model's dtype, float64 work, disk read and write."""
+
+    tflops: float
+    fp64_tflops: float
+    disk_gbps: float = DEFAULT_DISK_GBPS
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one slicing process, in bytes, by term.
+
+    Host, both modes:
+      baseline           python + torch + transformers (RUNTIME_BASELINE_BYTES).
+      fp64_workspace     2 x the largest weight x 8: a weight is rotated in float64 (the weight
+                         converted, and the product) before it is cast back.
+      activations        rows / nproc x seqlen x hidden x dtype bytes, the calibration stream
+                         the walk carries between layers; x4 with corrections (the compressed
+                         stream, the dense reference stream, and the dense layer's two outputs,
+                         after attention and after the MLP, held through the layer).
+      call_arguments     what each batch hands every layer: a boolean causal mask
+                         (batch x seqlen^2) and rotary cos/sin (2 x batch x seqlen x head_dim,
+                         float32), shared across layers: rows / nproc x (seqlen^2 + 8 seqlen head_dim).
+    In-memory:
+      model              every weight in the model's dtype, plus one embedding table when a
+                         tied head is untied (slicing writes the head separately).
+    Streaming:
+      non_layer          embeddings, final norm and head in the model's dtype; a tied head
+                         counted twice (cloned when untied).
+      layers             3 x the largest decoder layer: the layer as read, its folded copy and
+                         the sliced result.
+    Device (one per process; on the host itself when --device cpu, added to both host peaks):
+      layer              the decoder layer being processed, in the model's dtype.
+      fp64_squares       5 x hidden^2 x 8: the covariance sum and its damped copy (eigh), and
+                         the bases q_in, q_mid, q_out of the layer.
+      batch              one batch in float32: batch x seqlen x max(hidden, intermediate) x 4
+                         bytes x 4 (the branch's intermediates), plus its float64 copy for the
+                         covariance (batch x seqlen x hidden x 8).
+      moments            with corrections or neuron pruning, the MLP writer's float64 moments:
+                         7 x intermediate^2 x 8 (fit and held-out sums, their means, the identity
+                         and shifted matrix of a ridge solve, the solver's factor) plus
+                         2 x intermediate x hidden x 8 (cross moments).
+    Not modelled: allocator fragmentation (glibc trims after each layer), attention scores
+    (SDPA keeps no seqlen^2 matrix per head), the tokenizer, the search's candidate copies
+    (added as one more model in memory with --search).
+    """
+
+    baseline: float
+    fp64_workspace: float
+    activations: float
+    call_arguments: float
+    model: float
+    non_layer: float
+    layers: float
+    device_layer: float
+    device_fp64_squares: float
+    device_batch: float
+    device_moments: float
+    device_is_host: bool
+    search_copy: float = 0.0
+
+    @property
+    def device_peak(self) -> float:
+        return self.device_layer + self.device_fp64_squares + self.device_batch + self.device_moments
+
+    def _on_host(self) -> float:
+        # On the CPU the "device" is the host: its workspace adds to the host (the layer is already counted there).
+        return self.device_peak - self.device_layer if self.device_is_host else 0.0
+
+    @property
+    def host_in_memory(self) -> float:
+        return (self.baseline + self.model + self.fp64_workspace + self.activations + self.call_arguments
+                + self.search_copy + self._on_host())
+
+    @property
+    def host_streaming(self) -> float:
+        return self.baseline + self.non_layer + self.layers + self.fp64_workspace + self.activations + self.call_arguments + self._on_host()
+
+    def to_dict(self) -> dict[str, float]:
+        out = {k: v for k, v in asdict(self).items() if k != "device_is_host"}
+        out.update(host_in_memory=self.host_in_memory, host_streaming=self.host_streaming,
+                   device_peak=0.0 if self.device_is_host else self.device_peak)
+        return out
+
+
+def memory_model(shape: ModelShape, work: Workload) -> MemoryEstimate:
+    """Peak host and device memory of one slicing process (see :class:`MemoryEstimate` for each term)."""
+    b = work.dtype_bytes
+    rows = work.rows_per_process
+    token_bytes = rows * work.seqlen * shape.hidden * b
+    copies = 4 if work.corrections else 1
+    i, d = shape.intermediate, shape.hidden
+    batch_tokens = min(work.batch_size, rows) * work.seqlen
+    model_bytes = (shape.params + (shape.table_params if shape.tied else 0)) * b
+    return MemoryEstimate(
+        baseline=RUNTIME_BASELINE_BYTES,
+        fp64_workspace=2 * shape.largest_tensor * 8,
+        activations=copies * token_bytes,
+        call_arguments=rows * (work.seqlen ** 2 + 8 * work.seqlen * shape.head_dim),
+        model=model_bytes,
+        non_layer=(shape.non_layer_params + (shape.table_params if shape.tied else 0)) * b,
+        layers=3 * shape.largest_layer_params * b,
+        device_layer=shape.largest_layer_params * b,
+        device_fp64_squares=5 * d * d * 8,
+        device_batch=batch_tokens * max(d, i) * 4 * 4 + batch_tokens * d * 8,
+        device_moments=(7 * i * i * 8 + 2 * i * d * 8) if (work.corrections or work.prunes) else 0.0,
+        device_is_host=work.device_is_host,
+        search_copy=model_bytes if work.compressions > 1 else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """Seconds, by term (all divided by the throughput given; FLOPs are recorded too).
+
+      forward        calibration forwards of the decoder layers in the model's dtype:
+                     2 x layer parameters x tokens x passes, passes per compressing walk = 1 (the
+                     attention pass and the MLP pass make one forward of the layer), +2 with
+                     corrections (the dense layer once, each branch's refit pass), +1 when
+                     neurons are pruned without corrections; +1 per statistics-only pooling
+                     walk (uniform); attention's scores and values add 4 x seqlen x heads x
+                     head_dim per token and layer to each pass; plus the rotations back to the original basis
+                     (6 x hidden^2 per token per layer per compressing pass). Divided over --nproc.
+                     MoE layers are charged for every expert (conservative).
+      statistics     float64 accumulation per token and layer: covariances 2 x hidden^2 per PCA
+                     point; with corrections/pruning the writers' moments 2 x (n^2 + n x hidden)
+                     for n = hidden (attention) and intermediate (MLP). Divided over --nproc.
+      eigh           10 x hidden^3 float64 per eigendecomposition (one per PCA point, plus the embedding's).
+      solves         corrections: 12 ridge solves per writer (2/3 n^3 + 2 n^2 hidden each, plus
+                     the held-out error 2 n^2 hidden; n = the kept neurons for the MLP); pruning: the greedy selection
+                     intermediate x k x (k + 2 hidden). Not divided: every process (or the
+                     reducing one) does them.
+      disk           read the weights (size on disk) and write the sliced model, at --disk-gbps.
+    With --search the compute terms are multiplied by the compressions run.
+    """
+
+    forward_flops: float
+    statistics_flops: float
+    eigh_flops: float
+    solve_flops: float
+    forward: float
+    statistics: float
+    eigh: float
+    solves: float
+    disk: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.statistics + self.eigh + self.solves + self.disk
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "total": self.total}
+
+
+def time_model(shape: ModelShape, work: Workload, rate: Throughput, read_bytes: float, write_bytes: float) -> TimeEstimate:
+    """Time to slice (see :class:`TimeEstimate` for each term)."""
+    d, i, n = shape.hidden, shape.intermediate, shape.layers
+    tokens = work.tokens
+    compress_passes = 0
+    if work.compressing_walk:
+        compress_passes = 1 + (2 if work.corrections else 1 if work.prunes else 0)
+    passes = compress_passes + (1 if work.pooling_walk else 0)
+    # scores and values: 2 x 2 x seqlen x attention width per token (SDPA computes the masked half too)
+    per_token = 2.0 * shape.layer_params + 4.0 * work.seqlen * shape.attention_width * n
+    forward = per_token * tokens * passes + 6.0 * d * d * tokens * n * compress_passes
+    stats = 2.0 * d * d * tokens * n * shape.points_per_layer * work.covariance_walks
+    solves = 0.0
+    if work.corrections:
+        for width, solved in ((d, d), (i, work.kept_neurons or i)):  # the MLP's writer is refit on its kept neurons
+            stats += 2.0 * (width * width + width * d) * tokens * n
+            solves += RIDGE_SOLVES * (2 / 3 * solved ** 3 + 4 * solved * solved * d) * n
+    elif work.prunes:
+        stats += 2.0 * i * i * tokens * n
+    if work.prunes:
+        k = work.kept_neurons or 0
+        solves += i * k * (k + 2 * d) * n
+    eigh = 10.0 * d ** 3 * work.eigh_points(shape.points_per_layer, n)
+    c = work.compressions
+    return TimeEstimate(
+        forward_flops=c * forward, statistics_flops=c * stats, eigh_flops=c * eigh, solve_flops=c * solves,
+        forward=c * forward / (rate.tflops * 1e12) / work.nproc,
+        statistics=c * stats / (rate.fp64_tflops * 1e12) / work.nproc,
+        eigh=c * eigh / (rate.fp64_tflops * 1e12),
+        solves=c * solves / (rate.fp64_tflops * 1e12),
+        disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
+    )
+
+
+def default_throughput(device: str, dtype: str, tflops: float | None = None, fp64_tflops: float | None = None,
+                       disk_gbps: float | None = None) -> Throughput:
+    """The rates given, else :data:`DEFAULT_TFLOPS` for the device kind and dtype."""
+    kind = device.split(":")[0]
+    if kind not in DEFAULT_TFLOPS:
+        raise ValueError(f"no default throughput for device {device!r}: pass --tflops and --fp64-tflops")
+    table = DEFAULT_TFLOPS[kind]
+    rate = Throughput(tflops or table[dtype], fp64_tflops or table["float64"], disk_gbps or DEFAULT_DISK_GBPS)
+    if not (rate.tflops > 0 and rate.fp64_tflops > 0 and rate.disk_gbps > 0):
+        raise ValueError("--tflops, --fp64-tflops and --disk-gbps must be positive")
+    return rate
+
+
+# ---------------------------------------------------------------------------------------------
+# From the files to the numbers
+
+
+def _skeleton(config: Any) -> nn.Module:
+    """The model on the meta device: shapes only. (Not accelerate's init_empty_weights, which
+    leaves a tied head untied in transformers 5 and would count it twice.)"""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    """The numbers :func:`memory_model` and :func:`time_model` need, from a (meta) model."""
+    spec = spec_for_config(model.config)
+    layers = get_layers(model, spec)
+    sizes = [count_parameters(layer) for layer in layers]
+    tied = is_tied(model, spec)
+    table = get_path(model, spec.embeddings[0]).weight.numel()
+    total = count_parameters(model)
+    cfg = model.config
+    d = int(cfg.hidden_size)
+    try:
+        inter = intermediate_size(layers[0], spec)
+    except UnsupportedModelError:  # MoE: an expert's width
+        inter = int(getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", None) or 4 * d)
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    return ModelShape(
+        params=total,
+        layer_params=sum(sizes),
+        non_layer_params=total - sum(sizes),
+        table_params=table,
+        largest_layer_params=max(sizes),
+        largest_tensor=max(p.numel() for p in model.parameters()),
+        hidden=d,
+        intermediate=int(inter),
+        layers=len(layers),
+        tied=tied,
+        points_per_layer=2 if spec.topology == "sequential" else 1,
+        head_dim=int(getattr(cfg, "head_dim", None) or d // heads),
+        attention_width=heads * int(getattr(cfg, "head_dim", None) or d // heads),
+    )
+
+
+def sliced_widths(model: nn.Module, config: SliceConfig) -> tuple[Widths, int]:
+    """(the widths slicing will build, the sliced model's exact parameter count), on a meta model,
+    by the policies and the counter :func:`slicegpt.core.slicing.slice_model` uses."""
+    spec = spec_for_config(model.config)
+    shipped = count_parameters(model)
+    if config.uniform:
+        uniform.check_supported(model.config, spec)
+    if config.target_params is not None:
+        policy: Any = _budget_policy(model, spec, config, shipped)
+        counter = policy.counter
+    else:
+        policy = _default_policy(model, spec, config, shipped, is_tied(model, spec))
+        counter = ParameterCounter(model.config, spec, config.uniform)
+    widths = fit_widths(policy.widths(int(model.config.hidden_size), len(get_layers(model, spec)), spec.topology), spec)
+    return widths, counter.count(widths)
+
+
+@dataclass
+class Plan:
+    """Everything ``slicegpt plan`` prints and writes as JSON."""
+
+    model: str
+    model_type: str
+    files: str
+    settings: dict[str, Any]
+    params: int
+    stored_params: int | None
+    disk_bytes: float
+    disk_bytes_source: str
+    disk_dtype: str | None
+    params_sliced: int
+    sliced_bytes: float
+    residual_width: int
+    mlp_neurons: int | None
+    seqlen: int
+    calibration_tokens: int
+    nproc: int
+    stream: bool | None
+    shape: ModelShape
+    workload: Workload
+    throughput: Throughput
+    memory: MemoryEstimate
+    time: TimeEstimate
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "model_type": self.model_type, "files": self.files, "settings": self.settings,
+            "params": self.params, "stored_params": self.stored_params, "disk_bytes": self.disk_bytes,
+            "disk_bytes_source": self.disk_bytes_source, "disk_dtype": self.disk_dtype,
+            "params_sliced": self.params_sliced, "share_removed": 1 - self.params_sliced / self.params,
+            "sliced_bytes": self.sliced_bytes, "residual_width": self.residual_width, "mlp_neurons": self.mlp_neurons,
+            "seqlen": self.seqlen, "calibration_tokens": self.calibration_tokens, "nproc": self.nproc,
+            "stream": self.stream, "shape": asdict(self.shape), "workload": asdict(self.workload),
+            "throughput": asdict(self.throughput), "memory_bytes": self.memory.to_dict(),
+            "memory_per_node_bytes": {"host_in_memory": self.memory.host_in_memory * self.nproc,
+                                      "host_streaming": self.memory.host_streaming * self.nproc},
+            "time_seconds": self.time.to_dict(), "notes": self.notes,
+        }
+
+
+def plan_model(files: ModelFiles | str, config: SliceConfig, *, nproc: int = 1, stream: bool | None = None,
+               tflops: float | None = None, fp64_tflops: float | None = None, disk_gbps: float | None = None) -> Plan:
+    """The plan for slicing ``files`` (a folder, a hub id, or :class:`ModelFiles`) as ``config`` says."""
+    from transformers import AutoConfig
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    config.validate()
+    files = read_model_files(files) if isinstance(files, str) else files
+    raw = {k: v for k, v in files.config.items() if k not in ("_name_or_path",)}
+    model_type = raw.get("model_type")
+    if not model_type:
+        raise ValueError(f"{files.name}: config.json has no model_type")
+    try:
+        hf_config = AutoConfig.for_model(**raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{files.name}: transformers cannot read its config.json: {str(exc).strip().splitlines()[0]}") from None
+    spec_for_config(hf_config)  # an unsupported family fails here, in one line
+    model = _skeleton(hf_config)
+    notes: list[str] = []
+    seqlen = clip_seqlen(model, config.seqlen)
+    if seqlen < config.seqlen:
+        notes.append(f"--seqlen {config.seqlen} is above the model's context; slicing uses {seqlen}")
+        config = replace(config, seqlen=seqlen)
+    shape = model_shape(model)
+    widths, params_sliced = sliced_widths(model, config)
+    dtype = str(parse_dtype(config.dtype)).removeprefix("torch.")
+    b = torch.finfo(parse_dtype(config.dtype)).bits // 8
+    kept = widths.layers[0].mlp if widths.layers else None
+    d = widths.embedding
+    device = str(config.device)
+    work = Workload(
+        rows=config.nsamples, seqlen=seqlen, batch_size=config.batch_size, dtype_bytes=b, corrections=config.corrections,
+        kept_neurons=kept, residual_width=d, hidden=shape.hidden, uniform=config.uniform, nproc=nproc, device_is_host=device.split(":")[0] == "cpu",
+        compressions=len(SHARES) + 1 if config.search and config.target_params is not None else 1,
+    )
+    rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps)
+    if files.disk_bytes is not None:
+        disk, disk_source = float(files.disk_bytes), files.source
+    else:
+        on_disk = str(files.config.get("dtype") or files.config.get("torch_dtype") or "float32")
+        disk = float(shape.params * (torch.finfo(parse_dtype(on_disk)).bits // 8))
+        disk_source = f"{files.source} ({on_disk} assumed)"
+    if files.stored_params is not None and files.stored_params != shape.params:
+        notes.append(f"the safetensors files store {files.stored_params:,} parameters, the config describes {shape.params:,}")
+    if config.search and config.target_params is not None:
+        notes.append(f"--search compresses {len(SHARES)} candidates, then the chosen split: time x{len(SHARES) + 1}, "
+                     "a copy of the model in memory; streaming does not apply")
+    if nproc > 1:
+        notes.append(f"--nproc {nproc}: memory is per process ({nproc} on one node multiply the host figures); "
+                     "the forwards are divided over the processes, the eigendecompositions and solves are not")
+    sliced_bytes = float(params_sliced * b)
+    memory = memory_model(shape, work)
+    time_ = time_model(shape, work, rate, read_bytes=disk, write_bytes=sliced_bytes)
+    return Plan(
+        model=files.name, model_type=str(model_type), files=files.source, settings=config.to_dict(),
+        params=shape.params, stored_params=files.stored_params, disk_bytes=disk, disk_bytes_source=disk_source,
+        disk_dtype=files.disk_dtype, params_sliced=params_sliced, sliced_bytes=sliced_bytes, residual_width=d,
+        mlp_neurons=kept, seqlen=seqlen, calibration_tokens=config.nsamples * seqlen, nproc=nproc, stream=stream,
+        shape=shape, workload=work, throughput=rate, memory=memory, time=time_, notes=notes,
+    )
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:,.1f} GB" if x >= 0.1 * GB else f"{x / 1e6:,.0f} MB"
+
+
+def _flop(x: float) -> str:
+    return f"{x / 1e15:,.1f} PFLOP" if x >= 1e14 else f"{x / 1e12:,.2f} TFLOP"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h" if seconds >= 5400 else f"{seconds / 60:,.1f} min"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a short table: sizes in GB, times in minutes (hours past 90 minutes)."""
+    m, t = plan.memory, plan.time
+    s = plan.settings
+    how = (f"target {s['target_params']:g}" if s.get("target_params") is not None else f"sparsity {s['sparsity']:g}")
+    how += (", uniform" if s.get("uniform") else "") + (", corrections" if plan.workload.corrections else "")
+    lines = [
+        f"plan: {plan.model} ({plan.model_type}), {how}, {s['dtype']} on {s['device']}, "
+        f"{plan.workload.rows} rows x {plan.seqlen} tokens, batch {plan.workload.batch_size}"
+        + (f", {plan.nproc} processes" if plan.nproc > 1 else ""),
+        f"read from: {plan.files}",
+        "",
+        "| | parameters | size |",
+        "|---|---:|---:|",
+        f"| model | {plan.params / 1e9:,.3f} B | {_gb(plan.disk_bytes)} on disk"
+        + (f" ({plan.disk_dtype})" if plan.disk_dtype else "") + " |",
+        f"| sliced | {plan.params_sliced / 1e9:,.3f} B ({1 - plan.params_sliced / plan.params:.1%} removed) | "
+        f"{_gb(plan.sliced_bytes)} in {s['dtype']} |",
+        "",
+        f"widths: residual {plan.residual_width} of {plan.shape.hidden}"
+        + (f", MLP neurons {plan.mlp_neurons} of {plan.shape.intermediate}" if plan.mlp_neurons is not None else ""),
+        "",
+        "| peak memory" + (" (per process)" if plan.nproc > 1 else "") + " | in memory | streaming |",
+        "|---|---:|---:|",
+        f"| host | {_gb(m.host_in_memory)} | {_gb(m.host_streaming)} |",
+    ]
+    if plan.nproc > 1:
+        lines.append(f"| host, {plan.nproc} processes | {_gb(m.host_in_memory * plan.nproc)} | {_gb(m.host_streaming * plan.nproc)} |")
+    device = "on the host" if m.device_is_host else _gb(m.device_peak)
+    lines += [
+        f"| device ({s['device']}) | {device} | {device} |",
+        "",
+        f"host terms: baseline {_gb(m.baseline)}, model {_gb(m.model)} | non-layer {_gb(m.non_layer)} + 3 layers "
+        f"{_gb(m.layers)}, float64 workspace {_gb(m.fp64_workspace)}, activations {_gb(m.activations)}, "
+        f"call arguments {_gb(m.call_arguments)}",
+        f"device terms: layer {_gb(m.device_layer)}, float64 D x D {_gb(m.device_fp64_squares)}, batch {_gb(m.device_batch)}"
+        + (f", moments {_gb(m.device_moments)}" if m.device_moments else ""),
+        "",
+        "| time | minutes |",
+        "|---|---:|",
+        f"| calibration forwards ({_flop(t.forward_flops)} at {plan.throughput.tflops:g} TFLOP/s"
+        + (f" / {plan.nproc}" if plan.nproc > 1 else "") + f") | {t.forward / 60:,.1f} |",
+        f"| float64 statistics ({_flop(t.statistics_flops)} at {plan.throughput.fp64_tflops:g} TFLOP/s"
+        + (f" / {plan.nproc}" if plan.nproc > 1 else "") + f") | {t.statistics / 60:,.1f} |",
+        f"| eigendecompositions ({plan.workload.eigh_points(plan.shape.points_per_layer, plan.shape.layers)}) | {t.eigh / 60:,.1f} |",
+    ]
+    if t.solve_flops:
+        lines.append(f"| refit solves / neuron choice | {t.solves / 60:,.1f} |")
+    lines += [
+        f"| disk ({plan.throughput.disk_gbps:g} GB/s) | {t.disk / 60:,.1f} |",
+        f"| **total** | **{_minutes(t.total)}** |",
+    ]
+    if plan.stream is not None:
+        chosen = m.host_streaming if plan.stream else m.host_in_memory
+        lines.append(f"\n{'streaming' if plan.stream else 'in memory'}: peak host {_gb(chosen)}"
+                     + (f" per process, {_gb(chosen * plan.nproc)} for {plan.nproc}" if plan.nproc > 1 else ""))
+    lines += [f"note: {n}" for n in plan.notes]
+    lines.append("estimates, not measurements: see slicegpt.evaluation.plan for each term")
+    return "\n".join(lines)

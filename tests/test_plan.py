@@ -1,0 +1,190 @@
+"""``slicegpt plan``: exact counts from config and headers alone, no weight read, one-line errors, the models' terms."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import slicegpt
+from slicegpt.cli import main
+from slicegpt.evaluation.plan import GB, ModelShape, Throughput, Workload, memory_model, plan_model, time_model
+from slicegpt.io.headers import PlanInputError, read_header, write_index_only_folder
+
+from conftest import calib_rows, make_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A tiny tied Llama saved as safetensors (float32), and the model itself."""
+    folder = tmp_path_factory.mktemp("plan") / "model"
+    model = make_tiny("llama", dtype=torch.float32)
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def _truncate_after_header(file: Path) -> None:
+    """Keep the 8-byte length and the JSON header; drop every weight byte."""
+    with file.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    with file.open("r+b") as f:
+        f.truncate(8 + n)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(sparsity=0.25),
+    dict(sparsity=0.3, slice_head=True),
+    dict(target_params=0.8),  # MLP neurons, corrections on by default
+    dict(target_params=0.85, uniform=True, residual_share=0.5),
+])
+def test_counts_equal_the_real_model_and_a_real_slice(tiny_folder: tuple[Path, torch.nn.Module], settings: dict) -> None:
+    folder, model = tiny_folder
+    config = slicegpt.SliceConfig(nsamples=16, seqlen=24, batch_size=4, **settings)
+    plan = plan_model(str(folder), config)
+    assert plan.params == plan.stored_params == slicegpt.count_parameters(model)
+    assert plan.disk_bytes == (folder / "model.safetensors").stat().st_size
+    assert plan.disk_dtype == "float32"
+    sliced = make_tiny("llama", dtype=torch.float32)
+    report = slicegpt.slice_model(sliced, None, calib_rows(16), config, progress=False)
+    assert plan.params_sliced == report.params_after
+    assert plan.residual_width == report.widths.embedding and plan.mlp_neurons == report.widths.layers[0].mlp
+
+
+def test_reads_no_weight_data_headers_or_index_alone(tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    folder, model = tiny_folder
+    config = slicegpt.SliceConfig(sparsity=0.25)
+    full = plan_model(str(folder), config)
+    cut = tmp_path / "cut"
+    shutil.copytree(folder, cut)
+    _truncate_after_header(cut / "model.safetensors")
+    headers_only = plan_model(str(cut), config)
+    # the size the header declares, though the data is gone
+    assert headers_only.disk_bytes == full.disk_bytes > (cut / "model.safetensors").stat().st_size
+    assert (headers_only.params, headers_only.params_sliced) == (full.params, full.params_sliced)
+    assert headers_only.memory == full.memory and headers_only.time == full.time
+
+    index_only = write_index_only_folder(tmp_path / "index", model.config)
+    assert sorted(p.name for p in index_only.iterdir()) == ["config.json", "model.safetensors.index.json"]
+    planned = plan_model(str(index_only), config)
+    assert (planned.params, planned.params_sliced, planned.stored_params) == (full.params, full.params_sliced, None)
+    index = json.loads((index_only / "model.safetensors.index.json").read_text())
+    assert planned.disk_bytes == index["metadata"]["total_size"] == full.params * 4
+    assert "model.embed_tokens.weight" in index["weight_map"] and "lm_head.weight" not in index["weight_map"]  # tied: stored once
+
+
+def test_sharded_headers_are_read_per_shard(tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    _, model = tiny_folder
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1
+    plan = plan_model(str(tmp_path / "sharded"), slicegpt.SliceConfig())
+    assert plan.stored_params == plan.params == slicegpt.count_parameters(model)
+    assert plan.disk_bytes == sum(s.stat().st_size for s in shards)
+    tensors, size = read_header(shards[0])
+    assert size == shards[0].stat().st_size and all(t.dtype == "F32" for t in tensors.values())
+
+
+def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slicegpt: error: ") and "\n" not in err
+    return err
+
+
+def test_one_line_errors(tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, _ = tiny_folder
+    assert "no such file or folder" in _one_line_error(["plan", str(tmp_path / "missing")], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in _one_line_error(["plan", str(tmp_path / "empty")], capsys)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert "needs a safetensors model" in _one_line_error(["plan", str(tmp_path / "m.gguf")], capsys)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "m.gguf").write_bytes(b"GGUF")
+    assert "needs a safetensors model" in _one_line_error(["plan", str(tmp_path / "g")], capsys)
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
+    assert "cut inside its safetensors header" in _one_line_error(["plan", str(bad)], capsys)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(folder / "config.json", pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"x")
+    assert "safetensors" in _one_line_error(["plan", str(pickled)], capsys)
+    assert "not a hub id" in _one_line_error(["plan", "no-such-name"], capsys)
+    with pytest.raises(PlanInputError):
+        read_header(tmp_path / "m.gguf")
+
+
+def test_cli_prints_the_table_and_writes_every_figure(tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    folder, model = tiny_folder
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(folder), "--target-params", "0.8", "--nsamples", "32", "--seqlen", "64", "--nproc", "2",
+                 "--stream", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| host |" in text and "streaming" in text and "**total**" in text
+    data = json.loads(out.read_text())
+    assert data["params"] == slicegpt.count_parameters(model) and data["params_sliced"] < data["params"]
+    assert data["nproc"] == 2 and data["stream"] is True and data["settings"]["target_params"] == 0.8
+    assert data["workload"]["corrections"] is True and data["workload"]["rows"] == 32
+    mem = data["memory_bytes"]
+    assert mem["host_streaming"] <= mem["host_in_memory"] and mem["device_peak"] == 0.0  # --device cpu: on the host
+    assert data["memory_per_node_bytes"]["host_streaming"] == pytest.approx(2 * mem["host_streaming"])
+    assert data["time_seconds"]["total"] == pytest.approx(sum(data["time_seconds"][k] for k in ("forward", "statistics", "eigh", "solves", "disk")))
+    assert data["calibration_tokens"] == 32 * 64
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--help"])
+    assert exc.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--nproc" in help_text and "--stream" in help_text and "--target-params" in help_text
+
+
+# The models alone, on a 70B-like shape (numbers, no files).
+SHAPE = ModelShape(params=69_000_000_000, layer_params=68_000_000_000, non_layer_params=1_000_000_000, table_params=262_144_000,
+                   largest_layer_params=850_000_000, largest_tensor=262_144_000, hidden=8192, intermediate=28672, layers=80,
+                   tied=False, points_per_layer=2, head_dim=128, attention_width=8192)
+WORK = Workload(rows=128, seqlen=2048, batch_size=8, dtype_bytes=2, corrections=False, kept_neurons=None, residual_width=6144,
+                hidden=8192, device_is_host=False)
+
+
+def test_memory_model_terms() -> None:
+    m = memory_model(SHAPE, WORK)
+    assert m.activations == 128 * 2048 * 8192 * 2
+    assert m.layers == 3 * 850_000_000 * 2 and m.non_layer == 1_000_000_000 * 2 and m.model == SHAPE.params * 2
+    assert m.fp64_workspace == 2 * 262_144_000 * 8 and m.device_moments == 0
+    assert m.host_streaming < 0.2 * m.host_in_memory
+    corrected = memory_model(SHAPE, replace(WORK, corrections=True))
+    assert corrected.activations == 4 * m.activations and corrected.device_moments >= 7 * 28672 ** 2 * 8
+    split = memory_model(SHAPE, replace(WORK, nproc=8))
+    assert split.activations == m.activations / 8 and split.model == m.model  # each process holds its rows only
+    tied = memory_model(replace(SHAPE, tied=True), WORK)
+    assert tied.model - m.model == tied.non_layer - m.non_layer == SHAPE.table_params * 2  # the untied head's copy
+    on_cpu = memory_model(SHAPE, replace(WORK, device_is_host=True))
+    assert on_cpu.host_streaming - m.host_streaming == pytest.approx(m.device_peak - m.device_layer)
+
+
+def test_time_model_terms() -> None:
+    rate = Throughput(tflops=100, fp64_tflops=10, disk_gbps=1)
+    t = time_model(SHAPE, WORK, rate, read_bytes=138 * GB, write_bytes=116 * GB)
+    tokens = 128 * 2048
+    per_token = 2 * SHAPE.layer_params + 4 * 2048 * 8192 * 80  # weights, then attention's scores and values
+    assert t.forward_flops == pytest.approx(per_token * tokens + 6 * 8192 ** 2 * tokens * 80)
+    assert t.eigh_flops == 10 * 8192 ** 3 * 161 and t.solves == 0 and t.disk == pytest.approx(254)
+    eight = time_model(SHAPE, replace(WORK, nproc=8), rate, 138 * GB, 116 * GB)
+    assert eight.forward == pytest.approx(t.forward / 8) and eight.eigh == t.eigh and eight.disk == t.disk
+    corrected = time_model(SHAPE, replace(WORK, corrections=True), rate, 138 * GB, 116 * GB)
+    assert corrected.forward_flops == pytest.approx(3 * t.forward_flops) and corrected.solves > 0
+    # uniform, only MLP neurons go: no pooling walk, no eigendecomposition
+    mlp_only = time_model(SHAPE, replace(WORK, uniform=True, residual_width=8192, kept_neurons=16384), rate, 0, 0)
+    assert mlp_only.eigh == 0 and mlp_only.statistics_flops > 0 and mlp_only.forward_flops > 0
+    # uniform, plain: the pooling walk only gathers statistics; slicing runs no calibration
+    pooled = time_model(SHAPE, replace(WORK, uniform=True), rate, 0, 0)
+    assert pooled.eigh_flops == 10 * 8192 ** 3 and pooled.forward_flops == pytest.approx(per_token * tokens)
