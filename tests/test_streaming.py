@@ -179,3 +179,34 @@ def test_a_streamed_slice_checks_free_space_before_any_work(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert code != 0 and "are free on the disk" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.*"))
+
+
+@pytest.mark.parametrize("stream", ["on", "off"])
+def test_activations_offloaded_to_disk_give_the_same_files(stream: str, tmp_path: Path, capsys) -> None:
+    """Corrections and MLP neurons on: every activation list (the stream, the dense reference, the
+    dense layer's outputs) goes through the disk store."""
+    model = _save_model(tmp_path, "llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT)
+    _slice(capsys, model, tmp_path / "mem", corpus, "--target-params", "0.8", "--stream", stream)
+    _slice(capsys, model, tmp_path / "disk", corpus, "--target-params", "0.8", "--stream", stream,
+           "--offload-activations", str(tmp_path / "acts"))
+    assert _weights(tmp_path / "disk") == _weights(tmp_path / "mem")
+    assert list((tmp_path / "acts").iterdir()) == []  # every list's files removed with it
+
+
+def test_disk_tensors_behave_as_a_list(tmp_path: Path) -> None:
+    from slicegpt.io.offload import DiskTensors
+
+    items = DiskTensors(tmp_path)
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4).to(torch.bfloat16)
+    items.append(a)
+    items.append(b)
+    assert len(items) == 2 and torch.equal(items[0], a) and torch.equal(items[-1], b)
+    items[0] = a[:, :, :2]  # replaced by a narrower batch (after a slice)
+    assert items[0].shape == (2, 3, 2) and [t.dtype for t in items] == [torch.float32, torch.bfloat16]
+    with pytest.raises(IndexError):
+        items[2]
+    folder = items.folder
+    del items
+    assert not folder.exists()

@@ -17,6 +17,7 @@ from ..evaluation.perplexity import perplexity
 from ..io import folders
 from ..io.format import is_sliced_folder
 from ..io.models import load_model
+from ..io.offload import disk_store
 from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.staging import SliceStaging, staging_dir
 from ..io.streaming import STREAM_MODES, open_streamed, slice_streamed, want_stream, weights_bytes
@@ -51,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "sliced in memory, where a stopped run can be resumed")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE", help="largest weights file written (5GB, "
                    "500MB); larger models get numbered shards and model.safetensors.index.json, as transformers writes them")
+    p.add_argument("--offload-activations", default=None, metavar="DIR", help="keep the calibration activations in files under "
+                   "DIR (one per batch, read when the loop reaches it) instead of host memory: for many long rows of a wide model "
+                   "(removed at the end; same output)")
     p.add_argument("--ppl", default=None, metavar="DATA", help="also measure perplexity before and after on DATA ('wiki', 'wikitext2', a file; evaluation part)")
     p.add_argument("--eval-seqlen", type=int, default=EVAL_DEFAULTS.seqlen, help="row length for --ppl")
     p.add_argument("--eval-max-rows", type=int, default=None, help="evaluate --ppl on the first N rows only")
@@ -97,12 +101,13 @@ def run(args: argparse.Namespace) -> int:
             dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
             result["dense_perplexity"] = dense.to_dict()
             model.to("cpu")
+        activations = list if args.offload_activations is None else disk_store(args.offload_activations)
         if opened is not None:
             report = slice_streamed(args.model, out, config, overwrite=_may_replace(out, args), max_shard_size=args.max_shard_size,
-                                    opened=opened)
+                                    opened=opened, activations=activations)
         else:
-            report = slice_model(model, tokenizer, config.calib, config, source_model=name,
-                                 streams=None if staging is None else Streams(checkpoint=staging))
+            streams = Streams(activations=activations) if staging is None else Streams(checkpoint=staging, activations=activations)
+            report = slice_model(model, tokenizer, config.calib, config, source_model=name, streams=streams)
             folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report,
                          max_shard_size=args.max_shard_size)
         if staging is not None:

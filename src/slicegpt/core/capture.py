@@ -9,7 +9,7 @@ passed on as is. Activations stay on the host and travel to the device one batch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -68,6 +68,16 @@ class LayerInputs:
     # The dense model's stream entering the current layer (original basis), when corrections
     # refit writers toward it.
     reference: list[torch.Tensor] | None = None
+    # Makes the lists that hold activations (hidden, reference, the dense layer's outputs): host
+    # lists, or lists kept on disk (slicegpt.io.offload) for runs whose activations exceed memory.
+    store: Callable[[], Any] = list
+
+    def new(self, items: Iterable[torch.Tensor] = ()) -> Any:
+        """An empty activation list of this run's kind, filled with ``items``."""
+        out = self.store()
+        for t in items:
+            out.append(t)
+        return out
 
     def layer_call(self, layer: int, batch: int, device: torch.device) -> tuple[tuple, dict[str, Any]]:
         args, kwargs = self.calls[batch][layer]
@@ -102,7 +112,8 @@ class _Recorder(nn.Module):
 
 
 @torch.inference_mode()
-def capture_layer_inputs(model: nn.Module, spec: ArchSpec, rows: Rows, batch_size: int, device: torch.device) -> LayerInputs:
+def capture_layer_inputs(model: nn.Module, spec: ArchSpec, rows: Rows, batch_size: int, device: torch.device,
+                         store: Callable[[], Any] = list) -> LayerInputs:
     """Run the model with its layers stood in for by recorders; keep what each layer receives.
 
     The model's own forward computes the hidden states layer 0 reads and every argument it hands
@@ -115,7 +126,7 @@ def capture_layer_inputs(model: nn.Module, spec: ArchSpec, rows: Rows, batch_siz
     front = _non_layer_modules(model, spec)
     for m in front:
         m.to(device)
-    captured = LayerInputs([], [], [])
+    captured = LayerInputs(store(), [], [], store=store)
     sink: list = []
     for i in range(len(layers)):
         layers[i] = _Recorder(i, sink, spec.layer_returns_tuple, last=i == len(layers) - 1)

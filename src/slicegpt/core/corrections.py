@@ -29,7 +29,7 @@ def dense_layer(block: SlicedBlock, index: int, inputs: LayerInputs, device: tor
 
     Run before this block's weights change: the prepared block computes the dense layer exactly.
     """
-    mids, outs = [], []
+    mids, outs = inputs.new(), inputs.new()
     for i, x in stream(inputs.reference, device):
         args, kwargs = inputs.layer_call(index, i, device)
         r = x + block.attn_branch(x, args, kwargs)

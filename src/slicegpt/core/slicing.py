@@ -168,12 +168,12 @@ def walk(
     if rotation.needs_statistics or prunes or correct:
         # On a restart this captures through the restored (sliced) embeddings: only the layers'
         # call arguments and the masks are kept, which do not depend on the embeddings' width.
-        inputs = capture_layer_inputs(model, spec, rows, config.batch_size, device)
+        inputs = capture_layer_inputs(model, spec, rows, config.batch_size, device, store=streams.activations)
         if start is not None:
-            inputs.hidden = list(start.hidden)
-            inputs.reference = None if start.reference is None else list(start.reference)
+            inputs.hidden = inputs.new(start.hidden)
+            inputs.reference = None if start.reference is None else inputs.new(start.reference)
         elif correct:
-            inputs.reference = [h.clone() for h in inputs.hidden]
+            inputs.reference = inputs.new(h.clone() for h in inputs.hidden)
         release_free_memory()
     if start is None:
         pca = inputs is not None and rotation.needs_statistics

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -146,9 +146,12 @@ class NoCheckpoint:
 
 @dataclass
 class Streams:
-    """The four connections, defaulting to one process working in memory."""
+    """The loop's connections, defaulting to one process working in memory."""
 
     source: LayerSource = field(default_factory=InMemorySource)
     sink: LayerSink = field(default_factory=InMemorySink)
     reduce: Reduction = field(default_factory=LocalReduction)
     checkpoint: Checkpoint = field(default_factory=NoCheckpoint)
+    #: Makes each list of calibration activations: host memory (a list), or files on disk
+    #: (:class:`slicegpt.io.offload.DiskTensors`) when they would not fit.
+    activations: Callable[[], Any] = list

@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -240,13 +240,15 @@ def want_stream(mode: str, reasons: dict[str, bool], model_bytes: int | None = N
 
 def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: SliceConfig | None = None, *,
                    overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
-                   opened: tuple[nn.Module, Any, str, StreamingSource] | None = None) -> SliceReport:
+                   opened: tuple[nn.Module, Any, str, StreamingSource] | None = None,
+                   activations: Callable[[], Any] = list) -> SliceReport:
     """Slice a safetensors model into ``out`` without ever holding its layers together.
 
     The Python form of ``slicegpt slice MODEL --stream on``: the layers are read, sliced and
     written one at a time (see the module's docstring); the result is the folder an in-memory
     slice and :func:`slicegpt.save` write, byte for byte. ``opened``: what :func:`open_streamed`
-    returned, when the caller opened the model already.
+    returned, when the caller opened the model already. ``activations``: where the calibration
+    activations are kept (``slicegpt.io.offload.disk_store(DIR)`` for files on disk).
     """
     config = config or SliceConfig()
     out = Path(out)
@@ -258,7 +260,7 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
     writer = staging_writer(out, max_shard_size)
     try:
         report = slice_model(model, tokenizer, config.calib, config, source_model=name, progress=progress,
-                             streams=Streams(source=source, sink=StreamingSink(writer)))
+                             streams=Streams(source=source, sink=StreamingSink(writer), activations=activations))
         save(model, out, tokenizer=tokenizer, overwrite=overwrite, report=report, shards=writer)
     except BaseException:
         shutil.rmtree(writer.folder, ignore_errors=True)
