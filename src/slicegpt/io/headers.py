@@ -15,13 +15,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import shards
 from .format import is_sliced_folder
 
 INDEX = "model.safetensors.index.json"
@@ -35,7 +35,6 @@ DTYPE_BYTES: dict[str, int] = {
 #: The torch names of the floating codes (what --dtype and config.json call them).
 DTYPE_NAMES: dict[str, str] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # A header larger than this is not a safetensors header (the format caps it at 100 MB).
-_MAX_HEADER = 100_000_000
 
 
 class PlanInputError(ValueError):
@@ -94,23 +93,16 @@ class ModelFiles:
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorHeader], int]:
-    """(tensors, declared file size) from a safetensors file's header; reads the header's bytes only."""
+    """(tensors, declared file size) from a safetensors file's header; reads the header's bytes only
+    (the data may be absent or cut: plan never reads it)."""
     p = Path(path)
     try:
-        with p.open("rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise PlanInputError(f"{p} is not a safetensors file: shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER:
-                raise PlanInputError(f"{p} is not a safetensors file: header length {n} bytes")
-            body = f.read(n)
+        header, base = shards.read_header(p)
     except OSError as exc:
         raise PlanInputError(f"cannot read {p}: {exc.strerror or exc}") from None
-    if len(body) < n:
-        raise PlanInputError(f"{p} is cut inside its safetensors header ({len(body)} of {n} bytes)")
+    except shards.ShardError as exc:
+        raise PlanInputError(str(exc)) from None
     try:
-        header = json.loads(body)
         tensors: dict[str, TensorHeader] = {}
         end = 0
         for key, entry in header.items():
@@ -120,7 +112,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorHeader], 
             end = max(end, int(entry["data_offsets"][1]))
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise PlanInputError(f"{p} has no valid safetensors header: {type(exc).__name__}: {exc}") from None
-    return tensors, 8 + n + end
+    return tensors, base + end
 
 
 def _read_json(path: Path) -> dict[str, Any]:

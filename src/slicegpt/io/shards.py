@@ -77,8 +77,10 @@ def read_header(path: Path) -> tuple[dict, int]:
         if len(raw) < 8:
             raise ShardError(f"{path} is not a safetensors file (shorter than its header length)")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20 or n > os.path.getsize(path) - 8:
+        if n > 100 << 20:
             raise ShardError(f"{path} is not a safetensors file (header length {n})")
+        if n > os.path.getsize(path) - 8:
+            raise ShardError(f"{path} is cut inside its safetensors header ({os.path.getsize(path) - 8} of {n} bytes)")
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
