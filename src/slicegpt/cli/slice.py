@@ -17,6 +17,7 @@ from ..io import folders
 from ..io.models import load_model
 from ..io.staging import SliceStaging, staging_dir
 from ..memory import peak_memory
+from . import distributed
 from .common import parse_count, EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
 
 HELP = "rotate and slice a model, then save it"
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-max-rows", type=int, default=None, help="evaluate --ppl on the first N rows only")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures (perplexities, parameters, seconds, memory) as JSON")
     p.add_argument("--list-architectures", action="store_true", help="print the supported model types and exit")
+    distributed.add_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(supported_architectures()))
         return 0
     config = slice_config_from_args(args, args.sparsity)
+    ranks, config = distributed.join(args, config)  # under torchrun: rank 0 goes on, the others follow it
+    if ranks is not None and not ranks.leader:
+        return distributed.follow(args, config, ranks)
     wall = time.perf_counter()
     if args.json and Path(args.json).is_dir():
         raise FileExistsError(f"--json {args.json} is a folder; name a file")
@@ -66,15 +71,17 @@ def run(args: argparse.Namespace) -> int:
     with folders.OutputLock(out):
         folders.check_output_dir(out, _may_replace(out, args), protect=(args.model,))
         # The search compresses many candidates: it keeps no staging, and cannot be resumed.
-        staging = None if config.search else SliceStaging(staging_dir(out), resume=args.resume)
+        staging = None if config.search or ranks is not None else SliceStaging(staging_dir(out), resume=args.resume)
 
         result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
         if args.ppl:
             dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
             result["dense_perplexity"] = dense.to_dict()
             model.to("cpu")
-        report = slice_model(model, tokenizer, config.calib, config, source_model=name,
-                             streams=None if staging is None else Streams(checkpoint=staging))
+        streams = Streams() if staging is None else Streams(checkpoint=staging)
+        if ranks is not None:
+            streams.reduce = ranks
+        report = slice_model(model, tokenizer, config.calib, config, source_model=name, streams=streams)
         folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report)
         if staging is not None:
             staging.finish()  # saved: nothing left to resume
@@ -94,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         result.update(peak_memory(config.device))
         print(format_slice_table(result))
         write_json(args.json, result)
+        if ranks is not None:
+            ranks.finish()  # the others waited for the output to be written
         return 0
 
 

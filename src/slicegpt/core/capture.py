@@ -68,6 +68,9 @@ class LayerInputs:
     # The dense model's stream entering the current layer (original basis), when corrections
     # refit writers toward it.
     reference: list[torch.Tensor] | None = None
+    # The batch whose rows choose the refits' ridge strengths instead of being fitted on (-1:
+    # none here); set by the walk, which knows where these rows sit among all processes' rows.
+    held: int = -1
 
     def layer_call(self, layer: int, batch: int, device: torch.device) -> tuple[tuple, dict[str, Any]]:
         args, kwargs = self.calls[batch][layer]
