@@ -13,7 +13,7 @@ import torch
 
 import slicegpt
 from slicegpt.core.pca import Covariance
-from slicegpt.core.streams import InMemorySink, InMemorySource, LoopState, NoCheckpoint, Streams
+from slicegpt.core.streams import InMemorySink, InMemorySource, LocalReduction, LoopState, NoCheckpoint, Streams
 from slicegpt.core.surgery import get_layers
 
 from conftest import calib_rows, make_tiny
@@ -41,7 +41,7 @@ class RecordingSink(InMemorySink):
         self.done_at.append((index, block.attention_module.q_proj.in_features))
 
 
-class DoublingReduction:
+class DoublingReduction(LocalReduction):
     """Stands in for an all-reduce over two ranks that hold the same rows: sums and counts double."""
 
     def __init__(self) -> None:

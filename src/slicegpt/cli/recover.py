@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..config import DTYPES, LORA_GROUPS, RecoverConfig
+from ..core.distributed import TorchDistributedReduction
 from ..data import DataError, Text, bos_for, clip_seqlen, label, load_text, shared_documents, training_rows
 from ..evaluation.perplexity import eval_rows
 from ..io import folders
@@ -16,6 +18,7 @@ from ..io.models import ModelLoadError, load_model
 from ..io.staging import staging_dir
 from ..memory import peak_memory
 from ..training.recover import recover
+from . import distributed
 from .common import parse_count, write_json
 
 HELP = "recover quality by training: distil the dense model into a sliced one, or fine-tune it"
@@ -63,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=D.gradient_checkpointing, help="recompute layer activations in the backward pass (less memory, more time)")
     p.add_argument("--seed", type=int, default=D.seed, help="row order and adapter initialisation")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report (curve, tokens, seconds, memory) as JSON")
+    distributed.add_argument(p)
 
 
 def config_from_args(args: argparse.Namespace) -> RecoverConfig:
@@ -78,13 +82,26 @@ def config_from_args(args: argparse.Namespace) -> RecoverConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Under torchrun (data-parallel): rank 0 runs the command; the others train beside it silently.
+    ranks, _ = distributed.join(args, config_from_args(args))
+    if ranks is not None and not ranks.leader:
+        with distributed.silenced():
+            _run(args, ranks)
+        ranks.finish()  # rank 0 has written the output
+        return 0
     # One writer per output folder: a second run for the same --out stops at once.
     with folders.OutputLock(output_folder(args)):
-        return _run(args)
+        code = _run(args, ranks)
+    if ranks is not None:
+        ranks.finish()
+    return code
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = None) -> int:
     config = config_from_args(args)
+    if ranks is not None:
+        config = replace(config, device=ranks.device)
+    leader = ranks is None or ranks.leader
     if args.keep_adapter and config.train != "lora":
         raise ValueError("--keep-adapter needs --train lora")
     folder = Path(args.folder)
@@ -119,14 +136,17 @@ def _run(args: argparse.Namespace) -> int:
     eval_ids = eval_rows(student, tokenizer, Text(eval_text), config.seqlen, config.eval_max_rows) if eval_text is not None else None
 
     state = staging_dir(out, "recover")
-    if not args.resume and state.exists():
+    if leader and not args.resume and state.exists():
         print(f"note: {state} holds a checkpoint of an earlier run; starting over (pass --resume to continue it instead)")
         shutil.rmtree(state)
     model, report = recover(
         student, tokenizer, config, teacher=teacher, teacher_tokenizer=teacher_tok, teacher_name=teacher_name,
-        rows=rows, eval_ids=eval_ids, state_dir=state, resume=args.resume, adapter_dir=state / ADAPTER if args.keep_adapter else None,
+        rows=rows, eval_ids=eval_ids, state_dir=state if ranks is None else None, resume=args.resume,
+        adapter_dir=state / ADAPTER if args.keep_adapter and leader else None, progress=leader, ranks=ranks,
     )
     del teacher
+    if not leader:
+        return 0
     extra = (lambda tmp: shutil.copytree(state / ADAPTER, tmp / ADAPTER)) if args.keep_adapter else None
     folders.save(model.to("cpu"), out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra)
     shutil.rmtree(state, ignore_errors=True)  # the run is complete: nothing left to resume

@@ -22,6 +22,7 @@ from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.staging import SliceStaging, staging_dir
 from ..io.streaming import STREAM_MODES, open_streamed, slice_streamed, want_stream, weights_bytes
 from ..memory import available_host_bytes, peak_memory
+from . import distributed
 from .common import parse_count, EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
 
 HELP = "rotate and slice a model, then save it"
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-max-rows", type=int, default=None, help="evaluate --ppl on the first N rows only")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures (perplexities, parameters, seconds, memory) as JSON")
     p.add_argument("--list-architectures", action="store_true", help="print the supported model types and exit")
+    distributed.add_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(supported_architectures()))
         return 0
     config = slice_config_from_args(args, args.sparsity)
+    ranks, config = distributed.join(args, config)  # under torchrun: rank 0 goes on, the others follow it
+    if ranks is not None and not ranks.leader:
+        return distributed.follow(args, config, ranks)
     wall = time.perf_counter()
     if args.json and Path(args.json).is_dir():
         raise FileExistsError(f"--json {args.json} is a folder; name a file")
@@ -75,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         folders.check_output_dir(args.out, _may_replace(args.out, args), protect=(args.model,))  # before any expensive work
     parse_size(args.max_shard_size)  # a bad size is refused before any work
-    blocking = {"--ppl": bool(args.ppl), "--search": config.search, "--resume": args.resume,
+    # (under torchrun every process loads the model: its followers have no streamed path yet)
+    blocking = {"--ppl": bool(args.ppl), "--search": config.search, "--resume": args.resume, "torchrun": ranks is not None,
                 "a sliced folder as MODEL": args.model is not None and is_sliced_folder(args.model)}
     stream = want_stream(args.stream, blocking, weights_bytes(args.model, config.dtype) if args.stream == "auto" else None,
                          available_host_bytes())
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     with folders.OutputLock(out):
         folders.check_output_dir(out, _may_replace(out, args), protect=(args.model,))
         # The search compresses many candidates: it keeps no staging, and cannot be resumed.
-        staging = None if config.search or opened is not None else SliceStaging(staging_dir(out), resume=args.resume)
+        staging = None if config.search or ranks is not None or opened is not None else SliceStaging(staging_dir(out), resume=args.resume)
 
         result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
         if args.ppl:
@@ -107,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                                     opened=opened, activations=activations)
         else:
             streams = Streams(activations=activations) if staging is None else Streams(checkpoint=staging, activations=activations)
+            if ranks is not None:
+                streams.reduce = ranks
             report = slice_model(model, tokenizer, config.calib, config, source_model=name, streams=streams)
             folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report,
                          max_shard_size=args.max_shard_size)
@@ -128,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         result.update(peak_memory(config.device))
         print(format_slice_table(result))
         write_json(args.json, result)
+        if ranks is not None:
+            ranks.finish()  # the others waited for the output to be written
         return 0
 
 

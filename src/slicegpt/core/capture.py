@@ -78,6 +78,9 @@ class LayerInputs:
         for t in items:
             out.append(t)
         return out
+    # The batch whose rows choose the refits' ridge strengths instead of being fitted on (-1:
+    # none here); set by the walk, which knows where these rows sit among all processes' rows.
+    held: int = -1
 
     def layer_call(self, layer: int, batch: int, device: torch.device) -> tuple[tuple, dict[str, Any]]:
         args, kwargs = self.calls[batch][layer]

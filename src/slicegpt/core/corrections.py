@@ -16,12 +16,39 @@ from . import neurons, ops
 from . import refit as moments_
 from .capture import LayerInputs, stream
 from .modules import SlicedBlock
+from .streams import LocalReduction, Reduction
 from .surgery import weight_refs
+
+_LOCAL = LocalReduction()
 
 
 def held_out(batches: int) -> int:
-    """The calibration batch whose rows choose ridge strengths (the last; none with one batch)."""
+    """The calibration batch whose rows choose ridge strengths (the last; none with one batch).
+
+    ``batches`` counts the batches of the whole calibration set: when processes share the rows,
+    the held-out rows are the same global rows as in one process, on whichever process holds them.
+    """
     return batches - 1 if batches > 1 else -1
+
+
+def combine(moments: moments_.FitMoments, reduce: Reduction) -> None:
+    """Sum the fit and held-out moments over the processes, in place.
+
+    A process may hold no held-out rows, or only them: its missing sums count as zeros of the
+    shapes the other set has (every process holds at least one batch, so one set is there).
+    """
+    if reduce.processes == 1:
+        return
+    fit, held = moments.fit, moments.held
+    like = fit if fit.xx is not None else held
+    for m in (fit, held):
+        if m.xx is None:
+            m.xx = torch.zeros_like(like.xx)
+        if m.xt is None and like.xt is not None:
+            m.xt = torch.zeros_like(like.xt)
+    counts = torch.tensor([fit.count, held.count], dtype=torch.float64, device=like.xx.device)  # exact below 2^53
+    reduce.sum_([t for t in (fit.xx, fit.xt, held.xx, held.xt, counts) if t is not None])
+    fit.count, held.count = int(counts[0]), int(counts[1])
 
 
 def dense_layer(block: SlicedBlock, index: int, inputs: LayerInputs, device: torch.device) -> tuple[list, list]:
@@ -45,7 +72,7 @@ def writer(refs: list, what: str) -> Any:
 
 
 def refit_attention(block: SlicedBlock, spec: ArchSpec, index: int, inputs: LayerInputs, back_in: torch.Tensor,
-                     targets: list, device: torch.device, record: dict[str, float]) -> None:
+                     targets: list, device: torch.device, record: dict[str, float], *, reduce: Reduction = _LOCAL) -> None:
     """Refit attention's output projection so that the compressed stream after attention lands on the
     dense model's: min E||r_dense - x - attn(x)||^2 over the projection, ridge chosen on held-out
     rows. Each branch so also cancels what the layers before it got wrong (matching the dense
@@ -55,7 +82,7 @@ def refit_attention(block: SlicedBlock, spec: ArchSpec, index: int, inputs: Laye
         raise UnsupportedModelError(f"{spec.name}: corrections through post-norms are not supported; use correct=False")
     ref = writer(weight_refs(block, spec.attn_outputs), "attention output")
     bias = ops.get_bias(ref)
-    held = held_out(len(inputs.hidden))
+    held = inputs.held
     moments, rec = moments_.FitMoments(), moments_.InputRecorder(ref.module)
     try:
         for i, x in stream(inputs.hidden, device):
@@ -66,14 +93,15 @@ def refit_attention(block: SlicedBlock, spec: ArchSpec, index: int, inputs: Laye
             moments.add(rec.last, t if bias is None else t - bias, i == held)
     finally:
         rec.remove()
+    combine(moments, reduce)
     w, rel = moments_.refit(moments, ops.get_matrix(ref))
-    ops.set_matrix(ref, w)
+    ops.set_matrix(ref, reduce.agree(w))
     record[f"layer.{index}.attn"] = rel
 
 
 def refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input: Callable[[torch.Tensor], torch.Tensor],
                targets: list | None, keep: int | None, device: torch.device, record: dict[str, float], point: str,
-               weighting: str) -> None:
+               weighting: str, *, reduce: Reduction = _LOCAL) -> None:
     """Keep ``keep`` MLP neurons (all with None) and refit the MLP's writer on them.
 
     The target is the dense model's stream after the MLP less the compressed stream before it
@@ -83,7 +111,7 @@ def refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input:
     ref = writer(neurons.mlp_neuron_refs(block, spec)[1], "MLP output")
     w0 = ops.get_matrix(ref)  # (D, n)
     bias = ops.get_bias(ref)
-    held = held_out(len(inputs.hidden))
+    held = inputs.held
     moments, rec = moments_.FitMoments(), moments_.InputRecorder(ref.module)
     try:
         for i, h in stream(inputs.hidden, device):
@@ -104,6 +132,7 @@ def refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input:
             moments.add(x, t, i == held)
     finally:
         rec.remove()
+    combine(moments, reduce)
     for m in (moments.fit, moments.held):
         if m.count and m.xt is None:  # the MLP's own output: E[h^T t] = E[h^T h] W^T
             m.xt = m.xx @ w0.t()
@@ -111,10 +140,10 @@ def refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input:
     index = torch.arange(n, device=w0.device)
     if keep is not None:
         cov, cross = moments.fit.merged(moments.held).mean() if moments.held.count else moments.fit.mean()
-        index = neurons.greedy_neurons(cov, w0, keep, cross=cross)
+        index = reduce.agree(neurons.greedy_neurons(cov, w0, keep, cross=cross))
         for m in (moments.fit, moments.held):
             if m.count:
                 m.xx, m.xt = m.xx[index][:, index], m.xt[index]
     w, rel = moments_.refit(moments, w0[:, index])
-    neurons.keep_neurons(block, spec, index, [w])
+    neurons.keep_neurons(block, spec, index, [reduce.agree(w)])
     record[point] = rel

@@ -73,7 +73,8 @@ class _BasisChooser:
         evals, q = self.rotation(point, cov)
         if evals is not None:
             self.spectra[point] = evals.tolist()
-        return q.to(device=self.device, dtype=torch.float64)
+        # every process computed this basis from the same combined covariance; one process's bits for all
+        return self.streams.reduce.agree(q.to(device=self.device, dtype=torch.float64).contiguous())
 
 
 def _signal(config: SliceConfig, norm: WeightlessRMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -105,7 +106,8 @@ def calibrate_block(
             # also where attention itself is not compressed (MLP neurons only): its refit lets it
             # cancel what upstream pruning changed (SmolLM2, 25% of parameters by MLP neurons, 32
             # calibration rows: wiki 2.49x / books 3.26x dense perplexity with it, 2.46x / 3.43x without)
-            corrections.refit_attention(block, spec, index, inputs, back_in, dense[0], device, choose.refits)
+            corrections.refit_attention(block, spec, index, inputs, back_in, dense[0], device, choose.refits,
+                                        reduce=choose.streams.reduce)
         cov = Covariance(D, device) if wants_pca else None
         for i, x in stream(inputs.hidden, device):  # attention once per batch
             args, kwargs = inputs.layer_call(index, i, device)
@@ -118,7 +120,7 @@ def calibrate_block(
         mid = q_mid[:, : w.d_mid].to(dtype)
         if prune is not None or dense is not None:
             corrections.refit_mlp(block, spec, inputs, lambda r: (r @ mid) @ mid.t(), None if dense is None else dense[1], prune,
-                       device, choose.refits, f"layer.{index}.mlp", config.token_weighting)
+                       device, choose.refits, f"layer.{index}.mlp", config.token_weighting, reduce=choose.streams.reduce)
         cov = None if keep_full or not wants_pca else Covariance(D, device)
         for i, r in stream(inputs.hidden, device):  # the MLP once per batch, on the sliced mid stream
             y = (r @ mid) @ mid.t()
@@ -129,7 +131,7 @@ def calibrate_block(
     else:
         if prune is not None:
             corrections.refit_mlp(block, spec, inputs, lambda x: x @ back_in, None, prune, device, choose.refits, f"layer.{index}.mlp",
-                       config.token_weighting)
+                       config.token_weighting, reduce=choose.streams.reduce)
         cov = None if keep_full or not wants_pca else Covariance(D, device)
         for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
             args, kwargs = inputs.layer_call(index, i, device)
@@ -168,7 +170,12 @@ def walk(
     if rotation.needs_statistics or prunes or correct:
         # On a restart this captures through the restored (sliced) embeddings: only the layers'
         # call arguments and the masks are kept, which do not depend on the embeddings' width.
-        inputs = capture_layer_inputs(model, spec, rows, config.batch_size, device, store=streams.activations)
+        # This process's share of the rows (all of them in one process); the refits' held-out
+        # rows are the last global batch wherever it sits, so results match one process's.
+        local, batches = streams.reduce.share(rows, config.batch_size)
+        inputs = capture_layer_inputs(model, spec, local, config.batch_size, device, store=streams.activations)
+        held = corrections.held_out(-(-len(rows) // config.batch_size))
+        inputs.held = batches.index(held) if held in batches else -1
         if start is not None:
             inputs.hidden = inputs.new(start.hidden)
             inputs.reference = None if start.reference is None else inputs.new(start.reference)
@@ -298,6 +305,9 @@ def slice_model(
         print(f"note: --seqlen {config.seqlen} is above the model's context; using {clip_seqlen(model, config.seqlen)}", file=sys.stderr)
         config = replace(config, seqlen=clip_seqlen(model, config.seqlen))
     if config.search and config.target_params is not None and policy is None:
+        if streams is not None and streams.reduce.processes > 1:
+            raise ValueError("--search does not run distributed (each candidate would need every process); "
+                             "run it in one process, or give --residual-share")
         # the allocator: measure each split on held-out calibration rows, then compress at the best
         share, records, seconds, fit = allocate.search_split(model, tokenizer, calib if calib is not None else config.calib,
                                                              config, slice_model, progress=progress)
@@ -384,6 +394,7 @@ def slice_model(
         walk(model, spec, rows, full, pool, config, Streams(source=streams.source, reduce=streams.reduce), progress=progress,
              desc="pooling covariances")
         evals, q = pool.rotation(config.damping)
+        q = streams.reduce.agree(q.contiguous())
         streams.checkpoint.pooled(evals, q)
         spectra["uniform"] = evals.tolist()
         if final_scale is not None:

@@ -5,8 +5,10 @@
   when the layer's turn comes);
 * :class:`LayerSink` -- where a finished layer goes (stays in the model, or
   :class:`slicegpt.io.streaming.StreamingSink`: written to the output shards and dropped);
-* :class:`Reduction` -- combines covariance sums before each PCA (the identity in one process;
-  an all-reduce over ranks when calibration is distributed);
+* :class:`Reduction` -- the processes calibrating together: which calibration rows this one
+  holds, and how every statistic summed over rows (covariances before each PCA, the refits'
+  moments) is combined, and what every process must agree on (the identity in one process; an
+  all-reduce over ranks when calibration is distributed, :mod:`slicegpt.core.distributed`);
 * :class:`Checkpoint` -- told what identifies the run before any work and handed the state
   needed to continue after uniform mode's pooling walk and after every layer; it may hand back
   a :class:`Restart` to continue a stopped run (nothing by default;
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec
+from ..data import Rows
 from .pca import Covariance
 from .surgery import get_layers
 from .widths import LayerWidths
@@ -46,7 +49,30 @@ class LayerSink(Protocol):
 
 
 class Reduction(Protocol):
-    def __call__(self, cov: Covariance) -> Covariance: ...
+    """Combines what each process measured on its share of the calibration rows.
+
+    Everything a process decides (bases, neurons kept, refit weights, ridge strengths) is computed
+    from combined statistics, so every process slices its copy of the model alike.
+    """
+
+    processes: int  # how many processes share the rows (1: nothing to combine)
+
+    def __call__(self, cov: Covariance) -> Covariance:
+        """The covariance summed over every process's rows (sum and count)."""
+        ...
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each tensor over the processes, in place (every process passes the same shapes, in order)."""
+        ...
+
+    def agree(self, tensor: torch.Tensor) -> torch.Tensor:
+        """One process's ``tensor`` for all (a decision made from combined statistics, made bit-identical)."""
+        ...
+
+    def share(self, rows: Rows, batch_size: int) -> tuple[Rows, range]:
+        """This process's rows of ``rows``, and which batches of ``batch_size`` rows of the whole set they
+        are: its rows, batched by ``batch_size``, are exactly those global batches, in order."""
+        ...
 
 
 @dataclass
@@ -127,8 +153,19 @@ class InMemorySink:
 class LocalReduction:
     """One process holds every calibration row: nothing to combine."""
 
+    processes = 1
+
     def __call__(self, cov: Covariance) -> Covariance:
         return cov
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        return None
+
+    def agree(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def share(self, rows: Rows, batch_size: int) -> tuple[Rows, range]:
+        return rows, range(-(-len(rows) // batch_size))
 
 
 class NoCheckpoint:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..arch import spec_for_config
 from ..config import RecoverConfig, check_device, parse_dtype
+from ..core.distributed import TorchDistributedReduction
 from ..core.surgery import get_layers
 from ..data import Rows, bos_for, clip_seqlen, label, training_rows
 from . import lora
@@ -147,6 +148,21 @@ def mean_nll(model: nn.Module, ids: torch.Tensor, device: torch.device, dtype: t
     return total / count
 
 
+def _average(ranks: TorchDistributedReduction, params: dict[str, nn.Parameter], loss: float) -> float:
+    """Average the gradients (in place) and the step's loss over the processes; one all-reduce of
+    everything flattened (a parameter with no gradient on every process, being the same model, is skipped alike)."""
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads))  # float32 weights: float32 gradients
+    flat = torch.cat([g.reshape(-1).to(dtype) for g in grads] + [torch.tensor([loss], dtype=dtype, device=grads[0].device)])
+    ranks.sum_([flat])
+    flat /= ranks.processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return float(flat[-1])
+
+
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     seen: set[int] = set()
     out: dict[str, nn.Parameter] = {}
@@ -172,6 +188,7 @@ def recover(
     adapter_dir: str | Path | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    ranks: TorchDistributedReduction | None = None,
 ) -> tuple[nn.Module, RecoveryReport]:
     """Train ``student`` to recover quality; returns (the trained model, its report).
 
@@ -183,6 +200,14 @@ def recover(
     saves the adapter alone before merging. ``stop_after`` ends the run after that many steps of
     this call (as a crash would; for tests). With LoRA the returned model is the student with
     the adapters merged (the same object); otherwise the student itself.
+
+    ``ranks``: data-parallel under torchrun. Every process holds the whole model and takes rows
+    ``rank::N`` of each batch (``batch_size`` a multiple of N); the gradients are averaged over the
+    processes before clipping, which with rows of equal length is the one-process gradient of
+    the whole batch, so every process takes the same step and the run follows a one-process
+    run's (LoRA dropout aside: its masks are drawn per process). Validation runs on every process
+    (the same numbers, so early stopping agrees); ``state_dir`` and ``adapter_dir`` are for rank 0
+    alone to pass.
     """
     config = config or RecoverConfig()
     loss_kind = config.loss_for(teacher is not None)
@@ -196,6 +221,9 @@ def recover(
                                        seed=config.seed, bos_token_id=bos_for(student, tokenizer))
     state_dir = Path(state_dir) if state_dir is not None else None
     print_ = tqdm.write if progress else (lambda *_: None)
+    world, rank = (1, 0) if ranks is None else (ranks.processes, ranks.rank)
+    if config.batch_size % world:
+        raise ValueError(f"--batch-size {config.batch_size} is not a multiple of the {world} processes (each takes an equal share of every batch)")
 
     # Seeded inside a forked RNG: adapters' initialisation and dropout are reproducible, and the
     # caller's global RNG is left as it was.
@@ -298,7 +326,7 @@ def recover(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for micro in range(config.grad_accum):
-                ids = batch(step * config.grad_accum + micro).to(device)
+                ids = batch(step * config.grad_accum + micro)[rank::world].to(device)
                 with _autocast(device, amp):
                     logits = model(input_ids=ids, use_cache=False).logits
                     if loss_kind == "kd":
@@ -312,6 +340,8 @@ def recover(
                 scaler.scale(loss / config.grad_accum).backward()
                 step_loss += float(loss.detach()) / config.grad_accum
                 del logits, loss
+            if ranks is not None:
+                step_loss = _average(ranks, params, step_loss)
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             if not torch.isfinite(norm) and amp != torch.float16:

@@ -1,0 +1,60 @@
+"""``torchrun --nproc-per-node N -m slicegpt slice|recover ...``: what the commands do differently under torchrun.
+
+Rank 0 runs the command as in one process (checks, perplexity, saving, the table and JSON),
+with its statistics (slice) or gradients (recover) combined with the others'; every other
+process only loads the models and does its share of the work beside it, prints nothing but
+errors, writes nothing, and waits for rank 0 to finish (see :mod:`slicegpt.core.distributed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import replace
+from typing import Iterator, TypeVar
+
+from ..core.distributed import DEFAULT_TIMEOUT_S, TorchDistributedReduction, init_from_env, launch_from_env
+from ..core.slicing import slice_model
+from ..core.streams import Streams
+from ..io.models import load_model
+
+
+def add_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun: the longest any process waits for the others (an error on one process ends the rest "
+                        "after this at the latest)")
+
+
+Config = TypeVar("Config")  # SliceConfig or RecoverConfig: a dataclass with a ``device``
+
+
+def join(args: argparse.Namespace, config: Config) -> tuple[TorchDistributedReduction | None, Config]:
+    """Under torchrun with more than one process: refuse what does not run distributed, join the
+    others, and take this process's device. (None, config) otherwise."""
+    if launch_from_env() is None:
+        return None, config
+    if getattr(config, "search", False):
+        raise ValueError("--search does not run under torchrun (each candidate would need every process); "
+                         "run it in one process, or give --residual-share")
+    if getattr(args, "resume", False):
+        raise ValueError("--resume does not run under torchrun (each process's state would have to be staged); run without it")
+    ranks = init_from_env(config.device, getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S))
+    return ranks, replace(config, device=ranks.device)
+
+
+@contextmanager
+def silenced() -> Iterator[None]:
+    """Nothing printed inside (progress, notes); an error still surfaces: it propagates out, past the redirection."""
+    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
+        yield
+
+
+def follow(args: argparse.Namespace, config: Config, ranks: TorchDistributedReduction) -> int:
+    """A process other than rank 0 of ``slicegpt slice``: slice alongside it, silently, then wait
+    for it to have written the output."""
+    with silenced():
+        model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
+        slice_model(model, tokenizer, config.calib, config, progress=False, source_model=name, streams=Streams(reduce=ranks))
+    ranks.finish()
+    return 0
