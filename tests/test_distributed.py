@@ -141,6 +141,19 @@ def test_torchrun_slice_command(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_torchrun_streamed_slice_writes_what_the_in_memory_one_does(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Under torchrun every process streams its layers (the others drop them unwritten): rank 0's
+    output is byte for byte that of the same two processes slicing in memory."""
+    corpus = str(tiny_model_dir / "corpus.txt")
+    common = ["slice", str(tiny_model_dir / "model"), "--calib", corpus, "--nsamples", "6", "--seqlen", "32", "--batch-size", "2",
+              "--target-params", "0.8"]
+    for mode in ("on", "off"):
+        done = _torchrun("-m", "slicegpt", *common, "--stream", mode, "--out", str(tmp_path / mode))
+        assert done.returncode == 0, done.stderr[-4000:]
+    weights = lambda folder: {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix == ".safetensors"}  # noqa: E731
+    assert weights(tmp_path / "on") == weights(tmp_path / "off")
+
+
 def test_an_error_on_one_process_ends_them_all(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Rank 0 refuses an existing output folder after the others started calibrating: no hang,
     its one-line error, a failed run."""

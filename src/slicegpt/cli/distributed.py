@@ -17,6 +17,7 @@ from typing import Iterator, TypeVar
 from ..core.distributed import DEFAULT_TIMEOUT_S, TorchDistributedReduction, init_from_env, launch_from_env
 from ..core.slicing import slice_model
 from ..core.streams import Streams
+from ..io import streaming
 from ..io.models import load_model
 
 
@@ -50,11 +51,20 @@ def silenced() -> Iterator[None]:
         yield
 
 
-def follow(args: argparse.Namespace, config: Config, ranks: TorchDistributedReduction) -> int:
-    """A process other than rank 0 of ``slicegpt slice``: slice alongside it, silently, then wait
-    for it to have written the output."""
+def follow(args: argparse.Namespace, config: Config, ranks: TorchDistributedReduction, blocking: dict[str, bool]) -> int:
+    """A process other than rank 0 of ``slicegpt slice``: slice alongside it, silently (streamed as
+    rank 0 decides for itself: either way the same statistics go into the reductions, in the
+    same order), then wait for it to have written the output."""
     with silenced():
-        model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
-        slice_model(model, tokenizer, config.calib, config, progress=False, source_model=name, streams=Streams(reduce=ranks))
+        opened = None
+        if streaming.decide(getattr(args, "stream", "off"), args.model, config.dtype, blocking):
+            opened = streaming.open_streamed(args.model, dtype=config.dtype, require=args.stream == "on")
+        if opened is not None:
+            model, tokenizer, name, source = opened
+            streams = Streams(source=source, sink=streaming.DiscardSink(), reduce=ranks)
+        else:
+            model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
+            streams = Streams(reduce=ranks)
+        slice_model(model, tokenizer, config.calib, config, progress=False, source_model=name, streams=streams)
     ranks.finish()
     return 0

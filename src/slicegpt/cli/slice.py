@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,9 @@ from ..io.models import load_model
 from ..io.offload import disk_store
 from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.staging import SliceStaging, staging_dir
-from ..io.streaming import STREAM_MODES, open_streamed, slice_streamed, want_stream, weights_bytes
-from ..memory import available_host_bytes, peak_memory
+from ..io import streaming
+from ..io.streaming import STREAM_MODES
+from ..memory import peak_memory
 from . import distributed
 from .common import parse_count, EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     config = slice_config_from_args(args, args.sparsity)
     ranks, config = distributed.join(args, config)  # under torchrun: rank 0 goes on, the others follow it
     if ranks is not None and not ranks.leader:
-        return distributed.follow(args, config, ranks)
+        return distributed.follow(args, config, ranks, stream_blockers(args, config))
     wall = time.perf_counter()
     if args.json and Path(args.json).is_dir():
         raise FileExistsError(f"--json {args.json} is a folder; name a file")
@@ -80,15 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         folders.check_output_dir(args.out, _may_replace(args.out, args), protect=(args.model,))  # before any expensive work
     parse_size(args.max_shard_size)  # a bad size is refused before any work
-    # (under torchrun every process loads the model: its followers have no streamed path yet)
-    blocking = {"--ppl": bool(args.ppl), "--search": config.search, "--resume": args.resume, "torchrun": ranks is not None,
-                "a sliced folder as MODEL": args.model is not None and is_sliced_folder(args.model)}
-    stream = want_stream(args.stream, blocking, weights_bytes(args.model, config.dtype) if args.stream == "auto" else None,
-                         available_host_bytes())
-    if stream and args.stream == "auto":
-        print("slicegpt: the model is large for this host's memory: streaming it layer by layer (--stream off to slice in memory)",
-              file=sys.stderr)
-    opened = open_streamed(args.model, dtype=config.dtype, require=args.stream == "on") if stream else None
+    stream = streaming.decide(args.stream, args.model, config.dtype, stream_blockers(args, config))
+    opened = streaming.open_streamed(args.model, dtype=config.dtype, require=args.stream == "on") if stream else None
     if opened is not None:
         model, tokenizer, name, _ = opened
     else:
@@ -109,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
             model.to("cpu")
         activations = list if args.offload_activations is None else disk_store(args.offload_activations)
         if opened is not None:
-            report = slice_streamed(args.model, out, config, overwrite=_may_replace(out, args), max_shard_size=args.max_shard_size,
-                                    opened=opened, activations=activations)
+            report = streaming.slice_streamed(args.model, out, config, overwrite=_may_replace(out, args),
+                                              max_shard_size=args.max_shard_size, opened=opened, activations=activations, reduce=ranks)
         else:
             streams = Streams(activations=activations) if staging is None else Streams(checkpoint=staging, activations=activations)
             if ranks is not None:
@@ -139,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
         if ranks is not None:
             ranks.finish()  # the others waited for the output to be written
         return 0
+
+
+def stream_blockers(args: argparse.Namespace, config: Any) -> dict[str, bool]:
+    """The settings that need the whole model in memory (streaming ruled out)."""
+    return {"--ppl": bool(args.ppl), "--search": config.search, "--resume": args.resume,
+            "a sliced folder as MODEL": args.model is not None and is_sliced_folder(args.model)}
 
 
 def _may_replace(out: str | os.PathLike, args: argparse.Namespace) -> bool:

@@ -28,9 +28,10 @@ from torch import nn
 
 from ..arch import ArchSpec, spec_for_config
 from ..config import SliceConfig, parse_dtype
+from ..memory import available_host_bytes
 from ..core.report import SliceReport
 from ..core.slicing import slice_model
-from ..core.streams import Streams
+from ..core.streams import LocalReduction, Reduction, Streams
 from ..core.surgery import get_layers, get_path, prepare_layer
 from .folders import check_free_space, check_output_dir, save, staging_writer
 from .models import ModelLoadError, first_line, resolve_model
@@ -238,17 +239,36 @@ def want_stream(mode: str, reasons: dict[str, bool], model_bytes: int | None = N
     return model_bytes is not None and available is not None and model_bytes > AUTO_STREAM_SHARE * available
 
 
+def decide(mode: str, name_or_path: str | None, dtype: str | torch.dtype, blocking: dict[str, bool]) -> bool:
+    """``--stream mode`` for this model on this host (:func:`want_stream`), saying so when 'auto' streams."""
+    size = weights_bytes(name_or_path, dtype) if mode == "auto" and not any(blocking.values()) else None
+    stream = want_stream(mode, blocking, size, available_host_bytes())
+    if stream and mode == "auto":
+        print("slicegpt: the model is large for this host's memory: streaming it layer by layer (--stream off to slice in memory)",
+              file=sys.stderr)
+    return stream
+
+
+class DiscardSink:
+    """A finished layer is dropped unwritten: the sink of a process that calibrates beside rank 0
+    (which alone writes the output)."""
+
+    def done(self, model: nn.Module, spec: ArchSpec, index: int, block: nn.Module) -> None:
+        block.to("meta")
+
+
 def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: SliceConfig | None = None, *,
                    overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
                    opened: tuple[nn.Module, Any, str, StreamingSource] | None = None,
-                   activations: Callable[[], Any] = list) -> SliceReport:
+                   activations: Callable[[], Any] = list, reduce: Reduction | None = None) -> SliceReport:
     """Slice a safetensors model into ``out`` without ever holding its layers together.
 
     The Python form of ``slicegpt slice MODEL --stream on``: the layers are read, sliced and
     written one at a time (see the module's docstring); the result is the folder an in-memory
     slice and :func:`slicegpt.save` write, byte for byte. ``opened``: what :func:`open_streamed`
     returned, when the caller opened the model already. ``activations``: where the calibration
-    activations are kept (``slicegpt.io.offload.disk_store(DIR)`` for files on disk).
+    activations are kept (``slicegpt.io.offload.disk_store(DIR)`` for files on disk); ``reduce``:
+    the processes calibrating together (torchrun; this one writes the output).
     """
     config = config or SliceConfig()
     out = Path(out)
@@ -260,7 +280,8 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
     writer = staging_writer(out, max_shard_size)
     try:
         report = slice_model(model, tokenizer, config.calib, config, source_model=name, progress=progress,
-                             streams=Streams(source=source, sink=StreamingSink(writer), activations=activations))
+                             streams=Streams(source=source, sink=StreamingSink(writer), activations=activations,
+                                             reduce=reduce or LocalReduction()))
         save(model, out, tokenizer=tokenizer, overwrite=overwrite, report=report, shards=writer)
     except BaseException:
         shutil.rmtree(writer.folder, ignore_errors=True)
