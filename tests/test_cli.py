@@ -375,7 +375,10 @@ def test_one_writer_per_output_and_free_space_checked(tiny_model_dir: Path, tmp_
     assert not lock.exists()
     # A disk too full for the model: refused before writing, nothing left behind.
     monkeypatch.setattr(folders.shutil, "disk_usage", lambda _p: type("U", (), {"free": 1000})())
-    code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "full"))
+    code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "full"))  # streamed: refused before any work
+    _one_line_error(code, err, "needs about", "are free on the disk")
+    assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.*"))
+    code, _, err = _run(capsys, "slice", model, *args, "--stream", "off", "--out", str(tmp_path / "full"))  # in memory: at the save
     _one_line_error(code, err, "needs about", "are free on the disk")
     assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.tmp-*"))
     assert (tmp_path / ".full.slice-state").is_dir()  # the finished layers stay: --resume once space is freed

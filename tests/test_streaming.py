@@ -35,11 +35,12 @@ def _weights(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.endswith((".safetensors", ".index.json"))}
 
 
-def _slice(capsys, model: Path, out: Path, corpus: Path, *extra: str) -> None:
+def _slice(capsys, model: Path, out: Path, corpus: Path, *extra: str) -> str:
     code = main(["slice", str(model), "--calib", str(corpus), "--nsamples", "4", "--seqlen", "32", "--batch-size", "2",
                  "--out", str(out), *extra])
     captured = capsys.readouterr()
     assert code == 0, captured.err
+    return captured.err
 
 
 @pytest.mark.parametrize("family", STREAMABLE)
@@ -157,13 +158,11 @@ def test_shard_writer_round_trip_and_sizes(tmp_path: Path) -> None:
     assert not list((tmp_path / "w").glob(".shard-*"))
 
 
-def test_auto_streams_only_models_large_for_the_host() -> None:
+def test_stream_modes() -> None:
     from slicegpt.io.streaming import want_stream
 
-    assert want_stream("auto", {}, model_bytes=5 << 30, available=16 << 30)
-    assert not want_stream("auto", {}, model_bytes=1 << 30, available=16 << 30)  # resumable, in memory
-    assert not want_stream("auto", {"--resume": True}, model_bytes=50 << 30, available=16 << 30)
-    assert want_stream("on", {}) and not want_stream("off", {}, model_bytes=50 << 30, available=1)
+    assert want_stream("auto", {}) and want_stream("on", {"--ppl": False}) and not want_stream("off", {})
+    assert not want_stream("auto", {"--ppl": True})  # in memory, where the dense model is measured
     with pytest.raises(ValueError, match="--stream on cannot be combined with --search"):
         want_stream("on", {"--search": True})
 
@@ -210,3 +209,37 @@ def test_disk_tensors_behave_as_a_list(tmp_path: Path) -> None:
     folder = items.folder
     del items
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("mode", [["--sparsity", "0.25"], ["--uniform", "--target-params", "0.8"]])
+def test_a_stopped_streamed_slice_resumes_to_the_same_files(mode: list[str], tmp_path: Path, capsys,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed run stages like an in-memory one; --resume writes the finished layers to the new
+    output one at a time and goes on: the files of an uninterrupted streamed run."""
+    from slicegpt.io.staging import SliceStaging, staging_dir
+
+    model = _save_model(tmp_path, "llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT)
+    _slice(capsys, model, tmp_path / "whole", corpus, *mode, "--stream", "on")
+    real = SliceStaging.after_layer
+
+    class Crash(Exception):
+        pass
+
+    def crash(self, state):
+        real(self, state)
+        if state.next_layer == 2:
+            raise Crash
+
+    monkeypatch.setattr(SliceStaging, "after_layer", crash)
+    with pytest.raises(Crash):
+        main(["slice", str(model), "--calib", str(corpus), "--nsamples", "4", "--seqlen", "32", "--batch-size", "2",
+              "--out", str(tmp_path / "out"), *mode, "--stream", "on"])
+    monkeypatch.setattr(SliceStaging, "after_layer", real)
+    assert staging_dir(tmp_path / "out").is_dir() and not (tmp_path / "out").exists()
+    capsys.readouterr()
+    assert "resuming at layer 2" in _slice(capsys, model, tmp_path / "out", corpus, *mode, "--stream", "on", "--resume")
+    files = lambda f: {p.name: p.read_bytes() for p in sorted(f.iterdir()) if p.is_file()}  # noqa: E731
+    assert files(tmp_path / "out") == files(tmp_path / "whole")
+    assert not staging_dir(tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))

@@ -77,14 +77,3 @@ def peak_memory(device: str | object) -> dict[str, float]:
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
 
-
-def available_host_bytes() -> int | None:
-    """Memory the host can still give (Linux MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None

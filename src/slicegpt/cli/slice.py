@@ -48,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", choices=STREAM_MODES, default="auto", help="read the model's layers from its safetensors files one "
                    "at a time and write each finished layer to the output shards, so host memory holds one layer, the embeddings and "
                    "the calibration activations, never the whole model; the output is the same, byte for byte, as in memory. "
-                   "auto: stream a safetensors model (a GGUF is converted first) whose weights exceed a quarter of the host's "
-                   "available memory, unless something needs the whole model (--ppl, --search, --resume); smaller models are "
-                   "sliced in memory, where a stopped run can be resumed")
+                   "auto: stream whenever the model comes as safetensors (a GGUF is converted first) and nothing needs the whole "
+                   "model (--ppl, --search); checkpoints transformers renames while loading (fused MoE experts, GPT-NeoX) are "
+                   "sliced in memory, with a note. --resume works either way")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE", help="largest weights file written (5GB, "
                    "500MB); larger models get numbered shards and model.safetensors.index.json, as transformers writes them")
     p.add_argument("--offload-activations", default=None, metavar="DIR", help="keep the calibration activations in files under "
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         folders.check_output_dir(args.out, _may_replace(args.out, args), protect=(args.model,))  # before any expensive work
     parse_size(args.max_shard_size)  # a bad size is refused before any work
-    stream = streaming.decide(args.stream, args.model, config.dtype, stream_blockers(args, config))
+    stream = streaming.want_stream(args.stream, stream_blockers(args, config))
     opened = streaming.open_streamed(args.model, dtype=config.dtype, require=args.stream == "on") if stream else None
     if opened is not None:
         model, tokenizer, name, _ = opened
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     with folders.OutputLock(out):
         folders.check_output_dir(out, _may_replace(out, args), protect=(args.model,))
         # The search compresses many candidates: it keeps no staging, and cannot be resumed.
-        staging = None if config.search or ranks is not None or opened is not None else SliceStaging(staging_dir(out), resume=args.resume)
+        staging = None if config.search or ranks is not None else SliceStaging(staging_dir(out), resume=args.resume)
 
         result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
         if args.ppl:
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         activations = list if args.offload_activations is None else disk_store(args.offload_activations)
         if opened is not None:
             report = streaming.slice_streamed(args.model, out, config, overwrite=_may_replace(out, args),
-                                              max_shard_size=args.max_shard_size, opened=opened, activations=activations, reduce=ranks)
+                                              max_shard_size=args.max_shard_size, opened=opened, activations=activations, reduce=ranks,
+                                              checkpoint=staging)
         else:
             streams = Streams(activations=activations) if staging is None else Streams(checkpoint=staging, activations=activations)
             if ranks is not None:
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 def stream_blockers(args: argparse.Namespace, config: Any) -> dict[str, bool]:
     """The settings that need the whole model in memory (streaming ruled out)."""
-    return {"--ppl": bool(args.ppl), "--search": config.search, "--resume": args.resume,
+    return {"--ppl": bool(args.ppl), "--search": config.search,
             "a sliced folder as MODEL": args.model is not None and is_sliced_folder(args.model)}
 
 

@@ -52,7 +52,7 @@ from .capture import LayerInputs, capture_layer_inputs, stream
 from .modules import SlicedBlock, WeightlessRMSNorm
 from .pca import Covariance, FixedRotation, NumericalError, PCARotation, PooledCovariance, RotationSource, check_finite
 from .report import SliceReport
-from .streams import LoopState, NoCheckpoint, Restart, Streams
+from .streams import LayerSink, LoopState, Restart, Streams
 from .surgery import (count_parameters, get_layers, get_path, hidden_size, is_prepared, is_tied, prepare, prepare_layer,
                       prepare_outside_layers)
 from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
@@ -208,12 +208,14 @@ def walk(
             streams.source.release(model, spec, index, block)
         else:
             built.append(slice_block(block, spec, bases, w, shared=rotation.shared))
-            streams.sink.done(model, spec, index, block)
         q_prev = bases.q_out
+        # The checkpoint before the sink: a streamed layer's tensors are gone once it is written.
         streams.checkpoint.after_layer(LoopState(
             index + 1, q_prev, choose.spectra, choose.refits, built,
             hidden=None if inputs is None else inputs.hidden, reference=None if inputs is None else inputs.reference,
             layer=block.state_dict(), embeddings=embeddings))
+        if not rotation.collect_only:
+            streams.sink.done(model, spec, index, block)
         release_free_memory()  # the old weights and this layer's activations were just replaced
     if not rotation.collect_only:
         slice_head(model, spec, q_prev, widths.head)
@@ -225,10 +227,12 @@ def embedding_tensors(model: nn.Module, spec: ArchSpec) -> dict[str, torch.Tenso
     return {f"{path}.{name}": t for path in spec.embeddings for name, t in get_path(model, path).state_dict().items()}
 
 
-def restore(model: nn.Module, spec: ArchSpec, widths: Widths, restart: Restart) -> None:
+def restore(model: nn.Module, spec: ArchSpec, widths: Widths, restart: Restart, sink: LayerSink | None = None) -> None:
     """Put a stopped walk's finished work back into the prepared ``model``: the embeddings and
     every finished layer are cut to their widths (the per-layer walk with no bases, as loading
-    does) and take the tensors the walk had left in them."""
+    does) and take the tensors the walk had left in them. ``sink``: each finished layer goes
+    there at once, as the walk sent it (a streamed run writes it to the output shards and
+    empties it: one finished layer in memory at a time)."""
     slice_embeddings(model, spec, None, widths.embedding)
     for path in spec.embeddings:
         prefix = f"{path}."
@@ -237,6 +241,8 @@ def restore(model: nn.Module, spec: ArchSpec, widths: Widths, restart: Restart) 
     for index, (w, tensors) in enumerate(zip(restart.state.built, restart.layers)):
         slice_block(layers[index], spec, BlockBases(None, None, None), w)
         _assign(layers[index], tensors, f"layer {index}")
+        if sink is not None:
+            sink.done(model, spec, index, layers[index])
 
 
 def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -322,8 +328,6 @@ def slice_model(
     model.eval()
     streams = streams or Streams()
     streamed = streams.source.streamed
-    if streamed and not isinstance(streams.checkpoint, NoCheckpoint):
-        raise ValueError("a streamed slice cannot be staged for resume yet: slice in memory to use --resume")
     # A streamed model's layers are read later; its source checks each layer's weights then.
     bad = next((name for name, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all())), None)
     if bad is not None:
@@ -370,7 +374,7 @@ def slice_model(
     if restart is not None and restart.state is not None:
         if config.uniform and restart.pooled is None and not (widths.embedding == D and rotation.needs_statistics):
             raise ValueError("the staged run has finished layers but not uniform mode's rotation: it cannot be continued")
-        restore(model, spec, widths, restart)
+        restore(model, spec, widths, restart, sink=streams.sink if streamed else None)
 
     if config.uniform and restart is not None and restart.pooled is not None:
         # The pooling walk finished before the stop: its rotation was kept. (A stop inside the

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ class Restart:
 
     pooled: tuple[torch.Tensor, torch.Tensor] | None = None
     state: LoopState | None = None
-    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    layers: Sequence[dict[str, torch.Tensor]] = field(default_factory=list)  # may read each when indexed
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 

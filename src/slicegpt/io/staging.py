@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -111,6 +112,22 @@ def _layer_file(index: int) -> str:
     return f"layer-{index:05d}.safetensors"
 
 
+class StagedLayers(Sequence):
+    """The finished layers' tensors, each read from its file when asked for (a streamed restart
+    writes them to the output one at a time: never all in memory)."""
+
+    def __init__(self, folder: Path, count: int) -> None:
+        self.folder, self.count = folder, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return _load_tensors(self.folder / _layer_file(index))
+
+
 class SliceStaging:
     """The staging folder ``folder`` as a :class:`~slicegpt.core.streams.Checkpoint`.
 
@@ -152,7 +169,7 @@ class SliceStaging:
         k = int(state["next_layer"])
         restart.state = LoopState(k, state["q_prev"], state["spectra"], state["refits"],
                                   [LayerWidths(**w) for w in state["built"]], state["hidden"], state["reference"])
-        restart.layers = [_load_tensors(self.folder / _layer_file(i)) for i in range(k)]
+        restart.layers = StagedLayers(self.folder, k)
         restart.embeddings = _load_tensors(self.folder / EMBEDDINGS)
         self._embeddings_written = True
         self.say(f"slicegpt: resuming at layer {k} ({k} finished), from {self.folder}")

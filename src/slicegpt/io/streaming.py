@@ -16,7 +16,6 @@ memory and says so.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import shutil
 import sys
@@ -28,10 +27,9 @@ from torch import nn
 
 from ..arch import ArchSpec, spec_for_config
 from ..config import SliceConfig, parse_dtype
-from ..memory import available_host_bytes
 from ..core.report import SliceReport
 from ..core.slicing import slice_model
-from ..core.streams import LocalReduction, Reduction, Streams
+from ..core.streams import Checkpoint, LocalReduction, NoCheckpoint, Reduction, Streams
 from ..core.surgery import get_layers, get_path, prepare_layer
 from .folders import check_free_space, check_output_dir, save, staging_writer
 from .models import ModelLoadError, first_line, resolve_model
@@ -200,30 +198,12 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
     return model, tokenizer, display, source
 
 
-#: --stream auto streams a model whose weights exceed this share of the host's available memory.
-AUTO_STREAM_SHARE = 0.25
-
-
-def weights_bytes(name_or_path: str | None, dtype: str | torch.dtype) -> int | None:
-    """The model's weights in ``dtype``, from its safetensors headers (no weights read); None
-    when it has none locally (a hub id not downloaded yet is counted after its download)."""
-    try:
-        folder, _ = local_folder(name_or_path)
-        reader = ShardReader(folder)
-    except ValueError:
-        return None
-    size = parse_dtype(dtype).itemsize
-    return sum(math.prod(e.shape) * (size if e.dtype.is_floating_point else e.dtype.itemsize) for e in reader.entries.values())
-
-
-def want_stream(mode: str, reasons: dict[str, bool], model_bytes: int | None = None, available: int | None = None) -> bool:
+def want_stream(mode: str, reasons: dict[str, bool]) -> bool:
     """Whether to stream for ``--stream mode``.
 
     ``reasons`` names the settings that need the whole model in memory (a true value rules
-    streaming out: an error with 'on', in memory with 'auto'). 'auto' streams a model whose
-    weights (``model_bytes``) exceed :data:`AUTO_STREAM_SHARE` of the ``available`` host memory:
-    a model that fits easily is sliced in memory, where a stopped run can be resumed
-    (``--resume``; streamed runs keep no staging yet) and the output is the same file either way.
+    streaming out: an error with 'on', in memory with 'auto'). 'auto' streams otherwise (a model
+    whose checkpoint cannot be read layer by layer then falls back, see :func:`open_streamed`).
     """
     if mode not in STREAM_MODES:
         raise ValueError(f"--stream must be one of {', '.join(STREAM_MODES)}, not {mode!r}")
@@ -232,21 +212,7 @@ def want_stream(mode: str, reasons: dict[str, bool], model_bytes: int | None = N
         return False
     if blocking and mode == "on":
         raise ValueError(f"--stream on cannot be combined with {', '.join(blocking)} (they need the whole model in memory)")
-    if blocking:
-        return False
-    if mode == "on":
-        return True
-    return model_bytes is not None and available is not None and model_bytes > AUTO_STREAM_SHARE * available
-
-
-def decide(mode: str, name_or_path: str | None, dtype: str | torch.dtype, blocking: dict[str, bool]) -> bool:
-    """``--stream mode`` for this model on this host (:func:`want_stream`), saying so when 'auto' streams."""
-    size = weights_bytes(name_or_path, dtype) if mode == "auto" and not any(blocking.values()) else None
-    stream = want_stream(mode, blocking, size, available_host_bytes())
-    if stream and mode == "auto":
-        print("slicegpt: the model is large for this host's memory: streaming it layer by layer (--stream off to slice in memory)",
-              file=sys.stderr)
-    return stream
+    return not blocking
 
 
 class DiscardSink:
@@ -260,7 +226,8 @@ class DiscardSink:
 def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: SliceConfig | None = None, *,
                    overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
                    opened: tuple[nn.Module, Any, str, StreamingSource] | None = None,
-                   activations: Callable[[], Any] = list, reduce: Reduction | None = None) -> SliceReport:
+                   activations: Callable[[], Any] = list, reduce: Reduction | None = None,
+                   checkpoint: Checkpoint | None = None) -> SliceReport:
     """Slice a safetensors model into ``out`` without ever holding its layers together.
 
     The Python form of ``slicegpt slice MODEL --stream on``: the layers are read, sliced and
@@ -268,7 +235,9 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
     slice and :func:`slicegpt.save` write, byte for byte. ``opened``: what :func:`open_streamed`
     returned, when the caller opened the model already. ``activations``: where the calibration
     activations are kept (``slicegpt.io.offload.disk_store(DIR)`` for files on disk); ``reduce``:
-    the processes calibrating together (torchrun; this one writes the output).
+    the processes calibrating together (torchrun; this one writes the output); ``checkpoint``:
+    what is staged for a resume (:class:`slicegpt.io.staging.SliceStaging`; a restart writes the
+    finished layers to the new output's shards one at a time).
     """
     config = config or SliceConfig()
     out = Path(out)
@@ -281,7 +250,7 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
     try:
         report = slice_model(model, tokenizer, config.calib, config, source_model=name, progress=progress,
                              streams=Streams(source=source, sink=StreamingSink(writer), activations=activations,
-                                             reduce=reduce or LocalReduction()))
+                                             reduce=reduce or LocalReduction(), checkpoint=checkpoint or NoCheckpoint()))
         save(model, out, tokenizer=tokenizer, overwrite=overwrite, report=report, shards=writer)
     except BaseException:
         shutil.rmtree(writer.folder, ignore_errors=True)
