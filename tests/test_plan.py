@@ -158,7 +158,7 @@ WORK = Workload(rows=128, seqlen=2048, batch_size=8, dtype_bytes=2, corrections=
 def test_memory_model_terms() -> None:
     m = memory_model(SHAPE, WORK)
     assert m.activations == 128 * 2048 * 8192 * 2
-    assert m.layers == 3 * 850_000_000 * 2 and m.non_layer == 1_000_000_000 * 2 and m.model == SHAPE.params * 2
+    assert m.layers == 3 * 850_000_000 * 2 and m.non_layer == 1_000_000_000 * 2 and m.model == 2 * SHAPE.params * 2  # mapped + prepared
     assert m.fp64_workspace == 2 * 262_144_000 * 8 and m.device_moments == 0
     assert m.host_streaming < 0.2 * m.host_in_memory
     corrected = memory_model(SHAPE, replace(WORK, corrections=True))
