@@ -249,3 +249,20 @@ def test_a_killed_slice_resumes_to_the_same_files(tmp_path: Path) -> None:
     assert "resuming" in done.stderr, done.stderr
     assert not staging_dir(out).exists()
     _assert_same_files(out, tmp_path / "whole")
+
+
+@pytest.mark.parametrize("mode", ["per-layer", "target"])
+def test_staging_every_few_layers_resumes_from_the_last_staged_one(tmp_path: Path, mode: str) -> None:
+    """--checkpoint-every 2: stopped after layer 2 (3 done), the state is that after layer 1;
+    the resume redoes layer 2 and gives the files of an uninterrupted run."""
+    settings = SETTINGS[mode]
+    _slice("llama", settings, tmp_path / "whole")
+    stage = tmp_path / "stage"
+    with pytest.raises(Crash):
+        _slice("llama", settings, tmp_path / "out", CrashingStaging(stage, 2, every=2))
+    notes: list[str] = []
+    _slice("llama", settings, tmp_path / "out", SliceStaging(stage, resume=True, say=notes.append, every=2))
+    assert notes and "resuming at layer 2" in notes[0]
+    _assert_same_files(tmp_path / "out", tmp_path / "whole")
+    with pytest.raises(ValueError, match="--checkpoint-every"):
+        SliceStaging(stage, every=0)

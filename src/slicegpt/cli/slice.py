@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "bit that of an uninterrupted run. A staging folder of another run (model, settings or calibration data) is "
                    "refused naming what differs; with nothing to resume the run starts from the beginning. Not with --search "
                    "(refused: its runs keep no staging)")
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="N", help="stage the loop state for --resume (the next layer's "
+                   "calibration activations: rows x seqlen x width, up to several GB for large models) after every N layers "
+                   "instead of every one; a resume then redoes at most N-1 layers, with the same result")
     p.add_argument("--stream", choices=STREAM_MODES, default="auto", help="read the model's layers from its safetensors files one "
                    "at a time and write each finished layer to the output shards, so host memory holds one layer, the embeddings and "
                    "the calibration activations, never the whole model; the output is the same, byte for byte, as in memory. "
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     with folders.OutputLock(out):
         folders.check_output_dir(out, _may_replace(out, args), protect=(args.model,))
         # The search compresses many candidates: it keeps no staging, and cannot be resumed.
-        staging = None if config.search or ranks is not None else SliceStaging(staging_dir(out), resume=args.resume)
+        staging = None if config.search or ranks is not None else SliceStaging(staging_dir(out), resume=args.resume,
+                                                                               every=args.checkpoint_every)
 
         result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
         if args.ppl:

@@ -134,11 +134,16 @@ class SliceStaging:
     ``resume``: continue the run staged there (refused with :class:`ResumeError` when it is of
     another run; started afresh, saying so, when there is nothing to continue). Without it an
     existing staging folder is announced and replaced. :meth:`finish` removes the folder once
-    the output is saved. ``say`` prints the one-line notes (stderr by default).
+    the output is saved. ``say`` prints the one-line notes (stderr by default). ``every``: the
+    loop state (with the next layer's activations) is staged after every ``every`` layers (each
+    finished layer's tensors always): fewer writes, at most ``every - 1`` layers redone.
     """
 
-    def __init__(self, folder: str | os.PathLike, *, resume: bool = False, say: Callable[[str], None] = _stderr) -> None:
-        self.folder, self.resume, self.say = Path(folder), resume, say
+    def __init__(self, folder: str | os.PathLike, *, resume: bool = False, say: Callable[[str], None] = _stderr,
+                 every: int = 1) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"--checkpoint-every must be a whole number of layers >= 1, not {every!r}")
+        self.folder, self.resume, self.say, self.every = Path(folder), resume, say, every
         self._embeddings_written = False
 
     # -- the Checkpoint protocol ------------------------------------------------------------
@@ -184,6 +189,11 @@ class SliceStaging:
             _save_tensors(self.folder / EMBEDDINGS, state.embeddings)
             self._embeddings_written = True
         _save_tensors(self.folder / _layer_file(state.next_layer - 1), state.layer)
+        if state.next_layer % self.every:
+            # The activations (the costly part: rows x seqlen x width per list) are staged every
+            # ``every`` layers only; a restart goes on after the last layer they were staged at,
+            # redoing the few since (layer files past it are overwritten as they come again).
+            return
         cpu = lambda ts: None if ts is None else [t.detach().cpu() for t in ts]  # noqa: E731
         data = {
             "next_layer": state.next_layer,
