@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/stream_large.py                  # make the model once, slice it both ways
     .venv/bin/python benchmarks/stream_large.py --layers 8        # a quick small version
+    python benchmarks/stream_large.py --hidden 2048 --intermediate 5632 --layers 24 --device cuda --dtype bfloat16 \
+        --modes on --json benchmarks/results/stream_large_cuda.json   # a 1.3B model streamed on a GPU
 
 1. A randomly initialised Llama-family model (default 96 layers of width 1024, 5.9 GB in float32)
    is written as sharded safetensors into --work (not committed), layer by layer, so making it
@@ -82,12 +84,13 @@ def run_slice(model: Path, out: Path, stream: str, args: argparse.Namespace) -> 
     report = out.with_suffix(".json")
     cmd = [sys.executable, "-m", "slicegpt", "slice", str(model), "--stream", stream, "--out", str(out), "--overwrite",
            "--sparsity", str(args.sparsity), "--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-           "--batch-size", "4", "--json", str(report)]
+           "--batch-size", "4", "--device", args.device, "--dtype", args.dtype, "--json", str(report)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     data = json.loads(report.read_text())
-    return {"seconds": time.perf_counter() - start, "peak_rss_gb": data["peak_rss_gb"], "params_sliced": data["params_sliced"]}
+    return {"seconds": time.perf_counter() - start, "peak_rss_gb": data["peak_rss_gb"], "params_sliced": data["params_sliced"],
+            "slicing_seconds": data["slicing_seconds"], "peak_cuda_gb": data.get("peak_cuda_gb")}
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -105,6 +108,9 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.25)
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="where each layer is processed (cuda: the peak device memory is reported)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--modes", default="on,off", help="which runs: on (streamed), off (in memory), or both")
     p.add_argument("--json", default=str(RESULTS / "stream_large.json"))
     args = p.parse_args()
     work = Path(args.work)
@@ -116,20 +122,24 @@ def main() -> None:
 
         size = sum(e.end - e.start for e in ShardReader(model).entries.values())
     acts = args.nsamples * args.seqlen * args.hidden * 4
-    runs = {mode: run_slice(model, work / f"out-{mode}", mode, args) for mode in ("on", "off")}
-    same = digests(work / "out-on") == digests(work / "out-off")
+    modes = args.modes.split(",")
+    runs = {mode: run_slice(model, work / f"out-{mode}", mode, args) for mode in modes}
+    same = digests(work / "out-on") == digests(work / "out-off") if len(runs) == 2 else None
     result = {"model_bytes_float32": size, "layers": args.layers, "hidden": args.hidden, "calibration_activation_bytes": acts,
-              "streamed": runs["on"], "in_memory": runs["off"], "outputs_identical": same,
-              "streamed_peak_share_of_model": runs["on"]["peak_rss_gb"] * 1e9 / size,
+              "device": args.device, "dtype": args.dtype, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+              "streamed": runs.get("on"), "in_memory": runs.get("off"), "outputs_identical": same,
+              "streamed_peak_share_of_model": runs["on"]["peak_rss_gb"] * 1e9 / size if "on" in runs else None,
               "bound_25pct_plus_activations_gb": (0.25 * size + acts) / 1e9}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"model: {args.layers} layers x {args.hidden}, {size / 1e9:.2f} GB in float32; calibration activations {acts / 1e6:.0f} MB")
-    print("| slicing | peak host RSS | share of the model | seconds |")
-    print("|---|---:|---:|---:|")
+    print("| slicing | peak host RSS | share of the model | peak device | seconds |")
+    print("|---|---:|---:|---:|---:|")
     for label, key in (("streamed (--stream on)", "on"), ("in memory (--stream off)", "off")):
-        r = runs[key]
-        print(f"| {label} | {r['peak_rss_gb']:.2f} GB | {r['peak_rss_gb'] * 1e9 / size:.0%} | {r['seconds']:.0f} |")
+        if key in runs:
+            r = runs[key]
+            device = f"{r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else "(host)"
+            print(f"| {label} | {r['peak_rss_gb']:.2f} GB | {r['peak_rss_gb'] * 1e9 / size:.0%} | {device} | {r['seconds']:.0f} |")
     print(f"outputs byte-identical: {same}; bound (25% of the model + activations): {result['bound_25pct_plus_activations_gb']:.2f} GB")
 
 
