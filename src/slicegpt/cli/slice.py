@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "at a time and write each finished layer to the output shards, so host memory holds one layer, the embeddings and "
                    "the calibration activations, never the whole model; the output is the same, byte for byte, as in memory. "
                    "auto: stream whenever the model comes as safetensors (a GGUF is converted first) and nothing needs the whole "
-                   "model (--ppl, --search); checkpoints transformers renames while loading (fused MoE experts, GPT-NeoX) are "
+                   "model (--ppl, --search); checkpoints whose experts transformers fuses while loading (MoE families) are "
                    "sliced in memory, with a note. --resume works either way")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE", help="largest weights file written (5GB, "
                    "500MB); larger models get numbered shards and model.safetensors.index.json, as transformers writes them")

@@ -123,19 +123,35 @@ class StreamingSink:
         block.to("meta")
 
 
-def streamable(folder: Path, model: nn.Module, spec: ArchSpec) -> str | None:
-    """Why the checkpoint in ``folder`` cannot be read layer by layer into ``model``, or None."""
+def streamable(folder: Path, model: nn.Module, spec: ArchSpec) -> tuple[str | None, bool]:
+    """(why the checkpoint in ``folder`` cannot be read layer by layer into ``model``, or None;
+    whether its tensors outside the layers are named otherwise than the model's: transformers
+    then reads those, see :func:`_outside_by_transformers`)."""
     if not has_safetensors(folder):
-        return "the model has no safetensors weights"
+        return "the model has no safetensors weights", False
     names = set(ShardReader(folder).names())
     want = set(model.state_dict())
     if getattr(model.config, "tie_word_embeddings", False):
         want.discard(f"{spec.head}.weight")
         names.discard(f"{spec.head}.weight")
-    if names != want:
-        odd = sorted(names ^ want)
-        return f"its checkpoint names tensors differently from the model ({', '.join(odd[:2])}, ...)"
-    return None
+    inside = lambda keys: {k for k in keys if k.startswith(spec.layers + ".")}  # noqa: E731
+    if inside(names) != inside(want):
+        odd = sorted(inside(names) ^ inside(want))
+        return f"its checkpoint names the layers' tensors differently from the model ({', '.join(odd[:2])}, ...)", False
+    return None, names != want
+
+
+def _outside_by_transformers(folder: Path, config: Any, dtype: torch.dtype, spec: ArchSpec) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers, read by transformers itself (its renamings of old
+    checkpoint names applied: GPT-NeoX's ``embed_out``), from the model cut to no layers."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = 0
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = []
+    small = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True)
+    return {k: v.detach().clone() for k, v in small.state_dict().items() if not k.startswith(spec.layers + ".")}
 
 
 def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float32",
@@ -163,7 +179,7 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
         reader = ShardReader(folder) if has_safetensors(folder) else None
     except ValueError as exc:  # truncated, garbage, a shard missing
         raise ModelLoadError(f"cannot load model {name_or_path}: {exc}") from None
-    why = streamable(folder, model, spec)
+    why, renamed_outside = streamable(folder, model, spec)
     if why is None:
         # Every shape checked against the config now, from the headers: not at layer 60 of 80.
         want = model.state_dict()
@@ -182,7 +198,12 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
         raise ModelLoadError(f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}") from exc
     source = StreamingSource(reader, model, spec, torch_dtype)
     outside = [n for n in reader.names() if not n.startswith(spec.layers + ".")]
-    model.load_state_dict(reader.read(outside, torch_dtype), strict=False, assign=True)
+    if renamed_outside:
+        outside_tensors = _outside_by_transformers(folder, config, torch_dtype, spec)
+        outside = list(outside_tensors)
+    else:
+        outside_tensors = reader.read(outside, torch_dtype)
+    model.load_state_dict(outside_tensors, strict=False, assign=True)
     head, emb = get_path(model, spec.head), get_path(model, spec.embeddings[0])
     if getattr(config, "tie_word_embeddings", False) and f"{spec.head}.weight" not in outside:
         head.weight = emb.weight
