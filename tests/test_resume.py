@@ -23,7 +23,7 @@ import torch
 import slicegpt
 from slicegpt.cli import main
 from slicegpt.core.streams import LoopState, Streams
-from slicegpt.io.staging import STATE, ResumeError, SliceStaging, staging_dir
+from slicegpt.io.staging import STATE, ResumeError, SliceStaging, _layer_file, staging_dir
 
 from conftest import calib_rows, make_tiny, tiny_tokenizer
 
@@ -212,8 +212,8 @@ def test_a_resume_after_a_kill_during_the_final_save(tiny_model_dir: Path, tmp_p
 
 
 def test_a_killed_slice_resumes_to_the_same_files(tmp_path: Path) -> None:
-    """SIGKILL a real `slicegpt slice` at a random moment after its first layer checkpoint; the same
-    command with --resume writes the files an uninterrupted run writes, bit for bit."""
+    """SIGKILL a real `slicegpt slice` at a random moment mid-run (just after a random layer is
+    staged); the same command with --resume writes the files an uninterrupted run writes, bit for bit."""
     import transformers
 
     # Longer than the shared tiny model: more layers and rows, so that the kill lands mid-run.
@@ -231,16 +231,16 @@ def test_a_killed_slice_resumes_to_the_same_files(tmp_path: Path) -> None:
         return [sys.executable, "-m", "slicegpt", "slice", str(folder), "--target-params", "0.75", "--calib", str(corpus),
                 "--nsamples", "64", "--seqlen", "64", "--batch-size", "8", "--out", str(out)]
 
-    start = time.time()
     subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
-    whole_seconds = time.time() - start
     out = tmp_path / "killed"
-    state = staging_dir(out) / STATE
     proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A random moment mid-run: just after a random layer k (of 10) is staged, at least two layers
+    # before the end (a timed kill lands after the end once the whole run is under a second).
+    staged = staging_dir(out) / _layer_file(random.randint(1, config.num_hidden_layers - 3))
     deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(random.uniform(0.0, min(1.0, whole_seconds / 10)))
+    while not staged.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(random.uniform(0.0, 0.02))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed: make it longer"
