@@ -76,4 +76,3 @@ def peak_memory(device: str | object) -> dict[str, float]:
     if str(device).startswith("cuda"):
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
-

@@ -57,7 +57,7 @@ def follow(args: argparse.Namespace, config: Config, ranks: TorchDistributedRedu
     same order), then wait for it to have written the output."""
     with silenced():
         opened = None
-        if streaming.want_stream(getattr(args, "stream", "off"), blocking):
+        if streaming.want_stream(args.stream, blocking):
             opened = streaming.open_streamed(args.model, dtype=config.dtype, require=args.stream == "on")
         if opened is not None:
             model, tokenizer, name, source = opened

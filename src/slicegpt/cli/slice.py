@@ -10,7 +10,7 @@ from typing import Any
 
 from ..arch import supported_architectures
 from ..core.slicing import slice_model
-from ..core.streams import Streams
+from ..core.streams import LocalReduction, NoCheckpoint, Streams
 from ..evaluation.markdown import format_slice_table
 from ..evaluation.perplexity import perplexity
 from ..io import folders
@@ -20,7 +20,6 @@ from ..io.offload import disk_store
 from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.staging import SliceStaging, staging_dir
 from ..io import streaming
-from ..io.streaming import STREAM_MODES
 from ..memory import peak_memory
 from . import distributed
 from .common import parse_count, EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
@@ -48,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=1, metavar="N", help="stage the loop state for --resume (the next layer's "
                    "calibration activations: rows x seqlen x width, up to several GB for large models) after every N layers "
                    "instead of every one; a resume then redoes at most N-1 layers, with the same result")
-    p.add_argument("--stream", choices=STREAM_MODES, default="auto", help="read the model's layers from its safetensors files one "
+    p.add_argument("--stream", choices=streaming.STREAM_MODES, default="auto", help="read the model's layers from its safetensors files one "
                    "at a time and write each finished layer to the output shards, so host memory holds one layer, the embeddings and "
                    "the calibration activations, never the whole model; the output is the same, byte for byte, as in memory. "
                    "auto: stream whenever the model comes as safetensors (a GGUF is converted first) and nothing needs the whole "
@@ -110,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
                                               max_shard_size=args.max_shard_size, opened=opened, activations=activations, reduce=ranks,
                                               checkpoint=staging)
         else:
-            streams = Streams(activations=activations) if staging is None else Streams(checkpoint=staging, activations=activations)
-            if ranks is not None:
-                streams.reduce = ranks
+            streams = Streams(checkpoint=staging or NoCheckpoint(), reduce=ranks or LocalReduction(), activations=activations)
             report = slice_model(model, tokenizer, config.calib, config, source_model=name, streams=streams)
             folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report,
                          max_shard_size=args.max_shard_size)

@@ -71,6 +71,9 @@ class LayerInputs:
     # Makes the lists that hold activations (hidden, reference, the dense layer's outputs): host
     # lists, or lists kept on disk (slicegpt.io.offload) for runs whose activations exceed memory.
     store: Callable[[], Any] = list
+    # The batch whose rows choose the refits' ridge strengths instead of being fitted on (-1:
+    # none here); set by the walk, which knows where these rows sit among all processes' rows.
+    held: int = -1
 
     def new(self, items: Iterable[torch.Tensor] = ()) -> Any:
         """An empty activation list of this run's kind, filled with ``items``."""
@@ -78,9 +81,6 @@ class LayerInputs:
         for t in items:
             out.append(t)
         return out
-    # The batch whose rows choose the refits' ridge strengths instead of being fitted on (-1:
-    # none here); set by the walk, which knows where these rows sit among all processes' rows.
-    held: int = -1
 
     def layer_call(self, layer: int, batch: int, device: torch.device) -> tuple[tuple, dict[str, Any]]:
         args, kwargs = self.calls[batch][layer]

@@ -40,7 +40,7 @@ from .format import (
     sha256,
     write_companions,
 )
-from .shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, read_state, write_weights
+from .shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, host_state, read_state, write_weights
 from .standard import export_standard
 
 
@@ -237,11 +237,6 @@ def staging_writer(out: str | os.PathLike, max_shard_size: int | str = DEFAULT_M
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     return ShardWriter(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent), max_shard_size)
-
-
-def host_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict on the host, contiguous; empty (meta) tensors left out."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not v.is_meta}
 
 
 def _write_loaded_standard(model: nn.Module, writer: ShardWriter, meta: dict[str, Any], tokenizer: Any) -> None:

@@ -233,6 +233,12 @@ def layer_tensors(block: nn.Module, prefix: str, index: int) -> dict[str, torch.
     return {f"{prefix}.{index}.{k}": v for k, v in block.state_dict().items()}
 
 
+def host_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict on the host, contiguous, as it is written; empty (meta) tensors
+    (a streamed slice's layers, written already) left out."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not v.is_meta}
+
+
 def write_weights(writer: ShardWriter, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write ``state`` (the model's tensors as saved; the layers a streamed slice wrote already
     left out): each decoder layer's group in order, then the rest; returns the files' records."""

@@ -20,7 +20,7 @@ from ..arch import ArchSpec, spec_for_config
 from ..core.modules import ScaledRMSNorm
 from ..core.surgery import get_layers, get_path
 from .format import write_companions
-from .shards import ShardWriter, write_weights
+from .shards import ShardWriter, host_state, write_weights
 
 
 def _standard_config(model: nn.Module, spec: ArchSpec, d: int, meta_widths: dict[str, Any]) -> Any:
@@ -46,8 +46,7 @@ def standard_state_dict(model: nn.Module, spec: ArchSpec, meta: dict[str, Any]) 
     d = int(meta["widths"]["embedding"])
     gain = math.sqrt(D / d)
     dtype = next(model.parameters()).dtype
-    # (a streamed slice's layers are empty here: written already, they are left out)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not v.is_meta}
+    state = host_state(model)
     offset = spec.norm_weight_offset
     const = torch.full((d,), gain - offset, dtype=dtype)
     for i in range(len(get_layers(model, spec))):

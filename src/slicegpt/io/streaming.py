@@ -123,13 +123,13 @@ class StreamingSink:
         block.to("meta")
 
 
-def streamable(folder: Path, model: nn.Module, spec: ArchSpec) -> tuple[str | None, bool]:
-    """(why the checkpoint in ``folder`` cannot be read layer by layer into ``model``, or None;
-    whether its tensors outside the layers are named otherwise than the model's: transformers
-    then reads those, see :func:`_outside_by_transformers`)."""
-    if not has_safetensors(folder):
+def streamable(reader: ShardReader | None, model: nn.Module, spec: ArchSpec) -> tuple[str | None, bool]:
+    """(why the checkpoint ``reader`` reads (None: the model has no safetensors) cannot be read
+    layer by layer into ``model``, or None; whether its tensors outside the layers are named
+    otherwise than the model's: transformers then reads those, see :func:`_outside_by_transformers`)."""
+    if reader is None:
         return "the model has no safetensors weights", False
-    names = set(ShardReader(folder).names())
+    names = set(reader.names())
     want = set(model.state_dict())
     if getattr(model.config, "tie_word_embeddings", False):
         want.discard(f"{spec.head}.weight")
@@ -179,19 +179,18 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
         reader = ShardReader(folder) if has_safetensors(folder) else None
     except ValueError as exc:  # truncated, garbage, a shard missing
         raise ModelLoadError(f"cannot load model {name_or_path}: {exc}") from None
-    why, renamed_outside = streamable(folder, model, spec)
-    if why is None:
-        # Every shape checked against the config now, from the headers: not at layer 60 of 80.
-        want = model.state_dict()
-        odd = next((n for n, e in reader.entries.items() if n in want and tuple(want[n].shape) != e.shape), None)
-        if odd is not None:
-            raise ModelLoadError(f"cannot load model {name_or_path}: tensor {odd} has shape {list(reader.entries[odd].shape)} in "
-                                 f"the checkpoint, the config says {list(want[odd].shape)}")
+    why, renamed_outside = streamable(reader, model, spec)
     if why is not None:
         if require:
             raise StreamingError(f"cannot stream {display}: {why}; use --stream off")
         print(f"note: slicing {display} in memory, not streamed: {why}", file=sys.stderr)
         return None
+    # Every shape checked against the config now, from the headers: not at layer 60 of 80.
+    want = model.state_dict()
+    odd = next((n for n, e in reader.entries.items() if n in want and tuple(want[n].shape) != e.shape), None)
+    if odd is not None:
+        raise ModelLoadError(f"cannot load model {name_or_path}: tensor {odd} has shape {list(reader.entries[odd].shape)} in "
+                             f"the checkpoint, the config says {list(want[odd].shape)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - any failure to read the files is the user's to fix
@@ -215,7 +214,6 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
     if left:
         raise StreamingError(f"{folder} lacks tensors: {', '.join(left[:3])}")
     model.eval()
-    model.slicegpt_source_folder = str(folder)
     return model, tokenizer, display, source
 
 
