@@ -87,6 +87,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+NAMES = {"slicegpt": "SliceGPT alone", "residual+correct": "residual width + corrections", "budget": "budget default"}
+
+
+def plot(out: str, merge: list[str], png: str) -> None:
+    """Runs evaluated on every wiki row and the same second-domain rows, as curves against the share removed."""
+    from slicegpt.evaluation.plots import plot_methods
+
+    runs = [r for f in [out, *merge] if Path(f).exists() for r in json.loads(Path(f).read_text())["runs"]]
+    dense = next(r for r in runs if r["method"] == "dense")
+    runs = [r for r in runs if r["wiki_rows"] == dense["wiki_rows"] and r["books_rows"] == dense["books_rows"]]
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {
+        f"wiki evaluation part ({dense['wiki_rows']} rows x 1024)": {},
+        f"second domain: lambada novels ({dense['books_rows']} rows x 1024)": {}}
+    for r in runs:
+        if r["method"] == "dense":
+            continue
+        name = f"{NAMES.get(r['method'], r['method'])}, {r['mode']}" + (f", {r['nsamples']} rows" if r["nsamples"] != 32 else "")
+        removed = 100 * (1 - r["params"] / r["params_dense"])
+        for panel, key in zip(panels, ("wiki", "books")):
+            panels[panel].setdefault(name, []).append((removed, r[key]))
+    dense_levels = dict(zip(panels, (dense["wiki"], dense["books"])))
+    plot_methods(panels, png, dense=dense_levels, title="SmolLM2-135M-Instruct compressed without training: perplexity against parameters removed")
+    print(table(sorted(runs, key=lambda r: (r["method"] != "dense", r["mode"], r["method"], -(r["target"] or 1)))))
+    print(f"wrote {png}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="0.75")
@@ -101,9 +127,16 @@ def main() -> None:
     p.add_argument("--rerun", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "budget_smollm2.json"))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="run nothing: draw wiki and second-domain perplexity against parameters removed, one line per "
+                        "method and mode, from the runs in --out and any --merge files, and print their table")
+    p.add_argument("--merge", default="", help="comma-separated result files whose runs join --out's (for --plot)")
     args = p.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+        return
+    if args.plot:
+        plot(args.out, [m for m in args.merge.split(",") if m], args.plot)
         return
     jobs = []
     for method in args.methods.split(","):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -126,9 +127,8 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> "Path":
+def tiny_model_dir(tmp_path_factory) -> Path:
     """A dense tiny Llama with a tokenizer, saved as a local HF folder, plus a text file."""
-    from pathlib import Path
 
     root = tmp_path_factory.mktemp("tiny")
     model = make_tiny("llama", dtype=torch.float32)

@@ -33,6 +33,7 @@ CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
     "per-layer held-out only": ("llama", 4, dict(target_params=0.8, batch_size=2)),
     "uniform corrected": ("llama", 10, dict(sparsity=0.25, uniform=True, correct=True, batch_size=2)),
     "parallel target": ("gpt_neox", 10, dict(target_params=0.8, batch_size=2)),
+    "moe experts target": ("qwen2_moe", 10, dict(target_params=0.9, uniform=True, batch_size=2)),
 }
 
 

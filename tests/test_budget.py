@@ -78,17 +78,101 @@ def test_refit_beats_plain_dropping_on_the_block_output() -> None:
     assert err_refit < 0.5 * err_drop
 
 
-def test_moe_and_fused_mlps_refuse_the_neuron_axis() -> None:
-    for family in ("mixtral", "phi3"):
+def test_fused_gate_up_mlps_refuse_the_neuron_axis_and_moe_families_prune_their_experts() -> None:
+    model = make_tiny("phi3")
+    spec = spec_for_config(model.config)
+    slicegpt.prepare(model, spec)
+    with pytest.raises(slicegpt.UnsupportedModelError, match="--axes residual"):
+        neurons.intermediate_size(model.model.layers[0], spec)
+    for family, widths in (("mixtral", [48, 48]), ("qwen2_moe", [32, None, 32]), ("qwen3_moe", [None, 32])):
         model = make_tiny(family)
         spec = spec_for_config(model.config)
-        slicegpt.prepare(model, spec)
-        with pytest.raises(slicegpt.UnsupportedModelError, match="--axes residual"):
-            neurons.mlp_neuron_refs(model.model.layers[0], spec)
+        assert [neurons.intermediate_size(b, spec) for b in model.model.layers] == widths  # dense layers: None
+
+
+def _moe_block(family: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    model = make_tiny(family, dtype=torch.float64)
+    block = next(b for b in model.model.layers if hasattr(b.mlp, "experts"))
+    x = torch.randn(2, 40, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = block.mlp(x)
+    return block, x, ref
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_expert_neurons_kept_in_any_order_leave_the_moe_block_unchanged(family: str) -> None:
+    block, x, ref = _moe_block(family)
+    experts = block.mlp.experts
+    E, n = experts.down_proj.shape[0], experts.down_proj.shape[2]
+    g = torch.Generator().manual_seed(0)
+    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(E)])  # each expert its own order
+    neurons.keep_expert_neurons(experts, perm)
+    with torch.no_grad():
+        assert torch.allclose(block.mlp(x), ref, atol=1e-12)
+    neurons.keep_expert_neurons(experts, perm[:, :8])
+    assert experts.gate_up_proj.shape == (E, 16, 64) and experts.down_proj.shape == (E, 64, 8) and experts.intermediate_dim == 8
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_each_expert_refit_on_its_routed_tokens_beats_plain_dropping(family: str) -> None:
+    block, x, ref = _moe_block(family)
+    experts = block.mlp.experts
+    stats = neurons.ExpertStats(experts)
+    with torch.no_grad():
+        block.mlp(x)
+    stats.remove()
+    # the moments are those of w * act(gate) * up over each expert's routed tokens, computed here by hand
+    flat = x.reshape(-1, 64)
+    _, weights, chosen = block.mlp.gate(flat)
+    n = experts.down_proj.shape[2]
+    for e in range(stats.num):
+        token, slot = torch.where(chosen == e)
+        pre = flat[token] @ experts.gate_up_proj[e].t()
+        h = torch.nn.functional.silu(pre[:, :n]) * pre[:, n:] * weights[token, slot, None]
+        assert stats.fit[e].count == len(token)
+        assert torch.allclose(stats.fit[e].xx, h.t() @ h, atol=1e-10)
+    w = experts.down_proj.detach()  # [E, H, n]
+    index, downs = [], []
+    for e in range(stats.num):
+        cov = stats.fit[e].mean()[0]
+        keep = neurons.greedy_neurons(cov, w[e], 12)
+        index.append(keep)
+        downs.append(neurons.ridge_refit(cov, w[e], keep, 1e-6))
+    index = torch.stack(index)
+    dropped, refit = copy.deepcopy(block), copy.deepcopy(block)
+    neurons.keep_expert_neurons(dropped.mlp.experts, index)
+    neurons.keep_expert_neurons(refit.mlp.experts, index, torch.stack(downs))
+    with torch.no_grad():
+        err_drop = (dropped.mlp(x) - ref).pow(2).mean()
+        err_refit = (refit.mlp(x) - ref).pow(2).mean()
+    assert err_refit < 0.8 * err_drop
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_uniform_moe_budget_is_a_standard_checkpoint_with_pruned_experts(family: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny(family, dtype=torch.float32)
+    spec = spec_for_config(model.config)
+    width = next(n for n in (neurons.intermediate_size(b, spec) for b in model.model.layers) if n is not None)
+    config = slicegpt.SliceConfig(batch_size=4, uniform=True, target_params=0.9)
+    report = slicegpt.slice_model(model, None, calib_rows(16), config, progress=False)
+    k = report.allocation["mlp_neurons"]
+    assert report.allocation["residual_width"] == 64 and k is not None and k < width
+    moe = [i for i, b in enumerate(model.model.layers) if neurons.experts_of(b, spec) is not None]
+    assert all(model.model.layers[i].mlp.experts.down_proj.shape[2] == k for i in moe)
+    assert all(f"layer.{i}.mlp" in report.refits for i in moe)  # the routed tokens reached every expert stack
+    out = slicegpt.save(model, tmp_path / "u")
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert getattr(plain.config, spec.expert_width_key) == k
+    assert slicegpt.count_parameters(plain) == report.params_after <= report.target_params
+    with torch.inference_mode():
+        assert torch.allclose(plain(input_ids=X).logits, model(input_ids=X).logits, atol=1e-4)
 
 
 @pytest.mark.parametrize("family,uniform,fraction", [("llama", True, 0.85), ("qwen2", True, 0.85), ("llama", False, 0.85),
-                                                     ("opt", False, 0.95), ("gpt2", False, 0.9), ("gptj", False, 0.85)])
+                                                     ("opt", False, 0.95), ("gpt2", False, 0.9), ("gptj", False, 0.85),
+                                                     ("mixtral", False, 0.9), ("qwen2_moe", True, 0.9), ("qwen3_moe", False, 0.9)])
 def test_counter_equals_the_built_model_and_target_is_never_exceeded(family: str, uniform: bool, fraction: float, tmp_path: Path) -> None:
     model = make_tiny(family, dtype=torch.float32)
     shipped = slicegpt.count_parameters(model)

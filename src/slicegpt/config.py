@@ -94,7 +94,8 @@ class SliceConfig:
         (shortcut matrices, an untied head, explicit norms included) never exceeds it.
     axes: where a target's budget is spent, comma-separated: 'residual' (the stream's width,
         SliceGPT as in the paper) and 'mlp' (MLP intermediate neurons, the same number in every
-        layer, chosen greedily from calibration statistics with the down projection refit).
+        layer, chosen greedily from calibration statistics with the down projection refit; in
+        MoE families every routed expert keeps that many of its own).
     residual_share: with both axes, the share of the parameters to remove that the residual
         width takes (None: DEFAULT_RESIDUAL_SHARE, the best measured split).
     correct: closed-form corrections: refit each branch's output projection (o_proj, down_proj, ...)

@@ -67,6 +67,11 @@ class ArchSpec:
     # The MLP's output has its input's width (fused MoE blocks allocate their output like their
     # input): the stream must have one width on both sides of the MLP.
     mlp_preserves_width: bool = False
+    # Fused routed experts (``experts.gate_up_proj`` [E, 2I, H], gate rows first, and
+    # ``experts.down_proj`` [E, H, I]), where a layer has them: the MLP-neuron axis prunes each
+    # expert's own neurons, and ``expert_width_key`` is the config field of their width I.
+    experts: str | None = None
+    expert_width_key: str = "intermediate_size"
     # The model's forward reshapes its final hidden states to the embeddings' width (GPT-2's
     # ``view(output_shape)``): the head must read the width the embeddings have.
     head_reads_embedding_width: bool = False

@@ -17,5 +17,6 @@ MIXTRAL = register(
         mlp_inputs=("mlp.gate", "mlp.experts.gate_up_proj"),
         mlp_outputs=("mlp.experts.down_proj",),
         mlp_preserves_width=True,
+        experts="mlp.experts",
     )
 )

@@ -26,5 +26,7 @@ QWEN2_MOE = register(
         ),
         mlp_outputs=("mlp.experts.down_proj?", "mlp.shared_expert.down_proj?", "mlp.down_proj?"),
         mlp_preserves_width=True,
+        experts="mlp.experts",
+        expert_width_key="moe_intermediate_size",
     )
 )

@@ -11,5 +11,7 @@ QWEN3_MOE = register(
         mlp_inputs=("mlp.gate?", "mlp.experts.gate_up_proj?", "mlp.gate_proj?", "mlp.up_proj?"),
         mlp_outputs=("mlp.experts.down_proj?", "mlp.down_proj?"),
         mlp_preserves_width=True,
+        experts="mlp.experts",
+        expert_width_key="moe_intermediate_size",
     )
 )

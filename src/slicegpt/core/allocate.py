@@ -64,7 +64,7 @@ def search_split(
         report = compress(candidate, tokenizer, fit, replace(config, residual_share=share, search=False), progress=progress)
         nll = held_out_nll(candidate, held, config.device, config.batch_size)
         records.append({"residual_share": share, "residual_width": report.widths.embedding,
-                        "mlp_neurons": report.widths.layers[0].mlp, "params": report.params_after,
+                        "mlp_neurons": report.widths.mlp_neurons, "params": report.params_after,
                         "held_out_nll": nll, "held_out_perplexity": math.exp(nll), "seconds": report.seconds})
         del candidate
         release_free_memory()

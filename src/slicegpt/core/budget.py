@@ -9,6 +9,7 @@ tied head counted once all included.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -54,10 +55,13 @@ class ParameterCounter:
         self.model, self.spec, self.uniform = model, spec, uniform
         self.hidden = int(cfg.hidden_size)
         self.layers = len(get_layers(model, spec))
+        # The width the MLP-neuron axis prunes in each layer (None where it has none: the dense
+        # layers of an MoE model keep their MLP), and the first such width.
         try:
-            self.intermediate: int | None = intermediate_size(get_layers(model, spec)[0], spec)
+            self.prunable: list[int | None] = [intermediate_size(b, spec) for b in get_layers(model, spec)]
         except UnsupportedModelError:
-            self.intermediate = None
+            self.prunable = [None] * self.layers
+        self.intermediate: int | None = next((n for n in self.prunable if n is not None), None)
 
     def count(self, widths: Widths) -> int:
         model = copy.deepcopy(self.model)  # meta tensors: nothing is copied but shapes
@@ -79,7 +83,7 @@ class ParameterCounter:
 class BudgetWidth:
     """Widths for a parameter target: residual width ``d`` (a multiple of ``round_to``, and one the
     family's standard config accepts in uniform mode), then the most MLP neurons (a multiple of
-    ``round_to``, the same in every layer) that keep the count within ``target``.
+    ``round_to``, and of 8 for routed experts, the same in every layer) that keep the count within ``target``.
 
     ``residual_share`` says how the budget is split: the share of the parameters to remove that
     the residual width takes (0: MLP neurons only; 1: residual only, SliceGPT as in the paper).
@@ -97,7 +101,8 @@ class BudgetWidth:
         base = ConstantWidth(0.0, 1, self.slice_head, width=d).widths(
             self.counter.hidden, self.counter.layers, self.counter.spec.topology)
         base = fit_widths(base, self.counter.spec)
-        return replace(base, layers=tuple(replace(w, mlp=k) for w in base.layers))
+        return replace(base, layers=tuple(replace(w, mlp=k if n is not None else None)
+                                          for w, n in zip(base.layers, self.counter.prunable)))
 
     def _widths_ok(self, d: int) -> bool:
         return d % self.round_to == 0 and (self.valid_width is None or self.valid_width(d))
@@ -139,8 +144,11 @@ class BudgetWidth:
             raise UnsupportedModelError(f"{self.counter.spec.name}: the MLP-neuron axis is not available; use --axes residual")
         per_neuron = at_d - self.counter.count(self._widths(d, n - 1))
         k = n - -(-(at_d - self.target) // per_neuron)  # fewest neurons removed that reach the target
-        k -= k % self.round_to
-        if k < self.round_to:
+        # Routed experts run through grouped matrix products whose strides must be multiples of
+        # 16 bytes: 8 neurons in half precision.
+        step = math.lcm(self.round_to, 8) if self.counter.spec.experts is not None else self.round_to
+        k -= k % step
+        if k < step:
             raise ValueError(f"the target {self.target:,} leaves no MLP neurons at residual width {d}")
         widths = self._widths(d, k)
         assert self.counter.count(widths) <= self.target

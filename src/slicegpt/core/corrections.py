@@ -16,6 +16,7 @@ from . import neurons, ops
 from . import refit as moments_
 from .capture import LayerInputs, stream
 from .modules import SlicedBlock
+from .ops import WeightRef
 from .streams import LocalReduction, Reduction
 from .surgery import weight_refs
 
@@ -147,3 +148,54 @@ def refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input:
     w, rel = moments_.refit(moments, w0[:, index])
     neurons.keep_neurons(block, spec, index, [reduce.agree(w)])
     record[point] = rel
+
+
+def prune_experts(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input: Callable[[torch.Tensor], torch.Tensor],
+                  keep: int, device: torch.device, record: dict[str, float], point: str, *, reduce: Reduction = _LOCAL) -> None:
+    """Keep ``keep`` neurons in every routed expert and refit each expert's down projection.
+
+    The target is each expert's own unpruned output on the compressed stream, weighted by its
+    routing weights (the dense stream is the sum over experts, which no single expert's refit
+    can aim at); neurons and ridge strength are chosen as for a dense MLP, expert by expert.
+    An expert no calibration token reached keeps the neurons with the largest weights, unrefit.
+    """
+    experts = neurons.experts_of(block, spec)
+    assert experts is not None
+    w_all = ops.get_matrix(WeightRef.parameter(experts, "down_proj"))  # [E, H, n]
+    n = w_all.shape[2]
+    stats = neurons.ExpertStats(experts)
+    try:
+        for i, h in stream(inputs.hidden, device):
+            stats.held = i == inputs.held
+            block.mlp_branch(to_input(h))
+    finally:
+        stats.remove()
+    indices, downs, chosen = [], [], []
+    for e in range(stats.num):
+        moments = moments_.FitMoments(stats.fit[e], stats.held_out[e])
+        for m in (moments.fit, moments.held):
+            if m.xx is None:  # no token here; other processes may have some
+                m.xx = torch.zeros(n, n, dtype=torch.float64, device=w_all.device)
+        combine(moments, reduce)
+        w0 = w_all[e]  # (H, n)
+        if moments.fit.count + moments.held.count == 0:
+            index = neurons.fallback_neurons(experts, e, keep).to(w0.device)
+            indices.append(index)
+            downs.append(w0[:, index])
+            continue
+        for m in (moments.fit, moments.held):
+            m.xt = m.xx @ w0.t()  # own output: E[h^T t] = E[h^T h] W^T
+        cov, _ = moments.fit.merged(moments.held).mean() if moments.held.count else moments.fit.mean()
+        index = neurons.greedy_neurons(cov, w0, keep)
+        for m in (moments.fit, moments.held):
+            m.xx, m.xt = m.xx[index][:, index], m.xt[index]
+        if moments.fit.count == 0:  # every token of this expert was held out: fit on them
+            moments.fit, moments.held = moments.held, moments_.Moments()
+        w, rel = moments_.refit(moments, w0[:, index])
+        indices.append(index)
+        downs.append(w)
+        chosen.append(rel)
+    index = reduce.agree(torch.stack(indices))
+    neurons.keep_expert_neurons(experts, index, reduce.agree(torch.stack(downs)))
+    if chosen:
+        record[point] = float(torch.tensor(chosen).median())

@@ -15,6 +15,12 @@ The statistics are the second moment of ``h`` only: the target is the layer's ow
 output, so no other model need run beside it. The kept set is chosen greedily: each step keeps
 the neuron whose addition most reduces that least-squares error (a pivoted Cholesky of C
 weighted by W_ref), which accounts for neurons that say the same thing.
+
+Routed experts (Mixtral, Qwen-MoE: fused stacks ``gate_up_proj`` [E, 2I, H] and ``down_proj``
+[E, H, I]) are pruned expert by expert: every expert keeps its own ``k`` neurons, chosen and
+refit on the tokens routed to it, each weighted by its routing weight w (the block adds
+w * expert(x)), so its moments are those of w * h. One ``k`` for all experts keeps the model a
+standard checkpoint of its family (one ``moe_intermediate_size``).
 """
 
 from __future__ import annotations
@@ -24,8 +30,28 @@ from torch import nn
 
 from ..arch import ArchSpec, UnsupportedModelError
 from . import ops
+from . import refit as refit_
 from .ops import WeightRef
-from .surgery import weight_refs
+from .surgery import get_path, weight_refs
+
+
+def experts_of(block: nn.Module, spec: ArchSpec) -> nn.Module | None:
+    """The layer's fused routed experts, or None (a dense family, or a dense layer of an MoE model)."""
+    if spec.experts is None:
+        return None
+    try:
+        experts = get_path(block, spec.experts)
+    except (AttributeError, IndexError):
+        return None
+    if not isinstance(getattr(experts, "down_proj", None), torch.Tensor):
+        return None
+    if not getattr(experts, "is_concatenated", True) or not getattr(experts, "has_gate", True):
+        raise UnsupportedModelError(f"{spec.name}: only experts with concatenated [gate; up] stacks can lose neurons; use --axes residual")
+    return experts
+
+
+def _stacks(experts: nn.Module) -> tuple[WeightRef, WeightRef]:
+    return WeightRef.parameter(experts, "gate_up_proj"), WeightRef.parameter(experts, "down_proj")
 
 
 def mlp_neuron_refs(block: nn.Module, spec: ArchSpec) -> tuple[list[WeightRef], list[WeightRef]]:
@@ -45,13 +71,51 @@ def mlp_neuron_refs(block: nn.Module, spec: ArchSpec) -> tuple[list[WeightRef], 
     return producers, consumers
 
 
-def intermediate_size(block: nn.Module, spec: ArchSpec) -> int:
+def intermediate_size(block: nn.Module, spec: ArchSpec) -> int | None:
+    """The width the MLP-neuron axis prunes: the MLP's, or each routed expert's in MoE families,
+    where a dense layer between MoE layers has none (None: it keeps its MLP)."""
+    if spec.experts is not None:
+        experts = experts_of(block, spec)
+        return None if experts is None else _stacks(experts)[1].in_dim
     return mlp_neuron_refs(block, spec)[1][0].in_dim
+
+
+def _set_stack(ref: WeightRef, w: torch.Tensor) -> None:
+    # Written directly, not through ops.set_matrix: the experts' width attributes are set by
+    # name below (an expert module's hidden_dim may equal its intermediate width).
+    stored = w.transpose(-1, -2) if ref.transposed else w
+    setattr(ref.module, ref.name, nn.Parameter(stored.contiguous().to(ref.tensor.dtype), requires_grad=False))
+
+
+def keep_expert_neurons(experts: nn.Module, index: torch.Tensor, down: torch.Tensor | None = None) -> None:
+    """Keep the neurons ``index`` ([E, k], int64: expert e keeps index[e]) of every routed expert;
+    ``down`` ([E, H, k]) replaces the down stacks (a refit)."""
+    gate_up, down_ref = _stacks(experts)
+    n = down_ref.in_dim
+    index = index.to(gate_up.tensor.device)
+    rows = torch.cat([index, index + n], dim=1)  # [E, 2k]: the gate rows, then the same neurons' up rows
+    gu = ops.get_matrix(gate_up)  # [E, 2n, H]
+    _set_stack(gate_up, torch.gather(gu, 1, rows[:, :, None].expand(-1, -1, gu.shape[-1])))
+    bias = getattr(experts, "gate_up_proj_bias", None)
+    if isinstance(bias, torch.Tensor):
+        setattr(experts, "gate_up_proj_bias", nn.Parameter(torch.gather(bias.detach(), 1, rows), requires_grad=False))
+    if down is None:
+        w = ops.get_matrix(down_ref)  # [E, H, n]
+        down = torch.gather(w, 2, index[:, None, :].expand(-1, w.shape[1], -1))
+    _set_stack(down_ref, down.to(torch.float64))
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = int(index.shape[1])
 
 
 def keep_neurons(block: nn.Module, spec: ArchSpec, index: torch.Tensor, down: list[torch.Tensor] | None = None) -> None:
     """Keep the neurons ``index`` ([k], int64) of the block's MLP; ``down`` replaces the consumers'
-    (D, k) matrices (a refit), in the consumers' order."""
+    (D, k) matrices (a refit), in the consumers' order. For routed experts see :func:`keep_expert_neurons`."""
+    experts = experts_of(block, spec)
+    if experts is not None:
+        E = _stacks(experts)[1].tensor.shape[0]
+        keep_expert_neurons(experts, index.reshape(1, -1).expand(E, -1) if index.dim() == 1 else index,
+                            None if down is None else down[0])
+        return
     producers, consumers = mlp_neuron_refs(block, spec)
     for ref in producers:
         dtype = ref.tensor.dtype
@@ -65,7 +129,8 @@ def keep_neurons(block: nn.Module, spec: ArchSpec, index: torch.Tensor, down: li
 
 def cut_neurons(block: nn.Module, spec: ArchSpec, k: int) -> None:
     """An empty skeleton's MLP cut to its first ``k`` neurons (the saved weights are already pruned)."""
-    if intermediate_size(block, spec) != k:
+    n = intermediate_size(block, spec)
+    if n is not None and n != k:
         keep_neurons(block, spec, torch.arange(k))
 
 
@@ -139,3 +204,59 @@ def ridge_refit(cov: torch.Tensor, w_ref: torch.Tensor, index: torch.Tensor, lam
     rhs = cov[index] @ w_ref.t() + reg * w_ref[:, index].t()  # [k, D]
     eye = torch.eye(len(index), dtype=torch.float64, device=cov.device)
     return torch.linalg.solve(c_ss + reg * eye, rhs).t()
+
+
+class ExpertStats:
+    """Per-expert moments of w * h over the tokens routed to each expert (w its routing weight,
+    h = act(gate(x)) * up(x), [tokens_e, I]), float64, for the fit rows and the held-out rows.
+
+    A forward pre-hook on the experts module, which transformers calls as
+    ``experts(hidden [T, H], top_k_index [T, K], top_k_weights [T, K])``; ``held`` says whether
+    the batch being run is the held-out one.
+    """
+
+    def __init__(self, experts: nn.Module) -> None:
+        gate_up, down = _stacks(experts)
+        self.experts, self.gate_up, self.num = experts, gate_up, int(down.tensor.shape[0])
+        self.fit = [refit_.Moments() for _ in range(self.num)]
+        self.held_out = [refit_.Moments() for _ in range(self.num)]
+        self.held = False
+        self.handle = experts.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        apply = getattr(self.experts, "_apply_gate", None)
+        if apply is not None:  # the family's own gating (transformers' expert modules have one)
+            return apply(gate_up_out)
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return self.experts.act_fn(gate) * up
+
+    def _hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        values = list(args) + [kwargs[k] for k in names[len(args):]]
+        x, index, weights = (v.detach() for v in values[:3])
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        stacks = ops.get_matrix(self.gate_up)  # [E, 2I, H]
+        bias = getattr(self.experts, "gate_up_proj_bias", None)
+        store = self.held_out if self.held else self.fit
+        for e in range(self.num):
+            token, slot = torch.where(index == e)
+            if token.numel() == 0:
+                continue
+            pre = x[token] @ stacks[e].t()
+            if isinstance(bias, torch.Tensor):
+                pre = pre + bias[e].to(torch.float64)
+            h = self._gate(pre) * weights[token, slot, None].to(torch.float64)
+            store[e].add(h, None)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def fallback_neurons(experts: nn.Module, e: int, k: int) -> torch.Tensor:
+    """The neurons an expert no calibration token reached keeps: the largest products of its
+    gate, up and down weights' norms, sorted ([k], int64)."""
+    gate_up, down = _stacks(experts)
+    gu, w = ops.get_matrix(gate_up)[e], ops.get_matrix(down)[e]  # [2I, H], [H, I]
+    n = w.shape[1]
+    score = gu[:n].norm(dim=1) * gu[n:].norm(dim=1) * w.norm(dim=0)
+    return torch.sort(torch.topk(score, k).indices).values

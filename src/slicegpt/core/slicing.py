@@ -98,7 +98,8 @@ def calibrate_block(
     signal = _signal(config, block.attn_norm)
     back_in = q_in[:, : w.d_in].t().to(dtype)  # (d_in, D): back to the original basis
     wants_pca = choose.rotation.needs_statistics
-    prune = w.mlp if w.mlp is not None and w.mlp < neurons.intermediate_size(block, spec) else None
+    width = neurons.intermediate_size(block, spec) if w.mlp is not None else None
+    prune = w.mlp if width is not None and w.mlp < width else None
     dense = corrections.dense_layer(block, index, inputs, device) if inputs.reference is not None else None
     q_mid = None
     if spec.topology == "sequential":
@@ -118,7 +119,13 @@ def calibrate_block(
             inputs.hidden[i] = r.cpu()
         q_mid = choose(f"layer.{index}.mid", cov)
         mid = q_mid[:, : w.d_mid].to(dtype)
-        if prune is not None or dense is not None:
+        if spec.experts is not None:
+            # MoE: each routed expert is pruned and refit on its own output; their sum has no
+            # one writer to refit toward the dense stream (attention's refit above still runs).
+            if prune is not None:
+                corrections.prune_experts(block, spec, inputs, lambda r: (r @ mid) @ mid.t(), prune, device, choose.refits,
+                                          f"layer.{index}.mlp", reduce=choose.streams.reduce)
+        elif prune is not None or dense is not None:
             corrections.refit_mlp(block, spec, inputs, lambda r: (r @ mid) @ mid.t(), None if dense is None else dense[1], prune,
                        device, choose.refits, f"layer.{index}.mlp", config.token_weighting, reduce=choose.streams.reduce)
         cov = None if keep_full or not wants_pca else Covariance(D, device)
@@ -430,7 +437,7 @@ def slice_model(
     if isinstance(policy, BudgetWidth):
         report.target_params = policy.target
         report.allocation = {"axes": list(parse_axes(config.axes)), "residual_share": policy.split[1],
-                             "residual_width": widths.embedding, "mlp_neurons": widths.layers[0].mlp}
+                             "residual_width": widths.embedding, "mlp_neurons": widths.mlp_neurons}
         if report.params_after > policy.target:  # counted on the meta skeleton; the real model must agree
             raise RuntimeError(f"compressed model has {report.params_after:,} parameters, above the target {policy.target:,}")
     model.slicegpt_report = report

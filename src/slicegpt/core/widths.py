@@ -36,6 +36,11 @@ class Widths:
     def head(self) -> int:
         return self.layers[-1].d_out if self.layers else self.embedding
 
+    @property
+    def mlp_neurons(self) -> int | None:
+        """The MLP neurons kept in the first layer that lost some (None: none did)."""
+        return next((w.mlp for w in self.layers if w.mlp is not None), None)
+
     def to_dict(self) -> dict[str, Any]:
         # ``mlp`` is written only where neurons were pruned: folders from before read the same.
         layers = [{k: v for k, v in asdict(w).items() if not (k == "mlp" and v is None)} for w in self.layers]

@@ -25,7 +25,7 @@ from ..config import SliceConfig, parse_dtype
 from ..core import uniform
 from ..core.allocate import SHARES
 from ..core.budget import ParameterCounter
-from ..core.neurons import intermediate_size
+from ..core.neurons import experts_of, intermediate_size
 from ..core.slicing import _budget_policy, _default_policy
 from ..core.surgery import count_parameters, get_layers, get_path, is_tied
 from ..core.widths import Widths, fit_widths
@@ -62,6 +62,7 @@ class ModelShape:
     head is a clone of it once slicing unties it). ``largest_layer_params``: the largest decoder
     layer. ``largest_tensor``: elements of the largest single weight (what is rotated in float64
     at once). ``intermediate``: MLP neurons per layer (an MoE expert's for fused MoE blocks).
+    ``experts``: routed experts per MoE layer (1 for a dense MLP): pruning keeps moments for each.
     ``points_per_layer``: PCA points per layer (2 for sequential blocks, 1 for parallel ones).
     ``attention_width``: query heads x head size (what attention's score and value products span).
     """
@@ -79,6 +80,7 @@ class ModelShape:
     points_per_layer: int
     head_dim: int
     attention_width: int
+    experts: int = 1
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,9 @@ def memory_model(shape: ModelShape, work: Workload) -> MemoryEstimate:
         device_layer=shape.largest_layer_params * b,
         device_fp64_squares=5 * d * d * 8,
         device_batch=batch_tokens * max(d, i) * 4 * 4 + batch_tokens * d * 8,
-        device_moments=(7 * i * i * 8 + 2 * i * d * 8) if (work.corrections or work.prunes) else 0.0,
+        # with routed experts pruned, every expert's fit and held-out sums are held at once
+        device_moments=((7 * i * i * 8 + 2 * i * d * 8) + (2 * i * i * 8 * (shape.experts - 1) if work.prunes else 0)
+                        if (work.corrections or work.prunes) else 0.0),
         device_is_host=work.device_is_host,
         search_copy=model_bytes if work.compressions > 1 else 0.0,
     )
@@ -318,7 +322,9 @@ def time_model(shape: ModelShape, work: Workload, rate: Throughput, read_bytes: 
         stats += 2.0 * i * i * tokens * n
     if work.prunes:
         k = work.kept_neurons or 0
-        solves += i * k * (k + 2 * d) * n
+        solves += i * k * (k + 2 * d) * n * shape.experts
+        if shape.experts > 1:  # every expert's own refit, beside the one counted above
+            solves += RIDGE_SOLVES * (2 / 3 * k ** 3 + 4 * k * k * d) * n * (shape.experts - 1)
     eigh = 10.0 * d ** 3 * work.eigh_points(shape.points_per_layer, n)
     c = work.compressions
     return TimeEstimate(
@@ -368,9 +374,12 @@ def model_shape(model: nn.Module) -> ModelShape:
     cfg = model.config
     d = int(cfg.hidden_size)
     try:
-        inter = intermediate_size(layers[0], spec)
-    except UnsupportedModelError:  # MoE: an expert's width
+        inter = next((n for n in (intermediate_size(layer, spec) for layer in layers) if n is not None), None)
+    except UnsupportedModelError:  # a fused gate/up MLP
+        inter = None
+    if inter is None:
         inter = int(getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", None) or 4 * d)
+    experts = next((int(x.down_proj.shape[0]) for x in (experts_of(layer, spec) for layer in layers) if x is not None), 1)
     heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
     return ModelShape(
         params=total,
@@ -386,6 +395,7 @@ def model_shape(model: nn.Module) -> ModelShape:
         points_per_layer=2 if spec.topology == "sequential" else 1,
         head_dim=int(getattr(cfg, "head_dim", None) or d // heads),
         attention_width=heads * int(getattr(cfg, "head_dim", None) or d // heads),
+        experts=experts,
     )
 
 
@@ -478,7 +488,7 @@ def plan_model(files: ModelFiles | str, config: SliceConfig, *, nproc: int = 1, 
     widths, params_sliced = sliced_widths(model, config)
     dtype = str(parse_dtype(config.dtype)).removeprefix("torch.")
     b = torch.finfo(parse_dtype(config.dtype)).bits // 8
-    kept = widths.layers[0].mlp if widths.layers else None
+    kept = widths.mlp_neurons
     d = widths.embedding
     device = str(config.device)
     work = Workload(
@@ -545,7 +555,7 @@ def format_plan(plan: Plan) -> str:
         f"{_gb(plan.sliced_bytes)} in {s['dtype']} |",
         "",
         f"widths: residual {plan.residual_width} of {plan.shape.hidden}"
-        + (f", MLP neurons {plan.mlp_neurons} of {plan.shape.intermediate}" if plan.mlp_neurons is not None else ""),
+        + (f", MLP neurons {plan.mlp_neurons} of {plan.shape.intermediate}{' per expert' if plan.shape.experts > 1 else ''}" if plan.mlp_neurons is not None else ""),
         "",
         "| peak memory" + (" (per process)" if plan.nproc > 1 else "") + " | in memory | streaming |",
         "|---|---:|---:|",

@@ -281,3 +281,44 @@ def plot_recovery(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- methods against size
+
+
+def plot_methods(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    path: str | os.PathLike[str],
+    *,
+    dense: Mapping[str, float] | None = None,
+    title: str = "perplexity against parameters removed",
+) -> Path:
+    """Side-by-side panels (one per measure, e.g. the wiki and a second domain), each with one
+    line per method of (share of parameters removed in %, perplexity) points; ``dense`` draws
+    each panel's dense level as a star at 0% removed."""
+    fig = _figure(6.0 * len(panels), 4.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (panel, series) in zip(axes, panels.items()):
+        values: list[float] = []
+        for i, (name, pts) in enumerate(series.items()):
+            pts = sorted(pts)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=4, color=f"C{i % 10}", label=name)
+            values += [y for _, y in pts]
+        if dense and panel in dense:
+            ax.plot([0.0], [dense[panel]], marker="*", ms=15, color="gold", mec="black", mew=0.6, ls="none",
+                    label=f"dense ({dense[panel]:.2f})", zorder=5)
+            values.append(dense[panel])
+        if values and min(values) > 0 and max(values) / min(values) > 5:
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+        ax.set_xlabel("parameters removed (%, of the model as shipped)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(panel, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return _save_figure(fig, path)

@@ -30,9 +30,10 @@ def _standard_config(model: nn.Module, spec: ArchSpec, d: int, meta_widths: dict
     head_dim = int(getattr(attn, "head_dim", None) or getattr(config, "head_dim", None) or D // config.num_attention_heads)
     config.hidden_size = d
     config.head_dim = head_dim
-    kept = {w.get("mlp") for w in meta_widths["layers"]}
-    if kept != {None}:  # uniform pruning keeps one intermediate size in every layer
-        (config.intermediate_size,) = kept
+    kept = {w.get("mlp") for w in meta_widths["layers"]} - {None}
+    if kept:  # uniform pruning keeps one intermediate size in every layer (in every routed expert)
+        (k,) = kept
+        setattr(config, "intermediate_size" if spec.experts is None else spec.expert_width_key, k)
     config.rms_norm_eps = float(config.rms_norm_eps) * D / d
     for key in ("slicegpt", "auto_map"):
         if hasattr(config, key):
