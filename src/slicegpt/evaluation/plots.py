@@ -53,6 +53,20 @@ def _save_figure(fig: "Figure", path: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------- spectra
 
 
+def _log_scale_if_wide(ax: Any, values: Sequence[float]) -> bool:
+    """A log y axis with plain tick labels (20, 30, 60, 100, not 2x10^1: perplexities are read,
+    not estimated) when the values span more than 5x; says whether it was set."""
+    if not values or min(values) <= 0 or max(values) / min(values) <= 5:
+        return False
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    return True
+
+
 def _spectrum_panels(names: Sequence[str]) -> list[tuple[str, list[str]]]:
     """Group points into panels: the embedding, one per layer (mid and out together), the uniform basis."""
     panels: dict[str, list[str]] = {}
@@ -187,16 +201,7 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
         dense_marker(ax, xs, ppl, dense, "gold", True)
         # Left of this line the "sliced" model is bigger than the one shipped.
         ax.axvline(0.0, color="gray", ls=":", lw=1, label="as many parameters as shipped")
-        values = [p for p in ppl if p is not None]
-        if min(values) > 0 and max(values) / min(values) > 5:
-            from matplotlib.ticker import FuncFormatter
-
-            ax.set_yscale("log")
-            # Plain numbers (20, 30, 60, 100) instead of 2x10^1: perplexities are read, not estimated.
-            plain = FuncFormatter(lambda v, _: f"{v:g}")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
-        else:
+        if not _log_scale_if_wide(ax, [p for p in ppl if p is not None]):
             # Nearly equal perplexities would otherwise be shown as offsets from a "+3.27e2" label.
             ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         detail = next((r["perplexity_details"] for r in runs if r.get("perplexity_details")), None)
@@ -268,13 +273,7 @@ def plot_recovery(
     if dense is not None:
         ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense teacher ({dense:.2f})")
         values.append(dense)
-    if values and min(values) > 0 and max(values) / min(values) > 5:
-        from matplotlib.ticker import FuncFormatter
-
-        ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+    _log_scale_if_wide(ax, values)
     ax.set_xlabel("training tokens seen (thousands)")
     ax.set_ylabel("perplexity" + (" (held-out validation rows)" if key == "val_ppl" else ""))
     ax.set_title(title, fontsize=10)
@@ -308,13 +307,7 @@ def plot_methods(
             ax.plot([0.0], [dense[panel]], marker="*", ms=15, color="gold", mec="black", mew=0.6, ls="none",
                     label=f"dense ({dense[panel]:.2f})", zorder=5)
             values.append(dense[panel])
-        if values and min(values) > 0 and max(values) / min(values) > 5:
-            from matplotlib.ticker import FuncFormatter
-
-            ax.set_yscale("log")
-            plain = FuncFormatter(lambda v, _: f"{v:g}")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+        _log_scale_if_wide(ax, values)
         ax.set_xlabel("parameters removed (%, of the model as shipped)")
         ax.set_ylabel("perplexity")
         ax.set_title(panel, fontsize=10)
