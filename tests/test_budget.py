@@ -113,6 +113,23 @@ def test_expert_neurons_kept_in_any_order_leave_the_moe_block_unchanged(family: 
     assert experts.gate_up_proj.shape == (E, 16, 64) and experts.down_proj.shape == (E, 64, 8) and experts.intermediate_dim == 8
 
 
+def test_transposed_expert_stacks_keep_the_same_neurons() -> None:
+    g = torch.Generator().manual_seed(2)
+    plain, flipped = torch.nn.Module(), torch.nn.Module()
+    plain.gate_up_proj = torch.nn.Parameter(torch.randn(3, 2 * 6, 5, generator=g))  # [E, 2n, H]
+    plain.down_proj = torch.nn.Parameter(torch.randn(3, 5, 6, generator=g))  # [E, H, n]
+    flipped.gate_up_proj = torch.nn.Parameter(plain.gate_up_proj.detach().transpose(1, 2).clone())
+    flipped.down_proj = torch.nn.Parameter(plain.down_proj.detach().transpose(1, 2).clone())
+    flipped.is_transposed = True
+    index = torch.tensor([[0, 5], [1, 2], [4, 3]])
+    for m in (plain, flipped):
+        neurons.keep_expert_neurons(m, index)
+    assert torch.equal(flipped.gate_up_proj.transpose(1, 2), plain.gate_up_proj)
+    assert torch.equal(flipped.down_proj.transpose(1, 2), plain.down_proj)
+    assert torch.equal(plain.gate_up_proj[2, 1], torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(2))[2, 3])
+    assert torch.equal(plain.gate_up_proj[2, 3], torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(2))[2, 9])
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_each_expert_refit_on_its_routed_tokens_beats_plain_dropping(family: str) -> None:
     block, x, ref = _moe_block(family)

@@ -161,8 +161,8 @@ def prune_experts(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_in
     """
     experts = neurons.experts_of(block, spec)
     assert experts is not None
-    w_all = ops.get_matrix(WeightRef.parameter(experts, "down_proj"))  # [E, H, n]
-    n = w_all.shape[2]
+    down = WeightRef.parameter(experts, "down_proj")
+    n = down.in_dim
     stats = neurons.ExpertStats(experts)
     try:
         for i, h in stream(inputs.hidden, device):
@@ -175,9 +175,9 @@ def prune_experts(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_in
         moments = moments_.FitMoments(stats.fit[e], stats.held_out[e])
         for m in (moments.fit, moments.held):
             if m.xx is None:  # no token here; other processes may have some
-                m.xx = torch.zeros(n, n, dtype=torch.float64, device=w_all.device)
+                m.xx = torch.zeros(n, n, dtype=torch.float64, device=down.tensor.device)
         combine(moments, reduce)
-        w0 = w_all[e]  # (H, n)
+        w0 = neurons.expert_matrix(down, e)  # (H, n)
         if moments.fit.count + moments.held.count == 0:
             index = neurons.fallback_neurons(experts, e, keep).to(w0.device)
             indices.append(index)

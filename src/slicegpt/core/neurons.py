@@ -80,29 +80,38 @@ def intermediate_size(block: nn.Module, spec: ArchSpec) -> int | None:
     return mlp_neuron_refs(block, spec)[1][0].in_dim
 
 
-def _set_stack(ref: WeightRef, w: torch.Tensor) -> None:
-    # Written directly, not through ops.set_matrix: the experts' width attributes are set by
-    # name below (an expert module's hidden_dim may equal its intermediate width).
-    stored = w.transpose(-1, -2) if ref.transposed else w
-    setattr(ref.module, ref.name, nn.Parameter(stored.contiguous().to(ref.tensor.dtype), requires_grad=False))
+def expert_matrix(ref: WeightRef, e: int) -> torch.Tensor:
+    """Expert ``e``'s (out, in) matrix of a fused stack, float64 (one expert at a time: a whole
+    Mixtral stack is gigabytes in float64)."""
+    w = ref.tensor.detach()[e]
+    return (w.t() if ref.transposed else w).to(torch.float64)
 
 
 def keep_expert_neurons(experts: nn.Module, index: torch.Tensor, down: torch.Tensor | None = None) -> None:
     """Keep the neurons ``index`` ([E, k], int64: expert e keeps index[e]) of every routed expert;
-    ``down`` ([E, H, k]) replaces the down stacks (a refit)."""
+    ``down`` ([E, H, k]) replaces the down stacks (a refit).
+
+    Kept rows are selected in the stacks' own dtype and layout; the experts' width attribute is
+    set by name (not inferred as ops.set_matrix does: an expert's hidden_dim may equal its width).
+    """
     gate_up, down_ref = _stacks(experts)
     n = down_ref.in_dim
     index = index.to(gate_up.tensor.device)
     rows = torch.cat([index, index + n], dim=1)  # [E, 2k]: the gate rows, then the same neurons' up rows
-    gu = ops.get_matrix(gate_up)  # [E, 2n, H]
-    _set_stack(gate_up, torch.gather(gu, 1, rows[:, :, None].expand(-1, -1, gu.shape[-1])))
+    gu = gate_up.tensor.detach()  # [E, 2n, H], or [E, H, 2n] transposed
+    axis = 1 if gate_up.transposed else 0  # of one expert's stored matrix: where its outputs lie
+    kept = torch.stack([gu[e].index_select(axis, rows[e]) for e in range(gu.shape[0])])
+    setattr(experts, gate_up.name, nn.Parameter(kept.contiguous(), requires_grad=False))
     bias = getattr(experts, "gate_up_proj_bias", None)
     if isinstance(bias, torch.Tensor):
         setattr(experts, "gate_up_proj_bias", nn.Parameter(torch.gather(bias.detach(), 1, rows), requires_grad=False))
+    dw = down_ref.tensor.detach()  # [E, H, n], or [E, n, H] transposed
     if down is None:
-        w = ops.get_matrix(down_ref)  # [E, H, n]
-        down = torch.gather(w, 2, index[:, None, :].expand(-1, w.shape[1], -1))
-    _set_stack(down_ref, down.to(torch.float64))
+        axis = 0 if down_ref.transposed else 1  # where one expert's inputs (the neurons) lie
+        new = torch.stack([dw[e].index_select(axis, index[e]) for e in range(dw.shape[0])])
+    else:
+        new = (down.transpose(-1, -2) if down_ref.transposed else down).to(dw.dtype)
+    setattr(experts, down_ref.name, nn.Parameter(new.contiguous(), requires_grad=False))
     if hasattr(experts, "intermediate_dim"):
         experts.intermediate_dim = int(index.shape[1])
 
@@ -235,14 +244,13 @@ class ExpertStats:
         values = list(args) + [kwargs[k] for k in names[len(args):]]
         x, index, weights = (v.detach() for v in values[:3])
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        stacks = ops.get_matrix(self.gate_up)  # [E, 2I, H]
         bias = getattr(self.experts, "gate_up_proj_bias", None)
         store = self.held_out if self.held else self.fit
         for e in range(self.num):
             token, slot = torch.where(index == e)
             if token.numel() == 0:
                 continue
-            pre = x[token] @ stacks[e].t()
+            pre = x[token] @ expert_matrix(self.gate_up, e).t()
             if isinstance(bias, torch.Tensor):
                 pre = pre + bias[e].to(torch.float64)
             h = self._gate(pre) * weights[token, slot, None].to(torch.float64)
@@ -256,7 +264,7 @@ def fallback_neurons(experts: nn.Module, e: int, k: int) -> torch.Tensor:
     """The neurons an expert no calibration token reached keeps: the largest products of its
     gate, up and down weights' norms, sorted ([k], int64)."""
     gate_up, down = _stacks(experts)
-    gu, w = ops.get_matrix(gate_up)[e], ops.get_matrix(down)[e]  # [2I, H], [H, I]
+    gu, w = expert_matrix(gate_up, e), expert_matrix(down, e)  # [2I, H], [H, I]
     n = w.shape[1]
     score = gu[:n].norm(dim=1) * gu[n:].norm(dim=1) * w.norm(dim=0)
     return torch.sort(torch.topk(score, k).indices).values
