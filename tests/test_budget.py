@@ -11,7 +11,7 @@ import torch
 import slicegpt
 from slicegpt.arch import spec_for_config
 from slicegpt.core import neurons
-from slicegpt.core.budget import ParameterCounter, parse_axes, resolve_target
+from slicegpt.core.budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
 
 from conftest import calib_rows, make_tiny
 
@@ -332,6 +332,17 @@ def test_per_layer_targets_move_budget_to_the_residual_width_when_neurons_cannot
     report = slicegpt.slice_model(model, None, calib_rows(8), config, progress=False)
     assert report.params_after <= report.target_params
     assert report.allocation["residual_share"] > 0 and report.widths.embedding < 64
+    # of the shares that reach the target, the most balanced one: its smaller kept fraction is the largest
+    counter = ParameterCounter(make_tiny("llama", dtype=torch.float32).config, spec_for_config(model.config), False)
+    target = report.target_params
+    kept = {}
+    for share in (0.25, 0.5, 0.75, 1.0):
+        try:
+            w = BudgetWidth(target=target, counter=counter, residual_share=share, residual_allowed=False).split[0]
+        except ValueError:
+            continue
+        kept[share] = min(w.embedding / 64, (w.mlp_neurons or 96) / 96)
+    assert len(kept) >= 2 and report.allocation["residual_share"] == max(kept, key=lambda s: (kept[s], -s))
 
 
 def test_corrections_default_on_with_a_target_and_token_weighting_changes_the_fit() -> None:
