@@ -103,7 +103,9 @@ def plot(out: str, merge: list[str], png: str) -> None:
 
     runs = [r for f in [out, *merge] if Path(f).exists() for r in json.loads(Path(f).read_text())["runs"]]
     dense = next(r for r in runs if r["method"] == "dense")
-    runs = [r for r in runs if r["wiki_rows"] == dense["wiki_rows"] and r["books_rows"] == dense["books_rows"]]
+    # a run kept for the record but made obsolete by a later change (its "superseded" says which) is left out
+    runs = [r for r in runs if r["wiki_rows"] == dense["wiki_rows"] and r["books_rows"] == dense["books_rows"]
+            and not r.get("superseded")]
     panels: dict[str, dict[str, list[tuple[float, float]]]] = {
         f"wiki evaluation part ({dense['wiki_rows']} rows x 1024)": {},
         f"second domain: lambada novels ({dense['books_rows']} rows x 1024)": {}}
