@@ -134,20 +134,34 @@ def refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input:
     finally:
         rec.remove()
     combine(moments, reduce)
+    index, w, rel = keep_and_refit(moments, w0, keep, reduce.agree)
+    neurons.keep_neurons(block, spec, index, [reduce.agree(w)])
+    record[point] = rel
+
+
+def keep_and_refit(moments: moments_.FitMoments, w0: torch.Tensor, keep: int | None,
+                   agree: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(kept neurons [k], the writer refit on them (D, k), its ridge strength) from a writer's
+    reduced moments; ``w0`` (D, n) is the writer as it is, ``keep`` None keeps every neuron.
+
+    Moments without a target (``xt`` None) aim at the writer's own unpruned output:
+    E[h^T t] = E[h^T h] W^T. ``agree`` makes the neuron choice every process's (before the
+    moments are cut to it).
+    """
     for m in (moments.fit, moments.held):
-        if m.count and m.xt is None:  # the MLP's own output: E[h^T t] = E[h^T h] W^T
+        if m.count and m.xt is None:
             m.xt = m.xx @ w0.t()
-    n = w0.shape[1]
-    index = torch.arange(n, device=w0.device)
+    index = torch.arange(w0.shape[1], device=w0.device)
     if keep is not None:
         cov, cross = moments.fit.merged(moments.held).mean() if moments.held.count else moments.fit.mean()
-        index = reduce.agree(neurons.greedy_neurons(cov, w0, keep, cross=cross))
+        index = agree(neurons.greedy_neurons(cov, w0, keep, cross=cross))
         for m in (moments.fit, moments.held):
             if m.count:
                 m.xx, m.xt = m.xx[index][:, index], m.xt[index]
+    if moments.fit.count == 0:  # every row was held out (an expert reached only there): fit on them
+        moments.fit, moments.held = moments.held, moments_.Moments()
     w, rel = moments_.refit(moments, w0[:, index])
-    neurons.keep_neurons(block, spec, index, [reduce.agree(w)])
-    record[point] = rel
+    return index, w, rel
 
 
 def prune_experts(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input: Callable[[torch.Tensor], torch.Tensor],
@@ -183,15 +197,7 @@ def prune_experts(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_in
             indices.append(index)
             downs.append(w0[:, index])
             continue
-        for m in (moments.fit, moments.held):
-            m.xt = m.xx @ w0.t()  # own output: E[h^T t] = E[h^T h] W^T
-        cov, _ = moments.fit.merged(moments.held).mean() if moments.held.count else moments.fit.mean()
-        index = neurons.greedy_neurons(cov, w0, keep)
-        for m in (moments.fit, moments.held):
-            m.xx, m.xt = m.xx[index][:, index], m.xt[index]
-        if moments.fit.count == 0:  # every token of this expert was held out: fit on them
-            moments.fit, moments.held = moments.held, moments_.Moments()
-        w, rel = moments_.refit(moments, w0[:, index])
+        index, w, rel = keep_and_refit(moments, w0, keep)  # agreed below, all experts at once
         indices.append(index)
         downs.append(w)
         chosen.append(rel)

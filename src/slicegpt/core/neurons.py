@@ -62,7 +62,8 @@ def mlp_neuron_refs(block: nn.Module, spec: ArchSpec) -> tuple[list[WeightRef], 
     """
     producers, consumers = weight_refs(block, spec.mlp_inputs), weight_refs(block, spec.mlp_outputs)
     if spec.mlp_preserves_width or any(r.tensor.dim() != 2 for r in producers + consumers):
-        raise UnsupportedModelError(f"{spec.name}: pruning MLP neurons of routed experts is not supported; use --axes residual")
+        raise UnsupportedModelError(f"{spec.name}: its MLP has no plain neuron matrices (routed experts are pruned expert by "
+                                    "expert); use --axes residual")
     widths = {r.out_dim for r in producers} | {r.in_dim for r in consumers}
     if len(widths) != 1:
         raise UnsupportedModelError(
