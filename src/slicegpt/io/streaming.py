@@ -196,12 +196,11 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
     except Exception as exc:  # noqa: BLE001 - any failure to read the files is the user's to fix
         raise ModelLoadError(f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}") from exc
     source = StreamingSource(reader, model, spec, torch_dtype)
-    outside = [n for n in reader.names() if not n.startswith(spec.layers + ".")]
     if renamed_outside:
         outside_tensors = _outside_by_transformers(folder, config, torch_dtype, spec)
-        outside = list(outside_tensors)
     else:
-        outside_tensors = reader.read(outside, torch_dtype)
+        outside_tensors = reader.read([n for n in reader.names() if not n.startswith(spec.layers + ".")], torch_dtype)
+    outside = list(outside_tensors)
     model.load_state_dict(outside_tensors, strict=False, assign=True)
     head, emb = get_path(model, spec.head), get_path(model, spec.embeddings[0])
     if getattr(config, "tie_word_embeddings", False) and f"{spec.head}.weight" not in outside:
