@@ -130,6 +130,19 @@ def test_transposed_expert_stacks_keep_the_same_neurons() -> None:
     assert torch.equal(plain.gate_up_proj[2, 3], torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(2))[2, 9])
 
 
+def test_an_expert_no_token_reached_keeps_its_largest_weights() -> None:
+    g = torch.Generator().manual_seed(4)
+    experts = torch.nn.Module()
+    experts.gate_up_proj = torch.nn.Parameter(torch.randn(2, 2 * 6, 5, generator=g))
+    experts.down_proj = torch.nn.Parameter(torch.randn(2, 5, 6, generator=g))
+    with torch.no_grad():
+        experts.gate_up_proj[1, [0, 6]] *= 100.0  # neuron 0 of expert 1: large gate and up rows
+        experts.down_proj[1, :, 3] *= 100.0  # neuron 3: a large down column
+        experts.down_proj[1, :, 5] = 0.0  # neuron 5 writes nothing
+    kept = neurons.fallback_neurons(experts, 1, 3)
+    assert kept.tolist() == sorted(kept.tolist()) and {0, 3} <= set(kept.tolist()) and 5 not in kept.tolist()
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_each_expert_refit_on_its_routed_tokens_beats_plain_dropping(family: str) -> None:
     block, x, ref = _moe_block(family)

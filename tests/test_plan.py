@@ -188,3 +188,21 @@ def test_time_model_terms() -> None:
     # uniform, plain: the pooling walk only gathers statistics; slicing runs no calibration
     pooled = time_model(SHAPE, replace(WORK, uniform=True), rate, 0, 0)
     assert pooled.eigh_flops == 10 * 8192 ** 3 and pooled.forward_flops == pytest.approx(per_token * tokens)
+
+
+def test_routed_experts_are_planned_per_expert(tmp_path: Path) -> None:
+    folder = tmp_path / "moe"
+    model = make_tiny("qwen2_moe", dtype=torch.float32)
+    model.save_pretrained(folder)
+    config = slicegpt.SliceConfig(nsamples=16, seqlen=24, batch_size=4, target_params=0.9, uniform=True)
+    plan = plan_model(str(folder), config)
+    assert plan.shape.experts == 4 and plan.shape.intermediate == 32  # the experts' width, not the dense layer's 96
+    report = slicegpt.slice_model(make_tiny("qwen2_moe", dtype=torch.float32), None, calib_rows(16), config, progress=False)
+    assert plan.params_sliced == report.params_after and plan.mlp_neurons == report.allocation["mlp_neurons"]
+    # every expert's fit and held-out moments, and every expert's neuron choice and refit
+    work = Workload(rows=16, seqlen=24, batch_size=4, dtype_bytes=4, corrections=True, kept_neurons=16, residual_width=64,
+                    hidden=64, uniform=True, nproc=1, device_is_host=True)
+    one = replace(plan.shape, experts=1)
+    assert memory_model(plan.shape, work).device_moments - memory_model(one, work).device_moments == 3 * 2 * 32 * 32 * 8
+    rate = Throughput(tflops=1, fp64_tflops=1, disk_gbps=1)
+    assert time_model(plan.shape, work, rate, 0, 0).solves > time_model(one, work, rate, 0, 0).solves
