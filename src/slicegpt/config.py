@@ -57,6 +57,25 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def parse_device_map(text: str | None) -> str | tuple[str, ...] | None:
+    """None, 'auto', or the devices of a comma-separated list ('cuda:0,cuda:1'); a one-line error
+    for anything else (devices are parsed here, and checked against the machine when used)."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    if text == "auto":
+        return "auto"
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise ValueError("device_map is empty: use 'auto' or a comma-separated list of devices such as 'cuda:0,cuda:1'")
+    for name in names:
+        try:
+            torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device_map: unknown device {name!r}; use 'auto' or a list such as 'cuda:0,cuda:1'") from None
+    return names
+
+
 def _number(name: str, value: Any, kind: type = float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise TypeError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
@@ -77,6 +96,12 @@ class SliceConfig:
     nsamples, seqlen: calibration rows and their length in tokens (seqlen clipped to the context).
     batch_size: calibration rows per forward pass.
     device: where each layer is processed (the rest of the model stays on the host).
+    device_map: several devices in this process instead of one ``device``, for a model larger
+        than one accelerator: 'auto' (the model's own ``hf_device_map`` when it was loaded with
+        one, else every CUDA device) or a comma-separated list ('cuda:0,cuda:1'), the layers
+        split evenly in order. Each layer is calibrated and sliced on its device and stays there;
+        the sliced model is dispatched over them (accelerate) and runs as one. In memory only
+        (the host holds the model while it is sliced).
     dtype: the dtype the model is loaded and sliced in; PCA is always float64.
     seed: draws the calibration rows.
     slice_head: also slice the last layer's output and the head's input.
@@ -122,6 +147,7 @@ class SliceConfig:
     seqlen: int = 2048
     batch_size: int = 8
     device: str = "cpu"
+    device_map: str | None = None
     dtype: str = "float32"
     seed: int = 42
     slice_head: bool = False
@@ -162,6 +188,7 @@ class SliceConfig:
         if self.damping < 0:
             raise ValueError("damping must be non-negative")
         parse_dtype(self.dtype)
+        parse_device_map(self.device_map)
 
     @property
     def corrections(self) -> bool:
@@ -177,11 +204,14 @@ class EvalConfig:
     """How to measure perplexity.
 
     seqlen: tokens per row (clipped to the model's context); batch_size: rows per forward.
+    device_map: run a model too large for one device over several ('auto' or 'cuda:0,cuda:1'),
+        as :class:`SliceConfig` places layers; None: all of it on ``device``.
     """
 
     seqlen: int = 2048
     batch_size: int = 1
     device: str = "cpu"
+    device_map: str | None = None
     dtype: str = "float32"
     max_rows: int | None = None
 

@@ -63,6 +63,10 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration rows per forward pass")
     p.add_argument("--round-to", type=int, default=d.round_to, help="round the kept width down to a multiple of this")
     p.add_argument("--device", default=d.device, help="where each layer is processed (and, with --ppl, evaluated): cpu, cuda, cuda:1 ...")
+    p.add_argument("--device-map", default=d.device_map, metavar="MAP", help="spread the model over several devices of this process "
+                   "when it does not fit one: 'auto' (every CUDA device) or a list such as 'cuda:0,cuda:1' (layers split evenly, in "
+                   "order). Each layer is calibrated and sliced on its device and stays there, calibration activations travel to it "
+                   "from the host, and --ppl runs the model across the devices. Slices in memory (no streaming)")
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype to load, slice and evaluate the model in (PCA is float64)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing calibration rows")
     p.add_argument("--slice-head", action="store_true", default=d.slice_head, help="also slice the last layer's output and the head's input")
@@ -85,6 +89,7 @@ def slice_config_from_args(args: argparse.Namespace, sparsity: float) -> SliceCo
         seqlen=args.seqlen,
         batch_size=args.batch_size,
         device=args.device,
+        device_map=args.device_map,
         dtype=args.dtype,
         seed=args.seed,
         slice_head=args.slice_head,

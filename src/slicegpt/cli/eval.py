@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..arch import spec_for_config
 from ..config import DTYPES
+from ..core.placement import dispatch, layer_devices
 from ..core.surgery import count_parameters
 from ..evaluation.perplexity import perplexity
 from ..evaluation.tasks import evaluate_tasks, format_tasks_table
@@ -32,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per forward pass")
     p.add_argument("--max-rows", type=int, default=d.max_rows, help="evaluate the first N rows only")
     p.add_argument("--device", default=d.device, help="cpu, cuda, ...")
+    p.add_argument("--device-map", default=d.device_map, metavar="MAP", help="run a model too large for one device over several: "
+                   "'auto' (every CUDA device) or a list such as 'cuda:0,cuda:1' (layers split evenly, in order); instead of --device")
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype to run the model in")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
 
@@ -39,16 +43,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model, tokenizer, name = load_model(args.model, dtype=args.dtype)
     result: dict[str, Any] = {"model": args.model or name, "parameters": count_parameters(model), "dtype": args.dtype, "device": args.device}
+    device: str | None = args.device
+    if args.device_map is not None:
+        spec = spec_for_config(model.config)
+        devices = layer_devices(model, spec, args.device_map, args.device)
+        dispatch(model, spec, devices)
+        result["device_map"], device = model.hf_device_map if len(devices) > 1 else str(devices[0]), None
     tasks = split_tasks(args.tasks)
     ppl_source = args.ppl or (None if args.tasks else "wiki")
     if ppl_source:
-        res = perplexity(model, tokenizer, ppl_source, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device, max_rows=args.max_rows)
+        res = perplexity(model, tokenizer, ppl_source, seqlen=args.seqlen, batch_size=args.batch_size, device=device, max_rows=args.max_rows)
         result["perplexity"] = res.to_dict()
         print(f"{result['model']}: perplexity {res.perplexity:.3f} on {res.source} ({res.rows} rows x {res.seqlen} tokens, {res.tokens} predictions) in {res.seconds:.1f} s")
     if args.tasks:
         result["tasks"] = evaluate_tasks(
             model, tokenizer, tasks or [], limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
-            offline=True if args.tasks_offline else None, device=args.device, dtype=args.dtype,
+            offline=True if args.tasks_offline else None, device=device, dtype=args.dtype,
         )
         print(format_tasks_table(result["tasks"]))
     result.update(peak_memory(args.device))

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..arch import supported_architectures
+from ..arch import spec_for_config, supported_architectures
+from ..core.placement import dispatch, layer_devices
 from ..core.slicing import slice_model
 from ..core.streams import LocalReduction, NoCheckpoint, Streams
 from ..evaluation.markdown import format_slice_table
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     config = slice_config_from_args(args, args.sparsity)
     ranks, config = distributed.join(args, config)  # under torchrun: rank 0 goes on, the others follow it
+    if ranks is not None and config.device_map is not None:
+        raise ValueError("--device-map spreads one process's model over devices; under torchrun give each process its --device")
     if ranks is not None and not ranks.leader:
         return distributed.follow(args, config, ranks, stream_blockers(args, config))
     wall = time.perf_counter()
@@ -99,10 +102,16 @@ def run(args: argparse.Namespace) -> int:
                                                                                every=args.checkpoint_every)
 
         result: dict[str, Any] = {"model": name, "settings": config.to_dict(), "out": out}
+        # With --device-map the model runs spread over its devices (slicing takes it back first).
+        eval_device = None if config.device_map is not None else config.device
         if args.ppl:
-            dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
+            if config.device_map is not None:
+                spec = spec_for_config(model.config)
+                dispatch(model, spec, layer_devices(model, spec, config.device_map, config.device))
+            dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=eval_device)
             result["dense_perplexity"] = dense.to_dict()
-            model.to("cpu")
+            if config.device_map is None:
+                model.to("cpu")
         activations = list if args.offload_activations is None else disk_store(args.offload_activations)
         if opened is not None:
             report = streaming.slice_streamed(args.model, out, config, overwrite=_may_replace(out, args),
@@ -125,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             allocation=report.allocation,
         )
         if args.ppl:
-            sliced = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=config.device)
+            sliced = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=eval_device)
             result["sliced_perplexity"] = sliced.to_dict()
         result["wall_seconds"] = time.perf_counter() - wall
         result.update(peak_memory(config.device))
@@ -138,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
 def stream_blockers(args: argparse.Namespace, config: Any) -> dict[str, bool]:
     """The settings that need the whole model in memory (streaming ruled out)."""
-    return {"--ppl": bool(args.ppl), "--search": config.search,
+    return {"--ppl": bool(args.ppl), "--search": config.search, "--device-map": config.device_map is not None,
             "a sliced folder as MODEL": args.model is not None and is_sliced_folder(args.model)}
 
 

@@ -50,9 +50,10 @@ from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
 from .block import BlockBases, slice_block, slice_embeddings, slice_head
 from .capture import LayerInputs, capture_layer_inputs, stream
 from .modules import SlicedBlock, WeightlessRMSNorm
+from .placement import dispatch, is_dispatched, layer_devices, undispatch
 from .pca import Covariance, FixedRotation, NumericalError, PCARotation, PooledCovariance, RotationSource, check_finite
 from .report import SliceReport
-from .streams import LayerSink, LoopState, Restart, Streams
+from .streams import InMemorySink, LayerSink, LoopState, Restart, Streams
 from .surgery import (count_parameters, get_layers, get_path, hidden_size, is_prepared, is_tied, prepare, prepare_layer,
                       prepare_outside_layers)
 from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
@@ -166,7 +167,8 @@ def walk(
     holds the activations, basis, spectra, refits and widths as built the stopped walk had
     there, so the rest goes on bit for bit as it would have.
     """
-    device = torch.device(config.device)
+    devices = layer_devices(model, spec, config.device_map, config.device)  # one per layer
+    device = devices[0]  # capture and the embeddings' statistics run with the first layer
     D, n = widths.hidden, len(get_layers(model, spec))
     choose = _BasisChooser(rotation, streams, device)
     inputs = None
@@ -203,6 +205,8 @@ def walk(
         first, built = start.next_layer, list(start.built)
     embeddings = {} if rotation.collect_only else embedding_tensors(model, spec)
     for index in tqdm(range(first, n), desc=desc, unit="layer", disable=not progress, initial=first, total=n):
+        device = choose.device = devices[index]
+        q_prev = None if q_prev is None else q_prev.to(device)
         block = streams.source.layer(model, spec, index).to(device)
         w = widths.layers[index]
         if inputs is not None:
@@ -335,6 +339,17 @@ def slice_model(
     model.eval()
     streams = streams or Streams()
     streamed = streams.source.streamed
+    devices = None
+    if config.device_map is not None:
+        if streamed:
+            raise ValueError("--device-map keeps each sliced layer on its device: it slices in memory, not streamed (--stream off)")
+        devices = layer_devices(model, spec, config.device_map, config.device)  # 'auto' reads hf_device_map before the hooks go
+        undispatch(model)
+        if isinstance(streams.sink, InMemorySink):
+            streams = replace(streams, sink=InMemorySink(keep_on_device=True))
+    elif is_dispatched(model):
+        raise ValueError("the model is spread over devices (loaded with device_map=...): pass device_map='auto' to slice it "
+                         "there, or load it without a device map")
     # A streamed model's layers are read later; its source checks each layer's weights then.
     bad = next((name for name, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all())), None)
     if bad is not None:
@@ -434,6 +449,8 @@ def slice_model(
         versions=library_versions(),
         verified=verified,
     )
+    if devices is not None:
+        dispatch(model, spec, devices)  # the layers are on their devices already; the rest joins them
     if isinstance(policy, BudgetWidth):
         report.target_params = policy.target
         report.allocation = {"axes": list(parse_axes(config.axes)), "residual_share": policy.split[1],

@@ -144,10 +144,15 @@ class InMemorySource:
 
 
 class InMemorySink:
-    """A finished layer stays in the model, back on the host."""
+    """A finished layer stays in the model, back on the host (or, with ``keep_on_device``, on the
+    device it was processed on: a model spread over several devices, ``--device-map``)."""
+
+    def __init__(self, keep_on_device: bool = False) -> None:
+        self.keep_on_device = keep_on_device
 
     def done(self, model: nn.Module, spec: ArchSpec, index: int, block: nn.Module) -> None:
-        block.to("cpu")
+        if not self.keep_on_device:
+            block.to("cpu")
 
 
 class LocalReduction:

