@@ -5,10 +5,10 @@
     .venv/bin/python benchmarks/recover_smollm2.py --work DIR --only eval # reuse the folders in DIR
 
 Steps (each skipped when its output exists in --work):
-  1. slice the embedded model twice to 75% of its 134.5M parameters as shipped, uniform (standard
+  1. slice the embedded model to 75% of its 134.5M parameters as shipped, uniform (standard
      checkpoints): 'budget' (the default of --target-params: MLP neurons + corrections) and
-     'slicegpt' (--axes residual --no-correct: the paper's method alone); 32 x 1024 wiki
-     calibration rows;
+     'slicegpt' (--axes residual --no-correct: the paper's method alone) from 32 x 1024 wiki
+     calibration rows, 'budget128' from 128;
   2. `slicegpt recover` each run of RUNS with the same token budget but for the one long run
      (TRAIN_ARGS: wiki calibration part, bf16 autocast, one thread), validation on held-out
      training rows, the curve measured on the first 8 'wiki' evaluation rows of 512 tokens;
@@ -31,7 +31,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SLICE = ["--target-params", "0.75", "--uniform", "--nsamples", "32", "--seqlen", "1024"]
-STUDENTS = {"budget": SLICE, "slicegpt": SLICE + ["--axes", "residual", "--no-correct", "--round-to", "1"]}
+STUDENTS = {"budget": SLICE, "slicegpt": SLICE + ["--axes", "residual", "--no-correct", "--round-to", "1"],
+            # The budget issue's best uniform model: the same target from 128 calibration rows.
+            "budget128": [*SLICE[:4], "128", *SLICE[5:]]}
 TRAIN_ARGS = ["--tokens", "196608", "--seqlen", "512", "--batch-size", "4", "--warmup", "8", "--val-rows", "8",
               "--eval-data", "wiki", "--eval-max-rows", "8", "--eval-every", "16", "--checkpoint-every", "16",
               "--dtype", "bfloat16"]
@@ -42,7 +44,8 @@ TRAIN_ARGS = ["--tokens", "196608", "--seqlen", "512", "--batch-size", "4", "--w
 RUNS = [("budget-kd-all", "budget", "kd", "all", []), ("budget-lm-all", "budget", "lm", "all", []),
         ("budget-kd-lora", "budget", "kd", "lora", ["--lr", "1e-3"]), ("slicegpt-kd-all", "slicegpt", "kd", "all", []),
         *((f"budget-{loss}-all-long", "budget", loss, "all", ["--tokens", "540672", "--eval-every", "24", "--checkpoint-every", "48"])
-          for loss in ("kd", "lm"))]
+          for loss in ("kd", "lm")),
+        ("budget128-kd-all-long", "budget128", "kd", "all", ["--tokens", "540672", "--eval-every", "24", "--checkpoint-every", "48"])]
 
 
 def slicegpt_cli(*args: str, log: Path) -> None:
