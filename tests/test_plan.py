@@ -206,3 +206,16 @@ def test_routed_experts_are_planned_per_expert(tmp_path: Path) -> None:
     assert memory_model(plan.shape, work).device_moments - memory_model(one, work).device_moments == 3 * 2 * 32 * 32 * 8
     rate = Throughput(tflops=1, fp64_tflops=1, disk_gbps=1)
     assert time_model(plan.shape, work, rate, 0, 0).solves > time_model(one, work, rate, 0, 0).solves
+
+
+def test_a_device_map_plans_each_devices_share(tiny_folder: tuple[Path, torch.nn.Module], capsys: pytest.CaptureFixture[str]) -> None:
+    folder, _ = tiny_folder  # 3 layers
+    one = plan_model(str(folder), slicegpt.SliceConfig(sparsity=0.25, device="cuda"))
+    two = plan_model(str(folder), slicegpt.SliceConfig(sparsity=0.25, device_map="cuda:0,cuda:1"))
+    # the first device keeps 2 of the 3 sliced layers' share of the model, beside the same workspace
+    assert two.memory.device_kept == pytest.approx(two.sliced_bytes * 2 / 3)
+    assert two.memory.device_peak == pytest.approx(one.memory.device_peak + two.memory.device_kept)
+    assert two.throughput == one.throughput and any("--device-map over 2" in n for n in two.notes)
+    assert main(["plan", str(folder), "--device-map", "cuda:0,cuda:1"]) == 0
+    assert "| each device (cuda:0,cuda:1) |" in capsys.readouterr().out
+    assert "CUDA devices" in _one_line_error(["plan", str(folder), "--device-map", "auto"], capsys)

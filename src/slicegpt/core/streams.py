@@ -147,6 +147,8 @@ class InMemorySink:
     """A finished layer stays in the model, back on the host (or, with ``keep_on_device``, on the
     device it was processed on: a model spread over several devices, ``--device-map``)."""
 
+    keep_on_device = False  # (a class default: subclasses need not call __init__)
+
     def __init__(self, keep_on_device: bool = False) -> None:
         self.keep_on_device = keep_on_device
 

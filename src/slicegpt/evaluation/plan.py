@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..arch import UnsupportedModelError, spec_for_config
-from ..config import SliceConfig, parse_dtype
+from ..config import SliceConfig, parse_device_map, parse_dtype
 from ..core import uniform
 from ..core.allocate import SHARES
 from ..core.budget import ParameterCounter
@@ -187,6 +187,9 @@ class MemoryEstimate:
                          7 x intermediate^2 x 8 (fit and held-out sums, their means, the identity
                          and shifted matrix of a ridge solve, the solver's factor) plus
                          2 x intermediate x hidden x 8 (cross moments).
+      kept               with --device-map over k devices, the sliced layers each keeps: the
+                         sliced model / k (the largest share: k does not divide the layers evenly,
+                         and the first device also holds the embeddings).
     Not modelled: allocator fragmentation (glibc trims after each layer), attention scores
     (SDPA keeps no seqlen^2 matrix per head), the tokenizer, the search's candidate copies
     (added as one more model in memory with --search).
@@ -205,10 +208,11 @@ class MemoryEstimate:
     device_moments: float
     device_is_host: bool
     search_copy: float = 0.0
+    device_kept: float = 0.0
 
     @property
     def device_peak(self) -> float:
-        return self.device_layer + self.device_fp64_squares + self.device_batch + self.device_moments
+        return self.device_layer + self.device_fp64_squares + self.device_batch + self.device_moments + self.device_kept
 
     def _on_host(self) -> float:
         # On the CPU the "device" is the host: its workspace adds to the host (the layer is already counted there).
@@ -490,7 +494,9 @@ def plan_model(files: ModelFiles | str, config: SliceConfig, *, nproc: int = 1, 
     b = torch.finfo(parse_dtype(config.dtype)).bits // 8
     kept = widths.mlp_neurons
     d = widths.embedding
-    device = str(config.device)
+    wanted = parse_device_map(config.device_map)
+    # With --device-map the layers are processed on the map's devices (their kind sets the throughput).
+    device = str(config.device) if wanted is None else "cuda" if wanted == "auto" else str(wanted[0])
     work = Workload(
         rows=config.nsamples, seqlen=seqlen, batch_size=config.batch_size, dtype_bytes=b, corrections=config.corrections,
         kept_neurons=kept, residual_width=d, hidden=shape.hidden, uniform=config.uniform, nproc=nproc, device_is_host=device.split(":")[0] == "cpu",
@@ -513,6 +519,16 @@ def plan_model(files: ModelFiles | str, config: SliceConfig, *, nproc: int = 1, 
                      "the forwards are divided over the processes, the eigendecompositions and solves are not")
     sliced_bytes = float(params_sliced * b)
     memory = memory_model(shape, work)
+    if wanted is not None:
+        count = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if wanted == "auto" else len(wanted)
+        if count == 0:
+            raise ValueError("--device-map auto counts this machine's CUDA devices, and it has none: name the devices the run "
+                             "will use (--device-map cuda:0,cuda:1)")
+        share = -(-shape.layers // count) / shape.layers  # the most layers one device takes
+        memory = replace(memory, device_kept=sliced_bytes * share, device_is_host=False)
+        notes.append(f"--device-map over {count} device(s): each keeps its share of the sliced layers (the device row, the "
+                     f"first device also the embeddings); running the dense model over them (--ppl) takes "
+                     f"{_gb(float(shape.params * b) * share)} each; in memory (the host holds the model)")
     time_ = time_model(shape, work, rate, read_bytes=disk, write_bytes=sliced_bytes)
     return Plan(
         model=files.name, model_type=str(model_type), files=files.source, settings=config.to_dict(),
@@ -542,7 +558,7 @@ def format_plan(plan: Plan) -> str:
     how = (f"target {s['target_params']:g}" if s.get("target_params") is not None else f"sparsity {s['sparsity']:g}")
     how += (", uniform" if s.get("uniform") else "") + (", corrections" if plan.workload.corrections else "")
     lines = [
-        f"plan: {plan.model} ({plan.model_type}), {how}, {s['dtype']} on {s['device']}, "
+        f"plan: {plan.model} ({plan.model_type}), {how}, {s['dtype']} on {s.get('device_map') or s['device']}, "
         f"{plan.workload.rows} rows x {plan.seqlen} tokens, batch {plan.workload.batch_size}"
         + (f", {plan.nproc} processes" if plan.nproc > 1 else ""),
         f"read from: {plan.files}",
@@ -565,13 +581,15 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"| host, {plan.nproc} processes | {_gb(m.host_in_memory * plan.nproc)} | {_gb(m.host_streaming * plan.nproc)} |")
     device = "on the host" if m.device_is_host else _gb(m.device_peak)
     lines += [
-        f"| device ({s['device']}) | {device} | {device} |",
+        f"| device ({s['device']}) | {device} | {device} |" if not m.device_kept else
+        f"| each device ({s['device_map']}) | {device} | (not streamed) |",
         "",
         f"host terms: baseline {_gb(m.baseline)}, model {_gb(m.model)} | non-layer {_gb(m.non_layer)} + 3 layers "
         f"{_gb(m.layers)}, float64 workspace {_gb(m.fp64_workspace)}, activations {_gb(m.activations)}, "
         f"call arguments {_gb(m.call_arguments)}",
         f"device terms: layer {_gb(m.device_layer)}, float64 D x D {_gb(m.device_fp64_squares)}, batch {_gb(m.device_batch)}"
-        + (f", moments {_gb(m.device_moments)}" if m.device_moments else ""),
+        + (f", moments {_gb(m.device_moments)}" if m.device_moments else "")
+        + (f", sliced layers kept {_gb(m.device_kept)}" if m.device_kept else ""),
         "",
         "| time | minutes |",
         "|---|---:|",
