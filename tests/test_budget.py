@@ -34,6 +34,22 @@ def test_greedy_keeps_k_distinct_sorted_neurons_and_all_when_asked() -> None:
         neurons.greedy_neurons(cov, w, 13)
 
 
+def test_greedy_gains_are_the_least_squares_error_curve() -> None:
+    """Each gain is what its neuron lowers the best fit's error by: E||t||^2 - gains[:j].sum() is the
+    error of the least-squares fit on the first j neurons taken, for every j."""
+    h, w, cov = _moments()
+    t = h @ w.t()  # the layer's own output
+    order, gains = neurons.greedy_order(cov, w, 12)
+    assert sorted(order.tolist()) == list(range(12)) and bool((gains >= 0).all())
+    total = float(t.pow(2).sum(1).mean())
+    for j in (1, 4, 9, 12):
+        sel = h[:, order[:j]]
+        fit = torch.linalg.lstsq(sel, t).solution
+        err = float((t - sel @ fit).pow(2).sum(1).mean())
+        assert total - float(gains[:j].sum()) == pytest.approx(err, rel=1e-8, abs=1e-9)
+    assert neurons.greedy_neurons(cov, w, 5).tolist() == sorted(order[:5].tolist())
+
+
 def test_greedy_skips_a_duplicate_neuron() -> None:
     h, w, _ = _moments(n=6)
     h = torch.cat([h, h[:, -1:]], dim=1)  # neuron 6 repeats neuron 5, the strongest

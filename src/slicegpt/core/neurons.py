@@ -166,7 +166,18 @@ class NeuronStats:
 
 
 def greedy_neurons(cov: torch.Tensor, w_ref: torch.Tensor, k: int, cross: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``k`` neurons a greedy least-squares column selection keeps, sorted ([k], int64).
+    """The ``k`` neurons a greedy least-squares column selection keeps, sorted ([k], int64)
+    (:func:`greedy_order`'s choice)."""
+    order, _ = greedy_order(cov, w_ref, k, cross)
+    return order.sort().values
+
+
+def greedy_order(cov: torch.Tensor, w_ref: torch.Tensor, k: int,
+                 cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` neurons a greedy least-squares column selection takes, in the order taken
+    ([k], int64), and what each lowered the least-squares error by ([k], float64): the error of
+    the best fit on the first j is E||t||^2 - gains[:j].sum(), so one run gives a layer's whole
+    error-against-width curve (to compare layers, e.g. to spread neurons over them).
 
     Works on moments only: C = E[h^T h] ([n, n]) and the target's cross moment B ([n, D]):
     B = C W_ref^T when the target is the layer's own unpruned output (``cross`` None), or
@@ -183,6 +194,8 @@ def greedy_neurons(cov: torch.Tensor, w_ref: torch.Tensor, k: int, cross: torch.
     floor = 1e-12 * schur.max().clamp_min(1e-300)
     factor = torch.zeros(n, k, dtype=torch.float64, device=cov.device)
     chosen = torch.zeros(n, dtype=torch.bool, device=cov.device)
+    order = torch.zeros(k, dtype=torch.int64)
+    gains = torch.zeros(k, dtype=torch.float64)
     for t in range(k):
         gain = resid.pow(2).sum(dim=1) / schur.clamp_min(floor)
         gain[chosen | (schur <= floor)] = -1.0
@@ -193,14 +206,15 @@ def greedy_neurons(cov: torch.Tensor, w_ref: torch.Tensor, k: int, cross: torch.
             # the factor alone (dividing by a vanished Schur complement would blow it up, and
             # already chosen neurons would then be picked again).
             p = int(torch.argmax(torch.where(chosen, float("-inf"), cov.diagonal())))
-            chosen[p] = True
+            chosen[p], order[t] = True, p
             continue
+        gains[t] = gain[p]
         col = (cov[:, p] - factor[:, :t] @ factor[p, :t]) / schur[p].clamp_min(floor).sqrt()
         factor[:, t] = col
         resid -= torch.outer(col, resid[p] / schur[p].clamp_min(floor).sqrt())
         schur = schur - col.pow(2)
-        chosen[p] = True
-    return torch.nonzero(chosen).flatten()
+        chosen[p], order[t] = True, p
+    return order.to(cov.device), gains
 
 
 def ridge_refit(cov: torch.Tensor, w_ref: torch.Tensor, index: torch.Tensor, lam: float) -> torch.Tensor:
