@@ -34,7 +34,7 @@ import json
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -157,17 +157,17 @@ def calibrate_block(
 
 def walk(
     model: nn.Module, spec: ArchSpec, rows: Rows | None, widths: Widths, rotation: RotationSource,
-    config: SliceConfig, streams: Streams, *, progress: bool = True, desc: str = "slicing layers",
-    start: LoopState | None = None,
+    config: SliceConfig, streams: Streams, devices: Sequence[torch.device], *, progress: bool = True,
+    desc: str = "slicing layers", start: LoopState | None = None,
 ) -> tuple[Widths, dict[str, list[float]], dict[str, float]]:
     """Rotate and slice every layer in order; returns the widths as built, the PCA spectra and the refits.
 
     ``start`` continues a stopped walk at ``start.next_layer``: the layers before it and the
     embeddings are already rotated and sliced in ``model`` (see :func:`restore`), and the state
     holds the activations, basis, spectra, refits and widths as built the stopped walk had
-    there, so the rest goes on bit for bit as it would have.
+    there, so the rest goes on bit for bit as it would have. ``devices``: where each layer is
+    processed (:func:`~slicegpt.core.placement.layer_devices`).
     """
-    devices = layer_devices(model, spec, config.device_map, config.device)  # one per layer
     device = devices[0]  # capture and the embeddings' statistics run with the first layer
     D, n = widths.hidden, len(get_layers(model, spec))
     choose = _BasisChooser(rotation, streams, device)
@@ -339,11 +339,11 @@ def slice_model(
     model.eval()
     streams = streams or Streams()
     streamed = streams.source.streamed
-    devices = None
+    # Where each layer is processed; with a map, 'auto' reads hf_device_map before the hooks go.
+    devices = layer_devices(model, spec, config.device_map, config.device)
     if config.device_map is not None:
         if streamed:
             raise ValueError("--device-map keeps each sliced layer on its device: it slices in memory, not streamed (--stream off)")
-        devices = layer_devices(model, spec, config.device_map, config.device)  # 'auto' reads hf_device_map before the hooks go
         undispatch(model)
         if isinstance(streams.sink, InMemorySink):
             streams = replace(streams, sink=InMemorySink(keep_on_device=True))
@@ -417,8 +417,8 @@ def slice_model(
         # First walk: statistics only, the unrotated model at full width, pooling every point.
         pool = PooledCovariance(D)
         full = ConstantWidth(0.0, 1, slice_head=True).widths(D, n, spec.topology)
-        walk(model, spec, rows, full, pool, config, Streams(source=streams.source, reduce=streams.reduce), progress=progress,
-             desc="pooling covariances")
+        walk(model, spec, rows, full, pool, config, Streams(source=streams.source, reduce=streams.reduce), devices,
+             progress=progress, desc="pooling covariances")
         evals, q = pool.rotation(config.damping)
         q = streams.reduce.agree(q.contiguous())
         streams.checkpoint.pooled(evals, q)
@@ -427,7 +427,7 @@ def slice_model(
             q, final_scale = uniform.align_to_final_norm(q, widths.embedding, final_scale)
         rotation = FixedRotation(q)
 
-    widths, found, refits = walk(model, spec, rows, widths, rotation, config, streams, progress=progress,
+    widths, found, refits = walk(model, spec, rows, widths, rotation, config, streams, devices, progress=progress,
                                  start=None if restart is None else restart.state)
     spectra.update(found)
     if final_scale is not None:
@@ -449,7 +449,7 @@ def slice_model(
         versions=library_versions(),
         verified=verified,
     )
-    if devices is not None:
+    if config.device_map is not None:
         dispatch(model, spec, devices)  # the layers are on their devices already; the rest joins them
     if isinstance(policy, BudgetWidth):
         report.target_params = policy.target
