@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..arch import spec_for_config
 from ..config import DTYPES
-from ..core.placement import dispatch, layer_devices
+from ..core.placement import spread_model
 from ..core.surgery import count_parameters
 from ..evaluation.perplexity import perplexity
 from ..evaluation.tasks import evaluate_tasks, format_tasks_table
@@ -45,9 +44,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"model": args.model or name, "parameters": count_parameters(model), "dtype": args.dtype, "device": args.device}
     device: str | None = args.device
     if args.device_map is not None:
-        spec = spec_for_config(model.config)
-        devices = layer_devices(model, spec, args.device_map, args.device)
-        dispatch(model, spec, devices)
+        devices = spread_model(model, args.device_map, args.device)
         result["device_map"], device = model.hf_device_map if len(devices) > 1 else str(devices[0]), None
     tasks = split_tasks(args.tasks)
     ppl_source = args.ppl or (None if args.tasks else "wiki")

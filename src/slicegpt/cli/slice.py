@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..arch import spec_for_config, supported_architectures
-from ..core.placement import dispatch, layer_devices
+from ..arch import supported_architectures
+from ..core.placement import spread_model
 from ..core.slicing import slice_model
 from ..core.streams import LocalReduction, NoCheckpoint, Streams
 from ..evaluation.markdown import format_slice_table
@@ -106,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
         eval_device = None if config.device_map is not None else config.device
         if args.ppl:
             if config.device_map is not None:
-                spec = spec_for_config(model.config)
-                dispatch(model, spec, layer_devices(model, spec, config.device_map, config.device))
+                spread_model(model, config.device_map, config.device)
             dense = perplexity(model, tokenizer, args.ppl, seqlen=args.eval_seqlen, max_rows=args.eval_max_rows, device=eval_device)
             result["dense_perplexity"] = dense.to_dict()
             if config.device_map is None:

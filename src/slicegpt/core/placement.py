@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..arch import ArchSpec
+from ..arch import ArchSpec, spec_for_config
 from ..config import check_device, parse_device_map
 from .surgery import get_layers, is_tied
 
@@ -145,3 +145,12 @@ def dispatch(model: nn.Module, spec: ArchSpec, devices: Sequence[torch.device]) 
         return dispatch_model(model, device_map=placed, main_device=str(devices[0]), force_hooks=True)
     finally:
         log.setLevel(level)
+
+
+def spread_model(model: nn.Module, device_map: str, device: str | torch.device) -> list[torch.device]:
+    """Dispatch ``model`` (dense or sliced) over the devices ``device_map`` names, to run it across
+    them; the device of each layer (:func:`layer_devices`)."""
+    spec = spec_for_config(model.config)
+    devices = layer_devices(model, spec, device_map, device)
+    dispatch(model, spec, devices)
+    return devices
