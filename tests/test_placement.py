@@ -98,6 +98,29 @@ def test_slicing_over_a_device_map_equals_one_device(family: str, kind: dict) ->
         assert torch.equal(spread_model(input_ids=ids).logits, one(input_ids=ids).logits)
 
 
+def test_each_layer_is_processed_on_its_device_and_stays_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'cpu:0' and 'cpu:1' are one host, but distinct names: every move of a layer is recorded. (accelerate
+    cannot dispatch over such names, so the final dispatch is recorded instead of run.)"""
+    from slicegpt.core import slicing
+    from slicegpt.core.modules import SlicedBlock
+
+    moves: list = []
+    to = SlicedBlock.to
+    monkeypatch.setattr(SlicedBlock, "to", lambda self, *a, **k: moves.append(str(a[0])) or to(self, *a, **k))
+    monkeypatch.setattr(slicing, "dispatch", lambda model, spec, devices: moves.append(("dispatch", [str(d) for d in devices])))
+    settings = dict(nsamples=8, seqlen=24, batch_size=4)
+    slice_model(make_tiny("llama"), None, calib_rows(), SliceConfig(sparsity=0.25, **settings), progress=False)
+    assert moves == ["cpu"] * 6  # one device: each layer there and back to the host
+    moves.clear()
+    slice_model(make_tiny("llama"), None, calib_rows(), SliceConfig(sparsity=0.25, device_map="cpu:0,cpu:1", **settings), progress=False)
+    assert moves == ["cpu:0", "cpu:0", "cpu:1", ("dispatch", ["cpu:0", "cpu:0", "cpu:1"])]
+    moves.clear()
+    # uniform mode's statistics-only walk gives each layer back to the host; the slicing walk keeps it
+    slice_model(make_tiny("llama"), None, calib_rows(), SliceConfig(sparsity=0.25, uniform=True, device_map="cpu:0,cpu:1", **settings),
+                progress=False)
+    assert moves == ["cpu:0", "cpu", "cpu:0", "cpu", "cpu:1", "cpu", "cpu:0", "cpu:0", "cpu:1", ("dispatch", ["cpu:0", "cpu:0", "cpu:1"])]
+
+
 def test_a_model_loaded_over_devices_is_sliced_where_it_lives(tmp_path: Path) -> None:
     ref, model = make_tiny("llama"), make_tiny("llama")
     spec = spec_for_config(model.config)
