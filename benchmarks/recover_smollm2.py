@@ -9,8 +9,8 @@ Steps (each skipped when its output exists in --work):
      checkpoints): 'budget' (the default of --target-params: MLP neurons + corrections) and
      'slicegpt' (--axes residual --no-correct: the paper's method alone) from 32 x 1024 wiki
      calibration rows, 'budget128' from 128;
-  2. `slicegpt recover` each run of RUNS with the same token budget but for the one long run
-     (TRAIN_ARGS: wiki calibration part, bf16 autocast, one thread), validation on held-out
+  2. `slicegpt recover` each run of RUNS with the same token budget but for the long runs
+     (TRAIN_ARGS: wiki calibration part, bf16 autocast, one thread unless THREADS says), validation on held-out
      training rows, the curve measured on the first 8 'wiki' evaluation rows of 512 tokens;
   3. perplexity of the dense model, the students and the recovered models on the 'wiki'
      evaluation part (--wiki-rows rows of 1024 tokens) and on 'lambada' (novels; not trained on),
@@ -45,11 +45,16 @@ RUNS = [("budget-kd-all", "budget", "kd", "all", []), ("budget-lm-all", "budget"
         ("budget-kd-lora", "budget", "kd", "lora", ["--lr", "1e-3"]), ("slicegpt-kd-all", "slicegpt", "kd", "all", []),
         *((f"budget-{loss}-all-long", "budget", loss, "all", ["--tokens", "540672", "--eval-every", "24", "--checkpoint-every", "48"])
           for loss in ("kd", "lm")),
-        ("budget128-kd-all-long", "budget128", "kd", "all", ["--tokens", "540672", "--eval-every", "24", "--checkpoint-every", "48"])]
+        ("budget128-kd-all-long", "budget128", "kd", "all", ["--tokens", "540672", "--eval-every", "24", "--checkpoint-every", "48"]),
+        # Both cores on one run (two threads: ~250 tokens/s against ~115-150 for one thread beside
+        # another run), so the two hours allowed hold more tokens: 901,120 (440 steps, 1.67 epochs
+        # of the part: a fresh shuffle each epoch), one schedule.
+        ("budget128-kd-all-901k", "budget128", "kd", "all", ["--tokens", "901120", "--eval-every", "48", "--checkpoint-every", "110"])]
+THREADS = {"budget128-kd-all-901k": 2}  # torch threads per run (default 1)
 
 
-def slicegpt_cli(*args: str, log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+def slicegpt_cli(*args: str, log: Path, threads: int | None = None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads) if threads else os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as fh:
         subprocess.run([sys.executable, "-m", "slicegpt", *args], check=True, stdout=fh, stderr=subprocess.STDOUT, env=env)
 
@@ -96,7 +101,8 @@ def main() -> None:
         for name, student, loss, train, extra in RUNS:
             if not (work / name).is_dir():
                 slicegpt_cli("recover", str(work / student), "--out", str(work / name), "--loss", loss, "--train", train,
-                             *TRAIN_ARGS, *extra, "--json", str(work / f"{name}.json"), log=work / f"{name}.log")
+                             *TRAIN_ARGS, *extra, "--json", str(work / f"{name}.json"), log=work / f"{name}.log",
+                             threads=THREADS.get(name))
     if args.only in (None, "eval"):
         names = ["dense", *STUDENTS, *(run[0] for run in RUNS)]
         if args.models:
