@@ -46,8 +46,8 @@ RUNS = [("budget-kd-all", "budget", "kd", "all", []), ("budget-lm-all", "budget"
         *((f"budget-{loss}-all-long", "budget", loss, "all", ["--tokens", "540672", "--eval-every", "24", "--checkpoint-every", "48"])
           for loss in ("kd", "lm")),
         ("budget128-kd-all-long", "budget128", "kd", "all", ["--tokens", "540672", "--eval-every", "24", "--checkpoint-every", "48"]),
-        # Both cores on one run (two threads: ~250 tokens/s against ~115-150 for one thread beside
-        # another run), so the two hours allowed hold more tokens: 901,120 (440 steps, 1.67 epochs
+        # Both cores on one run (two threads: ~220-250 tokens/s against ~113-170 for one thread
+        # beside another run), so the two hours allowed hold more tokens: 901,120 (440 steps, 1.67 epochs
         # of the part: a fresh shuffle each epoch), one schedule.
         ("budget128-kd-all-901k", "budget128", "kd", "all", ["--tokens", "901120", "--eval-every", "48", "--checkpoint-every", "110"])]
 THREADS = {"budget128-kd-all-901k": 2}  # torch threads per run (default 1)
