@@ -50,7 +50,7 @@ RUNS = [("budget-kd-all", "budget", "kd", "all", []), ("budget-lm-all", "budget"
         # beside another run), so the two hours allowed hold more tokens: 901,120 (440 steps, 1.67 epochs
         # of the part: a fresh shuffle each epoch), one schedule.
         ("budget128-kd-all-901k", "budget128", "kd", "all", ["--tokens", "901120", "--eval-every", "48", "--checkpoint-every", "110"]),
-        # The same with the CPU to itself from the start (~390 tokens/s): 1,884,160 tokens (920 steps,
+        # The same with the CPU to itself from the start (375 tokens/s measured): 1,884,160 tokens (920 steps,
         # 3.4 epochs, one schedule) fit the two hours allowed with room for the in-run evaluations.
         ("budget128-kd-all-1884k", "budget128", "kd", "all", ["--tokens", "1884160", "--eval-every", "115", "--checkpoint-every", "230"])]
 THREADS = {"budget128-kd-all-901k": 2, "budget128-kd-all-1884k": 2}  # torch threads per run (default 1)
