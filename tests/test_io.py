@@ -42,9 +42,16 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _sliced(family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+# Beside every family at 25%: a per-layer budget on MLP neurons (basis and tied head kept, neurons
+# spread over the layers, no shortcut matrices).
+_VARIANTS = {"llama per-layer budget": ("llama", dict(target_params=0.85))}
+_CASES = sorted(TINY_CONFIGS) + list(_VARIANTS)
+
+
+def _sliced(case: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    family, settings = _VARIANTS.get(case, (case, dict(sparsity=0.25)))
     model = make_tiny(family, dtype=dtype)
-    slicegpt.slice_model(model, None, calib_rows(16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
+    slicegpt.slice_model(model, None, calib_rows(16), slicegpt.SliceConfig(batch_size=4, **settings), progress=False)
     return model
 
 
@@ -55,7 +62,7 @@ def fresh_loads(tmp_path_factory) -> tuple[dict[str, Any], dict[str, Any]]:
     x = torch.tensor(PROMPT)
     ours: dict[str, Any] = {}
     folders: dict[str, str] = {}
-    for family in sorted(TINY_CONFIGS):
+    for family in _CASES:
         try:
             model = _sliced(family)
             folders[family] = str(slicegpt.save(model, root / family))
@@ -74,7 +81,7 @@ def fresh_loads(tmp_path_factory) -> tuple[dict[str, Any], dict[str, Any]]:
 _GROUPED_MM_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
 
 
-@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("family", _CASES)
 def test_save_load_fresh_process_identical(family: str, fresh_loads: tuple[dict[str, Any], dict[str, Any]]) -> None:
     ours, theirs = fresh_loads
     if isinstance(ours[family], Exception):

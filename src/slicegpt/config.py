@@ -138,6 +138,12 @@ class SliceConfig:
     search: with a target and both axes, measure the split instead of using the default: each
         candidate residual share compresses a copy of the model, the lowest loss on 8 further
         calibration rows (held out from every statistic) wins (costs one compression per candidate).
+    spread_neurons: per-layer mode with a target spent on MLP neurons alone (the residual width
+        whole: the model keeps its basis and a tied head, no shortcut matrices): give the layers
+        different neuron counts, the same total, by each layer's error against the neurons it
+        keeps (one more pass of the model, layer by layer, over 8 of the calibration rows, then a
+        greedy selection to every width per layer). False keeps the same count in every layer.
+        Uniform mode keeps one count: a standard config holds one.
     """
 
     sparsity: float = 0.25
@@ -159,6 +165,7 @@ class SliceConfig:
     residual_share: float | None = None
     correct: bool | None = None
     search: bool = False
+    spread_neurons: bool = True
     token_weighting: Literal["none", "norm"] = "none"
     verify: bool = True
 

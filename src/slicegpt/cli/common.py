@@ -75,6 +75,7 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual-share", type=float, default=d.residual_share, help="with both axes: the share of the parameters to remove that the residual width takes (default: the best measured split)")
     p.add_argument("--correct", action=argparse.BooleanOptionalAction, default=d.correct, help="closed-form corrections: refit every attention and MLP output projection so the stream matches the dense model's (ridge chosen on held-out calibration rows); default: on with --target-params, off with --sparsity")
     p.add_argument("--search", action="store_true", default=d.search, help="with a parameter target: measure the split between the axes on held-out calibration rows (one compression per candidate) instead of the default")
+    p.add_argument("--spread-neurons", action=argparse.BooleanOptionalAction, default=d.spread_neurons, help="per-layer mode with a parameter target spent on MLP neurons: give each layer the neurons its error asks for (the same total, or more where rounding to one shared count left some budget; one more layer-by-layer pass over 8 calibration rows); --no-spread-neurons keeps the same count in every layer")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=d.verify, help="before slicing, check on the first calibration row that the model made invariant computes what it did (refuses a family described wrongly)")
     p.add_argument("--pca-signal", default=d.pca_signal, choices=["normed", "residual"], help="PCA of the residual stream before each norm (reference behaviour, better), or of the normalised signal")
 
@@ -100,6 +101,7 @@ def slice_config_from_args(args: argparse.Namespace, sparsity: float) -> SliceCo
         residual_share=args.residual_share,
         correct=args.correct,
         search=args.search,
+        spread_neurons=args.spread_neurons,
         verify=args.verify,
     )
 

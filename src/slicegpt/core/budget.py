@@ -44,7 +44,10 @@ def resolve_target(target: float, shipped: int) -> int:
 class ParameterCounter:
     """Exact saved-parameter counts of compressed versions of one model, from its config alone."""
 
-    def __init__(self, config: Any, spec: ArchSpec, uniform: bool) -> None:
+    def __init__(self, config: Any, spec: ArchSpec, uniform: bool, keep_basis: bool = False) -> None:
+        """``keep_basis`` (per-layer mode): where the residual width stays whole the model keeps
+        its original basis, so, as in uniform mode, no shortcut matrices and a tied head stay
+        tied (its final norm then carries a (D,) scale); the norms stay implicit (a slicegpt folder)."""
         from transformers import AutoModelForCausalLM
 
         cfg = copy.deepcopy(config)
@@ -52,7 +55,7 @@ class ParameterCounter:
             model = AutoModelForCausalLM.from_config(cfg)
         self.tied = is_tied(model, spec)
         prepare(model, spec)
-        self.model, self.spec, self.uniform = model, spec, uniform
+        self.model, self.spec, self.uniform, self.keep_basis = model, spec, uniform, keep_basis
         self.hidden = int(cfg.hidden_size)
         self.layers = len(get_layers(model, spec))
         # The width the MLP-neuron axis prunes in each layer (None where it has none: the dense
@@ -70,13 +73,20 @@ class ParameterCounter:
             slice_block(block, self.spec, BlockBases(None, None, None), w)
         slice_head(model, self.spec, None, widths.head)
         n = count_parameters(model)
-        if self.uniform:
-            # one basis: no shortcuts; the head stays tied if it was; norms become explicit
+        if self.uniform or self.kept_basis(widths):
+            # one basis: no shortcuts; the head stays tied if it was
             n -= sum(p.numel() for b in get_layers(model, self.spec) for p in (b.attn_shortcut, b.mlp_shortcut) if p is not None)
             if self.tied:
                 n -= get_path(model, self.spec.head).weight.numel()
-            n += explicit_norm_parameters(model, self.spec, widths.embedding)  # the final norm's scale included
+            if self.uniform:  # a standard checkpoint: norms become explicit, the final norm's scale included
+                n += explicit_norm_parameters(model, self.spec, widths.embedding)
+            elif self.tied:  # the tied head's final-norm scale
+                n += widths.embedding
         return n
+
+    def kept_basis(self, widths: Widths) -> bool:
+        """Does a per-layer model of these widths keep the original basis (residual width whole)?"""
+        return self.keep_basis and not self.uniform and widths.embedding == self.hidden and widths.head == self.hidden
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,25 @@ class BudgetWidth:
         base = fit_widths(base, self.counter.spec)
         return replace(base, layers=tuple(replace(w, mlp=k if n is not None else None)
                                           for w, n in zip(base.layers, self.counter.prunable)))
+
+    @property
+    def step(self) -> int:
+        """MLP neurons are kept in multiples of this. Routed experts run through grouped matrix
+        products whose strides must be multiples of 16 bytes: 8 neurons in half precision."""
+        return math.lcm(self.round_to, 8) if self.counter.spec.experts is not None else self.round_to
+
+    def spread_total(self) -> int:
+        """The most MLP neurons all layers together may keep within the target when each layer may
+        keep its own count (a multiple of ``step``): the even split's total, plus what its
+        rounding to a count every layer shares left over."""
+        widths = self.split[0]
+        kept = [w.mlp for w in widths.layers]
+        if any(k is None for k in kept):
+            raise ValueError("spreading needs every layer's MLP neurons pruned")
+        at = self.counter.count(widths)
+        one_less = replace(widths, layers=(replace(widths.layers[0], mlp=kept[0] - self.step), *widths.layers[1:]))
+        per_step = at - self.counter.count(one_less)  # parameters of `step` neurons in one layer (the same in every layer)
+        return sum(kept) + (self.target - at) // per_step * self.step
 
     def _widths_ok(self, d: int) -> bool:
         return d % self.round_to == 0 and (self.valid_width is None or self.valid_width(d))
@@ -166,7 +195,7 @@ class BudgetWidth:
         k = n - -(-(at_d - self.target) // per_neuron)  # fewest neurons removed that reach the target
         # Routed experts run through grouped matrix products whose strides must be multiples of
         # 16 bytes: 8 neurons in half precision.
-        step = math.lcm(self.round_to, 8) if self.counter.spec.experts is not None else self.round_to
+        step = self.step
         k -= k % step
         if k < step:
             raise ValueError(f"the target {self.target:,} leaves no MLP neurons at residual width {d}")

@@ -19,6 +19,8 @@ from torch import nn
 
 # Relative ridge strengths tried on the held-out rows; the largest leave the weights nearly as they
 # were, so a refit that does not generalise is declined.
+# Held-out errors this close (relative) count as equal.
+TIE = 1e-9
 RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
 
 
@@ -103,7 +105,12 @@ def refit(moments: FitMoments, w0: torch.Tensor, grid: tuple[float, ...] = RIDGE
     if moments.held.count:
         cov, cross = moments.fit.mean()
         hcov, hcross = moments.held.mean()
-        chosen = min(grid, key=lambda rel: error(ridge(cov, cross, w0, rel), hcov, hcross))
+        errors = {rel: error(ridge(cov, cross, w0, rel), hcov, hcross) for rel in grid}
+        best = min(errors.values())
+        # Ties (a writer whose inputs upstream compression left exact fits equally well at every
+        # strength: every candidate is w0 up to rounding) go to the strongest ridge, the one
+        # nearest the current weights, so that rounding (thread count, process count) does not pick.
+        chosen = max(rel for rel, e in errors.items() if e <= best + TIE * abs(best))
         cov, cross = moments.fit.merged(moments.held).mean()
     else:
         cov, cross = moments.fit.mean()

@@ -34,6 +34,8 @@ class SliceReport:
     calibration_sha256: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     verified: float | None = None
+    # A per-layer model that kept its basis and its tied head (the final norm holds a scale).
+    tied_head: bool = False
 
     @property
     def mode(self) -> str:
@@ -67,4 +69,5 @@ class SliceReport:
             "calibration_sha256": self.calibration_sha256,
             "versions": self.versions,
             "verify_max_relative_logit_difference": self.verified,
+            **({"tied_head": True} if self.tied_head else {}),
         }

@@ -45,7 +45,7 @@ from ..arch import ArchSpec, spec_for_config
 from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig, check_device
 from ..data import Rows, calibration_rows_for, clip_seqlen
 from ..memory import release_free_memory
-from . import allocate, corrections, neurons, uniform
+from . import allocate, corrections, neurons, spread, uniform
 from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
 from .block import BlockBases, slice_block, slice_embeddings, slice_head
 from .capture import LayerInputs, capture_layer_inputs, stream
@@ -363,9 +363,15 @@ def slice_model(
     if config.target_params is not None and policy is None:
         # the axes and the budget's feasibility are checked before any calibration work
         policy = _budget_policy(model, spec, config, params_before)
+    # A per-layer budget spent on MLP neurons alone keeps the original basis: no shortcuts, and
+    # a tied head stays tied (what the budget counted).
+    keep_basis = isinstance(policy, BudgetWidth) and policy.counter.kept_basis(policy.split[0])
+    if keep_basis and tied:
+        final_scale = uniform.final_norm_scale(model, spec)
     rotation = rotation or PCARotation(config.damping)
     needs_rows = rotation.needs_statistics or config.uniform or config.corrections or config.target_params is not None
     rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config) if needs_rows else None
+
     half = next(model.parameters()).dtype
     if half in (torch.float16, torch.bfloat16) and rows is not None:
         print(f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 covariances, "
@@ -387,9 +393,29 @@ def slice_model(
         model.to("cpu")
         verified = _verify(model, probe, before, spec) if probe is not None else None
     release_free_memory()  # prepare replaced every folded weight
+    spread_counts, spread_record = None, None
+    if rows is not None and will_spread(policy, spec, config):
+        kept = [w.mlp for w in policy.split[0].layers]
+        # Neurons per layer from each layer's error curve: a statistics pass of the model, still
+        # in its original basis, over the first calibration rows, one layer at a time.
+        spread_rows = Rows(rows.input_ids[:SPREAD_ROWS], None if rows.attention_mask is None else rows.attention_mask[:SPREAD_ROWS])
+        spread_counts, spread_record = spread.spread_neurons(model, spec, spread_rows, kept, policy.spread_total(), policy.step,
+                                                             device=devices, source=streams.source)
+        # every process computed the same from the same rows; made bit-identical all the same
+        spread_counts = [int(k) for k in streams.reduce.agree(torch.tensor(spread_counts, dtype=torch.int64)).tolist()]
+        spread_widths = replace(policy.split[0], layers=tuple(replace(w, mlp=k) for w, k in zip(policy.split[0].layers, spread_counts)))
+        if policy.counter.count(spread_widths) > policy.target:  # the total was counted; the spread must agree
+            raise RuntimeError(f"spread neurons {spread_counts} exceed the target {policy.target:,}")
+        seconds = spread_record.pop("seconds")  # printed, not recorded: a resumed run's metadata equals an uninterrupted one's
+        if progress:
+            print(f"slicegpt: MLP neurons spread over the layers by their error ({seconds:.0f} s): "
+                  f"{min(spread_counts)}-{max(spread_counts)} per layer, {sum(spread_counts):,} in all", file=sys.stderr)
+        release_free_memory()
     D, n = hidden_size(model), len(get_layers(model, spec))
     policy = policy or _default_policy(model, spec, config, params_before, tied)
     widths = fit_widths(policy.widths(D, n, spec.topology), spec)
+    if spread_counts is not None:
+        widths = replace(widths, layers=tuple(replace(w, mlp=k) for w, k in zip(widths.layers, spread_counts)))
     spectra: dict[str, list[float]] = {}
     calibration_sha256 = None if rows is None else hashlib.sha256(rows.input_ids.numpy().tobytes()).hexdigest()
     restart = streams.checkpoint.begin(run_identity(model, config, calibration_sha256, widths, rotation, source_model))
@@ -406,7 +432,7 @@ def slice_model(
         if final_scale is not None:
             q, final_scale = uniform.align_to_final_norm(q, widths.embedding, final_scale)
         rotation = FixedRotation(q)
-    elif config.uniform and widths.embedding == D and rotation.needs_statistics:
+    elif (config.uniform or keep_basis) and widths.embedding == D and rotation.needs_statistics:
         # The stream keeps its width (only MLP neurons go): any basis serves, the original one
         # costs no pooling walk.
         q = torch.eye(D, dtype=torch.float64)
@@ -448,6 +474,7 @@ def slice_model(
         calibration_sha256=calibration_sha256,
         versions=library_versions(),
         verified=verified,
+        tied_head=keep_basis and final_scale is not None,
     )
     if config.device_map is not None:
         dispatch(model, spec, devices)  # the layers are on their devices already; the rest joins them
@@ -455,6 +482,10 @@ def slice_model(
         report.target_params = policy.target
         report.allocation = {"axes": list(parse_axes(config.axes)), "residual_share": policy.split[1],
                              "residual_width": widths.embedding, "mlp_neurons": widths.mlp_neurons}
+        if spread_counts is not None:
+            # "mlp_neurons": the count every layer would keep without spreading (the same total)
+            report.allocation.update(mlp_neurons=policy.split[0].mlp_neurons, mlp_neurons_per_layer=spread_counts,
+                                     spread=spread_record)
         if report.params_after > policy.target:  # counted on the meta skeleton; the real model must agree
             raise RuntimeError(f"compressed model has {report.params_after:,} parameters, above the target {policy.target:,}")
     model.slicegpt_report = report
@@ -507,17 +538,28 @@ def _verify_first_layer(model: nn.Module, spec: ArchSpec, source: Any, probe: to
         layers.extend(prepare_layer(layer, spec, model.config, i) for i, layer in enumerate(kept))
 
 
+# Calibration rows the neuron spreading's dense pass reads (the first of the statistics rows):
+# SmolLM2 at 25% removed, 8 rows gave 11% less summed error than the same count in every layer.
+SPREAD_ROWS = 8
+
+
 def library_versions() -> dict[str, str]:
     import transformers
 
     return {"slicegpt": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def will_spread(policy: WidthPolicy | None, spec: ArchSpec, config: SliceConfig) -> bool:
+    """Will slicing spread the MLP neurons over the layers (per-layer budget, basis kept, no experts)?"""
+    return (isinstance(policy, BudgetWidth) and config.spread_neurons and spec.experts is None
+            and policy.counter.kept_basis(policy.split[0]) and all(w.mlp is not None for w in policy.split[0].layers))
+
+
 def _budget_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shipped: int) -> BudgetWidth:
     axes = parse_axes(config.axes)
     share = 1.0 if axes == ("residual",) else 0.0 if axes == ("mlp",) else (
         DEFAULT_RESIDUAL_SHARE if config.residual_share is None else config.residual_share)
-    counter = ParameterCounter(model.config, spec, config.uniform)
+    counter = ParameterCounter(model.config, spec, config.uniform, keep_basis=not config.uniform and uniform.can_keep_basis(spec))
     valid = (lambda d: uniform.width_accepted(model.config, d)) if config.uniform else None
     policy = BudgetWidth(resolve_target(config.target_params, shipped), counter, share, config.round_to,
                          config.slice_head or config.uniform, valid, residual_allowed="residual" in axes)

@@ -38,6 +38,17 @@ def check_supported(config: Any, spec: ArchSpec) -> None:
         )
 
 
+def can_keep_basis(spec: ArchSpec) -> bool:
+    """Can a per-layer model whose residual width stays whole keep its original basis and a tied head?
+
+    (Per-layer budgets spent on MLP neurons alone: no rotation is needed, so no shortcut
+    matrices, and the head stays tied with the final norm's scale moved into the norm.) The
+    same families as uniform mode, less the head-size condition, which only a narrower
+    stream raises.
+    """
+    return spec.norm == "rms" and not getattr(spec, "post_norms", False) and spec.topology == "sequential"
+
+
 def _has_head_dim(config: Any) -> bool:
     """Does the family's modelling code read ``config.head_dim`` rather than hidden_size // heads?
 

@@ -66,8 +66,11 @@ def format_slice_table(r: dict[str, Any]) -> str:
     if target:
         a = r.get("allocation") or {}
         lines.append(f"| target (achieved never exceeds it) | | {target:,} (achieved {r['params_sliced']:,}) |")
+        spread = a.get("mlp_neurons_per_layer")
+        neurons = (f"{min(spread)}-{max(spread)} (spread by each layer's error, {sum(spread):,} in all)" if spread
+                   else a.get("mlp_neurons") or "all")
         lines.append(f"| residual width / MLP neurons per layer | {r['widths']['hidden']} / all | "
-                     f"{a.get('residual_width')} / {a.get('mlp_neurons') or 'all'} |")
+                     f"{a.get('residual_width')} / {neurons} |")
     if "dense_perplexity" in r:
         d, s = r["dense_perplexity"], r["sliced_perplexity"]
         lines.append(f"| perplexity ({d['source']}, {d['rows']} x {d['seqlen']} tokens) | {d['perplexity']:.2f} | {s['perplexity']:.2f} |")

@@ -26,7 +26,7 @@ from ..core import uniform
 from ..core.allocate import SHARES
 from ..core.budget import ParameterCounter
 from ..core.neurons import experts_of, intermediate_size
-from ..core.slicing import _budget_policy, _default_policy
+from ..core.slicing import _budget_policy, _default_policy, will_spread
 from ..core.surgery import count_parameters, get_layers, get_path, is_tied
 from ..core.widths import Widths, fit_widths
 from ..data import clip_seqlen
@@ -417,6 +417,11 @@ def sliced_widths(model: nn.Module, config: SliceConfig) -> tuple[Widths, int]:
         policy = _default_policy(model, spec, config, shipped, is_tied(model, spec))
         counter = ParameterCounter(model.config, spec, config.uniform)
     widths = fit_widths(policy.widths(int(model.config.hidden_size), len(get_layers(model, spec)), spec.topology), spec)
+    if will_spread(policy, spec, config):
+        # the layers' counts come from calibration; the count depends on their total only
+        extra = policy.spread_total() - sum(w.mlp for w in widths.layers)
+        counted = replace(widths, layers=(replace(widths.layers[0], mlp=widths.layers[0].mlp + extra), *widths.layers[1:]))
+        return widths, counter.count(counted)
     return widths, counter.count(widths)
 
 

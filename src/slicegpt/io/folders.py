@@ -26,7 +26,8 @@ from ..arch import spec_for_config
 from ..config import parse_dtype
 from ..core.block import BlockBases, slice_block, slice_embeddings, slice_head
 from ..core.report import SliceReport
-from ..core.surgery import get_layers, is_prepared, prepare
+from ..core.surgery import get_layers, get_path, is_prepared, prepare
+from ..core.uniform import retie_head
 from ..core.widths import Widths
 from .format import (
     FORMAT_VERSION,
@@ -252,7 +253,10 @@ def _write_loaded_standard(model: nn.Module, writer: ShardWriter, meta: dict[str
 def _write_per_layer(model: nn.Module, writer: ShardWriter, meta: dict[str, Any], tokenizer: Any) -> None:
     tmp = writer.folder
     meta = dict(meta)
-    meta["files"] = write_weights(writer, model, host_state(model))
+    state = host_state(model)
+    if meta.get("tied_head"):  # the head is the embedding table: written once
+        state.pop(f"{spec_for_config(model.config).head}.weight", None)
+    meta["files"] = write_weights(writer, model, state)
     meta["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     config = copy.deepcopy(model.config)
     config.slicegpt = meta
@@ -290,7 +294,10 @@ def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     prepare(model, spec)
-    apply_widths(model, spec, Widths.from_dict(meta["widths"]))
+    widths = Widths.from_dict(meta["widths"])
+    apply_widths(model, spec, widths)
+    if meta.get("tied_head"):
+        retie_head(model, spec, torch.empty(widths.head, dtype=dtype, device="meta"))
     model.slicegpt_metadata = meta
     return model
 
@@ -332,11 +339,18 @@ def load(
     saved_dtype = parse_dtype(meta.get("dtype", "float32"))
     model = build_skeleton(config, saved_dtype)
     state = read_state(folder)
+    spec = spec_for_config(config)
+    head_key = f"{spec.head}.weight"
+    if meta.get("tied_head"):
+        # written once; assign=True replaces both parameters, so the tie is made again below
+        state[head_key] = state.get(f"{spec.embeddings[0]}.weight")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise SlicedFolderError(f"the weights in {folder} do not fit the recorded widths: {first}") from exc
+    if meta.get("tied_head"):
+        get_path(model, spec.head).weight = get_path(model, spec.embeddings[0]).weight
     leftovers = [n for n, p in model.named_parameters() if p.is_meta]
     if leftovers:
         raise SlicedFolderError(f"the weights in {folder} lack tensors: {', '.join(leftovers[:3])}")

@@ -1,0 +1,128 @@
+"""Spread a budget's MLP neurons over the layers by what each layer loses without them.
+
+A standard checkpoint keeps one ``intermediate_size``: every layer loses the same number of
+neurons. A per-layer folder can keep different numbers, and the layers are not alike (SmolLM2's
+first layer needs far more than its middle ones). One pass of the dense model over a few
+calibration rows gives, per layer, the moments of its MLP intermediate activation h ([tokens, n])
+and of the MLP's output t ([tokens, D]), every token weighted by 1 / the mean square of the
+layer's output (what the next norm sees of an error is its size relative to the stream; without
+the weight a few attention-sink tokens carry almost all of the energy and decide). A greedy
+least-squares selection run to every width (:func:`slicegpt.core.neurons.greedy_order`) turns
+those into each layer's error against the number of neurons it keeps, and the neurons then go,
+``step`` at a time from a floor, to the layer whose error they lower most.
+
+Every layer's neurons cost the same parameters (the residual width is whole), so the count
+depends on the total only; the total may exceed the even split's by what rounding every layer
+to one shared count left of the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..arch import ArchSpec
+from ..data import Rows
+from .capture import capture_layer_inputs, stream
+from .neurons import greedy_order
+from .streams import InMemorySource, LayerSource
+from .surgery import get_layers, mlp_writers
+
+
+@torch.no_grad()
+def error_curves(model: nn.Module, spec: ArchSpec, rows: Rows, device: str | torch.device | Sequence[torch.device] = "cpu",
+                 source: LayerSource | None = None) -> list[torch.Tensor]:
+    """Per layer: the weighted error of its MLP output kept on j = 0..n neurons ([n + 1], float64).
+
+    ``model`` is prepared (:func:`~slicegpt.core.surgery.prepare`: norms folded, blocks
+    rewired; in its original basis it computes what the dense model does). One layer at a time
+    comes from ``source`` (default: the model's own layers), runs on ``device`` over the stored
+    activations of ``rows`` (kept on the host) and is released, as the slicing walk does.
+    ``device``: one, or one per layer (a model spread over several).
+    """
+    count = len(get_layers(model, spec))
+    devices = [torch.device(device)] * count if isinstance(device, (str, torch.device)) else [torch.device(d) for d in device]
+    source = source or InMemorySource()
+    inputs = capture_layer_inputs(model, spec, rows, 1, devices[0])
+    D = inputs.hidden[0].shape[-1]
+    curves = []
+    for index in range(count):
+        device = devices[index]
+        block = source.layer(model, spec, index).to(device)
+        (writer,) = mlp_writers(block, spec)
+        weight = writer.tensor.to(torch.float64)
+        weight = weight.t() if writer.transposed else weight  # (D, n)
+        n = weight.shape[1]
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        handle = writer.module.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
+        cov = torch.zeros(n, n, dtype=torch.float64, device=device)
+        cross = torch.zeros(n, D, dtype=torch.float64, device=device)
+        energy, tokens = 0.0, 0
+        try:
+            for i, x in stream(inputs.hidden, device):
+                args, kwargs = inputs.layer_call(index, i, device)
+                r = x + block.attn_branch(x, args, kwargs)
+                seen.clear()
+                out = r + block.mlp_branch(r)
+                h, t = seen[-1]
+                h, t, o = h.reshape(-1, n).double(), t.reshape(-1, D).double(), out.reshape(-1, D).double()
+                mask = inputs.masks[i]
+                if mask is not None:  # padding tokens do not count
+                    keep = mask.reshape(-1).to(device).bool()
+                    h, t, o = h[keep], t[keep], o[keep]
+                weight_tok = torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-12)  # (tokens, 1)
+                h, t = h * weight_tok, t * weight_tok
+                cov.add_(h.t() @ h)
+                cross.add_(h.t() @ t)
+                energy += float(t.pow(2).sum())
+                tokens += h.shape[0]
+                inputs.hidden[i] = out.cpu()
+        finally:
+            handle.remove()
+        source.release(model, spec, index, block)
+        _, gains = greedy_order(cov / tokens, weight, n, cross=cross / tokens)  # on the layer's device
+        total = energy / tokens
+        curves.append(torch.cat([torch.tensor([total], dtype=torch.float64), total - torch.cumsum(gains.cpu(), 0)]))
+    return curves
+
+
+def spread(curves: list[torch.Tensor], total: int, step: int = 8, floor: int | None = None) -> list[int]:
+    """Neurons per layer summing to ``total`` (a multiple of ``step``): from ``floor`` each
+    (default: a quarter of the average, rounded down to ``step``), ``step`` at a time to the
+    layer whose error they lower most.
+
+    The error curves of a greedy selection are convex in practice but not exactly, so this is
+    the greedy marginal allocation, not a guaranteed optimum.
+    """
+    if not curves:
+        return []
+    widths = [len(c) - 1 for c in curves]
+    if total % step or total > sum(w - w % step for w in widths):
+        raise ValueError(f"cannot spread {total} neurons in steps of {step} over layers of {widths}")
+    if floor is None:
+        floor = max(step, (total // len(curves) // 4) // step * step)
+    k = [min(floor, w - w % step) for w in widths]
+    if sum(k) > total:
+        raise ValueError(f"a floor of {floor} neurons per layer is above the {total} to spread")
+    while sum(k) < total:
+        gain = [float(c[j] - c[j + step]) if j + step <= w else -math.inf for c, j, w in zip(curves, k, widths)]
+        best = max(range(len(k)), key=gain.__getitem__)
+        k[best] += step
+    return k
+
+
+def spread_neurons(model: nn.Module, spec: ArchSpec, rows: Rows, kept: list[int], total: int, step: int,
+                   device: str | torch.device | Sequence[torch.device] = "cpu", source: LayerSource | None = None) -> tuple[list[int], dict[str, Any]]:
+    """``total`` neurons over the layers, and a record of what was done (``kept``: the even split
+    it is compared with)."""
+    start = time.perf_counter()
+    curves = error_curves(model, spec, rows, device, source)
+    counts = spread(curves, total, step)
+    record = {"rows": len(rows), "step": step, "total": total, "even_total": sum(kept), "seconds": time.perf_counter() - start,
+              "weighted_error_even": float(sum(c[j] for c, j in zip(curves, kept))),
+              "weighted_error_spread": float(sum(c[j] for c, j in zip(curves, counts)))}
+    return counts, record
