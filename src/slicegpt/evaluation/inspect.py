@@ -86,7 +86,7 @@ def inspect_folder(folder: str | os.PathLike[str], *, seq_len: int = _EVAL.seqle
         w = widths["layers"][i]
         shortcuts = layer_shortcuts(ls)
         layers.append({
-            "layer": i, "d_in": w["d_in"], "d_mid": w["d_mid"], "d_out": w["d_out"],
+            "layer": i, "d_in": w["d_in"], "d_mid": w["d_mid"], "d_out": w["d_out"], "mlp_neurons": w.get("mlp"),
             # From the layout itself: a uniform folder's widths carry the flags, but its shared
             # basis made every shortcut the identity, so none was stored.
             "attn_shortcut": "attn_shortcut" in shortcuts, "mlp_shortcut": "mlp_shortcut" in shortcuts,
@@ -107,6 +107,7 @@ def inspect_folder(folder: str | os.PathLike[str], *, seq_len: int = _EVAL.seqle
         "model_type": meta.get("model_type"),
         "mode": meta.get("mode"),
         "sparsity": (meta.get("settings") or {}).get("sparsity"),
+        "target_params": meta.get("target_params"),
         "dtype": meta.get("dtype"),
         "seq_len": seq,
         "hidden": widths["hidden"], "embedding_width": widths["embedding"],

@@ -154,22 +154,23 @@ def format_inspect(info: Mapping[str, Any]) -> str:
     lines = [
         f"folder: {info['folder']}",
         f"source: {info.get('source_model') or 'unknown'} ({info.get('model_type')}, {info.get('mode')}"
-        + (f", sparsity {sparsity_label(sp)}" if sp is not None else "") + f", {info.get('dtype') or 'float32'})",
+        + (f", target {info['target_params']:,} parameters" if info.get("target_params")
+           else f", sparsity {sparsity_label(sp)}" if sp is not None else "") + f", {info.get('dtype') or 'float32'})",
         f"hidden width {info['hidden']}; embedding width {info['embedding_width']}; head reads {info['head_width']}. "
         f"FLOPs per token at a context of {info['seq_len']} tokens.",
         "",
-        "| layer | d_in | d_mid | d_out | shortcuts | variance kept mid / out | params | dense params | FLOPs/token | dense FLOPs/token |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| layer | d_in | d_mid | d_out | MLP neurons | shortcuts | variance kept mid / out | params | dense params | FLOPs/token | dense FLOPs/token |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for l in info["layers"]:
         shortcuts = "+".join(n for n, on in (("attn", l["attn_shortcut"]), ("mlp", l["mlp_shortcut"])) if on) or "none"
         kept = f"{pct(l['variance_kept_mid'])} / {pct(l['variance_kept_out'])}"
-        lines.append(f"| {l['layer']} | {l['d_in']} | {l['d_mid']} | {l['d_out']} | {shortcuts} | {kept} | "
+        lines.append(f"| {l['layer']} | {l['d_in']} | {l['d_mid']} | {l['d_out']} | {l.get('mlp_neurons') or 'all'} | {shortcuts} | {kept} | "
                      f"{fmt_count(l['params'])} | {fmt_count(l['params_dense'])} | {fmt_count(l['flops'])} | {fmt_count(l['flops_dense'])} |")
     r = info["rest"]
-    lines.append(f"| embeddings, head, norms | | | | | | {fmt_count(r['params'])} | {fmt_count(r['params_dense'])} | "
+    lines.append(f"| embeddings, head, norms | | | | | | | {fmt_count(r['params'])} | {fmt_count(r['params_dense'])} | "
                  f"{fmt_count(r['flops'])} | {fmt_count(r['flops_dense'])} |")
-    lines.append(f"| **total** | | | | | | {fmt_count(info['params'])} | {fmt_count(info['params_dense'])} | "
+    lines.append(f"| **total** | | | | | | | {fmt_count(info['params'])} | {fmt_count(info['params_dense'])} | "
                  f"{fmt_count(info['flops'])} | {fmt_count(info['flops_dense'])} |")
     lines += [
         "",
