@@ -50,7 +50,14 @@ def one_run(job: dict) -> dict:
     else:
         model, tokenizer, name = slicegpt.load_model()
     result = dict(job, hidden=int(model.config.hidden_size), intermediate=int(model.config.intermediate_size))
-    if job["method"] != "dense":
+    if job.get("load"):  # compressed already (`slicegpt slice ... --out DIR`): evaluate the saved folder
+        params_dense = slicegpt.count_parameters(model)
+        del model
+        model = slicegpt.load(job["load"])
+        meta = model.slicegpt_metadata
+        result.update(params=slicegpt.count_parameters(model), params_dense=params_dense, target_params=meta.get("target_params"),
+                      allocation=meta.get("allocation"), settings=meta.get("settings"), refits=meta.get("refits"))
+    elif job["method"] != "dense":
         settings = {**METHODS[job["method"]], **(job.get("budget_args") or {} if job["method"] == "budget" else {})}
         config = slicegpt.SliceConfig(target_params=job["target"], uniform=job["mode"] == "uniform", nsamples=job["nsamples"],
                                       seqlen=1024, **settings)
@@ -135,6 +142,9 @@ def main() -> None:
     p.add_argument("--tasks", default=None)
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--rerun", action="store_true")
+    p.add_argument("--load", default=None, metavar="DIR",
+                   help="evaluate this folder, compressed already by `slicegpt slice` as --methods/--modes/--targets say "
+                        "(one of each), instead of compressing in the job")
     p.add_argument("--out", default=str(RESULTS / "budget_smollm2.json"))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--plot", default=None, metavar="PNG",
@@ -154,7 +164,8 @@ def main() -> None:
             for target in [None] if method == "dense" else [float(t) for t in args.targets.split(",")]:
                 jobs.append(dict(model=args.model, method=method, mode=mode, target=target, nsamples=args.nsamples, wiki_rows=args.wiki_rows,
                                  books_rows=args.books_rows, tasks=args.tasks, limit=args.limit,
-                                 budget_args=json.loads(args.budget_args) if method == "budget" else None))
+                                 budget_args=json.loads(args.budget_args) if method == "budget" else None,
+                                 **({"load": args.load} if args.load and method != "dense" else {})))
     out_path = Path(args.out)
     results: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
     for job in jobs:
