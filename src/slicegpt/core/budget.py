@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -111,8 +111,7 @@ class BudgetWidth:
         base = ConstantWidth(0.0, 1, self.slice_head, width=d).widths(
             self.counter.hidden, self.counter.layers, self.counter.spec.topology)
         base = fit_widths(base, self.counter.spec)
-        return replace(base, layers=tuple(replace(w, mlp=k if n is not None else None)
-                                          for w, n in zip(base.layers, self.counter.prunable)))
+        return base.with_mlp([k if n is not None else None for n in self.counter.prunable])
 
     @property
     def step(self) -> int:
@@ -129,7 +128,7 @@ class BudgetWidth:
         if any(k is None for k in kept):
             raise ValueError("spreading needs every layer's MLP neurons pruned")
         at = self.counter.count(widths)
-        one_less = replace(widths, layers=(replace(widths.layers[0], mlp=kept[0] - self.step), *widths.layers[1:]))
+        one_less = widths.with_mlp([kept[0] - self.step, *kept[1:]])
         per_step = at - self.counter.count(one_less)  # parameters of `step` neurons in one layer (the same in every layer)
         return sum(kept) + (self.target - at) // per_step * self.step
 
@@ -193,8 +192,6 @@ class BudgetWidth:
             raise UnsupportedModelError(f"{self.counter.spec.name}: the MLP-neuron axis is not available; use --axes residual")
         per_neuron = at_d - self.counter.count(self._widths(d, n - 1))
         k = n - -(-(at_d - self.target) // per_neuron)  # fewest neurons removed that reach the target
-        # Routed experts run through grouped matrix products whose strides must be multiples of
-        # 16 bytes: 8 neurons in half precision.
         step = self.step
         k -= k % step
         if k < step:

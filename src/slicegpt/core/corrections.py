@@ -124,10 +124,7 @@ def refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input:
                 t = t if bias is None else t - bias
             x = rec.last
             if weighting == "norm":
-                # What the next norm sees of an error is its size relative to the token's stream:
-                # weight each token by 1 / mean((y + mlp(y))^2), so that a few tokens with massive
-                # activations (attention sinks) do not decide the fit for all the others.
-                wt = torch.rsqrt((y + m).to(torch.float64).pow(2).mean(-1, keepdim=True) + 1e-12)
+                wt = moments_.stream_weights(y + m)  # by the stream the MLP writes into
                 x = x * wt.to(x.dtype)
                 t = None if t is None else t * wt
             moments.add(x, t, i == held)

@@ -24,6 +24,15 @@ TIE = 1e-9
 RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
 
 
+def stream_weights(stream: torch.Tensor) -> torch.Tensor:
+    """Per-token weights 1 / mean square of the residual stream ([..., D] -> [..., 1], float64).
+
+    What the next norm sees of an error is its size relative to the token's stream: weighted
+    so, a few tokens with massive activations (attention sinks) do not decide for all the others.
+    """
+    return torch.rsqrt(stream.to(torch.float64).pow(2).mean(-1, keepdim=True) + 1e-12)
+
+
 @dataclass
 class Moments:
     """Streaming E[x^T x] ([n, n]) and E[x^T t] ([n, D]) over the rows added."""

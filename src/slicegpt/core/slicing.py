@@ -371,7 +371,6 @@ def slice_model(
     rotation = rotation or PCARotation(config.damping)
     needs_rows = rotation.needs_statistics or config.uniform or config.corrections or config.target_params is not None
     rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config) if needs_rows else None
-
     half = next(model.parameters()).dtype
     if half in (torch.float16, torch.bfloat16) and rows is not None:
         print(f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 covariances, "
@@ -403,8 +402,7 @@ def slice_model(
                                                              device=devices, source=streams.source)
         # every process computed the same from the same rows; made bit-identical all the same
         spread_counts = [int(k) for k in streams.reduce.agree(torch.tensor(spread_counts, dtype=torch.int64)).tolist()]
-        spread_widths = replace(policy.split[0], layers=tuple(replace(w, mlp=k) for w, k in zip(policy.split[0].layers, spread_counts)))
-        if policy.counter.count(spread_widths) > policy.target:  # the total was counted; the spread must agree
+        if policy.counter.count(policy.split[0].with_mlp(spread_counts)) > policy.target:  # the total was counted; the spread must agree
             raise RuntimeError(f"spread neurons {spread_counts} exceed the target {policy.target:,}")
         seconds = spread_record.pop("seconds")  # printed, not recorded: a resumed run's metadata equals an uninterrupted one's
         if progress:
@@ -415,7 +413,7 @@ def slice_model(
     policy = policy or _default_policy(model, spec, config, params_before, tied)
     widths = fit_widths(policy.widths(D, n, spec.topology), spec)
     if spread_counts is not None:
-        widths = replace(widths, layers=tuple(replace(w, mlp=k) for w, k in zip(widths.layers, spread_counts)))
+        widths = widths.with_mlp(spread_counts)
     spectra: dict[str, list[float]] = {}
     calibration_sha256 = None if rows is None else hashlib.sha256(rows.input_ids.numpy().tobytes()).hexdigest()
     restart = streams.checkpoint.begin(run_identity(model, config, calibration_sha256, widths, rotation, source_model))

@@ -29,6 +29,7 @@ from ..arch import ArchSpec
 from ..data import Rows
 from .capture import capture_layer_inputs, stream
 from .neurons import greedy_order
+from .refit import InputRecorder, Moments, stream_weights
 from .streams import InMemorySource, LayerSource
 from .surgery import get_layers, mlp_writers
 
@@ -56,36 +57,29 @@ def error_curves(model: nn.Module, spec: ArchSpec, rows: Rows, device: str | tor
         (writer,) = mlp_writers(block, spec)
         weight = writer.tensor.to(torch.float64)
         weight = weight.t() if writer.transposed else weight  # (D, n)
-        n = weight.shape[1]
-        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-        handle = writer.module.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
-        cov = torch.zeros(n, n, dtype=torch.float64, device=device)
-        cross = torch.zeros(n, D, dtype=torch.float64, device=device)
-        energy, tokens = 0.0, 0
+        moments, energy = Moments(), 0.0  # of the weighted intermediate h [tokens, n] and MLP output t [tokens, D]
+        recorder = InputRecorder(writer.module)
         try:
             for i, x in stream(inputs.hidden, device):
                 args, kwargs = inputs.layer_call(index, i, device)
                 r = x + block.attn_branch(x, args, kwargs)
-                seen.clear()
-                out = r + block.mlp_branch(r)
-                h, t = seen[-1]
-                h, t, o = h.reshape(-1, n).double(), t.reshape(-1, D).double(), out.reshape(-1, D).double()
+                t = block.mlp_branch(r)  # no post-norm in these families: what the writer writes
+                out = r + t
+                h, t, wt = recorder.last.reshape(-1, weight.shape[1]), t.reshape(-1, D), stream_weights(out).reshape(-1, 1)
                 mask = inputs.masks[i]
                 if mask is not None:  # padding tokens do not count
                     keep = mask.reshape(-1).to(device).bool()
-                    h, t, o = h[keep], t[keep], o[keep]
-                weight_tok = torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-12)  # (tokens, 1)
-                h, t = h * weight_tok, t * weight_tok
-                cov.add_(h.t() @ h)
-                cross.add_(h.t() @ t)
+                    h, t, wt = h[keep], t[keep], wt[keep]
+                h, t = h.to(torch.float64) * wt, t.to(torch.float64) * wt
+                moments.add(h, t)
                 energy += float(t.pow(2).sum())
-                tokens += h.shape[0]
                 inputs.hidden[i] = out.cpu()
         finally:
-            handle.remove()
+            recorder.remove()
         source.release(model, spec, index, block)
-        _, gains = greedy_order(cov / tokens, weight, n, cross=cross / tokens)  # on the layer's device
-        total = energy / tokens
+        cov, cross = moments.mean()
+        _, gains = greedy_order(cov, weight, weight.shape[1], cross=cross)  # on the layer's device
+        total = energy / moments.count
         curves.append(torch.cat([torch.tensor([total], dtype=torch.float64), total - torch.cumsum(gains.cpu(), 0)]))
     return curves
 

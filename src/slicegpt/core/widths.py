@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from ..arch import ArchSpec
 
@@ -53,6 +53,10 @@ class Widths:
             embedding=int(data["embedding"]),
             layers=tuple(LayerWidths(**w) for w in data["layers"]),
         )
+
+    def with_mlp(self, kept: "Sequence[int | None]") -> "Widths":
+        """These widths with ``kept[i]`` MLP neurons in layer i (None: all of them)."""
+        return replace(self, layers=tuple(replace(w, mlp=k) for w, k in zip(self.layers, kept, strict=True)))
 
     def width_at(self, point: str) -> int:
         """The kept width at a named point of the stream ("embedding", "layer.3.mid", "layer.3.out")."""

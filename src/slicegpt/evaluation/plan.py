@@ -419,9 +419,8 @@ def sliced_widths(model: nn.Module, config: SliceConfig) -> tuple[Widths, int]:
     widths = fit_widths(policy.widths(int(model.config.hidden_size), len(get_layers(model, spec)), spec.topology), spec)
     if will_spread(policy, spec, config):
         # the layers' counts come from calibration; the count depends on their total only
-        extra = policy.spread_total() - sum(w.mlp for w in widths.layers)
-        counted = replace(widths, layers=(replace(widths.layers[0], mlp=widths.layers[0].mlp + extra), *widths.layers[1:]))
-        return widths, counter.count(counted)
+        kept = [w.mlp for w in widths.layers]
+        return widths, counter.count(widths.with_mlp([kept[0] + policy.spread_total() - sum(kept), *kept[1:]]))
     return widths, counter.count(widths)
 
 
