@@ -284,6 +284,34 @@ def test_refit_moments_error_matches_direct_computation() -> None:
     assert rel in refit.RIDGE_GRID and best.shape == (4, 6)
 
 
+def test_a_refit_that_every_strength_fits_equally_keeps_the_strongest_ridge() -> None:
+    """A writer whose inputs upstream compression left exact (t = x w0^T) fits equally at every
+    strength, up to rounding: the choice must not be the rounding's (it differed between one and
+    two processes), so it goes to the strongest ridge, the one nearest the current weights."""
+    from slicegpt.core import refit
+
+    g = torch.Generator().manual_seed(3)
+    x, w0 = torch.randn(400, 6, dtype=torch.float64, generator=g), torch.randn(4, 6, dtype=torch.float64, generator=g)
+    fm = refit.FitMoments()
+    fm.add(x[:300], x[:300] @ w0.t(), held_out=False)
+    fm.add(x[300:], x[300:] @ w0.t(), held_out=True)
+    w, rel = refit.refit(fm, w0)
+    assert rel == max(refit.RIDGE_GRID) and torch.allclose(w, w0, atol=1e-10)
+    # a real difference still decides: a target the current weights miss is fitted with a weak ridge
+    w1 = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    fm = refit.FitMoments()
+    fm.add(x[:300], x[:300] @ w1.t(), held_out=False)
+    fm.add(x[300:], x[300:] @ w1.t(), held_out=True)
+    assert refit.refit(fm, w0)[1] == min(refit.RIDGE_GRID)
+
+
+def test_stream_weights_are_one_over_the_root_mean_square() -> None:
+    from slicegpt.core.refit import stream_weights
+
+    y = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    assert torch.allclose(stream_weights(y), torch.tensor([[1 / 12.5**0.5], [1 / 2**0.5]], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_corrections_are_exact_unsliced_and_fit_the_dense_model_on_calibration_rows(family: str) -> None:
     """At 0% the refit writers reproduce the dense model; sliced, they bring the compressed model's
