@@ -399,7 +399,7 @@ def slice_model(
         # in its original basis, over the first calibration rows, one layer at a time.
         spread_rows = Rows(rows.input_ids[:SPREAD_ROWS], None if rows.attention_mask is None else rows.attention_mask[:SPREAD_ROWS])
         spread_counts, spread_record = spread.spread_neurons(model, spec, spread_rows, kept, policy.spread_total(), policy.step,
-                                                             device=devices, source=streams.source)
+                                                             device=devices, source=streams.source, progress=progress)
         # every process computed the same from the same rows; made bit-identical all the same
         spread_counts = [int(k) for k in streams.reduce.agree(torch.tensor(spread_counts, dtype=torch.int64)).tolist()]
         if policy.counter.count(policy.split[0].with_mlp(spread_counts)) > policy.target:  # the total was counted; the spread must agree
