@@ -18,7 +18,8 @@ Methods:
   budget    the default of --target-params (MLP neurons, chosen greedily, down projection refit),
             with the options given by --budget-args.
 Results: a markdown table on stdout, every job in benchmarks/results/budget_smollm2.json (a job
-already there is not run again unless --rerun).
+already there is not run again unless --rerun). --add-tasks measures only the zero-shot accuracy of
+a run already there (dense, or the folder of --load) and adds it to that run.
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ def one_run(job: dict) -> dict:
                       refits=report.refits)
     else:
         result.update(params=slicegpt.count_parameters(model), params_dense=slicegpt.count_parameters(model))
-    wiki = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024, max_rows=job["wiki_rows"])
-    books = slicegpt.perplexity(model, tokenizer, "lambada", seqlen=1024, max_rows=job["books_rows"])
-    result.update(wiki=wiki.perplexity, wiki_rows=wiki.rows, wiki_first16=wiki.perplexity_of_first(16),
-                  books=books.perplexity, books_rows=books.rows)
+    if not job.get("tasks_only"):  # --add-tasks: the perplexities are in the record already
+        wiki = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024, max_rows=job["wiki_rows"])
+        books = slicegpt.perplexity(model, tokenizer, "lambada", seqlen=1024, max_rows=job["books_rows"])
+        result.update(wiki=wiki.perplexity, wiki_rows=wiki.rows, wiki_first16=wiki.perplexity_of_first(16),
+                      books=books.perplexity, books_rows=books.rows)
     if job.get("tasks"):
         from slicegpt.evaluation.tasks import evaluate_tasks
 
@@ -142,6 +144,9 @@ def main() -> None:
     p.add_argument("--tasks", default=None)
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--rerun", action="store_true")
+    p.add_argument("--add-tasks", action="store_true",
+                   help="only zero-shot accuracy (--tasks), added to the run already in --out with the same settings "
+                        "(dense, or a folder given by --load): the perplexities are not measured again")
     p.add_argument("--load", default=None, metavar="DIR",
                    help="evaluate this folder, compressed already by `slicegpt slice` as --methods/--modes/--targets say "
                         "(one of each), instead of compressing in the job")
@@ -168,11 +173,21 @@ def main() -> None:
                                  **({"load": args.load} if args.load and method != "dense" else {})))
     out_path = Path(args.out)
     results: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
+    if args.add_tasks and not args.tasks:
+        raise SystemExit("--add-tasks needs --tasks")
     for job in jobs:
-        same = ("nsamples", "books_rows", "tasks", "limit")
+        same = ("nsamples", "books_rows") + (() if args.add_tasks else ("tasks", "limit"))
         done = [r for r in results if _key(r) == _key(job) and all(r.get(k) == job[k] for k in same)
                 and (job["wiki_rows"] is None or r["wiki_rows"] == job["wiki_rows"])]
-        if done and not args.rerun:
+        if args.add_tasks:
+            if not done:
+                raise SystemExit(f"--add-tasks: no run in {out_path} to add tasks to for {job['method']} {job['mode']} {job['target']}")
+            if job["method"] != "dense" and not (job.get("load") and done[-1].get("load") == job["load"]):
+                raise SystemExit("--add-tasks: a compressed run needs --load with the folder its perplexities came from")
+            if done[-1].get("tasks") and not args.rerun:
+                continue
+            job = dict(job, tasks_only=True)
+        elif done and not args.rerun:
             continue
         print(f"== {job['method']} {job['mode']} {job['target']} {job.get('budget_args') or ''}", file=sys.stderr, flush=True)
         start = time.perf_counter()
@@ -182,8 +197,14 @@ def main() -> None:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"job {job} failed")
         r = json.loads(line[-1][7:])
-        r["wall_seconds"] = time.perf_counter() - start
-        results = [x for x in results if _key(x) != _key(r)] + [r]
+        if job.get("tasks_only"):  # the perplexity run, with these tasks and their time added
+            r = dict(done[-1], tasks=r["tasks"], limit=job["limit"], tasks_wall_seconds=time.perf_counter() - start,
+                     peak_rss_gb=max(done[-1].get("peak_rss_gb", 0), r["peak_rss_gb"]))
+        else:
+            r["wall_seconds"] = time.perf_counter() - start
+        # --add-tasks replaces just the run it extends (runs of other row counts stay)
+        results = ([x for x in results if x is not done[-1]] if job.get("tasks_only")
+                   else [x for x in results if _key(x) != _key(r)]) + [r]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps({"runs": results}, indent=2) + "\n")
         print(table([x for x in results if x["method"] == "dense"] + [r]).splitlines()[-1], flush=True)
