@@ -202,9 +202,10 @@ def main() -> None:
                      peak_rss_gb=max(done[-1].get("peak_rss_gb", 0), r["peak_rss_gb"]))
         else:
             r["wall_seconds"] = time.perf_counter() - start
-        # --add-tasks replaces just the run it extends (runs of other row counts stay)
+        # a run replaces the one it extends or repeats; runs on other row counts stay
+        rows = ("nsamples", "wiki_rows", "books_rows")
         results = ([x for x in results if x is not done[-1]] if job.get("tasks_only")
-                   else [x for x in results if _key(x) != _key(r)]) + [r]
+                   else [x for x in results if _key(x) != _key(r) or any(x.get(k) != r.get(k) for k in rows)]) + [r]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps({"runs": results}, indent=2) + "\n")
         print(table([x for x in results if x["method"] == "dense"] + [r]).splitlines()[-1], flush=True)
