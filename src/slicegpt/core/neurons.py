@@ -198,7 +198,7 @@ def greedy_order(cov: torch.Tensor, w_ref: torch.Tensor, k: int,
     gains = torch.zeros(k, dtype=torch.float64)
     # The loop is memory-bound on resid ([n, D], 35 MB for Qwen2.5's 4864 x 896): per step one
     # reading pass (vector_norm, no temporary) and one in-place rank-one update (addr_), not the
-    # four passes and two temporaries of pow().sum() and -= outer(): 4x faster at that size.
+    # four passes and two temporaries of pow().sum() and -= outer() (6x faster on 600 steps there).
     for t in range(k):
         gain = torch.linalg.vector_norm(resid, dim=1).square_() / schur.clamp_min(floor)
         gain[chosen | (schur <= floor)] = -1.0
@@ -212,9 +212,10 @@ def greedy_order(cov: torch.Tensor, w_ref: torch.Tensor, k: int,
             chosen[p], order[t] = True, p
             continue
         gains[t] = gain[p]
-        col = (cov[:, p] - factor[:, :t] @ factor[p, :t]) / schur[p].clamp_min(floor).sqrt()
+        root = schur[p].clamp_min(floor).sqrt()
+        col = (cov[:, p] - factor[:, :t] @ factor[p, :t]) / root
         factor[:, t] = col
-        resid.addr_(col, resid[p] / schur[p].clamp_min(floor).sqrt(), alpha=-1.0)  # the row is copied before the update
+        resid.addr_(col, resid[p] / root, alpha=-1.0)  # the row is copied (divided) before the update
         schur = schur - col.pow(2)
         chosen[p], order[t] = True, p
     return order.to(cov.device), gains
