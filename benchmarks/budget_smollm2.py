@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -83,19 +84,28 @@ def one_run(job: dict) -> dict:
     return result
 
 
+def _task_names(tasks: str | dict | None) -> list[str] | None:
+    """A job's --tasks ("piqa,arc_easy") or a run's results ({"results": {task: ...}}) as sorted names."""
+    if not tasks:
+        return None
+    return sorted(tasks.split(",") if isinstance(tasks, str) else tasks["results"])
+
+
 def _key(r: dict) -> tuple:
     return (r.get("model"), r["method"], r["mode"], r["target"], json.dumps(r.get("budget_args") or {}, sort_keys=True))
 
 
 def table(rows: list[dict]) -> str:
-    dense = next((r for r in rows if r["method"] == "dense"), None)
+    denses = [r for r in rows if r["method"] == "dense"]
     out = ["| method | mode | target | parameters | residual width | MLP neurons | wiki ppl (rows) | x dense | books ppl (rows) | x dense | zero-shot avg | slicing s |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         a = r.get("allocation") or {}
         avg = (r.get("tasks") or {}).get("average")
-        wx = r["wiki"] / dense["wiki"] if dense and dense["wiki_rows"] == r["wiki_rows"] else float("nan")
-        bx = r["books"] / dense["books"] if dense and dense["books_rows"] == r["books_rows"] else float("nan")
+        # against the dense run on the same rows (a file may hold runs on several row counts)
+        wiki_dense = next((d["wiki"] for d in denses if d["wiki_rows"] == r["wiki_rows"]), math.nan)
+        books_dense = next((d["books"] for d in denses if d["books_rows"] == r["books_rows"]), math.nan)
+        wx, bx = r["wiki"] / wiki_dense, r["books"] / books_dense
         out.append(f"| {r['method']}{' ' + json.dumps(r['budget_args']) if r.get('budget_args') else ''} | {r['mode']} | "
                    f"{r['target'] if r['target'] else ''} | {r['params'] / 1e6:.2f}M | {a.get('residual_width', r.get('hidden', 576))} | "
                    f"{a.get('mlp_neurons') or r.get('intermediate', 1536)} | {r['wiki']:.2f} ({r['wiki_rows']}) | {wx:.2f} | {r['books']:.2f} ({r['books_rows']}) | "
@@ -176,8 +186,9 @@ def main() -> None:
     if args.add_tasks and not args.tasks:
         raise SystemExit("--add-tasks needs --tasks")
     for job in jobs:
-        same = ("nsamples", "books_rows") + (() if args.add_tasks else ("tasks", "limit"))
+        same = ("nsamples", "books_rows") + (() if args.add_tasks else ("limit",))
         done = [r for r in results if _key(r) == _key(job) and all(r.get(k) == job[k] for k in same)
+                and (args.add_tasks or _task_names(r.get("tasks")) == _task_names(job["tasks"]))
                 and (job["wiki_rows"] is None or r["wiki_rows"] == job["wiki_rows"])]
         if args.add_tasks:
             if not done:
