@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
+
+import torch
 
 from ..config import SliceConfig
 from .widths import Widths, variance_kept
@@ -33,6 +37,8 @@ class SliceReport:
     # and the fused model's largest relative logit difference from the original (--verify).
     calibration_sha256: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    # What the last bits of a float result depend on besides the inputs (see numerics()).
+    numerics: dict[str, Any] = field(default_factory=dict)
     verified: float | None = None
     # A per-layer model that kept its basis and its tied head (the final norm holds a scale).
     tied_head: bool = False
@@ -68,6 +74,34 @@ class SliceReport:
             "refits": self.refits,
             "calibration_sha256": self.calibration_sha256,
             "versions": self.versions,
+            "numerics": self.numerics,
             "verify_max_relative_logit_difference": self.verified,
             **({"tied_head": True} if self.tied_head else {}),
         }
+
+
+@lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def numerics(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What a run's last bits depend on beyond its inputs and settings: the processor, the math
+    library and the thread count split sums differently (float64 products differ by ~1e-14
+    between an AMD and an Intel CPU, or one and two threads). Two runs agree bit for bit only
+    where all of these agree; a resume on other ones is told so."""
+    dev = torch.device(device)
+    return {
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "blas": "mkl" if torch.backends.mkl.is_available() else "other",
+        "torch": torch.__version__,
+    }

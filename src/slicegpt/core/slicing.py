@@ -52,8 +52,8 @@ from .capture import LayerInputs, capture_layer_inputs, stream
 from .modules import SlicedBlock, WeightlessRMSNorm
 from .placement import dispatch, is_dispatched, layer_devices, undispatch
 from .pca import Covariance, FixedRotation, NumericalError, PCARotation, PooledCovariance, RotationSource, check_finite
-from .report import SliceReport
-from .streams import InMemorySink, LayerSink, LoopState, Restart, Streams
+from .report import SliceReport, numerics
+from .streams import NUMERICS, InMemorySink, LayerSink, LoopState, Restart, Streams
 from .surgery import (count_parameters, get_layers, get_path, hidden_size, is_prepared, is_tied, prepare, prepare_layer,
                       prepare_outside_layers)
 from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
@@ -277,6 +277,7 @@ def run_identity(model: nn.Module, config: SliceConfig, calibration_sha256: str 
         "rotation": type(rotation).__name__ + ("" if getattr(rotation, "q", None) is None else " " + digest(
             rotation.q.detach().cpu().contiguous().numpy().tobytes())[:16]),
         "settings": config.to_dict(),
+        NUMERICS: numerics(config.device),
     }
 
 
@@ -471,6 +472,7 @@ def slice_model(
         refits=refits,
         calibration_sha256=calibration_sha256,
         versions=library_versions(),
+        numerics=numerics(config.device),
         verified=verified,
         tied_head=keep_basis and final_scale is not None,
     )

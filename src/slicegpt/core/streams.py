@@ -118,10 +118,16 @@ class Restart:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+#: The identity entry that differs on another machine or thread count (``report.numerics``): a
+#: resume there is told that its bits may differ, not refused.
+NUMERICS = "numerics"
+
+
 class Checkpoint(Protocol):
     def begin(self, identity: dict[str, Any]) -> Restart | None:
         """Called once before the walks with what identifies the run (source model, settings,
-        calibration data, widths); returns what to continue from, or None to start afresh."""
+        calibration data, widths, and under :data:`NUMERICS` what its last bits depend on);
+        returns what to continue from, or None to start afresh."""
         ...
 
     def pooled(self, evals: torch.Tensor, q: torch.Tensor) -> None:

@@ -29,9 +29,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.streams import LoopState, Restart
+from ..core.streams import NUMERICS, LoopState, Restart
 from ..core.widths import LayerWidths
-from .treefile import TreeFileError, load_tree, save_tree
+from .treefile import TreeFileError, fresh, load_tree, save_tree
 
 STATE = "state.safetensors"
 FINGERPRINT = "fingerprint.json"
@@ -98,7 +98,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise ResumeError(f"the staging folder {path.parent} lacks {path.name}: it was damaged; drop --resume to start over")
-    return load_file(str(path))
+    return {k: fresh(v) for k, v in load_file(str(path)).items()}
 
 
 def _read_tree(path: Path) -> dict[str, Any]:
@@ -160,7 +160,13 @@ class SliceStaging:
             self.say(f"note: nothing to resume in {self.folder}; starting from the beginning")
             self._fresh(identity)
             return None
+        then, now = saved.pop(NUMERICS, None), identity.pop(NUMERICS, None)
         check_fingerprint(saved, identity, self.folder)
+        if then != now:
+            changed = ", ".join(f"{k} {(then or {}).get(k)!r} then, {(now or {}).get(k)!r} now" for k in sorted(set(then or {}) | set(now or {}))
+                                if (then or {}).get(k) != (now or {}).get(k))
+            self.say(f"note: resuming on other numerics ({changed}): the result is as good, but not bit for bit "
+                     "that of an uninterrupted run")
         pooled = _read_tree(self.folder / POOLED) if (self.folder / POOLED).is_file() else None
         state = _read_tree(self.folder / STATE) if (self.folder / STATE).is_file() else None
         if pooled is None and state is None:
