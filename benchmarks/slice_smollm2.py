@@ -34,7 +34,7 @@ def one_run(mode: str, sparsity: float, nsamples: int, seqlen: int, eval_seqlen:
     import torch
 
     import slicegpt
-    from slicegpt.data import calibration_rows_for
+    from slicegpt.sources import calibration_rows_for
 
     torch.manual_seed(0)
     model, tokenizer, name = slicegpt.load_model()

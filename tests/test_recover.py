@@ -15,7 +15,8 @@ import torch
 
 import slicegpt
 from slicegpt.cli import main
-from slicegpt.data import Rows, load_text, shared_documents, training_rows
+from slicegpt.data import Rows, load_text, shared_documents
+from slicegpt.sources import training_rows
 from slicegpt.training.recover import TrainingError, check_teacher, kd_loss, lm_loss
 
 from conftest import VOCAB, calib_rows, have, make_tiny, tiny_tokenizer
@@ -208,14 +209,14 @@ def test_training_rows_hold_out_validation_and_refuse_short_text() -> None:
     from conftest import SAMPLE_TEXT
 
     tok = tiny_tokenizer()
-    train, val = training_rows(tok, slicegpt.Text(SAMPLE_TEXT), seqlen=32, val_rows=3, seed=0)
+    train, val = training_rows(None, tok, slicegpt.Text(SAMPLE_TEXT), seqlen=32, val_rows=3, seed=0)
     every = cut_rows(tokenize(tok, SAMPLE_TEXT + "\n"), 32)
     assert len(val) == 3 and len(train) + len(val) == len(every) and train.input_ids.shape[1] == 32
     # Each row of the text is in exactly one of the two parts.
     both = torch.cat([val.input_ids, train.input_ids])
     assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, every.tolist()))
     with pytest.raises(slicegpt.DataError, match="at least 4 are needed"):
-        training_rows(tok, slicegpt.Text("too short"), seqlen=32, val_rows=3, seed=0)
+        training_rows(None, tok, slicegpt.Text("too short"), seqlen=32, val_rows=3, seed=0)
     assert shared_documents("a" * 100 + "\n\n" + "shared " * 20, "shared " * 20 + "\n\n" + "other " * 20) == 1
 
 

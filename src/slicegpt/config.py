@@ -240,9 +240,13 @@ class RecoverConfig:
     lora_rank, lora_alpha, lora_dropout: the adapters (the paper: 32, 10, 0.05).
     lora_targets: comma-separated groups of :data:`LORA_GROUPS` ('attn_in' = q/k/v, 'attn_out' =
         o_proj, 'mlp_in' = gate/up, 'mlp_out' = down; each family's names come from its spec).
-    data: training text ('wiki' = the calibration part of the built-in corpus, 'wikitext2' =
-        its train split, a .txt/.jsonl file, or 'hf:NAME' for a datasets data set, e.g.
-        instruction data such as 'hf:tatsu-lab/alpaca'). Never the evaluation part.
+    data: training data ('wiki' = the calibration part of the built-in corpus, 'wikitext2' =
+        its train split, a .txt/.jsonl file, 'hf:NAME' for a datasets data set, e.g.
+        instruction data such as 'hf:tatsu-lab/alpaca'; a .jsonl of conversations; 'self': the
+        dense teacher's own answers to the built-in training prompts; a mix 'wiki+self').
+        Never the evaluation part.
+    loss_on: which tokens the loss counts: 'assistant' (the assistant's turns of conversations),
+        'all', or 'auto' (assistant for conversation data, all for text).
     tokens: training tokens (steps = tokens / (batch_size * grad_accum * seqlen)), unless
         ``max_steps`` is given. The paper's recovery used about 8M.
     lr, warmup, weight_decay: AdamW with linear warm-up over ``warmup`` steps, then cosine decay
@@ -270,6 +274,7 @@ class RecoverConfig:
     lora_dropout: float = 0.05
     lora_targets: str = ",".join(LORA_GROUPS)
     data: str = "wiki"
+    loss_on: Literal["auto", "assistant", "all"] = "auto"
     tokens: int = 8_000_000
     max_steps: int | None = None
     lr: float = 2e-4
@@ -317,7 +322,17 @@ class RecoverConfig:
             raise ValueError("val_rows and eval_every must be at least 1, checkpoint_every non-negative")
         if self.early_stop_patience is not None and self.early_stop_patience < 1:
             raise ValueError(f"early_stop_patience must be at least 1, got {self.early_stop_patience}")
+        if self.loss_on not in ("auto", "assistant", "all"):
+            raise ValueError(f"loss_on must be 'auto', 'assistant' or 'all', got {self.loss_on!r}")
         parse_dtype(self.dtype)
+
+    def assistant_only(self, conversations: bool) -> bool:
+        """Does the loss count the assistant's tokens alone (``loss_on``, for data of this kind)?"""
+        return self.loss_on == "assistant" or (self.loss_on == "auto" and conversations)
+
+    def rows_needed(self) -> int:
+        """Training rows the run reads (rows repeat, a fresh order each epoch, when the data has fewer)."""
+        return self.steps() * self.batch_size * self.grad_accum
 
     @property
     def target_groups(self) -> tuple[str, ...]:

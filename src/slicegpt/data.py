@@ -26,14 +26,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
 from .arch import UnsupportedModelError, spec_for_config
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .config import SliceConfig
 
 Split = Literal["calibration", "evaluation"]
 
@@ -43,6 +41,15 @@ WIKI_CALIBRATION_SHARE = 0.8
 # sha256 of the evaluation part (UTF-8, one final newline): guards against a changed gensim file
 # or a changed extraction, either of which would make figures incomparable with earlier ones.
 WIKI_EVAL_SHA256_PREFIX = "e5237bcdf5ad27d4"
+
+
+def cache_dir() -> Path:
+    """Where converted models and generated conversations are kept: $SLICEGPT_CACHE, else
+    $XDG_CACHE_HOME/slicegpt."""
+    root = os.environ.get("SLICEGPT_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slicegpt"
 
 
 class DataError(ValueError):
@@ -238,10 +245,13 @@ def cut_rows(stream: torch.Tensor, seqlen: int, bos_token_id: int | None = None)
 
 @dataclass(frozen=True)
 class Rows:
-    """Token rows for the model: ids (rows, seqlen) and an optional 0/1 padding mask."""
+    """Token rows for the model: ids (rows, seqlen), an optional 0/1 padding mask, and an optional
+    loss mask (rows, seqlen; bool): the tokens a loss or a perplexity counts as targets (the
+    assistant's tokens of packed conversations); None counts every token."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -308,17 +318,6 @@ def bos_for(model: Any, tokenizer: Any) -> int | None:
         return None
 
 
-def calibration_rows_for(model: Any, tokenizer: Any, calib: Any, config: "SliceConfig") -> Rows:
-    """Calibration rows for ``model``: ``calib`` is :class:`Rows`, a (rows, seqlen) tensor of ids,
-    or a text source (name, path, :class:`Text`) drawn as ``config`` says."""
-    if isinstance(calib, Rows):
-        return calib
-    if isinstance(calib, torch.Tensor):
-        return Rows(calib.long())
-    return calibration_rows(tokenizer, calib, nsamples=config.nsamples, seqlen=clip_seqlen(model, config.seqlen),
-                            seed=config.seed, bos_token_id=bos_for(model, tokenizer))
-
-
 def documents(text: str) -> list[str]:
     """The documents of a part (blank-line separated), stripped."""
     return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
@@ -328,31 +327,3 @@ def shared_documents(train_text: str, eval_text: str, min_chars: int = 80) -> in
     """How many documents of ``eval_text`` (of at least ``min_chars``) also occur in ``train_text``."""
     seen = {hashlib.sha256(d.encode("utf-8")).digest() for d in documents(train_text) if len(d) >= min_chars}
     return sum(hashlib.sha256(d.encode("utf-8")).digest() in seen for d in documents(eval_text) if len(d) >= min_chars)
-
-
-def training_rows(
-    tokenizer: Any,
-    source: str | os.PathLike,
-    *,
-    seqlen: int,
-    val_rows: int,
-    seed: int,
-    bos_token_id: int | None = None,
-    text: str | None = None,
-) -> tuple[Rows, Rows]:
-    """(training rows, held-out validation rows) from the calibration part of ``source``.
-
-    The part is cut into non-overlapping rows of ``seqlen`` tokens, shuffled with ``seed``; the
-    first ``val_rows`` are held out for validation and never trained on. ``text``: that part,
-    when the caller has read it already (``source`` then only names it in messages).
-    """
-    stream = tokenize(tokenizer, load_text(source, "calibration") if text is None else text)
-    rows = cut_rows(stream, seqlen, bos_token_id)
-    if rows.shape[0] < val_rows + 1:
-        raise DataError(
-            f"training text {label(source)} has {stream.numel()} tokens = {rows.shape[0]} rows of {seqlen}; "
-            f"at least {val_rows + 1} are needed ({val_rows} held out for validation): give more text or lower --seqlen"
-        )
-    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))
-    rows = rows[order].contiguous()
-    return Rows(rows[val_rows:]), Rows(rows[:val_rows])

@@ -76,3 +76,15 @@ def peak_memory(device: str | object) -> dict[str, float]:
     if str(device).startswith("cuda"):
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
+
+
+def available_bytes() -> int | None:
+    """Memory the host can still give (Linux MemAvailable), or None where it does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

@@ -12,7 +12,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from torch import nn
+
+from ..chat import has_chat_template
 from ..config import DTYPES, EvalConfig, SliceConfig
+from ..evaluation.chat import samples
+from ..io.folders import load
+from ..io.models import load_model
+from ..memory import available_bytes
 from ..training.recover import TrainingError
 
 SLICE_DEFAULTS = SliceConfig()
@@ -57,7 +64,10 @@ def split_tasks(text: str | None) -> list[str] | None:
 def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
     """The :class:`SliceConfig` flags shared by ``slice`` and ``sweep`` (all but the sparsity)."""
     d = SLICE_DEFAULTS
-    p.add_argument("--calib", default=d.calib, help="calibration text: 'wiki' (built-in, offline), 'wikitext2' (hub, train split), or a .txt/.jsonl file")
+    p.add_argument("--calib", default=d.calib, help="calibration data: 'wiki' (built-in, offline), 'wikitext2' (hub, train split), "
+                   "a .txt/.jsonl text file, a .jsonl of conversations ('messages' records, rendered through the chat template and "
+                   "packed whole), 'self' (the model's own answers to the built-in training prompts, generated once and cached), "
+                   "or a mix such as 'wiki+self' (equal shares of the rows)")
     p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration rows")
     p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration row (clipped to the model's context)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration rows per forward pass")
@@ -114,3 +124,25 @@ def parse_count(text: str) -> float:
         return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a parameter count (100.9M, 1.2B, 9e7) or a fraction (0.75), got {text!r}") from None
+
+
+def add_samples_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-samples", action="store_true", help="do not end by showing two held-out prompts answered by the source "
+                   "model and by the result side by side (shown when the tokenizer has a chat template)")
+
+
+def print_samples(args: argparse.Namespace, tokenizer: Any, source: nn.Module | str | None, result: nn.Module | str,
+                  params: int, device: str | None = None) -> None:
+    """End a run by showing two held-out prompts answered by ``source`` and ``result`` (models, or
+    what :func:`load_model` / :func:`load` read), unless --no-samples or the tokenizer has no chat
+    template; skipped, saying so, when the two models would not fit the host's memory together."""
+    if getattr(args, "no_samples", False) or not has_chat_template(tokenizer) or source is None:
+        return
+    free = available_bytes()
+    if free is not None and 2 * 4 * params > free:
+        print("note: no sample answers: the source and the result would not fit this host's memory together (--no-samples)")
+        return
+    src = source if isinstance(source, nn.Module) else load_model(source)[0]
+    res = result if isinstance(result, nn.Module) else load(result)
+    print("\nTwo held-out prompts, answered greedily by the source model and by the result (--no-samples skips this):")
+    print(samples(src, res, tokenizer, device=device))

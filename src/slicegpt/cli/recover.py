@@ -10,7 +10,9 @@ from typing import Any
 
 from ..config import DTYPES, LORA_GROUPS, RecoverConfig
 from ..core.distributed import TorchDistributedReduction
-from ..data import DataError, Text, bos_for, clip_seqlen, label, load_text, shared_documents, training_rows
+from ..chat import is_conversation_file, read_conversations
+from ..data import DataError, bos_for, clip_seqlen, label, load_text, shared_documents
+from ..sources import is_conversations, is_self, parts, training_rows
 from ..evaluation.perplexity import eval_rows
 from ..io import folders
 from ..io.format import SlicedFolderError, read_metadata
@@ -19,7 +21,8 @@ from ..io.staging import staging_dir
 from ..memory import peak_memory
 from ..training.recover import recover
 from . import distributed
-from .common import parse_count, write_json
+from ..core.surgery import count_parameters
+from .common import add_samples_argument, parse_count, print_samples, write_json
 
 HELP = "recover quality by training: distil the dense model into a sliced one, or fine-tune it"
 DESCRIPTION = (
@@ -35,7 +38,12 @@ ADAPTER = "adapter"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="a sliced folder (written by `slicegpt slice`)")
     p.add_argument("--teacher", default=None, metavar="MODEL", help="the dense teacher: hub id, local folder, .gguf; default: the source model the folder records")
-    p.add_argument("--data", default=D.data, help="training text: 'wiki' (built-in, its calibration part), 'wikitext2' (hub, train split), 'hf:NAME' (a datasets data set, e.g. hf:tatsu-lab/alpaca), or a .txt/.jsonl file")
+    p.add_argument("--data", default=D.data, help="training data: 'wiki' (built-in, its calibration part), 'wikitext2' (hub, train split), "
+                   "'hf:NAME' (a datasets data set, e.g. hf:tatsu-lab/alpaca), a .txt/.jsonl text file, a .jsonl of conversations "
+                   "('messages' records, rendered through the chat template), 'self' (the dense model's own answers to the built-in "
+                   "training prompts, generated and cached), or a mix such as 'wiki+self' (equal shares)")
+    p.add_argument("--loss-on", default=D.loss_on, choices=["auto", "assistant", "all"], help="which tokens the loss counts: "
+                   "the assistant's turns of conversations, all tokens, or auto (assistant for conversations, all for text)")
     p.add_argument("--out", default=None, help="output folder (default: FOLDER-recovered)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--resume", action="store_true", help="continue from the last training checkpoint of the same run (kept beside --out)")
@@ -66,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=D.gradient_checkpointing, help="recompute layer activations in the backward pass (less memory, more time)")
     p.add_argument("--seed", type=int, default=D.seed, help="row order and adapter initialisation")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report (curve, tokens, seconds, memory) as JSON")
+    add_samples_argument(p)
     distributed.add_argument(p)
 
 
@@ -73,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> RecoverConfig:
     return RecoverConfig(
         loss=args.loss, train=args.train, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, data=args.data, tokens=int(args.tokens),
-        max_steps=args.max_steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, seqlen=args.seqlen,
+        loss_on=args.loss_on, max_steps=args.max_steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, seqlen=args.seqlen,
         batch_size=args.batch_size, grad_accum=args.grad_accum, temperature=args.temperature, val_rows=args.val_rows,
         eval_data=args.eval_data, eval_max_rows=args.eval_max_rows, eval_every=args.eval_every,
         early_stop_patience=args.early_stop_patience, checkpoint_every=args.checkpoint_every, device=args.device,
@@ -113,16 +122,18 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
         raise SlicedFolderError(f"recover takes a folder written by `slicegpt slice`: {exc}") from None
     out = output_folder(args)
     folders.check_output_dir(out, args.overwrite, protect=(folder, args.teacher))
-    train_text = load_text(config.data, "calibration")  # a missing or unreadable source fails before any model loads
-    eval_text = load_text(config.eval_data, "evaluation") if config.eval_data is not None else None
-    if eval_text is not None:
-        shared = shared_documents(train_text, eval_text)
+    # A missing or unreadable source fails before any model loads.
+    train_texts = [_read_part(part) for part in parts(config.data)]
+    eval_text = load_text(config.eval_data, "evaluation") if config.eval_data is not None and not is_conversation_file(config.eval_data) else None
+    for part, text in zip(parts(config.data), train_texts):
+        shared = shared_documents(text, eval_text) if text is not None and eval_text is not None else 0
         if shared:
-            raise DataError(f"{shared} documents of --eval-data {label(config.eval_data)} are also in the training text {label(config.data)}")
+            raise DataError(f"{shared} documents of --eval-data {label(config.eval_data)} are also in the training text {label(part)}")
+    uses_self = any(is_self(p) for p in parts(config.data))
 
     student, tokenizer, source = load_model(str(folder))
     teacher = teacher_tok = teacher_name = None
-    if config.loss != "lm":
+    if config.loss != "lm" or uses_self:  # 'self' data: the dense model answers the prompts
         teacher_name = args.teacher or meta.get("source_model")
         if not teacher_name:
             raise ValueError("the folder records no source model: name the dense model with --teacher, or use --loss lm")
@@ -130,10 +141,12 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
             teacher, teacher_tok, teacher_name = load_model(teacher_name)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{exc} (the teacher; name another with --teacher, or use --loss lm)") from None
-    # The texts read above are used as read (wiki is extracted from its archive once, not again).
-    rows = training_rows(tokenizer, config.data, seqlen=clip_seqlen(student, config.seqlen), val_rows=config.val_rows,
-                         seed=config.seed, bos_token_id=bos_for(student, tokenizer), text=train_text)
-    eval_ids = eval_rows(student, tokenizer, Text(eval_text), config.seqlen, config.eval_max_rows) if eval_text is not None else None
+    rows = training_rows(teacher, tokenizer, config.data, seqlen=clip_seqlen(student, config.seqlen), val_rows=config.val_rows,
+                         seed=config.seed, bos=bos_for(student, tokenizer), rows_needed=config.rows_needed(),
+                         assistant_only=config.assistant_only(is_conversations(config.data)), device=config.device, progress=leader)
+    eval_ids = eval_rows(student, tokenizer, config.eval_data, config.seqlen, config.eval_max_rows) if config.eval_data is not None else None
+    if config.loss == "lm" and teacher is not None:  # it only answered the prompts
+        teacher = teacher_tok = teacher_name = None
 
     state = staging_dir(out, "recover")
     if leader and not args.resume and state.exists():
@@ -144,7 +157,6 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
         rows=rows, eval_ids=eval_ids, state_dir=state if ranks is None else None, resume=args.resume,
         adapter_dir=state / ADAPTER if args.keep_adapter and leader else None, progress=leader, ranks=ranks,
     )
-    del teacher
     if not leader:
         return 0
     extra = (lambda tmp: shutil.copytree(state / ADAPTER, tmp / ADAPTER)) if args.keep_adapter else None
@@ -158,7 +170,20 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
           f"({report.tokens_per_second:.0f} tokens/s); validation perplexity {first['val_ppl']:.3f} -> {last['val_ppl']:.3f}"
           + (f"; {label(config.eval_data)} {first['eval_ppl']:.3f} -> {last['eval_ppl']:.3f}" if "eval_ppl" in last else ""))
     write_json(args.json, result)
+    print_samples(args, tokenizer, teacher if teacher is not None else meta.get("source_model"), model, count_parameters(model),
+                  device=config.device)
     return 0
+
+
+def _read_part(part: str) -> str | None:
+    """Check one part of --data before any model loads: text is read (and returned), a
+    conversation file parsed; 'self' is generated later, by the teacher."""
+    if is_self(part):
+        return None
+    if is_conversation_file(part):
+        read_conversations(part)
+        return None
+    return load_text(part, "calibration")
 
 
 def output_folder(args: argparse.Namespace) -> Path:

@@ -22,8 +22,10 @@ from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.staging import SliceStaging, staging_dir
 from ..io import streaming
 from ..memory import peak_memory
+from ..sources import is_self, parts
 from . import distributed
-from .common import parse_count, EVAL_DEFAULTS, SLICE_DEFAULTS, add_slice_config_arguments, slice_config_from_args, write_json
+from .common import (EVAL_DEFAULTS, SLICE_DEFAULTS, add_samples_argument, add_slice_config_arguments, parse_count, print_samples,
+                     slice_config_from_args, write_json)
 
 HELP = "rotate and slice a model, then save it"
 DESCRIPTION = (
@@ -64,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-max-rows", type=int, default=None, help="evaluate --ppl on the first N rows only")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures (perplexities, parameters, seconds, memory) as JSON")
     p.add_argument("--list-architectures", action="store_true", help="print the supported model types and exit")
+    add_samples_argument(p)
     distributed.add_argument(p)
 
 
@@ -138,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
         result["wall_seconds"] = time.perf_counter() - wall
         result.update(peak_memory(config.device))
         print(format_slice_table(result))
+        print_samples(args, tokenizer, args.model if args.model is not None else name, model if opened is None else out,
+                      report.params_before, device=eval_device if config.device_map is None else None)
         write_json(args.json, result)
         if ranks is not None:
             ranks.finish()  # the others waited for the output to be written
@@ -147,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
 def stream_blockers(args: argparse.Namespace, config: Any) -> dict[str, bool]:
     """The settings that need the whole model in memory (streaming ruled out)."""
     return {"--ppl": bool(args.ppl), "--search": config.search, "--device-map": config.device_map is not None,
+            "--calib self (the model answers prompts)": any(is_self(p) for p in parts(config.calib)),
             "a sliced folder as MODEL": args.model is not None and is_sliced_folder(args.model)}
 
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SliceConfig
-from ..data import Rows, calibration_rows_for
+from ..data import Rows
+from ..sources import calibration_rows_for
 from ..memory import release_free_memory
 from .report import SliceReport
 

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..arch import ArchSpec, spec_for_config
 from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig, check_device
-from ..data import Rows, calibration_rows_for, clip_seqlen
+from ..data import Rows, clip_seqlen
+from ..sources import calibration_rows_for
 from ..memory import release_free_memory
 from . import allocate, corrections, neurons, spread, uniform
 from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target

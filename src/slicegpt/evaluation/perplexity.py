@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import check_device
-from ..data import bos_for, clip_seqlen, cut_rows, label, load_text, tokenize
+from ..data import Rows, label
+from ..sources import evaluation_rows
 
 
 @dataclass
@@ -32,6 +33,9 @@ class PerplexityResult:
     # Summed NLL of each row's seqlen - 1 predictions, in row order: the perplexity of the
     # first k rows is exp(sum(row_nll[:k]) / (k * (seqlen - 1))).
     row_nll: list[float] = field(default_factory=list)
+    # Predictions counted in each row, where not every one is (conversations: the assistant's
+    # tokens); empty when each row counts seqlen - 1.
+    row_tokens: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,18 +45,22 @@ class PerplexityResult:
         k = min(k, len(self.row_nll))
         if k < 1:
             raise ValueError("no rows were evaluated")
-        return math.exp(sum(self.row_nll[:k]) / (k * (self.seqlen - 1)))
+        counted = sum(self.row_tokens[:k]) if self.row_tokens else k * (self.seqlen - 1)
+        return exp_or_inf(math.fsum(self.row_nll[:k]) / counted)
 
 
-def eval_rows(model: nn.Module, tokenizer: Any, data: str, seqlen: int, max_rows: int | None = None) -> torch.Tensor:
-    """The evaluation rows of ``data`` (a source name, a path, or raw text), shape (rows, seqlen)."""
-    if seqlen < 2:
-        raise ValueError(f"seqlen must be at least 2 (a row of {seqlen} token predicts nothing)")
-    text = load_text(data, "evaluation")
-    rows = cut_rows(tokenize(tokenizer, text), clip_seqlen(model, seqlen), bos_for(model, tokenizer))
-    if rows.shape[0] == 0:
-        raise ValueError(f"evaluation text is shorter than one row of {seqlen} tokens")
-    return rows if max_rows is None else rows[:max_rows]
+def exp_or_inf(nll: float) -> float:
+    """exp(nll), or inf where it overflows (a model whose perplexity is beyond float range)."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
+def eval_rows(model: nn.Module, tokenizer: Any, data: Any, seqlen: int, max_rows: int | None = None) -> Rows:
+    """The evaluation rows of ``data`` (a source name, a path, a conversation file, or raw text);
+    conversation rows carry a loss mask (the assistant's tokens)."""
+    return evaluation_rows(model, tokenizer, data, seqlen, max_rows)
 
 
 @torch.inference_mode()
@@ -69,6 +77,8 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``data`` ('wiki', 'wikitext2', a .txt/.jsonl path, or raw text)."""
     start = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     rows = eval_rows(model, tokenizer, data, seqlen, max_rows)
     if device is not None:
         model.to(check_device(device))
@@ -76,24 +86,35 @@ def perplexity(
     model.eval()
     count = 0
     row_nll: list[float] = []
-    batches = range(0, rows.shape[0], batch_size)
+    row_count: list[int] = []
+    batches = range(0, len(rows), batch_size)
     for start_row in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-        ids = rows[start_row : start_row + batch_size].to(dev)
+        ids = rows.input_ids[start_row : start_row + batch_size].to(dev)
         logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
-        # Token t predicts token t+1; every row contributes seqlen - 1 predictions.
+        # Token t predicts token t+1; every row contributes seqlen - 1 predictions (those the
+        # loss mask counts, for conversations: the assistant's tokens).
         flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B * (T - 1), V]
-        nll = F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1).sum(dim=1)  # [B]
+        nll = F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)  # [B, T - 1]
+        if rows.loss_mask is not None:
+            counted = rows.loss_mask[start_row : start_row + batch_size, 1:].to(dev)
+            nll = nll * counted
+            row_count.extend(counted.sum(dim=1).tolist())
+        else:
+            row_count.extend([nll.shape[1]] * nll.shape[0])
         del logits, flat
-        row_nll.extend(nll.double().tolist())
-        count += ids[:, 1:].numel()
+        row_nll.extend(nll.sum(dim=1).double().tolist())
+    count = sum(row_count)
+    if count == 0:
+        raise ValueError(f"{label(data)} has no tokens to predict")
     mean = math.fsum(row_nll) / count
     return PerplexityResult(
-        perplexity=math.exp(mean),
+        perplexity=exp_or_inf(mean),
         nll=mean,
         tokens=count,
-        rows=rows.shape[0],
-        seqlen=rows.shape[1],
+        rows=len(rows),
+        seqlen=rows.input_ids.shape[1],
         seconds=time.perf_counter() - start,
         source=label(data),
         row_nll=row_nll,
+        row_tokens=row_count if rows.loss_mask is not None else [],
     )

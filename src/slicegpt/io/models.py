@@ -18,6 +18,7 @@ from torch import nn
 
 from ..arch import spec_for_config
 from ..config import parse_dtype
+from ..data import cache_dir
 from .folders import load
 from .format import is_sliced_folder
 
@@ -28,14 +29,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 class ModelLoadError(ValueError):
     """A model could not be found or read."""
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: $SLICEGPT_CACHE, else $XDG_CACHE_HOME/slicegpt."""
-    root = os.environ.get("SLICEGPT_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slicegpt"
 
 
 def _package_dir(package: str) -> Path:

@@ -26,7 +26,8 @@ from ..arch import spec_for_config
 from ..config import RecoverConfig, check_device, parse_dtype
 from ..core.distributed import TorchDistributedReduction
 from ..core.surgery import get_layers
-from ..data import Rows, bos_for, clip_seqlen, label, training_rows
+from ..data import Rows, bos_for, clip_seqlen, label
+from ..sources import is_conversations, training_rows
 from . import lora
 from .state import STATE_FILE, check_fingerprint, fingerprint, load_state, save_state
 
@@ -75,20 +76,32 @@ def _vocab_size(model: nn.Module) -> int:
     return int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) at ``temperature``, times temperature^2.
 
-    Both [B, T, V]; computed in float32 whatever the autocast dtype.
+    Both [B, T, V]; computed in float32 whatever the autocast dtype. ``mask`` [B, T] (bool):
+    the tokens counted as targets; position t predicts token t + 1, so it counts where
+    ``mask[:, t + 1]`` does (None: every position).
     """
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    if mask is None:
+        kl = F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
+        return kl * temperature**2
+    counted = mask[:, 1:].to(s.device)  # [B, T - 1]
+    per = F.kl_div(s[:, :-1], t[:, :-1], log_target=True, reduction="none").sum(-1)  # [B, T - 1]
+    return (per * counted).sum() / counted.sum().clamp_min(1) * temperature**2
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: token t predicts token t + 1. logits [B, T, V], ids [B, T]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: token t predicts token t + 1. logits [B, T, V], ids [B, T];
+    ``mask`` [B, T] (bool): the target tokens counted (None: all)."""
+    if mask is None:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    counted = mask[:, 1:].flatten().to(logits.device)
+    per = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return (per * counted).sum() / counted.sum().clamp_min(1)
 
 
 class RowOrder:
@@ -135,17 +148,20 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, batch_size: int) -> float:
-    """Mean next-token NLL over the rows ``ids`` [N, T] (the model put in eval mode)."""
+def mean_nll(model: nn.Module, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, batch_size: int,
+             mask: torch.Tensor | None = None) -> float:
+    """Mean next-token NLL over the rows ``ids`` [N, T] (the tokens ``mask`` counts; the model put in eval mode)."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start : start + batch_size].to(device)
+        part = None if mask is None else mask[start : start + batch_size]
         with _autocast(device, dtype):
             logits = model(input_ids=batch, use_cache=False).logits
-        total += float(lm_loss(logits, batch)) * batch[:, 1:].numel()
-        count += batch[:, 1:].numel()
-    return total / count
+        n = batch[:, 1:].numel() if part is None else int(part[:, 1:].sum())
+        total += float(lm_loss(logits, batch, part)) * n
+        count += n
+    return total / max(count, 1)
 
 
 def _average(ranks: TorchDistributedReduction, params: dict[str, nn.Parameter], loss: float) -> float:
@@ -182,7 +198,7 @@ def recover(
     teacher_tokenizer: Any | None = None,
     teacher_name: str | None = None,
     rows: tuple[Rows, Rows] | None = None,
-    eval_ids: torch.Tensor | None = None,
+    eval_ids: torch.Tensor | Rows | None = None,
     state_dir: str | Path | None = None,
     resume: bool = False,
     adapter_dir: str | Path | None = None,
@@ -217,8 +233,10 @@ def recover(
     amp = parse_dtype(config.dtype)
     spec = spec_for_config(student.config)
     seqlen = clip_seqlen(student, config.seqlen)
-    train, val = rows or training_rows(tokenizer, config.data, seqlen=seqlen, val_rows=config.val_rows,
-                                       seed=config.seed, bos_token_id=bos_for(student, tokenizer))
+    train, val = rows or training_rows(teacher, tokenizer, config.data, seqlen=seqlen, val_rows=config.val_rows,
+                                       seed=config.seed, bos=bos_for(student, tokenizer), rows_needed=config.rows_needed(),
+                                       assistant_only=config.assistant_only(is_conversations(config.data)), device=config.device,
+                                       progress=progress)
     state_dir = Path(state_dir) if state_dir is not None else None
     print_ = tqdm.write if progress else (lambda *_: None)
     world, rank = (1, 0) if ranks is None else (ranks.processes, ranks.rank)
@@ -278,16 +296,20 @@ def recover(
 
         order = RowOrder(len(train), config.seed)
 
-        def batch(i: int) -> torch.Tensor:
+        def batch(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Training batch ``i``: ids [batch, T] and the loss mask (None: every token counts)."""
             start = i * config.batch_size
-            return train.input_ids[[order[start + j] for j in range(config.batch_size)]]
+            pick = [order[start + j] for j in range(config.batch_size)]
+            return train.input_ids[pick], None if train.loss_mask is None else train.loss_mask[pick]
 
         def validate(at: int) -> bool:
             """Append a point to the curve; True when early stopping says stop."""
             nonlocal best, best_state, bad
-            point = {"step": at, "tokens": tokens, "val_ppl": math.exp(mean_nll(model, val.input_ids, device, amp, config.batch_size))}
+            point = {"step": at, "tokens": tokens,
+                     "val_ppl": math.exp(mean_nll(model, val.input_ids, device, amp, config.batch_size, val.loss_mask))}
             if eval_ids is not None:
-                point["eval_ppl"] = math.exp(mean_nll(model, eval_ids, device, amp, config.batch_size))
+                ev = eval_ids if isinstance(eval_ids, Rows) else Rows(eval_ids)
+                point["eval_ppl"] = math.exp(mean_nll(model, ev.input_ids, device, amp, config.batch_size, ev.loss_mask))
             curve.append(point)
             if point["val_ppl"] < best[0]:
                 best, bad = (point["val_ppl"], at), 0
@@ -326,15 +348,16 @@ def recover(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for micro in range(config.grad_accum):
-                ids = batch(step * config.grad_accum + micro)[rank::world].to(device)
+                ids, counted = batch(step * config.grad_accum + micro)
+                ids, counted = ids[rank::world].to(device), None if counted is None else counted[rank::world].to(device)
                 with _autocast(device, amp):
                     logits = model(input_ids=ids, use_cache=False).logits
                     if loss_kind == "kd":
                         with torch.no_grad():
                             target = teacher(input_ids=ids, use_cache=False).logits
-                        loss = kd_loss(logits, target, config.temperature)
+                        loss = kd_loss(logits, target, config.temperature, counted)
                     else:
-                        loss = lm_loss(logits, ids)
+                        loss = lm_loss(logits, ids, counted)
                 if not torch.isfinite(loss.detach()):
                     raise numerical_stop(f"the loss is {float(loss.detach())}", step + 1)
                 scaler.scale(loss / config.grad_accum).backward()

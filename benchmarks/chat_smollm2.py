@@ -1,0 +1,162 @@
+"""Compressed chat models judged by their answers: calibration (and recovery) data against the chat job.
+
+    .venv/bin/python benchmarks/chat_smollm2.py                                    # SmolLM2, 25%, both modes, wiki/self/mix
+    .venv/bin/python benchmarks/chat_smollm2.py --calibs self --modes per-layer --tasks piqa,winogrande,hellaswag,arc_easy,arc_challenge
+    .venv/bin/python benchmarks/chat_smollm2.py --model qwen2.5-coder-0.5b --out benchmarks/results/chat_qwen.json
+    .venv/bin/python benchmarks/chat_smollm2.py --load DIR --name recovered-self    # evaluate a folder made elsewhere (recover)
+
+Each job runs in a fresh process: compress the model to 75% of its parameters as shipped (the
+budget method, uniform = a standard checkpoint, or per-layer) with --nsamples rows of 1024 tokens
+from each calibration source ('wiki' prose, 'self' = the model's own answers to the built-in
+training prompts, 'wiki+self' = half each), save it under benchmarks/results/chat_models/, then
+measure on data none of it was calibrated on: the chat job on --chat-n held-out built-in prompts
+(greedy, 40 new tokens: top-1 agreement with the dense model's answers, their perplexity, loop and
+system-prompt echo shares), perplexity on the 'wiki' evaluation part (--wiki-rows rows of 1024;
+all by default) and on 'lambada' novels (--books-rows rows), and with --tasks zero-shot accuracy.
+Results: a markdown table on stdout, every job in --out (a job already there is skipped unless --rerun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MODELS = RESULTS / "chat_models"
+
+
+def _load_source(job: dict):
+    import slicegpt
+
+    if job.get("model"):
+        from slicegpt.io.fetch import materialise
+
+        return slicegpt.load_model(str(materialise(job["model"])))
+    return slicegpt.load_model()
+
+
+def one_run(job: dict) -> dict:
+    import torch
+
+    import slicegpt
+    from slicegpt.evaluation.chat import evaluate_chat
+    from slicegpt.memory import peak_rss_gb
+
+    torch.manual_seed(0)
+    model, tokenizer, name = _load_source(job)
+    source, _, _ = _load_source(job)
+    dense_params = slicegpt.count_parameters(model)
+    result = dict(job, source_model=name, params_dense=dense_params)
+    if job.get("load"):
+        del model
+        model = slicegpt.load(job["load"])
+        meta = model.slicegpt_metadata
+        result.update(params=slicegpt.count_parameters(model), settings=meta.get("settings"), allocation=meta.get("allocation"),
+                      recovery=meta.get("recovery", {}).get("settings") if isinstance(meta.get("recovery"), dict) else None)
+    elif job["method"] != "dense":
+        config = slicegpt.SliceConfig(target_params=job["target"], uniform=job["mode"] == "uniform", nsamples=job["nsamples"],
+                                      seqlen=1024, calib=job["calib"])
+        start = time.perf_counter()
+        report = slicegpt.slice_model(model, tokenizer, None, config, source_model=name)
+        result.update(params=report.params_after, allocation=report.allocation, compress_seconds=time.perf_counter() - start,
+                      settings=config.to_dict(), calibration_tokens=report.calibration_tokens)
+        folder = MODELS / job["name"]
+        slicegpt.save(model, folder, tokenizer=tokenizer, report=report, overwrite=True)
+        result["folder"] = str(folder.relative_to(HERE.parent))
+    else:
+        result.update(params=dense_params)
+    res = evaluate_chat(model, tokenizer, source, tokenizer, source_name=name, n=job["chat_n"], progress=False, examples=4)
+    result["chat"] = res.to_dict()
+    del source
+    wiki = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024, max_rows=job["wiki_rows"], progress=False)
+    books = slicegpt.perplexity(model, tokenizer, "lambada", seqlen=1024, max_rows=job["books_rows"], progress=False)
+    result.update(wiki=wiki.perplexity, wiki_rows=wiki.rows, books=books.perplexity, books_rows=books.rows)
+    if job.get("tasks"):
+        from slicegpt.evaluation.tasks import evaluate_tasks
+
+        result["tasks"] = evaluate_tasks(model, tokenizer, job["tasks"].split(","), limit=job["limit"], batch_size=16,
+                                         offline=True, device="cpu")
+    result["peak_rss_gb"] = peak_rss_gb()
+    result["torch_threads"] = torch.get_num_threads()
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    dense = {r.get("model"): r for r in rows if r["method"] == "dense"}
+    out = ["| run | parameters | top-1 agreement | answer ppl | loops (dense) | echoes | wiki ppl | x dense | lambada ppl | x dense | zero-shot |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = r["chat"]
+        d = dense.get(r.get("model"))
+        wx = r["wiki"] / d["wiki"] if d else float("nan")
+        bx = r["books"] / d["books"] if d else float("nan")
+        avg = (r.get("tasks") or {}).get("average")
+        out.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {100 * c['top1_agreement']:.1f}% | {c['answer_perplexity']:.2f} | "
+                   f"{100 * c['model']['loops']:.0f}% ({100 * c['source']['loops']:.0f}%) | {100 * c['model']['echoes']:.0f}% | "
+                   f"{r['wiki']:.2f} | {wx:.2f} | {r['books']:.2f} | {bx:.2f} | {'' if avg is None else f'{100 * avg:.1f}'} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a packaged model instead of the embedded SmolLM2 (qwen2.5-coder-0.5b)")
+    p.add_argument("--target", type=float, default=0.75)
+    p.add_argument("--modes", default="uniform,per-layer")
+    p.add_argument("--calibs", default="wiki,self,wiki+self")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--no-dense", action="store_true", help="skip the dense model's own row")
+    p.add_argument("--chat-n", type=int, default=64)
+    p.add_argument("--wiki-rows", type=int, default=None)
+    p.add_argument("--books-rows", type=int, default=64)
+    p.add_argument("--tasks", default=None)
+    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--load", default=None, metavar="DIR", help="evaluate this folder (made by `slicegpt slice` or `recover`) as one run")
+    p.add_argument("--name", default=None, help="the run's name with --load")
+    p.add_argument("--rerun", action="store_true")
+    p.add_argument("--out", default=str(RESULTS / "chat_smollm2.json"))
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+        return
+    common = dict(model=args.model, chat_n=args.chat_n, wiki_rows=args.wiki_rows, books_rows=args.books_rows, tasks=args.tasks,
+                  limit=args.limit)
+    jobs = [] if args.no_dense else [dict(common, name="dense", method="dense", mode="-", target=None, calib=None, nsamples=None)]
+    if args.load:
+        jobs = [dict(common, name=args.name or Path(args.load).name, method="loaded", mode="-", target=None, calib=None,
+                     nsamples=None, load=args.load)]
+    else:
+        for mode in args.modes.split(","):
+            for calib in args.calibs.split(","):
+                tag = f"{'uniform' if mode == 'uniform' else 'per-layer'}-{calib}-{args.nsamples}" + (f"-{args.model}" if args.model else "")
+                jobs.append(dict(common, name=tag, method="budget", mode=mode, target=args.target, calib=calib, nsamples=args.nsamples))
+    out_path = Path(args.out)
+    results: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
+    for job in jobs:
+        same = [r for r in results if r["name"] == job["name"] and r.get("model") == job.get("model")
+                and (not job.get("tasks") or r.get("tasks"))]
+        if same and not args.rerun:
+            continue
+        print(f"== {job['name']}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"job {job['name']} failed")
+        r = json.loads(line[-1][7:])
+        r["wall_seconds"] = time.perf_counter() - start
+        results = [x for x in results if not (x["name"] == r["name"] and x.get("model") == r.get("model"))] + [r]
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({"runs": results}, indent=2) + "\n")
+        print(table([r]).splitlines()[-1], flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
