@@ -294,3 +294,18 @@ def test_eval_chat_against_the_source_itself_agrees_fully(chat_model_dir: Path, 
     assert result["source"]["perplexities"]["wiki"]["perplexity"] == pytest.approx(result["perplexity"]["perplexity"])
     assert "top-1 agreement" in capsys.readouterr().out
     assert main(["eval", model, "--chat", prompt_file]) == 2  # no source to compare with
+
+
+@needs_prompts
+def test_code_answers_are_run_against_the_tests_shipped_with_their_prompt() -> None:
+    from slicegpt.evaluation.chat import code_passes, code_program
+
+    mbpp = next(p for p in prompts.builtin_prompts("builtin:code", "eval", 8) if p.source == "mbpp")
+    human = next(p for p in prompts.builtin_prompts("builtin:code", "eval", 8) if p.source == "humaneval")
+    wrong = "```python\ndef unrelated():\n    return 0\n```"
+    assert not code_passes(code_program(mbpp, wrong)) and not code_passes(code_program(human, wrong))
+    # humaneval: a body continuing the signature is joined to the prompt; a bare `pass` body fails its tests
+    assert "check(" in code_program(human, "    pass\n") and not code_passes(code_program(human, "    pass\n"))
+    assert not code_passes("while True:\n    pass\n", timeout=1.0)  # a hang is a failure, after the timeout
+    assert code_passes("assert 1 + 1 == 2\n") and not code_passes("import sys; sys.exit(3)\n")
+    assert code_program(prompts.Prompt("plain", "x", "x/1"), "anything") is None

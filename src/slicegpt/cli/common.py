@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +19,7 @@ from ..chat import has_chat_template
 from ..config import DTYPES, EvalConfig, SliceConfig
 from ..evaluation.chat import samples
 from ..io.folders import load
+from ..io.format import is_sliced_folder, read_metadata
 from ..io.models import load_model
 from ..memory import available_bytes
 from ..training.recover import TrainingError
@@ -41,11 +43,73 @@ def add_command(sub: argparse._SubParsersAction, name: str, command: ModuleType)
 def run_in_one_line(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a command; an expected failure becomes ``slicegpt: error: <first line>`` on stderr and exit code 2."""
     try:
+        guard_inputs(args)
         return int(func(args) or 0)
     except EXPECTED_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"slicegpt: error: {message}", file=sys.stderr)
         return 2
+
+
+# Arguments that name what a command reads (models, folders, data, prompts), and those that name
+# what it writes: files, or (``out``) a folder, except where a command writes a file there.
+INPUT_ARGS = ("model", "folder", "teacher", "compare", "calib", "data", "eval_data", "ppl", "chat", "prompts")
+OUTPUT_FILE_ARGS = ("json", "plot", "gguf")
+OUT_IS_FILE = {"generate-data"}
+
+
+def _paths(value: Any) -> list[Path]:
+    """The existing paths a source argument names (mixes 'a+b' and lists 'a,b' split)."""
+    if not isinstance(value, str):
+        return []
+    found = []
+    for part in [value, *value.replace(",", "+").split("+")]:
+        part = part.strip()
+        if part and os.path.exists(part):
+            found.append(Path(part).resolve())
+    return found
+
+
+def command_inputs(args: argparse.Namespace) -> list[Path]:
+    """Every existing path the command reads: its model or folder, teacher, data and prompt files,
+    and the source model a sliced folder records (recover's default teacher, eval's comparison)."""
+    found: list[Path] = []
+    for name in INPUT_ARGS:
+        found += _paths(getattr(args, name, None))
+    for name in ("folder", "model"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and is_sliced_folder(value):
+            try:
+                source = read_metadata(value).get("source_model")
+            except ValueError:
+                continue
+            found += _paths(source)
+    return list(dict.fromkeys(found))
+
+
+def guard_inputs(args: argparse.Namespace) -> None:
+    """No output may be, replace or hold an input (one line before any work): an output file that
+    is an input file or an existing file inside an input folder; an output folder that is an
+    input or holds one (``--overwrite`` would delete it)."""
+    inputs = command_inputs(args)
+    if not inputs:
+        return
+    files = [(f"--{n}", getattr(args, n, None)) for n in OUTPUT_FILE_ARGS]
+    if getattr(args, "command", None) in OUT_IS_FILE:
+        files.append(("--out", getattr(args, "out", None)))
+    for flag, value in files:
+        if not value:
+            continue
+        target = Path(value).resolve()
+        for keep in inputs:
+            if target == keep or (keep.is_dir() and target.is_relative_to(keep) and target.exists()):
+                raise FileExistsError(f"{flag} {value} would overwrite the input {keep}; write it elsewhere")
+    out = getattr(args, "out", None)
+    if out and getattr(args, "command", None) not in OUT_IS_FILE:
+        target = Path(out).resolve()
+        for keep in inputs:
+            if keep == target or keep.is_relative_to(target):
+                raise FileExistsError(f"output folder {out} would replace the input {keep}; choose another --out")
 
 
 def write_json(path: str | None, data: dict[str, Any]) -> None:

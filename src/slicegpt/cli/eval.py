@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-n", type=int, default=DEFAULT_N, metavar="N", help="prompts --chat asks")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="tokens each --chat answer may have")
     p.add_argument("--examples", type=int, default=3, help="--chat answers shown side by side")
+    p.add_argument("--run-code", action="store_true", help="with --chat builtin:code: run each answer's code against the tests shipped "
+                   "with its prompt (mbpp, humaneval), in a separate isolated Python with a 10 s timeout, and report pass@1 "
+                   "(this runs model-written code on this machine; give --max-new-tokens room for whole functions, e.g. 384)")
     p.add_argument("--compare", default=None, metavar="SOURCE", help="the model to compare with: its perplexities beside every one, "
                    "and its answers for --chat (default for --chat: the source model a sliced folder records)")
     p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per row (clipped to the model's context)")
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         chat = evaluate_chat(model, tokenizer, source, source_tok, source_name=source_name or "", prompts=args.chat, n=args.chat_n,
                              max_new_tokens=args.max_new_tokens, batch_size=max(args.batch_size, 16), device=device,
-                             examples=args.examples)
+                             examples=args.examples, run_code=args.run_code)
         result["chat"] = chat.to_dict()
         print(format_chat(chat, name="this model"))
     if args.tasks:

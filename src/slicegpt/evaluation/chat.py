@@ -14,6 +14,11 @@ On prompts it was never calibrated or trained on (the built-in set's held-out sp
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -60,6 +65,9 @@ class ChatResult:
     seconds: float
     examples: list[dict[str, str]] = field(default_factory=list)
     per_source: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Code prompts with their tests, when run (run_code): the share of answers whose code passes.
+    pass_at_1: float | None = None
+    source_pass_at_1: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,9 +132,11 @@ def source_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], 
 def evaluate_chat(model: nn.Module, tokenizer: Any, source: nn.Module, source_tokenizer: Any, *, source_name: str,
                   prompts: str = DEFAULT_PROMPTS, n: int | None = DEFAULT_N, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                   batch_size: int = 16, device: str | torch.device | None = None, examples: int = 3,
-                  progress: bool = True, cache: bool = True) -> ChatResult:
+                  progress: bool = True, cache: bool = True, run_code: bool = False) -> ChatResult:
     """Evaluate ``model`` as a chat model against ``source`` (the model it was compressed from) on
-    ``n`` prompts of ``prompts`` (a built-in subset's held-out split, or a prompt file)."""
+    ``n`` prompts of ``prompts`` (a built-in subset's held-out split, or a prompt file).
+    ``run_code``: for code prompts that ship tests (mbpp, humaneval), run each answer's code
+    against them in a subprocess (a timeout each) and report pass@1 for both models."""
     if source_tokenizer is not None and source_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError("the source model's tokenizer differs from the model's: answers cannot be compared token by token")
     start = time.perf_counter()
@@ -164,7 +174,50 @@ def evaluate_chat(model: nn.Module, tokenizer: Any, source: nn.Module, source_to
         seconds=time.perf_counter() - start,
         examples=[{"prompt": asked[i].text, "source": theirs[i].text, "model": ours_[i].text} for i in range(min(examples, len(asked)))],
         per_source=per_source,
+        pass_at_1=_pass_rate(asked, ours_) if run_code else None,
+        source_pass_at_1=_pass_rate(asked, theirs) if run_code else None,
     )
+
+
+# ---- code prompts: does the answer's code pass the tests shipped with the prompt? -----------------
+
+CODE_TIMEOUT_S = 10.0
+_FENCE = re.compile(r"```(?:python|py|Python)?\s*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def extract_code(answer: str) -> str:
+    """The code in an answer: its fenced blocks joined, or the whole answer when it has none."""
+    blocks = _FENCE.findall(answer)
+    return "\n\n".join(b.strip("\n") for b in blocks) if blocks else answer
+
+
+def code_program(prompt: Prompt, answer: str) -> str | None:
+    """The program that runs ``answer`` against ``prompt``'s tests (None: a prompt without tests)."""
+    check = prompt.check
+    code = extract_code(answer)
+    if "tests" in check:  # mbpp
+        return "\n".join([check.get("setup", ""), code, *check["tests"]]) + "\n"
+    if "test" in check:  # humaneval: a whole function, or the body that continues the signature
+        body = code if f"def {check['entry_point']}" in code else check["prompt"] + code
+        return f"{body}\n\n{check['test']}\n\ncheck({check['entry_point']})\n"
+    return None
+
+
+def code_passes(program: str, timeout: float = CODE_TIMEOUT_S) -> bool:
+    """Run ``program`` in a fresh isolated interpreter, in an empty folder; passes if it exits 0 in time."""
+    with tempfile.TemporaryDirectory(prefix="slicegpt-code-") as folder:
+        try:
+            done = subprocess.run([sys.executable, "-I", "-c", program], cwd=folder, capture_output=True, timeout=timeout,
+                                  env={"PATH": os.environ.get("PATH", "")})
+        except subprocess.TimeoutExpired:
+            return False
+    return done.returncode == 0
+
+
+def _pass_rate(asked: Sequence[Prompt], answers: Sequence[chat.Answer]) -> float | None:
+    programs = [code_program(p, a.text) for p, a in zip(asked, answers)]
+    runnable = [prog for prog in programs if prog is not None]
+    return chat.mean(code_passes(prog) for prog in runnable) if runnable else None
 
 
 def _exp(x: float) -> float:
@@ -189,6 +242,8 @@ def format_chat(result: ChatResult, name: str = "model") -> str:
         f"| mean answer length (tokens) | {s.mean_tokens:.1f} | {m.mean_tokens:.1f} |",
         f"| word overlap with the source's answer (F1) | 1.000 | {result.word_f1:.3f} |",
     ]
+    if result.pass_at_1 is not None:
+        lines.append(f"| code that passes its tests (pass@1) | {100 * (result.source_pass_at_1 or 0):.1f}% | {100 * result.pass_at_1:.1f}% |")
     for ex in result.examples:
         lines += ["", f"> {_one_line(ex['prompt'])}", f"source: {_one_line(ex['source'])}", f"{name}: {_one_line(ex['model'])}"]
     return "\n".join(lines)
