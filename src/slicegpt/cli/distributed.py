@@ -9,10 +9,12 @@ errors, writes nothing, and waits for rank 0 to finish (see :mod:`slicegpt.core.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import replace
-from typing import Iterator, TypeVar
+from typing import Any, Iterator, TypeVar
 
 from ..core.distributed import DEFAULT_TIMEOUT_S, TorchDistributedReduction, init_from_env, launch_from_env
 from ..core.slicing import slice_model
@@ -51,7 +53,17 @@ def silenced() -> Iterator[None]:
         yield
 
 
-def follow(args: argparse.Namespace, config: Config, ranks: TorchDistributedReduction, blocking: dict[str, bool]) -> int:
+def check_agreement(ranks: TorchDistributedReduction, config: Any, fingerprint: str | None) -> None:
+    """Every process must run the same settings on the same weights (checked before any work, on
+    every process at once): a mismatch would mix statistics of different runs, or crash inside a
+    reduction of tensors of different shapes."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "device"}  # each process has its own device
+    ranks.check_same(hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(), "settings")
+    ranks.check_same(hashlib.sha256(str(fingerprint).encode()).hexdigest(), "the source model's weights")
+
+
+def follow(args: argparse.Namespace, config: Config, ranks: TorchDistributedReduction, blocking: dict[str, bool],
+           source: tuple[str, str | None]) -> int:
     """A process other than rank 0 of ``slicegpt slice``: slice alongside it, silently (streamed as
     rank 0 decides for itself: either way the same statistics go into the reductions, in the
     same order), then wait for it to have written the output."""
@@ -60,11 +72,12 @@ def follow(args: argparse.Namespace, config: Config, ranks: TorchDistributedRedu
         if streaming.want_stream(args.stream, blocking):
             opened = streaming.open_streamed(args.model, dtype=config.dtype, require=args.stream == "on")
         if opened is not None:
-            model, tokenizer, name, source = opened
-            streams = Streams(source=source, sink=streaming.DiscardSink(), reduce=ranks)
+            model, tokenizer, _name, layers = opened
+            streams = Streams(source=layers, sink=streaming.DiscardSink(), reduce=ranks)
         else:
-            model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
+            model, tokenizer, _name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
             streams = Streams(reduce=ranks)
-        slice_model(model, tokenizer, config.calib, config, progress=False, source_model=name, streams=streams)
+        slice_model(model, tokenizer, config.calib, config, progress=False, source_model=source[0], source_fingerprint=source[1],
+                    streams=streams)
     ranks.finish()
     return 0

@@ -15,8 +15,8 @@ from ..data import DataError, bos_for, clip_seqlen, label, load_text, shared_doc
 from ..sources import is_conversations, is_self, parts, training_rows
 from ..evaluation.perplexity import eval_rows
 from ..io import folders
-from ..io.format import SlicedFolderError, read_metadata
-from ..io.models import ModelLoadError, load_model
+from ..io.format import SlicedFolderError, is_sliced_folder, read_metadata
+from ..io.models import ModelLoadError, load_model, source_identity
 from ..io.staging import staging_dir
 from ..memory import peak_memory
 from ..training.recover import recover
@@ -130,15 +130,18 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
         if shared:
             raise DataError(f"{shared} documents of --eval-data {label(config.eval_data)} are also in the training text {label(part)}")
     uses_self = any(is_self(p) for p in parts(config.data))
+    wants_teacher = config.loss != "lm" or uses_self  # 'self' data: the dense model answers the prompts
+    if args.teacher and not wants_teacher:
+        raise ValueError("--teacher has no use with --loss lm (nothing is distilled): drop one of them")
+    teacher_name = (args.teacher or meta.get("source_model")) if wants_teacher else None
+    if wants_teacher:
+        teacher_name = check_teacher_identity(teacher_name, meta, folder, explicit=bool(args.teacher))
 
     student, tokenizer, source = load_model(str(folder))
-    teacher = teacher_tok = teacher_name = None
-    if config.loss != "lm" or uses_self:  # 'self' data: the dense model answers the prompts
-        teacher_name = args.teacher or meta.get("source_model")
-        if not teacher_name:
-            raise ValueError("the folder records no source model: name the dense model with --teacher, or use --loss lm")
+    teacher = teacher_tok = None
+    if teacher_name is not None:
         try:
-            teacher, teacher_tok, teacher_name = load_model(teacher_name)
+            teacher, teacher_tok, _ = load_model(teacher_name)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{exc} (the teacher; name another with --teacher, or use --loss lm)") from None
     rows = training_rows(teacher, tokenizer, config.data, seqlen=clip_seqlen(student, config.seqlen), val_rows=config.val_rows,
@@ -173,6 +176,24 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
     print_samples(args, tokenizer, teacher if teacher is not None else meta.get("source_model"), model, count_parameters(model),
                   device=config.device)
     return 0
+
+
+def check_teacher_identity(name: str | None, meta: dict[str, Any], folder: Path, *, explicit: bool) -> str:
+    """The teacher, as recorded (an absolute path, a hub id or the default's name), checked: never
+    a sliced folder (the student itself included); the default one (the source the folder
+    records) must have the weights it had when the folder was sliced."""
+    if not name:
+        raise ValueError("the folder records no source model: name the dense model with --teacher, or use --loss lm")
+    if is_sliced_folder(name):
+        raise ValueError(f"the teacher {name} is a sliced folder: distil from the dense model it was made from")
+    recorded, fingerprint = source_identity(name)
+    expected = meta.get("source_fingerprint")
+    if expected and fingerprint is not None and fingerprint != expected:
+        if not explicit:
+            raise ModelLoadError(f"{recorded} is not the model {folder} was sliced from (its weights differ from the fingerprint "
+                                 "recorded then): name the dense source with --teacher")
+        print(f"note: the teacher {recorded} is not the model {folder} was sliced from (its weights differ)")
+    return recorded
 
 
 def _read_part(part: str) -> str | None:

@@ -16,7 +16,7 @@ from ..evaluation.markdown import format_slice_table
 from ..evaluation.perplexity import perplexity
 from ..io import folders
 from ..io.format import is_sliced_folder
-from ..io.models import load_model
+from ..io.models import load_model, source_identity
 from ..io.offload import disk_store
 from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.staging import SliceStaging, staging_dir
@@ -78,8 +78,13 @@ def run(args: argparse.Namespace) -> int:
     ranks, config = distributed.join(args, config)  # under torchrun: rank 0 goes on, the others follow it
     if ranks is not None and config.device_map is not None:
         raise ValueError("--device-map spreads one process's model over devices; under torchrun give each process its --device")
+    # The source as recorded (an absolute path, the hub id or the default's name) and a
+    # fingerprint of its weights: recover checks its teacher against it, a resume its source.
+    source = source_identity(args.model)
+    if ranks is not None:
+        distributed.check_agreement(ranks, config, source[1])
     if ranks is not None and not ranks.leader:
-        return distributed.follow(args, config, ranks, stream_blockers(args, config))
+        return distributed.follow(args, config, ranks, stream_blockers(args, config), source)
     wall = time.perf_counter()
     if args.json and Path(args.json).is_dir():
         raise FileExistsError(f"--json {args.json} is a folder; name a file")
@@ -118,10 +123,11 @@ def run(args: argparse.Namespace) -> int:
         if opened is not None:
             report = streaming.slice_streamed(args.model, out, config, overwrite=_may_replace(out, args),
                                               max_shard_size=args.max_shard_size, opened=opened, activations=activations, reduce=ranks,
-                                              checkpoint=staging)
+                                              checkpoint=staging, source=source)
         else:
             streams = Streams(checkpoint=staging or NoCheckpoint(), reduce=ranks or LocalReduction(), activations=activations)
-            report = slice_model(model, tokenizer, config.calib, config, source_model=name, streams=streams)
+            report = slice_model(model, tokenizer, config.calib, config, source_model=source[0], source_fingerprint=source[1],
+                                 streams=streams)
             folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report,
                          max_shard_size=args.max_shard_size)
         if staging is not None:

@@ -27,7 +27,8 @@ AXES = ("residual", "mlp")
 
 
 def parse_axes(text: str | tuple[str, ...]) -> tuple[str, ...]:
-    axes = tuple(a.strip() for a in (text.split(",") if isinstance(text, str) else text) if a.strip())
+    """The axes named, each once, in order ('residual,residual' is the residual width alone)."""
+    axes = tuple(dict.fromkeys(a.strip() for a in (text.split(",") if isinstance(text, str) else text) if a.strip()))
     bad = [a for a in axes if a not in AXES]
     if bad or not axes:
         raise ValueError(f"unknown compression axes {bad or text!r}; choose among {', '.join(AXES)} (comma-separated)")
@@ -106,6 +107,7 @@ class BudgetWidth:
     slice_head: bool = False
     valid_width: Any = None  # callable(d) -> bool, e.g. the family's head-count divisibility
     residual_allowed: bool = True  # may the residual width take more when neurons cannot reach the target
+    mlp_allowed: bool = True  # may MLP neurons go (False: the residual width alone, or the target is refused)
 
     def _widths(self, d: int, k: int | None) -> Widths:
         base = ConstantWidth(0.0, 1, self.slice_head, width=d).widths(
@@ -187,6 +189,9 @@ class BudgetWidth:
         at_d = self.counter.count(self._widths(d, None))
         if at_d <= self.target:
             return self._widths(d, None)
+        if not self.mlp_allowed:
+            raise ValueError(f"the target {self.target:,} parameters is below what the residual width alone reaches "
+                             f"({at_d:,} at width {d}); add the 'mlp' axis or raise the target")
         n = self.counter.intermediate
         if n is None:
             raise UnsupportedModelError(f"{self.counter.spec.name}: the MLP-neuron axis is not available; use --axes residual")

@@ -130,6 +130,16 @@ class TorchDistributedReduction:
         dist.broadcast(buf, src=0, group=self.group)
         return buf.to(tensor.device)
 
+    def check_same(self, digest: str, what: str) -> None:
+        """Every process must hold the same ``what`` (given as a hex digest): on a mismatch every
+        process raises at once, naming it, instead of waiting or mixing two runs."""
+        value = int(digest[:15], 16)  # below 2^60: exact in int64
+        both = torch.tensor([value, -value], dtype=torch.int64, device=self.wire)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)  # [max, -min]
+        if int(both[0]) != -int(both[1]):
+            raise ValueError(f"the {self.processes} torchrun processes differ in {what}: every process must run the same "
+                             "command on the same model")
+
     def share(self, rows: Rows, batch_size: int) -> tuple[Rows, range]:
         return shard_rows(rows, batch_size, self.rank, self.processes)
 

@@ -28,6 +28,8 @@ class SliceReport:
     # PCA eigenvalues per point, descending: "embedding", "layer.{i}.mid", "layer.{i}.out", "uniform".
     spectra: dict[str, list[float]] = field(default_factory=dict)
     source_model: str | None = None
+    # ShardReader.fingerprint of the source's weights (recover checks its teacher against it).
+    source_fingerprint: str | None = None
     # With a parameter target: the target, and how the widths were chosen (axes, split, search).
     target_params: int | None = None
     allocation: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +63,7 @@ class SliceReport:
             "architecture": self.architecture,
             "model_type": self.model_type,
             "source_model": self.source_model,
+            **({"source_fingerprint": self.source_fingerprint} if self.source_fingerprint else {}),
             "mode": self.mode,
             "settings": self.config.to_dict(),
             "widths": self.widths.to_dict(),

@@ -265,13 +265,14 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> N
 
 
 def run_identity(model: nn.Module, config: SliceConfig, calibration_sha256: str | None, widths: Widths, rotation: RotationSource,
-                 source_model: str | None) -> dict[str, Any]:
-    """What must match for a checkpoint to continue this run: the source model (its display name
-    and config), the settings, the calibration token ids, the widths and the kind of rotation.
-    Hashes, not contents, where contents are large."""
+                 source_model: str | None, source_fingerprint: str | None = None) -> dict[str, Any]:
+    """What must match for a checkpoint to continue this run: the source model (its name, a
+    fingerprint of its weights, its config), the settings, the calibration token ids, the widths
+    and the kind of rotation. Hashes, not contents, where contents are large."""
     digest = lambda raw: hashlib.sha256(raw).hexdigest()  # noqa: E731
     return {
         "source model": source_model,
+        "source weights": source_fingerprint,
         "model config": digest(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()),
         "calibration data": calibration_sha256,
         "widths": digest(json.dumps(widths.to_dict(), sort_keys=True).encode()),
@@ -296,6 +297,7 @@ def slice_model(
     rotation: RotationSource | None = None,
     progress: bool = True,
     source_model: str | None = None,
+    source_fingerprint: str | None = None,
     streams: Streams | None = None,
 ) -> SliceReport:
     """Rotate and slice ``model`` in place; the report is also kept as ``model.slicegpt_report``.
@@ -306,6 +308,9 @@ def slice_model(
     the config); ``rotation`` the bases (default: :class:`PCARotation` per point, or with
     ``config.uniform`` one pooled rotation for the whole network); ``streams`` where layers come
     from and go, how covariances are combined, and what is checkpointed between layers.
+    ``source_model`` and ``source_fingerprint`` name the model sliced (as
+    :func:`slicegpt.io.models.source_identity` gives them): recorded in the metadata, and part of
+    what a resume must match.
 
     Resume: ``streams=Streams(checkpoint=SliceStaging(folder, resume=True))``
     (:mod:`slicegpt.io.staging`) keeps, after every layer, what the run needs to go on; called
@@ -331,7 +336,7 @@ def slice_model(
         share, records, seconds, fit = allocate.search_split(model, tokenizer, calib if calib is not None else config.calib,
                                                              config, slice_model, progress=progress)
         report = slice_model(model, tokenizer, fit, replace(config, residual_share=share, search=False), progress=progress,
-                             source_model=source_model, streams=streams)
+                             source_model=source_model, source_fingerprint=source_fingerprint, streams=streams)
         report.allocation.update(search=records, search_seconds=seconds, searched=True)
         report.config = config
         return report
@@ -418,7 +423,8 @@ def slice_model(
         widths = widths.with_mlp(spread_counts)
     spectra: dict[str, list[float]] = {}
     calibration_sha256 = None if rows is None else hashlib.sha256(rows.input_ids.numpy().tobytes()).hexdigest()
-    restart = streams.checkpoint.begin(run_identity(model, config, calibration_sha256, widths, rotation, source_model))
+    restart = streams.checkpoint.begin(run_identity(model, config, calibration_sha256, widths, rotation, source_model,
+                                                    source_fingerprint))
     if restart is not None and restart.state is not None:
         if config.uniform and restart.pooled is None and not (widths.embedding == D and rotation.needs_statistics):
             raise ValueError("the staged run has finished layers but not uniform mode's rotation: it cannot be continued")
@@ -470,6 +476,7 @@ def slice_model(
         calibration_tokens=0 if rows is None else rows.tokens,
         spectra=spectra,
         source_model=source_model,
+        source_fingerprint=source_fingerprint,
         refits=refits,
         calibration_sha256=calibration_sha256,
         versions=library_versions(),
@@ -563,7 +570,8 @@ def _budget_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shippe
     counter = ParameterCounter(model.config, spec, config.uniform, keep_basis=not config.uniform and uniform.can_keep_basis(spec))
     valid = (lambda d: uniform.width_accepted(model.config, d)) if config.uniform else None
     policy = BudgetWidth(resolve_target(config.target_params, shipped), counter, share, config.round_to,
-                         config.slice_head or config.uniform, valid, residual_allowed="residual" in axes)
+                         config.slice_head or config.uniform, valid, residual_allowed="residual" in axes,
+                         mlp_allowed="mlp" in axes)
     policy.split  # an impossible target fails here, before any work
     return policy
 

