@@ -362,16 +362,22 @@ def test_one_writer_per_output_and_free_space_checked(tiny_model_dir: Path, tmp_
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
     args = ["--calib", corpus, "--nsamples", "2", "--seqlen", "32"]
     lock = tmp_path / ".o.lock"
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # stands in for a slicegpt run"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.write_text(str(live.pid))
         code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "o"))
-        _one_line_error(code, err, f"another slicegpt run (PID {live.pid}) is writing")
+        _one_line_error(code, err, f"another slicegpt run (PID {live.pid}) is writing", str(lock))
+        # a lock naming a live process that is not slicegpt (its PID reused since a kill) is taken over
+        lock.write_text(str(other.pid))
+        assert _run(capsys, "slice", model, *args, "--out", str(tmp_path / "o"))[0] == 0
+        assert not lock.exists()
     finally:
-        live.kill()
-        live.wait()
+        for p in (live, other):
+            p.kill()
+            p.wait()
     lock.write_text("999999")  # a dead writer's lock is taken over, and released at the end
-    assert _run(capsys, "slice", model, *args, "--out", str(tmp_path / "o"))[0] == 0
+    assert _run(capsys, "slice", model, *args, "--out", str(tmp_path / "o"), "--overwrite")[0] == 0
     assert not lock.exists()
     # A disk too full for the model: refused before writing, nothing left behind.
     monkeypatch.setattr(folders.shutil, "disk_usage", lambda _p: type("U", (), {"free": 1000})())

@@ -155,3 +155,115 @@ def test_torchrun_processes_must_agree_on_settings_and_weights(untied: Path, tmp
     # only torchrun's own report of the failed children carries a traceback; ours are one line each
     assert "slicegpt/" not in done.stderr.split("Traceback", 1)[-1] and not out.exists()
     assert "ChildFailedError" in done.stderr
+
+
+# ---- tracebacks where one line belongs, and the smaller things ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uniform_folder(untied: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("u") / "u"
+    assert main(["slice", str(untied / "m"), "--uniform", "--sparsity", "0.25", "--calib", str(untied / "c.txt"), "--nsamples", "4",
+                 "--seqlen", "32", "--out", str(out), "--no-samples"]) == 0
+    return out
+
+
+def test_bad_numbers_and_devices_are_one_line(untied: Path, uniform_folder: Path, tmp_path: Path, capsys) -> None:
+    model, corpus = str(untied / "m"), str(untied / "c.txt")
+    sl = ["slice", model, "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--no-samples"]
+    cases = [
+        (["eval", model, "--ppl", corpus, "--max-rows", "0"], "--max-rows must be at least 1"),
+        (["eval", model, "--ppl", corpus, "--max-rows", "-1"], "--max-rows must be at least 1"),
+        (["eval", model, "--ppl", corpus, "--batch-size", "-3"], "--batch-size must be at least 1"),
+        ([*sl, "--ppl", corpus, "--eval-max-rows", "0", "--out", str(tmp_path / "a")], "--eval-max-rows must be at least 1"),
+        ([*sl, "--target-params", "inf", "--out", str(tmp_path / "b")], "positive finite"),
+        (["plan", model, "--target-params", "inf"], "positive finite"),
+        ([*sl, "--target-params", "1.5", "--out", str(tmp_path / "c")], "a whole number"),
+        (["recover", str(uniform_folder), "--data", corpus, "--tokens", "0.5", "--out", str(tmp_path / "d")], "whole number of tokens"),
+        ([*sl, "--device", "meta", "--out", str(tmp_path / "e")], "'meta' holds no data"),
+        (["eval", model, "--device", "meta"], "'meta' holds no data"),
+        (["recover", str(uniform_folder), "--data", corpus, "--device", "meta", "--out", str(tmp_path / "f")], "'meta' holds no data"),
+        (["plan", model, "--tflops", "0"], "tflops must be a positive number"),
+        ([*sl, "--axes", "residual", "--out", str(tmp_path / "g")], "only apply with a parameter target"),
+        ([*sl, "--residual-share", "0.5", "--out", str(tmp_path / "h")], "only apply with a parameter target"),
+        ([*sl, "--search", "--out", str(tmp_path / "i")], "only apply with a parameter target"),
+    ]
+    for argv, needle in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err and err[-1].startswith("slicegpt: error:") and needle in err[-1], (argv, err[-3:])
+        assert not any("Traceback" in line for line in err)
+    assert not list(tmp_path.iterdir())  # no output, no staging left by any refusal
+
+
+def test_a_perplexity_beyond_float_range_is_inf() -> None:
+    from slicegpt.evaluation.perplexity import PerplexityResult, exp_or_inf
+
+    assert exp_or_inf(1e4) == float("inf") and exp_or_inf(1.0) == pytest.approx(2.718281828)
+    r = PerplexityResult(perplexity=float("inf"), nll=1e4, tokens=3, rows=1, seqlen=4, seconds=0.0, source="x", row_nll=[3e4])
+    assert r.perplexity_of_first(1) == float("inf")
+
+
+def test_a_full_disk_while_staging_is_one_line_and_leaves_no_temporary_file(untied: Path, tmp_path: Path, capsys,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+    calls = []
+
+    def full(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) >= 3:  # the disk fills after a few staged files
+            Path(path).write_bytes(b"partial")
+            raise safetensors.SafetensorError("No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "o"
+    assert main(["slice", str(untied / "m"), "--sparsity", "0.25", "--calib", str(untied / "c.txt"), "--nsamples", "4",
+                 "--seqlen", "32", "--stream", "off", "--out", str(out), "--no-samples"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("slicegpt: error: cannot write") and "No space left" in err and "--resume" in err
+    assert not list(tmp_path.rglob("*.tmp")) and not out.exists()
+
+
+def test_metadata_that_cannot_be_checked_is_refused(uniform_folder: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "u"
+    shutil.copytree(uniform_folder, folder)
+    meta = json.loads((folder / "slicegpt.json").read_text())  # a uniform folder keeps it beside config.json
+    for bad, needle in ((dict(meta, format_version="2"), "no valid format_version"), (dict(meta, files={}), "records no size or checksum")):
+        (folder / "slicegpt.json").write_text(json.dumps(bad))
+        with pytest.raises(slicegpt.SlicedFolderError, match=needle):
+            slicegpt.load(folder)
+
+
+def test_export_checks_what_load_checks(uniform_folder: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "u"
+    shutil.copytree(uniform_folder, folder)
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    raw[-3] ^= 0x40  # an exponent bit of the last weight
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    assert main(["export", str(folder), "--gguf", str(tmp_path / "x.gguf")]) == 2
+    assert "checksum" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+    (folder / "model.safetensors").write_bytes(bytes(raw[: len(raw) // 2]))
+    assert main(["export", str(folder), "--gguf", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("slicegpt: error:") and "truncated" in err
+
+
+def test_smaller_messages_say_the_whole_thing(untied: Path, uniform_folder: Path, tmp_path: Path, capsys) -> None:
+    from slicegpt.io.folders import human_bytes
+
+    assert human_bytes(1234) == "1.23 kB" and human_bytes(5e9) == "5 GB" and human_bytes(12) == "12 bytes"
+    notok = tmp_path / "notok"
+    shutil.copytree(untied / "m", notok)
+    for f in notok.glob("tokenizer*"):
+        f.unlink()
+    assert main(["eval", str(notok)]) == 2
+    assert "has no tokenizer files" in capsys.readouterr().err
+    # --resume on an output that was finished: says so, not "pass --overwrite (overwrite=True)"
+    assert main(["slice", str(untied / "m"), "--uniform", "--sparsity", "0.25", "--calib", str(untied / "c.txt"), "--nsamples", "4",
+                 "--seqlen", "32", "--out", str(uniform_folder), "--resume", "--no-samples"]) == 2
+    err = capsys.readouterr().err
+    assert "is complete" in err and "overwrite=True" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -48,6 +49,8 @@ def check_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:1, mps ...") from exc
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no data: nothing can be computed there; use cpu, cuda, ...")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -186,12 +189,20 @@ class SliceConfig:
             raise ValueError("nsamples and batch_size must be at least 1, seqlen at least 2")
         if self.pca_signal not in ("normed", "residual"):
             raise ValueError(f"pca_signal must be 'normed' or 'residual', got {self.pca_signal!r}")
-        if self.target_params is not None and not float(self.target_params) > 0:
-            raise ValueError(f"target_params must be positive, got {self.target_params}")
+        if self.target_params is not None and not (float(self.target_params) > 0 and math.isfinite(float(self.target_params))):
+            raise ValueError(f"target_params must be a positive finite number, got {self.target_params}")
+        if self.target_params is not None and float(self.target_params) > 1 and float(self.target_params) != int(self.target_params):
+            raise ValueError(f"a target_params above 1 is a parameter count, a whole number (100.9M, 1.2B); got {self.target_params}")
         if self.residual_share is not None and not 0.0 <= float(self.residual_share) <= 1.0:
             raise ValueError(f"residual_share must be in [0, 1], got {self.residual_share}")
         if self.token_weighting not in ("none", "norm"):
             raise ValueError(f"token_weighting must be 'none' or 'norm', got {self.token_weighting!r}")
+        if self.target_params is None:
+            unused = [name for name, on in (("axes", self.axes != "mlp,residual"), ("residual_share", self.residual_share is not None),
+                                            ("search", self.search)) if on]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} only apply with a parameter target (target_params); "
+                                 "give one, or drop them")
         if self.damping < 0:
             raise ValueError("damping must be non-negative")
         parse_dtype(self.dtype)

@@ -79,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RecoverConfig:
+    if not (args.tokens >= 1 and float(args.tokens) == int(args.tokens)):
+        raise ValueError(f"--tokens must be a whole number of tokens of at least 1 (2M, 500k), got {args.tokens:g}")
     return RecoverConfig(
         loss=args.loss, train=args.train, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, data=args.data, tokens=int(args.tokens),

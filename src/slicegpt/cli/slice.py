@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -85,11 +86,24 @@ def run(args: argparse.Namespace) -> int:
         distributed.check_agreement(ranks, config, source[1])
     if ranks is not None and not ranks.leader:
         return distributed.follow(args, config, ranks, stream_blockers(args, config), source)
+    with contextlib.ExitStack() as early:
+        if args.out:  # one writer per output folder: a second run stops before it reads any model
+            early.enter_context(folders.OutputLock(args.out))
+        return _lead(args, config, ranks, source)
+
+
+def _lead(args: argparse.Namespace, config: Any, ranks: Any, source: tuple[str, str | None]) -> int:
+    """The run of the process that reports and writes (the only one outside torchrun)."""
     wall = time.perf_counter()
     if args.json and Path(args.json).is_dir():
         raise FileExistsError(f"--json {args.json} is a folder; name a file")
     if args.resume and config.search:
         raise ValueError("--resume cannot continue a --search run (the search keeps no staging); drop --resume or --search")
+    if args.eval_max_rows is not None and args.eval_max_rows < 1:
+        raise ValueError(f"--eval-max-rows must be at least 1, got {args.eval_max_rows}")
+    if args.resume and args.out and Path(args.out).is_dir() and not staging_dir(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} is complete (its staging folder is gone: nothing to resume); "
+                              "pass --overwrite to slice it again")
     if args.out:
         folders.check_output_dir(args.out, _may_replace(args.out, args), protect=(args.model,))  # before any expensive work
     parse_size(args.max_shard_size)  # a bad size is refused before any work

@@ -37,8 +37,10 @@ def parse_axes(text: str | tuple[str, ...]) -> tuple[str, ...]:
 
 def resolve_target(target: float, shipped: int) -> int:
     """A parameter target: a count (> 1), or a fraction (0, 1] of the parameters as shipped."""
-    if not target > 0:
-        raise ValueError(f"target parameters must be positive, got {target}")
+    if not target > 0 or not math.isfinite(target):
+        raise ValueError(f"target parameters must be a positive finite number, got {target}")
+    if target > 1 and target != int(target):
+        raise ValueError(f"a target above 1 is a parameter count, a whole number (100.9M, 1.2B); got {target}")
     return int(target * shipped) if target <= 1 else int(target)
 
 

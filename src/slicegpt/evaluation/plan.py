@@ -14,6 +14,7 @@ what it stands for. "GB" is 1e9 bytes throughout.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -348,6 +349,9 @@ def default_throughput(device: str, dtype: str, tflops: float | None = None, fp6
     if kind not in DEFAULT_TFLOPS:
         raise ValueError(f"no default throughput for device {device!r}: pass --tflops and --fp64-tflops")
     table = DEFAULT_TFLOPS[kind]
+    for flag, value in (("tflops", tflops), ("fp64_tflops", fp64_tflops), ("disk_gbps", disk_gbps)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{flag} must be a positive number, got {value}")
     rate = Throughput(tflops or table[dtype], fp64_tflops or table["float64"], disk_gbps or DEFAULT_DISK_GBPS)
     if not (rate.tflops > 0 and rate.fp64_tflops > 0 and rate.disk_gbps > 0):
         raise ValueError("--tflops, --fp64-tflops and --disk-gbps must be positive")

@@ -140,7 +140,7 @@ def _check_output(out_dir: Path | None, overwrite: bool, plots: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output path {out_dir} exists and is not a folder")
     if (out_dir / RESULTS_JSON).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir / RESULTS_JSON} exists; pass --overwrite (overwrite=True) to replace it")
+        raise FileExistsError(f"{out_dir / RESULTS_JSON} exists; pass --overwrite to replace it")
     if plots:
         require_matplotlib()
 

@@ -35,6 +35,7 @@ from .format import (
     SPECTRA,
     SlicedFolderError,
     build_metadata,
+    first_line,
     is_standard,
     provenance,
     read_metadata,
@@ -63,7 +64,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, protect: tuple[str
     if path.is_symlink() and not path.exists():
         raise FileExistsError(f"output path {path} is a dangling symbolic link; remove it or choose another --out")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"output folder {path} exists; pass --overwrite (overwrite=True) to replace it")
+        raise FileExistsError(f"output folder {path} exists; pass --overwrite to replace it")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {path} exists and is not a folder")
     # Can the staging folder be made beside it? (A read-only parent or a name too long with the
@@ -87,11 +88,19 @@ def bytes_needed(model: nn.Module) -> int:
     return int(total * 1.02) + (16 << 20)
 
 
+def human_bytes(n: int | float) -> str:
+    """1234567 -> '1.23 MB': three significant figures in the unit that fits."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} bytes"
+
+
 def check_free_space(folder: Path, needed: int, what: str) -> None:
     """Refuse before writing when the disk holding ``folder`` cannot take ``needed`` bytes."""
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise OSError(f"{what} needs about {needed / 1e9:.2f} GB; {free / 1e9:.2f} GB are free on the disk holding {folder}")
+        raise OSError(f"{what} needs about {human_bytes(needed)}; {human_bytes(free)} are free on the disk holding {folder}")
 
 
 class OutputLock:
@@ -116,10 +125,13 @@ class OutputLock:
                     pid = int(self.path.read_text().strip() or "0")
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise FileExistsError(f"another slicegpt run (PID {pid}) is writing {self.path.parent / self.path.name[1:-5]}; "
-                                          "wait for it to finish or choose another --out") from None
-                self.path.unlink(missing_ok=True)  # a dead writer's lock: taken over
+                if pid == os.getpid():  # this process holds it already (taken early, asked again)
+                    return self
+                if pid and _alive(pid) and _runs_slicegpt(pid):
+                    raise FileExistsError(f"another slicegpt run (PID {pid}) is writing {self.path.parent / self.path.name[1:-5]} "
+                                          f"(lock {self.path}); wait for it to finish or choose another --out") from None
+                # a dead writer's lock, or one naming a PID that another program now has: taken over
+                self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as fh:
                 fh.write(str(os.getpid()))
@@ -148,6 +160,15 @@ def remove_stale_staging(out: Path) -> list[Path]:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
     return removed
+
+
+def _runs_slicegpt(pid: int) -> bool:
+    """Is process ``pid`` a slicegpt run? (A lock's PID may have been reused by another program
+    since its writer was killed.) Where the command line cannot be read, assume it is."""
+    try:
+        return b"slicegpt" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
 
 
 def _alive(pid: int) -> bool:
@@ -272,7 +293,12 @@ def verify_files(folder: Path, meta: dict[str, Any], checksum: bool = True) -> N
     if "files" not in meta and (not is_standard(meta) or meta.get("format_version", 1) >= 2):
         raise SlicedFolderError(f"{folder}'s metadata records no file sizes or checksums (its 'files' entry was removed): "
                                 "it cannot be checked; refusing to load it")
-    for name, want in meta.get("files", {}).items():
+    recorded = meta.get("files", {})
+    unrecorded = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in recorded) if "files" in meta else []
+    if unrecorded:
+        raise SlicedFolderError(f"{folder}'s metadata records no size or checksum for {', '.join(unrecorded[:3])}: "
+                                "it cannot be checked; refusing to load it")
+    for name, want in recorded.items():
         path = folder / name
         if not path.is_file():
             raise SlicedFolderError(f"{path} is missing")
@@ -347,8 +373,7 @@ def load(
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise SlicedFolderError(f"the weights in {folder} do not fit the recorded widths: {first}") from exc
+        raise SlicedFolderError(f"the weights in {folder} do not fit the recorded widths: {first_line(exc)}") from exc
     if meta.get("tied_head"):
         get_path(model, spec.head).weight = get_path(model, spec.embeddings[0]).weight
     leftovers = [n for n, p in model.named_parameters() if p.is_meta]

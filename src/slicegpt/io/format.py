@@ -54,7 +54,10 @@ def _check_version(meta: Any, where: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise SlicedFolderError(f"{where} holds no slicegpt metadata")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SlicedFolderError(f"{where} has no valid format_version ({version!r}: a whole number is expected); "
+                                "it is damaged or not slicegpt's")
+    if version > FORMAT_VERSION:
         raise SlicedFolderError(
             f"{where} was written in slicegpt format version {version}; this slicegpt reads up to {FORMAT_VERSION}: upgrade slicegpt"
         )
@@ -126,3 +129,17 @@ def write_companions(folder: Path, meta: dict[str, Any], model: nn.Module, token
         generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line: its first line, and the lines after it while it ends
+    in ':' or ',' (a sentence continued), at most 300 characters."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    out = lines[0]
+    for line in lines[1:]:
+        if not out.endswith((":", ",")):
+            break
+        out += " " + line
+    return out if len(out) <= 300 else out[:299] + "\u2026"

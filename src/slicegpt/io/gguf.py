@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..arch import ArchSpec, UnsupportedModelError, spec_for_config, supported_architectures
+from .folders import verify_files
 from .format import METADATA, read_metadata
 
 Dtype = Literal["f16", "f32"]
@@ -88,7 +89,13 @@ def exportable_model_types() -> list[str]:
 def check_exportable(config: dict[str, Any], folder: Path) -> ArchSpec:
     """Refuse per-layer sliced folders and families llama.cpp would not run like transformers; the family's spec."""
     meta = slicing_metadata(config, folder)
+    if meta is not None:
+        # what load checks, export checks: sizes and sha256 of every weights file as saved
+        verify_files(folder, meta)
     if meta is not None and meta.get("mode") != "uniform":
+        if not any(w.get("attn_shortcut") or w.get("mlp_shortcut") for w in meta.get("widths", {}).get("layers", [])):
+            raise ExportError(f"{folder} is a per-layer folder whose layers keep different MLP widths, which llama.cpp's "
+                              f"{config.get('model_type')} architecture cannot express; slice with --uniform to get an exportable model")
         raise ExportError(
             f"{folder} is a per-layer sliced folder: its layers need shortcut matrices that no standard runtime "
             "(llama.cpp, GGUF) has; slice with --uniform to get an exportable model"
@@ -192,7 +199,10 @@ class _Weights:
             files = set(self._where.values())
         else:
             raise ExportError(f"{folder} has no model.safetensors (or model.safetensors.index.json)")
-        self._handles = {f: safe_open(str(f), framework="pt") for f in sorted(files)}
+        try:
+            self._handles = {f: safe_open(str(f), framework="pt") for f in sorted(files)}
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+            raise ExportError(f"cannot read the weights in {folder}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
         if not self._where:
             (only,) = self._handles.values()
             self._where = {k: single for k in only.keys()}
@@ -452,7 +462,7 @@ def check_output_file(out: str | os.PathLike, overwrite: bool) -> Path:
     if path.is_dir():
         raise FileExistsError(f"output path {path} is a folder; give a .gguf file name")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"output file {path} exists; pass --overwrite (overwrite=True) to replace it")
+        raise FileExistsError(f"output file {path} exists; pass --overwrite to replace it")
     return path
 
 

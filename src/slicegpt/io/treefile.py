@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -76,9 +76,21 @@ def save_tree(path: str | os.PathLike, tree: Any) -> None:
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     structure = json.dumps(_encode(tree, tensors, {}))
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={TREE_KEY: structure}))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary name and rename: a kill mid-write leaves the old file whole, and
+    a write that fails (a full disk) leaves no temporary file and fails in one line."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={TREE_KEY: structure})
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a failed write
+        tmp.unlink(missing_ok=True)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"cannot write {path}: {reason} (is the disk full?); what was staged before is kept: "
+                      "free space and rerun with --resume") from exc
 
 
 def load_tree(path: str | os.PathLike) -> Any:
