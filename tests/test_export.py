@@ -21,7 +21,7 @@ from conftest import SAMPLE_TEXT, randomise_norms, tiny_tokenizer
 gguf = pytest.importorskip("gguf")
 
 from slicegpt.cli.export import add_arguments, run  # noqa: E402
-from slicegpt.io.format import FORMAT_VERSION, SlicedFolderError  # noqa: E402
+from slicegpt.io.format import FORMAT_VERSION, SlicedFolderError, file_record  # noqa: E402
 from slicegpt.io.gguf import ExportError, export_gguf, exportable_model_types, unpermute_qk  # noqa: E402
 
 TOL = {"f32": 1e-5, "f16": 5e-3}
@@ -68,7 +68,8 @@ def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         # GGUF lists dims innermost first; the data is already row-major in torch order.
-        data = torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape([int(d) for d in reversed(t.shape)])
+        values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # quantized blocks to floats
+        data = torch.from_numpy(np.array(values, dtype=np.float32)).reshape([int(d) for d in reversed(t.shape)])
         if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name):
             kind = m[2]
             if arch == "llama" and kind in ("attn_q", "attn_k"):
@@ -142,6 +143,51 @@ def test_export_roundtrip(tmp_path: Path, model_type: str, tied: bool, extra: di
     assert err < TOL[dtype] * max(1.0, ref.abs().max().item()), err
 
 
+# Largest relative logit error per type the gguf package writes (block quantisation of a random tiny model).
+QTOL = {"bf16": 2e-2, "q8_0": 3e-2, "q5_1": 0.15, "q5_0": 0.15, "q4_1": 0.3, "q4_0": 0.3}
+
+
+@pytest.mark.parametrize("outtype", list(QTOL))
+def test_quantized_export_reads_back_close(tmp_path: Path, outtype: str) -> None:
+    """The gguf package's types: matrices quantised in blocks (rows that split into blocks), norms
+    f32, the file labelled with its type; read back and dequantised, the logits stay close."""
+    from slicegpt.io.gguf import DIRECT_TYPES
+
+    assert outtype in DIRECT_TYPES
+    folder = tmp_path / "hf"
+    model = _build(folder, "llama", True)
+    out = export_gguf(folder, tmp_path / "m.gguf", outtype=outtype)
+    reader = gguf.GGUFReader(out)
+    assert gguf.LlamaFileType(reader.fields["general.file_type"].contents()).name == f"MOSTLY_{outtype.upper()}"
+    block = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, outtype.upper())][0]
+    for t in reader.tensors:  # GGUF shapes list the row length first; rows that do not split into blocks stay f16
+        want = "F32" if len(t.shape) == 1 else outtype.upper() if int(t.shape[0]) % block == 0 else "F16"
+        assert t.tensor_type.name == want, t.name
+    assert any(t.tensor_type.name == outtype.upper() for t in reader.tensors)
+    f16 = export_gguf(folder, tmp_path / "f16.gguf", outtype="f16")
+    if outtype.startswith("q"):
+        assert out.stat().st_size < f16.stat().st_size
+    _, state = read_gguf(out)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    err = (_logits_from_state(folder, state, ids) - ref).abs().max().item() / ref.abs().max().item()
+    assert err < QTOL[outtype], err
+
+
+def test_k_quants_need_llama_cpp_and_say_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    folder = tmp_path / "hf"
+    _build(folder, "llama", True)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not installed
+    with pytest.raises(ExportError, match=r"llama.cpp's own quantizer: pip install 'slicegpt\[gguf-quant\]'"):
+        export_gguf(folder, tmp_path / "k.gguf", outtype="q4_k_m")
+    with pytest.raises(ExportError, match="unknown --outtype 'q9'"):
+        export_gguf(folder, tmp_path / "k.gguf", outtype="q9")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_transformers_gguf_loader_agrees(tmp_path: Path, tied: bool) -> None:
     """transformers' GGUF loader (an independent reader of llama.cpp's layout) gives the same logits."""
@@ -183,11 +229,15 @@ def test_refusals(tmp_path: Path) -> None:
     # Uniform folders are standard checkpoints with the metadata beside them in slicegpt.json.
     (folder / "config.json").write_text(json.dumps(config))
     uniform = {"format_version": FORMAT_VERSION, "mode": "uniform", "source_model": "tiny", "widths": {"hidden": 64},
-               "settings": {"sparsity": 0.25}}
+               "settings": {"sparsity": 0.25}, "files": {"model.safetensors": file_record(folder / "model.safetensors")}}
     (folder / "slicegpt.json").write_text(json.dumps(uniform))
     export_gguf(folder, tmp_path / "x.gguf", dtype="f32")
-    description = gguf.GGUFReader(tmp_path / "x.gguf").fields["general.description"].contents()
-    assert description == "SliceGPT uniform slice of tiny: hidden size 64 -> 48, sparsity 0.25"
+    fields = gguf.GGUFReader(tmp_path / "x.gguf").fields
+    assert fields["general.description"].contents() == ("tiny compressed by slicegpt (uniform, SliceGPT sparsity 0.25): "
+                                                        "hidden size 64 -> 48, MLP width 96")
+    # the compressed model's own name (its folder's), its source, and where it came from
+    assert fields["general.name"].contents() == "hf" and fields["general.basename"].contents() == "tiny"
+    assert json.loads(fields["slicegpt.settings"].contents()) == {"sparsity": 0.25}
     # The metadata is read by slicegpt's one reader: a newer format is refused, and a slicegpt.json
     # that is not a uniform folder's (per-layer folders keep theirs in config.json) is not taken as one.
     (folder / "slicegpt.json").write_text(json.dumps({**uniform, "format_version": FORMAT_VERSION + 1}))

@@ -44,7 +44,15 @@ from ..arch import ArchSpec, UnsupportedModelError, spec_for_config, supported_a
 from .folders import verify_files
 from .format import METADATA, read_metadata
 
-Dtype = Literal["f16", "f32"]
+#: Output types (llama.cpp's names) written here, by the gguf package: the type of the weight
+#: matrices; norms and biases stay f32, and a matrix whose rows do not split into the type's
+#: blocks is written f16 (as llama.cpp's converter does).
+DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+#: Output types made by llama.cpp's own quantizer from an f16 export (its k-quant mixes and
+#: importance-free i-quants), through llama-cpp-python: ``pip install 'slicegpt[gguf-quant]'``.
+LLAMA_CPP_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
+OUTTYPES = DIRECT_TYPES + LLAMA_CPP_TYPES
+Dtype = str  # one of OUTTYPES
 
 
 class ExportError(ValueError):
@@ -89,11 +97,9 @@ def exportable_model_types() -> list[str]:
 def check_exportable(config: dict[str, Any], folder: Path) -> ArchSpec:
     """Refuse per-layer sliced folders and families llama.cpp would not run like transformers; the family's spec."""
     meta = slicing_metadata(config, folder)
-    if meta is not None:
-        # what load checks, export checks: sizes and sha256 of every weights file as saved
-        verify_files(folder, meta)
     if meta is not None and meta.get("mode") != "uniform":
-        if not any(w.get("attn_shortcut") or w.get("mlp_shortcut") for w in meta.get("widths", {}).get("layers", [])):
+        layers = (meta.get("widths") or {}).get("layers") or []
+        if layers and not any(w.get("attn_shortcut") or w.get("mlp_shortcut") for w in layers):
             raise ExportError(f"{folder} is a per-layer folder whose layers keep different MLP widths, which llama.cpp's "
                               f"{config.get('model_type')} architecture cannot express; slice with --uniform to get an exportable model")
         raise ExportError(
@@ -108,6 +114,9 @@ def check_exportable(config: dict[str, Any], folder: Path) -> ArchSpec:
         raise ExportError("cannot export a model with MLP biases (mlp_bias=true): llama.cpp's llama graph has none")
     if config.get("hidden_act", "silu") != "silu":
         raise ExportError(f"cannot export hidden_act={config.get('hidden_act')!r}: llama.cpp's llama-family graphs use SiLU")
+    if meta is not None:
+        # what load checks, export checks: sizes and sha256 of every weights file as saved
+        verify_files(folder, meta)
     return spec
 
 
@@ -255,9 +264,52 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 @dataclass
 class _Item:
     gguf_name: str
-    shape: tuple[int, ...]
-    np_dtype: type
+    shape: tuple[int, ...]  # the tensor's own shape (torch order: rows, then row length)
+    qtype: Any  # gguf.GGMLQuantizationType
     load: Callable[[], torch.Tensor]
+
+    @property
+    def byte_shape(self) -> tuple[int, ...]:
+        from gguf.quants import quant_shape_to_byte_shape
+
+        return tuple(quant_shape_to_byte_shape(self.shape, self.qtype))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.byte_shape))
+
+    def encode(self) -> np.ndarray:
+        """The tensor as written: float32/float16 values, or the type's blocks as bytes."""
+        import gguf
+        from gguf import quants
+
+        array = self.load().numpy().astype(np.float32)
+        if tuple(array.shape) != tuple(self.shape):
+            raise ExportError(f"{self.gguf_name}: shape {tuple(array.shape)} differs from the header's {self.shape}")
+        if self.qtype == gguf.GGMLQuantizationType.F32:
+            return array
+        if self.qtype == gguf.GGMLQuantizationType.F16:
+            half = array.astype(np.float16)
+            if not np.isfinite(half).all():
+                raise ExportError(f"{self.gguf_name} overflows float16; export with --outtype f32 or bf16")
+            return half
+        return quants.quantize(array, self.qtype)
+
+
+def _qtype(outtype: str) -> Any:
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
+            "q5_0": gguf.GGMLQuantizationType.Q5_0, "q5_1": gguf.GGMLQuantizationType.Q5_1}[outtype]
+
+
+def _file_type(outtype: str) -> Any:
+    import gguf
+
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+            "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1}[outtype]
 
 
 def _llama3_rope_factors(hp: _Hparams) -> torch.Tensor:
@@ -297,9 +349,12 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
             raise ExportError(f"tensor {hf_name} has no place in GGUF architecture {hp.arch_name!r}")
         gguf_name = gguf.TENSOR_NAMES[member].format(bid=bid) + "." + suffix
         shape = weights.shape(hf_name)
-        # Norms and biases (1-D) stay float32 whatever the dtype, as in llama.cpp's converter:
-        # they are tiny and the sliced norms carry scales that f16 would round.
-        np_dtype = np.float16 if dtype == "f16" and len(shape) > 1 else np.float32
+        # Norms and biases (1-D) stay float32 whatever the type, as in llama.cpp's converter:
+        # they are tiny and the sliced norms carry scales that f16 would round. A matrix whose
+        # rows do not split into the type's blocks is written f16.
+        qtype = _qtype(dtype) if len(shape) > 1 else gguf.GGMLQuantizationType.F32
+        if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = gguf.GGMLQuantizationType.F16
         heads = {"ATTN_Q": hp.n_head, "ATTN_K": hp.n_head_kv}.get(key) if hp.permute_qk else None
 
         def load(hf_name: str = hf_name, heads: int | None = heads) -> torch.Tensor:
@@ -308,7 +363,7 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
                 t = permute_qk(t, heads)
             return t
 
-        items.append(_Item(gguf_name, shape, np_dtype, load))
+        items.append(_Item(gguf_name, shape, qtype, load))
 
     for name in names:
         if _SKIP_RE.fullmatch(name):
@@ -328,7 +383,8 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
     rope_type = str(hp.rope.get("rope_type") or "default").lower()
     if rope_type == "llama3":
         factors = _llama3_rope_factors(hp)
-        items.append(_Item(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape), np.float32, lambda: factors))
+        items.append(_Item(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape),
+                           gguf.GGMLQuantizationType.F32, lambda: factors))
 
     # Tensor order: embeddings, then block by block, the rest last (cosmetic; readers look tensors up by name).
     def order(item: _Item) -> tuple[int, str]:
@@ -451,8 +507,10 @@ def _vocab(folder: Path, n_vocab: int) -> _Vocab:
 
 
 def _display_name(folder: Path, config: dict[str, Any]) -> str:
-    meta = slicing_metadata(config, folder) or {}
-    base = str(meta.get("source_model") or config.get("_name_or_path") or config.get("_model_name_or_path") or folder.name)
+    """The model's own name: a compressed folder's name (not its source's), else the model's."""
+    if slicing_metadata(config, folder) is not None:
+        return Path(folder).resolve().name
+    base = str(config.get("_name_or_path") or config.get("_model_name_or_path") or folder.name)
     return Path(base).name or folder.name
 
 
@@ -466,56 +524,101 @@ def check_output_file(out: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def export_gguf(folder: str | Path, out: str | Path, *, dtype: Dtype = "f16", overwrite: bool = False) -> Path:
+def export_gguf(folder: str | Path, out: str | Path, *, outtype: str = "f16", overwrite: bool = False,
+                dtype: str | None = None) -> Path:
     """Write the standard HF Llama-family model in ``folder`` to the GGUF file ``out``; returns ``out``.
 
-    ``dtype`` is the type of the matrices (embeddings included); norms and biases are always f32.
-    The file appears atomically (written beside ``out`` and renamed), and an existing ``out`` is
-    replaced only with ``overwrite``.
+    ``outtype`` (llama.cpp's names, :data:`OUTTYPES`) is the type of the weight matrices
+    (embeddings included); norms and biases are always f32. :data:`DIRECT_TYPES` are written
+    here; :data:`LLAMA_CPP_TYPES` (k-quants) by llama.cpp's own quantizer from an f16 export,
+    through llama-cpp-python. The file appears atomically (written beside ``out`` and renamed),
+    and an existing ``out`` is replaced only with ``overwrite``. ``dtype``: the old name of ``outtype``.
     """
-    import gguf
-
-    if dtype not in ("f16", "f32"):
-        raise ExportError(f"dtype must be 'f16' or 'f32', not {dtype!r}")
+    outtype = str(dtype or outtype).lower()
+    if outtype not in OUTTYPES:
+        raise ExportError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     folder = Path(folder)
     out = check_output_file(out, overwrite)
+    if outtype in LLAMA_CPP_TYPES:
+        quantize = llama_cpp_quantizer()  # before any work: a missing extra is one line
+        out.parent.mkdir(parents=True, exist_ok=True)
+        base = out.with_name(f".{out.name}.f16-{os.getpid()}-{secrets.token_hex(4)}.gguf")
+        try:
+            _write_gguf(folder, base, "f16", outtype)
+            _atomically(out, lambda tmp: quantize(base, tmp, outtype))
+        finally:
+            base.unlink(missing_ok=True)
+        return out
+    _write_gguf(folder, out, outtype, outtype)
+    return out
+
+
+def llama_cpp_quantizer() -> Callable[[Path, Path, str], None]:
+    """llama.cpp's quantizer through llama-cpp-python: (f16 GGUF in, GGUF out, type name)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ExportError("k-quant types (q4_k_m, q5_k_m, q6_k, ...) are made by llama.cpp's own quantizer: "
+                          "pip install 'slicegpt[gguf-quant]' (llama-cpp-python), or use q8_0, q5_0, q4_0 here") from None
+
+    def quantize(source: Path, target: Path, outtype: str) -> None:
+        import gguf
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = int(getattr(gguf.LlamaFileType, "MOSTLY_" + outtype.upper()))
+        params.nthread = max(1, os.cpu_count() or 1)
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+        if code != 0:
+            raise ExportError(f"llama.cpp's quantizer failed on {source} (code {code})")
+
+    return quantize
+
+
+def _atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """Write ``out`` through a hidden name beside it (same file system: the rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_gguf(folder: Path, out: Path, outtype: str, file_type: str) -> None:
+    """The GGUF of ``folder`` with weight matrices of ``outtype``, labelled ``file_type``."""
+    import gguf
+
     config = _read_json(folder / "config.json")
     spec = check_exportable(config, folder)
     hp = _hparams(config, spec)
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == hp.arch_name)
-
     weights = _Weights(folder)
-    items = _plan_tensors(weights, hp, arch, dtype)
+    items = _plan_tensors(weights, hp, arch, outtype)
     n_vocab = weights.shape("model.embed_tokens.weight")[0]
     vocab = _vocab(folder, n_vocab)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden name beside ``out`` (same file system, so the final rename is atomic); opened by the
-    # writer with plain open(), so the file gets the usual umask permissions.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    writer = gguf.GGUFWriter(tmp, hp.arch_name)
-    try:
-        _write_metadata(writer, hp, folder, config, vocab, n_vocab, dtype)
-        for item in items:
-            nbytes = int(np.prod(item.shape)) * np.dtype(item.np_dtype).itemsize
-            writer.add_tensor_info(item.gguf_name, item.shape, np.dtype(item.np_dtype), nbytes)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for item in items:
-            array = item.load().numpy().astype(item.np_dtype)
-            if item.np_dtype == np.float16 and not np.isfinite(array).all():
-                raise ExportError(f"{item.gguf_name} overflows float16; export with --dtype f32")
-            if tuple(array.shape) != tuple(item.shape):
-                raise ExportError(f"{item.gguf_name}: shape {tuple(array.shape)} differs from the header's {item.shape}")
-            writer.write_tensor_data(array)
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    def write(tmp: Path) -> None:
+        # opened by the writer with plain open(), so the file gets the usual umask permissions
+        writer = gguf.GGUFWriter(tmp, hp.arch_name)
+        try:
+            _write_metadata(writer, hp, folder, config, vocab, n_vocab, file_type)
+            for item in items:
+                if item.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                    dt = np.float32 if item.qtype == gguf.GGMLQuantizationType.F32 else np.float16
+                    writer.add_tensor_info(item.gguf_name, item.shape, np.dtype(dt), item.nbytes)
+                else:
+                    writer.add_tensor_info(item.gguf_name, item.byte_shape, np.dtype(np.uint8), item.nbytes, raw_dtype=item.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for item in items:
+                writer.write_tensor_data(item.encode())
+        finally:
+            writer.close()
+
+    _atomically(out, write)
 
 
 def _context_length(hp: _Hparams, config: dict[str, Any]) -> int:
@@ -533,18 +636,33 @@ def _write_metadata(writer: Any, hp: _Hparams, folder: Path, config: dict[str, A
 
     # (GGUFWriter writes general.architecture itself.)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(_display_name(folder, config))
     meta = slicing_metadata(config, folder)
+    writer.add_name(_display_name(folder, config))
     if meta is not None:
-        sparsity = (meta.get("settings") or {}).get("sparsity", meta.get("sparsity"))
+        source = Path(str(meta.get("source_model") or "a model")).name
+        writer.add_basename(source)
+        settings = meta.get("settings") or {}
         widths = meta.get("widths") or {}
+        before, after = meta.get("params_before"), meta.get("params_after")
+        method = (f"parameter budget {settings.get('target_params')}" if meta.get("target_params") else
+                  f"SliceGPT sparsity {settings.get('sparsity')}")
         writer.add_description(
-            f"SliceGPT uniform slice of {meta.get('source_model') or 'a model'}: hidden size "
-            + (f"{widths['hidden']} -> " if "hidden" in widths else "")
-            + f"{hp.hidden}"
-            + (f", sparsity {sparsity}" if sparsity is not None else "")
-        )
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+            f"{source} compressed by slicegpt ({meta.get('mode')}, {method}): "
+            + (f"{before / 1e6:.1f}M -> {after / 1e6:.1f}M parameters, " if before and after else "")
+            + f"hidden size {widths.get('hidden', hp.hidden)} -> {hp.hidden}, MLP width {hp.n_ff}")
+        # provenance, for whoever finds the file alone
+        writer.add_string("slicegpt.version", str(meta.get("slicegpt_version")))
+        writer.add_string("slicegpt.source_model", str(meta.get("source_model")))
+        if meta.get("source_fingerprint"):
+            writer.add_string("slicegpt.source_fingerprint", str(meta["source_fingerprint"]))
+        writer.add_string("slicegpt.settings", json.dumps(settings, sort_keys=True, default=str))
+        if before and after:
+            writer.add_uint64("slicegpt.params_before", int(before))
+            writer.add_uint64("slicegpt.params_after", int(after))
+        if meta.get("recovery"):
+            writer.add_string("slicegpt.recovery", json.dumps({k: v for k, v in meta["recovery"].items() if k != "curve"},
+                                                              sort_keys=True, default=str))
+    writer.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if dtype == "f32" else "MOSTLY_" + dtype.upper()))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     writer.add_vocab_size(n_vocab)
