@@ -16,11 +16,11 @@ from typing import Any, Callable
 from torch import nn
 
 from ..chat import has_chat_template
-from ..config import DTYPES, EvalConfig, SliceConfig
+from ..config import DTYPES, EvalConfig, SliceConfig, dtype_name
 from ..evaluation.chat import samples
 from ..io.folders import load
 from ..io.format import is_sliced_folder, read_metadata
-from ..io.models import load_model
+from ..io.models import load_model, source_dtype
 from ..memory import available_bytes
 from ..training.recover import TrainingError
 
@@ -188,6 +188,19 @@ def parse_count(text: str) -> float:
         return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a parameter count (100.9M, 1.2B, 9e7) or a fraction (0.75), got {text!r}") from None
+
+
+SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_save_dtype_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-dtype", default="auto", choices=SAVE_DTYPES, help="dtype of the saved weights: auto (bf16 when the "
+                   "source was quantized or bf16, its own float type otherwise), fp32, bf16 (half the size of fp32) or fp16")
+
+
+def save_dtype(args: argparse.Namespace, source: str | None) -> str:
+    """The dtype --save-dtype names (auto: :func:`source_dtype` of the source model)."""
+    return source_dtype(source) if args.save_dtype == "auto" else dtype_name(args.save_dtype)
 
 
 def add_samples_argument(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from ..memory import peak_memory
 from ..training.recover import recover
 from . import distributed
 from ..core.surgery import count_parameters
-from .common import add_samples_argument, parse_count, print_samples, write_json
+from .common import add_samples_argument, add_save_dtype_argument, parse_count, print_samples, save_dtype, write_json
 
 HELP = "recover quality by training: distil the dense model into a sliced one, or fine-tune it"
 DESCRIPTION = (
@@ -74,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=D.gradient_checkpointing, help="recompute layer activations in the backward pass (less memory, more time)")
     p.add_argument("--seed", type=int, default=D.seed, help="row order and adapter initialisation")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report (curve, tokens, seconds, memory) as JSON")
+    add_save_dtype_argument(p)
     add_samples_argument(p)
     distributed.add_argument(p)
 
@@ -165,7 +166,8 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
     if not leader:
         return 0
     extra = (lambda tmp: shutil.copytree(state / ADAPTER, tmp / ADAPTER)) if args.keep_adapter else None
-    folders.save(model.to("cpu"), out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra)
+    folders.save(model.to("cpu"), out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra,
+                 dtype=save_dtype(args, meta.get("source_model")))
     shutil.rmtree(state, ignore_errors=True)  # the run is complete: nothing left to resume
 
     first, last = report.curve[0], report.curve[-1]

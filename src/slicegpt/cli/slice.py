@@ -25,8 +25,8 @@ from ..io import streaming
 from ..memory import peak_memory
 from ..sources import is_self, parts
 from . import distributed
-from .common import (EVAL_DEFAULTS, SLICE_DEFAULTS, add_samples_argument, add_slice_config_arguments, parse_count, print_samples,
-                     slice_config_from_args, write_json)
+from .common import (EVAL_DEFAULTS, SLICE_DEFAULTS, add_samples_argument, add_save_dtype_argument, add_slice_config_arguments,
+                     parse_count, print_samples, save_dtype, slice_config_from_args, write_json)
 
 HELP = "rotate and slice a model, then save it"
 DESCRIPTION = (
@@ -67,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-max-rows", type=int, default=None, help="evaluate --ppl on the first N rows only")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures (perplexities, parameters, seconds, memory) as JSON")
     p.add_argument("--list-architectures", action="store_true", help="print the supported model types and exit")
+    add_save_dtype_argument(p)
     add_samples_argument(p)
     distributed.add_argument(p)
 
@@ -137,13 +138,13 @@ def _lead(args: argparse.Namespace, config: Any, ranks: Any, source: tuple[str, 
         if opened is not None:
             report = streaming.slice_streamed(args.model, out, config, overwrite=_may_replace(out, args),
                                               max_shard_size=args.max_shard_size, opened=opened, activations=activations, reduce=ranks,
-                                              checkpoint=staging, source=source)
+                                              checkpoint=staging, source=source, save_dtype=save_dtype(args, args.model))
         else:
             streams = Streams(checkpoint=staging or NoCheckpoint(), reduce=ranks or LocalReduction(), activations=activations)
             report = slice_model(model, tokenizer, config.calib, config, source_model=source[0], source_fingerprint=source[1],
                                  streams=streams)
             folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report,
-                         max_shard_size=args.max_shard_size)
+                         max_shard_size=args.max_shard_size, dtype=save_dtype(args, args.model))
         if staging is not None:
             staging.finish()  # saved: nothing left to resume
         result.update(

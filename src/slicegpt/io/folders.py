@@ -121,22 +121,26 @@ class OutputLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                if pid == os.getpid():  # this process holds it already (taken early, asked again)
-                    return self
-                if pid and _alive(pid) and _runs_slicegpt(pid):
-                    raise FileExistsError(f"another slicegpt run (PID {pid}) is writing {self.path.parent / self.path.name[1:-5]} "
-                                          f"(lock {self.path}); wait for it to finish or choose another --out") from None
-                # a dead writer's lock, or one naming a PID that another program now has: taken over
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            self.held = True
-            return self
+                pass
+            except OSError as exc:  # a read-only parent, a name too long with the lock's suffix
+                raise OSError(f"cannot write the output folder {self.path.parent / self.path.name[1:-5]}: "
+                              f"{exc.strerror or exc}") from None
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(str(os.getpid()))
+                self.held = True
+                return self
+            try:
+                pid = int(self.path.read_text().strip() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():  # this process holds it already (taken early, asked again)
+                return self
+            if pid and _alive(pid) and _runs_slicegpt(pid):
+                raise FileExistsError(f"another slicegpt run (PID {pid}) is writing {self.path.parent / self.path.name[1:-5]} "
+                                      f"(lock {self.path}); wait for it to finish or choose another --out") from None
+            # a dead writer's lock, or one naming a PID that another program now has: taken over
+            self.path.unlink(missing_ok=True)
         raise FileExistsError(f"cannot take the lock {self.path}")
 
     def __exit__(self, *exc: object) -> None:
@@ -191,6 +195,7 @@ def save(
     extra: Callable[[Path], None] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     shards: ShardWriter | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Write a sliced model to ``out`` atomically.
 
@@ -212,7 +217,8 @@ def save(
     ``model.safetensors`` when they fit, else numbered shards and an index), one decoder layer
     after another and then the rest. ``shards``: a writer (from :func:`staging_writer`) that a
     streamed slice has already given its finished layers (the model's layers are then empty);
-    its folder becomes the output.
+    its folder becomes the output. ``dtype``: the weights' dtype on disk (``bfloat16`` halves
+    a float32 model's files; config.json says it); None writes them as they are in memory.
     """
     report = report if report is not None else getattr(model, "slicegpt_report", None)
     meta = build_metadata(report) if report is not None else provenance(model)
@@ -227,6 +233,11 @@ def save(
     check_free_space(out.parent, bytes_needed(model), f"saving {out}")
     tmp = shards.folder if shards is not None else Path(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent))
     writer = shards if shards is not None else ShardWriter(tmp, max_shard_size)
+    if dtype is not None:
+        writer.dtype = parse_dtype(dtype)
+    in_memory = model.config.dtype
+    if writer.dtype is not None:
+        model.config.dtype = writer.dtype  # config.json names the dtype the weights are in
     try:
         if is_standard(meta) and not is_prepared(model, spec_for_config(model.config)):
             # Already a standard model (a uniform folder loaded, then trained): written as is.
@@ -249,16 +260,20 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        model.config.dtype = in_memory
     return out
 
 
-def staging_writer(out: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> ShardWriter:
+def staging_writer(out: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                   dtype: str | torch.dtype | None = None) -> ShardWriter:
     """A shard writer in a fresh staging folder beside ``out``, for a streamed slice to give its
     finished layers to; :func:`save` (``shards=``) completes it and renames it into place."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
-    return ShardWriter(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent), max_shard_size)
+    return ShardWriter(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent), max_shard_size,
+                       dtype=None if dtype is None else parse_dtype(dtype))
 
 
 def _write_loaded_standard(model: nn.Module, writer: ShardWriter, meta: dict[str, Any], tokenizer: Any) -> None:

@@ -7,6 +7,7 @@ GGUF file). It is dequantised once into a safetensors folder in the cache and re
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -134,6 +135,43 @@ def tokenizer_failure(name: str | None, source: str | os.PathLike, exc: BaseExce
         return ModelLoadError(f"cannot load the tokenizer of {name}: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); "
                               "copy the source model's tokenizer into it")
     return ModelLoadError(f"cannot load the tokenizer of {name}: {first_line(exc)}")
+
+
+def source_dtype(name_or_path: str | None) -> str:
+    """The dtype the source's weights are stored in, as a save default: 'bfloat16' for a GGUF of
+    quantized (or bf16) weights, its float type for an f32/f16 GGUF, config.json's ``dtype``
+    (``torch_dtype``) for a folder; 'float32' where it cannot be told."""
+    import gguf
+
+    path = Path(name_or_path) if name_or_path is not None else None
+    try:
+        found = default_model_gguf() if path is None or (name_or_path == DEFAULT_MODEL_NAME and not path.exists()) else (
+            find_gguf(path) if path.exists() else None)
+    except ModelLoadError:
+        found = None
+    if found is not None:
+        try:
+            field = gguf.GGUFReader(found).fields.get("general.file_type")
+            kind = gguf.LlamaFileType(int(field.contents())).name if field is not None else ""
+        except Exception:  # noqa: BLE001 - an unreadable header: the quantized default
+            kind = ""
+        return {"ALL_F32": "float32", "MOSTLY_F16": "float16"}.get(kind, "bfloat16")
+    config = (path / "config.json") if path is not None and path.is_dir() else None
+    if config is not None and is_sliced_folder(path):
+        return "float32"
+    if config is None and name_or_path is not None and not (path is not None and path.exists()):
+        try:  # a hub id: its config where the hub cache holds it
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(name_or_path, "config.json", local_files_only=True))
+        except Exception:  # noqa: BLE001
+            config = None
+    try:
+        raw = json.loads(config.read_text()) if config is not None and config.is_file() else {}
+    except (OSError, ValueError):
+        raw = {}
+    value = str(raw.get("dtype") or raw.get("torch_dtype") or "float32")
+    return value if value in ("float32", "float16", "bfloat16") else "float32"
 
 
 def source_identity(name_or_path: str | None) -> tuple[str, str | None]:

@@ -183,8 +183,9 @@ class ShardWriter:
     """
 
     def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
         self.folder = Path(folder)
+        self.dtype = dtype  # floating tensors are written in this dtype (None: as they are)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.limit = parse_size(max_shard_size)
         self.metadata = metadata or {"format": "pt"}
@@ -196,6 +197,8 @@ class ShardWriter:
         return self.folder / f".shard-{k:05d}.data"
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.dtype is not None:
+            tensors = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         group = sum(t.numel() * t.element_size() for t in tensors.values())
         if not self.shards or (self.sizes[-1] and self.sizes[-1] + group > self.limit):
             self.shards.append({})

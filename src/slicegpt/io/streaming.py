@@ -251,7 +251,8 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
                    overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
                    opened: tuple[nn.Module, Any, str, StreamingSource] | None = None,
                    activations: Callable[[], Any] = list, reduce: Reduction | None = None,
-                   checkpoint: Checkpoint | None = None, source: tuple[str, str | None] | None = None) -> SliceReport:
+                   checkpoint: Checkpoint | None = None, source: tuple[str, str | None] | None = None,
+                   save_dtype: str | torch.dtype | None = None) -> SliceReport:
     """Slice a safetensors model into ``out`` without ever holding its layers together.
 
     The Python form of ``slicegpt slice MODEL --stream on``: the layers are read, sliced and
@@ -262,7 +263,8 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
     the processes calibrating together (torchrun; this one writes the output); ``checkpoint``:
     what is staged for a resume (:class:`slicegpt.io.staging.SliceStaging`; a restart writes the
     finished layers to the new output's shards one at a time); ``source``: how the source is
-    recorded, (name, weights fingerprint) (default: :func:`~slicegpt.io.models.source_identity`).
+    recorded, (name, weights fingerprint) (default: :func:`~slicegpt.io.models.source_identity`);
+    ``save_dtype``: the dtype the weights are written in (None: the slicing dtype).
     """
     config = config or SliceConfig()
     out = Path(out)
@@ -272,7 +274,7 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
     # The output is never larger than the source: checked before any work, not at layer 60 of 80.
     out.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(out.parent, sum(e.end - e.start for e in reader_source.reader.entries.values()), f"slicing into {out}")
-    writer = staging_writer(out, max_shard_size)
+    writer = staging_writer(out, max_shard_size, dtype=save_dtype)
     try:
         report = slice_model(model, tokenizer, config.calib, config, source_model=recorded, source_fingerprint=fingerprint,
                              progress=progress,
