@@ -133,7 +133,7 @@ def test_python_m_slicegpt_help_lists_every_command() -> None:
 
     from slicegpt.cli import COMMANDS
 
-    assert list(COMMANDS) == ["slice", "recover", "eval", "generate-data", "bench", "sweep", "inspect", "export", "plan"]
+    assert list(COMMANDS) == ["compress", "slice", "recover", "eval", "generate-data", "bench", "sweep", "inspect", "export", "plan"]
     done = subprocess.run([sys.executable, "-m", "slicegpt", "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     listed = done.stdout.split("positional arguments:")[1]

@@ -46,3 +46,58 @@ def test_the_save_default_follows_the_source(tiny_model_dir: Path, tmp_path: Pat
     for outtype, want in (("f32", "float32"), ("f16", "float16"), ("q8_0", "bfloat16"), ("bf16", "bfloat16")):
         gguf_file = export_gguf(tiny_model_dir / "model", tmp_path / f"m-{outtype}.gguf", outtype=outtype)
         assert source_dtype(str(gguf_file)) == want, outtype
+
+
+def _weights(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.glob("*.safetensors")}
+
+
+def test_compress_runs_the_pipeline_and_its_recipe_remakes_the_folder(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    import gguf
+    import yaml
+
+    model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
+    out = tmp_path / "small"
+    assert main(["compress", model, "--size", "0.85", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--gguf", "q8_0",
+                 "--recover", "2048", "--recover-data", corpus, "--out", str(out), "--no-samples"]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"README.md", "recipe.yaml", "small-q8_0.gguf", "config.json", "model.safetensors"} <= files
+    assert not list(tmp_path.glob(".small*"))  # the intermediate sliced folder is gone
+    meta = slicegpt.read_metadata(out)
+    assert meta["mode"] == "uniform" and meta["params_after"] <= 0.85 * meta["params_before"] and meta["recovery"]["tokens"] > 0
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["slice"]["target_params"] == 0.85 and recipe["slice"]["uniform"] is True
+    assert recipe["recover"]["tokens"] == 2048 and recipe["export"] == {"outtype": "q8_0"}
+    assert recipe["model"] == str(Path(model).resolve()) and recipe["source_fingerprint"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "slicegpt compress --recipe recipe.yaml" in card
+    assert "Recovery" in card and f"{meta['params_after'] / 1e6:.2f}M" in card
+    reader = gguf.GGUFReader(out / "small-q8_0.gguf")
+    assert reader.fields["general.name"].contents() == "small"
+    # one command remakes it, bit for bit
+    again = tmp_path / "again"
+    assert main(["compress", "--recipe", str(out / "recipe.yaml"), "--out", str(again), "--no-samples"]) == 0
+    assert _weights(again) == _weights(out)
+    # a recipe naming a setting that does not exist is refused before any work
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**recipe, "slice": {**recipe["slice"], "sparsty": 0.3}}))
+    capsys.readouterr()
+    assert main(["compress", "--recipe", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown settings: sparsty" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_eval_update_card_adds_what_it_measured(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
+    out = tmp_path / "s"
+    assert main(["slice", model, "--uniform", "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32",
+                 "--out", str(out), "--no-samples"]) == 0
+    assert "No measurement yet" in (out / "README.md").read_text()
+    assert main(["eval", str(out), "--ppl", corpus, "--seqlen", "32", "--max-rows", "4", "--compare", model, "--update-card"]) == 0
+    card = (out / "README.md").read_text()
+    assert "| perplexity," in card and "No measurement yet" not in card
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results.values()
+    assert row["model"] > 1 and row["source"] > 1
+    assert main(["eval", model, "--ppl", corpus, "--update-card"]) == 2  # only a sliced folder has a card to update

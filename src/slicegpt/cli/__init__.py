@@ -10,13 +10,13 @@ import sys
 from typing import Sequence
 
 from .._version import __version__
-from . import bench, export, generate_data, inspect, plan, recover, sweep
+from . import bench, compress, export, generate_data, inspect, plan, recover, sweep
 from . import eval as eval_
 from . import slice as slice_
 from .common import add_command, run_in_one_line
 
 #: The sub-commands, in the order ``slicegpt --help`` lists them.
-COMMANDS = {"slice": slice_, "recover": recover, "eval": eval_, "generate-data": generate_data, "bench": bench, "sweep": sweep,
+COMMANDS = {"compress": compress, "slice": slice_, "recover": recover, "eval": eval_, "generate-data": generate_data, "bench": bench, "sweep": sweep,
             "inspect": inspect, "export": export, "plan": plan}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import fields
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -155,29 +156,10 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def slice_config_from_args(args: argparse.Namespace, sparsity: float) -> SliceConfig:
-    """The :class:`SliceConfig` that :func:`add_slice_config_arguments` flags describe."""
-    return SliceConfig(
-        sparsity=sparsity,
-        round_to=args.round_to,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        batch_size=args.batch_size,
-        device=args.device,
-        device_map=args.device_map,
-        dtype=args.dtype,
-        seed=args.seed,
-        slice_head=args.slice_head,
-        pca_signal=args.pca_signal,
-        uniform=args.uniform,
-        target_params=getattr(args, "target_params", None),
-        axes=args.axes,
-        residual_share=args.residual_share,
-        correct=args.correct,
-        search=args.search,
-        spread_neurons=args.spread_neurons,
-        verify=args.verify,
-    )
+    """The :class:`SliceConfig` the flags describe: every setting the namespace names (the flags of
+    :func:`add_slice_config_arguments`, and whatever a recipe set), the rest at its default."""
+    values = {f.name: getattr(args, f.name) for f in fields(SliceConfig) if hasattr(args, f.name)}
+    return SliceConfig(**{**values, "sparsity": sparsity, "target_params": getattr(args, "target_params", None)})
 
 
 def parse_count(text: str) -> float:

@@ -12,6 +12,7 @@ from ..core.surgery import count_parameters
 from ..evaluation.chat import DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, DEFAULT_PROMPTS, evaluate_chat, format_chat
 from ..evaluation.perplexity import perplexity
 from ..evaluation.tasks import evaluate_tasks, format_tasks_table
+from ..io.card import write_card
 from ..io.format import is_sliced_folder, read_metadata
 from ..io.models import load_model
 from ..memory import peak_memory
@@ -57,9 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "'auto' (every CUDA device) or a list such as 'cuda:0,cuda:1' (layers split evenly, in order); instead of --device")
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype to run the model in")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--update-card", action="store_true", help="add the figures to the sliced folder's model card (README.md) "
+                   "and its results.json, beside the source model's where --compare or --chat measured them")
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.update_card and not (args.model and is_sliced_folder(args.model)):
+        raise ValueError("--update-card writes into a sliced folder's model card: give one as MODEL")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_rows is not None and args.max_rows < 1:
@@ -124,7 +129,37 @@ def run(args: argparse.Namespace) -> int:
         print(format_tasks_table(result["tasks"]))
     result.update(peak_memory(args.device))
     write_json(args.json, result)
+    if args.update_card:
+        write_card(args.model, read_metadata(args.model), results=card_results(result))
+        print(f"model card updated: {args.model}/README.md")
     return 0
+
+
+def card_results(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What an evaluation adds to a model card: {measure: {model, source, percent}}."""
+    out: dict[str, dict[str, Any]] = {}
+    theirs = (result.get("source") or {}).get("perplexities", {})
+    for data, res in result.get("perplexities", {}).items():
+        out[f"perplexity, {res['source']} ({res['rows']} rows x {res['seqlen']})"] = {
+            "model": res["perplexity"], "source": (theirs.get(data) or {}).get("perplexity")}
+    chat = result.get("chat")
+    if chat:
+        where = f"{chat['n']} held-out prompts ({chat['prompts']}), greedy, {chat['max_new_tokens']} tokens"
+        out[f"top-1 agreement with the source's answers, {where}"] = {"model": chat["top1_agreement"],
+                                                                       "source": chat["source_top1_agreement"], "percent": True}
+        out[f"perplexity of the source's answers, {where}"] = {"model": chat["answer_perplexity"],
+                                                               "source": chat["source_answer_perplexity"]}
+        out[f"answers that loop, {where}"] = {"model": chat["model"]["loops"], "source": chat["source"]["loops"], "percent": True}
+        out[f"answers that echo the system prompt, {where}"] = {"model": chat["model"]["echoes"], "source": chat["source"]["echoes"],
+                                                                "percent": True}
+        if chat.get("pass_at_1") is not None:
+            out[f"code passing its tests (pass@1), {where}"] = {"model": chat["pass_at_1"], "source": chat["source_pass_at_1"],
+                                                                "percent": True}
+    tasks = result.get("tasks")
+    if tasks and tasks.get("average") is not None:
+        out[f"zero-shot accuracy, mean of {', '.join(sorted(tasks.get('results', {})))}"] = {"model": tasks["average"], "source": None,
+                                                                                              "percent": True}
+    return out
 
 
 def _ratio(a: float, b: float) -> str:

@@ -16,7 +16,10 @@ from ..core.streams import LocalReduction, NoCheckpoint, Streams
 from ..evaluation.markdown import format_slice_table
 from ..evaluation.perplexity import perplexity
 from ..io import folders
-from ..io.format import is_sliced_folder
+from ..data import label
+from ..io.card import write_card
+from ..io.format import is_sliced_folder, read_metadata
+from ..io.recipe import Recipe, absolute_sources
 from ..io.models import load_model, source_identity
 from ..io.offload import disk_store
 from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
@@ -135,16 +138,17 @@ def _lead(args: argparse.Namespace, config: Any, ranks: Any, source: tuple[str, 
             if config.device_map is None:
                 model.to("cpu")
         activations = list if args.offload_activations is None else disk_store(args.offload_activations)
+        saved_dtype = save_dtype(args, args.model)
         if opened is not None:
             report = streaming.slice_streamed(args.model, out, config, overwrite=_may_replace(out, args),
                                               max_shard_size=args.max_shard_size, opened=opened, activations=activations, reduce=ranks,
-                                              checkpoint=staging, source=source, save_dtype=save_dtype(args, args.model))
+                                              checkpoint=staging, source=source, save_dtype=saved_dtype)
         else:
             streams = Streams(checkpoint=staging or NoCheckpoint(), reduce=ranks or LocalReduction(), activations=activations)
             report = slice_model(model, tokenizer, config.calib, config, source_model=source[0], source_fingerprint=source[1],
                                  streams=streams)
             folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report,
-                         max_shard_size=args.max_shard_size, dtype=save_dtype(args, args.model))
+                         max_shard_size=args.max_shard_size, dtype=saved_dtype)
         if staging is not None:
             staging.finish()  # saved: nothing left to resume
         result.update(
@@ -161,6 +165,14 @@ def _lead(args: argparse.Namespace, config: Any, ranks: Any, source: tuple[str, 
             result["sliced_perplexity"] = sliced.to_dict()
         result["wall_seconds"] = time.perf_counter() - wall
         result.update(peak_memory(config.device))
+        # The folder says what it is: the recipe that remakes it, and a model card.
+        Recipe(model=source[0], source_fingerprint=source[1], slice={**config.to_dict(), "calib": absolute_sources(config.calib)},
+               save_dtype=saved_dtype).write(out)
+        measured = {}
+        if args.ppl:
+            measured[f"perplexity, {label(args.ppl)} ({sliced.rows} rows x {sliced.seqlen})"] = {
+                "model": sliced.perplexity, "source": result["dense_perplexity"]["perplexity"]}
+        write_card(out, read_metadata(out), results=measured)
         print(format_slice_table(result))
         print_samples(args, tokenizer, args.model if args.model is not None else name, model if opened is None else out,
                       report.params_before, device=eval_device if config.device_map is None else None)

@@ -11,6 +11,7 @@ checkpoint restores all of it, so a resumed run ends bit for bit where an uninte
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,7 @@ class RecoveryReport:
     best_step: int | None = None
     stopped_early: bool = False
     resumed_at_step: int | None = None
+    data_sha256: str | None = None  # of the training rows' token ids
 
     @property
     def tokens_per_second(self) -> float:
@@ -405,6 +407,7 @@ def recover(
         steps=step, tokens=tokens, seconds=seconds, trainable_parameters=sum(p.numel() for p in params.values()),
         settings=config.to_dict(), curve=curve, best_step=best[1] if best_state is not None else None,
         stopped_early=stopped_early, resumed_at_step=resumed_at,
+        data_sha256=hashlib.sha256(train.input_ids.numpy().tobytes()).hexdigest(),
     )
     model.slicegpt_recovery = report
     return model, report
