@@ -72,7 +72,7 @@ def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
         data = torch.from_numpy(np.array(values, dtype=np.float32)).reshape([int(d) for d in reversed(t.shape)])
         if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name):
             kind = m[2]
-            if arch == "llama" and kind in ("attn_q", "attn_k"):
+            if arch in ("llama", "deci") and kind in ("attn_q", "attn_k"):  # the archs whose RoPE pairs are interleaved
                 data = unpermute_qk(data, n_head if kind == "attn_q" else n_kv)
             state[f"model.layers.{m[1]}.{_TO_HF[kind]}.{m[3]}"] = data
         else:
@@ -298,3 +298,50 @@ def test_sentencepiece_style_vocab(tmp_path: Path) -> None:
     text = SAMPLE_TEXT[:400] + " 123 ünïcödé 東京"
     back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     assert back(text, add_special_tokens=False)["input_ids"] == hf_tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _per_layer_budget(folder: Path, model_type: str = "llama") -> torch.nn.Module:
+    """A per-layer budget on MLP neurons alone (the basis kept, a different width per layer), saved."""
+    import slicegpt
+    from conftest import calib_rows, make_tiny
+
+    model = make_tiny(model_type, dtype=torch.float32)
+    slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(target_params=0.8, axes="mlp", batch_size=4),
+                         progress=False, source_model="tiny")
+    slicegpt.save(model, folder, tokenizer=tiny_tokenizer())
+    return model
+
+
+def test_per_layer_widths_export_to_llama_cpps_deci_architecture(tmp_path: Path) -> None:
+    import slicegpt
+
+    folder = tmp_path / "pl"
+    model = _per_layer_budget(folder)
+    widths = [w["mlp"] for w in slicegpt.read_metadata(folder)["widths"]["layers"]]
+    assert len(set(widths)) > 1  # the layers really keep different widths
+    out = export_gguf(folder, tmp_path / "pl.gguf", outtype="f32")
+    meta, state = read_gguf(out)
+    assert meta["general.architecture"] == "deci" and list(meta["deci.feed_forward_length"]) == widths
+    assert meta["deci.attention.head_count"] == 4 and meta["deci.attention.head_count_kv"] == 2
+    sd = model.state_dict()
+    for name, tensor in state.items():
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            assert torch.equal(tensor, torch.ones(64)), name  # folded into the matrices that read them
+        else:
+            assert torch.equal(tensor, sd[name].float()), name  # q/k un-permuted back: the same weights
+    assert "lm_head.weight" not in state  # the head stays tied to the embeddings
+
+
+def test_per_layer_folders_llama_cpp_cannot_express_are_refused_naming_what_works(tmp_path: Path) -> None:
+    import slicegpt
+    from conftest import calib_rows, make_tiny
+
+    _per_layer_budget(tmp_path / "qwen", "qwen2")
+    with pytest.raises(ExportError, match="deci architecture.*for llama, mistral only.*--uniform"):
+        export_gguf(tmp_path / "qwen", tmp_path / "q.gguf")
+    shortcuts = make_tiny("llama", dtype=torch.float32)
+    slicegpt.slice_model(shortcuts, None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
+    slicegpt.save(shortcuts, tmp_path / "sc", tokenizer=tiny_tokenizer())
+    with pytest.raises(ExportError, match="shortcut matrices.*--uniform, or a per-layer budget on MLP neurons alone"):
+        export_gguf(tmp_path / "sc", tmp_path / "s.gguf")
+    assert not list(tmp_path.glob("*.gguf"))

@@ -94,18 +94,42 @@ def exportable_model_types() -> list[str]:
     return [t for t in supported_architectures() if (spec := _spec({"model_type": t})) is not None and spec.gguf_arch]
 
 
+#: Families whose per-layer budget folders (original basis, a different MLP width per layer)
+#: export to llama.cpp's ``deci`` architecture, which reads one feed-forward width per layer.
+PER_LAYER_TYPES = ("llama", "mistral")
+
+
+def per_layer_widths(meta: dict[str, Any] | None) -> list[int | None] | None:
+    """The MLP width of each layer of a per-layer folder that kept its basis (no shortcut
+    matrices, the residual stream whole); None for any other folder."""
+    if meta is None or meta.get("mode") == "uniform":
+        return None
+    widths = meta.get("widths") or {}
+    layers = widths.get("layers") or []
+    if not layers or widths.get("embedding") != widths.get("hidden"):
+        return None
+    if any(w.get("attn_shortcut") or w.get("mlp_shortcut") or w.get("d_out") != widths.get("hidden") for w in layers):
+        return None
+    return [w.get("mlp") for w in layers]
+
+
 def check_exportable(config: dict[str, Any], folder: Path) -> ArchSpec:
-    """Refuse per-layer sliced folders and families llama.cpp would not run like transformers; the family's spec."""
+    """Refuse folders and families llama.cpp would not run like transformers; the family's spec.
+
+    Uniform folders are standard checkpoints; a per-layer budget folder that kept its basis
+    (MLP neurons alone, no shortcut matrices) goes to llama.cpp's ``deci`` architecture (Llama
+    families); per-layer folders with shortcut matrices have no standard runtime."""
     meta = slicing_metadata(config, folder)
     if meta is not None and meta.get("mode") != "uniform":
-        layers = (meta.get("widths") or {}).get("layers") or []
-        if layers and not any(w.get("attn_shortcut") or w.get("mlp_shortcut") for w in layers):
-            raise ExportError(f"{folder} is a per-layer folder whose layers keep different MLP widths, which llama.cpp's "
-                              f"{config.get('model_type')} architecture cannot express; slice with --uniform to get an exportable model")
-        raise ExportError(
-            f"{folder} is a per-layer sliced folder: its layers need shortcut matrices that no standard runtime "
-            "(llama.cpp, GGUF) has; slice with --uniform to get an exportable model"
-        )
+        if per_layer_widths(meta) is None:
+            raise ExportError(
+                f"{folder} is a per-layer sliced folder: its layers need shortcut matrices that no standard runtime "
+                "(llama.cpp, GGUF) has; slice with --uniform, or a per-layer budget on MLP neurons alone (--axes mlp), "
+                "to get an exportable model")
+        if config.get("model_type") not in PER_LAYER_TYPES:
+            raise ExportError(f"{folder} keeps a different MLP width per layer, which llama.cpp reads (its deci architecture) "
+                              f"for {', '.join(PER_LAYER_TYPES)} only, not {config.get('model_type')!r}; slice with --uniform "
+                              "to get an exportable model")
     model_type = config.get("model_type")
     spec = _spec(config)
     if spec is None or spec.gguf_arch is None:
@@ -137,7 +161,7 @@ class _Hparams:
     rope: dict[str, Any]
     tied: bool
     vocab_size: int
-
+    n_ff_layers: list[int] | None = None  # deci: each layer's MLP width
 
 def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     # transformers 5 keeps theta and scaling together in rope_parameters; older configs use
@@ -152,13 +176,15 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _hparams(config: dict[str, Any], spec: ArchSpec) -> _Hparams:
+def _hparams(config: dict[str, Any], spec: ArchSpec, per_layer: list[int | None] | None = None) -> _Hparams:
     model_type = config["model_type"]
     hidden = int(config["hidden_size"])
     n_head = int(config["num_attention_heads"])
     n_head_kv = int(config.get("num_key_value_heads") or n_head)
     head_dim = int(config.get("head_dim") or hidden // n_head)
-    if model_type == "qwen3":
+    if per_layer is not None:  # a different MLP width per layer: llama's graph with per-layer widths
+        arch_name, permute = "deci", True
+    elif model_type == "qwen3":
         arch_name, permute = "qwen3", False
     elif model_type == "qwen2" and n_head * head_dim == hidden:
         arch_name, permute = "qwen2", False
@@ -185,6 +211,7 @@ def _hparams(config: dict[str, Any], spec: ArchSpec) -> _Hparams:
         # transformers' default for these families is untied when the key is absent
         tied=bool(config.get("tie_word_embeddings", False)),
         vocab_size=int(config["vocab_size"]),
+        n_ff_layers=None if per_layer is None else [int(config["intermediate_size"]) if k is None else int(k) for k in per_layer],
     )
 
 
@@ -379,6 +406,15 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
             add(name, _GLOBAL_MAP[m[1]], None, m[2])
         else:
             raise ExportError(f"unexpected tensor {name}: not part of a standard {hp.model_type} checkpoint")
+
+    if hp.n_ff_layers is not None:
+        # A per-layer folder's norms are weightless (their scales folded into the matrices that
+        # read them): llama.cpp's graph multiplies by a norm weight, so it gets ones.
+        ones = torch.ones(hp.hidden, dtype=torch.float32)
+        for bid in range(hp.n_layer):
+            for key in ("ATTN_NORM", "FFN_NORM"):
+                name = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, key)].format(bid=bid) + ".weight"
+                items.append(_Item(name, (hp.hidden,), gguf.GGMLQuantizationType.F32, lambda: ones))
 
     rope_type = str(hp.rope.get("rope_type") or "default").lower()
     if rope_type == "llama3":
@@ -592,7 +628,7 @@ def _write_gguf(folder: Path, out: Path, outtype: str, file_type: str) -> None:
 
     config = _read_json(folder / "config.json")
     spec = check_exportable(config, folder)
-    hp = _hparams(config, spec)
+    hp = _hparams(config, spec, per_layer_widths(slicing_metadata(config, folder)))
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == hp.arch_name)
     weights = _Weights(folder)
     items = _plan_tensors(weights, hp, arch, outtype)
@@ -669,7 +705,7 @@ def _write_metadata(writer: Any, hp: _Hparams, folder: Path, config: dict[str, A
     writer.add_context_length(_context_length(hp, config))
     writer.add_embedding_length(hp.hidden)
     writer.add_block_count(hp.n_layer)
-    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_feed_forward_length(hp.n_ff if hp.n_ff_layers is None else hp.n_ff_layers)
     writer.add_head_count(hp.n_head)
     writer.add_head_count_kv(hp.n_head_kv)
     # The head size, independent of n_embd / n_head: the point of uniform slicing is that these differ.
