@@ -55,7 +55,11 @@ def hf_logits(folder: str, ids: list[int]) -> np.ndarray:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    import slicegpt
+
+    # a sliced folder of any kind through slicegpt (per-layer widths need its modules), else transformers
+    model = (slicegpt.load(folder) if slicegpt.io.format.is_sliced_folder(folder) else
+             AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
 
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokenized_chars": len(sample),
         # llama.cpp turns the transformers ids back into the text transformers decodes them to
         "detokenizer_match": cpp_decoded == tokenizer.decode(hf_tokens),
+        # the chat template travels with the file, as transformers' tokenizer has it
+        "chat_template_match": meta.get("tokenizer.chat_template") == getattr(tokenizer, "chat_template", None),
         "seconds_transformers": round(t1 - t0, 2),
         "seconds_llamacpp": round(t2 - t1, 2),
         "gguf_metadata": {k: v for k, v in meta.items() if not k.startswith("tokenizer.") or k in ("tokenizer.ggml.pre", "tokenizer.ggml.model")},
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         ("KL mean / max (nats)", f"{result['mean_kl']:.3g} / {result['max_kl']:.3g}"),
         ("tokenizer", "same ids" if first_diff is None else f"differs at token {first_diff} of {len(hf_tokens)}"),
         ("detokenizer", "same text" if result["detokenizer_match"] else "differs"),
+        ("chat template", "the same" if result["chat_template_match"] else "differs or missing"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{Path(args.gguf).name} (llama.cpp) vs {args.hf} (transformers)")

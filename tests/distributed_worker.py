@@ -29,10 +29,10 @@ PROBE = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(7
 # (rank 0 two, rank 1 three with the held-out one) and 4 rows make 2 (rank 1 holds only the
 # held-out batch: its fit moments are empty).
 CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
-    "per-layer target": ("llama", 10, dict(target_params=0.8, batch_size=2)),
-    "per-layer held-out only": ("llama", 4, dict(target_params=0.8, batch_size=2)),
+    "per-layer target": ("llama", 10, dict(uniform=False, target_params=0.8, batch_size=2)),
+    "per-layer held-out only": ("llama", 4, dict(uniform=False, target_params=0.8, batch_size=2)),
     "uniform corrected": ("llama", 10, dict(sparsity=0.25, uniform=True, correct=True, batch_size=2)),
-    "parallel target": ("gpt_neox", 10, dict(target_params=0.8, batch_size=2)),
+    "parallel target": ("gpt_neox", 10, dict(uniform=False, target_params=0.8, batch_size=2)),
     "moe experts target": ("qwen2_moe", 10, dict(target_params=0.9, uniform=True, batch_size=2)),
 }
 

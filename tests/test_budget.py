@@ -386,7 +386,7 @@ def test_per_layer_targets_move_budget_to_the_residual_width_when_neurons_cannot
     # for shortcut matrices and an untied head, MLP neurons alone cannot get a tiny OPT down to
     # 85%, so the residual width takes a larger share, which is recorded
     model = make_tiny("opt", dtype=torch.float32)
-    config = slicegpt.SliceConfig(batch_size=4, target_params=0.85, residual_share=0.0)
+    config = slicegpt.SliceConfig(batch_size=4, uniform=False, target_params=0.85, residual_share=0.0)
     report = slicegpt.slice_model(model, None, calib_rows(8), config, progress=False)
     assert report.params_after <= report.target_params and not report.tied_head
     assert report.allocation["residual_share"] > 0 and report.widths.embedding < 64
@@ -413,7 +413,7 @@ def test_a_per_layer_budget_on_mlp_neurons_keeps_the_basis_and_a_tied_head(famil
     model = make_tiny(family, dtype=torch.float32)
     spec = spec_for_config(model.config)
     tied = is_tied(model, spec)
-    report = slicegpt.slice_model(model, None, calib_rows(16), slicegpt.SliceConfig(batch_size=4, target_params=0.85),
+    report = slicegpt.slice_model(model, None, calib_rows(16), slicegpt.SliceConfig(batch_size=4, uniform=False, target_params=0.85),
                                   progress=False)
     assert report.mode == "per-layer" and report.allocation["residual_share"] == 0.0 and report.widths.embedding == 64
     assert report.params_before * 0.8 < report.params_after == count_parameters(model) <= report.target_params
@@ -437,7 +437,7 @@ def test_a_per_layer_budget_on_mlp_neurons_keeps_the_basis_and_a_tied_head(famil
 
 def test_spread_neurons_off_keeps_one_count_and_the_same_count_of_parameters() -> None:
     spread, even = [slicegpt.slice_model(make_tiny("llama", dtype=torch.float32), None, calib_rows(16),
-                                         slicegpt.SliceConfig(batch_size=4, target_params=0.85, spread_neurons=on), progress=False)
+                                         slicegpt.SliceConfig(batch_size=4, uniform=False, target_params=0.85, spread_neurons=on), progress=False)
                     for on in (True, False)]
     assert len({w.mlp for w in even.widths.layers}) == 1 and "spread" not in even.allocation
     assert len({w.mlp for w in spread.widths.layers}) > 1

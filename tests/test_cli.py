@@ -71,7 +71,7 @@ def test_unknown_architecture(tmp_path: Path, capsys) -> None:
     folder = tmp_path / "mamba"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 16, "num_hidden_layers": 1}))
-    code, _, err = _run(capsys, "slice", str(folder), "--out", str(tmp_path / "o"))
+    code, _, err = _run(capsys, "slice", str(folder), "--sparsity", "0.25", "--out", str(tmp_path / "o"))
     _one_line_error(code, err, "mamba", "llama")
     assert not (tmp_path / "o").exists()
 
@@ -79,7 +79,7 @@ def test_unknown_architecture(tmp_path: Path, capsys) -> None:
 def test_too_little_calibration_text(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     short = tmp_path / "short.txt"
     short.write_text("only a few words here.\n")
-    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--calib", str(short), "--nsamples", "8", "--seqlen", "32", "--out", str(tmp_path / "o"))
+    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", str(short), "--nsamples", "8", "--seqlen", "32", "--out", str(tmp_path / "o"))
     _one_line_error(code, err, "calibration text", "8 asked")
     assert not (tmp_path / "o").exists()
 
@@ -88,7 +88,7 @@ def test_output_folder_exists(tiny_model_dir: Path, tmp_path: Path, capsys) -> N
     out = tmp_path / "o"
     out.mkdir()
     (out / "precious").write_text("x")
-    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--calib", str(tiny_model_dir / "corpus.txt"), "--nsamples", "2", "--seqlen", "32", "--out", str(out))
+    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", str(tiny_model_dir / "corpus.txt"), "--nsamples", "2", "--seqlen", "32", "--out", str(out))
     _one_line_error(code, err, "exists", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["precious"]
 
@@ -104,20 +104,20 @@ def test_overwrite_never_deletes_the_input_model_or_the_working_directory(tmp_pa
     corpus.write_text(SAMPLE_TEXT)
     before = sorted(p.name for p in src.iterdir())
     for out in (src, src.parent, tmp_path):
-        code, _, err = _run(capsys, "slice", str(src), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--out", str(out), "--overwrite")
+        code, _, err = _run(capsys, "slice", str(src), "--sparsity", "0.25", "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--out", str(out), "--overwrite")
         _one_line_error(code, err, "would replace the input")
     monkeypatch.chdir(tmp_path / "models")
-    code, _, err = _run(capsys, "slice", str(src), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--out", ".", "--overwrite")
+    code, _, err = _run(capsys, "slice", str(src), "--sparsity", "0.25", "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--out", ".", "--overwrite")
     _one_line_error(code, err, "would replace")
     assert sorted(p.name for p in src.iterdir()) == before
 
 
 def test_unreadable_model_path(tmp_path: Path, capsys) -> None:
-    code, _, err = _run(capsys, "slice", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    code, _, err = _run(capsys, "slice", str(tmp_path / "nowhere"), "--sparsity", "0.25", "--out", str(tmp_path / "o"))
     _one_line_error(code, err, "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = _run(capsys, "slice", str(empty), "--out", str(tmp_path / "o"))
+    code, _, err = _run(capsys, "slice", str(empty), "--sparsity", "0.25", "--out", str(tmp_path / "o"))
     _one_line_error(code, err, "empty")
     garbage = tmp_path / "garbage"
     garbage.mkdir()
@@ -141,7 +141,7 @@ def test_python_m_slicegpt_help_lists_every_command() -> None:
         assert f"\n    {command} " in listed, command
 
 
-@pytest.mark.parametrize("command", ["slice", "recover", "eval", "bench", "sweep", "inspect", "export", "plan"])
+@pytest.mark.parametrize("command", ["compress", "slice", "recover", "eval", "generate-data", "bench", "sweep", "inspect", "export", "plan"])
 def test_every_command_has_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -196,20 +196,20 @@ def test_numerical_faults_and_impossible_devices_are_one_line(tiny_model_dir: Pa
     bad.save_pretrained(tmp_path / "nan")
     tiny_tokenizer().save_pretrained(tmp_path / "nan")
     corpus = str(tiny_model_dir / "corpus.txt")
-    code, _, err = _run(capsys, "slice", str(tmp_path / "nan"), "--calib", corpus, "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o"))
+    code, _, err = _run(capsys, "slice", str(tmp_path / "nan"), "--sparsity", "0.25", "--calib", corpus, "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o"))
     _one_line_error(code, err, "model.layers.1.mlp.down_proj.weight holds NaN or Inf")
     assert not (tmp_path / "o").exists()
     # Activations that overflow are caught where they first reach a covariance, naming the place.
     model = make_tiny("llama", dtype=torch.float32)
     model.model.layers[0].self_attn.register_forward_hook(lambda _m, _i, out: (out[0] * float("inf"), *out[1:]))
     with pytest.raises(slicegpt.core.pca.NumericalError, match="as loaded gives NaN or Inf logits"):
-        slicegpt.slice_model(model, None, calib_rows(4, 16), slicegpt.SliceConfig(batch_size=4), progress=False)
+        slicegpt.slice_model(model, None, calib_rows(4, 16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
     model = make_tiny("llama", dtype=torch.float32)
     model.model.layers[0].self_attn.register_forward_hook(lambda _m, _i, out: (out[0] * float("inf"), *out[1:]))
     with pytest.raises(slicegpt.core.pca.NumericalError, match="layer 0, the stream after its attention branch"):
-        slicegpt.slice_model(model, None, calib_rows(4, 16), slicegpt.SliceConfig(batch_size=4, verify=False), progress=False)
+        slicegpt.slice_model(model, None, calib_rows(4, 16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, verify=False), progress=False)
     if not torch.cuda.is_available():
-        code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--calib", corpus, "--nsamples", "2", "--seqlen", "32",
+        code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", corpus, "--nsamples", "2", "--seqlen", "32",
                             "--device", "cuda", "--out", str(tmp_path / "c"))
         _one_line_error(code, err, "CUDA is not available")
         code, _, err = _run(capsys, "eval", str(tiny_model_dir / "model"), "--ppl", corpus, "--device", "cuda")
@@ -219,10 +219,10 @@ def test_numerical_faults_and_impossible_devices_are_one_line(tiny_model_dir: Pa
     with pytest.raises(TypeError, match="sparsity must be a number"):
         slicegpt.SliceConfig(sparsity="0.2")
     # Fewer calibration tokens than the hidden width: a warning, the run goes on.
-    slicegpt.slice_model(make_tiny("llama", dtype=torch.float32), None, calib_rows(2, 8), slicegpt.SliceConfig(batch_size=2), progress=False)
+    slicegpt.slice_model(make_tiny("llama", dtype=torch.float32), None, calib_rows(2, 8), slicegpt.SliceConfig(sparsity=0.25, batch_size=2), progress=False)
     assert "rank-deficient" in capsys.readouterr().err
     # A half-precision model is sliced with float64 statistics, and says so.
-    slicegpt.slice_model(make_tiny("llama", dtype=torch.bfloat16), None, calib_rows(4, 16), slicegpt.SliceConfig(batch_size=4), progress=False)
+    slicegpt.slice_model(make_tiny("llama", dtype=torch.bfloat16), None, calib_rows(4, 16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
     assert "accumulated into float64 covariances" in capsys.readouterr().err
 
 
@@ -244,7 +244,7 @@ def test_hostile_input_is_refused_before_any_work(tiny_model_dir: Path, tmp_path
     state = load_file(holed / "model.safetensors")
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, holed / "model.safetensors", metadata={"format": "pt"})
-    code, _, err = _run(capsys, "slice", str(holed), *args, "--out", str(tmp_path / "o"))
+    code, _, err = _run(capsys, "slice", str(holed), "--sparsity", "0.25", *args, "--out", str(tmp_path / "o"))
     _one_line_error(code, err, "lacks 1 tensor(s): model.layers.1.mlp.up_proj.weight")
     # A GGUF with valid magic and garbage after it.
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + os.urandom(256))
@@ -252,15 +252,15 @@ def test_hostile_input_is_refused_before_any_work(tiny_model_dir: Path, tmp_path
     _one_line_error(code, err, "cannot read", "as a GGUF model")
     # Re-slicing a sliced folder; a newer format version; --json at a folder; a dangling --out link.
     sliced = tmp_path / "sliced"
-    assert _run(capsys, "slice", model, *args, "--out", str(sliced))[0] == 0
-    code, _, err = _run(capsys, "slice", str(sliced), *args, "--out", str(tmp_path / "again"))
+    assert _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(sliced))[0] == 0
+    code, _, err = _run(capsys, "slice", str(sliced), "--sparsity", "0.25", *args, "--out", str(tmp_path / "again"))
     _one_line_error(code, err, "already sliced")
-    code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "j"), "--json", str(tmp_path))
+    code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "j"), "--json", str(tmp_path))
     _one_line_error(code, err, "is a folder")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
-    code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "dangling"))
+    code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "dangling"))
     _one_line_error(code, err, "dangling symbolic link")
-    code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / ("n" * 250)))
+    code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / ("n" * 250)))
     _one_line_error(code, err, "cannot write the output folder")
     newer = tmp_path / "newer"
     import shutil
@@ -273,15 +273,15 @@ def test_hostile_input_is_refused_before_any_work(tiny_model_dir: Path, tmp_path
     _one_line_error(code, err, "upgrade slicegpt")
     # Calibration text of NUL bytes; a --seqlen above the context is recorded as used.
     (tmp_path / "nul.txt").write_text("\x00" * 5000)
-    code, _, err = _run(capsys, "slice", model, "--calib", str(tmp_path / "nul.txt"), "--out", str(tmp_path / "z"))
+    code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", "--calib", str(tmp_path / "nul.txt"), "--out", str(tmp_path / "z"))
     _one_line_error(code, err, "not text")
-    assert _run(capsys, "slice", model, "--calib", corpus, "--nsamples", "1", "--seqlen", "100000", "--out", str(tmp_path / "long"))[0] == 0
+    assert _run(capsys, "slice", model, "--sparsity", "0.25", "--calib", corpus, "--nsamples", "1", "--seqlen", "100000", "--out", str(tmp_path / "long"))[0] == 0
     assert slicegpt.read_metadata(tmp_path / "long")["settings"]["seqlen"] == 256
     # A writer killed mid-save left its staging folder: the next save beside it removes it.
     stale = tmp_path / ".sliced2.tmp-999999-abcd"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"x" * 100)
-    assert _run(capsys, "slice", model, *args, "--out", str(tmp_path / "sliced2"))[0] == 0
+    assert _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "sliced2"))[0] == 0
     assert not stale.exists()
 
 
@@ -316,7 +316,7 @@ def test_damaged_source_checkpoints_are_one_line(tmp_path: Path, capsys) -> None
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             f.unlink()
     for folder, needle in ((truncated, "cannot load model"), (reshaped, "cannot load model"), (no_tokenizer, "cannot load the tokenizer")):
-        code, _, err = _run(capsys, "slice", str(folder), *args, "--out", str(tmp_path / f"out-{folder.name}"))
+        code, _, err = _run(capsys, "slice", str(folder), "--sparsity", "0.25", *args, "--out", str(tmp_path / f"out-{folder.name}"))
         _one_line_error(code, err, needle)
         assert not err.strip().endswith(":"), err
         assert not (tmp_path / f"out-{folder.name}").exists()
@@ -337,7 +337,7 @@ def test_only_safetensors_are_read_and_state_files_are_not_pickles(tmp_path: Pat
     tiny_tokenizer().save_pretrained(pickled)
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     (tmp_path / "c.txt").write_text(SAMPLE_TEXT)
-    code, _, err = _run(capsys, "slice", str(pickled), "--calib", str(tmp_path / "c.txt"), "--nsamples", "2", "--seqlen", "32",
+    code, _, err = _run(capsys, "slice", str(pickled), "--sparsity", "0.25", "--calib", str(tmp_path / "c.txt"), "--nsamples", "2", "--seqlen", "32",
                         "--out", str(tmp_path / "o"))
     _one_line_error(code, err, "cannot load model")
     # Checkpoint state (optimiser states keyed by int, tuples, inf, views of one tensor) round-trips through safetensors.
@@ -366,25 +366,25 @@ def test_one_writer_per_output_and_free_space_checked(tiny_model_dir: Path, tmp_
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.write_text(str(live.pid))
-        code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "o"))
+        code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "o"))
         _one_line_error(code, err, f"another slicegpt run (PID {live.pid}) is writing", str(lock))
         # a lock naming a live process that is not slicegpt (its PID reused since a kill) is taken over
         lock.write_text(str(other.pid))
-        assert _run(capsys, "slice", model, *args, "--out", str(tmp_path / "o"))[0] == 0
+        assert _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "o"))[0] == 0
         assert not lock.exists()
     finally:
         for p in (live, other):
             p.kill()
             p.wait()
     lock.write_text("999999")  # a dead writer's lock is taken over, and released at the end
-    assert _run(capsys, "slice", model, *args, "--out", str(tmp_path / "o"), "--overwrite")[0] == 0
+    assert _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "o"), "--overwrite")[0] == 0
     assert not lock.exists()
     # A disk too full for the model: refused before writing, nothing left behind.
     monkeypatch.setattr(folders.shutil, "disk_usage", lambda _p: type("U", (), {"free": 1000})())
-    code, _, err = _run(capsys, "slice", model, *args, "--out", str(tmp_path / "full"))  # streamed: refused before any work
+    code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "full"))  # streamed: refused before any work
     _one_line_error(code, err, "needs about", "are free on the disk")
     assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.*"))
-    code, _, err = _run(capsys, "slice", model, *args, "--stream", "off", "--out", str(tmp_path / "full"))  # in memory: at the save
+    code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--stream", "off", "--out", str(tmp_path / "full"))  # in memory: at the save
     _one_line_error(code, err, "needs about", "are free on the disk")
     assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.tmp-*"))
     assert (tmp_path / ".full.slice-state").is_dir()  # the finished layers stay: --resume once space is freed
@@ -402,5 +402,5 @@ def test_mismatched_tokenizer_and_invalid_utf8_are_one_line(tiny_model_dir: Path
     code, _, err = _run(capsys, "eval", str(other))
     _one_line_error(code, err, "tokenizer has", "do not belong together")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 " * 200)
-    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--calib", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "o"))
+    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "o"))
     _one_line_error(code, err, "cannot read", "bad.txt")

@@ -127,7 +127,7 @@ def test_torchrun_slice_command(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The command under torchrun: rank 0 alone prints and writes; the model is one process's."""
     corpus = str(tiny_model_dir / "corpus.txt")
     common = ["slice", str(tiny_model_dir / "model"), "--calib", corpus, "--nsamples", "6", "--seqlen", "32", "--batch-size", "2",
-              "--target-params", "0.8"]
+              "--per-layer", "--target-params", "0.8"]
     done = _torchrun("-m", "slicegpt", *common, "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json"))
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("| parameters |") == 1  # one table: the other process printed nothing
@@ -146,7 +146,7 @@ def test_torchrun_streamed_slice_writes_what_the_in_memory_one_does(tiny_model_d
     output is byte for byte that of the same two processes slicing in memory."""
     corpus = str(tiny_model_dir / "corpus.txt")
     common = ["slice", str(tiny_model_dir / "model"), "--calib", corpus, "--nsamples", "6", "--seqlen", "32", "--batch-size", "2",
-              "--target-params", "0.8"]
+              "--per-layer", "--target-params", "0.8"]
     for mode in ("on", "off"):
         done = _torchrun("-m", "slicegpt", *common, "--stream", mode, "--out", str(tmp_path / mode))
         assert done.returncode == 0, done.stderr[-4000:]

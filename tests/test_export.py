@@ -306,7 +306,7 @@ def _per_layer_budget(folder: Path, model_type: str = "llama") -> torch.nn.Modul
     from conftest import calib_rows, make_tiny
 
     model = make_tiny(model_type, dtype=torch.float32)
-    slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(target_params=0.8, axes="mlp", batch_size=4),
+    slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(uniform=False, target_params=0.8, axes="mlp", batch_size=4),
                          progress=False, source_model="tiny")
     slicegpt.save(model, folder, tokenizer=tiny_tokenizer())
     return model

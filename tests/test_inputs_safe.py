@@ -52,7 +52,7 @@ def test_json_never_overwrites_an_input_file(sliced, tmp_path: Path, capsys, com
     target = (src if command in ("slice", "plan") else out) / "model.safetensors"
     before = _digest(target)
     argv = {
-        "slice": ["slice", str(src), "--calib", str(corpus), "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "o")],
+        "slice": ["slice", str(src), "--sparsity", "0.25", "--calib", str(corpus), "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "o")],
         "eval": ["eval", str(out), "--ppl", str(corpus), "--seqlen", "32"],
         "inspect": ["inspect", str(out)],
         "plan": ["plan", str(src)],
@@ -78,11 +78,11 @@ def test_an_output_folder_holding_an_input_is_never_replaced(sliced, tmp_path: P
     d = tmp_path / "d"
     d.mkdir()
     (d / "cal.txt").write_text(corpus.read_text())
-    _refused(capsys, ["slice", str(src), "--calib", str(d / "cal.txt"), "--nsamples", "4", "--seqlen", "32", "--out", str(d),
+    _refused(capsys, ["slice", str(src), "--sparsity", "0.25", "--calib", str(d / "cal.txt"), "--nsamples", "4", "--seqlen", "32", "--out", str(d),
                       "--overwrite"], "would replace the input", "cal.txt")
     _refused(capsys, ["recover", str(out), "--data", str(d / "cal.txt"), "--out", str(d), "--overwrite", "--max-steps", "1"],
              "would replace the input")
     assert (d / "cal.txt").read_text() == corpus.read_text()
     # a mix names every part; each is protected
-    _refused(capsys, ["slice", str(src), "--calib", f"{corpus}+{d / 'cal.txt'}", "--nsamples", "4", "--seqlen", "32",
+    _refused(capsys, ["slice", str(src), "--sparsity", "0.25", "--calib", f"{corpus}+{d / 'cal.txt'}", "--nsamples", "4", "--seqlen", "32",
                       "--out", str(d), "--overwrite"], "would replace the input")

@@ -44,7 +44,7 @@ _CHILD = textwrap.dedent(
 
 # Beside every family at 25%: a per-layer budget on MLP neurons (basis and tied head kept, neurons
 # spread over the layers, no shortcut matrices).
-_VARIANTS = {"llama per-layer budget": ("llama", dict(target_params=0.85))}
+_VARIANTS = {"llama per-layer budget": ("llama", dict(uniform=False, target_params=0.85))}
 _CASES = sorted(TINY_CONFIGS) + list(_VARIANTS)
 
 

@@ -81,7 +81,7 @@ def test_the_module_map_places_every_weight_of_every_family(family: str) -> None
     assert placed[spec.head] == ("cuda:0" if tied else str(devices[-1]))
 
 
-@pytest.mark.parametrize("kind", [dict(sparsity=0.25), dict(target_params=0.8), dict(target_params=0.8, uniform=True)])
+@pytest.mark.parametrize("kind", [dict(sparsity=0.25), dict(target_params=0.8, uniform=False), dict(target_params=0.8, uniform=True)])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2_moe"])
 def test_slicing_over_a_device_map_equals_one_device(family: str, kind: dict) -> None:
     one, spread_model = make_tiny(family), make_tiny(family)
@@ -158,9 +158,9 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
 def test_cli_slices_and_evaluates_over_a_device_map(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     corpus = str(tiny_model_dir / "corpus.txt")
     common = ["--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--ppl", corpus, "--eval-seqlen", "32"]
-    code, err = _cli(capsys, "slice", str(tiny_model_dir / "model"), *common, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json"))
+    code, err = _cli(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", *common, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json"))
     assert code == 0, err
-    code, err = _cli(capsys, "slice", str(tiny_model_dir / "model"), *common, "--device-map", "cpu,cpu", "--out", str(tmp_path / "map"),
+    code, err = _cli(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", *common, "--device-map", "cpu,cpu", "--out", str(tmp_path / "map"),
                      "--json", str(tmp_path / "map.json"))
     assert code == 0, err
     one, spread_run = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "map"))
@@ -177,9 +177,9 @@ def test_cli_slices_and_evaluates_over_a_device_map(tiny_model_dir: Path, tmp_pa
 
 def test_cli_device_map_errors_are_one_line(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     model = str(tiny_model_dir / "model")
-    code, err = _cli(capsys, "slice", model, "--device-map", "auto", "--calib", str(tiny_model_dir / "corpus.txt"), "--nsamples", "4",
+    code, err = _cli(capsys, "slice", model, "--sparsity", "0.25", "--device-map", "auto", "--calib", str(tiny_model_dir / "corpus.txt"), "--nsamples", "4",
                      "--seqlen", "32", "--out", str(tmp_path / "x"))
     assert code == 2 and err.strip().splitlines()[-1].startswith("slicegpt: error: ") and "CUDA" in err
     assert not (tmp_path / "x").exists()
-    code, err = _cli(capsys, "slice", model, "--device-map", "cpu,cpu", "--stream", "on", "--out", str(tmp_path / "y"))
+    code, err = _cli(capsys, "slice", model, "--sparsity", "0.25", "--device-map", "cpu,cpu", "--stream", "on", "--out", str(tmp_path / "y"))
     assert code == 2 and "--device-map" in err.strip().splitlines()[-1]

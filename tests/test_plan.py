@@ -39,7 +39,7 @@ def _truncate_after_header(file: Path) -> None:
 @pytest.mark.parametrize("settings", [
     dict(sparsity=0.25),
     dict(sparsity=0.3, slice_head=True),
-    dict(target_params=0.8),  # MLP neurons, corrections on by default
+    dict(uniform=False, target_params=0.8),  # MLP neurons, corrections on by default
     dict(target_params=0.85, uniform=True, residual_share=0.5),
 ])
 def test_counts_equal_the_real_model_and_a_real_slice(tiny_folder: tuple[Path, torch.nn.Module], settings: dict) -> None:

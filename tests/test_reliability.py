@@ -57,13 +57,13 @@ def test_streamed_slicing_refuses_a_checkpoint_lacking_a_tensor_outside_the_laye
 def test_axes_are_honoured_exactly() -> None:
     """'residual,residual' spent the budget on MLP neurons; 'residual' cut MLP neurons once the width bottomed out."""
     model = make_tiny("llama")
-    report = slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(target_params=0.9, axes="residual,residual",
+    report = slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(uniform=False, target_params=0.9, axes="residual,residual",
                                                                                   batch_size=4), progress=False)
     assert report.allocation["axes"] == ["residual"]
     assert report.widths.mlp_neurons is None and report.widths.embedding < 64
     with pytest.raises(ValueError, match="residual width alone"):
         slicegpt.slice_model(make_tiny("llama"), None, calib_rows(8),
-                             slicegpt.SliceConfig(target_params=0.3, axes="residual", batch_size=4), progress=False)
+                             slicegpt.SliceConfig(uniform=False, target_params=0.3, axes="residual", batch_size=4), progress=False)
 
 
 def _sliced_from(source: Path, corpus: Path, out: Path, *extra: str) -> None:
@@ -184,9 +184,9 @@ def test_bad_numbers_and_devices_are_one_line(untied: Path, uniform_folder: Path
         (["eval", model, "--device", "meta"], "'meta' holds no data"),
         (["recover", str(uniform_folder), "--data", corpus, "--device", "meta", "--out", str(tmp_path / "f")], "'meta' holds no data"),
         (["plan", model, "--tflops", "0"], "tflops must be a positive number"),
-        ([*sl, "--axes", "residual", "--out", str(tmp_path / "g")], "only apply with a parameter target"),
-        ([*sl, "--residual-share", "0.5", "--out", str(tmp_path / "h")], "only apply with a parameter target"),
-        ([*sl, "--search", "--out", str(tmp_path / "i")], "only apply with a parameter target"),
+        ([*sl, "--sparsity", "0.25", "--axes", "residual", "--out", str(tmp_path / "g")], "only apply with a parameter target"),
+        ([*sl, "--sparsity", "0.25", "--residual-share", "0.5", "--out", str(tmp_path / "h")], "only apply with a parameter target"),
+        ([*sl, "--sparsity", "0.25", "--search", "--out", str(tmp_path / "i")], "only apply with a parameter target"),
     ]
     for argv, needle in cases:
         capsys.readouterr()

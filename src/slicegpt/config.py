@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -87,11 +87,17 @@ def _number(name: str, value: Any, kind: type = float) -> None:
 # With a parameter target and both axes: the share of what is removed that the residual width
 # takes; the rest comes from MLP neurons (see README "Parameter budgets" for the measurements).
 DEFAULT_RESIDUAL_SHARE = 0.0
+#: The size when none is given: 75% of the parameters as shipped (the budget method, the best measured).
+DEFAULT_TARGET = 0.75
 
 
 @dataclass
 class SliceConfig:
     """How to slice.
+
+    The size: ``target_params`` (a parameter budget; it wins over ``sparsity``) or ``sparsity``
+    (the paper's share of the width); neither given is the best measured default, 75% of the
+    parameters as shipped (:data:`DEFAULT_TARGET`). :meth:`resolved` gives the settings as they run.
 
     sparsity: share of the hidden width removed at every layer, in [0, 1).
     round_to: kept width rounded down to a multiple of this (8 keeps matmuls aligned).
@@ -116,7 +122,8 @@ class SliceConfig:
         carry directions the model needs, and normalising first hides them.
     uniform: one rotation for the whole network (PCA of all points' pooled, trace-normalised
         covariances): no shortcut matrices, and the result is a standard checkpoint of the same
-        family with a smaller hidden_size. Implies slicing the head.
+        family with a smaller hidden_size. Implies slicing the head. None: True with a
+        parameter target (a checkpoint every runtime loads), False with ``sparsity`` (the paper's).
     target_params: a parameter budget instead of ``sparsity``: a count (> 1), or a fraction
         (0, 1] of the parameters as shipped (tied weights counted once). The saved model's count
         (shortcut matrices, an untied head, explicit norms included) never exceeds it.
@@ -149,7 +156,7 @@ class SliceConfig:
         Uniform mode keeps one count: a standard config holds one.
     """
 
-    sparsity: float = 0.25
+    sparsity: float | None = None
     round_to: int = 8
     calib: str = "wiki"
     nsamples: int = 128
@@ -162,7 +169,7 @@ class SliceConfig:
     slice_head: bool = False
     damping: float = 0.01
     pca_signal: Literal["normed", "residual"] = "residual"
-    uniform: bool = False
+    uniform: bool | None = None
     target_params: float | None = None
     axes: str = "mlp,residual"
     residual_share: float | None = None
@@ -176,12 +183,13 @@ class SliceConfig:
         self.validate()
 
     def validate(self) -> None:
-        _number("sparsity", self.sparsity)
+        if self.sparsity is not None:
+            _number("sparsity", self.sparsity)
         for name in ("round_to", "nsamples", "seqlen", "batch_size", "seed"):
             _number(name, getattr(self, name), int)
         if self.target_params is not None:
             _number("target_params", self.target_params)
-        if not (0.0 <= float(self.sparsity) < 1.0):
+        if self.sparsity is not None and not (0.0 <= float(self.sparsity) < 1.0):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.round_to < 1:
             raise ValueError(f"round_to must be at least 1, got {self.round_to}")
@@ -197,7 +205,7 @@ class SliceConfig:
             raise ValueError(f"residual_share must be in [0, 1], got {self.residual_share}")
         if self.token_weighting not in ("none", "norm"):
             raise ValueError(f"token_weighting must be 'none' or 'norm', got {self.token_weighting!r}")
-        if self.target_params is None:
+        if self.target_params is None and self.sparsity is not None:
             unused = [name for name, on in (("axes", self.axes != "mlp,residual"), ("residual_share", self.residual_share is not None),
                                             ("search", self.search)) if on]
             if unused:
@@ -207,6 +215,13 @@ class SliceConfig:
             raise ValueError("damping must be non-negative")
         parse_dtype(self.dtype)
         parse_device_map(self.device_map)
+
+    def resolved(self) -> "SliceConfig":
+        """The settings as they run: with no size, the default parameter target; the mode, where
+        not given, uniform for a target and per-layer for a sparsity."""
+        target = self.target_params if self.target_params is not None or self.sparsity is not None else DEFAULT_TARGET
+        uniform = self.uniform if self.uniform is not None else target is not None
+        return replace(self, target_params=target, uniform=uniform)
 
     @property
     def corrections(self) -> bool:

@@ -37,6 +37,9 @@ SELF_SETTINGS = chat.GenerationSettings(max_new_tokens=256)
 #: Prompts answered per generation call (fixed, so the cache's answers do not depend on how many a run asked for).
 SELF_CHUNK = 64
 SELF_BATCH_SIZE = 32
+#: Training reads many more rows than calibration: 'self' answers at most this many prompts for it
+#: (a one-time cost, cached) and the rows repeat in epochs beyond them; generate-data --n makes more.
+SELF_TRAIN_PROMPTS = 1024
 
 Purpose = Literal["calibration", "training", "evaluation"]
 
@@ -85,7 +88,8 @@ class _Shares:
 
 
 def own_conversations(model: nn.Module | None, tokenizer: Any, part: str, *, rows: int, seqlen: int,
-                      device: str | torch.device | None = None, progress: bool = True) -> tuple[Path, list[chat.Messages]]:
+                      device: str | torch.device | None = None, progress: bool = True,
+                      max_prompts: int | None = None) -> tuple[Path, list[chat.Messages]]:
     """The cached conversations of ``model`` answering the built-in training prompts, generated
     until they pack into ``rows`` rows of ``seqlen`` tokens (or the prompts run out).
 
@@ -99,7 +103,7 @@ def own_conversations(model: nn.Module | None, tokenizer: Any, part: str, *, row
         raise DataError(f"'{part}' renders the model's answers through its chat template, and this tokenizer has none: "
                         "use plain text (wiki, a file)")
     spec = _self_prompts(part)
-    pool = prompts.prompts_for(spec, "train")
+    pool = prompts.prompts_for(spec, "train")[:max_prompts]
     if not prompts.is_builtin(spec):
         check_not_held_out([chat.prompt_messages(p.text) for p in pool], spec)
     header = {"model": chat.model_fingerprint(model, tokenizer), "prompts": spec, **chat.settings_dict(SELF_SETTINGS)}
@@ -138,7 +142,8 @@ def _rows_of(model: nn.Module | None, tokenizer: Any, part: Any, purpose: Purpos
             raise DataError(f"'{part}' is calibration and training data; evaluate answers with `slicegpt eval --chat`")
         if rows is None:
             raise DataError(f"'{part}' needs a number of rows")
-        _, convs = own_conversations(model, tokenizer, part, rows=rows, seqlen=seqlen, device=device, progress=progress)
+        _, convs = own_conversations(model, tokenizer, part, rows=rows, seqlen=seqlen, device=device, progress=progress,
+                                     max_prompts=SELF_TRAIN_PROMPTS if purpose == "training" else None)
         packed = chat.conversation_rows(tokenizer, convs, seqlen, rows, None, assistant_only)
         return packed.rows, packed.note(f"'{part}'")
     if chat.is_conversation_file(part):

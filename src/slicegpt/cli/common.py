@@ -145,7 +145,12 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype to load, slice and evaluate the model in (PCA is float64)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing calibration rows")
     p.add_argument("--slice-head", action="store_true", default=d.slice_head, help="also slice the last layer's output and the head's input")
-    p.add_argument("--uniform", action="store_true", default=d.uniform, help="one rotation for the whole network: no shortcut matrices; a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; implies slicing the head")
+    p.add_argument("--uniform", action="store_const", const=True, default=d.uniform, help="one rotation for the whole network: no "
+                   "shortcut matrices; a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; "
+                   "implies slicing the head (the default with a parameter target)")
+    p.add_argument("--per-layer", dest="uniform", action="store_const", const=False, help="a rotation and width per layer (the "
+                   "default with --sparsity; with a parameter target: each layer keeps the MLP neurons its error asks for, the best "
+                   "quality measured, loaded through slicegpt or transformers with trust_remote_code)")
     p.add_argument("--axes", default=d.axes, help="with a parameter target: where to spend it, comma-separated: 'residual' (the stream's width: SliceGPT as in the paper), 'mlp' (MLP neurons, chosen greedily, down projection refit; in MoE models each routed expert's own)")
     p.add_argument("--residual-share", type=float, default=d.residual_share, help="with both axes: the share of the parameters to remove that the residual width takes (default: the best measured split)")
     p.add_argument("--correct", action=argparse.BooleanOptionalAction, default=d.correct, help="closed-form corrections: refit every attention and MLP output projection so the stream matches the dense model's (ridge chosen on held-out calibration rows); default: on with --target-params, off with --sparsity")
@@ -155,7 +160,7 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pca-signal", default=d.pca_signal, choices=["normed", "residual"], help="PCA of the residual stream before each norm (reference behaviour, better), or of the normalised signal")
 
 
-def slice_config_from_args(args: argparse.Namespace, sparsity: float) -> SliceConfig:
+def slice_config_from_args(args: argparse.Namespace, sparsity: float | None) -> SliceConfig:
     """The :class:`SliceConfig` the flags describe: every setting the namespace names (the flags of
     :func:`add_slice_config_arguments`, and whatever a recipe set), the rest at its default."""
     values = {f.name: getattr(args, f.name) for f in fields(SliceConfig) if hasattr(args, f.name)}

@@ -11,7 +11,10 @@ from ..config import RecoverConfig, SliceConfig
 from ..io.card import write_card
 from ..io.format import read_metadata
 from ..io.gguf import OUTTYPES, export_gguf
-from ..io.models import source_identity
+from ..evaluation.bench import BenchConfig, compare
+from ..evaluation.perplexity import perplexity
+from ..io.folders import load
+from ..io.models import load_model, resolve_model, shipped_gguf, source_identity
 from ..io.recipe import RECIPE, Recipe, RecipeError, absolute_sources, read_recipe
 from . import recover as recover_cmd
 from . import slice as slice_cmd
@@ -49,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the output folder")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--no-samples", action="store_true", help="do not end by showing two held-out prompts answered side by side")
+    p.add_argument("--evaluate", type=int, default=0, metavar="ROWS", help="end with a before/after table: perplexity on ROWS rows "
+                   "of 1024 tokens of 'wiki' (the built-in evaluation part) and of 'lambada' (novels), and decoding speed at batch 1, "
+                   "for the source and the result side by side (added to the model card); 0: parameters and file sizes only")
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -116,6 +122,61 @@ def run(args: argparse.Namespace) -> int:
         gguf_file = export_gguf(out, out / f"{out.resolve().name}-{export}.gguf", outtype=export, overwrite=True)
         print(f"wrote {gguf_file} ({gguf_file.stat().st_size / 1e6:.1f} MB, {export})")
     recipe.write(out)  # the whole run, export included
-    write_card(out, read_metadata(out))
+    measured = before_after(recipe.model, out, args.evaluate, device=args.device)
+    write_card(out, read_metadata(out), results={k: v for k, v in measured.items() if k not in ("parameters", "files on disk")})
+    print(format_before_after(measured, recipe.model, out))
     print(f"{out}: remake it with `slicegpt compress --recipe {out / RECIPE} --out DIR`")
     return 0
+
+
+def _bytes_on_disk(path: Path) -> int:
+    """A model's weights on disk: the GGUF file, or a folder's safetensors (GGUFs beside them apart)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def before_after(source: str | None, out: Path, rows: int, device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """{measure: {"model": result's, "source": source's}}: parameters and weights on disk, and with
+    ``rows`` perplexity on wiki and lambada and decoding speed at batch 1."""
+    meta = read_metadata(out)
+    gguf_files = sorted(out.glob("*.gguf"))
+    src_path = Path(resolve_model(source)[0])
+    shipped = shipped_gguf(source)
+    table: dict[str, dict[str, Any]] = {
+        "parameters": {"model": meta["params_after"], "source": meta["params_before"]},
+        "files on disk": {"model": _bytes_on_disk(out) if not gguf_files else _bytes_on_disk(gguf_files[0]),
+                          "source": _bytes_on_disk(shipped) if shipped is not None else _bytes_on_disk(src_path)},
+    }
+    if rows <= 0:
+        return table
+    model = load(out)
+    dense, tokenizer, _ = load_model(source)
+    for data in ("wiki", "lambada"):
+        ours = perplexity(model, tokenizer, data, seqlen=1024, max_rows=rows, device=device, progress=False)
+        theirs = perplexity(dense, tokenizer, data, seqlen=1024, max_rows=rows, device=device, progress=False)
+        table[f"perplexity, {data} ({ours.rows} rows x {ours.seqlen})"] = {"model": ours.perplexity, "source": theirs.perplexity}
+    speed = compare(dense, model, tokenizer, BenchConfig(device=device, batch_sizes=(1,), prompt_len=128, gen_len=33, repeats=2,
+                                                         progress=False))
+    metrics = speed["results"][0]["metrics"]
+    table["decoding, tokens/s at batch 1"] = {"model": metrics["sliced"]["decode_tokens_per_s"],
+                                              "source": metrics["dense"]["decode_tokens_per_s"]}
+    return table
+
+
+def format_before_after(table: dict[str, dict[str, Any]], source: str | None, out: Path) -> str:
+    def fmt(name: str, v: Any) -> str:
+        if v is None:
+            return ""
+        if name == "parameters":
+            return f"{v / 1e6:.1f}M"
+        if name == "files on disk":
+            return f"{v / 1e6:.0f} MB"
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = [f"| | source ({Path(str(source)).name if source else 'the default model'}) | {out.name} | ratio |", "|---|---:|---:|---:|"]
+    for name, row in table.items():
+        a, b = row.get("source"), row.get("model")
+        ratio = f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else ""
+        lines.append(f"| {name} | {fmt(name, a)} | {fmt(name, b)} | {ratio} |")
+    return "\n".join(lines)

@@ -21,8 +21,10 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``slicegpt plan`` options: slice's settings plus the run's shape and throughput."""
     p.add_argument("model", help="a local model folder (config.json and safetensors files or their index) or a hub id")
-    p.add_argument("--sparsity", type=float, default=SLICE_DEFAULTS.sparsity, help="share of the hidden width to remove (ignored with --target-params)")
-    p.add_argument("--target-params", type=parse_count, default=None, metavar="N", help="a parameter budget instead: a count (100.9M, 1.2B) or a fraction of the model (0.75)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--target-params", type=parse_count, default=None, metavar="N", help="parameters kept: a count (100.9M, 1.2B) "
+                      "or a fraction of the model (0.75); with neither this nor --sparsity, the default target")
+    size.add_argument("--sparsity", type=float, default=None, help="the paper's method instead: the share of the hidden width to remove")
     add_slice_config_arguments(p)
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="processes calibrating together (torchrun): each holds rows / N and one device")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -35,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan; write it as JSON with --json."""
-    config = slice_config_from_args(args, args.sparsity)
+    config = slice_config_from_args(args, args.sparsity).resolved()
     plan = plan_model(args.model, config, nproc=args.nproc, stream=args.stream, tflops=args.tflops,
                       fp64_tflops=args.fp64_tflops, disk_gbps=args.disk_gbps)
     print(format_plan(plan))

@@ -167,28 +167,31 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
     )
     if not leader:
         return 0
-    extra = (lambda tmp: shutil.copytree(state / ADAPTER, tmp / ADAPTER)) if args.keep_adapter else None
     saved_dtype = save_dtype(args, meta.get("source_model"))
+    recipe = recipe_of(folder, meta) or Recipe(model=meta.get("source_model"), slice={})
+    recipe.recover = {**config.to_dict(), "data": absolute_sources(config.data), "eval_data": absolute_sources(config.eval_data)}
+    recipe.save_dtype = saved_dtype
+    first, last = report.curve[0], report.curve[-1]
+    measured = {"validation perplexity (held-out training rows)": {"model": last["val_ppl"], "source": None}}
+    if "eval_ppl" in last:
+        measured[f"perplexity, {label(config.eval_data)} ({config.eval_max_rows} rows, during training)"] = {
+            "model": last["eval_ppl"], "source": None}
+
+    def extra(tmp: Path) -> None:  # written into the folder before it appears: adapter, recipe, model card
+        if args.keep_adapter:
+            shutil.copytree(state / ADAPTER, tmp / ADAPTER)
+        recipe.write(tmp)
+        write_card(tmp, read_metadata(tmp), results=measured)
+
     folders.save(model.to("cpu"), out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra, dtype=saved_dtype)
     shutil.rmtree(state, ignore_errors=True)  # the run is complete: nothing left to resume
 
-    first, last = report.curve[0], report.curve[-1]
     result: dict[str, Any] = {"folder": str(folder), "out": str(out), "source_model": source, **report.summary()}
     result.update(peak_memory(config.device))
     print(f"{out}: {report.loss}/{report.train}, {report.steps} steps, {report.tokens:,} tokens in {report.seconds:.0f} s "
           f"({report.tokens_per_second:.0f} tokens/s); validation perplexity {first['val_ppl']:.3f} -> {last['val_ppl']:.3f}"
           + (f"; {label(config.eval_data)} {first['eval_ppl']:.3f} -> {last['eval_ppl']:.3f}" if "eval_ppl" in last else ""))
     write_json(args.json, result)
-    recipe = recipe_of(folder, meta) or Recipe(model=meta.get("source_model"), slice={})
-    recipe.recover = {**config.to_dict(), "data": absolute_sources(config.data),
-                      "eval_data": absolute_sources(config.eval_data)}
-    recipe.save_dtype = saved_dtype
-    recipe.write(out)
-    measured = {"validation perplexity (held-out training rows)": {"model": last["val_ppl"], "source": None}}
-    if "eval_ppl" in last:
-        measured[f"perplexity, {label(config.eval_data)} ({config.eval_max_rows} rows, during training)"] = {
-            "model": last["eval_ppl"], "source": None}
-    write_card(out, read_metadata(out), results=measured)
     print_samples(args, tokenizer, teacher if teacher is not None else meta.get("source_model"), model, count_parameters(model),
                   device=config.device)
     return 0

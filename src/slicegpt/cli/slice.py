@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arch import supported_architectures
+from ..config import DEFAULT_TARGET
 from ..core.placement import spread_model
 from ..core.slicing import slice_model
 from ..core.streams import LocalReduction, NoCheckpoint, Streams
@@ -41,10 +42,14 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="hub id, local HF folder, .gguf file or folder holding one; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--sparsity", type=float, default=SLICE_DEFAULTS.sparsity, help="share of the hidden width to remove, in [0, 1) (the paper's setting; ignored with --target-params)")
-    p.add_argument("--target-params", type=parse_count, default=None, metavar="N", help="a parameter budget instead: a count (100.9M, 1.2B) or a fraction of the model as shipped (0.75), tied weights counted once; the saved model never exceeds it. Spent as --axes says")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--target-params", type=parse_count, default=None, metavar="N", help="parameters kept: a count (100.9M, 1.2B) "
+                      "or a fraction of the model as shipped (0.75), tied weights counted once; the saved model never exceeds it. "
+                      f"Spent as --axes says. With neither this nor --sparsity: {DEFAULT_TARGET} (the budget method, a standard checkpoint)")
+    size.add_argument("--sparsity", type=float, default=None, help="the paper's method instead: the share of the hidden width to "
+                      "remove, in [0, 1) (per-layer unless --uniform)")
     add_slice_config_arguments(p)
-    p.add_argument("--out", default=None, help="output folder (default: sliced/<model>-<sparsity>)")
+    p.add_argument("--out", default=None, help="output folder (default: sliced/<model>-<size>)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--resume", action="store_true", help="continue a stopped run of this same command from the staging folder "
                    "kept beside --out (.OUT.slice-state: every finished layer and what the next one needs); the result is bit for "
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list_architectures:
         print("\n".join(supported_architectures()))
         return 0
-    config = slice_config_from_args(args, args.sparsity)
+    config = slice_config_from_args(args, args.sparsity).resolved()
     ranks, config = distributed.join(args, config)  # under torchrun: rank 0 goes on, the others follow it
     if ranks is not None and config.device_map is not None:
         raise ValueError("--device-map spreads one process's model over devices; under torchrun give each process its --device")
@@ -139,16 +144,24 @@ def _lead(args: argparse.Namespace, config: Any, ranks: Any, source: tuple[str, 
                 model.to("cpu")
         activations = list if args.offload_activations is None else disk_store(args.offload_activations)
         saved_dtype = save_dtype(args, args.model)
+        # The folder says what it is from the moment it appears: the recipe that remakes it, a model card.
+        recipe = Recipe(model=source[0], source_fingerprint=source[1], slice={**config.to_dict(), "calib": absolute_sources(config.calib)},
+                        save_dtype=saved_dtype)
+
+        def describe(folder: Path) -> None:
+            recipe.write(folder)
+            write_card(folder, read_metadata(folder))
+
         if opened is not None:
             report = streaming.slice_streamed(args.model, out, config, overwrite=_may_replace(out, args),
                                               max_shard_size=args.max_shard_size, opened=opened, activations=activations, reduce=ranks,
-                                              checkpoint=staging, source=source, save_dtype=saved_dtype)
+                                              checkpoint=staging, source=source, save_dtype=saved_dtype, extra=describe)
         else:
             streams = Streams(checkpoint=staging or NoCheckpoint(), reduce=ranks or LocalReduction(), activations=activations)
             report = slice_model(model, tokenizer, config.calib, config, source_model=source[0], source_fingerprint=source[1],
                                  streams=streams)
             folders.save(model, out, tokenizer=tokenizer, overwrite=_may_replace(out, args), report=report,
-                         max_shard_size=args.max_shard_size, dtype=saved_dtype)
+                         max_shard_size=args.max_shard_size, dtype=saved_dtype, extra=describe)
         if staging is not None:
             staging.finish()  # saved: nothing left to resume
         result.update(
@@ -165,14 +178,9 @@ def _lead(args: argparse.Namespace, config: Any, ranks: Any, source: tuple[str, 
             result["sliced_perplexity"] = sliced.to_dict()
         result["wall_seconds"] = time.perf_counter() - wall
         result.update(peak_memory(config.device))
-        # The folder says what it is: the recipe that remakes it, and a model card.
-        Recipe(model=source[0], source_fingerprint=source[1], slice={**config.to_dict(), "calib": absolute_sources(config.calib)},
-               save_dtype=saved_dtype).write(out)
-        measured = {}
-        if args.ppl:
-            measured[f"perplexity, {label(args.ppl)} ({sliced.rows} rows x {sliced.seqlen})"] = {
-                "model": sliced.perplexity, "source": result["dense_perplexity"]["perplexity"]}
-        write_card(out, read_metadata(out), results=measured)
+        if args.ppl:  # what was measured joins the model card
+            write_card(out, read_metadata(out), results={f"perplexity, {label(args.ppl)} ({sliced.rows} rows x {sliced.seqlen})": {
+                "model": sliced.perplexity, "source": result["dense_perplexity"]["perplexity"]}})
         print(format_slice_table(result))
         print_samples(args, tokenizer, args.model if args.model is not None else name, model if opened is None else out,
                       report.params_before, device=eval_device if config.device_map is None else None)

@@ -58,7 +58,7 @@ def evaluation_from_args(args: argparse.Namespace) -> SweepEval:
 
 def run(args: argparse.Namespace) -> int:
     """Run :func:`~slicegpt.evaluation.sweep.sweep` from parsed arguments and print the table."""
-    config = slice_config_from_args(args, 0.0)
+    config = slice_config_from_args(args, None)
     evaluation = evaluation_from_args(args)
     out = args.out or os.path.join("sweeps", Path(args.model.rstrip("/")).name if args.model else DEFAULT_MODEL_NAME)
     results = sweep(args.model, parse_sparsities(args.sparsities), targets=args.targets, config=config, evaluation=evaluation, out=out,

@@ -321,7 +321,7 @@ def slice_model(
     uninterrupted run gives. Any :class:`~slicegpt.core.streams.Checkpoint` can do this: its
     ``begin`` hands back a :class:`~slicegpt.core.streams.Restart`.
     """
-    config = config or SliceConfig()
+    config = (config or SliceConfig()).resolved()  # the size and mode as they run, recorded so
     config.validate()
     if getattr(model, "slicegpt_metadata", None) is not None or is_prepared(model, spec_for_config(model.config)):
         raise ValueError("this model is already sliced (loaded from a slicegpt folder): slice its source model instead")

@@ -479,6 +479,7 @@ def plan_model(files: ModelFiles | str, config: SliceConfig, *, nproc: int = 1, 
 
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    config = config.resolved()
     config.validate()
     files = read_model_files(files) if isinstance(files, str) else files
     raw = {k: v for k, v in files.config.items() if k not in ("_name_or_path",)}

@@ -183,7 +183,7 @@ def _one_run(model_name_or_path: str | None, sparsity: float, base: SliceConfig,
         run.update(params_before=params_before, params_after=params_before, slicing_seconds=0.0, settings=None,
                    widths=None, variance_kept={}, spectra={}, calibration_tokens=0)
     else:
-        cfg = replace(base, sparsity=sparsity) if target is None else replace(base, target_params=target)
+        cfg = replace(base, sparsity=sparsity, target_params=None) if target is None else replace(base, target_params=target, sparsity=None)
         report = slice_model(model, tokenizer, cfg.calib, cfg, progress=progress, source_model=name)
         run.update(
             params_before=report.params_before, params_after=report.params_after, slicing_seconds=report.seconds,

@@ -137,6 +137,14 @@ def tokenizer_failure(name: str | None, source: str | os.PathLike, exc: BaseExce
     return ModelLoadError(f"cannot load the tokenizer of {name}: {first_line(exc)}")
 
 
+def shipped_gguf(name_or_path: str | None) -> Path | None:
+    """The GGUF file a source comes as (the embedded default's, or a .gguf path), else None."""
+    path = Path(name_or_path) if name_or_path is not None else None
+    if path is None or (name_or_path == DEFAULT_MODEL_NAME and not path.exists()):
+        return default_model_gguf()
+    return find_gguf(path) if path.exists() else None
+
+
 def source_dtype(name_or_path: str | None) -> str:
     """The dtype the source's weights are stored in, as a save default: 'bfloat16' for a GGUF of
     quantized (or bf16) weights, its float type for an f32/f16 GGUF, config.json's ``dtype``

@@ -252,7 +252,7 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
                    opened: tuple[nn.Module, Any, str, StreamingSource] | None = None,
                    activations: Callable[[], Any] = list, reduce: Reduction | None = None,
                    checkpoint: Checkpoint | None = None, source: tuple[str, str | None] | None = None,
-                   save_dtype: str | torch.dtype | None = None) -> SliceReport:
+                   save_dtype: str | torch.dtype | None = None, extra: Callable[[Path], None] | None = None) -> SliceReport:
     """Slice a safetensors model into ``out`` without ever holding its layers together.
 
     The Python form of ``slicegpt slice MODEL --stream on``: the layers are read, sliced and
@@ -264,9 +264,10 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
     what is staged for a resume (:class:`slicegpt.io.staging.SliceStaging`; a restart writes the
     finished layers to the new output's shards one at a time); ``source``: how the source is
     recorded, (name, weights fingerprint) (default: :func:`~slicegpt.io.models.source_identity`);
-    ``save_dtype``: the dtype the weights are written in (None: the slicing dtype).
+    ``save_dtype``: the dtype the weights are written in (None: the slicing dtype); ``extra``: adds
+    files to the folder before it appears (as :func:`~slicegpt.io.folders.save` does).
     """
-    config = config or SliceConfig()
+    config = (config or SliceConfig()).resolved()
     out = Path(out)
     check_output_dir(out, overwrite, protect=(name_or_path,))
     model, tokenizer, _name, reader_source = opened or open_streamed(name_or_path, dtype=config.dtype, require=True)
@@ -280,7 +281,7 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
                              progress=progress,
                              streams=Streams(source=reader_source, sink=StreamingSink(writer), activations=activations,
                                              reduce=reduce or LocalReduction(), checkpoint=checkpoint or NoCheckpoint()))
-        save(model, out, tokenizer=tokenizer, overwrite=overwrite, report=report, shards=writer)
+        save(model, out, tokenizer=tokenizer, overwrite=overwrite, report=report, shards=writer, extra=extra)
     except BaseException:
         shutil.rmtree(writer.folder, ignore_errors=True)
         raise
