@@ -345,3 +345,35 @@ def test_per_layer_folders_llama_cpp_cannot_express_are_refused_naming_what_work
     with pytest.raises(ExportError, match="shortcut matrices.*--uniform, or a per-layer budget on MLP neurons alone"):
         export_gguf(tmp_path / "sc", tmp_path / "s.gguf")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def _llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), logits_all=True, n_ctx=256, n_batch=256, n_threads=1, verbose=False)
+    llm.reset()
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def test_llama_cpp_runs_per_layer_widths_and_k_quants_like_transformers(tmp_path: Path) -> None:
+    """Where llama-cpp-python is installed (the gguf-quant extra; not in CI, a long source build):
+    llama.cpp's deci graph computes what slicegpt computes for a per-layer folder, and its own
+    quantizer writes a k-quant file of the f16 export."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (pip install 'slicegpt[gguf-quant]') is not installed")
+    import slicegpt
+
+    folder = tmp_path / "pl"
+    _per_layer_budget(folder)
+    out = export_gguf(folder, tmp_path / "pl.gguf", outtype="f32")
+    ids = _ids()[0].tolist()
+    with torch.no_grad():
+        ref = slicegpt.load(folder)(torch.tensor([ids])).logits[0].numpy()
+    got = _llama_cpp_logits(out, ids)
+    assert (ref.argmax(-1) == got.argmax(-1)).mean() == 1.0
+    assert np.abs(ref - got).max() < 1e-2 * np.abs(ref).max()  # llama.cpp keeps its KV cache in f16
+    k = export_gguf(folder, tmp_path / "pl-q4_k_m.gguf", outtype="q4_k_m")
+    assert gguf.GGUFReader(k).fields["general.architecture"].contents() == "deci"
+    assert k.stat().st_size < (tmp_path / "pl.gguf").stat().st_size
