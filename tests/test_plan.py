@@ -127,7 +127,7 @@ def test_cli_prints_the_table_and_writes_every_figure(tiny_folder: tuple[Path, t
     folder, model = tiny_folder
     out = tmp_path / "plan.json"
     assert main(["plan", str(folder), "--target-params", "0.8", "--nsamples", "32", "--seqlen", "64", "--nproc", "2",
-                 "--stream", "--json", str(out)]) == 0
+                 "--stream", "on", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| host |" in text and "streaming" in text and "**total**" in text
     data = json.loads(out.read_text())

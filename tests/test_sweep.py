@@ -218,7 +218,7 @@ def _table_widths(stdout: str) -> list[tuple[int, int, int]]:
 
 def test_inspect_prints_widths_params_flops_and_plots(sliced_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     plot, report = tmp_path / "spectrum.png", tmp_path / "inspect.json"
-    code = inspect_cmd.run(_parse(inspect_cmd.add_arguments, [str(sliced_folder), "--plot", str(plot), "--seq-len", "64",
+    code = inspect_cmd.run(_parse(inspect_cmd.add_arguments, [str(sliced_folder), "--plot", str(plot), "--seqlen", "64",
                                                            "--json", str(report)]))
     stdout = capsys.readouterr().out
     assert code == 0
@@ -260,7 +260,7 @@ def test_inspect_uniform_standard_checkpoint(tmp_path: Path, capsys: pytest.Capt
                                   progress=False)
     slicegpt.save(model, tmp_path / "uni", report=report)
     plot, out = tmp_path / "u.png", tmp_path / "u.json"
-    assert inspect_cmd.run(_parse(inspect_cmd.add_arguments, [str(tmp_path / "uni"), "--plot", str(plot), "--seq-len", "64",
+    assert inspect_cmd.run(_parse(inspect_cmd.add_arguments, [str(tmp_path / "uni"), "--plot", str(plot), "--seqlen", "64",
                                                            "--json", str(out)])) == 0
     stdout = capsys.readouterr().out
     info = json.loads(out.read_text())

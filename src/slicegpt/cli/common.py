@@ -32,10 +32,20 @@ EVAL_DEFAULTS = EvalConfig()
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, OSError, ImportError, TrainingError)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default said once: not where the help names it already, nor for flags whose
+    default is 'not given' (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def add_command(sub: argparse._SubParsersAction, name: str, command: ModuleType) -> argparse.ArgumentParser:
     """The sub-command ``name`` from a module of this package: its HELP, DESCRIPTION, add_arguments and run."""
-    parser = sub.add_parser(name, help=command.HELP, description=command.DESCRIPTION,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = sub.add_parser(name, help=command.HELP, description=command.DESCRIPTION, formatter_class=HelpFormatter)
     command.add_arguments(parser)
     parser.set_defaults(func=command.run)
     return parser
@@ -137,11 +147,11 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration row (clipped to the model's context)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration rows per forward pass")
     p.add_argument("--round-to", type=int, default=d.round_to, help="round the kept width down to a multiple of this")
-    p.add_argument("--device", default=d.device, help="where each layer is processed (and, with --ppl, evaluated): cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default=d.device, help="where each layer is processed: cpu, cuda, cuda:1 ... (slice --ppl evaluates there too)")
     p.add_argument("--device-map", default=d.device_map, metavar="MAP", help="spread the model over several devices of this process "
                    "when it does not fit one: 'auto' (every CUDA device) or a list such as 'cuda:0,cuda:1' (layers split evenly, in "
                    "order). Each layer is calibrated and sliced on its device and stays there, calibration activations travel to it "
-                   "from the host, and --ppl runs the model across the devices. Slices in memory (no streaming)")
+                   "from the host, and slice --ppl runs the model across the devices. Slices in memory (no streaming)")
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype to load, slice and evaluate the model in (PCA is float64)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing calibration rows")
     p.add_argument("--slice-head", action="store_true", default=d.slice_head, help="also slice the last layer's output and the head's input")

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``slicegpt inspect`` options."""
     parser.add_argument("folder", help="a sliced folder (written by 'slicegpt slice')")
     parser.add_argument("--plot", default=None, metavar="PATH", help="draw the PCA spectra of the folder's spectra.json into this PNG")
-    parser.add_argument("--seq-len", type=int, default=EVAL_DEFAULTS.seqlen, help="context length for the attention term of FLOPs per token (clipped to the model's)")
+    parser.add_argument("--seqlen", type=int, default=EVAL_DEFAULTS.seqlen, help="context length for the attention term of FLOPs per token (clipped to the model's)")
+    parser.add_argument("--seq-len", dest="seqlen", type=int, help=argparse.SUPPRESS)  # the old spelling
     parser.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
 
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the per-layer table; draw the spectra with --plot."""
     if args.plot:
         require_matplotlib()  # before anything else: the user asked for a plot
-    info = inspect_folder(args.folder, seq_len=args.seq_len)
+    info = inspect_folder(args.folder, seq_len=args.seqlen)
     print(format_inspect(info))
     write_json(args.json, info)
     spectra_file = Path(args.folder) / SPECTRA

@@ -27,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--sparsity", type=float, default=None, help="the paper's method instead: the share of the hidden width to remove")
     add_slice_config_arguments(p)
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="processes calibrating together (torchrun): each holds rows / N and one device")
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="say which mode will run (both are always estimated): streaming reads and writes one layer at a time")
+    p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                   help="the mode slice will run, as slice --stream names it (both are always estimated; auto: streaming, "
+                        "which reads and writes one layer at a time)")
     p.add_argument("--tflops", type=float, default=None, help="sustained TFLOP/s in the model's dtype (default by device kind: cpu 0.2, cuda 100 in bf16/fp16, 20 in fp32)")
     p.add_argument("--fp64-tflops", type=float, default=None, help="sustained float64 TFLOP/s for statistics, eigendecompositions and solves (default: cpu 0.1, cuda 10)")
     p.add_argument("--disk-gbps", type=float, default=DEFAULT_DISK_GBPS, help="GB/s for reading the weights and writing the result")
@@ -38,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the plan; write it as JSON with --json."""
     config = slice_config_from_args(args, args.sparsity).resolved()
-    plan = plan_model(args.model, config, nproc=args.nproc, stream=args.stream, tflops=args.tflops,
+    plan = plan_model(args.model, config, nproc=args.nproc, stream={"auto": None, "on": True, "off": False}[args.stream], tflops=args.tflops,
                       fp64_tflops=args.fp64_tflops, disk_gbps=args.disk_gbps)
     print(format_plan(plan))
     write_json(args.json, plan.to_dict())

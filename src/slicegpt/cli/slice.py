@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..arch import supported_architectures
+from ..arch import UnsupportedModelError, spec_for_config, supported_architectures
 from ..config import DEFAULT_TARGET
 from ..core.placement import spread_model
+from ..core.uniform import check_supported
 from ..core.slicing import slice_model
 from ..core.streams import LocalReduction, NoCheckpoint, Streams
 from ..evaluation.markdown import format_slice_table
@@ -20,6 +21,7 @@ from ..io import folders
 from ..data import label
 from ..io.card import write_card
 from ..io.format import is_sliced_folder, read_metadata
+from ..io.gguf import PER_LAYER_TYPES
 from ..io.recipe import Recipe, absolute_sources
 from ..io.models import load_model, source_identity
 from ..io.offload import disk_store
@@ -74,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, default=EVAL_DEFAULTS.seqlen, help="row length for --ppl")
     p.add_argument("--eval-max-rows", type=int, default=None, help="evaluate --ppl on the first N rows only")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures (perplexities, parameters, seconds, memory) as JSON")
-    p.add_argument("--list-architectures", action="store_true", help="print the supported model types and exit")
+    p.add_argument("--list-architectures", action="store_true", help="print the supported model types, and what each can do, and exit")
     add_save_dtype_argument(p)
     add_samples_argument(p)
     distributed.add_argument(p)
@@ -82,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.list_architectures:
-        print("\n".join(supported_architectures()))
+        print(architecture_table())
         return 0
     config = slice_config_from_args(args, args.sparsity).resolved()
     ranks, config = distributed.join(args, config)  # under torchrun: rank 0 goes on, the others follow it
@@ -188,6 +190,26 @@ def _lead(args: argparse.Namespace, config: Any, ranks: Any, source: tuple[str, 
         if ranks is not None:
             ranks.finish()  # the others waited for the output to be written
         return 0
+
+
+def architecture_table() -> str:
+    """What each supported model type can do, as a markdown table."""
+    from transformers import AutoConfig
+
+    rows = ["| model_type | uniform (standard checkpoint) | budget axes | GGUF export | streamed |", "|---|---|---|---|---|"]
+    for model_type in supported_architectures():
+        config = AutoConfig.for_model(model_type)
+        spec = spec_for_config(config)
+        try:
+            check_supported(config, spec)
+            uniform = "yes"
+        except UnsupportedModelError:
+            uniform = "no (per-layer only)"
+        axes = "residual, mlp" + (" (per routed expert)" if spec.experts else "")
+        gguf = "no" if spec.gguf_arch is None else ("uniform; per-layer MLP widths (deci)" if model_type in PER_LAYER_TYPES else "uniform")
+        streamed = "in memory (transformers fuses its experts)" if spec.experts else "yes"
+        rows.append(f"| {model_type} | {uniform} | {axes} | {gguf} | {streamed} |")
+    return "\n".join(rows)
 
 
 def stream_blockers(args: argparse.Namespace, config: Any) -> dict[str, bool]:
