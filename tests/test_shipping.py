@@ -101,3 +101,15 @@ def test_eval_update_card_adds_what_it_measured(tiny_model_dir: Path, tmp_path: 
     (row,) = results.values()
     assert row["model"] > 1 and row["source"] > 1
     assert main(["eval", model, "--ppl", corpus, "--update-card"]) == 2  # only a sliced folder has a card to update
+
+
+def test_output_folders_get_the_users_usual_permissions(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    out = tmp_path / "s"
+    assert main(["slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", str(tiny_model_dir / "corpus.txt"),
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-samples"]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's private 0700

@@ -20,7 +20,8 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``slicegpt plan`` options: slice's settings plus the run's shape and throughput."""
-    p.add_argument("model", help="a local model folder (config.json and safetensors files or their index) or a hub id")
+    p.add_argument("model", nargs="?", default=None, help="a local model folder (config.json and safetensors files or their index), "
+                   "a hub id, or a .gguf; default: the embedded SmolLM2-135M-Instruct")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--target-params", type=parse_count, default=None, metavar="N", help="parameters kept: a count (100.9M, 1.2B) "
                       "or a fraction of the model (0.75); with neither this nor --sparsity, the default target")

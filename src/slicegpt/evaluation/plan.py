@@ -472,16 +472,17 @@ class Plan:
         }
 
 
-def plan_model(files: ModelFiles | str, config: SliceConfig, *, nproc: int = 1, stream: bool | None = None,
+def plan_model(files: ModelFiles | str | None, config: SliceConfig, *, nproc: int = 1, stream: bool | None = None,
                tflops: float | None = None, fp64_tflops: float | None = None, disk_gbps: float | None = None) -> Plan:
-    """The plan for slicing ``files`` (a folder, a hub id, or :class:`ModelFiles`) as ``config`` says."""
+    """The plan for slicing ``files`` (a folder, a hub id, a .gguf, None for the embedded default, or
+    :class:`ModelFiles`) as ``config`` says."""
     from transformers import AutoConfig
 
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
     config = config.resolved()
     config.validate()
-    files = read_model_files(files) if isinstance(files, str) else files
+    files = files if isinstance(files, ModelFiles) else read_model_files(files)
     raw = {k: v for k, v in files.config.items() if k not in ("_name_or_path",)}
     model_type = raw.get("model_type")
     if not model_type:

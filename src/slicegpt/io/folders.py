@@ -250,6 +250,8 @@ def save(
             (tmp / SPECTRA).write_text(json.dumps({"spectra": report.spectra, "widths": report.widths.to_dict()}) + "\n")
         if extra is not None:
             extra(tmp)
+        # mkdtemp made the staging folder private (0700); the output gets the user's usual permissions
+        os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "old"), dir=out.parent))
             os.replace(out, backup / "old")
@@ -263,6 +265,12 @@ def save(
     finally:
         model.config.dtype = in_memory
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def staging_writer(out: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 
 from . import shards
 from .format import is_sliced_folder
+from .models import DEFAULT_MODEL_NAME, find_gguf, resolve_model
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -201,8 +202,14 @@ def read_hub(repo: str) -> ModelFiles:
     return ModelFiles(repo, config, tensors, size, "hub: config.json and safetensors headers (range requests)")
 
 
-def read_model_files(name_or_path: str) -> ModelFiles:
-    """A local folder (or .gguf, refused) or a hub id, read without weights."""
+def read_model_files(name_or_path: str | None) -> ModelFiles:
+    """A local folder or a hub id, read without weights; the embedded default (None or its name)
+    and a .gguf are read as the safetensors folder slice converts them into (cached)."""
+    if name_or_path is None or name_or_path == DEFAULT_MODEL_NAME or (
+            Path(name_or_path).exists() and find_gguf(Path(name_or_path)) is not None):
+        folder, display = resolve_model(name_or_path)
+        files = read_local(Path(folder))
+        return replace(files, name=display)
     path = Path(name_or_path)
     looks_local = name_or_path.startswith(("/", "./", "../", "~")) or path.suffix in (".gguf", ".safetensors") or path.exists()
     if looks_local:
