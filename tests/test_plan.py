@@ -103,11 +103,12 @@ def test_one_line_errors(tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Pa
     assert "no such file or folder" in _one_line_error(["plan", str(tmp_path / "missing")], capsys)
     (tmp_path / "empty").mkdir()
     assert "no config.json" in _one_line_error(["plan", str(tmp_path / "empty")], capsys)
+    # a GGUF is planned as the folder slice converts it into; a damaged one is one line
     (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
-    assert "needs a safetensors model" in _one_line_error(["plan", str(tmp_path / "m.gguf")], capsys)
+    assert "as a GGUF model" in _one_line_error(["plan", str(tmp_path / "m.gguf")], capsys)
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "m.gguf").write_bytes(b"GGUF")
-    assert "needs a safetensors model" in _one_line_error(["plan", str(tmp_path / "g")], capsys)
+    assert "as a GGUF model" in _one_line_error(["plan", str(tmp_path / "g")], capsys)
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     (bad / "model.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
