@@ -113,3 +113,16 @@ def test_output_folders_get_the_users_usual_permissions(tiny_model_dir: Path, tm
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's private 0700
+
+
+def test_inspect_builds_the_dense_model_a_uniform_budget_folder_came_from(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """It built 'dense' from the compressed config: FLOPs per token 0.0% removed and wrong dense counts."""
+    from slicegpt.evaluation.inspect import inspect_folder
+
+    out = tmp_path / "u"
+    assert main(["slice", str(tiny_model_dir / "model"), "--target-params", "0.8", "--axes", "mlp", "--calib",
+                 str(tiny_model_dir / "corpus.txt"), "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-samples"]) == 0
+    info = inspect_folder(out)
+    assert info["standard_checkpoint"] and info["layers"][0]["mlp_neurons"] < 96
+    assert all(layer["params_dense"] > layer["params"] and layer["flops_dense"] > layer["flops"] for layer in info["layers"])
+    assert info["share_flops_removed"] > 0.1

@@ -55,9 +55,12 @@ def inspect_folder(folder: str | os.PathLike[str], *, seq_len: int = _EVAL.seqle
     if standard:
         sliced = _empty_model(config)
         dense_config = copy.deepcopy(config)
-        # A uniform folder is its family's standard checkpoint at hidden_size d; the dense model
-        # is the same at the original width. head_dim is explicit in the config, so it stays.
+        # A uniform folder is its family's standard checkpoint at hidden_size d (and, with MLP
+        # neurons pruned, a smaller intermediate size); the dense model is the source's config,
+        # recorded where it differs. head_dim is explicit in the config, so it stays.
         dense_config.hidden_size = int(widths["hidden"])
+        for key, value in ((meta.get("standard_config") or {}).get("source") or {}).items():
+            setattr(dense_config, key, value)
     else:
         sliced = build_skeleton(config, parse_dtype(meta.get("dtype", "float32")))
         dense_config = copy.deepcopy(config)

@@ -83,5 +83,8 @@ def export_standard(model: nn.Module, writer: ShardWriter, meta: dict[str, Any],
     config.architectures = [type(model).__name__]
     meta["files"] = write_weights(writer, model, standard_state_dict(model, spec, meta))
     config.save_pretrained(out)
-    meta["standard_config"] = {"hidden_size": d, "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps}
+    # what the source's config said where this one differs (inspect builds the dense model from it)
+    source = {k: getattr(model.config, k) for k in ("hidden_size", "intermediate_size", spec.expert_width_key, "rms_norm_eps")
+              if getattr(model.config, k, None) is not None and getattr(model.config, k) != getattr(config, k, None)}
+    meta["standard_config"] = {"hidden_size": d, "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps, "source": source}
     write_companions(out, meta, model, tokenizer)
