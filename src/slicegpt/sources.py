@@ -19,8 +19,8 @@ file used for calibration or training that asks a held-out built-in prompt is re
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -30,6 +30,8 @@ from torch import nn
 
 from . import chat, data, prompts
 from .data import DataError, Rows, Text
+
+log = logging.getLogger(__name__)
 
 SELF = "self"
 #: How the source model answers for ``self``: greedy, at most this many new tokens each.
@@ -123,8 +125,8 @@ def own_conversations(model: nn.Module | None, tokenizer: Any, part: str, *, row
         todo = range(chunks, min(chunks + more, -(-len(pool) // SELF_CHUNK)))
         missing = [c for c in todo if any(p.id not in done for p in pool[c * SELF_CHUNK : (c + 1) * SELF_CHUNK])]
         if missing and progress:
-            print(f"slicegpt: the source model answers built-in prompts ({spec}) for '{part}': "
-                  f"{len(missing) * SELF_CHUNK} prompts, cached in {path}", file=sys.stderr)
+            log.info(f"slicegpt: the source model answers built-in prompts ({spec}) for '{part}': "
+                     f"{len(missing) * SELF_CHUNK} prompts, cached in {path}")
         for c in missing:
             chunk = pool[c * SELF_CHUNK : (c + 1) * SELF_CHUNK]
             for r in chat.answer_into_file(model, tokenizer, chunk, file, SELF_SETTINGS, batch_size=SELF_BATCH_SIZE,
@@ -180,7 +182,7 @@ def _concat(all_rows: Sequence[Rows], seed: int | None) -> Rows:
 
 def _say(note: str | None) -> None:
     if note:
-        print(note, file=sys.stderr)
+        log.info(note)
 
 
 def calibration_rows(model: nn.Module | None, tokenizer: Any, source: Any, *, nsamples: int, seqlen: int, seed: int,

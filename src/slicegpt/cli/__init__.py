@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Sequence
 
@@ -32,7 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.Handler):
+    """slicegpt's notes to whatever sys.stderr is when they are emitted, as they are written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def show_notes() -> None:
+    """The command line shows slicegpt's notes (INFO and up) on stderr; the library alone shows
+    warnings only (Python's default), and a torchrun follower turns them down."""
+    root = logging.getLogger("slicegpt")
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        root.addHandler(_Stderr())
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    show_notes()
     args = build_parser().parse_args(argv)
     # Every expected failure is one line naming the problem (see the error classes).
     return run_in_one_line(args.func, args)

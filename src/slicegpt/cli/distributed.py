@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+import logging
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Iterator, TypeVar
 
@@ -48,9 +48,22 @@ def join(args: argparse.Namespace, config: Config) -> tuple[TorchDistributedRedu
 
 @contextmanager
 def silenced() -> Iterator[None]:
-    """Nothing printed inside (progress, notes); an error still surfaces: it propagates out, past the redirection."""
-    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
+    """A process other than rank 0 says nothing but errors: slicegpt's notes and transformers'
+    logs and progress bars are turned down (its own bars are off: progress=False), no stream is
+    redirected, so an error still reaches stderr as it does on rank 0."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = logging.getLogger("slicegpt")
+    level, hf_level = quiet.level, hf_logging.get_verbosity()
+    quiet.setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
         yield
+    finally:
+        quiet.setLevel(level)
+        hf_logging.set_verbosity(hf_level)
+        hf_logging.enable_progress_bar()
 
 
 def check_agreement(ranks: TorchDistributedReduction, config: Any, fingerprint: str | None) -> None:

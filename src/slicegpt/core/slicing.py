@@ -29,9 +29,9 @@ and writer refit), each before the pass whose output it changes.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
-import sys
 import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
@@ -58,6 +58,8 @@ from .streams import NUMERICS, InMemorySink, LayerSink, LoopState, Restart, Stre
 from .surgery import (count_parameters, get_layers, get_path, hidden_size, is_prepared, is_tied, prepare, prepare_layer,
                       prepare_outside_layers)
 from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
+
+log = logging.getLogger(__name__)
 
 
 class _BasisChooser:
@@ -326,7 +328,7 @@ def slice_model(
     if getattr(model, "slicegpt_metadata", None) is not None or is_prepared(model, spec_for_config(model.config)):
         raise ValueError("this model is already sliced (loaded from a slicegpt folder): slice its source model instead")
     if clip_seqlen(model, config.seqlen) < config.seqlen:
-        print(f"note: --seqlen {config.seqlen} is above the model's context; using {clip_seqlen(model, config.seqlen)}", file=sys.stderr)
+        log.info(f"note: --seqlen {config.seqlen} is above the model's context; using {clip_seqlen(model, config.seqlen)}")
         config = replace(config, seqlen=clip_seqlen(model, config.seqlen))
     if config.search and config.target_params is not None and policy is None:
         if streams is not None and streams.reduce.processes > 1:
@@ -380,12 +382,11 @@ def slice_model(
     rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config) if needs_rows else None
     half = next(model.parameters()).dtype
     if half in (torch.float16, torch.bfloat16) and rows is not None:
-        print(f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 covariances, "
-              "and the PCA, rotations and refits run in float64", file=sys.stderr)
+        log.info(f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 covariances, "
+                 "and the PCA, rotations and refits run in float64")
     if rows is not None and rows.tokens < hidden_size(model):
-        print(f"warning: {rows.tokens} calibration tokens for a hidden width of {hidden_size(model)}: the covariance is "
-              "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones (--seqlen)",
-              file=sys.stderr)
+        log.warning(f"warning: {rows.tokens} calibration tokens for a hidden width of {hidden_size(model)}: the covariance is "
+                    "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones (--seqlen)")
 
     probe = rows.input_ids[:1, :32] if rows is not None and config.verify else None
     if streamed:
@@ -413,8 +414,8 @@ def slice_model(
             raise RuntimeError(f"spread neurons {spread_counts} exceed the target {policy.target:,}")
         seconds = spread_record.pop("seconds")  # printed, not recorded: a resumed run's metadata equals an uninterrupted one's
         if progress:
-            print(f"slicegpt: MLP neurons spread over the layers by their error ({seconds:.0f} s): "
-                  f"{min(spread_counts)}-{max(spread_counts)} per layer, {sum(spread_counts):,} in all", file=sys.stderr)
+            log.info(f"slicegpt: MLP neurons spread over the layers by their error ({seconds:.0f} s): "
+                     f"{min(spread_counts)}-{max(spread_counts)} per layer, {sum(spread_counts):,} in all")
         release_free_memory()
     D, n = hidden_size(model), len(get_layers(model, spec))
     policy = policy or _default_policy(model, spec, config, params_before, tied)
@@ -583,7 +584,7 @@ def _default_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shipp
         d = policy.kept(hidden_size(model))
         ok = uniform.accepted_width(model.config, d, config.round_to)
         if ok != d:
-            print(f"slicegpt: width {d} is not one {model.config.model_type}'s standard config accepts "
-                  f"(num_attention_heads={getattr(model.config, 'num_attention_heads', '?')}); using {ok}", file=sys.stderr)
+            log.info(f"slicegpt: width {d} is not one {model.config.model_type}'s standard config accepts "
+                     f"(num_attention_heads={getattr(model.config, 'num_attention_heads', '?')}); using {ok}")
             policy = ConstantWidth(config.sparsity, 1, True, width=ok)
     return policy

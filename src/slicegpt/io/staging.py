@@ -18,10 +18,10 @@ last commit is simply written again.
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +32,8 @@ import torch
 from ..core.streams import NUMERICS, LoopState, Restart
 from ..core.widths import LayerWidths
 from .treefile import TreeFileError, fresh, load_tree, save_tree, write_atomically
+
+log = logging.getLogger(__name__)
 
 STATE = "state.safetensors"
 FINGERPRINT = "fingerprint.json"
@@ -55,7 +57,7 @@ def staging_dir(out: str | os.PathLike, kind: str = "slice") -> Path:
 
 
 def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+    log.info(message)
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Path, *,

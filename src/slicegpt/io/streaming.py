@@ -15,10 +15,10 @@ memory and says so.
 
 from __future__ import annotations
 
+import logging
 import copy
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +34,8 @@ from ..core.surgery import get_layers, get_path, prepare_layer
 from .folders import check_free_space, check_output_dir, save, staging_writer
 from .models import ModelLoadError, first_line, resolve_model, source_identity, tied_away, tokenizer_failure
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX, WEIGHTS, ShardReader, ShardWriter, layer_tensors
+
+log = logging.getLogger(__name__)
 
 STREAM_MODES = ("auto", "on", "off")
 
@@ -189,7 +191,7 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
     if why is not None:
         if require:
             raise StreamingError(f"cannot stream {display}: {why}; use --stream off")
-        print(f"note: slicing {display} in memory, not streamed: {why}", file=sys.stderr)
+        log.info(f"note: slicing {display} in memory, not streamed: {why}")
         return None
     # Every shape checked against the config now, from the headers: not at layer 60 of 80.
     want = model.state_dict()
