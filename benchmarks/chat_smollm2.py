@@ -56,21 +56,37 @@ def one_run(job: dict) -> dict:
         del model
         model = slicegpt.load(job["load"])
         meta = model.slicegpt_metadata
-        result.update(params=slicegpt.count_parameters(model), settings=meta.get("settings"), allocation=meta.get("allocation"),
-                      recovery=meta.get("recovery", {}).get("settings") if isinstance(meta.get("recovery"), dict) else None)
+        result.update(
+            params=slicegpt.count_parameters(model),
+            settings=meta.get("settings"),
+            allocation=meta.get("allocation"),
+            recovery=meta.get("recovery", {}).get("settings") if isinstance(meta.get("recovery"), dict) else None,
+        )
     elif job["method"] != "dense":
-        config = slicegpt.SliceConfig(target_params=job["target"], uniform=job["mode"] == "uniform", nsamples=job["nsamples"],
-                                      seqlen=1024, calib=job["calib"])
+        config = slicegpt.SliceConfig(
+            target_params=job["target"],
+            uniform=job["mode"] == "uniform",
+            nsamples=job["nsamples"],
+            seqlen=1024,
+            calib=job["calib"],
+        )
         start = time.perf_counter()
         report = slicegpt.slice_model(model, tokenizer, None, config, source_model=name)
-        result.update(params=report.params_after, allocation=report.allocation, compress_seconds=time.perf_counter() - start,
-                      settings=config.to_dict(), calibration_tokens=report.calibration_tokens)
+        result.update(
+            params=report.params_after,
+            allocation=report.allocation,
+            compress_seconds=time.perf_counter() - start,
+            settings=config.to_dict(),
+            calibration_tokens=report.calibration_tokens,
+        )
         folder = MODELS / job["name"]
         slicegpt.save(model, folder, tokenizer=tokenizer, report=report, overwrite=True)
         result["folder"] = str(folder.relative_to(HERE.parent))
     else:
         result.update(params=dense_params)
-    res = evaluate_chat(model, tokenizer, source, tokenizer, source_name=name, n=job["chat_n"], progress=False, examples=4)
+    res = evaluate_chat(
+        model, tokenizer, source, tokenizer, source_name=name, n=job["chat_n"], progress=False, examples=4
+    )
     result["chat"] = res.to_dict()
     del source
     wiki = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024, max_rows=job["wiki_rows"], progress=False)
@@ -79,8 +95,9 @@ def one_run(job: dict) -> dict:
     if job.get("tasks"):
         from slicegpt.evaluation.tasks import evaluate_tasks
 
-        result["tasks"] = evaluate_tasks(model, tokenizer, job["tasks"].split(","), limit=job["limit"], batch_size=16,
-                                         offline=True, device="cpu")
+        result["tasks"] = evaluate_tasks(
+            model, tokenizer, job["tasks"].split(","), limit=job["limit"], batch_size=16, offline=True, device="cpu"
+        )
     result["peak_rss_gb"] = peak_rss_gb()
     result["torch_threads"] = torch.get_num_threads()
     return result
@@ -88,23 +105,29 @@ def one_run(job: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     dense = {r.get("model"): r for r in rows if r["method"] == "dense"}
-    out = ["| run | parameters | top-1 agreement | answer ppl | loops (dense) | echoes | wiki ppl | x dense | lambada ppl | x dense | zero-shot |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| run | parameters | top-1 agreement | answer ppl | loops (dense) | echoes | wiki ppl | x dense | lambada ppl | x dense | zero-shot |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         c = r["chat"]
         d = dense.get(r.get("model"))
         wx = r["wiki"] / d["wiki"] if d else float("nan")
         bx = r["books"] / d["books"] if d else float("nan")
         avg = (r.get("tasks") or {}).get("average")
-        out.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {100 * c['top1_agreement']:.1f}% | {c['answer_perplexity']:.2f} | "
-                   f"{100 * c['model']['loops']:.0f}% ({100 * c['source']['loops']:.0f}%) | {100 * c['model']['echoes']:.0f}% | "
-                   f"{r['wiki']:.2f} | {wx:.2f} | {r['books']:.2f} | {bx:.2f} | {'' if avg is None else f'{100 * avg:.1f}'} |")
+        out.append(
+            f"| {r['name']} | {r['params'] / 1e6:.2f}M | {100 * c['top1_agreement']:.1f}% | {c['answer_perplexity']:.2f} | "
+            f"{100 * c['model']['loops']:.0f}% ({100 * c['source']['loops']:.0f}%) | {100 * c['model']['echoes']:.0f}% | "
+            f"{r['wiki']:.2f} | {wx:.2f} | {r['books']:.2f} | {bx:.2f} | {'' if avg is None else f'{100 * avg:.1f}'} |"
+        )
     return "\n".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a packaged model instead of the embedded SmolLM2 (qwen2.5-coder-0.5b)")
+    p.add_argument(
+        "--model", default=None, help="a packaged model instead of the embedded SmolLM2 (qwen2.5-coder-0.5b)"
+    )
     p.add_argument("--target", type=float, default=0.75)
     p.add_argument("--modes", default="uniform,per-layer")
     p.add_argument("--calibs", default="wiki,self,wiki+self")
@@ -115,7 +138,12 @@ def main() -> None:
     p.add_argument("--books-rows", type=int, default=64)
     p.add_argument("--tasks", default=None)
     p.add_argument("--limit", type=int, default=500)
-    p.add_argument("--load", default=None, metavar="DIR", help="evaluate this folder (made by `slicegpt slice` or `recover`) as one run")
+    p.add_argument(
+        "--load",
+        default=None,
+        metavar="DIR",
+        help="evaluate this folder (made by `slicegpt slice` or `recover`) as one run",
+    )
     p.add_argument("--name", default=None, help="the run's name with --load")
     p.add_argument("--rerun", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "chat_smollm2.json"))
@@ -124,22 +152,59 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(one_run(json.loads(args.one))))
         return
-    common = dict(model=args.model, chat_n=args.chat_n, wiki_rows=args.wiki_rows, books_rows=args.books_rows, tasks=args.tasks,
-                  limit=args.limit)
-    jobs = [] if args.no_dense else [dict(common, name="dense", method="dense", mode="-", target=None, calib=None, nsamples=None)]
+    common = dict(
+        model=args.model,
+        chat_n=args.chat_n,
+        wiki_rows=args.wiki_rows,
+        books_rows=args.books_rows,
+        tasks=args.tasks,
+        limit=args.limit,
+    )
+    jobs = (
+        []
+        if args.no_dense
+        else [dict(common, name="dense", method="dense", mode="-", target=None, calib=None, nsamples=None)]
+    )
     if args.load:
-        jobs = [dict(common, name=args.name or Path(args.load).name, method="loaded", mode="-", target=None, calib=None,
-                     nsamples=None, load=args.load)]
+        jobs = [
+            dict(
+                common,
+                name=args.name or Path(args.load).name,
+                method="loaded",
+                mode="-",
+                target=None,
+                calib=None,
+                nsamples=None,
+                load=args.load,
+            )
+        ]
     else:
         for mode in args.modes.split(","):
             for calib in args.calibs.split(","):
-                tag = f"{'uniform' if mode == 'uniform' else 'per-layer'}-{calib}-{args.nsamples}" + (f"-{args.model}" if args.model else "")
-                jobs.append(dict(common, name=tag, method="budget", mode=mode, target=args.target, calib=calib, nsamples=args.nsamples))
+                tag = f"{'uniform' if mode == 'uniform' else 'per-layer'}-{calib}-{args.nsamples}" + (
+                    f"-{args.model}" if args.model else ""
+                )
+                jobs.append(
+                    dict(
+                        common,
+                        name=tag,
+                        method="budget",
+                        mode=mode,
+                        target=args.target,
+                        calib=calib,
+                        nsamples=args.nsamples,
+                    )
+                )
     out_path = Path(args.out)
     results: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
     for job in jobs:
-        same = [r for r in results if r["name"] == job["name"] and r.get("model") == job.get("model")
-                and (not job.get("tasks") or r.get("tasks"))]
+        same = [
+            r
+            for r in results
+            if r["name"] == job["name"]
+            and r.get("model") == job.get("model")
+            and (not job.get("tasks") or r.get("tasks"))
+        ]
         if same and not args.rerun:
             continue
         print(f"== {job['name']}", file=sys.stderr, flush=True)

@@ -47,13 +47,28 @@ def tiny_model(folder: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([load_text("wiki", "calibration")[:200_000]],
-                            trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"], show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      tie_word_embeddings=True)
+    tok.train_from_iterator(
+        [load_text("wiki", "calibration")[:200_000]],
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<s>", "</s>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -68,8 +83,13 @@ def run(command: list[str], threads: int, json_path: Path) -> dict:
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {shlex.join(command)}\n{done.stderr[-3000:]}")
     report = json.loads(json_path.read_text())
-    return {"wall_seconds": wall, "slicing_seconds": report["slicing_seconds"], "widths": report["widths"],
-            "params_sliced": report["params_sliced"], "peak_rss_gb_rank0": report.get("peak_rss_gb")}
+    return {
+        "wall_seconds": wall,
+        "slicing_seconds": report["slicing_seconds"],
+        "widths": report["widths"],
+        "params_sliced": report["params_sliced"],
+        "peak_rss_gb_rank0": report.get("peak_rss_gb"),
+    }
 
 
 @torch.no_grad()
@@ -81,12 +101,24 @@ def logit_difference(a: Path, b: Path, vocab: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="what `slicegpt slice` reads (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--slice-args", default="", help="further `slicegpt slice` flags, one string (default: none, the command's defaults)")
+    p.add_argument(
+        "--model", default=None, help="what `slicegpt slice` reads (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--slice-args",
+        default="",
+        help="further `slicegpt slice` flags, one string (default: none, the command's defaults)",
+    )
     p.add_argument("--nproc", type=int, default=2, help="processes of the distributed run")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads in all, shared by the processes of a run")
-    p.add_argument("--tiny", action="store_true", help=f"a tiny random Llama instead, with {TINY_ARGS!r} before --slice-args")
-    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/distributed_speedup[_tiny].json)")
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="CPU threads in all, shared by the processes of a run"
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help=f"a tiny random Llama instead, with {TINY_ARGS!r} before --slice-args"
+    )
+    p.add_argument(
+        "--out", default=None, help="JSON path (default: benchmarks/results/distributed_speedup[_tiny].json)"
+    )
     args = p.parse_args()
     if args.nproc < 2:
         sys.exit("--nproc must be at least 2")
@@ -100,8 +132,20 @@ def main() -> None:
         runs = {}
         for name, launcher, threads in (
             ("1 process", [sys.executable, "-m", "slicegpt"], args.threads),
-            (f"{args.nproc} processes", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                         str(args.nproc), "-m", "slicegpt"], args.threads // args.nproc),
+            (
+                f"{args.nproc} processes",
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc-per-node",
+                    str(args.nproc),
+                    "-m",
+                    "slicegpt",
+                ],
+                args.threads // args.nproc,
+            ),
         ):
             folder, report = tmp / f"out-{len(runs)}", tmp / f"report-{len(runs)}.json"
             print(f"running {name} ({max(1, threads)} thread(s) each) ...", file=sys.stderr, flush=True)
@@ -113,17 +157,27 @@ def main() -> None:
         difference = logit_difference(many["folder"], one["folder"], vocab)
     for r in runs.values():
         del r["folder"]
-    result = {"command": "slicegpt " + shlex.join(command), "nproc": args.nproc, "threads": args.threads, "tiny": args.tiny,
-              "runs": runs, "widths_equal": one["widths"] == many["widths"], "max_relative_logit_difference": difference,
-              "speedup_wall": one["wall_seconds"] / many["wall_seconds"],
-              "speedup_slicing": one["slicing_seconds"] / many["slicing_seconds"], "torch": torch.__version__}
+    result = {
+        "command": "slicegpt " + shlex.join(command),
+        "nproc": args.nproc,
+        "threads": args.threads,
+        "tiny": args.tiny,
+        "runs": runs,
+        "widths_equal": one["widths"] == many["widths"],
+        "max_relative_logit_difference": difference,
+        "speedup_wall": one["wall_seconds"] / many["wall_seconds"],
+        "speedup_slicing": one["slicing_seconds"] / many["slicing_seconds"],
+        "torch": torch.__version__,
+    }
 
     print(f"`{result['command']}`\n")
     print("| run | threads / process | wall s | slicing s | speedup (slicing) |")
     print("|---|---:|---:|---:|---:|")
     for name, r in runs.items():
-        print(f"| {name} | {r['threads_per_process']} | {r['wall_seconds']:.1f} | {r['slicing_seconds']:.1f} | "
-              f"{one['slicing_seconds'] / r['slicing_seconds']:.2f}x |")
+        print(
+            f"| {name} | {r['threads_per_process']} | {r['wall_seconds']:.1f} | {r['slicing_seconds']:.1f} | "
+            f"{one['slicing_seconds'] / r['slicing_seconds']:.2f}x |"
+        )
     print(f"\nwidths equal: {result['widths_equal']}; largest relative logit difference: {difference:.1e}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -70,8 +70,14 @@ def one_run(model_key: str, mode: str, sparsity: float, args: argparse.Namespace
     }
     result["settings"] = _settings(args, sparsity)
     if sparsity > 0:
-        config = slicegpt.SliceConfig(sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
-                                      pca_signal=args.pca_signal, uniform=mode == "uniform")
+        config = slicegpt.SliceConfig(
+            sparsity=sparsity,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            batch_size=args.batch_size,
+            pca_signal=args.pca_signal,
+            uniform=mode == "uniform",
+        )
         report = slicegpt.slice_model(model, tokenizer, "wiki", config, source_model=name, progress=False)
         result.update(
             params=report.params_after,
@@ -83,8 +89,12 @@ def one_run(model_key: str, mode: str, sparsity: float, args: argparse.Namespace
             calibration_tokens=report.calibration_tokens,
         )
     else:
-        result.update(params=result["params_dense"], share_removed=0.0, width=int(model.config.hidden_size),
-                      block_params=result["block_params_dense"])
+        result.update(
+            params=result["params_dense"],
+            share_removed=0.0,
+            width=int(model.config.hidden_size),
+            block_params=result["block_params_dense"],
+        )
     start = time.perf_counter()
     res = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=args.eval_seqlen, max_rows=max_rows, progress=False)
     result.update(
@@ -124,7 +134,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--sparsities", default="0,0.2,0.25,0.3", help="0 = the dense model")
-    p.add_argument("--modes", default="per-layer", help="comma list of per-layer, uniform (one rotation, standard checkpoint)")
+    p.add_argument(
+        "--modes", default="per-layer", help="comma list of per-layer, uniform (one rotation, standard checkpoint)"
+    )
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=4)
@@ -138,16 +150,22 @@ def main() -> None:
         model_key, mode, sparsity = args.one.rsplit(":", 2)
         print("RESULT " + json.dumps(one_run(model_key, mode, float(sparsity), args)), flush=True)
         return
-    passed = [f"--{k.replace('_', '-')}={getattr(args, k)}"
-              for k in ("nsamples", "seqlen", "batch_size", "pca_signal", "eval_seqlen", "max_rows")]
+    passed = [
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in ("nsamples", "seqlen", "batch_size", "pca_signal", "eval_seqlen", "max_rows")
+    ]
     out_path = Path(args.out)
     results: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
 
     def key(r: dict) -> tuple:
         return r["model"], r.get("mode", "per-layer") if r["sparsity"] > 0 else "dense", r["sparsity"]
 
-    jobs = [(m, mode if s > 0 else "dense", s) for m in args.models.split(",") for mode in args.modes.split(",")
-            for s in (float(x) for x in args.sparsities.split(","))]
+    jobs = [
+        (m, mode if s > 0 else "dense", s)
+        for m in args.models.split(",")
+        for mode in args.modes.split(",")
+        for s in (float(x) for x in args.sparsities.split(","))
+    ]
     for model_key, mode, s in dict.fromkeys(jobs):  # the dense run once, whatever the modes
         job = f"{model_key}:{mode}:{s}"
         # A run measured with the same settings is kept (and not repeated): runs resume.

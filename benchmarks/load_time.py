@@ -50,7 +50,9 @@ def ensure_models() -> dict[str, str]:
         target = WORK / kind
         if not (target / "config.json").exists():
             model, tok, name = slicegpt.load_model()
-            slicegpt.slice_model(model, tok, "wiki", slicegpt.SliceConfig(sparsity=0.25, nsamples=16, seqlen=512, uniform=uniform))
+            slicegpt.slice_model(
+                model, tok, "wiki", slicegpt.SliceConfig(sparsity=0.25, nsamples=16, seqlen=512, uniform=uniform)
+            )
             slicegpt.save(model, target, tokenizer=tok, overwrite=True)
         paths[kind] = str(target)
     return paths
@@ -61,8 +63,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     paths = ensure_models()
-    kinds = {"dense": paths["dense"], "sliced-sha256": paths["sliced"], "sliced-size": paths["sliced"],
-             "sliced-auto": paths["sliced"], "uniform": paths["uniform"]}
+    kinds = {
+        "dense": paths["dense"],
+        "sliced-sha256": paths["sliced"],
+        "sliced-size": paths["sliced"],
+        "sliced-auto": paths["sliced"],
+        "uniform": paths["uniform"],
+    }
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
         for kind, path in kinds.items():

@@ -69,13 +69,18 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    print("| weight | dense (out, in) | row-major µs | input-major µs | sliced (out, in) | row-major µs | input-major µs "
-          "| sliced/dense, stock | sliced/dense, matvec layout | size sliced/dense |")
+    print(
+        "| weight | dense (out, in) | row-major µs | input-major µs | sliced (out, in) | row-major µs | input-major µs "
+        "| sliced/dense, stock | sliced/dense, matvec layout | size sliced/dense |"
+    )
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for name, dense, sliced in SHAPES:
-        variants = {(kind, layout): _copies(shape, layout)
-                    for kind, shape in (("dense", dense), ("sliced", sliced)) if shape is not None
-                    for layout in ("row-major", "input-major")}
+        variants = {
+            (kind, layout): _copies(shape, layout)
+            for kind, shape in (("dense", dense), ("sliced", sliced))
+            if shape is not None
+            for layout in ("row-major", "input-major")
+        }
         for weights in variants.values():
             _time_once(weights)  # warm-up: first touch of every page
         times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
@@ -97,11 +102,16 @@ def main() -> None:
             text = f"{us[f'{kind}_{layout}_us']:.1f}"
             return f"**{text}**" if chosen(shape) == layout else text  # bold: what the matvec layout uses
 
-        ratios = (f"{row['ratio_stock']:.3f} | {row['ratio_matvec']:.3f} | {row['size_ratio']:.3f}"
-                  if dense is not None else " | | ")
-        print(f"| {name} | {dense or ''} | {cell('dense', 'row-major', dense)} | {cell('dense', 'input-major', dense)} "
-              f"| {sliced} | {cell('sliced', 'row-major', sliced)} | {cell('sliced', 'input-major', sliced)} | {ratios} |",
-              flush=True)
+        ratios = (
+            f"{row['ratio_stock']:.3f} | {row['ratio_matvec']:.3f} | {row['size_ratio']:.3f}"
+            if dense is not None
+            else " | | "
+        )
+        print(
+            f"| {name} | {dense or ''} | {cell('dense', 'row-major', dense)} | {cell('dense', 'input-major', dense)} "
+            f"| {sliced} | {cell('sliced', 'row-major', sliced)} | {cell('sliced', 'input-major', sliced)} | {ratios} |",
+            flush=True,
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine()}

@@ -29,8 +29,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def one_run(mode: str, sparsity: float, nsamples: int, seqlen: int, eval_seqlen: int, max_rows: int | None,
-            dense_rows: int) -> dict:
+def one_run(
+    mode: str, sparsity: float, nsamples: int, seqlen: int, eval_seqlen: int, max_rows: int | None, dense_rows: int
+) -> dict:
     import torch
 
     import slicegpt
@@ -38,13 +39,20 @@ def one_run(mode: str, sparsity: float, nsamples: int, seqlen: int, eval_seqlen:
 
     torch.manual_seed(0)
     model, tokenizer, name = slicegpt.load_model()
-    config = slicegpt.SliceConfig(sparsity=sparsity, nsamples=nsamples, seqlen=seqlen, batch_size=8, uniform=mode == "uniform")
+    config = slicegpt.SliceConfig(
+        sparsity=sparsity, nsamples=nsamples, seqlen=seqlen, batch_size=8, uniform=mode == "uniform"
+    )
     result: dict = {"model": name, "mode": mode, "sparsity": sparsity, "nsamples": nsamples, "seqlen": seqlen}
     if mode == "dense":
         res = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=eval_seqlen, max_rows=max_rows)
-        result.update(perplexity=res.perplexity, perplexity_first40=res.perplexity_of_first(40), eval_rows=res.rows,
-                      eval_seconds=res.seconds,
-                      params=slicegpt.count_parameters(model), share_removed=0.0)
+        result.update(
+            perplexity=res.perplexity,
+            perplexity_first40=res.perplexity_of_first(40),
+            eval_rows=res.rows,
+            eval_seconds=res.seconds,
+            params=slicegpt.count_parameters(model),
+            share_removed=0.0,
+        )
     else:
         # One dense forward pass over exactly the calibration rows: the unit of slicing cost.
         rows = calibration_rows_for(model, tokenizer, "wiki", config)
@@ -104,18 +112,36 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         mode, sparsity = args.one.split(":")
-        print("RESULT " + json.dumps(one_run(mode, float(sparsity), args.nsamples, args.seqlen, args.eval_seqlen, args.max_rows,
-                                             args.dense_rows)))
+        print(
+            "RESULT "
+            + json.dumps(
+                one_run(
+                    mode, float(sparsity), args.nsamples, args.seqlen, args.eval_seqlen, args.max_rows, args.dense_rows
+                )
+            )
+        )
         return
     jobs = []
     for mode in args.modes.split(","):
-        for s in ([0.0] if mode == "dense" else [float(x) for x in args.sparsities.split(",")]):
+        for s in [0.0] if mode == "dense" else [float(x) for x in args.sparsities.split(",")]:
             jobs.append(f"{mode}:{s}")
     out_path = Path(args.out)
     results: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
     for job in jobs:
-        cmd = [sys.executable, __file__, "--one", job, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-               "--eval-seqlen", str(args.eval_seqlen), "--dense-rows", str(args.dense_rows)] + (["--max-rows", str(args.max_rows)] if args.max_rows else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            job,
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--eval-seqlen",
+            str(args.eval_seqlen),
+            "--dense-rows",
+            str(args.dense_rows),
+        ] + (["--max-rows", str(args.max_rows)] if args.max_rows else [])
         print(f"== {job}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -125,7 +151,9 @@ def main() -> None:
         r = json.loads(line[-1][7:])
         results = [x for x in results if (x["mode"], x["sparsity"]) != (r["mode"], r["sparsity"])] + [r]
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps({"runs": results, "torch_threads": __import__("torch").get_num_threads()}, indent=2) + "\n")
+        out_path.write_text(
+            json.dumps({"runs": results, "torch_threads": __import__("torch").get_num_threads()}, indent=2) + "\n"
+        )
         print(table([r]).splitlines()[-1], flush=True)
     order = {"dense": 0, "per-layer": 1, "uniform": 2}
     print(table(sorted(results, key=lambda r: (order.get(r["mode"], 9), r["sparsity"]))))

@@ -95,23 +95,55 @@ def main() -> None:
         for kind, folder in folders.items():
             for layout in args.layouts.split(","):
                 out = Path(tmp) / f"{kind}-{layout}.json"
-                cmd = [sys.executable, "-m", "slicegpt", "bench", str(folder), "--compare", args.dense,
-                       "--names", "dense,sliced", "--device", args.device, "--dtype", args.dtype,
-                       "--batch-sizes", args.batch_sizes, "--prompt-len", str(args.prompt_len),
-                       "--gen-len", str(args.gen_len), "--repeats", str(args.repeats), "--layout", layout,
-                       "--no-progress", "--json", str(out)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "slicegpt",
+                    "bench",
+                    str(folder),
+                    "--compare",
+                    args.dense,
+                    "--names",
+                    "dense,sliced",
+                    "--device",
+                    args.device,
+                    "--dtype",
+                    args.dtype,
+                    "--batch-sizes",
+                    args.batch_sizes,
+                    "--prompt-len",
+                    str(args.prompt_len),
+                    "--gen-len",
+                    str(args.gen_len),
+                    "--repeats",
+                    str(args.repeats),
+                    "--layout",
+                    layout,
+                    "--no-progress",
+                    "--json",
+                    str(out),
+                ]
                 print(f"== {kind} 25%, {layout} layout", flush=True)
                 subprocess.run(cmd, check=True)
                 result = json.loads(out.read_text())
-                runs.append({"slice": kind, "layout": layout, "folder": str(folder), "targets": verdicts(result),
-                             "result": result})
+                runs.append(
+                    {
+                        "slice": kind,
+                        "layout": layout,
+                        "folder": str(folder),
+                        "targets": verdicts(result),
+                        "result": result,
+                    }
+                )
 
     print()
     print(summary(runs))
     for run in runs:
         for name, v in run["targets"].items():
-            print(f"{run['slice']} / {run['layout']}: {name} = {v['value']:.3f} (target {v['target']}): "
-                  f"{'met' if v['met'] else 'NOT met'}")
+            print(
+                f"{run['slice']} / {run['layout']}: {name} = {v['value']:.3f} (target {v['target']}): "
+                f"{'met' if v['met'] else 'NOT met'}"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"kind": "speed_smollm2", "runs": runs}, indent=2) + "\n")
 

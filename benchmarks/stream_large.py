@@ -42,9 +42,18 @@ def make_model(folder: Path, layers: int, hidden: int, intermediate: int, heads:
     from slicegpt.data import load_text
     from slicegpt.io.shards import ShardWriter
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False,
-                         bos_token_id=0, eos_token_id=1)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -73,29 +82,68 @@ def make_model(folder: Path, layers: int, hidden: int, intermediate: int, heads:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab - 8, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab - 8,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([load_text("wiki", "calibration")], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>").save_pretrained(
+        folder
+    )
     return sum(4 * torch.Size(s).numel() for s in shapes.values())
 
 
 def run_slice(model: Path, out: Path, stream: str, args: argparse.Namespace) -> dict:
     report = out.with_suffix(".json")
-    cmd = [sys.executable, "-m", "slicegpt", "slice", str(model), "--stream", stream, "--out", str(out), "--overwrite",
-           "--sparsity", str(args.sparsity), "--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-           "--batch-size", "4", "--device", args.device, "--dtype", args.dtype, "--json", str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slicegpt",
+        "slice",
+        str(model),
+        "--stream",
+        stream,
+        "--out",
+        str(out),
+        "--overwrite",
+        "--sparsity",
+        str(args.sparsity),
+        "--calib",
+        "wiki",
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--batch-size",
+        "4",
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--json",
+        str(report),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     data = json.loads(report.read_text())
-    return {"seconds": time.perf_counter() - start, "peak_rss_gb": data["peak_rss_gb"], "params_sliced": data["params_sliced"],
-            "slicing_seconds": data["slicing_seconds"], "peak_cuda_gb": data.get("peak_cuda_gb")}
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_rss_gb": data["peak_rss_gb"],
+        "params_sliced": data["params_sliced"],
+        "slicing_seconds": data["slicing_seconds"],
+        "peak_cuda_gb": data.get("peak_cuda_gb"),
+    }
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.name.endswith((".safetensors", ".index.json"))}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.name.endswith((".safetensors", ".index.json"))
+    }
 
 
 def main() -> None:
@@ -108,7 +156,9 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.25)
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--device", default="cpu", help="where each layer is processed (cuda: the peak device memory is reported)")
+    p.add_argument(
+        "--device", default="cpu", help="where each layer is processed (cuda: the peak device memory is reported)"
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--modes", default="on,off", help="which runs: on (streamed), off (in memory), or both")
     p.add_argument("--json", default=str(RESULTS / "stream_large.json"))
@@ -125,22 +175,37 @@ def main() -> None:
     modes = args.modes.split(",")
     runs = {mode: run_slice(model, work / f"out-{mode}", mode, args) for mode in modes}
     same = digests(work / "out-on") == digests(work / "out-off") if len(runs) == 2 else None
-    result = {"model_bytes_float32": size, "layers": args.layers, "hidden": args.hidden, "calibration_activation_bytes": acts,
-              "device": args.device, "dtype": args.dtype, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-              "streamed": runs.get("on"), "in_memory": runs.get("off"), "outputs_identical": same,
-              "streamed_peak_share_of_model": runs["on"]["peak_rss_gb"] * 1e9 / size if "on" in runs else None,
-              "bound_25pct_plus_activations_gb": (0.25 * size + acts) / 1e9}
+    result = {
+        "model_bytes_float32": size,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "calibration_activation_bytes": acts,
+        "device": args.device,
+        "dtype": args.dtype,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "streamed": runs.get("on"),
+        "in_memory": runs.get("off"),
+        "outputs_identical": same,
+        "streamed_peak_share_of_model": runs["on"]["peak_rss_gb"] * 1e9 / size if "on" in runs else None,
+        "bound_25pct_plus_activations_gb": (0.25 * size + acts) / 1e9,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"model: {args.layers} layers x {args.hidden}, {size / 1e9:.2f} GB in float32; calibration activations {acts / 1e6:.0f} MB")
+    print(
+        f"model: {args.layers} layers x {args.hidden}, {size / 1e9:.2f} GB in float32; calibration activations {acts / 1e6:.0f} MB"
+    )
     print("| slicing | peak host RSS | share of the model | peak device | seconds |")
     print("|---|---:|---:|---:|---:|")
     for label, key in (("streamed (--stream on)", "on"), ("in memory (--stream off)", "off")):
         if key in runs:
             r = runs[key]
             device = f"{r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else "(host)"
-            print(f"| {label} | {r['peak_rss_gb']:.2f} GB | {r['peak_rss_gb'] * 1e9 / size:.0%} | {device} | {r['seconds']:.0f} |")
-    print(f"outputs byte-identical: {same}; bound (25% of the model + activations): {result['bound_25pct_plus_activations_gb']:.2f} GB")
+            print(
+                f"| {label} | {r['peak_rss_gb']:.2f} GB | {r['peak_rss_gb'] * 1e9 / size:.0%} | {device} | {r['seconds']:.0f} |"
+            )
+    print(
+        f"outputs byte-identical: {same}; bound (25% of the model + activations): {result['bound_25pct_plus_activations_gb']:.2f} GB"
+    )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    args.add_argument("--check", action="store_true", help="exit 1 if docs/cli.md differs from the parser; write nothing")
+    args.add_argument(
+        "--check", action="store_true", help="exit 1 if docs/cli.md differs from the parser; write nothing"
+    )
     opts = args.parse_args(argv)
     text = render()
     if opts.check:

@@ -58,8 +58,11 @@ def hf_logits(folder: str, ids: list[int]) -> np.ndarray:
     import slicegpt
 
     # a sliced folder of any kind through slicegpt (per-layer widths need its modules), else transformers
-    model = (slicegpt.load(folder) if slicegpt.io.format.is_sliced_folder(folder) else
-             AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)).eval()
+    model = (
+        slicegpt.load(folder)
+        if slicegpt.io.format.is_sliced_folder(folder)
+        else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
 
@@ -83,11 +86,15 @@ def _detokenize(llm: Any, ids: list[int]) -> str:
     raise RuntimeError("llama_detokenize kept asking for a larger buffer")
 
 
-def llamacpp_run(gguf: str, ids: list[int], text: str, text_ids: list[int], threads: int) -> tuple[np.ndarray, list[int], str, dict[str, str]]:
+def llamacpp_run(
+    gguf: str, ids: list[int], text: str, text_ids: list[int], threads: int
+) -> tuple[np.ndarray, list[int], str, dict[str, str]]:
     from llama_cpp import Llama
 
     n = len(ids)
-    llm = Llama(model_path=gguf, logits_all=True, n_ctx=max(n, 512), n_batch=max(n, 512), n_threads=threads, verbose=False)
+    llm = Llama(
+        model_path=gguf, logits_all=True, n_ctx=max(n, 512), n_batch=max(n, 512), n_threads=threads, verbose=False
+    )
     llm.reset()
     llm.eval(ids)
     logits = np.array(llm.scores[:n], dtype=np.float32)
@@ -160,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         "chat_template_match": meta.get("tokenizer.chat_template") == getattr(tokenizer, "chat_template", None),
         "seconds_transformers": round(t1 - t0, 2),
         "seconds_llamacpp": round(t2 - t1, 2),
-        "gguf_metadata": {k: v for k, v in meta.items() if not k.startswith("tokenizer.") or k in ("tokenizer.ggml.pre", "tokenizer.ggml.model")},
+        "gguf_metadata": {
+            k: v
+            for k, v in meta.items()
+            if not k.startswith("tokenizer.") or k in ("tokenizer.ggml.pre", "tokenizer.ggml.model")
+        },
     }
 
     rows = [

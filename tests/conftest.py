@@ -23,38 +23,136 @@ VOCAB = 320
 _COMMON = dict(vocab_size=VOCAB, max_position_embeddings=256)
 _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, **_COMMON)
 # Sliding windows shorter than the test inputs, so that sliding and global layers really differ.
-_GEMMA = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1, head_dim=16, **_COMMON)
+_GEMMA = dict(
+    hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1, head_dim=16, **_COMMON
+)
 _MOE = dict(num_experts_per_tok=2, num_key_value_heads=2, num_attention_heads=4, hidden_size=64, **_COMMON)
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", dict(num_hidden_layers=3, tie_word_embeddings=True, **_LLAMA_LIKE)),
     "mistral": ("MistralConfig", dict(num_hidden_layers=3, sliding_window=None, **_LLAMA_LIKE)),
     "qwen2": ("Qwen2Config", dict(num_hidden_layers=3, tie_word_embeddings=True, **_LLAMA_LIKE)),
     "qwen3": ("Qwen3Config", dict(num_hidden_layers=3, head_dim=16, **_LLAMA_LIKE)),
-    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
-                              enable_bias=True, pad_token_id=1, **_COMMON)),
-    "gpt2": ("GPT2Config", dict(n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=256, vocab_size=VOCAB,
-                                bos_token_id=0, eos_token_id=1)),
-    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                       rotary_pct=0.5, use_parallel_residual=True, attention_bias=True, bos_token_id=0,
-                                       eos_token_id=1, **_COMMON)),
-    "gpt_neox_sequential": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                                  num_attention_heads=4, rotary_pct=0.5, use_parallel_residual=False,
-                                                  bos_token_id=0, eos_token_id=1, **_COMMON)),
-    "gptj": ("GPTJConfig", dict(n_embd=64, n_inner=96, n_layer=2, n_head=4, rotary_dim=8, n_positions=256, vocab_size=VOCAB,
-                                bos_token_id=0, eos_token_id=1)),
-    "phi": ("PhiConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                              partial_rotary_factor=0.5, qk_layernorm=True, bos_token_id=0, eos_token_id=1, **_COMMON)),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            enable_bias=True,
+            pad_token_id=1,
+            **_COMMON,
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(
+            n_embd=64,
+            n_inner=96,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            vocab_size=VOCAB,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            rotary_pct=0.5,
+            use_parallel_residual=True,
+            attention_bias=True,
+            bos_token_id=0,
+            eos_token_id=1,
+            **_COMMON,
+        ),
+    ),
+    "gpt_neox_sequential": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            rotary_pct=0.5,
+            use_parallel_residual=False,
+            bos_token_id=0,
+            eos_token_id=1,
+            **_COMMON,
+        ),
+    ),
+    "gptj": (
+        "GPTJConfig",
+        dict(
+            n_embd=64,
+            n_inner=96,
+            n_layer=2,
+            n_head=4,
+            rotary_dim=8,
+            n_positions=256,
+            vocab_size=VOCAB,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
+    "phi": (
+        "PhiConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            partial_rotary_factor=0.5,
+            qk_layernorm=True,
+            bos_token_id=0,
+            eos_token_id=1,
+            **_COMMON,
+        ),
+    ),
     "phi3": ("Phi3Config", dict(num_hidden_layers=2, pad_token_id=0, bos_token_id=0, eos_token_id=1, **_LLAMA_LIKE)),
     "gemma": ("GemmaConfig", dict(num_hidden_layers=2, **_GEMMA)),
     "gemma2": ("Gemma2Config", dict(num_hidden_layers=2, sliding_window=8, query_pre_attn_scalar=16, **_GEMMA)),
-    "gemma3_text": ("Gemma3TextConfig", dict(num_hidden_layers=3, sliding_window=8,
-                                             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                                             **_GEMMA)),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        dict(
+            num_hidden_layers=3,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            **_GEMMA,
+        ),
+    ),
     "mixtral": ("MixtralConfig", dict(intermediate_size=48, num_hidden_layers=2, num_local_experts=4, **_MOE)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                                         num_experts=4, num_hidden_layers=3, mlp_only_layers=[1], qkv_bias=True, **_MOE)),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_hidden_layers=2,
-                                         head_dim=16, mlp_only_layers=[0], **_MOE)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_experts=4,
+            num_hidden_layers=3,
+            mlp_only_layers=[1],
+            qkv_bias=True,
+            **_MOE,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_hidden_layers=2,
+            head_dim=16,
+            mlp_only_layers=[0],
+            **_MOE,
+        ),
+    ),
 }
 
 
@@ -120,8 +218,12 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([SAMPLE_TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 

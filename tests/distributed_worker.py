@@ -41,8 +41,9 @@ def slice_case(name: str, streams: Streams | None) -> dict[str, Any]:
     """The widths and probe logits of one case sliced with ``streams`` (None: one process)."""
     family, n, kwargs = CASES[name]
     model = make_tiny(family)
-    report = slicegpt.slice_model(model, None, calib_rows(n, seqlen=16), slicegpt.SliceConfig(**kwargs), progress=False,
-                                  streams=streams)
+    report = slicegpt.slice_model(
+        model, None, calib_rows(n, seqlen=16), slicegpt.SliceConfig(**kwargs), progress=False, streams=streams
+    )
     with torch.no_grad():
         logits = model(input_ids=PROBE).logits
     return {"widths": report.widths.to_dict(), "logits": logits, "refits": dict(report.refits)}

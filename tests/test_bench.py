@@ -207,9 +207,7 @@ def test_compare_dense_vs_sliced_like(tmp_path: Path) -> None:
             measured = entry["measured_ratio"][metric]
             predicted = entry["predicted_ratio"][metric]
             assert measured > 0
-            assert measured == pytest.approx(
-                entry["metrics"]["sliced"][metric] / entry["metrics"]["dense"][metric]
-            )
+            assert measured == pytest.approx(entry["metrics"]["sliced"][metric] / entry["metrics"]["dense"][metric])
             assert entry["measured_over_predicted"][metric] == pytest.approx(measured / predicted)
         assert entry["predicted_ratio"]["prefill_tokens_per_s"] == pytest.approx(flops_dense / flops_sliced)
         assert entry["predicted_ratio"]["decode_tokens_per_s"] > 1  # the sliced model does less work
@@ -232,8 +230,16 @@ def test_benchmark_via_generate() -> None:
 
 @pytest.mark.parametrize("decode_method", ["manual", "generate"])
 def test_static_cache_decodes_dense_and_sliced_like(decode_method: str) -> None:
-    config = BenchConfig(prompt_len=8, gen_len=3, batch_sizes=(2,), repeats=2, warmup=0, cache="static",
-                         decode_method=decode_method, progress=False)
+    config = BenchConfig(
+        prompt_len=8,
+        gen_len=3,
+        batch_sizes=(2,),
+        repeats=2,
+        warmup=0,
+        cache="static",
+        decode_method=decode_method,
+        progress=False,
+    )
     result = compare(tiny_llama(), sliced_like_llama(), VOCAB, config)
     assert result["config"]["cache"] == "static"
     for metrics in result["results"][0]["metrics"].values():
@@ -252,8 +258,9 @@ def test_static_cache_gives_the_tokens_of_the_dynamic_one() -> None:
         handle = model.register_forward_hook(lambda _m, _a, out: tokens.append(out.logits[:, -1].argmax(-1)))
         try:
             with torch.no_grad():
-                _decode_manual(model, ids, BenchConfig(prompt_len=8, gen_len=5, cache=cache, progress=False),
-                               torch.device("cpu"))
+                _decode_manual(
+                    model, ids, BenchConfig(prompt_len=8, gen_len=5, cache=cache, progress=False), torch.device("cpu")
+                )
         finally:
             handle.remove()
         seen[cache] = tokens

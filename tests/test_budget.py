@@ -18,7 +18,9 @@ from conftest import calib_rows, make_tiny
 X = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
 
 
-def _moments(n: int = 12, d: int = 5, tokens: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _moments(
+    n: int = 12, d: int = 5, tokens: int = 400, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(tokens, n, dtype=torch.float64, generator=g) * torch.linspace(0.1, 2.0, n, dtype=torch.float64)
     w = torch.randn(d, n, dtype=torch.float64, generator=g)
@@ -86,7 +88,9 @@ def test_refit_beats_plain_dropping_on_the_block_output() -> None:
     keep = neurons.greedy_neurons(stats.mean(), consumers[0].module.weight.double(), 48)
     dropped, refit = copy.deepcopy(block), copy.deepcopy(block)
     neurons.keep_neurons(dropped, spec, keep)
-    neurons.keep_neurons(refit, spec, keep, [neurons.ridge_refit(stats.mean(), consumers[0].module.weight.double(), keep, 0.0)])
+    neurons.keep_neurons(
+        refit, spec, keep, [neurons.ridge_refit(stats.mean(), consumers[0].module.weight.double(), keep, 0.0)]
+    )
     with torch.no_grad():
         err_drop = (dropped.mlp_branch(x) - ref).pow(2).mean()
         err_refit = (refit.mlp_branch(x) - ref).pow(2).mean()
@@ -126,7 +130,11 @@ def test_expert_neurons_kept_in_any_order_leave_the_moe_block_unchanged(family: 
     with torch.no_grad():
         assert torch.allclose(block.mlp(x), ref, atol=1e-12)
     neurons.keep_expert_neurons(experts, perm[:, :8])
-    assert experts.gate_up_proj.shape == (E, 16, 64) and experts.down_proj.shape == (E, 64, 8) and experts.intermediate_dim == 8
+    assert (
+        experts.gate_up_proj.shape == (E, 16, 64)
+        and experts.down_proj.shape == (E, 64, 8)
+        and experts.intermediate_dim == 8
+    )
 
 
 def test_transposed_expert_stacks_keep_the_same_neurons() -> None:
@@ -142,8 +150,12 @@ def test_transposed_expert_stacks_keep_the_same_neurons() -> None:
         neurons.keep_expert_neurons(m, index)
     assert torch.equal(flipped.gate_up_proj.transpose(1, 2), plain.gate_up_proj)
     assert torch.equal(flipped.down_proj.transpose(1, 2), plain.down_proj)
-    assert torch.equal(plain.gate_up_proj[2, 1], torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(2))[2, 3])
-    assert torch.equal(plain.gate_up_proj[2, 3], torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(2))[2, 9])
+    assert torch.equal(
+        plain.gate_up_proj[2, 1], torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(2))[2, 3]
+    )
+    assert torch.equal(
+        plain.gate_up_proj[2, 3], torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(2))[2, 9]
+    )
 
 
 def test_an_expert_no_token_reached_keeps_its_largest_weights() -> None:
@@ -216,10 +228,23 @@ def test_a_uniform_moe_budget_is_a_standard_checkpoint_with_pruned_experts(famil
         assert torch.allclose(plain(input_ids=X).logits, model(input_ids=X).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("family,uniform,fraction", [("llama", True, 0.85), ("qwen2", True, 0.85), ("llama", False, 0.85),
-                                                     ("opt", False, 0.95), ("gpt2", False, 0.9), ("gptj", False, 0.85),
-                                                     ("mixtral", False, 0.9), ("qwen2_moe", True, 0.9), ("qwen3_moe", False, 0.9)])
-def test_counter_equals_the_built_model_and_target_is_never_exceeded(family: str, uniform: bool, fraction: float, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "family,uniform,fraction",
+    [
+        ("llama", True, 0.85),
+        ("qwen2", True, 0.85),
+        ("llama", False, 0.85),
+        ("opt", False, 0.95),
+        ("gpt2", False, 0.9),
+        ("gptj", False, 0.85),
+        ("mixtral", False, 0.9),
+        ("qwen2_moe", True, 0.9),
+        ("qwen3_moe", False, 0.9),
+    ],
+)
+def test_counter_equals_the_built_model_and_target_is_never_exceeded(
+    family: str, uniform: bool, fraction: float, tmp_path: Path
+) -> None:
     model = make_tiny(family, dtype=torch.float32)
     shipped = slicegpt.count_parameters(model)
     config = slicegpt.SliceConfig(batch_size=4, uniform=uniform, target_params=fraction, residual_share=0.5)
@@ -240,11 +265,21 @@ def test_counter_equals_the_built_model_and_target_is_never_exceeded(family: str
 def test_bad_targets_and_axes_fail_before_any_work() -> None:
     model = make_tiny("llama", dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown compression axes"):
-        slicegpt.slice_model(model, None, calib_rows(4), slicegpt.SliceConfig(target_params=0.8, axes="heads"), progress=False)
+        slicegpt.slice_model(
+            model, None, calib_rows(4), slicegpt.SliceConfig(target_params=0.8, axes="heads"), progress=False
+        )
     with pytest.raises(ValueError, match="not below"):
-        slicegpt.slice_model(model, None, calib_rows(4), slicegpt.SliceConfig(target_params=2e6, uniform=True), progress=False)
+        slicegpt.slice_model(
+            model, None, calib_rows(4), slicegpt.SliceConfig(target_params=2e6, uniform=True), progress=False
+        )
     with pytest.raises(ValueError, match="leaves no MLP neurons"):
-        slicegpt.slice_model(model, None, calib_rows(4), slicegpt.SliceConfig(target_params=0.3, axes="mlp", uniform=True), progress=False)
+        slicegpt.slice_model(
+            model,
+            None,
+            calib_rows(4),
+            slicegpt.SliceConfig(target_params=0.3, axes="mlp", uniform=True),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="positive"):
         slicegpt.SliceConfig(target_params=-1)
     assert parse_axes("mlp, residual") == ("mlp", "residual")
@@ -327,7 +362,9 @@ def test_corrections_are_exact_unsliced_and_fit_the_dense_model_on_calibration_r
         config = slicegpt.SliceConfig(sparsity=sparsity, batch_size=16, uniform=True, correct=correct)
         report = slicegpt.slice_model(model, None, rows, config, progress=False)
         if correct:  # every attention and MLP writer refit, each strength chosen on the held-out batch
-            assert set(report.refits) == {f"layer.{i}.{b}" for i in range(len(model.model.layers)) for b in ("attn", "mlp")}
+            assert set(report.refits) == {
+                f"layer.{i}.{b}" for i in range(len(model.model.layers)) for b in ("attn", "mlp")
+            }
             assert set(report.refits.values()) <= set(refit.RIDGE_GRID)
         with torch.inference_mode():
             ref = torch.log_softmax(dense(input_ids=rows[:16]).logits, -1)
@@ -355,9 +392,17 @@ def test_every_uniform_width_a_sweep_reports_saves_and_reloads_in_plain_transfor
 
     from slicegpt.evaluation.sweep import SweepEval, sweep
 
-    base = slicegpt.SliceConfig(round_to=1, batch_size=4, nsamples=4, seqlen=24, uniform=True, calib=slicegpt.Text(_TEXT))
-    results = sweep(_tiny_dir(tmp_path), "0.1,0.2,0.3", config=base,
-                    evaluation=SweepEval(ppl=slicegpt.Text(_TEXT), seqlen=24), plots=False, progress=False)
+    base = slicegpt.SliceConfig(
+        round_to=1, batch_size=4, nsamples=4, seqlen=24, uniform=True, calib=slicegpt.Text(_TEXT)
+    )
+    results = sweep(
+        _tiny_dir(tmp_path),
+        "0.1,0.2,0.3",
+        config=base,
+        evaluation=SweepEval(ppl=slicegpt.Text(_TEXT), seqlen=24),
+        plots=False,
+        progress=False,
+    )
     widths = [r["widths"]["embedding"] for r in results["runs"]]
     assert all(w % 4 == 0 for w in widths) and len(set(widths)) == 3  # 4 heads: multiples of 4 only
     for run in results["runs"]:
@@ -413,8 +458,13 @@ def test_a_per_layer_budget_on_mlp_neurons_keeps_the_basis_and_a_tied_head(famil
     model = make_tiny(family, dtype=torch.float32)
     spec = spec_for_config(model.config)
     tied = is_tied(model, spec)
-    report = slicegpt.slice_model(model, None, calib_rows(16), slicegpt.SliceConfig(batch_size=4, uniform=False, target_params=0.85),
-                                  progress=False)
+    report = slicegpt.slice_model(
+        model,
+        None,
+        calib_rows(16),
+        slicegpt.SliceConfig(batch_size=4, uniform=False, target_params=0.85),
+        progress=False,
+    )
     assert report.mode == "per-layer" and report.allocation["residual_share"] == 0.0 and report.widths.embedding == 64
     assert report.params_before * 0.8 < report.params_after == count_parameters(model) <= report.target_params
     assert not any(w.attn_shortcut or w.mlp_shortcut for w in report.widths.layers)
@@ -423,7 +473,9 @@ def test_a_per_layer_budget_on_mlp_neurons_keeps_the_basis_and_a_tied_head(famil
     if spec.experts is None:
         assert report.allocation["mlp_neurons_per_layer"] == kept and sum(kept) == report.allocation["spread"]["total"]
         assert report.allocation["spread"]["total"] >= len(kept) * report.allocation["mlp_neurons"]
-        assert report.allocation["spread"]["weighted_error_spread"] <= report.allocation["spread"]["weighted_error_even"]
+        assert (
+            report.allocation["spread"]["weighted_error_spread"] <= report.allocation["spread"]["weighted_error_even"]
+        )
     else:
         assert "spread" not in report.allocation and len(set(kept)) == 1
     with torch.no_grad():
@@ -436,13 +488,22 @@ def test_a_per_layer_budget_on_mlp_neurons_keeps_the_basis_and_a_tied_head(famil
 
 
 def test_spread_neurons_off_keeps_one_count_and_the_same_count_of_parameters() -> None:
-    spread, even = [slicegpt.slice_model(make_tiny("llama", dtype=torch.float32), None, calib_rows(16),
-                                         slicegpt.SliceConfig(batch_size=4, uniform=False, target_params=0.85, spread_neurons=on), progress=False)
-                    for on in (True, False)]
+    spread, even = [
+        slicegpt.slice_model(
+            make_tiny("llama", dtype=torch.float32),
+            None,
+            calib_rows(16),
+            slicegpt.SliceConfig(batch_size=4, uniform=False, target_params=0.85, spread_neurons=on),
+            progress=False,
+        )
+        for on in (True, False)
+    ]
     assert len({w.mlp for w in even.widths.layers}) == 1 and "spread" not in even.allocation
     assert len({w.mlp for w in spread.widths.layers}) > 1
-    assert spread.params_after - even.params_after == (spread.allocation["spread"]["total"]
-                                                       - spread.allocation["spread"]["even_total"]) * 3 * 64
+    assert (
+        spread.params_after - even.params_after
+        == (spread.allocation["spread"]["total"] - spread.allocation["spread"]["even_total"]) * 3 * 64
+    )
     assert even.params_after <= spread.params_after <= spread.target_params
 
 
@@ -484,7 +545,9 @@ def test_corrections_default_on_with_a_target_and_token_weighting_changes_the_fi
     down = {}
     for weighting in ("none", "norm"):
         model = make_tiny("llama", dtype=torch.float32)
-        config = slicegpt.SliceConfig(batch_size=4, uniform=True, target_params=0.85, axes="mlp", token_weighting=weighting)
+        config = slicegpt.SliceConfig(
+            batch_size=4, uniform=True, target_params=0.85, axes="mlp", token_weighting=weighting
+        )
         report = slicegpt.slice_model(model, None, calib_rows(16), config, progress=False)
         assert report.params_after <= report.target_params and report.summary()["corrections"]
         down[weighting] = model.model.layers[1].mlp.down_proj.weight.detach().clone()
@@ -516,6 +579,11 @@ def test_an_untied_model_at_a_uniform_budget_stays_within_it(family: str) -> Non
         skeleton = type(model)(model.config)
     spec = slicegpt.arch.spec_for_config(model.config)
     assert is_tied(skeleton, spec) == is_tied(model, spec) == bool(model.config.tie_word_embeddings)
-    report = slicegpt.slice_model(model, None, calib_rows(4, 16), slicegpt.SliceConfig(target_params=0.5, uniform=True, batch_size=4),
-                                  progress=False)
+    report = slicegpt.slice_model(
+        model,
+        None,
+        calib_rows(4, 16),
+        slicegpt.SliceConfig(target_params=0.5, uniform=True, batch_size=4),
+        progress=False,
+    )
     assert report.params_after <= report.target_params

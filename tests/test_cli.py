@@ -31,16 +31,46 @@ def test_slice_eval_roundtrip(tiny_model_dir: Path, tmp_path: Path, capsys) -> N
     out = tmp_path / "sliced"
     report = tmp_path / "r.json"
     corpus = str(tiny_model_dir / "corpus.txt")
-    code, stdout, _ = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", corpus,
-                           "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--out", str(out),
-                           "--ppl", corpus, "--eval-seqlen", "32", "--json", str(report))
+    code, stdout, _ = _run(
+        capsys,
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--sparsity",
+        "0.25",
+        "--calib",
+        corpus,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--ppl",
+        corpus,
+        "--eval-seqlen",
+        "32",
+        "--json",
+        str(report),
+    )
     assert code == 0
     assert "| parameters |" in stdout and "perplexity" in stdout
     data = json.loads(report.read_text())
-    for key in ("params_dense", "params_sliced", "share_removed", "slicing_seconds", "peak_rss_gb", "dense_perplexity", "sliced_perplexity"):
+    for key in (
+        "params_dense",
+        "params_sliced",
+        "share_removed",
+        "slicing_seconds",
+        "peak_rss_gb",
+        "dense_perplexity",
+        "sliced_perplexity",
+    ):
         assert key in data
     assert data["widths"]["embedding"] == 48
-    code, stdout, _ = _run(capsys, "eval", str(out), "--ppl", corpus, "--seqlen", "32", "--json", str(tmp_path / "e.json"))
+    code, stdout, _ = _run(
+        capsys, "eval", str(out), "--ppl", corpus, "--seqlen", "32", "--json", str(tmp_path / "e.json")
+    )
     assert code == 0
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["perplexity"]["perplexity"] == pytest.approx(data["sliced_perplexity"]["perplexity"], rel=1e-5)
@@ -56,13 +86,28 @@ def test_help_explains_every_flag(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["slice", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--sparsity", "--calib", "--nsamples", "--seqlen", "--batch-size", "--round-to", "--device", "--dtype", "--seed", "--out", "--overwrite", "--json"):
+    for flag in (
+        "--sparsity",
+        "--calib",
+        "--nsamples",
+        "--seqlen",
+        "--batch-size",
+        "--round-to",
+        "--device",
+        "--dtype",
+        "--seed",
+        "--out",
+        "--overwrite",
+        "--json",
+    ):
         assert flag in out
 
 
 def test_bad_sparsity(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     for value in ("1.0", "-0.1", "1.5"):
-        code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", value, "--out", str(tmp_path / "o"))
+        code, _, err = _run(
+            capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", value, "--out", str(tmp_path / "o")
+        )
         _one_line_error(code, err, "sparsity")
     assert not (tmp_path / "o").exists()
 
@@ -79,7 +124,21 @@ def test_unknown_architecture(tmp_path: Path, capsys) -> None:
 def test_too_little_calibration_text(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     short = tmp_path / "short.txt"
     short.write_text("only a few words here.\n")
-    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", str(short), "--nsamples", "8", "--seqlen", "32", "--out", str(tmp_path / "o"))
+    code, _, err = _run(
+        capsys,
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--sparsity",
+        "0.25",
+        "--calib",
+        str(short),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--out",
+        str(tmp_path / "o"),
+    )
     _one_line_error(code, err, "calibration text", "8 asked")
     assert not (tmp_path / "o").exists()
 
@@ -88,7 +147,21 @@ def test_output_folder_exists(tiny_model_dir: Path, tmp_path: Path, capsys) -> N
     out = tmp_path / "o"
     out.mkdir()
     (out / "precious").write_text("x")
-    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", str(tiny_model_dir / "corpus.txt"), "--nsamples", "2", "--seqlen", "32", "--out", str(out))
+    code, _, err = _run(
+        capsys,
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--sparsity",
+        "0.25",
+        "--calib",
+        str(tiny_model_dir / "corpus.txt"),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--out",
+        str(out),
+    )
     _one_line_error(code, err, "exists", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["precious"]
 
@@ -104,10 +177,40 @@ def test_overwrite_never_deletes_the_input_model_or_the_working_directory(tmp_pa
     corpus.write_text(SAMPLE_TEXT)
     before = sorted(p.name for p in src.iterdir())
     for out in (src, src.parent, tmp_path):
-        code, _, err = _run(capsys, "slice", str(src), "--sparsity", "0.25", "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--out", str(out), "--overwrite")
+        code, _, err = _run(
+            capsys,
+            "slice",
+            str(src),
+            "--sparsity",
+            "0.25",
+            "--calib",
+            str(corpus),
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "32",
+            "--out",
+            str(out),
+            "--overwrite",
+        )
         _one_line_error(code, err, "would replace the input")
     monkeypatch.chdir(tmp_path / "models")
-    code, _, err = _run(capsys, "slice", str(src), "--sparsity", "0.25", "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--out", ".", "--overwrite")
+    code, _, err = _run(
+        capsys,
+        "slice",
+        str(src),
+        "--sparsity",
+        "0.25",
+        "--calib",
+        str(corpus),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--out",
+        ".",
+        "--overwrite",
+    )
     _one_line_error(code, err, "would replace")
     assert sorted(p.name for p in src.iterdir()) == before
 
@@ -133,7 +236,18 @@ def test_python_m_slicegpt_help_lists_every_command() -> None:
 
     from slicegpt.cli import COMMANDS
 
-    assert list(COMMANDS) == ["compress", "slice", "recover", "eval", "generate-data", "bench", "sweep", "inspect", "export", "plan"]
+    assert list(COMMANDS) == [
+        "compress",
+        "slice",
+        "recover",
+        "eval",
+        "generate-data",
+        "bench",
+        "sweep",
+        "inspect",
+        "export",
+        "plan",
+    ]
     done = subprocess.run([sys.executable, "-m", "slicegpt", "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     listed = done.stdout.split("positional arguments:")[1]
@@ -141,7 +255,9 @@ def test_python_m_slicegpt_help_lists_every_command() -> None:
         assert f"\n    {command} " in listed, command
 
 
-@pytest.mark.parametrize("command", ["compress", "slice", "recover", "eval", "generate-data", "bench", "sweep", "inspect", "export", "plan"])
+@pytest.mark.parametrize(
+    "command", ["compress", "slice", "recover", "eval", "generate-data", "bench", "sweep", "inspect", "export", "plan"]
+)
 def test_every_command_has_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -152,32 +268,89 @@ def test_every_command_has_help(command: str, capsys) -> None:
 def test_slice_to_a_parameter_target_never_exceeds_it(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     corpus = str(tiny_model_dir / "corpus.txt")
     common = ("--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--uniform")
-    code, stdout, _ = _run(capsys, "slice", str(tiny_model_dir / "model"), "--target-params", "0.8", "--axes", "mlp,residual",
-                           "--residual-share", "0.5", "--correct", *common, "--out", str(tmp_path / "t"), "--json", str(tmp_path / "t.json"))
+    code, stdout, _ = _run(
+        capsys,
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--target-params",
+        "0.8",
+        "--axes",
+        "mlp,residual",
+        "--residual-share",
+        "0.5",
+        "--correct",
+        *common,
+        "--out",
+        str(tmp_path / "t"),
+        "--json",
+        str(tmp_path / "t.json"),
+    )
     assert code == 0, stdout
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["params_sliced"] <= data["target_params"] == int(0.8 * data["params_dense"])
     assert data["allocation"]["residual_share"] == 0.5 and "achieved" in stdout
     from transformers import AutoModelForCausalLM
 
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "t")  # a standard checkpoint: one width, one intermediate size
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "t"
+    )  # a standard checkpoint: one width, one intermediate size
     assert loaded.config.hidden_size == data["allocation"]["residual_width"]
     assert loaded.config.intermediate_size == data["allocation"]["mlp_neurons"]
     assert sum(p.numel() for p in loaded.parameters()) == data["params_sliced"]
-    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--target-params", "12k", "--axes", "mlp", *common,
-                        "--out", str(tmp_path / "u"))
+    code, _, err = _run(
+        capsys,
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--target-params",
+        "12k",
+        "--axes",
+        "mlp",
+        *common,
+        "--out",
+        str(tmp_path / "u"),
+    )
     _one_line_error(code, err, "leaves no MLP neurons")
-    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--target-params", "0.8", "--axes", "heads", *common,
-                        "--out", str(tmp_path / "v"))
+    code, _, err = _run(
+        capsys,
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--target-params",
+        "0.8",
+        "--axes",
+        "heads",
+        *common,
+        "--out",
+        str(tmp_path / "v"),
+    )
     _one_line_error(code, err, "unknown compression axes")
     assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
 
 
 def test_sweep_over_parameter_targets(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     corpus = str(tiny_model_dir / "corpus.txt")
-    code, _, _ = _run(capsys, "sweep", str(tiny_model_dir / "model"), "--targets", "1,0.85", "--uniform", "--calib", corpus,
-                      "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--ppl", corpus, "--eval-seqlen", "32",
-                      "--out", str(tmp_path / "s"), "--no-plots")
+    code, _, _ = _run(
+        capsys,
+        "sweep",
+        str(tiny_model_dir / "model"),
+        "--targets",
+        "1,0.85",
+        "--uniform",
+        "--calib",
+        corpus,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--ppl",
+        corpus,
+        "--eval-seqlen",
+        "32",
+        "--out",
+        str(tmp_path / "s"),
+        "--no-plots",
+    )
     assert code == 0
     runs = json.loads((tmp_path / "s" / "results.json").read_text())["runs"]
     assert [r["target"] for r in runs] == [None, 0.85] and runs[0]["dense"]
@@ -196,21 +369,58 @@ def test_numerical_faults_and_impossible_devices_are_one_line(tiny_model_dir: Pa
     bad.save_pretrained(tmp_path / "nan")
     tiny_tokenizer().save_pretrained(tmp_path / "nan")
     corpus = str(tiny_model_dir / "corpus.txt")
-    code, _, err = _run(capsys, "slice", str(tmp_path / "nan"), "--sparsity", "0.25", "--calib", corpus, "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o"))
+    code, _, err = _run(
+        capsys,
+        "slice",
+        str(tmp_path / "nan"),
+        "--sparsity",
+        "0.25",
+        "--calib",
+        corpus,
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--out",
+        str(tmp_path / "o"),
+    )
     _one_line_error(code, err, "model.layers.1.mlp.down_proj.weight holds NaN or Inf")
     assert not (tmp_path / "o").exists()
     # Activations that overflow are caught where they first reach a covariance, naming the place.
     model = make_tiny("llama", dtype=torch.float32)
     model.model.layers[0].self_attn.register_forward_hook(lambda _m, _i, out: (out[0] * float("inf"), *out[1:]))
     with pytest.raises(slicegpt.core.pca.NumericalError, match="as loaded gives NaN or Inf logits"):
-        slicegpt.slice_model(model, None, calib_rows(4, 16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
+        slicegpt.slice_model(
+            model, None, calib_rows(4, 16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False
+        )
     model = make_tiny("llama", dtype=torch.float32)
     model.model.layers[0].self_attn.register_forward_hook(lambda _m, _i, out: (out[0] * float("inf"), *out[1:]))
     with pytest.raises(slicegpt.core.pca.NumericalError, match="layer 0, the stream after its attention branch"):
-        slicegpt.slice_model(model, None, calib_rows(4, 16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, verify=False), progress=False)
+        slicegpt.slice_model(
+            model,
+            None,
+            calib_rows(4, 16),
+            slicegpt.SliceConfig(sparsity=0.25, batch_size=4, verify=False),
+            progress=False,
+        )
     if not torch.cuda.is_available():
-        code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", corpus, "--nsamples", "2", "--seqlen", "32",
-                            "--device", "cuda", "--out", str(tmp_path / "c"))
+        code, _, err = _run(
+            capsys,
+            "slice",
+            str(tiny_model_dir / "model"),
+            "--sparsity",
+            "0.25",
+            "--calib",
+            corpus,
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "32",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "c"),
+        )
         _one_line_error(code, err, "CUDA is not available")
         code, _, err = _run(capsys, "eval", str(tiny_model_dir / "model"), "--ppl", corpus, "--device", "cuda")
         _one_line_error(code, err, "CUDA is not available")
@@ -219,10 +429,22 @@ def test_numerical_faults_and_impossible_devices_are_one_line(tiny_model_dir: Pa
     with pytest.raises(TypeError, match="sparsity must be a number"):
         slicegpt.SliceConfig(sparsity="0.2")
     # Fewer calibration tokens than the hidden width: a warning, the run goes on.
-    slicegpt.slice_model(make_tiny("llama", dtype=torch.float32), None, calib_rows(2, 8), slicegpt.SliceConfig(sparsity=0.25, batch_size=2), progress=False)
+    slicegpt.slice_model(
+        make_tiny("llama", dtype=torch.float32),
+        None,
+        calib_rows(2, 8),
+        slicegpt.SliceConfig(sparsity=0.25, batch_size=2),
+        progress=False,
+    )
     assert "rank-deficient" in capsys.readouterr().err
     # A half-precision model is sliced with float64 statistics, and says so.
-    slicegpt.slice_model(make_tiny("llama", dtype=torch.bfloat16), None, calib_rows(4, 16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
+    slicegpt.slice_model(
+        make_tiny("llama", dtype=torch.bfloat16),
+        None,
+        calib_rows(4, 16),
+        slicegpt.SliceConfig(sparsity=0.25, batch_size=4),
+        progress=False,
+    )
     assert "accumulated into float64 covariances" in capsys.readouterr().err
 
 
@@ -255,7 +477,9 @@ def test_hostile_input_is_refused_before_any_work(tiny_model_dir: Path, tmp_path
     assert _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(sliced))[0] == 0
     code, _, err = _run(capsys, "slice", str(sliced), "--sparsity", "0.25", *args, "--out", str(tmp_path / "again"))
     _one_line_error(code, err, "already sliced")
-    code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "j"), "--json", str(tmp_path))
+    code, _, err = _run(
+        capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "j"), "--json", str(tmp_path)
+    )
     _one_line_error(code, err, "is a folder")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "dangling"))
@@ -273,9 +497,28 @@ def test_hostile_input_is_refused_before_any_work(tiny_model_dir: Path, tmp_path
     _one_line_error(code, err, "upgrade slicegpt")
     # Calibration text of NUL bytes; a --seqlen above the context is recorded as used.
     (tmp_path / "nul.txt").write_text("\x00" * 5000)
-    code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", "--calib", str(tmp_path / "nul.txt"), "--out", str(tmp_path / "z"))
+    code, _, err = _run(
+        capsys, "slice", model, "--sparsity", "0.25", "--calib", str(tmp_path / "nul.txt"), "--out", str(tmp_path / "z")
+    )
     _one_line_error(code, err, "not text")
-    assert _run(capsys, "slice", model, "--sparsity", "0.25", "--calib", corpus, "--nsamples", "1", "--seqlen", "100000", "--out", str(tmp_path / "long"))[0] == 0
+    assert (
+        _run(
+            capsys,
+            "slice",
+            model,
+            "--sparsity",
+            "0.25",
+            "--calib",
+            corpus,
+            "--nsamples",
+            "1",
+            "--seqlen",
+            "100000",
+            "--out",
+            str(tmp_path / "long"),
+        )[0]
+        == 0
+    )
     assert slicegpt.read_metadata(tmp_path / "long")["settings"]["seqlen"] == 256
     # A writer killed mid-save left its staging folder: the next save beside it removes it.
     stale = tmp_path / ".sliced2.tmp-999999-abcd"
@@ -315,8 +558,14 @@ def test_damaged_source_checkpoints_are_one_line(tmp_path: Path, capsys) -> None
     for f in no_tokenizer.iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             f.unlink()
-    for folder, needle in ((truncated, "cannot load model"), (reshaped, "cannot load model"), (no_tokenizer, "cannot load the tokenizer")):
-        code, _, err = _run(capsys, "slice", str(folder), "--sparsity", "0.25", *args, "--out", str(tmp_path / f"out-{folder.name}"))
+    for folder, needle in (
+        (truncated, "cannot load model"),
+        (reshaped, "cannot load model"),
+        (no_tokenizer, "cannot load the tokenizer"),
+    ):
+        code, _, err = _run(
+            capsys, "slice", str(folder), "--sparsity", "0.25", *args, "--out", str(tmp_path / f"out-{folder.name}")
+        )
         _one_line_error(code, err, needle)
         assert not err.strip().endswith(":"), err
         assert not (tmp_path / f"out-{folder.name}").exists()
@@ -337,23 +586,52 @@ def test_only_safetensors_are_read_and_state_files_are_not_pickles(tmp_path: Pat
     tiny_tokenizer().save_pretrained(pickled)
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     (tmp_path / "c.txt").write_text(SAMPLE_TEXT)
-    code, _, err = _run(capsys, "slice", str(pickled), "--sparsity", "0.25", "--calib", str(tmp_path / "c.txt"), "--nsamples", "2", "--seqlen", "32",
-                        "--out", str(tmp_path / "o"))
+    code, _, err = _run(
+        capsys,
+        "slice",
+        str(pickled),
+        "--sparsity",
+        "0.25",
+        "--calib",
+        str(tmp_path / "c.txt"),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--out",
+        str(tmp_path / "o"),
+    )
     _one_line_error(code, err, "cannot load model")
     # Checkpoint state (optimiser states keyed by int, tuples, inf, views of one tensor) round-trips through safetensors.
     base = torch.arange(6.0)
-    tree = {"state": {0: {"step": torch.tensor(3.0), "m": base.view(2, 3)}, 1: {"m": base[:2]}}, "best": math.inf,
-            "groups": [{"lr": 1e-3, "params": [0, 1]}], "pair": (1, "a"), "none": None}
+    tree = {
+        "state": {0: {"step": torch.tensor(3.0), "m": base.view(2, 3)}, 1: {"m": base[:2]}},
+        "best": math.inf,
+        "groups": [{"lr": 1e-3, "params": [0, 1]}],
+        "pair": (1, "a"),
+        "none": None,
+    }
     save_tree(tmp_path / "s.safetensors", tree)
     back = load_tree(tmp_path / "s.safetensors")
-    assert back["best"] == math.inf and back["pair"] == (1, "a") and back["groups"] == tree["groups"] and back["none"] is None
-    assert set(back["state"]) == {0, 1} and torch.equal(back["state"][0]["m"], base.view(2, 3)) and torch.equal(back["state"][1]["m"], base[:2])
+    assert (
+        back["best"] == math.inf
+        and back["pair"] == (1, "a")
+        and back["groups"] == tree["groups"]
+        and back["none"] is None
+    )
+    assert (
+        set(back["state"]) == {0, 1}
+        and torch.equal(back["state"][0]["m"], base.view(2, 3))
+        and torch.equal(back["state"][1]["m"], base[:2])
+    )
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(TreeFileError, match="cannot read the state file"):
         load_tree(tmp_path / "bad.safetensors")
 
 
-def test_one_writer_per_output_and_free_space_checked(tiny_model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_one_writer_per_output_and_free_space_checked(
+    tiny_model_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
     import subprocess
     import sys
 
@@ -377,14 +655,20 @@ def test_one_writer_per_output_and_free_space_checked(tiny_model_dir: Path, tmp_
             p.kill()
             p.wait()
     lock.write_text("999999")  # a dead writer's lock is taken over, and released at the end
-    assert _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "o"), "--overwrite")[0] == 0
+    assert (
+        _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "o"), "--overwrite")[0] == 0
+    )
     assert not lock.exists()
     # A disk too full for the model: refused before writing, nothing left behind.
     monkeypatch.setattr(folders.shutil, "disk_usage", lambda _p: type("U", (), {"free": 1000})())
-    code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "full"))  # streamed: refused before any work
+    code, _, err = _run(
+        capsys, "slice", model, "--sparsity", "0.25", *args, "--out", str(tmp_path / "full")
+    )  # streamed: refused before any work
     _one_line_error(code, err, "needs about", "are free on the disk")
     assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.*"))
-    code, _, err = _run(capsys, "slice", model, "--sparsity", "0.25", *args, "--stream", "off", "--out", str(tmp_path / "full"))  # in memory: at the save
+    code, _, err = _run(
+        capsys, "slice", model, "--sparsity", "0.25", *args, "--stream", "off", "--out", str(tmp_path / "full")
+    )  # in memory: at the save
     _one_line_error(code, err, "needs about", "are free on the disk")
     assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.tmp-*"))
     assert (tmp_path / ".full.slice-state").is_dir()  # the finished layers stay: --resume once space is freed
@@ -402,5 +686,15 @@ def test_mismatched_tokenizer_and_invalid_utf8_are_one_line(tiny_model_dir: Path
     code, _, err = _run(capsys, "eval", str(other))
     _one_line_error(code, err, "tokenizer has", "do not belong together")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 " * 200)
-    code, _, err = _run(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "o"))
+    code, _, err = _run(
+        capsys,
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--sparsity",
+        "0.25",
+        "--calib",
+        str(tmp_path / "bad.txt"),
+        "--out",
+        str(tmp_path / "o"),
+    )
     _one_line_error(code, err, "cannot read", "bad.txt")

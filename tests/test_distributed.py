@@ -38,11 +38,17 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *argv],
-                          env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *argv],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --- rows and devices -------------------------------------------------------------------------
+
 
 def test_shards_are_whole_contiguous_batches_covering_every_row_once() -> None:
     rows = Rows(torch.arange(11).unsqueeze(1), torch.ones(11, 1, dtype=torch.long))
@@ -88,6 +94,7 @@ def test_local_reduction_is_the_identity() -> None:
 
 # --- two processes ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
@@ -126,8 +133,21 @@ def test_two_processes_slice_as_one_does(two_ranks: list[dict], case: str) -> No
 def test_torchrun_slice_command(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The command under torchrun: rank 0 alone prints and writes; the model is one process's."""
     corpus = str(tiny_model_dir / "corpus.txt")
-    common = ["slice", str(tiny_model_dir / "model"), "--calib", corpus, "--nsamples", "6", "--seqlen", "32", "--batch-size", "2",
-              "--per-layer", "--target-params", "0.8"]
+    common = [
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--calib",
+        corpus,
+        "--nsamples",
+        "6",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--per-layer",
+        "--target-params",
+        "0.8",
+    ]
     done = _torchrun("-m", "slicegpt", *common, "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json"))
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("| parameters |") == 1  # one table: the other process printed nothing
@@ -145,8 +165,21 @@ def test_torchrun_streamed_slice_writes_what_the_in_memory_one_does(tiny_model_d
     """Under torchrun every process streams its layers (the others drop them unwritten): rank 0's
     output is byte for byte that of the same two processes slicing in memory."""
     corpus = str(tiny_model_dir / "corpus.txt")
-    common = ["slice", str(tiny_model_dir / "model"), "--calib", corpus, "--nsamples", "6", "--seqlen", "32", "--batch-size", "2",
-              "--per-layer", "--target-params", "0.8"]
+    common = [
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--calib",
+        corpus,
+        "--nsamples",
+        "6",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--per-layer",
+        "--target-params",
+        "0.8",
+    ]
     for mode in ("on", "off"):
         done = _torchrun("-m", "slicegpt", *common, "--stream", mode, "--out", str(tmp_path / mode))
         assert done.returncode == 0, done.stderr[-4000:]
@@ -159,15 +192,36 @@ def test_an_error_on_one_process_ends_them_all(tiny_model_dir: Path, tmp_path: P
     its one-line error, a failed run."""
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "something").write_text("x")
-    done = _torchrun("-m", "slicegpt", "slice", str(tiny_model_dir / "model"), "--calib", str(tiny_model_dir / "corpus.txt"),
-                     "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--out", str(tmp_path / "taken"),
-                     "--dist-timeout", "60", timeout=120)
+    done = _torchrun(
+        "-m",
+        "slicegpt",
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--calib",
+        str(tiny_model_dir / "corpus.txt"),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "taken"),
+        "--dist-timeout",
+        "60",
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "slicegpt: error: " in done.stderr
 
 
-@pytest.mark.parametrize("flags, message", [(["--target-params", "0.8", "--search"], "--search does not run under torchrun"),
-                                           (["--resume"], "--resume does not run under torchrun")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--target-params", "0.8", "--search"], "--search does not run under torchrun"),
+        (["--resume"], "--resume does not run under torchrun"),
+    ],
+)
 def test_search_and_resume_are_refused_under_torchrun(flags: list[str], message: str, monkeypatch, capsys) -> None:
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)  # refused before joining the others: no process group needed
@@ -180,9 +234,47 @@ def test_torchrun_recover_follows_the_one_process_curve(tiny_model_dir: Path, tm
     """Data-parallel recovery: two processes, each half of every batch, take one process's steps."""
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
     sliced = tmp_path / "sliced"
-    assert main(["slice", model, "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--out", str(sliced)]) == 0
-    common = ["recover", str(sliced), "--teacher", model, "--data", corpus, "--max-steps", "3", "--seqlen", "32", "--batch-size", "4",
-              "--val-rows", "2", "--eval-every", "1", "--lr", "1e-3", "--warmup", "0"]
+    assert (
+        main(
+            [
+                "slice",
+                model,
+                "--sparsity",
+                "0.25",
+                "--calib",
+                corpus,
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(sliced),
+            ]
+        )
+        == 0
+    )
+    common = [
+        "recover",
+        str(sliced),
+        "--teacher",
+        model,
+        "--data",
+        corpus,
+        "--max-steps",
+        "3",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "4",
+        "--val-rows",
+        "2",
+        "--eval-every",
+        "1",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "0",
+    ]
     done = _torchrun("-m", "slicegpt", *common, "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json"))
     assert done.returncode == 0, done.stderr[-4000:]
     assert main([*common, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")]) == 0

@@ -118,6 +118,9 @@ def test_architecture_names_every_module():
     (its path relative to the package, or its file name in the row of its folder)."""
     text = (ROOT / "ARCHITECTURE.md").read_text()
     package = ROOT / "src" / "slicegpt"
-    missing = [str(p.relative_to(package)) for p in sorted(package.rglob("*.py"))
-               if str(p.relative_to(package)) not in text and f"`{p.name}`" not in text]
+    missing = [
+        str(p.relative_to(package))
+        for p in sorted(package.rglob("*.py"))
+        if str(p.relative_to(package)) not in text and f"`{p.name}`" not in text
+    ]
     assert not missing, f"ARCHITECTURE.md does not name {', '.join(missing)}"

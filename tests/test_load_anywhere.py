@@ -38,7 +38,9 @@ def _logits_and_greedy(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tens
     x = torch.tensor(PROMPT)
     with torch.inference_mode():
         logits = model(input_ids=x, use_cache=False).logits
-        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0)
+        gen = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0
+        )
     return logits, gen
 
 
@@ -77,7 +79,9 @@ def test_uniform_families_cover_the_rms_sequential_ones() -> None:
 def test_uniform_is_a_standard_checkpoint_without_slicegpt(family: str, tmp_path: Path) -> None:
     model = make_tiny(family, dtype=torch.float32)
     tied = model.config.tie_word_embeddings
-    report = slicegpt.slice_model(model, None, calib_rows(16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, uniform=True), progress=False)
+    report = slicegpt.slice_model(
+        model, None, calib_rows(16), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, uniform=True), progress=False
+    )
     assert all(b.attn_shortcut is None and b.mlp_shortcut is None for b in model.model.layers)
     assert not any(w.attn_shortcut or w.mlp_shortcut for w in report.widths.layers)
     assert report.widths.head == report.widths.embedding == 48
@@ -121,7 +125,9 @@ def test_uniform_unsliced_tied_model_is_exact() -> None:
     x = torch.tensor(PROMPT)
     with torch.inference_mode():
         ref = model(input_ids=x).logits
-    slicegpt.slice_model(model, None, calib_rows(16), slicegpt.SliceConfig(sparsity=0.0, batch_size=4, uniform=True), progress=False)
+    slicegpt.slice_model(
+        model, None, calib_rows(16), slicegpt.SliceConfig(sparsity=0.0, batch_size=4, uniform=True), progress=False
+    )
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.inference_mode():
         out = model(input_ids=x).logits
@@ -131,4 +137,6 @@ def test_uniform_unsliced_tied_model_is_exact() -> None:
 def test_uniform_refuses_layernorm_families() -> None:
     model = make_tiny("opt", dtype=torch.float32)
     with pytest.raises(slicegpt.UnsupportedModelError, match="LayerNorm"):
-        slicegpt.slice_model(model, None, calib_rows(4), slicegpt.SliceConfig(sparsity=0.25, uniform=True), progress=False)
+        slicegpt.slice_model(
+            model, None, calib_rows(4), slicegpt.SliceConfig(sparsity=0.25, uniform=True), progress=False
+        )

@@ -92,8 +92,15 @@ def test_fixed_rotation_walk_needs_no_statistics() -> None:
     q = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
     reduce, ckpt = DoublingReduction(), RecordingCheckpoint()
     ref = copy.deepcopy(model)
-    slicegpt.slice_model(model, None, None, slicegpt.SliceConfig(sparsity=0.0), rotation=slicegpt.core.pca.FixedRotation(q),
-                         progress=False, streams=Streams(reduce=reduce, checkpoint=ckpt))
+    slicegpt.slice_model(
+        model,
+        None,
+        None,
+        slicegpt.SliceConfig(sparsity=0.0),
+        rotation=slicegpt.core.pca.FixedRotation(q),
+        progress=False,
+        streams=Streams(reduce=reduce, checkpoint=ckpt),
+    )
     assert reduce.calls == 0 and len(ckpt.states) == 3
     with torch.inference_mode():
         assert torch.allclose(model(input_ids=X).logits, ref(input_ids=X).logits, atol=1e-5)
@@ -104,10 +111,16 @@ def test_verify_refuses_a_fusion_that_changes_the_function(monkeypatch: pytest.M
     from slicegpt.core.pca import NumericalError
 
     model = make_tiny("llama")
-    report = slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
+    report = slicegpt.slice_model(
+        model, None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False
+    )
     assert report.verified is not None and report.verified < 1e-6
     summary = report.summary()
-    assert len(summary["calibration_sha256"]) == 64 and set(summary["versions"]) == {"slicegpt", "torch", "transformers"}
+    assert len(summary["calibration_sha256"]) == 64 and set(summary["versions"]) == {
+        "slicegpt",
+        "torch",
+        "transformers",
+    }
 
     real = slicing.prepare
 
@@ -118,7 +131,14 @@ def test_verify_refuses_a_fusion_that_changes_the_function(monkeypatch: pytest.M
 
     monkeypatch.setattr(slicing, "prepare", wrong_fold)
     with pytest.raises(NumericalError, match="no longer computes what it did"):
-        slicegpt.slice_model(make_tiny("llama"), None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False)
-    report = slicegpt.slice_model(make_tiny("llama"), None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, verify=False),
-                                  progress=False)
+        slicegpt.slice_model(
+            make_tiny("llama"), None, calib_rows(8), slicegpt.SliceConfig(sparsity=0.25, batch_size=4), progress=False
+        )
+    report = slicegpt.slice_model(
+        make_tiny("llama"),
+        None,
+        calib_rows(8),
+        slicegpt.SliceConfig(sparsity=0.25, batch_size=4, verify=False),
+        progress=False,
+    )
     assert report.verified is None

@@ -57,10 +57,20 @@ def test_auto_follows_the_models_own_device_map_and_needs_cuda_otherwise(monkeyp
     with pytest.raises(ValueError, match="CUDA"):
         layer_devices(model, spec, "auto", "cpu")  # no GPU here, and no map of its own
     # A model loaded with device_map=...: its entries may name a parent module, a CUDA index, the host.
-    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": "cpu",
-                           "model.norm": "cpu", "lm_head": 0}
+    model.hf_device_map = {
+        "model.embed_tokens": 0,
+        "model.layers.0": 0,
+        "model.layers.1": 1,
+        "model.layers.2": "cpu",
+        "model.norm": "cpu",
+        "lm_head": 0,
+    }
     monkeypatch.setattr(placement, "check_device", torch.device)  # (the CUDA devices named are not on this machine)
-    assert layer_devices(model, spec, "auto", "cpu") == [torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")]
+    assert layer_devices(model, spec, "auto", "cpu") == [
+        torch.device("cuda", 0),
+        torch.device("cuda", 1),
+        torch.device("cpu"),
+    ]
     model.hf_device_map = {"model": "disk", "lm_head": "cpu"}  # offloaded to disk: read back to the host
     assert layer_devices(model, spec, "auto", "cpu") == [torch.device("cpu")] * 3
     assert layer_devices(model, spec, None, "cpu") == [torch.device("cpu")] * 3
@@ -81,7 +91,9 @@ def test_the_module_map_places_every_weight_of_every_family(family: str) -> None
     assert placed[spec.head] == ("cuda:0" if tied else str(devices[-1]))
 
 
-@pytest.mark.parametrize("kind", [dict(sparsity=0.25), dict(target_params=0.8, uniform=False), dict(target_params=0.8, uniform=True)])
+@pytest.mark.parametrize(
+    "kind", [dict(sparsity=0.25), dict(target_params=0.8, uniform=False), dict(target_params=0.8, uniform=True)]
+)
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2_moe"])
 def test_slicing_over_a_device_map_equals_one_device(family: str, kind: dict) -> None:
     one, spread_model = make_tiny(family), make_tiny(family)
@@ -107,18 +119,42 @@ def test_each_layer_is_processed_on_its_device_and_stays_there(monkeypatch: pyte
     moves: list = []
     to = SlicedBlock.to
     monkeypatch.setattr(SlicedBlock, "to", lambda self, *a, **k: moves.append(str(a[0])) or to(self, *a, **k))
-    monkeypatch.setattr(slicing, "dispatch", lambda model, spec, devices: moves.append(("dispatch", [str(d) for d in devices])))
+    monkeypatch.setattr(
+        slicing, "dispatch", lambda model, spec, devices: moves.append(("dispatch", [str(d) for d in devices]))
+    )
     settings = dict(nsamples=8, seqlen=24, batch_size=4)
     slice_model(make_tiny("llama"), None, calib_rows(), SliceConfig(sparsity=0.25, **settings), progress=False)
     assert moves == ["cpu"] * 6  # one device: each layer there and back to the host
     moves.clear()
-    slice_model(make_tiny("llama"), None, calib_rows(), SliceConfig(sparsity=0.25, device_map="cpu:0,cpu:1", **settings), progress=False)
+    slice_model(
+        make_tiny("llama"),
+        None,
+        calib_rows(),
+        SliceConfig(sparsity=0.25, device_map="cpu:0,cpu:1", **settings),
+        progress=False,
+    )
     assert moves == ["cpu:0", "cpu:0", "cpu:1", ("dispatch", ["cpu:0", "cpu:0", "cpu:1"])]
     moves.clear()
     # uniform mode's statistics-only walk gives each layer back to the host; the slicing walk keeps it
-    slice_model(make_tiny("llama"), None, calib_rows(), SliceConfig(sparsity=0.25, uniform=True, device_map="cpu:0,cpu:1", **settings),
-                progress=False)
-    assert moves == ["cpu:0", "cpu", "cpu:0", "cpu", "cpu:1", "cpu", "cpu:0", "cpu:0", "cpu:1", ("dispatch", ["cpu:0", "cpu:0", "cpu:1"])]
+    slice_model(
+        make_tiny("llama"),
+        None,
+        calib_rows(),
+        SliceConfig(sparsity=0.25, uniform=True, device_map="cpu:0,cpu:1", **settings),
+        progress=False,
+    )
+    assert moves == [
+        "cpu:0",
+        "cpu",
+        "cpu:0",
+        "cpu",
+        "cpu:1",
+        "cpu",
+        "cpu:0",
+        "cpu:0",
+        "cpu:1",
+        ("dispatch", ["cpu:0", "cpu:0", "cpu:1"]),
+    ]
 
 
 def test_a_model_loaded_over_devices_is_sliced_where_it_lives(tmp_path: Path) -> None:
@@ -157,18 +193,65 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
 
 def test_cli_slices_and_evaluates_over_a_device_map(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     corpus = str(tiny_model_dir / "corpus.txt")
-    common = ["--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--ppl", corpus, "--eval-seqlen", "32"]
-    code, err = _cli(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", *common, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json"))
+    common = [
+        "--calib",
+        corpus,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--ppl",
+        corpus,
+        "--eval-seqlen",
+        "32",
+    ]
+    code, err = _cli(
+        capsys,
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--sparsity",
+        "0.25",
+        *common,
+        "--out",
+        str(tmp_path / "one"),
+        "--json",
+        str(tmp_path / "one.json"),
+    )
     assert code == 0, err
-    code, err = _cli(capsys, "slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", *common, "--device-map", "cpu,cpu", "--out", str(tmp_path / "map"),
-                     "--json", str(tmp_path / "map.json"))
+    code, err = _cli(
+        capsys,
+        "slice",
+        str(tiny_model_dir / "model"),
+        "--sparsity",
+        "0.25",
+        *common,
+        "--device-map",
+        "cpu,cpu",
+        "--out",
+        str(tmp_path / "map"),
+        "--json",
+        str(tmp_path / "map.json"),
+    )
     assert code == 0, err
     one, spread_run = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "map"))
     for key in ("dense_perplexity", "sliced_perplexity"):
         assert spread_run[key]["perplexity"] == one[key]["perplexity"]
     assert spread_run["settings"]["device_map"] == "cpu,cpu"
-    code, err = _cli(capsys, "eval", str(tmp_path / "map"), "--ppl", corpus, "--seqlen", "32", "--device-map", "cpu,cpu",
-                     "--json", str(tmp_path / "e.json"))
+    code, err = _cli(
+        capsys,
+        "eval",
+        str(tmp_path / "map"),
+        "--ppl",
+        corpus,
+        "--seqlen",
+        "32",
+        "--device-map",
+        "cpu,cpu",
+        "--json",
+        str(tmp_path / "e.json"),
+    )
     assert code == 0, err
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["perplexity"]["perplexity"] == pytest.approx(one["sliced_perplexity"]["perplexity"], rel=1e-6)
@@ -177,9 +260,36 @@ def test_cli_slices_and_evaluates_over_a_device_map(tiny_model_dir: Path, tmp_pa
 
 def test_cli_device_map_errors_are_one_line(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     model = str(tiny_model_dir / "model")
-    code, err = _cli(capsys, "slice", model, "--sparsity", "0.25", "--device-map", "auto", "--calib", str(tiny_model_dir / "corpus.txt"), "--nsamples", "4",
-                     "--seqlen", "32", "--out", str(tmp_path / "x"))
+    code, err = _cli(
+        capsys,
+        "slice",
+        model,
+        "--sparsity",
+        "0.25",
+        "--device-map",
+        "auto",
+        "--calib",
+        str(tiny_model_dir / "corpus.txt"),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert code == 2 and err.strip().splitlines()[-1].startswith("slicegpt: error: ") and "CUDA" in err
     assert not (tmp_path / "x").exists()
-    code, err = _cli(capsys, "slice", model, "--sparsity", "0.25", "--device-map", "cpu,cpu", "--stream", "on", "--out", str(tmp_path / "y"))
+    code, err = _cli(
+        capsys,
+        "slice",
+        model,
+        "--sparsity",
+        "0.25",
+        "--device-map",
+        "cpu,cpu",
+        "--stream",
+        "on",
+        "--out",
+        str(tmp_path / "y"),
+    )
     assert code == 2 and "--device-map" in err.strip().splitlines()[-1]

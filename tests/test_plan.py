@@ -36,13 +36,18 @@ def _truncate_after_header(file: Path) -> None:
         f.truncate(8 + n)
 
 
-@pytest.mark.parametrize("settings", [
-    dict(sparsity=0.25),
-    dict(sparsity=0.3, slice_head=True),
-    dict(uniform=False, target_params=0.8),  # MLP neurons, corrections on by default
-    dict(target_params=0.85, uniform=True, residual_share=0.5),
-])
-def test_counts_equal_the_real_model_and_a_real_slice(tiny_folder: tuple[Path, torch.nn.Module], settings: dict) -> None:
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(sparsity=0.25),
+        dict(sparsity=0.3, slice_head=True),
+        dict(uniform=False, target_params=0.8),  # MLP neurons, corrections on by default
+        dict(target_params=0.85, uniform=True, residual_share=0.5),
+    ],
+)
+def test_counts_equal_the_real_model_and_a_real_slice(
+    tiny_folder: tuple[Path, torch.nn.Module], settings: dict
+) -> None:
     folder, model = tiny_folder
     config = slicegpt.SliceConfig(nsamples=16, seqlen=24, batch_size=4, **settings)
     plan = plan_model(str(folder), config)
@@ -76,7 +81,9 @@ def test_reads_no_weight_data_headers_or_index_alone(tiny_folder: tuple[Path, to
     assert (planned.params, planned.params_sliced, planned.stored_params) == (full.params, full.params_sliced, None)
     index = json.loads((index_only / "model.safetensors.index.json").read_text())
     assert planned.disk_bytes == index["metadata"]["total_size"] == full.params * 4
-    assert "model.embed_tokens.weight" in index["weight_map"] and "lm_head.weight" not in index["weight_map"]  # tied: stored once
+    assert (
+        "model.embed_tokens.weight" in index["weight_map"] and "lm_head.weight" not in index["weight_map"]
+    )  # tied: stored once
 
 
 def test_sharded_headers_are_read_per_shard(tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
@@ -98,7 +105,9 @@ def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
-def test_one_line_errors(tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_line_errors(
+    tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder, _ = tiny_folder
     assert "no such file or folder" in _one_line_error(["plan", str(tmp_path / "missing")], capsys)
     (tmp_path / "empty").mkdir()
@@ -123,12 +132,32 @@ def test_one_line_errors(tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Pa
         read_header(tmp_path / "m.gguf")
 
 
-def test_cli_prints_the_table_and_writes_every_figure(tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_the_table_and_writes_every_figure(
+    tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder, model = tiny_folder
     out = tmp_path / "plan.json"
-    assert main(["plan", str(folder), "--target-params", "0.8", "--nsamples", "32", "--seqlen", "64", "--nproc", "2",
-                 "--stream", "on", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(folder),
+                "--target-params",
+                "0.8",
+                "--nsamples",
+                "32",
+                "--seqlen",
+                "64",
+                "--nproc",
+                "2",
+                "--stream",
+                "on",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "| host |" in text and "streaming" in text and "**total**" in text
     data = json.loads(out.read_text())
@@ -138,7 +167,9 @@ def test_cli_prints_the_table_and_writes_every_figure(tiny_folder: tuple[Path, t
     mem = data["memory_bytes"]
     assert mem["host_streaming"] <= mem["host_in_memory"] and mem["device_peak"] == 0.0  # --device cpu: on the host
     assert data["memory_per_node_bytes"]["host_streaming"] == pytest.approx(2 * mem["host_streaming"])
-    assert data["time_seconds"]["total"] == pytest.approx(sum(data["time_seconds"][k] for k in ("forward", "statistics", "eigh", "solves", "disk")))
+    assert data["time_seconds"]["total"] == pytest.approx(
+        sum(data["time_seconds"][k] for k in ("forward", "statistics", "eigh", "solves", "disk"))
+    )
     assert data["calibration_tokens"] == 32 * 64
 
 
@@ -151,21 +182,44 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # The models alone, on a 70B-like shape (numbers, no files).
-SHAPE = ModelShape(params=69_000_000_000, layer_params=68_000_000_000, non_layer_params=1_000_000_000, table_params=262_144_000,
-                   largest_layer_params=850_000_000, largest_tensor=262_144_000, hidden=8192, intermediate=28672, layers=80,
-                   tied=False, points_per_layer=2, head_dim=128, attention_width=8192)
-WORK = Workload(rows=128, seqlen=2048, batch_size=8, dtype_bytes=2, corrections=False, kept_neurons=None, residual_width=6144,
-                hidden=8192, device_is_host=False)
+SHAPE = ModelShape(
+    params=69_000_000_000,
+    layer_params=68_000_000_000,
+    non_layer_params=1_000_000_000,
+    table_params=262_144_000,
+    largest_layer_params=850_000_000,
+    largest_tensor=262_144_000,
+    hidden=8192,
+    intermediate=28672,
+    layers=80,
+    tied=False,
+    points_per_layer=2,
+    head_dim=128,
+    attention_width=8192,
+)
+WORK = Workload(
+    rows=128,
+    seqlen=2048,
+    batch_size=8,
+    dtype_bytes=2,
+    corrections=False,
+    kept_neurons=None,
+    residual_width=6144,
+    hidden=8192,
+    device_is_host=False,
+)
 
 
 def test_memory_model_terms() -> None:
     m = memory_model(SHAPE, WORK)
     assert m.activations == 128 * 2048 * 8192 * 2
-    assert m.layers == 3 * 850_000_000 * 2 and m.non_layer == 1_000_000_000 * 2 and m.model == 2 * SHAPE.params * 2  # mapped + prepared
+    assert (
+        m.layers == 3 * 850_000_000 * 2 and m.non_layer == 1_000_000_000 * 2 and m.model == 2 * SHAPE.params * 2
+    )  # mapped + prepared
     assert m.fp64_workspace == 2 * 262_144_000 * 8 and m.device_moments == 0
     assert m.host_streaming < 0.2 * m.host_in_memory
     corrected = memory_model(SHAPE, replace(WORK, corrections=True))
-    assert corrected.activations == 4 * m.activations and corrected.device_moments >= 7 * 28672 ** 2 * 8
+    assert corrected.activations == 4 * m.activations and corrected.device_moments >= 7 * 28672**2 * 8
     split = memory_model(SHAPE, replace(WORK, nproc=8))
     assert split.activations == m.activations / 8 and split.model == m.model  # each process holds its rows only
     tied = memory_model(replace(SHAPE, tied=True), WORK)
@@ -179,8 +233,8 @@ def test_time_model_terms() -> None:
     t = time_model(SHAPE, WORK, rate, read_bytes=138 * GB, write_bytes=116 * GB)
     tokens = 128 * 2048
     per_token = 2 * SHAPE.layer_params + 4 * 2048 * 8192 * 80  # weights, then attention's scores and values
-    assert t.forward_flops == pytest.approx(per_token * tokens + 6 * 8192 ** 2 * tokens * 80)
-    assert t.eigh_flops == 10 * 8192 ** 3 * 161 and t.solves == 0 and t.disk == pytest.approx(254)
+    assert t.forward_flops == pytest.approx(per_token * tokens + 6 * 8192**2 * tokens * 80)
+    assert t.eigh_flops == 10 * 8192**3 * 161 and t.solves == 0 and t.disk == pytest.approx(254)
     eight = time_model(SHAPE, replace(WORK, nproc=8), rate, 138 * GB, 116 * GB)
     assert eight.forward == pytest.approx(t.forward / 8) and eight.eigh == t.eigh and eight.disk == t.disk
     corrected = time_model(SHAPE, replace(WORK, corrections=True), rate, 138 * GB, 116 * GB)
@@ -190,7 +244,7 @@ def test_time_model_terms() -> None:
     assert mlp_only.eigh == 0 and mlp_only.statistics_flops > 0 and mlp_only.forward_flops > 0
     # uniform, plain: the pooling walk only gathers statistics; slicing runs no calibration
     pooled = time_model(SHAPE, replace(WORK, uniform=True), rate, 0, 0)
-    assert pooled.eigh_flops == 10 * 8192 ** 3 and pooled.forward_flops == pytest.approx(per_token * tokens)
+    assert pooled.eigh_flops == 10 * 8192**3 and pooled.forward_flops == pytest.approx(per_token * tokens)
 
 
 def test_routed_experts_are_planned_per_expert(tmp_path: Path) -> None:
@@ -200,18 +254,33 @@ def test_routed_experts_are_planned_per_expert(tmp_path: Path) -> None:
     config = slicegpt.SliceConfig(nsamples=16, seqlen=24, batch_size=4, target_params=0.9, uniform=True)
     plan = plan_model(str(folder), config)
     assert plan.shape.experts == 4 and plan.shape.intermediate == 32  # the experts' width, not the dense layer's 96
-    report = slicegpt.slice_model(make_tiny("qwen2_moe", dtype=torch.float32), None, calib_rows(16), config, progress=False)
+    report = slicegpt.slice_model(
+        make_tiny("qwen2_moe", dtype=torch.float32), None, calib_rows(16), config, progress=False
+    )
     assert plan.params_sliced == report.params_after and plan.mlp_neurons == report.allocation["mlp_neurons"]
     # every expert's fit and held-out moments, and every expert's neuron choice and refit
-    work = Workload(rows=16, seqlen=24, batch_size=4, dtype_bytes=4, corrections=True, kept_neurons=16, residual_width=64,
-                    hidden=64, uniform=True, nproc=1, device_is_host=True)
+    work = Workload(
+        rows=16,
+        seqlen=24,
+        batch_size=4,
+        dtype_bytes=4,
+        corrections=True,
+        kept_neurons=16,
+        residual_width=64,
+        hidden=64,
+        uniform=True,
+        nproc=1,
+        device_is_host=True,
+    )
     one = replace(plan.shape, experts=1)
     assert memory_model(plan.shape, work).device_moments - memory_model(one, work).device_moments == 3 * 2 * 32 * 32 * 8
     rate = Throughput(tflops=1, fp64_tflops=1, disk_gbps=1)
     assert time_model(plan.shape, work, rate, 0, 0).solves > time_model(one, work, rate, 0, 0).solves
 
 
-def test_a_device_map_plans_each_devices_share(tiny_folder: tuple[Path, torch.nn.Module], capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_device_map_plans_each_devices_share(
+    tiny_folder: tuple[Path, torch.nn.Module], capsys: pytest.CaptureFixture[str]
+) -> None:
     folder, _ = tiny_folder  # 3 layers
     one = plan_model(str(folder), slicegpt.SliceConfig(sparsity=0.25, device="cuda"))
     two = plan_model(str(folder), slicegpt.SliceConfig(sparsity=0.25, device_map="cuda:0,cuda:1"))

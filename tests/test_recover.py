@@ -49,11 +49,15 @@ def _rows(n: int = 6, seqlen: int = 32) -> tuple[Rows, Rows]:
 def _objective(student, teacher, ids: torch.Tensor, kind: str) -> float:
     with torch.no_grad():
         logits = student(input_ids=ids, use_cache=False).logits
-        return float(kd_loss(logits, teacher(input_ids=ids, use_cache=False).logits) if kind == "kd" else lm_loss(logits, ids))
+        return float(
+            kd_loss(logits, teacher(input_ids=ids, use_cache=False).logits) if kind == "kd" else lm_loss(logits, ids)
+        )
 
 
 def _config(**kw) -> slicegpt.RecoverConfig:
-    base = dict(max_steps=8, lr=5e-3, warmup=0, seqlen=32, batch_size=2, eval_every=4, val_rows=2, checkpoint_every=0, seed=3)
+    base = dict(
+        max_steps=8, lr=5e-3, warmup=0, seqlen=32, batch_size=2, eval_every=4, val_rows=2, checkpoint_every=0, seed=3
+    )
     return slicegpt.RecoverConfig(**{**base, **kw})
 
 
@@ -65,8 +69,15 @@ def test_a_few_steps_lower_the_training_loss(family: str, loss: str, train: str)
     rows = _rows()
     before = _objective(student, teacher, rows[0].input_ids, loss)
     extra = dict(lr=5e-3, lora_dropout=0.0, lora_rank=4) if train == "lora" else dict(lr=1e-3)
-    model, report = slicegpt.recover(student, None, _config(loss=loss, train=train, **extra), teacher=teacher if loss == "kd" else None,
-                                     teacher_name="dense", rows=rows, progress=False)
+    model, report = slicegpt.recover(
+        student,
+        None,
+        _config(loss=loss, train=train, **extra),
+        teacher=teacher if loss == "kd" else None,
+        teacher_name="dense",
+        rows=rows,
+        progress=False,
+    )
     after = _objective(model, teacher, rows[0].input_ids, loss)
     assert after < 0.95 * before, (before, after)
     assert report.loss == loss and report.train == train and report.steps == 8
@@ -114,16 +125,30 @@ _CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("family,uniform,train", [
-    ("llama", False, "all"), ("llama", True, "all"),
-    pytest.param("opt", False, "lora", marks=needs_peft), pytest.param("llama", True, "lora", marks=needs_peft),
-])
-def test_the_saved_result_reloads_bitwise_in_a_fresh_process(family: str, uniform: bool, train: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "family,uniform,train",
+    [
+        ("llama", False, "all"),
+        ("llama", True, "all"),
+        pytest.param("opt", False, "lora", marks=needs_peft),
+        pytest.param("llama", True, "lora", marks=needs_peft),
+    ],
+)
+def test_the_saved_result_reloads_bitwise_in_a_fresh_process(
+    family: str, uniform: bool, train: str, tmp_path: Path
+) -> None:
     teacher, student = _pair(family, uniform)
     # As `slicegpt recover` does: the student comes from its folder (a uniform one is a standard checkpoint).
     student = slicegpt.load(slicegpt.save(student, tmp_path / "sliced"))
-    model, report = slicegpt.recover(student, None, _config(train=train, max_steps=3), teacher=teacher, teacher_name="dense",
-                                     rows=_rows(), progress=False)
+    model, report = slicegpt.recover(
+        student,
+        None,
+        _config(train=train, max_steps=3),
+        teacher=teacher,
+        teacher_name="dense",
+        rows=_rows(),
+        progress=False,
+    )
     out = slicegpt.save(model, tmp_path / "rec")
     x = [[5, 17, 42, 99, 3, 250, 11, 8]]
     with torch.inference_mode():
@@ -147,14 +172,35 @@ def test_the_saved_result_reloads_bitwise_in_a_fresh_process(family: str, unifor
 def test_resume_after_a_stop_equals_an_uninterrupted_run(train: str, tmp_path: Path) -> None:
     cfg = _config(train=train, max_steps=6, checkpoint_every=2, eval_every=3, early_stop_patience=5)
     teacher, student = _pair("llama")
-    whole, whole_report = slicegpt.recover(student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), progress=False)
+    whole, whole_report = slicegpt.recover(
+        student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), progress=False
+    )
 
     state = tmp_path / "state"
     teacher, student = _pair("llama")
-    slicegpt.recover(student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), state_dir=state, stop_after=4, progress=False)
+    slicegpt.recover(
+        student,
+        None,
+        cfg,
+        teacher=teacher,
+        teacher_name="t",
+        rows=_rows(),
+        state_dir=state,
+        stop_after=4,
+        progress=False,
+    )
     teacher, student = _pair("llama")  # a new process would start from the input folder again
-    resumed, report = slicegpt.recover(student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), state_dir=state,
-                                       resume=True, progress=False)
+    resumed, report = slicegpt.recover(
+        student,
+        None,
+        cfg,
+        teacher=teacher,
+        teacher_name="t",
+        rows=_rows(),
+        state_dir=state,
+        resume=True,
+        progress=False,
+    )
     assert report.resumed_at_step == 4 and report.steps == 6 and report.tokens == whole_report.tokens
     assert report.curve == whole_report.curve
     a, b = whole.state_dict(), resumed.state_dict()
@@ -166,17 +212,53 @@ def test_resume_refuses_another_run_and_starts_over_with_nothing(tmp_path: Path,
 
     state = tmp_path / "state"
     teacher, student = _pair("llama")
-    slicegpt.recover(student, None, _config(checkpoint_every=2), teacher=teacher, teacher_name="t", rows=_rows(),
-                     state_dir=state, stop_after=2, progress=False)
+    slicegpt.recover(
+        student,
+        None,
+        _config(checkpoint_every=2),
+        teacher=teacher,
+        teacher_name="t",
+        rows=_rows(),
+        state_dir=state,
+        stop_after=2,
+        progress=False,
+    )
     teacher, student = _pair("llama")
     with pytest.raises(ResumeError, match=r"lr \(0.005 then, 0.001 now\)"):
-        slicegpt.recover(student, None, _config(checkpoint_every=2, lr=1e-3), teacher=teacher, teacher_name="t", rows=_rows(),
-                         state_dir=state, resume=True, progress=False)
+        slicegpt.recover(
+            student,
+            None,
+            _config(checkpoint_every=2, lr=1e-3),
+            teacher=teacher,
+            teacher_name="t",
+            rows=_rows(),
+            state_dir=state,
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(ResumeError, match="the training data"):
-        slicegpt.recover(student, None, _config(checkpoint_every=2), teacher=teacher, teacher_name="t", rows=_rows(n=4),
-                         state_dir=state, resume=True, progress=False)
-    _, report = slicegpt.recover(student, None, _config(max_steps=1), teacher=teacher, teacher_name="t", rows=_rows(),
-                                 state_dir=tmp_path / "empty", resume=True, progress=True)
+        slicegpt.recover(
+            student,
+            None,
+            _config(checkpoint_every=2),
+            teacher=teacher,
+            teacher_name="t",
+            rows=_rows(n=4),
+            state_dir=state,
+            resume=True,
+            progress=False,
+        )
+    _, report = slicegpt.recover(
+        student,
+        None,
+        _config(max_steps=1),
+        teacher=teacher,
+        teacher_name="t",
+        rows=_rows(),
+        state_dir=tmp_path / "empty",
+        resume=True,
+        progress=True,
+    )
     assert report.resumed_at_step is None and report.steps == 1
     captured = capsys.readouterr()
     assert "nothing to resume" in captured.out + captured.err
@@ -233,10 +315,46 @@ def test_hf_sources_read_saved_datasets_and_instruction_records(tmp_path: Path) 
 def test_cli_recover_end_to_end_and_its_errors(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
     sliced = tmp_path / "sliced"
-    assert main(["slice", model, "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--out", str(sliced)]) == 0
-    common = ["--data", corpus, "--max-steps", "2", "--seqlen", "32", "--batch-size", "2", "--val-rows", "2", "--eval-every", "1"]
+    assert (
+        main(
+            [
+                "slice",
+                model,
+                "--sparsity",
+                "0.25",
+                "--calib",
+                corpus,
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(sliced),
+            ]
+        )
+        == 0
+    )
+    common = [
+        "--data",
+        corpus,
+        "--max-steps",
+        "2",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--val-rows",
+        "2",
+        "--eval-every",
+        "1",
+    ]
     out = tmp_path / "rec"
-    assert main(["recover", str(sliced), "--teacher", model, "--out", str(out), "--json", str(tmp_path / "r.json"), *common]) == 0
+    assert (
+        main(
+            ["recover", str(sliced), "--teacher", model, "--out", str(out), "--json", str(tmp_path / "r.json"), *common]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["loss"] == "kd" and result["steps"] == 2 and len(result["curve"]) == 3
     assert slicegpt.read_metadata(out)["recovery"]["teacher"] == model
@@ -250,9 +368,15 @@ def test_cli_recover_end_to_end_and_its_errors(tiny_model_dir: Path, tmp_path: P
     assert "exists; pass --overwrite" in error(str(sliced), "--out", str(out), *common)
     assert "would replace the input" in error(str(sliced), "--out", str(sliced), "--overwrite", *common)
     assert "recover takes a folder written by `slicegpt slice`" in error(model, "--out", str(tmp_path / "x"), *common)
-    assert "also in the training text" in error(str(sliced), "--out", str(tmp_path / "x"), "--eval-data", corpus, *common)
-    assert "--keep-adapter needs --train lora" in error(str(sliced), "--out", str(tmp_path / "x"), "--keep-adapter", *common)
-    assert "rank must be at least 1" in error(str(sliced), "--out", str(tmp_path / "x"), "--train", "lora", "--lora-rank", "0", *common)
+    assert "also in the training text" in error(
+        str(sliced), "--out", str(tmp_path / "x"), "--eval-data", corpus, *common
+    )
+    assert "--keep-adapter needs --train lora" in error(
+        str(sliced), "--out", str(tmp_path / "x"), "--keep-adapter", *common
+    )
+    assert "rank must be at least 1" in error(
+        str(sliced), "--out", str(tmp_path / "x"), "--train", "lora", "--lora-rank", "0", *common
+    )
     for line in (error(str(sliced), "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nope.txt")),):
         assert line.startswith("slicegpt: error:") and "\n" not in line
 
@@ -262,8 +386,10 @@ def test_recovery_curves_plot(tmp_path: Path) -> None:
     Image = pytest.importorskip("PIL.Image")
     from slicegpt.evaluation.plots import plot_recovery
 
-    curves = {"kd/all": [{"tokens": 0, "eval_ppl": 90.0}, {"tokens": 4096, "eval_ppl": 40.0}],
-              "lm/all": [{"tokens": 0, "eval_ppl": 90.0}, {"tokens": 4096, "eval_ppl": 60.0}]}
+    curves = {
+        "kd/all": [{"tokens": 0, "eval_ppl": 90.0}, {"tokens": 4096, "eval_ppl": 40.0}],
+        "lm/all": [{"tokens": 0, "eval_ppl": 90.0}, {"tokens": 4096, "eval_ppl": 60.0}],
+    }
     path = plot_recovery(curves, tmp_path / "curves.png", dense=18.6)
     with Image.open(path) as im:
         assert im.size == (700, 480)
@@ -291,13 +417,57 @@ def test_a_killed_recover_resumes_to_the_same_files(tiny_model_dir: Path, tmp_pa
 
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
     sliced = tmp_path / "sliced"
-    assert main(["slice", model, "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--out", str(sliced)]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                model,
+                "--sparsity",
+                "0.25",
+                "--calib",
+                corpus,
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(sliced),
+            ]
+        )
+        == 0
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def command(out: Path) -> list[str]:
-        return [sys.executable, "-m", "slicegpt", "recover", str(sliced), "--teacher", model, "--data", corpus, "--out", str(out),
-                "--max-steps", "60", "--seqlen", "32", "--batch-size", "2", "--val-rows", "2", "--eval-every", "20",
-                "--checkpoint-every", "3", "--train", "lora" if have("peft") else "all", "--lora-rank", "4"]
+        return [
+            sys.executable,
+            "-m",
+            "slicegpt",
+            "recover",
+            str(sliced),
+            "--teacher",
+            model,
+            "--data",
+            corpus,
+            "--out",
+            str(out),
+            "--max-steps",
+            "60",
+            "--seqlen",
+            "32",
+            "--batch-size",
+            "2",
+            "--val-rows",
+            "2",
+            "--eval-every",
+            "20",
+            "--checkpoint-every",
+            "3",
+            "--train",
+            "lora" if have("peft") else "all",
+            "--lora-rank",
+            "4",
+        ]
 
     subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
     out = tmp_path / "killed"
@@ -323,10 +493,19 @@ def test_gradient_checkpointing_trains_the_same_weights(family: str) -> None:
     results = []
     for checkpointing in (False, True):
         teacher, student = _pair(family)
-        model, _ = slicegpt.recover(student, None, _config(max_steps=3, lr=1e-3, gradient_checkpointing=checkpointing),
-                                    teacher=teacher, teacher_name="t", rows=_rows(), progress=False)
+        model, _ = slicegpt.recover(
+            student,
+            None,
+            _config(max_steps=3, lr=1e-3, gradient_checkpointing=checkpointing),
+            teacher=teacher,
+            teacher_name="t",
+            rows=_rows(),
+            progress=False,
+        )
         results.append(model.state_dict())
-        assert "forward" not in vars(slicegpt.core.surgery.get_layers(model, slicegpt.arch.spec_for_config(model.config))[0])
+        assert "forward" not in vars(
+            slicegpt.core.surgery.get_layers(model, slicegpt.arch.spec_for_config(model.config))[0]
+        )
     assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
 
 
@@ -334,11 +513,57 @@ def test_gradient_checkpointing_trains_the_same_weights(family: str) -> None:
 def test_keep_adapter_saves_the_adapter_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
     sliced = tmp_path / "sliced"
-    assert main(["slice", model, "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--uniform", "--out", str(sliced)]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                model,
+                "--sparsity",
+                "0.25",
+                "--calib",
+                corpus,
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--uniform",
+                "--out",
+                str(sliced),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "rec"
-    assert main(["recover", str(sliced), "--teacher", model, "--data", corpus, "--out", str(out), "--max-steps", "2", "--seqlen", "32",
-                 "--batch-size", "2", "--val-rows", "2", "--train", "lora", "--lora-rank", "4", "--lora-targets", "attn_in,mlp_out",
-                 "--keep-adapter"]) == 0
+    assert (
+        main(
+            [
+                "recover",
+                str(sliced),
+                "--teacher",
+                model,
+                "--data",
+                corpus,
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+                "--seqlen",
+                "32",
+                "--batch-size",
+                "2",
+                "--val-rows",
+                "2",
+                "--train",
+                "lora",
+                "--lora-rank",
+                "4",
+                "--lora-targets",
+                "attn_in,mlp_out",
+                "--keep-adapter",
+            ]
+        )
+        == 0
+    )
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and any(t.endswith("mlp.down_proj") for t in adapter["target_modules"])
     assert not any(t.endswith("o_proj") for t in adapter["target_modules"])

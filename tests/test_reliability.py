@@ -38,8 +38,9 @@ def untied(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("missing", ["lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"])
-def test_streamed_slicing_refuses_a_checkpoint_lacking_a_tensor_outside_the_layers(untied: Path, tmp_path: Path, capsys,
-                                                                                   missing: str) -> None:
+def test_streamed_slicing_refuses_a_checkpoint_lacking_a_tensor_outside_the_layers(
+    untied: Path, tmp_path: Path, capsys, missing: str
+) -> None:
     """It was filled at random by transformers (only logged), and the run exited 0."""
     folder = tmp_path / "m"
     shutil.copytree(untied / "m", folder)
@@ -47,8 +48,28 @@ def test_streamed_slicing_refuses_a_checkpoint_lacking_a_tensor_outside_the_laye
     weights.pop(missing)
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     for stream in ("auto", "on", "off"):
-        assert main(["slice", str(folder), "--sparsity", "0.25", "--calib", str(untied / "c.txt"), "--nsamples", "4",
-                     "--seqlen", "32", "--stream", stream, "--out", str(tmp_path / "o"), "--no-samples"]) == 2
+        assert (
+            main(
+                [
+                    "slice",
+                    str(folder),
+                    "--sparsity",
+                    "0.25",
+                    "--calib",
+                    str(untied / "c.txt"),
+                    "--nsamples",
+                    "4",
+                    "--seqlen",
+                    "32",
+                    "--stream",
+                    stream,
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--no-samples",
+                ]
+            )
+            == 2
+        )
         err = _last_error(capsys)
         assert "lacks" in err and missing in err, err
         assert not (tmp_path / "o").exists()
@@ -57,22 +78,52 @@ def test_streamed_slicing_refuses_a_checkpoint_lacking_a_tensor_outside_the_laye
 def test_axes_are_honoured_exactly() -> None:
     """'residual,residual' spent the budget on MLP neurons; 'residual' cut MLP neurons once the width bottomed out."""
     model = make_tiny("llama")
-    report = slicegpt.slice_model(model, None, calib_rows(8), slicegpt.SliceConfig(uniform=False, target_params=0.9, axes="residual,residual",
-                                                                                  batch_size=4), progress=False)
+    report = slicegpt.slice_model(
+        model,
+        None,
+        calib_rows(8),
+        slicegpt.SliceConfig(uniform=False, target_params=0.9, axes="residual,residual", batch_size=4),
+        progress=False,
+    )
     assert report.allocation["axes"] == ["residual"]
     assert report.widths.mlp_neurons is None and report.widths.embedding < 64
     with pytest.raises(ValueError, match="residual width alone"):
-        slicegpt.slice_model(make_tiny("llama"), None, calib_rows(8),
-                             slicegpt.SliceConfig(uniform=False, target_params=0.3, axes="residual", batch_size=4), progress=False)
+        slicegpt.slice_model(
+            make_tiny("llama"),
+            None,
+            calib_rows(8),
+            slicegpt.SliceConfig(uniform=False, target_params=0.3, axes="residual", batch_size=4),
+            progress=False,
+        )
 
 
 def _sliced_from(source: Path, corpus: Path, out: Path, *extra: str) -> None:
-    assert main(["slice", str(source), "--sparsity", "0.25", "--calib", str(corpus), "--nsamples", "4", "--seqlen", "32",
-                 "--out", str(out), "--no-samples", *extra]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                str(source),
+                "--sparsity",
+                "0.25",
+                "--calib",
+                str(corpus),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(out),
+                "--no-samples",
+                *extra,
+            ]
+        )
+        == 0
+    )
 
 
-def test_the_teacher_is_recorded_resolved_and_checked_at_recover_time(untied: Path, tmp_path: Path, capsys,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_teacher_is_recorded_resolved_and_checked_at_recover_time(
+    untied: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The source was recorded as typed (a relative path), resolved at recover time: run from
     another folder holding another model there, recover trained against that one."""
     work = tmp_path / "work"
@@ -88,8 +139,21 @@ def test_the_teacher_is_recorded_resolved_and_checked_at_recover_time(untied: Pa
     make_tiny("mistral", dtype=torch.float32, seed=5).save_pretrained(other / "m")
     tiny_tokenizer().save_pretrained(other / "m")
     monkeypatch.chdir(other)
-    args = ["recover", str(tmp_path / "s"), "--data", str(untied / "c.txt"), "--seqlen", "32", "--batch-size", "2",
-            "--max-steps", "1", "--val-rows", "1", "--no-samples"]
+    args = [
+        "recover",
+        str(tmp_path / "s"),
+        "--data",
+        str(untied / "c.txt"),
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--val-rows",
+        "1",
+        "--no-samples",
+    ]
     assert main(args + ["--out", str(tmp_path / "r1"), "--json", str(tmp_path / "r1.json")]) == 0
     assert json.loads((tmp_path / "r1.json").read_text())["teacher"] == str((work / "m").resolve())
     # the recorded source changed in place: refused; named explicitly: a note, and it runs
@@ -107,8 +171,9 @@ def test_the_teacher_is_recorded_resolved_and_checked_at_recover_time(untied: Pa
     assert "--teacher has no use with --loss lm" in _last_error(capsys)
 
 
-def test_a_resume_refuses_a_source_whose_weights_changed_in_place(untied: Path, tmp_path: Path, capsys,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_resume_refuses_a_source_whose_weights_changed_in_place(
+    untied: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """It resumed, mixing the layers of two models."""
     from slicegpt.io.staging import SliceStaging
 
@@ -129,8 +194,27 @@ def test_a_resume_refuses_a_source_whose_weights_changed_in_place(untied: Path, 
     weights["model.layers.2.mlp.down_proj.weight"] *= 2
     save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
     capsys.readouterr()
-    assert main(["slice", str(source), "--sparsity", "0.25", "--calib", str(untied / "c.txt"), "--nsamples", "4", "--seqlen", "32",
-                 "--out", str(tmp_path / "s"), "--no-samples", "--resume"]) == 2
+    assert (
+        main(
+            [
+                "slice",
+                str(source),
+                "--sparsity",
+                "0.25",
+                "--calib",
+                str(untied / "c.txt"),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(tmp_path / "s"),
+                "--no-samples",
+                "--resume",
+            ]
+        )
+        == 2
+    )
     err = _last_error(capsys)
     assert "source weights" in err and "differ" in err, err
 
@@ -139,17 +223,39 @@ def test_torchrun_processes_must_agree_on_settings_and_weights(untied: Path, tmp
     """A rank given other settings (or another model) gave exit 0 with logits 51% off, or a gloo SIGABRT."""
     script = tmp_path / "ranks.py"
     out = tmp_path / "o"
-    argv = ["slice", str(untied / "m"), "--sparsity", "0.25", "--calib", str(untied / "c.txt"), "--nsamples", "8", "--seqlen", "32",
-            "--batch-size", "2", "--out", str(out), "--no-samples"]
-    script.write_text("import os, sys\nfrom slicegpt.cli import main\n"
-                      f"argv = {argv!r}\n"
-                      "if os.environ['RANK'] == '1':\n    argv[3] = '0.5'\n"
-                      "sys.exit(main(argv))\n")
+    argv = [
+        "slice",
+        str(untied / "m"),
+        "--sparsity",
+        "0.25",
+        "--calib",
+        str(untied / "c.txt"),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--no-samples",
+    ]
+    script.write_text(
+        "import os, sys\nfrom slicegpt.cli import main\n"
+        f"argv = {argv!r}\n"
+        "if os.environ['RANK'] == '1':\n    argv[3] = '0.5'\n"
+        "sys.exit(main(argv))\n"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]))
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-                          env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode != 0
     assert done.stderr.count("processes differ in settings") == 2, done.stderr[-2000:]
     # only torchrun's own report of the failed children carries a traceback; ours are one line each
@@ -163,8 +269,27 @@ def test_torchrun_processes_must_agree_on_settings_and_weights(untied: Path, tmp
 @pytest.fixture(scope="module")
 def uniform_folder(untied: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("u") / "u"
-    assert main(["slice", str(untied / "m"), "--uniform", "--sparsity", "0.25", "--calib", str(untied / "c.txt"), "--nsamples", "4",
-                 "--seqlen", "32", "--out", str(out), "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                str(untied / "m"),
+                "--uniform",
+                "--sparsity",
+                "0.25",
+                "--calib",
+                str(untied / "c.txt"),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(out),
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -175,17 +300,32 @@ def test_bad_numbers_and_devices_are_one_line(untied: Path, uniform_folder: Path
         (["eval", model, "--ppl", corpus, "--max-rows", "0"], "--max-rows must be at least 1"),
         (["eval", model, "--ppl", corpus, "--max-rows", "-1"], "--max-rows must be at least 1"),
         (["eval", model, "--ppl", corpus, "--batch-size", "-3"], "--batch-size must be at least 1"),
-        ([*sl, "--ppl", corpus, "--eval-max-rows", "0", "--out", str(tmp_path / "a")], "--eval-max-rows must be at least 1"),
+        (
+            [*sl, "--ppl", corpus, "--eval-max-rows", "0", "--out", str(tmp_path / "a")],
+            "--eval-max-rows must be at least 1",
+        ),
         ([*sl, "--target-params", "inf", "--out", str(tmp_path / "b")], "positive finite"),
         (["plan", model, "--target-params", "inf"], "positive finite"),
         ([*sl, "--target-params", "1.5", "--out", str(tmp_path / "c")], "a whole number"),
-        (["recover", str(uniform_folder), "--data", corpus, "--tokens", "0.5", "--out", str(tmp_path / "d")], "whole number of tokens"),
+        (
+            ["recover", str(uniform_folder), "--data", corpus, "--tokens", "0.5", "--out", str(tmp_path / "d")],
+            "whole number of tokens",
+        ),
         ([*sl, "--device", "meta", "--out", str(tmp_path / "e")], "'meta' holds no data"),
         (["eval", model, "--device", "meta"], "'meta' holds no data"),
-        (["recover", str(uniform_folder), "--data", corpus, "--device", "meta", "--out", str(tmp_path / "f")], "'meta' holds no data"),
+        (
+            ["recover", str(uniform_folder), "--data", corpus, "--device", "meta", "--out", str(tmp_path / "f")],
+            "'meta' holds no data",
+        ),
         (["plan", model, "--tflops", "0"], "tflops must be a positive number"),
-        ([*sl, "--sparsity", "0.25", "--axes", "residual", "--out", str(tmp_path / "g")], "only apply with a parameter target"),
-        ([*sl, "--sparsity", "0.25", "--residual-share", "0.5", "--out", str(tmp_path / "h")], "only apply with a parameter target"),
+        (
+            [*sl, "--sparsity", "0.25", "--axes", "residual", "--out", str(tmp_path / "g")],
+            "only apply with a parameter target",
+        ),
+        (
+            [*sl, "--sparsity", "0.25", "--residual-share", "0.5", "--out", str(tmp_path / "h")],
+            "only apply with a parameter target",
+        ),
         ([*sl, "--sparsity", "0.25", "--search", "--out", str(tmp_path / "i")], "only apply with a parameter target"),
     ]
     for argv, needle in cases:
@@ -201,12 +341,15 @@ def test_a_perplexity_beyond_float_range_is_inf() -> None:
     from slicegpt.evaluation.perplexity import PerplexityResult, exp_or_inf
 
     assert exp_or_inf(1e4) == float("inf") and exp_or_inf(1.0) == pytest.approx(2.718281828)
-    r = PerplexityResult(perplexity=float("inf"), nll=1e4, tokens=3, rows=1, seqlen=4, seconds=0.0, source="x", row_nll=[3e4])
+    r = PerplexityResult(
+        perplexity=float("inf"), nll=1e4, tokens=3, rows=1, seqlen=4, seconds=0.0, source="x", row_nll=[3e4]
+    )
     assert r.perplexity_of_first(1) == float("inf")
 
 
-def test_a_full_disk_while_staging_is_one_line_and_leaves_no_temporary_file(untied: Path, tmp_path: Path, capsys,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_while_staging_is_one_line_and_leaves_no_temporary_file(
+    untied: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import safetensors.torch
 
     real = safetensors.torch.save_file
@@ -221,8 +364,28 @@ def test_a_full_disk_while_staging_is_one_line_and_leaves_no_temporary_file(unti
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     out = tmp_path / "o"
-    assert main(["slice", str(untied / "m"), "--sparsity", "0.25", "--calib", str(untied / "c.txt"), "--nsamples", "4",
-                 "--seqlen", "32", "--stream", "off", "--out", str(out), "--no-samples"]) == 2
+    assert (
+        main(
+            [
+                "slice",
+                str(untied / "m"),
+                "--sparsity",
+                "0.25",
+                "--calib",
+                str(untied / "c.txt"),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--stream",
+                "off",
+                "--out",
+                str(out),
+                "--no-samples",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("slicegpt: error: cannot write") and "No space left" in err and "--resume" in err
     assert not list(tmp_path.rglob("*.tmp")) and not out.exists()
@@ -232,7 +395,10 @@ def test_metadata_that_cannot_be_checked_is_refused(uniform_folder: Path, tmp_pa
     folder = tmp_path / "u"
     shutil.copytree(uniform_folder, folder)
     meta = json.loads((folder / "slicegpt.json").read_text())  # a uniform folder keeps it beside config.json
-    for bad, needle in ((dict(meta, format_version="2"), "no valid format_version"), (dict(meta, files={}), "records no size or checksum")):
+    for bad, needle in (
+        (dict(meta, format_version="2"), "no valid format_version"),
+        (dict(meta, files={}), "records no size or checksum"),
+    ):
         (folder / "slicegpt.json").write_text(json.dumps(bad))
         with pytest.raises(slicegpt.SlicedFolderError, match=needle):
             slicegpt.load(folder)
@@ -263,7 +429,27 @@ def test_smaller_messages_say_the_whole_thing(untied: Path, uniform_folder: Path
     assert main(["eval", str(notok)]) == 2
     assert "has no tokenizer files" in capsys.readouterr().err
     # --resume on an output that was finished: says so, not "pass --overwrite (overwrite=True)"
-    assert main(["slice", str(untied / "m"), "--uniform", "--sparsity", "0.25", "--calib", str(untied / "c.txt"), "--nsamples", "4",
-                 "--seqlen", "32", "--out", str(uniform_folder), "--resume", "--no-samples"]) == 2
+    assert (
+        main(
+            [
+                "slice",
+                str(untied / "m"),
+                "--uniform",
+                "--sparsity",
+                "0.25",
+                "--calib",
+                str(untied / "c.txt"),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(uniform_folder),
+                "--resume",
+                "--no-samples",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "is complete" in err and "overwrite=True" not in err

@@ -24,7 +24,16 @@ import torch
 import slicegpt
 from slicegpt.cli import main
 from slicegpt.core.streams import LoopState, Streams
-from slicegpt.io.staging import FINGERPRINT, STATE, ResumeError, SliceStaging, _layer_file, _load_tensors, _save_tensors, staging_dir
+from slicegpt.io.staging import (
+    FINGERPRINT,
+    STATE,
+    ResumeError,
+    SliceStaging,
+    _layer_file,
+    _load_tensors,
+    _save_tensors,
+    staging_dir,
+)
 from slicegpt.io.treefile import load_tree, save_tree
 
 from conftest import calib_rows, make_tiny, tiny_tokenizer
@@ -64,14 +73,25 @@ SETTINGS = {
 def _slice(family: str, settings: dict, out: Path, checkpoint=None, rows: torch.Tensor | None = None) -> None:
     model = make_tiny(family)
     config = slicegpt.SliceConfig(batch_size=4, **settings)
-    report = slicegpt.slice_model(model, None, calib_rows(8) if rows is None else rows, config, progress=False,
-                                  source_model=f"tiny-{family}", streams=None if checkpoint is None else Streams(checkpoint=checkpoint))
+    report = slicegpt.slice_model(
+        model,
+        None,
+        calib_rows(8) if rows is None else rows,
+        config,
+        progress=False,
+        source_model=f"tiny-{family}",
+        streams=None if checkpoint is None else Streams(checkpoint=checkpoint),
+    )
     slicegpt.save(model, out, report=report)
 
 
 def _digests(folder: Path) -> dict[str, str]:
     """Every file's sha256, but the model card's (it names its own folder)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "README.md"}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != "README.md"
+    }
 
 
 def _assert_same_files(a: Path, b: Path) -> None:
@@ -80,14 +100,21 @@ def _assert_same_files(a: Path, b: Path) -> None:
     assert da == db, [n for n in da if da[n] != db.get(n)]
 
 
-@pytest.mark.parametrize(("family", "mode", "after"), [
-    ("llama", "per-layer", 0), ("llama", "per-layer", 1), ("llama", "per-layer", 2),
-    ("llama", "uniform", "pooled"), ("llama", "uniform", 1),
-    ("llama", "target", 0), ("llama", "target", 1),
-    ("llama", "target-uniform", 1),
-    ("gemma3_text", "per-layer", 1),  # sliding and global layers: different call arguments per layer
-    ("gpt_neox", "target", 0),  # parallel blocks
-])
+@pytest.mark.parametrize(
+    ("family", "mode", "after"),
+    [
+        ("llama", "per-layer", 0),
+        ("llama", "per-layer", 1),
+        ("llama", "per-layer", 2),
+        ("llama", "uniform", "pooled"),
+        ("llama", "uniform", 1),
+        ("llama", "target", 0),
+        ("llama", "target", 1),
+        ("llama", "target-uniform", 1),
+        ("gemma3_text", "per-layer", 1),  # sliding and global layers: different call arguments per layer
+        ("gpt_neox", "target", 0),  # parallel blocks
+    ],
+)
 def test_a_stopped_slice_resumes_to_the_same_files(tmp_path: Path, family: str, mode: str, after: int | str) -> None:
     settings = SETTINGS[mode]
     _slice(family, settings, tmp_path / "whole")
@@ -127,7 +154,13 @@ def test_a_mismatched_resume_is_refused_naming_what_differs(tmp_path: Path) -> N
         _slice("llama", dict(sparsity=0.3), tmp_path / "out", SliceStaging(stage, resume=True))
     assert "\n" not in str(info.value) and "widths" in str(info.value)
     with pytest.raises(ResumeError, match="calibration data") as info:
-        _slice("llama", SETTINGS["per-layer"], tmp_path / "out", SliceStaging(stage, resume=True), rows=calib_rows(8, seed=2))
+        _slice(
+            "llama",
+            SETTINGS["per-layer"],
+            tmp_path / "out",
+            SliceStaging(stage, resume=True),
+            rows=calib_rows(8, seed=2),
+        )
     assert "sparsity" not in str(info.value)
     with pytest.raises(ResumeError, match="source model .*model config"):
         _slice("qwen2", SETTINGS["per-layer"], tmp_path / "out", SliceStaging(stage, resume=True))
@@ -140,13 +173,23 @@ def test_tensors_read_back_from_staging_sit_in_aligned_memory_of_their_own(tmp_p
     bytes only, and MKL's float64 products take another summation path for operands not 16-byte
     aligned. Every tensor read back must sit in freshly allocated (64-byte aligned) memory, as
     the tensors of an uninterrupted run do."""
-    tree = {"a": torch.randn(3, 7, dtype=torch.float64), "b": torch.randn(5), "c": [torch.randn(4, 3, dtype=torch.float64)]}
+    tree = {
+        "a": torch.randn(3, 7, dtype=torch.float64),
+        "b": torch.randn(5),
+        "c": [torch.randn(4, 3, dtype=torch.float64)],
+    }
     save_tree(tmp_path / "tree.safetensors", tree)
     back = load_tree(tmp_path / "tree.safetensors")
     _save_tensors(tmp_path / "layer.safetensors", {"a": tree["a"], "b": tree["b"], "c": tree["c"][0]})
     layer = _load_tensors(tmp_path / "layer.safetensors")
-    for got, want in [(back["a"], tree["a"]), (back["b"], tree["b"]), (back["c"][0], tree["c"][0]),
-                      (layer["a"], tree["a"]), (layer["b"], tree["b"]), (layer["c"], tree["c"][0])]:
+    for got, want in [
+        (back["a"], tree["a"]),
+        (back["b"], tree["b"]),
+        (back["c"][0], tree["c"][0]),
+        (layer["a"], tree["a"]),
+        (layer["b"], tree["b"]),
+        (layer["c"], tree["c"][0]),
+    ]:
         assert torch.equal(got, want)
         assert got.data_ptr() % 64 == 0 and got.storage_offset() == 0
 
@@ -172,11 +215,26 @@ def test_a_resume_on_other_numerics_says_its_bits_may_differ(tmp_path: Path) -> 
 
 
 def _cli(model: str, corpus: str, out: Path, *extra: str) -> list[str]:
-    return ["slice", model, "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--out", str(out), *extra]
+    return [
+        "slice",
+        model,
+        "--sparsity",
+        "0.25",
+        "--calib",
+        corpus,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
-def test_cli_resume_notes_and_cleanup(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture) -> None:
+def test_cli_resume_notes_and_cleanup(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
     whole, out = tmp_path / "whole", tmp_path / "out"
     assert main(_cli(model, corpus, whole)) == 0
@@ -206,8 +264,18 @@ def test_cli_resume_notes_and_cleanup(tiny_model_dir: Path, tmp_path: Path, monk
     capsys.readouterr()
     assert main(_cli(model, corpus, other, "--resume", "--nsamples", "5")) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "slicegpt: error:" in line]
-    assert len(err) == 1 and err[0].startswith("slicegpt: error:") and "nsamples (4 then, 5 now)" in err[0] and "calibration data" in err[0]
-    assert main(["slice", model, "--target-params", "0.75", "--search", "--calib", corpus, "--out", str(other), "--resume"]) == 2
+    assert (
+        len(err) == 1
+        and err[0].startswith("slicegpt: error:")
+        and "nsamples (4 then, 5 now)" in err[0]
+        and "calibration data" in err[0]
+    )
+    assert (
+        main(
+            ["slice", model, "--target-params", "0.75", "--search", "--calib", corpus, "--out", str(other), "--resume"]
+        )
+        == 2
+    )
     assert "--search" in capsys.readouterr().err
 
     # the same command with --resume continues and removes the staging folder once saved
@@ -228,7 +296,9 @@ def test_cli_resume_notes_and_cleanup(tiny_model_dir: Path, tmp_path: Path, monk
     _assert_same_files(tmp_path / "again", whole)
 
 
-def test_a_resume_after_a_kill_during_the_final_save(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_resume_after_a_kill_during_the_final_save(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Killed after the output was renamed into place but before the staging was removed: --resume
     finishes (replacing the output with the same files) without --overwrite."""
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
@@ -254,19 +324,47 @@ def test_a_killed_slice_resumes_to_the_same_files(tmp_path: Path) -> None:
     import transformers
 
     # Longer than the shared tiny model: more layers and rows, so that the kill lands mid-run.
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                                      num_hidden_layers=10, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=10,
+        vocab_size=320,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     folder = tmp_path / "model"
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(" ".join(f"line {i} of the calibration text, with words {i * 7 % 13} and {i % 11}." for i in range(4000)))
+    corpus.write_text(
+        " ".join(f"line {i} of the calibration text, with words {i * 7 % 13} and {i % 11}." for i in range(4000))
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def command(out: Path) -> list[str]:
-        return [sys.executable, "-m", "slicegpt", "slice", str(folder), "--per-layer", "--target-params", "0.75", "--calib", str(corpus),
-                "--nsamples", "64", "--seqlen", "64", "--batch-size", "8", "--out", str(out)]
+        return [
+            sys.executable,
+            "-m",
+            "slicegpt",
+            "slice",
+            str(folder),
+            "--per-layer",
+            "--target-params",
+            "0.75",
+            "--calib",
+            str(corpus),
+            "--nsamples",
+            "64",
+            "--seqlen",
+            "64",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+        ]
 
     subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
     out = tmp_path / "killed"

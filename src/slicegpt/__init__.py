@@ -1,13 +1,13 @@
 """slicegpt: compress decoder-only language models by SliceGPT (Ashkboos et al., ICLR 2024).
 
-    import slicegpt
-    model, tokenizer, _ = slicegpt.load_model()              # the embedded default (SmolLM2-135M)
-    report = slicegpt.slice_model(model, tokenizer, "wiki", slicegpt.SliceConfig(sparsity=0.25))
-    slicegpt.save(model, "sliced/", tokenizer=tokenizer)
-    model = slicegpt.load("sliced/")
-    ppl = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024).perplexity
-    slicegpt.use_matvec_layout(model)                         # faster one-token decoding on CPU
-    model, report = slicegpt.recover(model, tokenizer, slicegpt.RecoverConfig(train="lora"))  # recovery training
+import slicegpt
+model, tokenizer, _ = slicegpt.load_model()              # the embedded default (SmolLM2-135M)
+report = slicegpt.slice_model(model, tokenizer, "wiki", slicegpt.SliceConfig(sparsity=0.25))
+slicegpt.save(model, "sliced/", tokenizer=tokenizer)
+model = slicegpt.load("sliced/")
+ppl = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024).perplexity
+slicegpt.use_matvec_layout(model)                         # faster one-token decoding on CPU
+model, report = slicegpt.recover(model, tokenizer, slicegpt.RecoverConfig(train="lora"))  # recovery training
 """
 
 from ._version import __version__

@@ -147,8 +147,10 @@ class Packed:
     def note(self, what: str) -> str | None:
         if not self.truncated:
             return None
-        return (f"note: {self.truncated} of {self.conversations} conversations in {what} are longer than a row and were cut "
-                "to it (raise --seqlen to keep them whole)")
+        return (
+            f"note: {self.truncated} of {self.conversations} conversations in {what} are longer than a row and were cut "
+            "to it (raise --seqlen to keep them whole)"
+        )
 
 
 def pack(examples: Sequence[Rendered], seqlen: int, rows: int | None = None, assistant_only: bool = True) -> Packed:
@@ -189,15 +191,27 @@ def pack(examples: Sequence[Rendered], seqlen: int, rows: int | None = None, ass
     if rows is not None:
         out_ids, out_mask = out_ids[:rows], out_mask[:rows]
     if not out_ids:
-        return Packed(Rows(torch.zeros(0, seqlen, dtype=torch.long), loss_mask=torch.zeros(0, seqlen, dtype=torch.bool)),
-                      used, truncated, 0, 0)
+        return Packed(
+            Rows(torch.zeros(0, seqlen, dtype=torch.long), loss_mask=torch.zeros(0, seqlen, dtype=torch.bool)),
+            used,
+            truncated,
+            0,
+            0,
+        )
     ids_t = torch.tensor(out_ids, dtype=torch.long)
     mask_t = torch.tensor(out_mask, dtype=torch.bool)
     return Packed(Rows(ids_t, loss_mask=mask_t), used, truncated, ids_t.numel(), int(mask_t.sum()))
 
 
-def conversation_rows(tokenizer: Any, conversations: Sequence[Messages], seqlen: int, rows: int | None, seed: int | None,
-                      assistant_only: bool = True, what: str = "the data") -> Packed:
+def conversation_rows(
+    tokenizer: Any,
+    conversations: Sequence[Messages],
+    seqlen: int,
+    rows: int | None,
+    seed: int | None,
+    assistant_only: bool = True,
+    what: str = "the data",
+) -> Packed:
     """Render ``conversations`` (shuffled with ``seed`` first, unless None) and pack them."""
     order = list(range(len(conversations)))
     if seed is not None:
@@ -258,7 +272,10 @@ def prompt_ids(tokenizer: Any, prompt: str, system: str | None = None) -> list[i
 def stop_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     """Token ids that end an answer: the model's generation config's and the tokenizer's EOS."""
     found: list[int] = []
-    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+    for value in (
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, int) and v not in found:
                 found.append(v)
@@ -273,10 +290,19 @@ def _pad_id(tokenizer: Any, stops: list[int]) -> int:
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]], settings: GenerationSettings, *,
-             batch_size: int = 16, device: str | torch.device | None = None, progress: bool = True,
-             on_batch: Callable[[list[int], list[Answer]], None] | None = None, skip: Callable[[list[int]], bool] | None = None,
-             desc: str = "generating") -> list[Answer | None]:
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    settings: GenerationSettings,
+    *,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    on_batch: Callable[[list[int], list[Answer]], None] | None = None,
+    skip: Callable[[list[int]], bool] | None = None,
+    desc: str = "generating",
+) -> list[Answer | None]:
     """Answers to ``prompts`` (token ids, as :func:`prompt_ids` gives), in their order.
 
     Batches are fixed by the whole list (prompts sorted by length, then cut every ``batch_size``),
@@ -304,10 +330,11 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]], set
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
-        kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
-                                      eos_token_id=stops, pad_token_id=pad)
+            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]) :] = 1
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy, eos_token_id=stops, pad_token_id=pad
+        )
         if not settings.greedy:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
         else:  # a model's generation config may ask for sampling; greedy means greedy
@@ -378,8 +405,10 @@ class ConversationFile:
         for record in out:
             theirs = record.get("generation")
             if theirs != self.header:
-                raise DataError(f"{self.path} holds conversations generated otherwise ({_differ(theirs, self.header)}); "
-                                "use another --out, or the same settings to continue it")
+                raise DataError(
+                    f"{self.path} holds conversations generated otherwise ({_differ(theirs, self.header)}); "
+                    "use another --out, or the same settings to continue it"
+                )
         return out
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
@@ -404,9 +433,19 @@ def _differ(a: Any, b: Any) -> str:
     return ", ".join(f"{k} {a.get(k)!r} there, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)) or "unknown"
 
 
-def answer_into_file(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], out: ConversationFile, settings: GenerationSettings,
-                     *, system: str | None = None, batch_size: int = 16, device: str | torch.device | None = None,
-                     progress: bool = True, desc: str = "generating") -> list[dict[str, Any]]:
+def answer_into_file(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    out: ConversationFile,
+    settings: GenerationSettings,
+    *,
+    system: str | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[dict[str, Any]]:
     """Have ``model`` answer ``prompts`` (:class:`slicegpt.prompts.Prompt`) into ``out``, skipping
     the batches already there; returns every record, in the prompts' order."""
     have = {r["id"]: r for r in out.records()}
@@ -427,8 +466,18 @@ def answer_into_file(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], o
         out.append(new)
         have.update({r["id"]: r for r in new})
 
-    generate(model, tokenizer, ids, settings, batch_size=batch_size, device=device, progress=progress, on_batch=on_batch,
-             skip=lambda idx: all(prompts[i].id in have for i in idx), desc=desc)
+    generate(
+        model,
+        tokenizer,
+        ids,
+        settings,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        on_batch=on_batch,
+        skip=lambda idx: all(prompts[i].id in have for i in idx),
+        desc=desc,
+    )
     return [have[p.id] for p in prompts]
 
 

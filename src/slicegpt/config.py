@@ -54,7 +54,9 @@ def check_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(
+            f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but MPS is not available on this machine")
     return dev
@@ -75,7 +77,9 @@ def parse_device_map(text: str | None) -> str | tuple[str, ...] | None:
         try:
             torch.device(name)
         except (RuntimeError, TypeError):
-            raise ValueError(f"device_map: unknown device {name!r}; use 'auto' or a list such as 'cuda:0,cuda:1'") from None
+            raise ValueError(
+                f"device_map: unknown device {name!r}; use 'auto' or a list such as 'cuda:0,cuda:1'"
+            ) from None
     return names
 
 
@@ -197,20 +201,36 @@ class SliceConfig:
             raise ValueError("nsamples and batch_size must be at least 1, seqlen at least 2")
         if self.pca_signal not in ("normed", "residual"):
             raise ValueError(f"pca_signal must be 'normed' or 'residual', got {self.pca_signal!r}")
-        if self.target_params is not None and not (float(self.target_params) > 0 and math.isfinite(float(self.target_params))):
+        if self.target_params is not None and not (
+            float(self.target_params) > 0 and math.isfinite(float(self.target_params))
+        ):
             raise ValueError(f"target_params must be a positive finite number, got {self.target_params}")
-        if self.target_params is not None and float(self.target_params) > 1 and float(self.target_params) != int(self.target_params):
-            raise ValueError(f"a target_params above 1 is a parameter count, a whole number (100.9M, 1.2B); got {self.target_params}")
+        if (
+            self.target_params is not None
+            and float(self.target_params) > 1
+            and float(self.target_params) != int(self.target_params)
+        ):
+            raise ValueError(
+                f"a target_params above 1 is a parameter count, a whole number (100.9M, 1.2B); got {self.target_params}"
+            )
         if self.residual_share is not None and not 0.0 <= float(self.residual_share) <= 1.0:
             raise ValueError(f"residual_share must be in [0, 1], got {self.residual_share}")
         if self.token_weighting not in ("none", "norm"):
             raise ValueError(f"token_weighting must be 'none' or 'norm', got {self.token_weighting!r}")
         if self.target_params is None and self.sparsity is not None:
-            unused = [name for name, on in (("axes", self.axes != "mlp,residual"), ("residual_share", self.residual_share is not None),
-                                            ("search", self.search)) if on]
+            unused = [
+                name
+                for name, on in (
+                    ("axes", self.axes != "mlp,residual"),
+                    ("residual_share", self.residual_share is not None),
+                    ("search", self.search),
+                )
+                if on
+            ]
             if unused:
-                raise ValueError(f"{', '.join(unused)} only apply with a parameter target (target_params); "
-                                 "give one, or drop them")
+                raise ValueError(
+                    f"{', '.join(unused)} only apply with a parameter target (target_params); give one, or drop them"
+                )
         if self.damping < 0:
             raise ValueError("damping must be non-negative")
         parse_dtype(self.dtype)
@@ -365,7 +385,9 @@ class RecoverConfig:
         groups = tuple(g.strip() for g in self.lora_targets.split(",") if g.strip())
         unknown = [g for g in groups if g not in LORA_GROUPS]
         if unknown or not groups:
-            raise ValueError(f"unknown LoRA target group {', '.join(unknown) or '(none)'}; choose among {', '.join(LORA_GROUPS)}")
+            raise ValueError(
+                f"unknown LoRA target group {', '.join(unknown) or '(none)'}; choose among {', '.join(LORA_GROUPS)}"
+            )
         return groups
 
     def loss_for(self, has_teacher: bool) -> str:

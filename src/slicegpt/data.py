@@ -164,7 +164,9 @@ def hf_text(name: str, split: Split) -> str:
         else:  # pragma: no cover - needs the hub
             ds = datasets.load_dataset(name, split=hf_split)
     except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
-        raise DataError(f"cannot load data set {name!r} split {hf_split!r}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+        raise DataError(
+            f"cannot load data set {name!r} split {hf_split!r}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        ) from exc
     return _join([_record_text(r) for r in ds])
 
 
@@ -201,11 +203,13 @@ def load_text(source: str | os.PathLike, split: Split) -> str:
     elif source == "lambada":
         text = lambada_text(split)
     elif source.startswith(HF_PREFIX):
-        text = hf_text(source[len(HF_PREFIX):], split)
+        text = hf_text(source[len(HF_PREFIX) :], split)
     elif os.path.exists(source) or source.endswith((".txt", ".jsonl")):
         text = file_text(Path(source))
     else:
-        raise DataError(f"unknown text source {source!r}: use 'wiki', 'wikitext2', 'lambada' (evaluation only), 'hf:NAME', or a .txt/.jsonl file")
+        raise DataError(
+            f"unknown text source {source!r}: use 'wiki', 'wikitext2', 'lambada' (evaluation only), 'hf:NAME', or a .txt/.jsonl file"
+        )
     if not text.strip():
         raise DataError(f"text source {label(source)!r} is empty")
     head = text[:100_000]

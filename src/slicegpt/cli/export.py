@@ -18,10 +18,17 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``slicegpt export FOLDER --gguf OUT [--outtype TYPE] [--overwrite]``."""
-    parser.add_argument("folder", help="a standard Hugging Face folder: a dense Llama-family model or a uniform sliced one")
+    parser.add_argument(
+        "folder", help="a standard Hugging Face folder: a dense Llama-family model or a uniform sliced one"
+    )
     parser.add_argument("--gguf", required=True, metavar="OUT", help="the .gguf file to write")
-    parser.add_argument("--outtype", default="f16", choices=list(OUTTYPES), metavar="TYPE",
-                        help=f"type of the weight matrices (norms and biases stay f32): {', '.join(OUTTYPES)}")
+    parser.add_argument(
+        "--outtype",
+        default="f16",
+        choices=list(OUTTYPES),
+        metavar="TYPE",
+        help=f"type of the weight matrices (norms and biases stay f32): {', '.join(OUTTYPES)}",
+    )
     parser.add_argument("--dtype", dest="outtype", choices=list(OUTTYPES), help=argparse.SUPPRESS)  # the old name
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 

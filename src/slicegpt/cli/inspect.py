@@ -24,8 +24,15 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``slicegpt inspect`` options."""
     parser.add_argument("folder", help="a sliced folder (written by 'slicegpt slice')")
-    parser.add_argument("--plot", default=None, metavar="PATH", help="draw the PCA spectra of the folder's spectra.json into this PNG")
-    parser.add_argument("--seqlen", type=int, default=EVAL_DEFAULTS.seqlen, help="context length for the attention term of FLOPs per token (clipped to the model's)")
+    parser.add_argument(
+        "--plot", default=None, metavar="PATH", help="draw the PCA spectra of the folder's spectra.json into this PNG"
+    )
+    parser.add_argument(
+        "--seqlen",
+        type=int,
+        default=EVAL_DEFAULTS.seqlen,
+        help="context length for the attention term of FLOPs per token (clipped to the model's)",
+    )
     parser.add_argument("--seq-len", dest="seqlen", type=int, help=argparse.SUPPRESS)  # the old spelling
     parser.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
 
@@ -49,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     summary = spectrum_summary(data["spectra"], data["widths"])
     kept = [v["variance_kept"] for v in summary.values()]
     if kept:
-        print(f"spectra: {len(summary)} points; variance kept at the chosen widths: min {pct(min(kept))}, "
-              f"mean {pct(sum(kept) / len(kept))}")
+        print(
+            f"spectra: {len(summary)} points; variance kept at the chosen widths: min {pct(min(kept))}, "
+            f"mean {pct(sum(kept) / len(kept))}"
+        )
     if args.plot:
         title = f"{info.get('source_model') or args.folder}: cumulative explained variance, chosen width dashed"
         path = plot_spectra(data["spectra"], data["widths"], args.plot, title=title)

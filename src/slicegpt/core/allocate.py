@@ -43,8 +43,15 @@ def held_out_nll(model: nn.Module, rows: Rows, device: str, batch_size: int) -> 
 
 
 def search_split(
-    model: nn.Module, tokenizer: Any, calib: Any, config: SliceConfig, compress: Callable[..., SliceReport], *,
-    shares: tuple[float, ...] = SHARES, held_rows: int = 8, progress: bool = True,
+    model: nn.Module,
+    tokenizer: Any,
+    calib: Any,
+    config: SliceConfig,
+    compress: Callable[..., SliceReport],
+    *,
+    shares: tuple[float, ...] = SHARES,
+    held_rows: int = 8,
+    progress: bool = True,
 ) -> tuple[float, list[dict[str, Any]], float, Rows]:
     """(best residual share, one record per candidate, seconds spent, the statistics rows) for
     ``config.target_params``.
@@ -62,11 +69,21 @@ def search_split(
     records = []
     for share in shares:
         candidate = copy.deepcopy(model)
-        report = compress(candidate, tokenizer, fit, replace(config, residual_share=share, search=False), progress=progress)
+        report = compress(
+            candidate, tokenizer, fit, replace(config, residual_share=share, search=False), progress=progress
+        )
         nll = held_out_nll(candidate, held, config.device, config.batch_size)
-        records.append({"residual_share": share, "residual_width": report.widths.embedding,
-                        "mlp_neurons": report.widths.mlp_neurons, "params": report.params_after,
-                        "held_out_nll": nll, "held_out_perplexity": math.exp(nll), "seconds": report.seconds})
+        records.append(
+            {
+                "residual_share": share,
+                "residual_width": report.widths.embedding,
+                "mlp_neurons": report.widths.mlp_neurons,
+                "params": report.params_after,
+                "held_out_nll": nll,
+                "held_out_perplexity": math.exp(nll),
+                "seconds": report.seconds,
+            }
+        )
         del candidate
         release_free_memory()
     best = min(records, key=lambda r: r["held_out_nll"])

@@ -36,8 +36,15 @@ class BlockBases:
     q_out: torch.Tensor | None
 
 
-def _shortcut(q_from: torch.Tensor | None, d_from: int, q_to: torch.Tensor | None, d_to: int, wanted: bool,
-              shared: bool, device: torch.device) -> torch.Tensor | None:
+def _shortcut(
+    q_from: torch.Tensor | None,
+    d_from: int,
+    q_to: torch.Tensor | None,
+    d_to: int,
+    wanted: bool,
+    shared: bool,
+    device: torch.device,
+) -> torch.Tensor | None:
     """The residual path's change of basis Q_from[:, :d_from]^T Q_to[:, :d_to], (d_from, d_to) float64.
 
     None (the identity) where one shared basis keeps its width. Without bases (a skeleton) an
@@ -50,7 +57,9 @@ def _shortcut(q_from: torch.Tensor | None, d_from: int, q_to: torch.Tensor | Non
     return ops.shortcut_matrix(q_from, d_from, q_to, d_to)
 
 
-def slice_block(block: SlicedBlock, spec: ArchSpec, bases: BlockBases, w: LayerWidths, *, shared: bool = False) -> LayerWidths:
+def slice_block(
+    block: SlicedBlock, spec: ArchSpec, bases: BlockBases, w: LayerWidths, *, shared: bool = False
+) -> LayerWidths:
     """Rotate and slice ``block`` in place: inputs into ``bases.q_in`` at ``w.d_in``, and so on.
 
     Sequential::   attention  reads (q_in, d_in),  writes (q_mid, d_mid);  shortcut d_in -> d_mid

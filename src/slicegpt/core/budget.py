@@ -78,7 +78,12 @@ class ParameterCounter:
         n = count_parameters(model)
         if self.uniform or self.kept_basis(widths):
             # one basis: no shortcuts; the head stays tied if it was
-            n -= sum(p.numel() for b in get_layers(model, self.spec) for p in (b.attn_shortcut, b.mlp_shortcut) if p is not None)
+            n -= sum(
+                p.numel()
+                for b in get_layers(model, self.spec)
+                for p in (b.attn_shortcut, b.mlp_shortcut)
+                if p is not None
+            )
             if self.tied:
                 n -= get_path(model, self.spec.head).weight.numel()
             if self.uniform:  # a standard checkpoint: norms become explicit, the final norm's scale included
@@ -113,7 +118,8 @@ class BudgetWidth:
 
     def _widths(self, d: int, k: int | None) -> Widths:
         base = ConstantWidth(0.0, 1, self.slice_head, width=d).widths(
-            self.counter.hidden, self.counter.layers, self.counter.spec.topology)
+            self.counter.hidden, self.counter.layers, self.counter.spec.topology
+        )
         base = fit_widths(base, self.counter.spec)
         return base.with_mlp([k if n is not None else None for n in self.counter.prunable])
 
@@ -133,7 +139,9 @@ class BudgetWidth:
             raise ValueError("spreading needs every layer's MLP neurons pruned")
         at = self.counter.count(widths)
         one_less = widths.with_mlp([kept[0] - self.step, *kept[1:]])
-        per_step = at - self.counter.count(one_less)  # parameters of `step` neurons in one layer (the same in every layer)
+        per_step = at - self.counter.count(
+            one_less
+        )  # parameters of `step` neurons in one layer (the same in every layer)
         return sum(kept) + (self.target - at) // per_step * self.step
 
     def _widths_ok(self, d: int) -> bool:
@@ -181,7 +189,9 @@ class BudgetWidth:
     def _at(self, hidden: int, residual_share: float) -> Widths:
         full = self.counter.count(self._widths(hidden, None))
         if self.target >= full:
-            raise ValueError(f"the target {self.target:,} parameters is not below the model's {full:,}: nothing to remove")
+            raise ValueError(
+                f"the target {self.target:,} parameters is not below the model's {full:,}: nothing to remove"
+            )
         # residual width first: its share of the parameters to remove
         want = full - residual_share * (full - self.target)
         d = hidden
@@ -192,11 +202,15 @@ class BudgetWidth:
         if at_d <= self.target:
             return self._widths(d, None)
         if not self.mlp_allowed:
-            raise ValueError(f"the target {self.target:,} parameters is below what the residual width alone reaches "
-                             f"({at_d:,} at width {d}); add the 'mlp' axis or raise the target")
+            raise ValueError(
+                f"the target {self.target:,} parameters is below what the residual width alone reaches "
+                f"({at_d:,} at width {d}); add the 'mlp' axis or raise the target"
+            )
         n = self.counter.intermediate
         if n is None:
-            raise UnsupportedModelError(f"{self.counter.spec.name}: the MLP-neuron axis is not available; use --axes residual")
+            raise UnsupportedModelError(
+                f"{self.counter.spec.name}: the MLP-neuron axis is not available; use --axes residual"
+            )
         per_neuron = at_d - self.counter.count(self._widths(d, n - 1))
         k = n - -(-(at_d - self.target) // per_neuron)  # fewest neurons removed that reach the target
         step = self.step

@@ -115,8 +115,9 @@ class _Recorder(nn.Module):
 
 
 @torch.inference_mode()
-def capture_layer_inputs(model: nn.Module, spec: ArchSpec, rows: Rows, batch_size: int, device: torch.device,
-                         store: Callable[[], Any] = list) -> LayerInputs:
+def capture_layer_inputs(
+    model: nn.Module, spec: ArchSpec, rows: Rows, batch_size: int, device: torch.device, store: Callable[[], Any] = list
+) -> LayerInputs:
     """Run the model with its layers stood in for by recorders; keep what each layer receives.
 
     The model's own forward computes the hidden states layer 0 reads and every argument it hands
@@ -146,7 +147,9 @@ def capture_layer_inputs(model: nn.Module, spec: ArchSpec, rows: Rows, batch_siz
             except _Captured:
                 pass
             if [entry[0] for entry in sink] != list(range(len(layers))):
-                raise RuntimeError(f"the model called its layers in an unexpected order: {[entry[0] for entry in sink]}")
+                raise RuntimeError(
+                    f"the model called its layers in an unexpected order: {[entry[0] for entry in sink]}"
+                )
             memo: dict[int, tuple[Any, Any]] = {}
             captured.hidden.append(sink[0][1].detach().to("cpu"))
             captured.calls.append([(_to(a, "cpu", memo), _to(k, "cpu", memo)) for _, _, a, k in sink])
@@ -157,7 +160,6 @@ def capture_layer_inputs(model: nn.Module, spec: ArchSpec, rows: Rows, batch_siz
         for m in front:
             m.to("cpu")
     return captured
-
 
 
 def stream(items: list[torch.Tensor], device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:

@@ -68,12 +68,24 @@ def dense_layer(block: SlicedBlock, index: int, inputs: LayerInputs, device: tor
 
 def writer(refs: list, what: str) -> Any:
     if len(refs) != 1 or refs[0].tensor.dim() != 2:
-        raise UnsupportedModelError(f"closed-form corrections need one plain {what} matrix per layer; use correct=False")
+        raise UnsupportedModelError(
+            f"closed-form corrections need one plain {what} matrix per layer; use correct=False"
+        )
     return refs[0]
 
 
-def refit_attention(block: SlicedBlock, spec: ArchSpec, index: int, inputs: LayerInputs, back_in: torch.Tensor,
-                     targets: list, device: torch.device, record: dict[str, float], *, reduce: Reduction = _LOCAL) -> None:
+def refit_attention(
+    block: SlicedBlock,
+    spec: ArchSpec,
+    index: int,
+    inputs: LayerInputs,
+    back_in: torch.Tensor,
+    targets: list,
+    device: torch.device,
+    record: dict[str, float],
+    *,
+    reduce: Reduction = _LOCAL,
+) -> None:
     """Refit attention's output projection so that the compressed stream after attention lands on the
     dense model's: min E||r_dense - x - attn(x)||^2 over the projection, ridge chosen on held-out
     rows. Each branch so also cancels what the layers before it got wrong (matching the dense
@@ -100,9 +112,20 @@ def refit_attention(block: SlicedBlock, spec: ArchSpec, index: int, inputs: Laye
     record[f"layer.{index}.attn"] = rel
 
 
-def refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input: Callable[[torch.Tensor], torch.Tensor],
-               targets: list | None, keep: int | None, device: torch.device, record: dict[str, float], point: str,
-               weighting: str, *, reduce: Reduction = _LOCAL) -> None:
+def refit_mlp(
+    block: SlicedBlock,
+    spec: ArchSpec,
+    inputs: LayerInputs,
+    to_input: Callable[[torch.Tensor], torch.Tensor],
+    targets: list | None,
+    keep: int | None,
+    device: torch.device,
+    record: dict[str, float],
+    point: str,
+    weighting: str,
+    *,
+    reduce: Reduction = _LOCAL,
+) -> None:
     """Keep ``keep`` MLP neurons (all with None) and refit the MLP's writer on them.
 
     The target is the dense model's stream after the MLP less the compressed stream before it
@@ -136,8 +159,12 @@ def refit_mlp(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input:
     record[point] = rel
 
 
-def keep_and_refit(moments: moments_.FitMoments, w0: torch.Tensor, keep: int | None,
-                   agree: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> tuple[torch.Tensor, torch.Tensor, float]:
+def keep_and_refit(
+    moments: moments_.FitMoments,
+    w0: torch.Tensor,
+    keep: int | None,
+    agree: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(kept neurons [k], the writer refit on them (D, k), its ridge strength) from a writer's
     reduced moments; ``w0`` (D, n) is the writer as it is, ``keep`` None keeps every neuron.
 
@@ -161,8 +188,18 @@ def keep_and_refit(moments: moments_.FitMoments, w0: torch.Tensor, keep: int | N
     return index, w, rel
 
 
-def prune_experts(block: SlicedBlock, spec: ArchSpec, inputs: LayerInputs, to_input: Callable[[torch.Tensor], torch.Tensor],
-                  keep: int, device: torch.device, record: dict[str, float], point: str, *, reduce: Reduction = _LOCAL) -> None:
+def prune_experts(
+    block: SlicedBlock,
+    spec: ArchSpec,
+    inputs: LayerInputs,
+    to_input: Callable[[torch.Tensor], torch.Tensor],
+    keep: int,
+    device: torch.device,
+    record: dict[str, float],
+    point: str,
+    *,
+    reduce: Reduction = _LOCAL,
+) -> None:
     """Keep ``keep`` neurons in every routed expert and refit each expert's down projection.
 
     The target is each expert's own unpruned output on the compressed stream, weighted by its

@@ -61,7 +61,9 @@ def launch_from_env(env: Mapping[str, str] | None = None) -> Launch | None:
         local_rank = int(env.get("LOCAL_RANK", rank))
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
     except (KeyError, ValueError):
-        raise ValueError("WORLD_SIZE is set but RANK / LOCAL_RANK are missing or not integers: start the processes with torchrun") from None
+        raise ValueError(
+            "WORLD_SIZE is set but RANK / LOCAL_RANK are missing or not integers: start the processes with torchrun"
+        ) from None
     if not 0 <= rank < world:
         raise ValueError(f"RANK {rank} is outside WORLD_SIZE {world}")
     return Launch(rank, world, local_rank, local_world)
@@ -86,8 +88,10 @@ def shard_rows(rows: Rows, batch_size: int, rank: int, world: int) -> tuple[Rows
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     batches = -(-len(rows) // batch_size)
     if batches < world:
-        raise ValueError(f"{len(rows)} calibration rows in batches of {batch_size} make {batches} batch(es) for {world} processes; "
-                         "each needs one: give more rows (--nsamples), smaller batches (--batch-size) or fewer processes")
+        raise ValueError(
+            f"{len(rows)} calibration rows in batches of {batch_size} make {batches} batch(es) for {world} processes; "
+            "each needs one: give more rows (--nsamples), smaller batches (--batch-size) or fewer processes"
+        )
     lo, hi = rank * batches // world, (rank + 1) * batches // world
     a, b = lo * batch_size, min(hi * batch_size, len(rows))
     mask = None if rows.attention_mask is None else rows.attention_mask[a:b]
@@ -137,8 +141,10 @@ class TorchDistributedReduction:
         both = torch.tensor([value, -value], dtype=torch.int64, device=self.wire)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)  # [max, -min]
         if int(both[0]) != -int(both[1]):
-            raise ValueError(f"the {self.processes} torchrun processes differ in {what}: every process must run the same "
-                             "command on the same model")
+            raise ValueError(
+                f"the {self.processes} torchrun processes differ in {what}: every process must run the same "
+                "command on the same model"
+            )
 
     def share(self, rows: Rows, batch_size: int) -> tuple[Rows, range]:
         return shard_rows(rows, batch_size, self.rank, self.processes)
@@ -169,6 +175,7 @@ def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> TorchDis
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
         torch.cuda.set_device(torch.device(dev))
-    dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend, init_method="env://", rank=launch.rank, world_size=launch.world, timeout=timedelta(seconds=timeout_s)
+    )
     return TorchDistributedReduction(launch.rank, launch.world, dev)

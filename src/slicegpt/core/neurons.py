@@ -46,7 +46,9 @@ def experts_of(block: nn.Module, spec: ArchSpec) -> nn.Module | None:
     if not isinstance(getattr(experts, "down_proj", None), torch.Tensor):
         return None
     if not getattr(experts, "is_concatenated", True) or not getattr(experts, "has_gate", True):
-        raise UnsupportedModelError(f"{spec.name}: only experts with concatenated [gate; up] stacks can lose neurons; use --axes residual")
+        raise UnsupportedModelError(
+            f"{spec.name}: only experts with concatenated [gate; up] stacks can lose neurons; use --axes residual"
+        )
     return experts
 
 
@@ -62,8 +64,10 @@ def mlp_neuron_refs(block: nn.Module, spec: ArchSpec) -> tuple[list[WeightRef], 
     """
     producers, consumers = weight_refs(block, spec.mlp_inputs), weight_refs(block, spec.mlp_outputs)
     if spec.mlp_preserves_width or any(r.tensor.dim() != 2 for r in producers + consumers):
-        raise UnsupportedModelError(f"{spec.name}: its MLP has no plain neuron matrices (routed experts are pruned expert by "
-                                    "expert); use --axes residual")
+        raise UnsupportedModelError(
+            f"{spec.name}: its MLP has no plain neuron matrices (routed experts are pruned expert by "
+            "expert); use --axes residual"
+        )
     widths = {r.out_dim for r in producers} | {r.in_dim for r in consumers}
     if len(widths) != 1:
         raise UnsupportedModelError(
@@ -123,8 +127,11 @@ def keep_neurons(block: nn.Module, spec: ArchSpec, index: torch.Tensor, down: li
     experts = experts_of(block, spec)
     if experts is not None:
         E = _stacks(experts)[1].tensor.shape[0]
-        keep_expert_neurons(experts, index.reshape(1, -1).expand(E, -1) if index.dim() == 1 else index,
-                            None if down is None else down[0])
+        keep_expert_neurons(
+            experts,
+            index.reshape(1, -1).expand(E, -1) if index.dim() == 1 else index,
+            None if down is None else down[0],
+        )
         return
     producers, consumers = mlp_neuron_refs(block, spec)
     for ref in producers:
@@ -172,8 +179,9 @@ def greedy_neurons(cov: torch.Tensor, w_ref: torch.Tensor, k: int, cross: torch.
     return order.sort().values
 
 
-def greedy_order(cov: torch.Tensor, w_ref: torch.Tensor, k: int,
-                 cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_order(
+    cov: torch.Tensor, w_ref: torch.Tensor, k: int, cross: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``k`` neurons a greedy least-squares column selection takes, in the order taken
     ([k], int64), and what each lowered the least-squares error by ([k], float64): the error of
     the best fit on the first j is E||t||^2 - gains[:j].sum(), so one run gives a layer's whole
@@ -260,7 +268,7 @@ class ExpertStats:
 
     def _hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         names = ("hidden_states", "top_k_index", "top_k_weights")
-        values = list(args) + [kwargs[k] for k in names[len(args):]]
+        values = list(args) + [kwargs[k] for k in names[len(args) :]]
         x, index, weights = (v.detach() for v in values[:3])
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         bias = getattr(self.experts, "gate_up_proj_bias", None)

@@ -72,7 +72,6 @@ class WeightRef:
         return f"WeightRef({type(self.module).__name__}.{self.name}, out={self.out_dim}, in={self.in_dim})"
 
 
-
 # Rows per float64 block when a big (vocab x D) matrix is transformed: bounds the float64
 # temporaries of embeddings and heads (a 262k-token vocabulary is 1.3 GB in float64 at D=640).
 _CHUNK_ROWS = 8192

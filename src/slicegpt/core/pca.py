@@ -16,7 +16,10 @@ def describe_point(point: str) -> str:
     """'layer.3.mid' -> 'layer 3, the stream after its attention branch (what its MLP reads)'."""
     parts = point.split(".")
     if parts[0] == "layer" and len(parts) == 3:
-        where = {"mid": "the stream after its attention branch (what its MLP reads)", "out": "the stream after its MLP branch (the layer's output)"}
+        where = {
+            "mid": "the stream after its attention branch (what its MLP reads)",
+            "out": "the stream after its MLP branch (the layer's output)",
+        }
         return f"layer {parts[1]}, {where.get(parts[2], parts[2])}"
     return {"embedding": "the embeddings' output (what layer 0 reads)"}.get(point, point)
 
@@ -24,8 +27,10 @@ def describe_point(point: str) -> str:
 def check_finite(point: str, cov: "Covariance") -> None:
     """Stop, naming the layer and the branch, when calibration activations went NaN or Inf."""
     if not bool(torch.isfinite(cov.sum).all()):
-        raise NumericalError(f"calibration activations at {describe_point(point)} are not finite (NaN or Inf); "
-                             "stopping before they reach the weights (check the source weights, or use a wider --dtype)")
+        raise NumericalError(
+            f"calibration activations at {describe_point(point)} are not finite (NaN or Inf); "
+            "stopping before they reach the weights (check the source weights, or use a wider --dtype)"
+        )
 
 
 class Covariance:

@@ -56,7 +56,9 @@ def _lookup(hf_map: dict[str, Any], path: str) -> Any:
     return hf_map[best]
 
 
-def layer_devices(model: nn.Module, spec: ArchSpec, device_map: str | None, device: str | torch.device) -> list[torch.device]:
+def layer_devices(
+    model: nn.Module, spec: ArchSpec, device_map: str | None, device: str | torch.device
+) -> list[torch.device]:
     """The device each layer is processed on: ``device`` for all without a map; with 'auto', the
     devices of the model's own ``hf_device_map`` (loaded with ``device_map=...``) or else every
     CUDA device; with a list, those devices."""
@@ -70,8 +72,10 @@ def layer_devices(model: nn.Module, spec: ArchSpec, device_map: str | None, devi
             return [check_device(_hf_device(_lookup(hf_map, f"{spec.layers}.{i}"))) for i in range(n)]
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError("--device-map auto spreads the layers over the CUDA devices, and this machine has none; "
-                             "use --device (or name the devices: --device-map cpu)")
+            raise ValueError(
+                "--device-map auto spreads the layers over the CUDA devices, and this machine has none; "
+                "use --device (or name the devices: --device-map cpu)"
+            )
         return spread(n, [torch.device("cuda", i) for i in range(count)])
     return spread(n, [check_device(name) for name in wanted])
 
@@ -90,8 +94,12 @@ def module_map(model: nn.Module, spec: ArchSpec, devices: Sequence[torch.device]
     out: dict[str, str] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:
-        if any(True for _ in module.named_parameters(recurse=False)) or any(True for _ in module.named_buffers(recurse=False)):
-            raise ValueError(f"{prefix or 'the model'} holds tensors of its own beside its layers: it cannot be dispatched by module")
+        if any(True for _ in module.named_parameters(recurse=False)) or any(
+            True for _ in module.named_buffers(recurse=False)
+        ):
+            raise ValueError(
+                f"{prefix or 'the model'} holds tensors of its own beside its layers: it cannot be dispatched by module"
+            )
         for name, child in module.named_children():
             path = f"{prefix}{name}"
             if path in fixed:
@@ -119,8 +127,10 @@ def undispatch(model: nn.Module) -> None:
         remove_hook_from_module(model, recurse=True)
     meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:
-        raise ValueError(f"the model's weight {meta} is not in memory (offloaded with device_map?): load it without "
-                         "offloading, or slice its folder with streaming (slicegpt slice MODEL)")
+        raise ValueError(
+            f"the model's weight {meta} is not in memory (offloaded with device_map?): load it without "
+            "offloading, or slice its folder with streaming (slicegpt slice MODEL)"
+        )
     model.to("cpu")
 
 

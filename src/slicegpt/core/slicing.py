@@ -55,8 +55,17 @@ from .placement import dispatch, is_dispatched, layer_devices, undispatch
 from .pca import Covariance, FixedRotation, NumericalError, PCARotation, PooledCovariance, RotationSource, check_finite
 from .report import SliceReport, numerics
 from .streams import NUMERICS, InMemorySink, LayerSink, LoopState, Restart, Streams
-from .surgery import (count_parameters, get_layers, get_path, hidden_size, is_prepared, is_tied, prepare, prepare_layer,
-                      prepare_outside_layers)
+from .surgery import (
+    count_parameters,
+    get_layers,
+    get_path,
+    hidden_size,
+    is_prepared,
+    is_tied,
+    prepare,
+    prepare_layer,
+    prepare_outside_layers,
+)
 from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
 
 log = logging.getLogger(__name__)
@@ -86,8 +95,15 @@ def _signal(config: SliceConfig, norm: WeightlessRMSNorm) -> Callable[[torch.Ten
 
 
 def calibrate_block(
-    block: SlicedBlock, spec: ArchSpec, index: int, inputs: LayerInputs, q_in: torch.Tensor, w: Any,
-    choose: _BasisChooser, config: SliceConfig, keep_full: bool,
+    block: SlicedBlock,
+    spec: ArchSpec,
+    index: int,
+    inputs: LayerInputs,
+    q_in: torch.Tensor,
+    w: Any,
+    choose: _BasisChooser,
+    config: SliceConfig,
+    keep_full: bool,
 ) -> BlockBases:
     """Run ``block`` (weights in the original basis) over the calibration rows; choose its mid and
     out bases, prune its MLP neurons and refit its writers where asked.
@@ -111,8 +127,9 @@ def calibrate_block(
             # also where attention itself is not compressed (MLP neurons only): its refit lets it
             # cancel what upstream pruning changed (SmolLM2, 25% of parameters by MLP neurons, 32
             # calibration rows: wiki 2.49x / books 3.26x dense perplexity with it, 2.46x / 3.43x without)
-            corrections.refit_attention(block, spec, index, inputs, back_in, dense[0], device, choose.refits,
-                                        reduce=choose.streams.reduce)
+            corrections.refit_attention(
+                block, spec, index, inputs, back_in, dense[0], device, choose.refits, reduce=choose.streams.reduce
+            )
         cov = Covariance(D, device) if wants_pca else None
         for i, x in stream(inputs.hidden, device):  # attention once per batch
             args, kwargs = inputs.layer_call(index, i, device)
@@ -127,11 +144,31 @@ def calibrate_block(
             # MoE: each routed expert is pruned and refit on its own output; their sum has no
             # one writer to refit toward the dense stream (attention's refit above still runs).
             if prune is not None:
-                corrections.prune_experts(block, spec, inputs, lambda r: (r @ mid) @ mid.t(), prune, device, choose.refits,
-                                          f"layer.{index}.mlp", reduce=choose.streams.reduce)
+                corrections.prune_experts(
+                    block,
+                    spec,
+                    inputs,
+                    lambda r: (r @ mid) @ mid.t(),
+                    prune,
+                    device,
+                    choose.refits,
+                    f"layer.{index}.mlp",
+                    reduce=choose.streams.reduce,
+                )
         elif prune is not None or dense is not None:
-            corrections.refit_mlp(block, spec, inputs, lambda r: (r @ mid) @ mid.t(), None if dense is None else dense[1], prune,
-                       device, choose.refits, f"layer.{index}.mlp", config.token_weighting, reduce=choose.streams.reduce)
+            corrections.refit_mlp(
+                block,
+                spec,
+                inputs,
+                lambda r: (r @ mid) @ mid.t(),
+                None if dense is None else dense[1],
+                prune,
+                device,
+                choose.refits,
+                f"layer.{index}.mlp",
+                config.token_weighting,
+                reduce=choose.streams.reduce,
+            )
         cov = None if keep_full or not wants_pca else Covariance(D, device)
         for i, r in stream(inputs.hidden, device):  # the MLP once per batch, on the sliced mid stream
             y = (r @ mid) @ mid.t()
@@ -141,8 +178,19 @@ def calibrate_block(
             inputs.hidden[i] = o.cpu()
     else:
         if prune is not None:
-            corrections.refit_mlp(block, spec, inputs, lambda x: x @ back_in, None, prune, device, choose.refits, f"layer.{index}.mlp",
-                       config.token_weighting, reduce=choose.streams.reduce)
+            corrections.refit_mlp(
+                block,
+                spec,
+                inputs,
+                lambda x: x @ back_in,
+                None,
+                prune,
+                device,
+                choose.refits,
+                f"layer.{index}.mlp",
+                config.token_weighting,
+                reduce=choose.streams.reduce,
+            )
         cov = None if keep_full or not wants_pca else Covariance(D, device)
         for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
             args, kwargs = inputs.layer_call(index, i, device)
@@ -159,9 +207,18 @@ def calibrate_block(
 
 
 def walk(
-    model: nn.Module, spec: ArchSpec, rows: Rows | None, widths: Widths, rotation: RotationSource,
-    config: SliceConfig, streams: Streams, devices: Sequence[torch.device], *, progress: bool = True,
-    desc: str = "slicing layers", start: LoopState | None = None,
+    model: nn.Module,
+    spec: ArchSpec,
+    rows: Rows | None,
+    widths: Widths,
+    rotation: RotationSource,
+    config: SliceConfig,
+    streams: Streams,
+    devices: Sequence[torch.device],
+    *,
+    progress: bool = True,
+    desc: str = "slicing layers",
+    start: LoopState | None = None,
 ) -> tuple[Widths, dict[str, list[float]], dict[str, float]]:
     """Rotate and slice every layer in order; returns the widths as built, the PCA spectra and the refits.
 
@@ -196,7 +253,9 @@ def walk(
         release_free_memory()
     if start is None:
         pca = inputs is not None and rotation.needs_statistics
-        q_prev = choose("embedding", inputs.covariance(_signal(config, WeightlessRMSNorm(D, 1e-6)), device) if pca else None)
+        q_prev = choose(
+            "embedding", inputs.covariance(_signal(config, WeightlessRMSNorm(D, 1e-6)), device) if pca else None
+        )
         if not rotation.collect_only:
             slice_embeddings(model, spec, q_prev, widths.embedding)
         if inputs is not None:
@@ -224,10 +283,19 @@ def walk(
             built.append(slice_block(block, spec, bases, w, shared=rotation.shared))
         q_prev = bases.q_out
         # The checkpoint before the sink: a streamed layer's tensors are gone once it is written.
-        streams.checkpoint.after_layer(LoopState(
-            index + 1, q_prev, choose.spectra, choose.refits, built,
-            hidden=None if inputs is None else inputs.hidden, reference=None if inputs is None else inputs.reference,
-            layer=block.state_dict(), embeddings=embeddings))
+        streams.checkpoint.after_layer(
+            LoopState(
+                index + 1,
+                q_prev,
+                choose.spectra,
+                choose.refits,
+                built,
+                hidden=None if inputs is None else inputs.hidden,
+                reference=None if inputs is None else inputs.reference,
+                layer=block.state_dict(),
+                embeddings=embeddings,
+            )
+        )
         if not rotation.collect_only:
             streams.sink.done(model, spec, index, block)
         release_free_memory()  # the old weights and this layer's activations were just replaced
@@ -250,7 +318,11 @@ def restore(model: nn.Module, spec: ArchSpec, widths: Widths, restart: Restart, 
     slice_embeddings(model, spec, None, widths.embedding)
     for path in spec.embeddings:
         prefix = f"{path}."
-        _assign(get_path(model, path), {k[len(prefix):]: v for k, v in restart.embeddings.items() if k.startswith(prefix)}, path)
+        _assign(
+            get_path(model, path),
+            {k[len(prefix) :]: v for k, v in restart.embeddings.items() if k.startswith(prefix)},
+            path,
+        )
     layers = get_layers(model, spec)
     for index, (w, tensors) in enumerate(zip(restart.state.built, restart.layers)):
         slice_block(layers[index], spec, BlockBases(None, None, None), w)
@@ -263,11 +335,20 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> N
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:  # a staging folder that does not fit the model it claims to continue
-        raise ValueError(f"the staged tensors of {what} do not fit the model: {str(exc).strip().splitlines()[0]}") from None
+        raise ValueError(
+            f"the staged tensors of {what} do not fit the model: {str(exc).strip().splitlines()[0]}"
+        ) from None
 
 
-def run_identity(model: nn.Module, config: SliceConfig, calibration_sha256: str | None, widths: Widths, rotation: RotationSource,
-                 source_model: str | None, source_fingerprint: str | None = None) -> dict[str, Any]:
+def run_identity(
+    model: nn.Module,
+    config: SliceConfig,
+    calibration_sha256: str | None,
+    widths: Widths,
+    rotation: RotationSource,
+    source_model: str | None,
+    source_fingerprint: str | None = None,
+) -> dict[str, Any]:
     """What must match for a checkpoint to continue this run: the source model (its name, a
     fingerprint of its weights, its config), the settings, the calibration token ids, the widths
     and the kind of rotation. Hashes, not contents, where contents are large."""
@@ -278,8 +359,12 @@ def run_identity(model: nn.Module, config: SliceConfig, calibration_sha256: str 
         "model config": digest(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()),
         "calibration data": calibration_sha256,
         "widths": digest(json.dumps(widths.to_dict(), sort_keys=True).encode()),
-        "rotation": type(rotation).__name__ + ("" if getattr(rotation, "q", None) is None else " " + digest(
-            rotation.q.detach().cpu().contiguous().numpy().tobytes())[:16]),
+        "rotation": type(rotation).__name__
+        + (
+            ""
+            if getattr(rotation, "q", None) is None
+            else " " + digest(rotation.q.detach().cpu().contiguous().numpy().tobytes())[:16]
+        ),
         "settings": config.to_dict(),
         NUMERICS: numerics(config.device),
     }
@@ -328,17 +413,30 @@ def slice_model(
     if getattr(model, "slicegpt_metadata", None) is not None or is_prepared(model, spec_for_config(model.config)):
         raise ValueError("this model is already sliced (loaded from a slicegpt folder): slice its source model instead")
     if clip_seqlen(model, config.seqlen) < config.seqlen:
-        log.info(f"note: --seqlen {config.seqlen} is above the model's context; using {clip_seqlen(model, config.seqlen)}")
+        log.info(
+            f"note: --seqlen {config.seqlen} is above the model's context; using {clip_seqlen(model, config.seqlen)}"
+        )
         config = replace(config, seqlen=clip_seqlen(model, config.seqlen))
     if config.search and config.target_params is not None and policy is None:
         if streams is not None and streams.reduce.processes > 1:
-            raise ValueError("--search does not run distributed (each candidate would need every process); "
-                             "run it in one process, or give --residual-share")
+            raise ValueError(
+                "--search does not run distributed (each candidate would need every process); "
+                "run it in one process, or give --residual-share"
+            )
         # the allocator: measure each split on held-out calibration rows, then compress at the best
-        share, records, seconds, fit = allocate.search_split(model, tokenizer, calib if calib is not None else config.calib,
-                                                             config, slice_model, progress=progress)
-        report = slice_model(model, tokenizer, fit, replace(config, residual_share=share, search=False), progress=progress,
-                             source_model=source_model, source_fingerprint=source_fingerprint, streams=streams)
+        share, records, seconds, fit = allocate.search_split(
+            model, tokenizer, calib if calib is not None else config.calib, config, slice_model, progress=progress
+        )
+        report = slice_model(
+            model,
+            tokenizer,
+            fit,
+            replace(config, residual_share=share, search=False),
+            progress=progress,
+            source_model=source_model,
+            source_fingerprint=source_fingerprint,
+            streams=streams,
+        )
         report.allocation.update(search=records, search_seconds=seconds, searched=True)
         report.config = config
         return report
@@ -352,15 +450,21 @@ def slice_model(
     devices = layer_devices(model, spec, config.device_map, config.device)
     if config.device_map is not None:
         if streamed:
-            raise ValueError("--device-map keeps each sliced layer on its device: it slices in memory, not streamed (--stream off)")
+            raise ValueError(
+                "--device-map keeps each sliced layer on its device: it slices in memory, not streamed (--stream off)"
+            )
         undispatch(model)
         if isinstance(streams.sink, InMemorySink):
             streams = replace(streams, sink=InMemorySink(keep_on_device=True))
     elif is_dispatched(model):
-        raise ValueError("the model is spread over devices (loaded with device_map=...): pass device_map='auto' to slice it "
-                         "there, or load it without a device map")
+        raise ValueError(
+            "the model is spread over devices (loaded with device_map=...): pass device_map='auto' to slice it "
+            "there, or load it without a device map"
+        )
     # A streamed model's layers are read later; its source checks each layer's weights then.
-    bad = next((name for name, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all())), None)
+    bad = next(
+        (name for name, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all())), None
+    )
     if bad is not None:
         raise NumericalError(f"the source weight {bad} holds NaN or Inf: the model is damaged; nothing was sliced")
     params_before = count_parameters(model)
@@ -379,14 +483,22 @@ def slice_model(
         final_scale = uniform.final_norm_scale(model, spec)
     rotation = rotation or PCARotation(config.damping)
     needs_rows = rotation.needs_statistics or config.uniform or config.corrections or config.target_params is not None
-    rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config) if needs_rows else None
+    rows = (
+        calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config)
+        if needs_rows
+        else None
+    )
     half = next(model.parameters()).dtype
     if half in (torch.float16, torch.bfloat16) and rows is not None:
-        log.info(f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 covariances, "
-                 "and the PCA, rotations and refits run in float64")
+        log.info(
+            f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 covariances, "
+            "and the PCA, rotations and refits run in float64"
+        )
     if rows is not None and rows.tokens < hidden_size(model):
-        log.warning(f"warning: {rows.tokens} calibration tokens for a hidden width of {hidden_size(model)}: the covariance is "
-                    "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones (--seqlen)")
+        log.warning(
+            f"warning: {rows.tokens} calibration tokens for a hidden width of {hidden_size(model)}: the covariance is "
+            "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones (--seqlen)"
+        )
 
     probe = rows.input_ids[:1, :32] if rows is not None and config.verify else None
     if streamed:
@@ -405,17 +517,34 @@ def slice_model(
         kept = [w.mlp for w in policy.split[0].layers]
         # Neurons per layer from each layer's error curve: a statistics pass of the model, still
         # in its original basis, over the first calibration rows, one layer at a time.
-        spread_rows = Rows(rows.input_ids[:SPREAD_ROWS], None if rows.attention_mask is None else rows.attention_mask[:SPREAD_ROWS])
-        spread_counts, spread_record = spread.spread_neurons(model, spec, spread_rows, kept, policy.spread_total(), policy.step,
-                                                             device=devices, source=streams.source, progress=progress)
+        spread_rows = Rows(
+            rows.input_ids[:SPREAD_ROWS], None if rows.attention_mask is None else rows.attention_mask[:SPREAD_ROWS]
+        )
+        spread_counts, spread_record = spread.spread_neurons(
+            model,
+            spec,
+            spread_rows,
+            kept,
+            policy.spread_total(),
+            policy.step,
+            device=devices,
+            source=streams.source,
+            progress=progress,
+        )
         # every process computed the same from the same rows; made bit-identical all the same
         spread_counts = [int(k) for k in streams.reduce.agree(torch.tensor(spread_counts, dtype=torch.int64)).tolist()]
-        if policy.counter.count(policy.split[0].with_mlp(spread_counts)) > policy.target:  # the total was counted; the spread must agree
+        if (
+            policy.counter.count(policy.split[0].with_mlp(spread_counts)) > policy.target
+        ):  # the total was counted; the spread must agree
             raise RuntimeError(f"spread neurons {spread_counts} exceed the target {policy.target:,}")
-        seconds = spread_record.pop("seconds")  # printed, not recorded: a resumed run's metadata equals an uninterrupted one's
+        seconds = spread_record.pop(
+            "seconds"
+        )  # printed, not recorded: a resumed run's metadata equals an uninterrupted one's
         if progress:
-            log.info(f"slicegpt: MLP neurons spread over the layers by their error ({seconds:.0f} s): "
-                     f"{min(spread_counts)}-{max(spread_counts)} per layer, {sum(spread_counts):,} in all")
+            log.info(
+                f"slicegpt: MLP neurons spread over the layers by their error ({seconds:.0f} s): "
+                f"{min(spread_counts)}-{max(spread_counts)} per layer, {sum(spread_counts):,} in all"
+            )
         release_free_memory()
     D, n = hidden_size(model), len(get_layers(model, spec))
     policy = policy or _default_policy(model, spec, config, params_before, tied)
@@ -424,11 +553,14 @@ def slice_model(
         widths = widths.with_mlp(spread_counts)
     spectra: dict[str, list[float]] = {}
     calibration_sha256 = None if rows is None else hashlib.sha256(rows.input_ids.numpy().tobytes()).hexdigest()
-    restart = streams.checkpoint.begin(run_identity(model, config, calibration_sha256, widths, rotation, source_model,
-                                                    source_fingerprint))
+    restart = streams.checkpoint.begin(
+        run_identity(model, config, calibration_sha256, widths, rotation, source_model, source_fingerprint)
+    )
     if restart is not None and restart.state is not None:
         if config.uniform and restart.pooled is None and not (widths.embedding == D and rotation.needs_statistics):
-            raise ValueError("the staged run has finished layers but not uniform mode's rotation: it cannot be continued")
+            raise ValueError(
+                "the staged run has finished layers but not uniform mode's rotation: it cannot be continued"
+            )
         restore(model, spec, widths, restart, sink=streams.sink if streamed else None)
 
     if config.uniform and restart is not None and restart.pooled is not None:
@@ -450,8 +582,18 @@ def slice_model(
         # First walk: statistics only, the unrotated model at full width, pooling every point.
         pool = PooledCovariance(D)
         full = ConstantWidth(0.0, 1, slice_head=True).widths(D, n, spec.topology)
-        walk(model, spec, rows, full, pool, config, Streams(source=streams.source, reduce=streams.reduce), devices,
-             progress=progress, desc="pooling covariances")
+        walk(
+            model,
+            spec,
+            rows,
+            full,
+            pool,
+            config,
+            Streams(source=streams.source, reduce=streams.reduce),
+            devices,
+            progress=progress,
+            desc="pooling covariances",
+        )
         evals, q = pool.rotation(config.damping)
         q = streams.reduce.agree(q.contiguous())
         streams.checkpoint.pooled(evals, q)
@@ -460,8 +602,18 @@ def slice_model(
             q, final_scale = uniform.align_to_final_norm(q, widths.embedding, final_scale)
         rotation = FixedRotation(q)
 
-    widths, found, refits = walk(model, spec, rows, widths, rotation, config, streams, devices, progress=progress,
-                                 start=None if restart is None else restart.state)
+    widths, found, refits = walk(
+        model,
+        spec,
+        rows,
+        widths,
+        rotation,
+        config,
+        streams,
+        devices,
+        progress=progress,
+        start=None if restart is None else restart.state,
+    )
     spectra.update(found)
     if final_scale is not None:
         uniform.retie_head(model, spec, final_scale)
@@ -472,7 +624,8 @@ def slice_model(
         widths=widths,
         config=config,
         params_before=params_before,
-        params_after=count_parameters(model) + (uniform.explicit_norm_parameters(model, spec, widths.embedding) if config.uniform else 0),
+        params_after=count_parameters(model)
+        + (uniform.explicit_norm_parameters(model, spec, widths.embedding) if config.uniform else 0),
         seconds=time.perf_counter() - start,
         calibration_tokens=0 if rows is None else rows.tokens,
         spectra=spectra,
@@ -489,14 +642,21 @@ def slice_model(
         dispatch(model, spec, devices)  # the layers are on their devices already; the rest joins them
     if isinstance(policy, BudgetWidth):
         report.target_params = policy.target
-        report.allocation = {"axes": list(parse_axes(config.axes)), "residual_share": policy.split[1],
-                             "residual_width": widths.embedding, "mlp_neurons": widths.mlp_neurons}
+        report.allocation = {
+            "axes": list(parse_axes(config.axes)),
+            "residual_share": policy.split[1],
+            "residual_width": widths.embedding,
+            "mlp_neurons": widths.mlp_neurons,
+        }
         if spread_counts is not None:
             # "mlp_neurons": the count every layer would keep without spreading (the same total)
-            report.allocation.update(mlp_neurons=policy.split[0].mlp_neurons, mlp_neurons_per_layer=spread_counts,
-                                     spread=spread_record)
+            report.allocation.update(
+                mlp_neurons=policy.split[0].mlp_neurons, mlp_neurons_per_layer=spread_counts, spread=spread_record
+            )
         if report.params_after > policy.target:  # counted on the meta skeleton; the real model must agree
-            raise RuntimeError(f"compressed model has {report.params_after:,} parameters, above the target {policy.target:,}")
+            raise RuntimeError(
+                f"compressed model has {report.params_after:,} parameters, above the target {policy.target:,}"
+            )
     model.slicegpt_report = report
     return report
 
@@ -514,14 +674,18 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def _verify(model: nn.Module, probe: torch.Tensor, before: torch.Tensor, spec: ArchSpec) -> float:
     """The invariant model must compute what the loaded one did; refuse a family described wrongly."""
     if not bool(torch.isfinite(before).all()):
-        raise NumericalError("the model as loaded gives NaN or Inf logits on the first calibration row: its weights or "
-                             "its dtype cannot represent it; nothing was sliced")
+        raise NumericalError(
+            "the model as loaded gives NaN or Inf logits on the first calibration row: its weights or "
+            "its dtype cannot represent it; nothing was sliced"
+        )
     after = _logits(model, probe)
     diff = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
     dtype = next(model.parameters()).dtype
     if not diff <= VERIFY_TOLERANCE.get(dtype, 2e-3):  # also catches NaN
-        raise NumericalError(f"made invariant, this {spec.name} model no longer computes what it did (largest relative logit "
-                             f"difference {diff:.2e}): its family's spec does not fit it; nothing was sliced (--no-verify skips this check)")
+        raise NumericalError(
+            f"made invariant, this {spec.name} model no longer computes what it did (largest relative logit "
+            f"difference {diff:.2e}): its family's spec does not fit it; nothing was sliced (--no-verify skips this check)"
+        )
     return diff
 
 
@@ -560,19 +724,38 @@ def library_versions() -> dict[str, str]:
 
 def will_spread(policy: WidthPolicy | None, spec: ArchSpec, config: SliceConfig) -> bool:
     """Will slicing spread the MLP neurons over the layers (per-layer budget, basis kept, no experts)?"""
-    return (isinstance(policy, BudgetWidth) and config.spread_neurons and spec.experts is None
-            and policy.counter.kept_basis(policy.split[0]) and all(w.mlp is not None for w in policy.split[0].layers))
+    return (
+        isinstance(policy, BudgetWidth)
+        and config.spread_neurons
+        and spec.experts is None
+        and policy.counter.kept_basis(policy.split[0])
+        and all(w.mlp is not None for w in policy.split[0].layers)
+    )
 
 
 def _budget_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shipped: int) -> BudgetWidth:
     axes = parse_axes(config.axes)
-    share = 1.0 if axes == ("residual",) else 0.0 if axes == ("mlp",) else (
-        DEFAULT_RESIDUAL_SHARE if config.residual_share is None else config.residual_share)
-    counter = ParameterCounter(model.config, spec, config.uniform, keep_basis=not config.uniform and uniform.can_keep_basis(spec))
+    share = (
+        1.0
+        if axes == ("residual",)
+        else 0.0
+        if axes == ("mlp",)
+        else (DEFAULT_RESIDUAL_SHARE if config.residual_share is None else config.residual_share)
+    )
+    counter = ParameterCounter(
+        model.config, spec, config.uniform, keep_basis=not config.uniform and uniform.can_keep_basis(spec)
+    )
     valid = (lambda d: uniform.width_accepted(model.config, d)) if config.uniform else None
-    policy = BudgetWidth(resolve_target(config.target_params, shipped), counter, share, config.round_to,
-                         config.slice_head or config.uniform, valid, residual_allowed="residual" in axes,
-                         mlp_allowed="mlp" in axes)
+    policy = BudgetWidth(
+        resolve_target(config.target_params, shipped),
+        counter,
+        share,
+        config.round_to,
+        config.slice_head or config.uniform,
+        valid,
+        residual_allowed="residual" in axes,
+        mlp_allowed="mlp" in axes,
+    )
     policy.split  # an impossible target fails here, before any work
     return policy
 
@@ -584,7 +767,9 @@ def _default_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shipp
         d = policy.kept(hidden_size(model))
         ok = uniform.accepted_width(model.config, d, config.round_to)
         if ok != d:
-            log.info(f"slicegpt: width {d} is not one {model.config.model_type}'s standard config accepts "
-                     f"(num_attention_heads={getattr(model.config, 'num_attention_heads', '?')}); using {ok}")
+            log.info(
+                f"slicegpt: width {d} is not one {model.config.model_type}'s standard config accepts "
+                f"(num_attention_heads={getattr(model.config, 'num_attention_heads', '?')}); using {ok}"
+            )
             policy = ConstantWidth(config.sparsity, 1, True, width=ok)
     return policy

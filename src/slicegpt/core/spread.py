@@ -36,8 +36,14 @@ from .surgery import get_layers, mlp_writers
 
 
 @torch.no_grad()
-def error_curves(model: nn.Module, spec: ArchSpec, rows: Rows, device: str | torch.device | Sequence[torch.device] = "cpu",
-                 source: LayerSource | None = None, progress: bool = False) -> list[torch.Tensor]:
+def error_curves(
+    model: nn.Module,
+    spec: ArchSpec,
+    rows: Rows,
+    device: str | torch.device | Sequence[torch.device] = "cpu",
+    source: LayerSource | None = None,
+    progress: bool = False,
+) -> list[torch.Tensor]:
     """Per layer: the weighted error of its MLP output kept on j = 0..n neurons ([n + 1], float64).
 
     ``model`` is prepared (:func:`~slicegpt.core.surgery.prepare`: norms folded, blocks
@@ -48,7 +54,9 @@ def error_curves(model: nn.Module, spec: ArchSpec, rows: Rows, device: str | tor
     (minutes on a 0.5B model: the greedy selection runs to every width).
     """
     count = len(get_layers(model, spec))
-    devices = [torch.device(device)] * count if isinstance(device, (str, torch.device)) else [torch.device(d) for d in device]
+    devices = (
+        [torch.device(device)] * count if isinstance(device, (str, torch.device)) else [torch.device(d) for d in device]
+    )
     source = source or InMemorySource()
     inputs = capture_layer_inputs(model, spec, rows, 1, devices[0])
     D = inputs.hidden[0].shape[-1]
@@ -67,7 +75,11 @@ def error_curves(model: nn.Module, spec: ArchSpec, rows: Rows, device: str | tor
                 r = x + block.attn_branch(x, args, kwargs)
                 t = block.mlp_branch(r)  # no post-norm in these families: what the writer writes
                 out = r + t
-                h, t, wt = recorder.last.reshape(-1, weight.shape[1]), t.reshape(-1, D), stream_weights(out).reshape(-1, 1)
+                h, t, wt = (
+                    recorder.last.reshape(-1, weight.shape[1]),
+                    t.reshape(-1, D),
+                    stream_weights(out).reshape(-1, 1),
+                )
                 mask = inputs.masks[i]
                 if mask is not None:  # padding tokens do not count
                     keep = mask.reshape(-1).to(device).bool()
@@ -111,15 +123,29 @@ def spread(curves: list[torch.Tensor], total: int, step: int = 8, floor: int | N
     return k
 
 
-def spread_neurons(model: nn.Module, spec: ArchSpec, rows: Rows, kept: list[int], total: int, step: int,
-                   device: str | torch.device | Sequence[torch.device] = "cpu", source: LayerSource | None = None,
-                   progress: bool = False) -> tuple[list[int], dict[str, Any]]:
+def spread_neurons(
+    model: nn.Module,
+    spec: ArchSpec,
+    rows: Rows,
+    kept: list[int],
+    total: int,
+    step: int,
+    device: str | torch.device | Sequence[torch.device] = "cpu",
+    source: LayerSource | None = None,
+    progress: bool = False,
+) -> tuple[list[int], dict[str, Any]]:
     """``total`` neurons over the layers, and a record of what was done (``kept``: the even split
     it is compared with)."""
     start = time.perf_counter()
     curves = error_curves(model, spec, rows, device, source, progress=progress)
     counts = spread(curves, total, step)
-    record = {"rows": len(rows), "step": step, "total": total, "even_total": sum(kept), "seconds": time.perf_counter() - start,
-              "weighted_error_even": float(sum(c[j] for c, j in zip(curves, kept))),
-              "weighted_error_spread": float(sum(c[j] for c, j in zip(curves, counts)))}
+    record = {
+        "rows": len(rows),
+        "step": step,
+        "total": total,
+        "even_total": sum(kept),
+        "seconds": time.perf_counter() - start,
+        "weighted_error_even": float(sum(c[j] for c, j in zip(curves, kept))),
+        "weighted_error_spread": float(sum(c[j] for c, j in zip(curves, counts))),
+    }
     return counts, record

@@ -171,8 +171,12 @@ def prepare_layer(layer: nn.Module, spec: ArchSpec, config: Any, index: int) -> 
     if spec.norm == "layer":
         ops.centre_outputs(attn_writers(layer, spec) + mlp_writers(layer, spec))
     attn_in, mlp_in = weight_refs(layer, spec.attn_inputs), weight_refs(layer, spec.mlp_inputs)
-    for kind, refs in (("attention inputs", attn_in), ("attention outputs", weight_refs(layer, spec.attn_outputs)),
-                       ("MLP inputs", mlp_in), ("MLP outputs", weight_refs(layer, spec.mlp_outputs))):
+    for kind, refs in (
+        ("attention inputs", attn_in),
+        ("attention outputs", weight_refs(layer, spec.attn_outputs)),
+        ("MLP inputs", mlp_in),
+        ("MLP outputs", weight_refs(layer, spec.mlp_outputs)),
+    ):
         if not refs:  # a spec whose optional paths all missed would silently skip a rotation
             raise RuntimeError(f"spec {spec.name!r} finds no {kind} in layer {index}")
     attn_norm = get_path(layer, spec.attn_norm)

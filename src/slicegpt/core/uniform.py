@@ -18,6 +18,7 @@ from ..arch import ArchSpec, UnsupportedModelError, spec_for_config
 from .modules import ScaledRMSNorm
 from .surgery import get_layers, get_path, set_path
 
+
 def check_supported(config: Any, spec: ArchSpec) -> None:
     """A one-line error for families whose standard config cannot express a uniform slice."""
     name = config.model_type

@@ -83,8 +83,14 @@ def _stats(answers: Sequence[chat.Answer], system: str) -> AnswerStats:
 
 
 @torch.inference_mode()
-def teacher_forced(model: nn.Module, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]], *, batch_size: int = 16,
-                   device: str | torch.device | None = None) -> tuple[list[int], list[float], list[int]]:
+def teacher_forced(
+    model: nn.Module,
+    prompt_ids: Sequence[list[int]],
+    answer_ids: Sequence[list[int]],
+    *,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+) -> tuple[list[int], list[float], list[int]]:
     """Per answer: how many of its tokens are the model's argmax, the summed NLL the model gives
     them, and how many there are; each answer read after its prompt (right padding)."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -93,14 +99,19 @@ def teacher_forced(model: nn.Module, prompt_ids: Sequence[list[int]], answer_ids
     nll: list[float] = []
     counts: list[int] = []
     for start in range(0, len(prompt_ids), batch_size):
-        seqs = [list(p) + list(a) for p, a in zip(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size])]
+        seqs = [
+            list(p) + list(a)
+            for p, a in zip(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size])
+        ]
         width = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, s in enumerate(seqs):
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float().cpu()  # [B, T, V]
+        logits = (
+            model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float().cpu()
+        )  # [B, T, V]
         for r, (p, a) in enumerate(zip(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size])):
             if not a:
                 hits.append(0), nll.append(0.0), counts.append(0)
@@ -114,45 +125,107 @@ def teacher_forced(model: nn.Module, prompt_ids: Sequence[list[int]], answer_ids
     return hits, nll, counts
 
 
-def source_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], settings: chat.GenerationSettings, *,
-                   batch_size: int, device: Any, progress: bool, cache: bool = True) -> list[chat.Answer]:
+def source_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    settings: chat.GenerationSettings,
+    *,
+    batch_size: int,
+    device: Any,
+    progress: bool,
+    cache: bool = True,
+) -> list[chat.Answer]:
     """The source model's answers, cached under $SLICEGPT_CACHE/answers by its fingerprint."""
     if not cache:
         ids = [chat.prompt_ids(tokenizer, p.text) for p in prompts]
-        return list(chat.generate(model, tokenizer, ids, settings, batch_size=batch_size, device=device, progress=progress,
-                                  desc="source answers"))  # type: ignore[arg-type]
+        return list(
+            chat.generate(
+                model,
+                tokenizer,
+                ids,
+                settings,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                desc="source answers",
+            )
+        )  # type: ignore[arg-type]
     header = {"model": chat.model_fingerprint(model, tokenizer), **chat.settings_dict(settings)}
     path = cache_dir() / "answers" / f"{header['model']}-{settings.max_new_tokens}.jsonl"
-    records = chat.answer_into_file(model, tokenizer, prompts, chat.ConversationFile(path, header), settings,
-                                    batch_size=batch_size, device=device, progress=progress, desc="source answers")
-    return [chat.Answer(r["messages"][-1]["content"] if "messages" in r else r["text"], r["prompt_ids"], r["answer_ids"], r["finished"])
-            for r in records]
+    records = chat.answer_into_file(
+        model,
+        tokenizer,
+        prompts,
+        chat.ConversationFile(path, header),
+        settings,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc="source answers",
+    )
+    return [
+        chat.Answer(
+            r["messages"][-1]["content"] if "messages" in r else r["text"],
+            r["prompt_ids"],
+            r["answer_ids"],
+            r["finished"],
+        )
+        for r in records
+    ]
 
 
-def evaluate_chat(model: nn.Module, tokenizer: Any, source: nn.Module, source_tokenizer: Any, *, source_name: str,
-                  prompts: str = DEFAULT_PROMPTS, n: int | None = DEFAULT_N, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                  batch_size: int = 16, device: str | torch.device | None = None, examples: int = 3,
-                  progress: bool = True, cache: bool = True, run_code: bool = False) -> ChatResult:
+def evaluate_chat(
+    model: nn.Module,
+    tokenizer: Any,
+    source: nn.Module,
+    source_tokenizer: Any,
+    *,
+    source_name: str,
+    prompts: str = DEFAULT_PROMPTS,
+    n: int | None = DEFAULT_N,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    examples: int = 3,
+    progress: bool = True,
+    cache: bool = True,
+    run_code: bool = False,
+) -> ChatResult:
     """Evaluate ``model`` as a chat model against ``source`` (the model it was compressed from) on
     ``n`` prompts of ``prompts`` (a built-in subset's held-out split, or a prompt file).
     ``run_code``: for code prompts that ship tests (mbpp, humaneval), run each answer's code
     against them in a subprocess (a timeout each) and report pass@1 for both models."""
     if source_tokenizer is not None and source_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError("the source model's tokenizer differs from the model's: answers cannot be compared token by token")
+        raise ValueError(
+            "the source model's tokenizer differs from the model's: answers cannot be compared token by token"
+        )
     start = time.perf_counter()
     asked = prompts_for(prompts, "eval", n)
     settings = chat.GenerationSettings(max_new_tokens=max_new_tokens)
-    theirs = source_answers(source, tokenizer, asked, settings, batch_size=batch_size, device=device, progress=progress, cache=cache)
+    theirs = source_answers(
+        source, tokenizer, asked, settings, batch_size=batch_size, device=device, progress=progress, cache=cache
+    )
     if device is not None:
         source.to("cpu")
-    hits, nll, counts = teacher_forced(model, [a.prompt_ids for a in theirs], [a.ids for a in theirs], batch_size=batch_size,
-                                       device=device)
-    s_hits, s_nll, _ = teacher_forced(source, [a.prompt_ids for a in theirs], [a.ids for a in theirs], batch_size=batch_size,
-                                      device=device)
+    hits, nll, counts = teacher_forced(
+        model, [a.prompt_ids for a in theirs], [a.ids for a in theirs], batch_size=batch_size, device=device
+    )
+    s_hits, s_nll, _ = teacher_forced(
+        source, [a.prompt_ids for a in theirs], [a.ids for a in theirs], batch_size=batch_size, device=device
+    )
     if device is not None:
         source.to("cpu")
-    ours = chat.generate(model, tokenizer, [a.prompt_ids for a in theirs], settings, batch_size=batch_size, device=device,
-                         progress=progress, desc="model answers")
+    ours = chat.generate(
+        model,
+        tokenizer,
+        [a.prompt_ids for a in theirs],
+        settings,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc="model answers",
+    )
     ours_ = [a for a in ours if a is not None]
     system = chat.system_text(tokenizer)
     total = max(1, sum(counts))
@@ -161,18 +234,28 @@ def evaluate_chat(model: nn.Module, tokenizer: Any, source: nn.Module, source_to
     for name in dict.fromkeys(p.source for p in asked):
         idx = [i for i, p in enumerate(asked) if p.source == name]
         c = max(1, sum(counts[i] for i in idx))
-        per_source[name] = {"prompts": len(idx), "top1_agreement": sum(hits[i] for i in idx) / c,
-                            "loops": chat.mean(chat.loops(ours_[i].text) for i in idx)}
+        per_source[name] = {
+            "prompts": len(idx),
+            "top1_agreement": sum(hits[i] for i in idx) / c,
+            "loops": chat.mean(chat.loops(ours_[i].text) for i in idx),
+        }
     return ChatResult(
-        prompts=prompts, n=len(asked), max_new_tokens=max_new_tokens, source_model=source_name,
+        prompts=prompts,
+        n=len(asked),
+        max_new_tokens=max_new_tokens,
+        source_model=source_name,
         top1_agreement=sum(hits) / total,
         answer_perplexity=_exp(math.fsum(nll) / total),
         source_top1_agreement=sum(s_hits) / total,
         source_answer_perplexity=_exp(math.fsum(s_nll) / total),
         word_f1=chat.mean(f1),
-        model=_stats(ours_, system), source=_stats(theirs, system),
+        model=_stats(ours_, system),
+        source=_stats(theirs, system),
         seconds=time.perf_counter() - start,
-        examples=[{"prompt": asked[i].text, "source": theirs[i].text, "model": ours_[i].text} for i in range(min(examples, len(asked)))],
+        examples=[
+            {"prompt": asked[i].text, "source": theirs[i].text, "model": ours_[i].text}
+            for i in range(min(examples, len(asked)))
+        ],
         per_source=per_source,
         pass_at_1=_pass_rate(asked, ours_) if run_code else None,
         source_pass_at_1=_pass_rate(asked, theirs) if run_code else None,
@@ -207,8 +290,13 @@ def code_passes(program: str, timeout: float = CODE_TIMEOUT_S) -> bool:
     """Run ``program`` in a fresh isolated interpreter, in an empty folder; passes if it exits 0 in time."""
     with tempfile.TemporaryDirectory(prefix="slicegpt-code-") as folder:
         try:
-            done = subprocess.run([sys.executable, "-I", "-c", program], cwd=folder, capture_output=True, timeout=timeout,
-                                  env={"PATH": os.environ.get("PATH", "")})
+            done = subprocess.run(
+                [sys.executable, "-I", "-c", program],
+                cwd=folder,
+                capture_output=True,
+                timeout=timeout,
+                env={"PATH": os.environ.get("PATH", "")},
+            )
         except subprocess.TimeoutExpired:
             return False
     return done.returncode == 0
@@ -243,24 +331,36 @@ def format_chat(result: ChatResult, name: str = "model") -> str:
         f"| word overlap with the source's answer (F1) | 1.000 | {result.word_f1:.3f} |",
     ]
     if result.pass_at_1 is not None:
-        lines.append(f"| code that passes its tests (pass@1) | {100 * (result.source_pass_at_1 or 0):.1f}% | {100 * result.pass_at_1:.1f}% |")
+        lines.append(
+            f"| code that passes its tests (pass@1) | {100 * (result.source_pass_at_1 or 0):.1f}% | {100 * result.pass_at_1:.1f}% |"
+        )
     for ex in result.examples:
-        lines += ["", f"> {_one_line(ex['prompt'])}", f"source: {_one_line(ex['source'])}", f"{name}: {_one_line(ex['model'])}"]
+        lines += [
+            "",
+            f"> {_one_line(ex['prompt'])}",
+            f"source: {_one_line(ex['source'])}",
+            f"{name}: {_one_line(ex['model'])}",
+        ]
     return "\n".join(lines)
 
 
-def side_by_side(prompts: Sequence[Prompt], source: Sequence[chat.Answer], model: Sequence[chat.Answer], name: str = "compressed") -> str:
+def side_by_side(
+    prompts: Sequence[Prompt], source: Sequence[chat.Answer], model: Sequence[chat.Answer], name: str = "compressed"
+) -> str:
     """Prompts answered by the source and by the compressed model, for a person to read."""
     lines = []
     for p, a, b in zip(prompts, source, model):
-        lines += [f"> {_one_line(p.text)}", f"  source:     {_one_line(a.text)}", f"  {name + ':':<11} {_one_line(b.text)}"]
+        lines += [
+            f"> {_one_line(p.text)}",
+            f"  source:     {_one_line(a.text)}",
+            f"  {name + ':':<11} {_one_line(b.text)}",
+        ]
     return "\n".join(lines)
 
 
 def _one_line(text: str, limit: int = 240) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "\u2026"
-
 
 
 #: Shown when the built-in prompt data is not installed: no calibration source holds them.
@@ -275,8 +375,16 @@ def sample_prompts(n: int = 2) -> list[Prompt]:
         return [Prompt(t, "fallback", f"fallback/{i}") for i, t in enumerate(FALLBACK_PROMPTS[:n])]
 
 
-def samples(source: nn.Module, model: nn.Module, tokenizer: Any, *, n: int = 2, max_new_tokens: int = 48,
-            device: str | torch.device | None = None, name: str = "compressed") -> str:
+def samples(
+    source: nn.Module,
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    n: int = 2,
+    max_new_tokens: int = 48,
+    device: str | torch.device | None = None,
+    name: str = "compressed",
+) -> str:
     """``n`` held-out prompts answered greedily by the source and by ``model``, side by side: so
     that nobody ships a model that stopped talking without seeing it."""
     asked = sample_prompts(n)

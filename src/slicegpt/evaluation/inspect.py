@@ -73,7 +73,11 @@ def inspect_folder(folder: str | os.PathLike[str], *, seq_len: int = _EVAL.seqle
     totals = {}
     for label, model in (("sliced", sliced), ("dense", dense)):
         breakdown = flops_breakdown(model, seq)
-        totals[label] = {"params": count_parameters(model), "flops": float(sum(breakdown.values())), "flops_breakdown": breakdown}
+        totals[label] = {
+            "params": count_parameters(model),
+            "flops": float(sum(breakdown.values())),
+            "flops_breakdown": breakdown,
+        }
     # A per-layer folder's config says tie_word_embeddings=False (slicing unties them), so a dense
     # model built from it counts a tied source's embedding twice. The count recorded at slicing time
     # is the source as shipped; it is the reference wherever present. FLOPs do not depend on tying.
@@ -88,15 +92,25 @@ def inspect_folder(folder: str | os.PathLike[str], *, seq_len: int = _EVAL.seqle
     for i, (ls, ld) in enumerate(zip(s_layers, d_layers)):
         w = widths["layers"][i]
         shortcuts = layer_shortcuts(ls)
-        layers.append({
-            "layer": i, "d_in": w["d_in"], "d_mid": w["d_mid"], "d_out": w["d_out"], "mlp_neurons": w.get("mlp"),
-            # From the layout itself: a uniform folder's widths carry the flags, but its shared
-            # basis made every shortcut the identity, so none was stored.
-            "attn_shortcut": "attn_shortcut" in shortcuts, "mlp_shortcut": "mlp_shortcut" in shortcuts,
-            "variance_kept_mid": variance.get(f"layer.{i}.mid"), "variance_kept_out": variance.get(f"layer.{i}.out"),
-            "params": count_parameters(ls), "params_dense": count_parameters(ld),
-            "flops": layer_flops(ls, config, seq), "flops_dense": layer_flops(ld, dense_config, seq),
-        })
+        layers.append(
+            {
+                "layer": i,
+                "d_in": w["d_in"],
+                "d_mid": w["d_mid"],
+                "d_out": w["d_out"],
+                "mlp_neurons": w.get("mlp"),
+                # From the layout itself: a uniform folder's widths carry the flags, but its shared
+                # basis made every shortcut the identity, so none was stored.
+                "attn_shortcut": "attn_shortcut" in shortcuts,
+                "mlp_shortcut": "mlp_shortcut" in shortcuts,
+                "variance_kept_mid": variance.get(f"layer.{i}.mid"),
+                "variance_kept_out": variance.get(f"layer.{i}.out"),
+                "params": count_parameters(ls),
+                "params_dense": count_parameters(ld),
+                "flops": layer_flops(ls, config, seq),
+                "flops_dense": layer_flops(ld, dense_config, seq),
+            }
+        )
     rest = {
         "params": totals["sliced"]["params"] - sum(l["params"] for l in layers),
         "params_dense": totals["dense"]["params"] - sum(l["params_dense"] for l in layers),
@@ -113,15 +127,21 @@ def inspect_folder(folder: str | os.PathLike[str], *, seq_len: int = _EVAL.seqle
         "target_params": meta.get("target_params"),
         "dtype": meta.get("dtype"),
         "seq_len": seq,
-        "hidden": widths["hidden"], "embedding_width": widths["embedding"],
+        "hidden": widths["hidden"],
+        "embedding_width": widths["embedding"],
         "head_width": widths["layers"][-1]["d_out"] if widths["layers"] else widths["embedding"],
         "layers": layers,
         "rest": rest,
-        "params": totals["sliced"]["params"], "params_dense": totals["dense"]["params"], "params_dense_source": dense_params_source,
+        "params": totals["sliced"]["params"],
+        "params_dense": totals["dense"]["params"],
+        "params_dense_source": dense_params_source,
         "standard_checkpoint": standard,
-        "params_before_recorded": meta.get("params_before"), "params_after_recorded": meta.get("params_after"),
-        "flops": totals["sliced"]["flops"], "flops_dense": totals["dense"]["flops"],
-        "flops_breakdown": totals["sliced"]["flops_breakdown"], "flops_breakdown_dense": totals["dense"]["flops_breakdown"],
+        "params_before_recorded": meta.get("params_before"),
+        "params_after_recorded": meta.get("params_after"),
+        "flops": totals["sliced"]["flops"],
+        "flops_dense": totals["dense"]["flops"],
+        "flops_breakdown": totals["sliced"]["flops_breakdown"],
+        "flops_breakdown_dense": totals["dense"]["flops_breakdown"],
         "share_params_removed": 1.0 - totals["sliced"]["params"] / totals["dense"]["params"],
         "share_flops_removed": 1.0 - totals["sliced"]["flops"] / totals["dense"]["flops"],
         "spectra_file": str(spectra_file) if spectra_file.is_file() else None,

@@ -67,13 +67,20 @@ def format_slice_table(r: dict[str, Any]) -> str:
         a = r.get("allocation") or {}
         lines.append(f"| target (achieved never exceeds it) | | {target:,} (achieved {r['params_sliced']:,}) |")
         spread = a.get("mlp_neurons_per_layer")
-        neurons = (f"{min(spread)}-{max(spread)} (spread by each layer's error, {sum(spread):,} in all)" if spread
-                   else a.get("mlp_neurons") or "all")
-        lines.append(f"| residual width / MLP neurons per layer | {r['widths']['hidden']} / all | "
-                     f"{a.get('residual_width')} / {neurons} |")
+        neurons = (
+            f"{min(spread)}-{max(spread)} (spread by each layer's error, {sum(spread):,} in all)"
+            if spread
+            else a.get("mlp_neurons") or "all"
+        )
+        lines.append(
+            f"| residual width / MLP neurons per layer | {r['widths']['hidden']} / all | "
+            f"{a.get('residual_width')} / {neurons} |"
+        )
     if "dense_perplexity" in r:
         d, s = r["dense_perplexity"], r["sliced_perplexity"]
-        lines.append(f"| perplexity ({d['source']}, {d['rows']} x {d['seqlen']} tokens) | {d['perplexity']:.2f} | {s['perplexity']:.2f} |")
+        lines.append(
+            f"| perplexity ({d['source']}, {d['rows']} x {d['seqlen']} tokens) | {d['perplexity']:.2f} | {s['perplexity']:.2f} |"
+        )
     lines.append(f"| slicing time | | {r['slicing_seconds']:.1f} s |")
     lines.append(f"| wall time (whole run) | | {r['wall_seconds']:.1f} s |")
     lines.append(f"| peak host memory (RSS) | | {r['peak_rss_gb']:.2f} GB |")
@@ -107,11 +114,16 @@ def format_sweep_markdown(results: Mapping[str, Any]) -> str:
     )
     detail = next((r["perplexity_details"] for r in runs if r.get("perplexity_details")), None)
     if detail:
-        lines.append(f"perplexity: {detail['source']}, {detail['rows']} rows x {detail['seqlen']} tokens ({detail['tokens']} predictions).")
+        lines.append(
+            f"perplexity: {detail['source']}, {detail['rows']} rows x {detail['seqlen']} tokens ({detail['tokens']} predictions)."
+        )
     if tasks:
         limit = ev.get("limit")
-        lines.append(f"tasks (paper metric per task, %): {', '.join(tasks)}; {ev.get('num_fewshot', 0)}-shot"
-                     + (f"; first {limit} items per task only" if limit else "") + ".")
+        lines.append(
+            f"tasks (paper metric per task, %): {', '.join(tasks)}; {ev.get('num_fewshot', 0)}-shot"
+            + (f"; first {limit} items per task only" if limit else "")
+            + "."
+        )
     lines.append(f"FLOPs per token at a context of {runs[0]['flops_seq_len'] if runs else '-'} tokens.")
     lines.append("")
     header = ["sparsity", "parameters", "params removed", "FLOPs/token removed", "perplexity"]
@@ -120,8 +132,13 @@ def format_sweep_markdown(results: Mapping[str, Any]) -> str:
     lines.append("|" + "|".join("---:" for _ in header) + "|")
     for r in runs:
         label = sparsity_label(r["sparsity"]) + (" (dense)" if r.get("dense") else "")
-        cells = [label, fmt_count(r["params_after"]), pct(r["share_removed"]), pct(r.get("flops_share_removed")),
-                 "-" if r.get("perplexity") is None else f"{r['perplexity']:.2f}"]
+        cells = [
+            label,
+            fmt_count(r["params_after"]),
+            pct(r["share_removed"]),
+            pct(r.get("flops_share_removed")),
+            "-" if r.get("perplexity") is None else f"{r['perplexity']:.2f}",
+        ]
         for task in tasks:
             score = task_score(r, task)
             cells.append("-" if score is None else f"{100 * score:.1f}")
@@ -154,8 +171,14 @@ def format_inspect(info: Mapping[str, Any]) -> str:
     lines = [
         f"folder: {info['folder']}",
         f"source: {info.get('source_model') or 'unknown'} ({info.get('model_type')}, {info.get('mode')}"
-        + (f", target {info['target_params']:,} parameters" if info.get("target_params")
-           else f", sparsity {sparsity_label(sp)}" if sp is not None else "") + f", {info.get('dtype') or 'float32'})",
+        + (
+            f", target {info['target_params']:,} parameters"
+            if info.get("target_params")
+            else f", sparsity {sparsity_label(sp)}"
+            if sp is not None
+            else ""
+        )
+        + f", {info.get('dtype') or 'float32'})",
         f"hidden width {info['hidden']}; embedding width {info['embedding_width']}; head reads {info['head_width']}. "
         f"FLOPs per token at a context of {info['seq_len']} tokens.",
         "",
@@ -165,13 +188,19 @@ def format_inspect(info: Mapping[str, Any]) -> str:
     for l in info["layers"]:
         shortcuts = "+".join(n for n, on in (("attn", l["attn_shortcut"]), ("mlp", l["mlp_shortcut"])) if on) or "none"
         kept = f"{pct(l['variance_kept_mid'])} / {pct(l['variance_kept_out'])}"
-        lines.append(f"| {l['layer']} | {l['d_in']} | {l['d_mid']} | {l['d_out']} | {l.get('mlp_neurons') or 'all'} | {shortcuts} | {kept} | "
-                     f"{fmt_count(l['params'])} | {fmt_count(l['params_dense'])} | {fmt_count(l['flops'])} | {fmt_count(l['flops_dense'])} |")
+        lines.append(
+            f"| {l['layer']} | {l['d_in']} | {l['d_mid']} | {l['d_out']} | {l.get('mlp_neurons') or 'all'} | {shortcuts} | {kept} | "
+            f"{fmt_count(l['params'])} | {fmt_count(l['params_dense'])} | {fmt_count(l['flops'])} | {fmt_count(l['flops_dense'])} |"
+        )
     r = info["rest"]
-    lines.append(f"| embeddings, head, norms | | | | | | | {fmt_count(r['params'])} | {fmt_count(r['params_dense'])} | "
-                 f"{fmt_count(r['flops'])} | {fmt_count(r['flops_dense'])} |")
-    lines.append(f"| **total** | | | | | | | {fmt_count(info['params'])} | {fmt_count(info['params_dense'])} | "
-                 f"{fmt_count(info['flops'])} | {fmt_count(info['flops_dense'])} |")
+    lines.append(
+        f"| embeddings, head, norms | | | | | | | {fmt_count(r['params'])} | {fmt_count(r['params_dense'])} | "
+        f"{fmt_count(r['flops'])} | {fmt_count(r['flops_dense'])} |"
+    )
+    lines.append(
+        f"| **total** | | | | | | | {fmt_count(info['params'])} | {fmt_count(info['params_dense'])} | "
+        f"{fmt_count(info['flops'])} | {fmt_count(info['flops_dense'])} |"
+    )
     lines += [
         "",
         f"parameters: {info['params']:,} sliced vs {info['params_dense']:,} dense: {pct(info['share_params_removed'])} removed",
@@ -179,11 +208,18 @@ def format_inspect(info: Mapping[str, Any]) -> str:
     ]
     after = info.get("params_after_recorded")
     if after is not None and after != info["params"]:
-        why = (" (a standard checkpoint stores the norm weights that the sliced model in memory keeps implicit)"
-               if info.get("standard_checkpoint") else "")
-        lines.append(f"note: {after:,} sliced parameters were counted at slicing time; the folder holds {info['params']:,}{why}.")
+        why = (
+            " (a standard checkpoint stores the norm weights that the sliced model in memory keeps implicit)"
+            if info.get("standard_checkpoint")
+            else ""
+        )
+        lines.append(
+            f"note: {after:,} sliced parameters were counted at slicing time; the folder holds {info['params']:,}{why}."
+        )
     lines.append(f"dense parameters {info['params_dense_source']}; dense FLOPs from the config at full width.")
     if info["share_params_removed"] < 0:
-        lines.append("note: the sliced model is larger than the dense one: slicing unties tied embeddings and head and "
-                     "adds shortcut matrices, which for small models with large vocabularies outweighs what it removes.")
+        lines.append(
+            "note: the sliced model is larger than the dense one: slicing unties tied embeddings and head and "
+            "adds shortcut matrices, which for small models with large vocabularies outweighs what it removes."
+        )
     return "\n".join(lines)

@@ -221,17 +221,35 @@ class MemoryEstimate:
 
     @property
     def host_in_memory(self) -> float:
-        return (self.baseline + self.model + self.fp64_workspace + self.activations + self.call_arguments
-                + self.search_copy + self._on_host())
+        return (
+            self.baseline
+            + self.model
+            + self.fp64_workspace
+            + self.activations
+            + self.call_arguments
+            + self.search_copy
+            + self._on_host()
+        )
 
     @property
     def host_streaming(self) -> float:
-        return self.baseline + self.non_layer + self.layers + self.fp64_workspace + self.activations + self.call_arguments + self._on_host()
+        return (
+            self.baseline
+            + self.non_layer
+            + self.layers
+            + self.fp64_workspace
+            + self.activations
+            + self.call_arguments
+            + self._on_host()
+        )
 
     def to_dict(self) -> dict[str, float]:
         out = {k: v for k, v in asdict(self).items() if k != "device_is_host"}
-        out.update(host_in_memory=self.host_in_memory, host_streaming=self.host_streaming,
-                   device_peak=0.0 if self.device_is_host else self.device_peak)
+        out.update(
+            host_in_memory=self.host_in_memory,
+            host_streaming=self.host_streaming,
+            device_peak=0.0 if self.device_is_host else self.device_peak,
+        )
         return out
 
 
@@ -248,7 +266,7 @@ def memory_model(shape: ModelShape, work: Workload) -> MemoryEstimate:
         baseline=RUNTIME_BASELINE_BYTES,
         fp64_workspace=2 * shape.largest_tensor * 8,
         activations=copies * token_bytes,
-        call_arguments=rows * (work.seqlen ** 2 + 8 * work.seqlen * shape.head_dim),
+        call_arguments=rows * (work.seqlen**2 + 8 * work.seqlen * shape.head_dim),
         model=model_bytes + shape.params * b,  # the prepared weights, and the mapped checkpoint's
         non_layer=(shape.non_layer_params + (shape.table_params if shape.tied else 0)) * b,
         layers=3 * shape.largest_layer_params * b,
@@ -256,8 +274,11 @@ def memory_model(shape: ModelShape, work: Workload) -> MemoryEstimate:
         device_fp64_squares=5 * d * d * 8,
         device_batch=batch_tokens * max(d, i) * 4 * 4 + batch_tokens * d * 8,
         # with routed experts pruned, every expert's fit and held-out sums are held at once
-        device_moments=((7 * i * i * 8 + 2 * i * d * 8) + (2 * i * i * 8 * (shape.experts - 1) if work.prunes else 0)
-                        if (work.corrections or work.prunes) else 0.0),
+        device_moments=(
+            (7 * i * i * 8 + 2 * i * d * 8) + (2 * i * i * 8 * (shape.experts - 1) if work.prunes else 0)
+            if (work.corrections or work.prunes)
+            else 0.0
+        ),
         device_is_host=work.device_is_host,
         search_copy=model_bytes if work.compressions > 1 else 0.0,
     )
@@ -306,7 +327,9 @@ class TimeEstimate:
         return {**asdict(self), "total": self.total}
 
 
-def time_model(shape: ModelShape, work: Workload, rate: Throughput, read_bytes: float, write_bytes: float) -> TimeEstimate:
+def time_model(
+    shape: ModelShape, work: Workload, rate: Throughput, read_bytes: float, write_bytes: float
+) -> TimeEstimate:
     """Time to slice (see :class:`TimeEstimate` for each term)."""
     d, i, n = shape.hidden, shape.intermediate, shape.layers
     tokens = work.tokens
@@ -322,18 +345,21 @@ def time_model(shape: ModelShape, work: Workload, rate: Throughput, read_bytes: 
     if work.corrections:
         for width, solved in ((d, d), (i, work.kept_neurons or i)):  # the MLP's writer is refit on its kept neurons
             stats += 2.0 * (width * width + width * d) * tokens * n
-            solves += RIDGE_SOLVES * (2 / 3 * solved ** 3 + 4 * solved * solved * d) * n
+            solves += RIDGE_SOLVES * (2 / 3 * solved**3 + 4 * solved * solved * d) * n
     elif work.prunes:
         stats += 2.0 * i * i * tokens * n
     if work.prunes:
         k = work.kept_neurons or 0
         solves += i * k * (k + 2 * d) * n * shape.experts
         if shape.experts > 1:  # every expert's own refit, beside the one counted above
-            solves += RIDGE_SOLVES * (2 / 3 * k ** 3 + 4 * k * k * d) * n * (shape.experts - 1)
-    eigh = 10.0 * d ** 3 * work.eigh_points(shape.points_per_layer, n)
+            solves += RIDGE_SOLVES * (2 / 3 * k**3 + 4 * k * k * d) * n * (shape.experts - 1)
+    eigh = 10.0 * d**3 * work.eigh_points(shape.points_per_layer, n)
     c = work.compressions
     return TimeEstimate(
-        forward_flops=c * forward, statistics_flops=c * stats, eigh_flops=c * eigh, solve_flops=c * solves,
+        forward_flops=c * forward,
+        statistics_flops=c * stats,
+        eigh_flops=c * eigh,
+        solve_flops=c * solves,
         forward=c * forward / (rate.tflops * 1e12) / work.nproc,
         statistics=c * stats / (rate.fp64_tflops * 1e12) / work.nproc,
         eigh=c * eigh / (rate.fp64_tflops * 1e12),
@@ -342,8 +368,13 @@ def time_model(shape: ModelShape, work: Workload, rate: Throughput, read_bytes: 
     )
 
 
-def default_throughput(device: str, dtype: str, tflops: float | None = None, fp64_tflops: float | None = None,
-                       disk_gbps: float | None = None) -> Throughput:
+def default_throughput(
+    device: str,
+    dtype: str,
+    tflops: float | None = None,
+    fp64_tflops: float | None = None,
+    disk_gbps: float | None = None,
+) -> Throughput:
     """The rates given, else :data:`DEFAULT_TFLOPS` for the device kind and dtype."""
     kind = device.split(":")[0]
     if kind not in DEFAULT_TFLOPS:
@@ -387,7 +418,9 @@ def model_shape(model: nn.Module) -> ModelShape:
         inter = None
     if inter is None:
         inter = int(getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", None) or 4 * d)
-    experts = next((int(x.down_proj.shape[0]) for x in (experts_of(layer, spec) for layer in layers) if x is not None), 1)
+    experts = next(
+        (int(x.down_proj.shape[0]) for x in (experts_of(layer, spec) for layer in layers) if x is not None), 1
+    )
     heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
     return ModelShape(
         params=total,
@@ -458,22 +491,47 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "model_type": self.model_type, "files": self.files, "settings": self.settings,
-            "params": self.params, "stored_params": self.stored_params, "disk_bytes": self.disk_bytes,
-            "disk_bytes_source": self.disk_bytes_source, "disk_dtype": self.disk_dtype,
-            "params_sliced": self.params_sliced, "share_removed": 1 - self.params_sliced / self.params,
-            "sliced_bytes": self.sliced_bytes, "residual_width": self.residual_width, "mlp_neurons": self.mlp_neurons,
-            "seqlen": self.seqlen, "calibration_tokens": self.calibration_tokens, "nproc": self.nproc,
-            "stream": self.stream, "shape": asdict(self.shape), "workload": asdict(self.workload),
-            "throughput": asdict(self.throughput), "memory_bytes": self.memory.to_dict(),
-            "memory_per_node_bytes": {"host_in_memory": self.memory.host_in_memory * self.nproc,
-                                      "host_streaming": self.memory.host_streaming * self.nproc},
-            "time_seconds": self.time.to_dict(), "notes": self.notes,
+            "model": self.model,
+            "model_type": self.model_type,
+            "files": self.files,
+            "settings": self.settings,
+            "params": self.params,
+            "stored_params": self.stored_params,
+            "disk_bytes": self.disk_bytes,
+            "disk_bytes_source": self.disk_bytes_source,
+            "disk_dtype": self.disk_dtype,
+            "params_sliced": self.params_sliced,
+            "share_removed": 1 - self.params_sliced / self.params,
+            "sliced_bytes": self.sliced_bytes,
+            "residual_width": self.residual_width,
+            "mlp_neurons": self.mlp_neurons,
+            "seqlen": self.seqlen,
+            "calibration_tokens": self.calibration_tokens,
+            "nproc": self.nproc,
+            "stream": self.stream,
+            "shape": asdict(self.shape),
+            "workload": asdict(self.workload),
+            "throughput": asdict(self.throughput),
+            "memory_bytes": self.memory.to_dict(),
+            "memory_per_node_bytes": {
+                "host_in_memory": self.memory.host_in_memory * self.nproc,
+                "host_streaming": self.memory.host_streaming * self.nproc,
+            },
+            "time_seconds": self.time.to_dict(),
+            "notes": self.notes,
         }
 
 
-def plan_model(files: ModelFiles | str | None, config: SliceConfig, *, nproc: int = 1, stream: bool | None = None,
-               tflops: float | None = None, fp64_tflops: float | None = None, disk_gbps: float | None = None) -> Plan:
+def plan_model(
+    files: ModelFiles | str | None,
+    config: SliceConfig,
+    *,
+    nproc: int = 1,
+    stream: bool | None = None,
+    tflops: float | None = None,
+    fp64_tflops: float | None = None,
+    disk_gbps: float | None = None,
+) -> Plan:
     """The plan for slicing ``files`` (a folder, a hub id, a .gguf, None for the embedded default, or
     :class:`ModelFiles`) as ``config`` says."""
     from transformers import AutoConfig
@@ -490,7 +548,9 @@ def plan_model(files: ModelFiles | str | None, config: SliceConfig, *, nproc: in
     try:
         hf_config = AutoConfig.for_model(**raw)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{files.name}: transformers cannot read its config.json: {str(exc).strip().splitlines()[0]}") from None
+        raise ValueError(
+            f"{files.name}: transformers cannot read its config.json: {str(exc).strip().splitlines()[0]}"
+        ) from None
     spec_for_config(hf_config)  # an unsupported family fails here, in one line
     model = _skeleton(hf_config)
     notes: list[str] = []
@@ -508,8 +568,17 @@ def plan_model(files: ModelFiles | str | None, config: SliceConfig, *, nproc: in
     # With --device-map the layers are processed on the map's devices (their kind sets the throughput).
     device = str(config.device) if wanted is None else "cuda" if wanted == "auto" else str(wanted[0])
     work = Workload(
-        rows=config.nsamples, seqlen=seqlen, batch_size=config.batch_size, dtype_bytes=b, corrections=config.corrections,
-        kept_neurons=kept, residual_width=d, hidden=shape.hidden, uniform=config.uniform, nproc=nproc, device_is_host=device.split(":")[0] == "cpu",
+        rows=config.nsamples,
+        seqlen=seqlen,
+        batch_size=config.batch_size,
+        dtype_bytes=b,
+        corrections=config.corrections,
+        kept_neurons=kept,
+        residual_width=d,
+        hidden=shape.hidden,
+        uniform=config.uniform,
+        nproc=nproc,
+        device_is_host=device.split(":")[0] == "cpu",
         compressions=len(SHARES) + 1 if config.search and config.target_params is not None else 1,
     )
     rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps)
@@ -520,32 +589,60 @@ def plan_model(files: ModelFiles | str | None, config: SliceConfig, *, nproc: in
         disk = float(shape.params * (torch.finfo(parse_dtype(on_disk)).bits // 8))
         disk_source = f"{files.source} ({on_disk} assumed)"
     if files.stored_params is not None and files.stored_params != shape.params:
-        notes.append(f"the safetensors files store {files.stored_params:,} parameters, the config describes {shape.params:,}")
+        notes.append(
+            f"the safetensors files store {files.stored_params:,} parameters, the config describes {shape.params:,}"
+        )
     if config.search and config.target_params is not None:
-        notes.append(f"--search compresses {len(SHARES)} candidates, then the chosen split: time x{len(SHARES) + 1}, "
-                     "a copy of the model in memory; streaming does not apply")
+        notes.append(
+            f"--search compresses {len(SHARES)} candidates, then the chosen split: time x{len(SHARES) + 1}, "
+            "a copy of the model in memory; streaming does not apply"
+        )
     if nproc > 1:
-        notes.append(f"--nproc {nproc}: memory is per process ({nproc} on one node multiply the host figures); "
-                     "the forwards are divided over the processes, the eigendecompositions and solves are not")
+        notes.append(
+            f"--nproc {nproc}: memory is per process ({nproc} on one node multiply the host figures); "
+            "the forwards are divided over the processes, the eigendecompositions and solves are not"
+        )
     sliced_bytes = float(params_sliced * b)
     memory = memory_model(shape, work)
     if wanted is not None:
         count = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if wanted == "auto" else len(wanted)
         if count == 0:
-            raise ValueError("--device-map auto counts this machine's CUDA devices, and it has none: name the devices the run "
-                             "will use (--device-map cuda:0,cuda:1)")
+            raise ValueError(
+                "--device-map auto counts this machine's CUDA devices, and it has none: name the devices the run "
+                "will use (--device-map cuda:0,cuda:1)"
+            )
         share = -(-shape.layers // count) / shape.layers  # the most layers one device takes
         memory = replace(memory, device_kept=sliced_bytes * share, device_is_host=False)
-        notes.append(f"--device-map over {count} device(s): each keeps its share of the sliced layers (the device row, the "
-                     f"first device also the embeddings); running the dense model over them (--ppl) takes "
-                     f"{_gb(float(shape.params * b) * share)} each; in memory (the host holds the model)")
+        notes.append(
+            f"--device-map over {count} device(s): each keeps its share of the sliced layers (the device row, the "
+            f"first device also the embeddings); running the dense model over them (--ppl) takes "
+            f"{_gb(float(shape.params * b) * share)} each; in memory (the host holds the model)"
+        )
     time_ = time_model(shape, work, rate, read_bytes=disk, write_bytes=sliced_bytes)
     return Plan(
-        model=files.name, model_type=str(model_type), files=files.source, settings=config.to_dict(),
-        params=shape.params, stored_params=files.stored_params, disk_bytes=disk, disk_bytes_source=disk_source,
-        disk_dtype=files.disk_dtype, params_sliced=params_sliced, sliced_bytes=sliced_bytes, residual_width=d,
-        mlp_neurons=kept, seqlen=seqlen, calibration_tokens=config.nsamples * seqlen, nproc=nproc, stream=stream,
-        shape=shape, workload=work, throughput=rate, memory=memory, time=time_, notes=notes,
+        model=files.name,
+        model_type=str(model_type),
+        files=files.source,
+        settings=config.to_dict(),
+        params=shape.params,
+        stored_params=files.stored_params,
+        disk_bytes=disk,
+        disk_bytes_source=disk_source,
+        disk_dtype=files.disk_dtype,
+        params_sliced=params_sliced,
+        sliced_bytes=sliced_bytes,
+        residual_width=d,
+        mlp_neurons=kept,
+        seqlen=seqlen,
+        calibration_tokens=config.nsamples * seqlen,
+        nproc=nproc,
+        stream=stream,
+        shape=shape,
+        workload=work,
+        throughput=rate,
+        memory=memory,
+        time=time_,
+        notes=notes,
     )
 
 
@@ -565,7 +662,7 @@ def format_plan(plan: Plan) -> str:
     """The plan as a short table: sizes in GB, times in minutes (hours past 90 minutes)."""
     m, t = plan.memory, plan.time
     s = plan.settings
-    how = (f"target {s['target_params']:g}" if s.get("target_params") is not None else f"sparsity {s['sparsity']:g}")
+    how = f"target {s['target_params']:g}" if s.get("target_params") is not None else f"sparsity {s['sparsity']:g}"
     how += (", uniform" if s.get("uniform") else "") + (", corrections" if plan.workload.corrections else "")
     lines = [
         f"plan: {plan.model} ({plan.model_type}), {how}, {s['dtype']} on {s.get('device_map') or s['device']}, "
@@ -576,23 +673,31 @@ def format_plan(plan: Plan) -> str:
         "| | parameters | size |",
         "|---|---:|---:|",
         f"| model | {plan.params / 1e9:,.3f} B | {_gb(plan.disk_bytes)} on disk"
-        + (f" ({plan.disk_dtype})" if plan.disk_dtype else "") + " |",
+        + (f" ({plan.disk_dtype})" if plan.disk_dtype else "")
+        + " |",
         f"| sliced | {plan.params_sliced / 1e9:,.3f} B ({1 - plan.params_sliced / plan.params:.1%} removed) | "
         f"{_gb(plan.sliced_bytes)} in {s['dtype']} |",
         "",
         f"widths: residual {plan.residual_width} of {plan.shape.hidden}"
-        + (f", MLP neurons {plan.mlp_neurons} of {plan.shape.intermediate}{' per expert' if plan.shape.experts > 1 else ''}" if plan.mlp_neurons is not None else ""),
+        + (
+            f", MLP neurons {plan.mlp_neurons} of {plan.shape.intermediate}{' per expert' if plan.shape.experts > 1 else ''}"
+            if plan.mlp_neurons is not None
+            else ""
+        ),
         "",
         "| peak memory" + (" (per process)" if plan.nproc > 1 else "") + " | in memory | streaming |",
         "|---|---:|---:|",
         f"| host | {_gb(m.host_in_memory)} | {_gb(m.host_streaming)} |",
     ]
     if plan.nproc > 1:
-        lines.append(f"| host, {plan.nproc} processes | {_gb(m.host_in_memory * plan.nproc)} | {_gb(m.host_streaming * plan.nproc)} |")
+        lines.append(
+            f"| host, {plan.nproc} processes | {_gb(m.host_in_memory * plan.nproc)} | {_gb(m.host_streaming * plan.nproc)} |"
+        )
     device = "on the host" if m.device_is_host else _gb(m.device_peak)
     lines += [
-        f"| device ({s['device']}) | {device} | {device} |" if not m.device_kept else
-        f"| each device ({s['device_map']}) | {device} | (not streamed) |",
+        f"| device ({s['device']}) | {device} | {device} |"
+        if not m.device_kept
+        else f"| each device ({s['device_map']}) | {device} | (not streamed) |",
         "",
         f"host terms: baseline {_gb(m.baseline)}, model {_gb(m.model)} | non-layer {_gb(m.non_layer)} + 3 layers "
         f"{_gb(m.layers)}, float64 workspace {_gb(m.fp64_workspace)}, activations {_gb(m.activations)}, "
@@ -604,9 +709,11 @@ def format_plan(plan: Plan) -> str:
         "| time | minutes |",
         "|---|---:|",
         f"| calibration forwards ({_flop(t.forward_flops)} at {plan.throughput.tflops:g} TFLOP/s"
-        + (f" / {plan.nproc}" if plan.nproc > 1 else "") + f") | {t.forward / 60:,.1f} |",
+        + (f" / {plan.nproc}" if plan.nproc > 1 else "")
+        + f") | {t.forward / 60:,.1f} |",
         f"| float64 statistics ({_flop(t.statistics_flops)} at {plan.throughput.fp64_tflops:g} TFLOP/s"
-        + (f" / {plan.nproc}" if plan.nproc > 1 else "") + f") | {t.statistics / 60:,.1f} |",
+        + (f" / {plan.nproc}" if plan.nproc > 1 else "")
+        + f") | {t.statistics / 60:,.1f} |",
         f"| eigendecompositions ({plan.workload.eigh_points(plan.shape.points_per_layer, plan.shape.layers)}) | {t.eigh / 60:,.1f} |",
     ]
     if t.solve_flops:
@@ -617,8 +724,10 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.stream is not None:
         chosen = m.host_streaming if plan.stream else m.host_in_memory
-        lines.append(f"\n{'streaming' if plan.stream else 'in memory'}: peak host {_gb(chosen)}"
-                     + (f" per process, {_gb(chosen * plan.nproc)} for {plan.nproc}" if plan.nproc > 1 else ""))
+        lines.append(
+            f"\n{'streaming' if plan.stream else 'in memory'}: peak host {_gb(chosen)}"
+            + (f" per process, {_gb(chosen * plan.nproc)} for {plan.nproc}" if plan.nproc > 1 else "")
+        )
     lines += [f"note: {n}" for n in plan.notes]
     lines.append("estimates, not measurements: see slicegpt.evaluation.plan for each term")
     return "\n".join(lines)

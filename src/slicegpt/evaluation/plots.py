@@ -119,7 +119,7 @@ def plot_spectra(
     nrows = math.ceil(len(panels) / ncols)
     fig.set_size_inches(3.6 * ncols, 2.8 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, (label, names) in zip(axes.flat, panels):
         lowest = 1.0
@@ -138,14 +138,30 @@ def plot_spectra(
                 # width keeps > 99%, and one decimal would print 100.0% everywhere.
                 share = 100 * info["variance_kept"]
                 text = f"{share:.2f}" if share > 99 else f"{share:.1f}"
-                ax.text(0.97, 0.06 + 0.11 * k, f"{kind}: {text}% kept @ {info['width']}/{info['dim']}",
-                        transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color=color)
+                ax.text(
+                    0.97,
+                    0.06 + 0.11 * k,
+                    f"{kind}: {text}% kept @ {info['width']}/{info['dim']}",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="bottom",
+                    fontsize=7,
+                    color=color,
+                )
         if label.startswith("layer ") and not any(n.endswith(".out") for n in names):
             layer = w["layers"][int(label.split()[1])]
             if layer["d_out"] == w["hidden"]:
                 # The last layer's output is what the head reads: kept whole unless slice_head, so no PCA ran.
-                ax.text(0.97, 0.06 + 0.11 * len(names), f"out: not sliced ({layer['d_out']}, the head reads it)",
-                        transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color=_POINT_COLORS["out"])
+                ax.text(
+                    0.97,
+                    0.06 + 0.11 * len(names),
+                    f"out: not sliced ({layer['d_out']}, the head reads it)",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="bottom",
+                    fontsize=7,
+                    color=_POINT_COLORS["out"],
+                )
         ax.set_title(label, fontsize=9)
         ax.set_ylim(max(0.0, 100 * lowest - 5), 100.5)
         ax.tick_params(labelsize=7)
@@ -169,8 +185,6 @@ def _short_name(model: str | None) -> str:
     return Path(model).name if os.path.isabs(model) or model.startswith(".") else model
 
 
-
-
 def spectrum_plot_name(sparsity: float) -> str:
     return f"spectrum_{sparsity:g}.png"
 
@@ -182,11 +196,23 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
     written: list[Path] = []
     model = _short_name(results.get("model"))
 
-    def dense_marker(ax: Any, xs: list[float], ys: list[float | None], dense: list[bool], color: str, label: bool) -> None:
+    def dense_marker(
+        ax: Any, xs: list[float], ys: list[float | None], dense: list[bool], color: str, label: bool
+    ) -> None:
         for x, y, d in zip(xs, ys, dense):
             if d and y is not None:
-                ax.plot([x], [y], marker="*", ms=15, color=color, mec="black", mew=0.6, ls="none",
-                        label="dense (as shipped)" if label else None, zorder=5)
+                ax.plot(
+                    [x],
+                    [y],
+                    marker="*",
+                    ms=15,
+                    color=color,
+                    mec="black",
+                    mew=0.6,
+                    ls="none",
+                    label="dense (as shipped)" if label else None,
+                    zorder=5,
+                )
 
     xs = [100 * r["share_removed"] for r in runs]
     dense = [bool(r.get("dense")) for r in runs]
@@ -206,7 +232,9 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
             ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         detail = next((r["perplexity_details"] for r in runs if r.get("perplexity_details")), None)
         # Data files are named by their file name only: a long path would crowd out the axis label.
-        source = f"\non {_short_name(detail['source'])}, {detail['rows']} rows x {detail['seqlen']} tokens" if detail else ""
+        source = (
+            f"\non {_short_name(detail['source'])}, {detail['rows']} rows x {detail['seqlen']} tokens" if detail else ""
+        )
         ax.set_xlabel("parameters actually removed (%, 1 - after/before)")
         ax.set_ylabel("perplexity")
         ax.set_title(f"{model}: perplexity vs. parameters removed{source}", fontsize=10)
@@ -230,8 +258,12 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "s-", color="black", lw=2.2, label="average")
             dense_marker(ax, xs, [None if y is None else 100 * y for y in avg], dense, "black", True)
         ax.axvline(0.0, color="gray", ls=":", lw=1)
-        scores = [100 * y for r in runs for y in [task_score(r, t) for t in tasks] + [(r.get("tasks") or {}).get("average")]
-                  if y is not None]
+        scores = [
+            100 * y
+            for r in runs
+            for y in [task_score(r, t) for t in tasks] + [(r.get("tasks") or {}).get("average")]
+            if y is not None
+        ]
         if scores:  # a flat line would otherwise get a +-0.05 axis around it
             ax.set_ylim(max(0.0, min(scores) - 5), min(100.0, max(scores) + 5))
         limit = next(((r.get("tasks") or {}).get("provenance", {}).get("limit") for r in runs if r.get("tasks")), None)
@@ -245,7 +277,9 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
     for r in runs:
         if r.get("spectra") and r.get("widths"):
             title = f"{model} at sparsity {sparsity_label(r['sparsity'])}: cumulative explained variance, chosen width dashed"
-            written.append(plot_spectra(r["spectra"], r["widths"], out / spectrum_plot_name(r["sparsity"]), title=title))
+            written.append(
+                plot_spectra(r["spectra"], r["widths"], out / spectrum_plot_name(r["sparsity"]), title=title)
+            )
     return written
 
 
@@ -304,8 +338,18 @@ def plot_methods(
             ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=4, color=f"C{i % 10}", label=name)
             values += [y for _, y in pts]
         if dense and panel in dense:
-            ax.plot([0.0], [dense[panel]], marker="*", ms=15, color="gold", mec="black", mew=0.6, ls="none",
-                    label=f"dense ({dense[panel]:.2f})", zorder=5)
+            ax.plot(
+                [0.0],
+                [dense[panel]],
+                marker="*",
+                ms=15,
+                color="gold",
+                mec="black",
+                mew=0.6,
+                ls="none",
+                label=f"dense ({dense[panel]:.2f})",
+                zorder=5,
+            )
             values.append(dense[panel])
         _log_scale_if_wide(ax, values)
         ax.set_xlabel("parameters removed (%, of the model as shipped)")

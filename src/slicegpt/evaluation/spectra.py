@@ -31,8 +31,12 @@ def cumulative_share(spectrum: Sequence[float]) -> list[float]:
     return out
 
 
-def spectrum_summary(spectra: Mapping[str, Sequence[float]], widths: Widths | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def spectrum_summary(
+    spectra: Mapping[str, Sequence[float]], widths: Widths | Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
     """Per point: full dimension, kept width and the share of variance kept at that width."""
     w = as_widths(widths)
     kept = variance_kept({name: list(s) for name, s in spectra.items()}, w)
-    return {name: {"dim": len(s), "width": w.width_at(name), "variance_kept": kept[name]} for name, s in spectra.items()}
+    return {
+        name: {"dim": len(s), "width": w.width_at(name), "variance_kept": kept[name]} for name, s in spectra.items()
+    }

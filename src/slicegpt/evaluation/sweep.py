@@ -154,18 +154,39 @@ def _measure(model: Any, tokenizer: Any, evaluation: SweepEval, device: str, pro
     """Perplexity and task figures of one model, as a run records them."""
     run: dict[str, Any] = {"perplexity": None, "perplexity_details": None, "tasks": None}
     if evaluation.ppl is not None:
-        res = perplexity(model, tokenizer, evaluation.ppl, seqlen=evaluation.seqlen, batch_size=evaluation.batch_size,
-                         device=device, max_rows=evaluation.max_rows, progress=progress)
+        res = perplexity(
+            model,
+            tokenizer,
+            evaluation.ppl,
+            seqlen=evaluation.seqlen,
+            batch_size=evaluation.batch_size,
+            device=device,
+            max_rows=evaluation.max_rows,
+            progress=progress,
+        )
         run["perplexity"], run["perplexity_details"] = res.perplexity, res.to_dict()
     if evaluation.tasks:
-        run["tasks"] = evaluate_tasks(model, tokenizer, evaluation.tasks, limit=evaluation.limit,
-                                      batch_size=evaluation.task_batch_size, num_fewshot=evaluation.num_fewshot,
-                                      offline=evaluation.tasks_offline, device=device)
+        run["tasks"] = evaluate_tasks(
+            model,
+            tokenizer,
+            evaluation.tasks,
+            limit=evaluation.limit,
+            batch_size=evaluation.task_batch_size,
+            num_fewshot=evaluation.num_fewshot,
+            offline=evaluation.tasks_offline,
+            device=device,
+        )
     return run
 
 
-def _one_run(model_name_or_path: str | None, sparsity: float, base: SliceConfig, evaluation: SweepEval,
-             progress: bool, target: float | None = None) -> tuple[str, dict[str, Any]]:
+def _one_run(
+    model_name_or_path: str | None,
+    sparsity: float,
+    base: SliceConfig,
+    evaluation: SweepEval,
+    progress: bool,
+    target: float | None = None,
+) -> tuple[str, dict[str, Any]]:
     """Load, slice (unless sparsity is 0) and measure one model; returns its name and the run.
 
     With ``target`` (a fraction of the parameters as shipped) the run compresses to that budget
@@ -180,23 +201,44 @@ def _one_run(model_name_or_path: str | None, sparsity: float, base: SliceConfig,
     if sparsity == 0.0:
         # The paper's 0% row: the model as shipped, not rotated (rotating at full width
         # changes nothing measurable but adds shortcut matrices).
-        run.update(params_before=params_before, params_after=params_before, slicing_seconds=0.0, settings=None,
-                   widths=None, variance_kept={}, spectra={}, calibration_tokens=0)
+        run.update(
+            params_before=params_before,
+            params_after=params_before,
+            slicing_seconds=0.0,
+            settings=None,
+            widths=None,
+            variance_kept={},
+            spectra={},
+            calibration_tokens=0,
+        )
     else:
-        cfg = replace(base, sparsity=sparsity, target_params=None) if target is None else replace(base, target_params=target, sparsity=None)
+        cfg = (
+            replace(base, sparsity=sparsity, target_params=None)
+            if target is None
+            else replace(base, target_params=target, sparsity=None)
+        )
         report = slice_model(model, tokenizer, cfg.calib, cfg, progress=progress, source_model=name)
         run.update(
-            params_before=report.params_before, params_after=report.params_after, slicing_seconds=report.seconds,
-            settings=cfg.to_dict(), widths=report.widths.to_dict(), variance_kept=report.variance_kept(),
+            params_before=report.params_before,
+            params_after=report.params_after,
+            slicing_seconds=report.seconds,
+            settings=cfg.to_dict(),
+            widths=report.widths.to_dict(),
+            variance_kept=report.variance_kept(),
             spectra={k: _round_spectrum(v) for k, v in report.spectra.items()},
-            calibration_tokens=report.calibration_tokens, target_params=report.target_params,
+            calibration_tokens=report.calibration_tokens,
+            target_params=report.target_params,
             allocation=report.allocation,
         )
         del report
     run["share_removed"] = 1.0 - run["params_after"] / run["params_before"]
     flops_after = flops_per_token(model, seq)
-    run.update(flops_seq_len=seq, flops_before=flops_before, flops_after=flops_after,
-               flops_share_removed=1.0 - flops_after / flops_before)
+    run.update(
+        flops_seq_len=seq,
+        flops_before=flops_before,
+        flops_after=flops_after,
+        flops_share_removed=1.0 - flops_after / flops_before,
+    )
     run.update(_measure(model, tokenizer, evaluation, base.device, progress))
     # Release this model before the next is loaded: only one is ever in memory.
     del model, tokenizer
@@ -233,8 +275,11 @@ def sweep(
     # With parameter targets (fractions of the model as shipped) each run is labelled by the share
     # it must remove: target 0.75 is the 0.25 run, target 1 the dense model.
     kept = parse_targets(targets) if targets is not None else None
-    values = [round(1.0 - t, 6) for t in kept] if kept is not None else parse_sparsities(
-        sparsities if isinstance(sparsities, str) else list(sparsities))
+    values = (
+        [round(1.0 - t, 6) for t in kept]
+        if kept is not None
+        else parse_sparsities(sparsities if isinstance(sparsities, str) else list(sparsities))
+    )
     evaluation = evaluation if evaluation is not None else SweepEval()
     evaluation.validate()
     # Everything that can fail cheaply fails before the first model is loaded.
@@ -280,7 +325,9 @@ def sweep(
 
 def _run_line(run: Mapping[str, Any]) -> str:
     head = f"sparsity {sparsity_label(run['sparsity'])}{' (dense)' if run['dense'] else ''}"
-    parts = [f"params {fmt_count(run['params_before'])} -> {fmt_count(run['params_after'])} ({pct(run['share_removed'])} removed)"]
+    parts = [
+        f"params {fmt_count(run['params_before'])} -> {fmt_count(run['params_after'])} ({pct(run['share_removed'])} removed)"
+    ]
     if run.get("perplexity") is not None:
         parts.append(f"perplexity {run['perplexity']:.2f}")
     if run.get("tasks") and run["tasks"].get("average") is not None:

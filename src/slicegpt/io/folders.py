@@ -46,7 +46,9 @@ from .shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, host_state, read_state,
 from .standard import export_standard
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool, protect: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+def check_output_dir(
+    out: str | os.PathLike, overwrite: bool, protect: tuple[str | os.PathLike | None, ...] = ()
+) -> Path:
     """Fail early (before any work) when ``out`` exists and may not be replaced.
 
     ``out`` may never be, or contain, a folder in ``protect`` (the input model) or the working
@@ -100,7 +102,9 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
     """Refuse before writing when the disk holding ``folder`` cannot take ``needed`` bytes."""
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise OSError(f"{what} needs about {human_bytes(needed)}; {human_bytes(free)} are free on the disk holding {folder}")
+        raise OSError(
+            f"{what} needs about {human_bytes(needed)}; {human_bytes(free)} are free on the disk holding {folder}"
+        )
 
 
 class OutputLock:
@@ -123,8 +127,9 @@ class OutputLock:
             except FileExistsError:
                 pass
             except OSError as exc:  # a read-only parent, a name too long with the lock's suffix
-                raise OSError(f"cannot write the output folder {self.path.parent / self.path.name[1:-5]}: "
-                              f"{exc.strerror or exc}") from None
+                raise OSError(
+                    f"cannot write the output folder {self.path.parent / self.path.name[1:-5]}: {exc.strerror or exc}"
+                ) from None
             else:
                 with os.fdopen(fd, "w") as fh:
                     fh.write(str(os.getpid()))
@@ -137,8 +142,10 @@ class OutputLock:
             if pid == os.getpid():  # this process holds it already (taken early, asked again)
                 return self
             if pid and _alive(pid) and _runs_slicegpt(pid):
-                raise FileExistsError(f"another slicegpt run (PID {pid}) is writing {self.path.parent / self.path.name[1:-5]} "
-                                      f"(lock {self.path}); wait for it to finish or choose another --out") from None
+                raise FileExistsError(
+                    f"another slicegpt run (PID {pid}) is writing {self.path.parent / self.path.name[1:-5]} "
+                    f"(lock {self.path}); wait for it to finish or choose another --out"
+                ) from None
             # a dead writer's lock, or one naming a PID that another program now has: taken over
             self.path.unlink(missing_ok=True)
         raise FileExistsError(f"cannot take the lock {self.path}")
@@ -159,7 +166,7 @@ def remove_stale_staging(out: Path) -> list[Path]:
     removed = []
     for kind in ("tmp", "old"):
         for folder in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*-*"):
-            pid = folder.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+            pid = folder.name[len(f".{out.name}.{kind}-") :].split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
@@ -231,7 +238,11 @@ def save(
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     check_free_space(out.parent, bytes_needed(model), f"saving {out}")
-    tmp = shards.folder if shards is not None else Path(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent))
+    tmp = (
+        shards.folder
+        if shards is not None
+        else Path(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent))
+    )
     writer = shards if shards is not None else ShardWriter(tmp, max_shard_size)
     if dtype is not None:
         writer.dtype = parse_dtype(dtype)
@@ -247,7 +258,9 @@ def save(
         else:
             _write_per_layer(model, writer, meta, tokenizer)
         if report is not None and getattr(report, "spectra", None):
-            (tmp / SPECTRA).write_text(json.dumps({"spectra": report.spectra, "widths": report.widths.to_dict()}) + "\n")
+            (tmp / SPECTRA).write_text(
+                json.dumps({"spectra": report.spectra, "widths": report.widths.to_dict()}) + "\n"
+            )
         if extra is not None:
             extra(tmp)
         # mkdtemp made the staging folder private (0700); the output gets the user's usual permissions
@@ -273,15 +286,19 @@ def _umask() -> int:
     return mask
 
 
-def staging_writer(out: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                   dtype: str | torch.dtype | None = None) -> ShardWriter:
+def staging_writer(
+    out: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: str | torch.dtype | None = None
+) -> ShardWriter:
     """A shard writer in a fresh staging folder beside ``out``, for a streamed slice to give its
     finished layers to; :func:`save` (``shards=``) completes it and renames it into place."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
-    return ShardWriter(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent), max_shard_size,
-                       dtype=None if dtype is None else parse_dtype(dtype))
+    return ShardWriter(
+        tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent),
+        max_shard_size,
+        dtype=None if dtype is None else parse_dtype(dtype),
+    )
 
 
 def _write_loaded_standard(model: nn.Module, writer: ShardWriter, meta: dict[str, Any], tokenizer: Any) -> None:
@@ -314,13 +331,19 @@ def _write_per_layer(model: nn.Module, writer: ShardWriter, meta: dict[str, Any]
 def verify_files(folder: Path, meta: dict[str, Any], checksum: bool = True) -> None:
     """Sizes (always) and sha256 (when ``checksum``) against what was recorded at save time."""
     if "files" not in meta and (not is_standard(meta) or meta.get("format_version", 1) >= 2):
-        raise SlicedFolderError(f"{folder}'s metadata records no file sizes or checksums (its 'files' entry was removed): "
-                                "it cannot be checked; refusing to load it")
+        raise SlicedFolderError(
+            f"{folder}'s metadata records no file sizes or checksums (its 'files' entry was removed): "
+            "it cannot be checked; refusing to load it"
+        )
     recorded = meta.get("files", {})
-    unrecorded = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in recorded) if "files" in meta else []
+    unrecorded = (
+        sorted(p.name for p in folder.glob("*.safetensors") if p.name not in recorded) if "files" in meta else []
+    )
     if unrecorded:
-        raise SlicedFolderError(f"{folder}'s metadata records no size or checksum for {', '.join(unrecorded[:3])}: "
-                                "it cannot be checked; refusing to load it")
+        raise SlicedFolderError(
+            f"{folder}'s metadata records no size or checksum for {', '.join(unrecorded[:3])}: "
+            "it cannot be checked; refusing to load it"
+        )
     for name, want in recorded.items():
         path = folder / name
         if not path.is_file():
@@ -414,13 +437,16 @@ def _load_standard(folder: Path, meta: dict[str, Any], dtype: str | torch.dtype 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype) if dtype is not None else "auto")
     except (OSError, ValueError, KeyError) as exc:
-        raise SlicedFolderError(f"{folder} does not load as a standard checkpoint: {str(exc).strip().splitlines()[0]}") from exc
+        raise SlicedFolderError(
+            f"{folder} does not load as a standard checkpoint: {str(exc).strip().splitlines()[0]}"
+        ) from exc
     model.slicegpt_metadata = meta
     return model
 
 
-def _place(model: nn.Module, device: str | torch.device, device_map: str | dict[str, Any] | None,
-           no_split: list[str] | None) -> nn.Module:
+def _place(
+    model: nn.Module, device: str | torch.device, device_map: str | dict[str, Any] | None, no_split: list[str] | None
+) -> nn.Module:
     if device_map is not None:
         from accelerate import dispatch_model, infer_auto_device_map
 

@@ -55,8 +55,10 @@ def _check_version(meta: Any, where: Path) -> dict[str, Any]:
         raise SlicedFolderError(f"{where} holds no slicegpt metadata")
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise SlicedFolderError(f"{where} has no valid format_version ({version!r}: a whole number is expected); "
-                                "it is damaged or not slicegpt's")
+        raise SlicedFolderError(
+            f"{where} has no valid format_version ({version!r}: a whole number is expected); "
+            "it is damaged or not slicegpt's"
+        )
     if version > FORMAT_VERSION:
         raise SlicedFolderError(
             f"{where} was written in slicegpt format version {version}; this slicegpt reads up to {FORMAT_VERSION}: upgrade slicegpt"

@@ -35,7 +35,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -50,7 +50,19 @@ from .format import METADATA, read_metadata
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 #: Output types made by llama.cpp's own quantizer from an f16 export (its k-quant mixes and
 #: importance-free i-quants), through llama-cpp-python: ``pip install 'slicegpt[gguf-quant]'``.
-LLAMA_CPP_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
+LLAMA_CPP_TYPES = (
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "iq4_nl",
+    "iq4_xs",
+)
 OUTTYPES = DIRECT_TYPES + LLAMA_CPP_TYPES
 Dtype = str  # one of OUTTYPES
 
@@ -125,19 +137,26 @@ def check_exportable(config: dict[str, Any], folder: Path) -> ArchSpec:
             raise ExportError(
                 f"{folder} is a per-layer sliced folder: its layers need shortcut matrices that no standard runtime "
                 "(llama.cpp, GGUF) has; slice with --uniform, or a per-layer budget on MLP neurons alone (--axes mlp), "
-                "to get an exportable model")
+                "to get an exportable model"
+            )
         if config.get("model_type") not in PER_LAYER_TYPES:
-            raise ExportError(f"{folder} keeps a different MLP width per layer, which llama.cpp reads (its deci architecture) "
-                              f"for {', '.join(PER_LAYER_TYPES)} only, not {config.get('model_type')!r}; slice with --uniform "
-                              "to get an exportable model")
+            raise ExportError(
+                f"{folder} keeps a different MLP width per layer, which llama.cpp reads (its deci architecture) "
+                f"for {', '.join(PER_LAYER_TYPES)} only, not {config.get('model_type')!r}; slice with --uniform "
+                "to get an exportable model"
+            )
     model_type = config.get("model_type")
     spec = _spec(config)
     if spec is None or spec.gguf_arch is None:
-        raise ExportError(f"cannot export model_type {model_type!r} to GGUF; supported: {', '.join(exportable_model_types())}")
+        raise ExportError(
+            f"cannot export model_type {model_type!r} to GGUF; supported: {', '.join(exportable_model_types())}"
+        )
     if config.get("mlp_bias"):
         raise ExportError("cannot export a model with MLP biases (mlp_bias=true): llama.cpp's llama graph has none")
     if config.get("hidden_act", "silu") != "silu":
-        raise ExportError(f"cannot export hidden_act={config.get('hidden_act')!r}: llama.cpp's llama-family graphs use SiLU")
+        raise ExportError(
+            f"cannot export hidden_act={config.get('hidden_act')!r}: llama.cpp's llama-family graphs use SiLU"
+        )
     if meta is not None:
         # what load checks, export checks: sizes and sha256 of every weights file as saved
         verify_files(folder, meta)
@@ -162,6 +181,7 @@ class _Hparams:
     tied: bool
     vocab_size: int
     n_ff_layers: list[int] | None = None  # deci: each layer's MLP width
+
 
 def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     # transformers 5 keeps theta and scaling together in rope_parameters; older configs use
@@ -211,7 +231,9 @@ def _hparams(config: dict[str, Any], spec: ArchSpec, per_layer: list[int | None]
         # transformers' default for these families is untied when the key is absent
         tied=bool(config.get("tie_word_embeddings", False)),
         vocab_size=int(config["vocab_size"]),
-        n_ff_layers=None if per_layer is None else [int(config["intermediate_size"]) if k is None else int(k) for k in per_layer],
+        n_ff_layers=None
+        if per_layer is None
+        else [int(config["intermediate_size"]) if k is None else int(k) for k in per_layer],
     )
 
 
@@ -238,7 +260,9 @@ class _Weights:
         try:
             self._handles = {f: safe_open(str(f), framework="pt") for f in sorted(files)}
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
-            raise ExportError(f"cannot read the weights in {folder}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+            raise ExportError(
+                f"cannot read the weights in {folder}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            ) from None
         if not self._where:
             (only,) = self._handles.values()
             self._where = {k: single for k in only.keys()}
@@ -326,17 +350,31 @@ class _Item:
 def _qtype(outtype: str) -> Any:
     import gguf
 
-    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
-            "q5_0": gguf.GGMLQuantizationType.Q5_0, "q5_1": gguf.GGMLQuantizationType.Q5_1}[outtype]
+    return {
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q4_0": gguf.GGMLQuantizationType.Q4_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1,
+        "q5_0": gguf.GGMLQuantizationType.Q5_0,
+        "q5_1": gguf.GGMLQuantizationType.Q5_1,
+    }[outtype]
 
 
 def _file_type(outtype: str) -> Any:
     import gguf
 
-    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-            "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1}[outtype]
+    return {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+        "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+    }[outtype]
 
 
 def _llama3_rope_factors(hp: _Hparams) -> torch.Tensor:
@@ -419,8 +457,14 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
     rope_type = str(hp.rope.get("rope_type") or "default").lower()
     if rope_type == "llama3":
         factors = _llama3_rope_factors(hp)
-        items.append(_Item(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape),
-                           gguf.GGMLQuantizationType.F32, lambda: factors))
+        items.append(
+            _Item(
+                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                tuple(factors.shape),
+                gguf.GGMLQuantizationType.F32,
+                lambda: factors,
+            )
+        )
 
     # Tensor order: embeddings, then block by block, the rest last (cosmetic; readers look tensors up by name).
     def order(item: _Item) -> tuple[int, str]:
@@ -430,7 +474,17 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
     items.sort(key=order)
     got = {i.gguf_name for i in items}
     for bid in range(hp.n_layer):
-        for key in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
+        for key in (
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ):
             if f"blk.{bid}.{key}.weight" not in got:
                 raise ExportError(f"the checkpoint lacks the weights of blk.{bid}.{key} (layer {bid})")
     for key in ("token_embd.weight", "output_norm.weight"):
@@ -447,7 +501,9 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
 # what decides how text is split, and a folder converted from GGUF (like slicegpt's default model)
 # can differ from the hub tokenizer it came from.
 _LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _SPLIT_REGEXES = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
 
 
@@ -489,13 +545,17 @@ def _vocab(folder: Path, n_vocab: int) -> _Vocab:
     tj = _read_json(folder / "tokenizer.json")
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
-        raise ExportError(f"unsupported tokenizer model {model.get('type')!r} (tokenizer.json); only BPE vocabularies are exported")
+        raise ExportError(
+            f"unsupported tokenizer model {model.get('type')!r} (tokenizer.json); only BPE vocabularies are exported"
+        )
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = {a["id"]: a for a in tj.get("added_tokens") or []}
     for a in added.values():
         vocab[a["content"]] = a["id"]
     if max(vocab.values(), default=-1) >= n_vocab:
-        raise ExportError(f"the tokenizer has token ids up to {max(vocab.values())} but the model only {n_vocab} embeddings")
+        raise ExportError(
+            f"the tokenizer has token ids up to {max(vocab.values())} but the model only {n_vocab} embeddings"
+        )
     reverse = {i: t for t, i in vocab.items()}
     byte_fallback = bool(model.get("byte_fallback"))
 
@@ -535,7 +595,9 @@ def _vocab(folder: Path, n_vocab: int) -> _Vocab:
         if t != gguf.TokenType.NORMAL:
             scores[i] = 0.0
     text = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")])
-    add_space_prefix = '"Prepend"' in text or '"prepend_scheme": "first"' in text or '"prepend_scheme": "always"' in text
+    add_space_prefix = (
+        '"Prepend"' in text or '"prepend_scheme": "first"' in text or '"prepend_scheme": "always"' in text
+    )
     return _Vocab("llama", "default", tokens, types, scores, add_space_prefix)
 
 
@@ -560,8 +622,9 @@ def check_output_file(out: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def export_gguf(folder: str | Path, out: str | Path, *, outtype: str = "f16", overwrite: bool = False,
-                dtype: str | None = None) -> Path:
+def export_gguf(
+    folder: str | Path, out: str | Path, *, outtype: str = "f16", overwrite: bool = False, dtype: str | None = None
+) -> Path:
     """Write the standard HF Llama-family model in ``folder`` to the GGUF file ``out``; returns ``out``.
 
     ``outtype`` (llama.cpp's names, :data:`OUTTYPES`) is the type of the weight matrices
@@ -594,8 +657,10 @@ def llama_cpp_quantizer() -> Callable[[Path, Path, str], None]:
     try:
         import llama_cpp
     except ImportError:
-        raise ExportError("k-quant types (q4_k_m, q5_k_m, q6_k, ...) are made by llama.cpp's own quantizer: "
-                          "pip install 'slicegpt[gguf-quant]' (llama-cpp-python), or use q8_0, q5_0, q4_0 here") from None
+        raise ExportError(
+            "k-quant types (q4_k_m, q5_k_m, q6_k, ...) are made by llama.cpp's own quantizer: "
+            "pip install 'slicegpt[gguf-quant]' (llama-cpp-python), or use q8_0, q5_0, q4_0 here"
+        ) from None
 
     def quantize(source: Path, target: Path, outtype: str) -> None:
         import gguf
@@ -645,7 +710,9 @@ def _write_gguf(folder: Path, out: Path, outtype: str, file_type: str) -> None:
                     dt = np.float32 if item.qtype == gguf.GGMLQuantizationType.F32 else np.float16
                     writer.add_tensor_info(item.gguf_name, item.shape, np.dtype(dt), item.nbytes)
                 else:
-                    writer.add_tensor_info(item.gguf_name, item.byte_shape, np.dtype(np.uint8), item.nbytes, raw_dtype=item.qtype)
+                    writer.add_tensor_info(
+                        item.gguf_name, item.byte_shape, np.dtype(np.uint8), item.nbytes, raw_dtype=item.qtype
+                    )
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
@@ -667,7 +734,9 @@ def _context_length(hp: _Hparams, config: dict[str, Any]) -> int:
     return hp.n_ctx
 
 
-def _write_metadata(writer: Any, hp: _Hparams, folder: Path, config: dict[str, Any], vocab: _Vocab, n_vocab: int, dtype: Dtype) -> None:
+def _write_metadata(
+    writer: Any, hp: _Hparams, folder: Path, config: dict[str, Any], vocab: _Vocab, n_vocab: int, dtype: Dtype
+) -> None:
     import gguf
 
     # (GGUFWriter writes general.architecture itself.)
@@ -680,12 +749,16 @@ def _write_metadata(writer: Any, hp: _Hparams, folder: Path, config: dict[str, A
         settings = meta.get("settings") or {}
         widths = meta.get("widths") or {}
         before, after = meta.get("params_before"), meta.get("params_after")
-        method = (f"parameter budget {settings.get('target_params')}" if meta.get("target_params") else
-                  f"SliceGPT sparsity {settings.get('sparsity')}")
+        method = (
+            f"parameter budget {settings.get('target_params')}"
+            if meta.get("target_params")
+            else f"SliceGPT sparsity {settings.get('sparsity')}"
+        )
         writer.add_description(
             f"{source} compressed by slicegpt ({meta.get('mode')}, {method}): "
             + (f"{before / 1e6:.1f}M -> {after / 1e6:.1f}M parameters, " if before and after else "")
-            + f"hidden size {widths.get('hidden', hp.hidden)} -> {hp.hidden}, MLP width {hp.n_ff}")
+            + f"hidden size {widths.get('hidden', hp.hidden)} -> {hp.hidden}, MLP width {hp.n_ff}"
+        )
         # provenance, for whoever finds the file alone
         writer.add_string("slicegpt.version", str(meta.get("slicegpt_version")))
         writer.add_string("slicegpt.source_model", str(meta.get("source_model")))
@@ -696,8 +769,10 @@ def _write_metadata(writer: Any, hp: _Hparams, folder: Path, config: dict[str, A
             writer.add_uint64("slicegpt.params_before", int(before))
             writer.add_uint64("slicegpt.params_after", int(after))
         if meta.get("recovery"):
-            writer.add_string("slicegpt.recovery", json.dumps({k: v for k, v in meta["recovery"].items() if k != "curve"},
-                                                              sort_keys=True, default=str))
+            writer.add_string(
+                "slicegpt.recovery",
+                json.dumps({k: v for k, v in meta["recovery"].items() if k != "curve"}, sort_keys=True, default=str),
+            )
     writer.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if dtype == "f32" else "MOSTLY_" + dtype.upper()))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 

@@ -30,8 +30,21 @@ SINGLE = "model.safetensors"
 
 #: Bytes per element of each safetensors dtype code.
 DTYPE_BYTES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 #: The torch names of the floating codes (what --dtype and config.json call them).
 DTYPE_NAMES: dict[str, str] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -127,8 +140,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _gguf_refusal(name: str) -> PlanInputError:
-    return PlanInputError(f"{name} is a GGUF model: plan needs a safetensors model (config.json and .safetensors files or their "
-                          "index); convert it first (e.g. 'slicegpt export', or save it with transformers)")
+    return PlanInputError(
+        f"{name} is a GGUF model: plan needs a safetensors model (config.json and .safetensors files or their "
+        "index); convert it first (e.g. 'slicegpt export', or save it with transformers)"
+    )
 
 
 def read_local(folder: str | os.PathLike[str]) -> ModelFiles:
@@ -160,15 +175,22 @@ def read_local(folder: str | os.PathLike[str]) -> ModelFiles:
         # A config + index folder (no shards here): names and the total size only; shapes come
         # from the config's skeleton.
         total = data.get("metadata", {}).get("total_size")
-        return ModelFiles(name, config, None, int(total) if isinstance(total, (int, float)) else None,
-                          "shard index only (no shard files): shapes from config.json")
+        return ModelFiles(
+            name,
+            config,
+            None,
+            int(total) if isinstance(total, (int, float)) else None,
+            "shard index only (no shard files): shapes from config.json",
+        )
     files = sorted(path.glob("*.safetensors"))
     if files:
         return _from_headers(name, config, files, "safetensors header" if len(files) == 1 else "safetensors headers")
     if any(path.glob("*.gguf")):
         raise _gguf_refusal(name)
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
-        raise PlanInputError(f"cannot plan {name}: plan (like slice) needs safetensors weights, and the folder has only pickled ones")
+        raise PlanInputError(
+            f"cannot plan {name}: plan (like slice) needs safetensors weights, and the folder has only pickled ones"
+        )
     return ModelFiles(name, config, None, None, "config.json only: shapes from it, size on disk estimated")
 
 
@@ -205,13 +227,18 @@ def read_hub(repo: str) -> ModelFiles:
 def read_model_files(name_or_path: str | None) -> ModelFiles:
     """A local folder or a hub id, read without weights; the embedded default (None or its name)
     and a .gguf are read as the safetensors folder slice converts them into (cached)."""
-    if name_or_path is None or name_or_path == DEFAULT_MODEL_NAME or (
-            Path(name_or_path).exists() and find_gguf(Path(name_or_path)) is not None):
+    if (
+        name_or_path is None
+        or name_or_path == DEFAULT_MODEL_NAME
+        or (Path(name_or_path).exists() and find_gguf(Path(name_or_path)) is not None)
+    ):
         folder, display = resolve_model(name_or_path)
         files = read_local(Path(folder))
         return replace(files, name=display)
     path = Path(name_or_path)
-    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or path.suffix in (".gguf", ".safetensors") or path.exists()
+    looks_local = (
+        name_or_path.startswith(("/", "./", "../", "~")) or path.suffix in (".gguf", ".safetensors") or path.exists()
+    )
     if looks_local:
         return read_local(path.expanduser())
     if name_or_path.count("/") != 1:
@@ -251,5 +278,7 @@ def write_index_only_folder(folder: str | os.PathLike[str], config: Any, dtype: 
     for key, s in names:
         weight_map[key] = f"model-{s:05d}-of-{shard:05d}.safetensors"
     config.save_pretrained(folder)
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    (folder / INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
     return folder

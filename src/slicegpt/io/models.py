@@ -106,7 +106,9 @@ def converted_gguf(gguf: Path, name: str | None = None) -> Path:
 def tied_away(model: nn.Module, key: str) -> bool:
     """A key that is absent because it is tied to another tensor (the head to the embeddings)."""
     out = model.get_output_embeddings()
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None and key.endswith("lm_head.weight")
+    return (
+        bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None and key.endswith("lm_head.weight")
+    )
 
 
 def resolve_model(name_or_path: str | None) -> tuple[str, str]:
@@ -132,8 +134,10 @@ def tokenizer_failure(name: str | None, source: str | os.PathLike, exc: BaseExce
     """The one-line reason a tokenizer did not load: a folder without tokenizer files says so."""
     folder = Path(source)
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        return ModelLoadError(f"cannot load the tokenizer of {name}: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); "
-                              "copy the source model's tokenizer into it")
+        return ModelLoadError(
+            f"cannot load the tokenizer of {name}: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); "
+            "copy the source model's tokenizer into it"
+        )
     return ModelLoadError(f"cannot load the tokenizer of {name}: {first_line(exc)}")
 
 
@@ -153,8 +157,11 @@ def source_dtype(name_or_path: str | None) -> str:
 
     path = Path(name_or_path) if name_or_path is not None else None
     try:
-        found = default_model_gguf() if path is None or (name_or_path == DEFAULT_MODEL_NAME and not path.exists()) else (
-            find_gguf(path) if path.exists() else None)
+        found = (
+            default_model_gguf()
+            if path is None or (name_or_path == DEFAULT_MODEL_NAME and not path.exists())
+            else (find_gguf(path) if path.exists() else None)
+        )
     except ModelLoadError:
         found = None
     if found is not None:
@@ -225,7 +232,6 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-
     torch_dtype = parse_dtype(dtype)
     if name_or_path is not None and is_sliced_folder(name_or_path):
         model = load(name_or_path, dtype=torch_dtype, device=device)
@@ -234,6 +240,7 @@ def load_model(
     source, display = resolve_model(name_or_path)
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
         raise ModelLoadError(f"cannot load model {name_or_path}: no config.json or .gguf file there")
+
     def fail(exc: Exception) -> ModelLoadError:
         return ModelLoadError(f"cannot load model {name_or_path}: {first_line(exc)}")
 
@@ -249,21 +256,28 @@ def load_model(
         raise tokenizer_failure(name_or_path, source, exc) from exc
     try:
         # Only safetensors are read: a pickled checkpoint (pytorch_model.bin) can run code when loaded.
-        model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype, output_loading_info=True,
-                                                           use_safetensors=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=torch_dtype, output_loading_info=True, use_safetensors=True
+        )
     except Exception as exc:  # noqa: BLE001 - a truncated, reshaped or garbage checkpoint
         raise fail(exc) from exc
     # transformers initialises a missing tensor at random and only logs it: a model that silently
     # is not the checkpoint must not be sliced or evaluated.
     missing = [k for k in info.get("missing_keys", []) if not tied_away(model, k)]
     if missing:
-        raise ModelLoadError(f"cannot load model {name_or_path}: the checkpoint lacks {len(missing)} tensor(s): {', '.join(sorted(missing)[:3])}")
+        raise ModelLoadError(
+            f"cannot load model {name_or_path}: the checkpoint lacks {len(missing)} tensor(s): {', '.join(sorted(missing)[:3])}"
+        )
     rows = model.get_input_embeddings().weight.shape[0] if model.get_input_embeddings() is not None else None
     if rows is not None and len(tokenizer) > rows:
-        raise ModelLoadError(f"cannot load model {name_or_path}: its tokenizer has {len(tokenizer)} tokens but its embeddings only {rows} rows: "
-                             "they do not belong together")
+        raise ModelLoadError(
+            f"cannot load model {name_or_path}: its tokenizer has {len(tokenizer)} tokens but its embeddings only {rows} rows: "
+            "they do not belong together"
+        )
     if info.get("mismatched_keys"):
-        raise ModelLoadError(f"cannot load model {name_or_path}: tensors of the wrong shape: {', '.join(str(k[0] if isinstance(k, tuple) else k) for k in info['mismatched_keys'][:3])}")
+        raise ModelLoadError(
+            f"cannot load model {name_or_path}: tensors of the wrong shape: {', '.join(str(k[0] if isinstance(k, tuple) else k) for k in info['mismatched_keys'][:3])}"
+        )
     model.to(device)
     model.eval()
     return model, tokenizer, display

@@ -68,7 +68,9 @@ class Recipe:
 
         path = Path(folder) / RECIPE
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
-        path.write_text(f"# Remake this folder: slicegpt compress --recipe {RECIPE} --out DIR\n" + text, encoding="utf-8")
+        path.write_text(
+            f"# Remake this folder: slicegpt compress --recipe {RECIPE} --out DIR\n" + text, encoding="utf-8"
+        )
         return path
 
 
@@ -84,8 +86,10 @@ def _known(values: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise RecipeError(f"the recipe's {where} section names unknown settings: {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(names))})")
+        raise RecipeError(
+            f"the recipe's {where} section names unknown settings: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(names))})"
+        )
     return dict(values)
 
 
@@ -107,9 +111,15 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     unknown = sorted(set(raw) - {f.name for f in fields(Recipe)})
     if unknown:
         raise RecipeError(f"{path} names unknown sections: {', '.join(unknown)}")
-    recipe = Recipe(model=raw.get("model"), slice=raw.get("slice") or {}, save_dtype=str(raw.get("save_dtype") or "auto"),
-                    recover=raw.get("recover"), export=raw.get("export"), source_fingerprint=raw.get("source_fingerprint"),
-                    slicegpt_version=str(raw.get("slicegpt_version") or __version__))
+    recipe = Recipe(
+        model=raw.get("model"),
+        slice=raw.get("slice") or {},
+        save_dtype=str(raw.get("save_dtype") or "auto"),
+        recover=raw.get("recover"),
+        export=raw.get("export"),
+        source_fingerprint=raw.get("source_fingerprint"),
+        slicegpt_version=str(raw.get("slicegpt_version") or __version__),
+    )
     recipe.slice_config()  # every setting checked now, not after the slice
     recipe.recover_config()
     return recipe
@@ -123,5 +133,8 @@ def recipe_of(folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> 
     if meta is None or "settings" not in meta:
         return None
     names = {f.name for f in fields(SliceConfig)}
-    return Recipe(model=meta.get("source_model"), slice={k: v for k, v in meta["settings"].items() if k in names},
-                  source_fingerprint=meta.get("source_fingerprint"))
+    return Recipe(
+        model=meta.get("source_model"),
+        slice={k: v for k, v in meta["settings"].items() if k in names},
+        source_fingerprint=meta.get("source_fingerprint"),
+    )

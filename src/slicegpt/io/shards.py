@@ -36,9 +36,18 @@ INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 _DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 _COPY_CHUNK = 64 << 20
@@ -182,8 +191,13 @@ class ShardWriter:
     its data and the index, and returns the file names. Nothing is held in memory but the group.
     """
 
-    def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                 metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        metadata: dict[str, str] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.dtype = dtype  # floating tensors are written in this dtype (None: as they are)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -214,7 +228,11 @@ class ShardWriter:
                 fh.write(raw)
                 start = self.sizes[k]
                 self.sizes[k] += len(raw)
-                self.shards[k][name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [start, self.sizes[k]]}
+                self.shards[k][name] = {
+                    "dtype": _CODES[t.dtype],
+                    "shape": list(t.shape),
+                    "data_offsets": [start, self.sizes[k]],
+                }
                 self.written.add(name)
 
     def finish(self) -> list[str]:
@@ -270,7 +288,9 @@ def write_weights(writer: ShardWriter, model: nn.Module, state: dict[str, torch.
     spec = spec_for_config(model.config)
     state = dict(state)
     for index, block in enumerate(get_layers(model, spec)):
-        group = {k: state.pop(k) for k in layer_tensors(block, spec.layers, index) if k in state and k not in writer.written}
+        group = {
+            k: state.pop(k) for k in layer_tensors(block, spec.layers, index) if k in state and k not in writer.written
+        }
         if group:
             writer.add(group)
     rest = {k: v for k, v in state.items() if k not in writer.written}

@@ -60,8 +60,14 @@ def _stderr(message: str) -> None:
     log.info(message)
 
 
-def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Path, *,
-                      hashed: tuple[str, ...] = _HASHED, what: str = "the staging folder") -> None:
+def check_fingerprint(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    where: Path,
+    *,
+    hashed: tuple[str, ...] = _HASHED,
+    what: str = "the staging folder",
+) -> None:
     """Refuse the staged state of another run, naming what differs (one line).
 
     Entries are compared in the order the run names them; those in ``hashed`` are digests, so
@@ -77,8 +83,10 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Pat
     a, b = saved.get("settings", {}), current.get("settings", {})
     differ += [f"{k} ({a.get(k)!r} then, {b.get(k)!r} now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if differ:
-        raise ResumeError(f"{what} {where} is of another run: {', '.join(differ)} differ; "
-                          "drop --resume to start over, or use another --out")
+        raise ResumeError(
+            f"{what} {where} is of another run: {', '.join(differ)} differ; "
+            "drop --resume to start over, or use another --out"
+        )
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -92,7 +100,9 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise ResumeError(f"the staging folder {path.parent} lacks {path.name}: it was damaged; drop --resume to start over")
+        raise ResumeError(
+            f"the staging folder {path.parent} lacks {path.name}: it was damaged; drop --resume to start over"
+        )
     return {k: fresh(v) for k, v in load_file(str(path)).items()}
 
 
@@ -134,8 +144,9 @@ class SliceStaging:
     finished layer's tensors always): fewer writes, at most ``every - 1`` layers redone.
     """
 
-    def __init__(self, folder: str | os.PathLike, *, resume: bool = False, say: Callable[[str], None] = _stderr,
-                 every: int = 1) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, *, resume: bool = False, say: Callable[[str], None] = _stderr, every: int = 1
+    ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"--checkpoint-every must be a whole number of layers >= 1, not {every!r}")
         self.folder, self.resume, self.say, self.every = Path(folder), resume, say, every
@@ -147,7 +158,9 @@ class SliceStaging:
         identity = json.loads(json.dumps(identity, default=str))  # as it reads back from disk
         if not self.resume:
             if self.folder.exists():
-                self.say(f"note: {self.folder} holds the staging of an earlier run; replacing it (pass --resume to continue it instead)")
+                self.say(
+                    f"note: {self.folder} holds the staging of an earlier run; replacing it (pass --resume to continue it instead)"
+                )
             self._fresh(identity)
             return None
         saved = self._read_fingerprint()
@@ -158,23 +171,37 @@ class SliceStaging:
         then, now = saved.pop(NUMERICS, None), identity.pop(NUMERICS, None)
         check_fingerprint(saved, identity, self.folder)
         if then != now:
-            changed = ", ".join(f"{k} {(then or {}).get(k)!r} then, {(now or {}).get(k)!r} now" for k in sorted(set(then or {}) | set(now or {}))
-                                if (then or {}).get(k) != (now or {}).get(k))
-            self.say(f"note: resuming on other numerics ({changed}): the result is as good, but not bit for bit "
-                     "that of an uninterrupted run")
+            changed = ", ".join(
+                f"{k} {(then or {}).get(k)!r} then, {(now or {}).get(k)!r} now"
+                for k in sorted(set(then or {}) | set(now or {}))
+                if (then or {}).get(k) != (now or {}).get(k)
+            )
+            self.say(
+                f"note: resuming on other numerics ({changed}): the result is as good, but not bit for bit "
+                "that of an uninterrupted run"
+            )
         pooled = _read_tree(self.folder / POOLED) if (self.folder / POOLED).is_file() else None
         state = _read_tree(self.folder / STATE) if (self.folder / STATE).is_file() else None
         if pooled is None and state is None:
-            self.say(f"note: nothing to resume in {self.folder} (the earlier run stopped before its first checkpoint); "
-                     "starting from the beginning")
+            self.say(
+                f"note: nothing to resume in {self.folder} (the earlier run stopped before its first checkpoint); "
+                "starting from the beginning"
+            )
             return None
         restart = Restart(pooled=None if pooled is None else (pooled["evals"], pooled["q"]))
         if state is None:
             self.say(f"slicegpt: resuming after uniform mode's pooling walk, from {self.folder}")
             return restart
         k = int(state["next_layer"])
-        restart.state = LoopState(k, state["q_prev"], state["spectra"], state["refits"],
-                                  [LayerWidths(**w) for w in state["built"]], state["hidden"], state["reference"])
+        restart.state = LoopState(
+            k,
+            state["q_prev"],
+            state["spectra"],
+            state["refits"],
+            [LayerWidths(**w) for w in state["built"]],
+            state["hidden"],
+            state["reference"],
+        )
         restart.layers = StagedLayers(self.folder, k)
         restart.embeddings = _load_tensors(self.folder / EMBEDDINGS)
         self._embeddings_written = True

@@ -27,7 +27,9 @@ def _standard_config(model: nn.Module, spec: ArchSpec, d: int, meta_widths: dict
     config = copy.deepcopy(model.config)
     D = int(config.hidden_size)
     attn = getattr(get_layers(model, spec)[0], spec.attn)
-    head_dim = int(getattr(attn, "head_dim", None) or getattr(config, "head_dim", None) or D // config.num_attention_heads)
+    head_dim = int(
+        getattr(attn, "head_dim", None) or getattr(config, "head_dim", None) or D // config.num_attention_heads
+    )
     config.hidden_size = d
     config.head_dim = head_dim
     kept = {w.get("mlp") for w in meta_widths["layers"]} - {None}
@@ -55,7 +57,11 @@ def standard_state_dict(model: nn.Module, spec: ArchSpec, meta: dict[str, Any]) 
         if spec.mlp_norm is not None:
             state[f"{spec.layers}.{i}.{spec.mlp_norm}.weight"] = const.clone()
     final = get_path(model, spec.final_norm)
-    scale = final.weight.detach().to("cpu", torch.float64) if isinstance(final, ScaledRMSNorm) else torch.ones(d, dtype=torch.float64)
+    scale = (
+        final.weight.detach().to("cpu", torch.float64)
+        if isinstance(final, ScaledRMSNorm)
+        else torch.ones(d, dtype=torch.float64)
+    )
     # Families that scale embeddings by sqrt(hidden_size) (Gemma) compute that factor from the
     # config, which now says d: the table takes the difference, and a tied head, which would
     # take it too, gets it back from the final norm.
@@ -84,7 +90,15 @@ def export_standard(model: nn.Module, writer: ShardWriter, meta: dict[str, Any],
     meta["files"] = write_weights(writer, model, standard_state_dict(model, spec, meta))
     config.save_pretrained(out)
     # what the source's config said where this one differs (inspect builds the dense model from it)
-    source = {k: getattr(model.config, k) for k in ("hidden_size", "intermediate_size", spec.expert_width_key, "rms_norm_eps")
-              if getattr(model.config, k, None) is not None and getattr(model.config, k) != getattr(config, k, None)}
-    meta["standard_config"] = {"hidden_size": d, "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps, "source": source}
+    source = {
+        k: getattr(model.config, k)
+        for k in ("hidden_size", "intermediate_size", spec.expert_width_key, "rms_norm_eps")
+        if getattr(model.config, k, None) is not None and getattr(model.config, k) != getattr(config, k, None)
+    }
+    meta["standard_config"] = {
+        "hidden_size": d,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "source": source,
+    }
     write_companions(out, meta, model, tokenizer)

@@ -56,7 +56,9 @@ def local_folder(name_or_path: str | None) -> tuple[Path, str]:
         try:
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+            path = Path(
+                snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+            )
         except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated: one line
             raise ModelLoadError(f"cannot download {name_or_path}: {first_line(exc)}") from exc
     if not (path / "config.json").is_file():
@@ -84,7 +86,7 @@ class StreamingSource:
         by_layer: dict[int, list[str]] = {}
         for name in reader.names():
             if name.startswith(self.prefix + "."):
-                index = int(name[len(self.prefix) + 1:].split(".", 1)[0])
+                index = int(name[len(self.prefix) + 1 :].split(".", 1)[0])
                 by_layer.setdefault(index, []).append(name)
         self.names = by_layer
 
@@ -94,13 +96,16 @@ class StreamingSource:
         tensors = self.reader.read(self.names.get(index, []), self.dtype)
         for name, t in tensors.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise StreamingError(f"the source weight {name} holds NaN or Inf: the model is damaged; nothing was written")
+                raise StreamingError(
+                    f"the source weight {name} holds NaN or Inf: the model is damaged; nothing was written"
+                )
         layer = copy.deepcopy(self.templates[index])
         try:
-            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True, assign=True)
+            layer.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=True, assign=True)
         except RuntimeError as exc:
-            raise StreamingError(f"layer {index} of {self.reader.folder} does not fit the model's config: "
-                                 f"{first_line(exc)}") from None
+            raise StreamingError(
+                f"layer {index} of {self.reader.folder} does not fit the model's config: {first_line(exc)}"
+            ) from None
         for p in layer.parameters():
             p.requires_grad_(False)
         return layer.eval()  # (the templates were copied from a skeleton built in training mode: dropout)
@@ -152,18 +157,24 @@ def _outside_by_transformers(folder: Path, config: Any, dtype: torch.dtype, spec
     config.num_hidden_layers = 0
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = []
-    small, info = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True,
-                                                       output_loading_info=True)
+    small, info = AutoModelForCausalLM.from_pretrained(
+        folder, config=config, dtype=dtype, use_safetensors=True, output_loading_info=True
+    )
     # transformers fills a tensor the checkpoint lacks at random and only logs it: refused here,
     # as the in-memory loader does (the embeddings, the final norm or an untied head).
-    missing = sorted(k for k in info.get("missing_keys", []) if not k.startswith(spec.layers + ".") and not tied_away(small, k))
+    missing = sorted(
+        k for k in info.get("missing_keys", []) if not k.startswith(spec.layers + ".") and not tied_away(small, k)
+    )
     if missing:
-        raise ModelLoadError(f"cannot load model {folder}: the checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:3])}")
+        raise ModelLoadError(
+            f"cannot load model {folder}: the checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:3])}"
+        )
     return {k: v.detach().clone() for k, v in small.state_dict().items() if not k.startswith(spec.layers + ".")}
 
 
-def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float32",
-                  require: bool = False) -> tuple[nn.Module, Any, str, StreamingSource] | None:
+def open_streamed(
+    name_or_path: str | None, *, dtype: str | torch.dtype = "float32", require: bool = False
+) -> tuple[nn.Module, Any, str, StreamingSource] | None:
     """(skeleton model, tokenizer, display name, its :class:`StreamingSource`) for a safetensors model.
 
     The skeleton's decoder layers hold meta tensors; everything else is read. Returns None when
@@ -197,8 +208,10 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
     want = model.state_dict()
     odd = next((n for n, e in reader.entries.items() if n in want and tuple(want[n].shape) != e.shape), None)
     if odd is not None:
-        raise ModelLoadError(f"cannot load model {name_or_path}: tensor {odd} has shape {list(reader.entries[odd].shape)} in "
-                             f"the checkpoint, the config says {list(want[odd].shape)}")
+        raise ModelLoadError(
+            f"cannot load model {name_or_path}: tensor {odd} has shape {list(reader.entries[odd].shape)} in "
+            f"the checkpoint, the config says {list(want[odd].shape)}"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - any failure to read the files is the user's to fix
@@ -215,8 +228,10 @@ def open_streamed(name_or_path: str | None, *, dtype: str | torch.dtype = "float
         head.weight = emb.weight
     rows = emb.weight.shape[0]
     if len(tokenizer) > rows:
-        raise ModelLoadError(f"cannot load model {name_or_path}: its tokenizer has {len(tokenizer)} tokens but its embeddings only "
-                             f"{rows} rows: they do not belong together")
+        raise ModelLoadError(
+            f"cannot load model {name_or_path}: its tokenizer has {len(tokenizer)} tokens but its embeddings only "
+            f"{rows} rows: they do not belong together"
+        )
     left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(spec.layers + ".")]
     if left:
         raise StreamingError(f"{folder} lacks tensors: {', '.join(left[:3])}")
@@ -237,7 +252,9 @@ def want_stream(mode: str, reasons: dict[str, bool]) -> bool:
     if mode == "off":
         return False
     if blocking and mode == "on":
-        raise ValueError(f"--stream on cannot be combined with {', '.join(blocking)} (they need the whole model in memory)")
+        raise ValueError(
+            f"--stream on cannot be combined with {', '.join(blocking)} (they need the whole model in memory)"
+        )
     return not blocking
 
 
@@ -249,12 +266,22 @@ class DiscardSink:
         block.to("meta")
 
 
-def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: SliceConfig | None = None, *,
-                   overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
-                   opened: tuple[nn.Module, Any, str, StreamingSource] | None = None,
-                   activations: Callable[[], Any] = list, reduce: Reduction | None = None,
-                   checkpoint: Checkpoint | None = None, source: tuple[str, str | None] | None = None,
-                   save_dtype: str | torch.dtype | None = None, extra: Callable[[Path], None] | None = None) -> SliceReport:
+def slice_streamed(
+    name_or_path: str | None,
+    out: str | os.PathLike,
+    config: SliceConfig | None = None,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+    opened: tuple[nn.Module, Any, str, StreamingSource] | None = None,
+    activations: Callable[[], Any] = list,
+    reduce: Reduction | None = None,
+    checkpoint: Checkpoint | None = None,
+    source: tuple[str, str | None] | None = None,
+    save_dtype: str | torch.dtype | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> SliceReport:
     """Slice a safetensors model into ``out`` without ever holding its layers together.
 
     The Python form of ``slicegpt slice MODEL --stream on``: the layers are read, sliced and
@@ -276,13 +303,27 @@ def slice_streamed(name_or_path: str | None, out: str | os.PathLike, config: Sli
     recorded, fingerprint = source or source_identity(name_or_path)
     # The output is never larger than the source: checked before any work, not at layer 60 of 80.
     out.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(out.parent, sum(e.end - e.start for e in reader_source.reader.entries.values()), f"slicing into {out}")
+    check_free_space(
+        out.parent, sum(e.end - e.start for e in reader_source.reader.entries.values()), f"slicing into {out}"
+    )
     writer = staging_writer(out, max_shard_size, dtype=save_dtype)
     try:
-        report = slice_model(model, tokenizer, config.calib, config, source_model=recorded, source_fingerprint=fingerprint,
-                             progress=progress,
-                             streams=Streams(source=reader_source, sink=StreamingSink(writer), activations=activations,
-                                             reduce=reduce or LocalReduction(), checkpoint=checkpoint or NoCheckpoint()))
+        report = slice_model(
+            model,
+            tokenizer,
+            config.calib,
+            config,
+            source_model=recorded,
+            source_fingerprint=fingerprint,
+            progress=progress,
+            streams=Streams(
+                source=reader_source,
+                sink=StreamingSink(writer),
+                activations=activations,
+                reduce=reduce or LocalReduction(),
+                checkpoint=checkpoint or NoCheckpoint(),
+            ),
+        )
         save(model, out, tokenizer=tokenizer, overwrite=overwrite, report=report, shards=writer, extra=extra)
     except BaseException:
         shutil.rmtree(writer.folder, ignore_errors=True)

@@ -89,8 +89,10 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a failed write
         tmp.unlink(missing_ok=True)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OSError(f"cannot write {path}: {reason} (is the disk full?); what was staged before is kept: "
-                      "free space and rerun with --resume") from exc
+        raise OSError(
+            f"cannot write {path}: {reason} (is the disk full?); what was staged before is kept: "
+            "free space and rerun with --resume"
+        ) from exc
 
 
 def load_tree(path: str | os.PathLike) -> Any:

@@ -78,8 +78,12 @@ def _vocab_size(model: nn.Module) -> int:
     return int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) at ``temperature``, times temperature^2.
 
     Both [B, T, V]; computed in float32 whatever the autocast dtype. ``mask`` [B, T] (bool):
@@ -116,7 +120,9 @@ class RowOrder:
     def __getitem__(self, i: int) -> int:
         epoch, pos = divmod(i, self.n)
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))}
+            self._perms = {
+                epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+            }
         return int(self._perms[epoch][pos])
 
 
@@ -150,8 +156,14 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, batch_size: int,
-             mask: torch.Tensor | None = None) -> float:
+def mean_nll(
+    model: nn.Module,
+    ids: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    mask: torch.Tensor | None = None,
+) -> float:
     """Mean next-token NLL over the rows ``ids`` [N, T] (the tokens ``mask`` counts; the model put in eval mode)."""
     model.eval()
     total, count = 0.0, 0
@@ -171,7 +183,9 @@ def _average(ranks: TorchDistributedReduction, params: dict[str, nn.Parameter], 
     everything flattened (a parameter with no gradient on every process, being the same model, is skipped alike)."""
     grads = [p.grad for p in params.values() if p.grad is not None]
     dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads))  # float32 weights: float32 gradients
-    flat = torch.cat([g.reshape(-1).to(dtype) for g in grads] + [torch.tensor([loss], dtype=dtype, device=grads[0].device)])
+    flat = torch.cat(
+        [g.reshape(-1).to(dtype) for g in grads] + [torch.tensor([loss], dtype=dtype, device=grads[0].device)]
+    )
     ranks.sum_([flat])
     flat /= ranks.processes
     offset = 0
@@ -235,15 +249,26 @@ def recover(
     amp = parse_dtype(config.dtype)
     spec = spec_for_config(student.config)
     seqlen = clip_seqlen(student, config.seqlen)
-    train, val = rows or training_rows(teacher, tokenizer, config.data, seqlen=seqlen, val_rows=config.val_rows,
-                                       seed=config.seed, bos=bos_for(student, tokenizer), rows_needed=config.rows_needed(),
-                                       assistant_only=config.assistant_only(is_conversations(config.data)), device=config.device,
-                                       progress=progress)
+    train, val = rows or training_rows(
+        teacher,
+        tokenizer,
+        config.data,
+        seqlen=seqlen,
+        val_rows=config.val_rows,
+        seed=config.seed,
+        bos=bos_for(student, tokenizer),
+        rows_needed=config.rows_needed(),
+        assistant_only=config.assistant_only(is_conversations(config.data)),
+        device=config.device,
+        progress=progress,
+    )
     state_dir = Path(state_dir) if state_dir is not None else None
     print_ = tqdm.write if progress else (lambda *_: None)
     world, rank = (1, 0) if ranks is None else (ranks.processes, ranks.rank)
     if config.batch_size % world:
-        raise ValueError(f"--batch-size {config.batch_size} is not a multiple of the {world} processes (each takes an equal share of every batch)")
+        raise ValueError(
+            f"--batch-size {config.batch_size} is not a multiple of the {world} processes (each takes an equal share of every batch)"
+        )
 
     # Seeded inside a forked RNG: adapters' initialisation and dropout are reproducible, and the
     # caller's global RNG is left as it was.
@@ -270,8 +295,12 @@ def recover(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.warmup, total))
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
-        fp = fingerprint(getattr(student, "slicegpt_metadata", None) or student.config.to_dict(), teacher_name if loss_kind == "kd" else None,
-                         {**config.to_dict(), "loss": loss_kind}, train.input_ids)
+        fp = fingerprint(
+            getattr(student, "slicegpt_metadata", None) or student.config.to_dict(),
+            teacher_name if loss_kind == "kd" else None,
+            {**config.to_dict(), "loss": loss_kind},
+            train.input_ids,
+        )
         step, tokens, seconds = 0, 0, 0.0
         curve: list[dict[str, float]] = []
         best: tuple[float, int | None] = (math.inf, None)
@@ -307,11 +336,16 @@ def recover(
         def validate(at: int) -> bool:
             """Append a point to the curve; True when early stopping says stop."""
             nonlocal best, best_state, bad
-            point = {"step": at, "tokens": tokens,
-                     "val_ppl": math.exp(mean_nll(model, val.input_ids, device, amp, config.batch_size, val.loss_mask))}
+            point = {
+                "step": at,
+                "tokens": tokens,
+                "val_ppl": math.exp(mean_nll(model, val.input_ids, device, amp, config.batch_size, val.loss_mask)),
+            }
             if eval_ids is not None:
                 ev = eval_ids if isinstance(eval_ids, Rows) else Rows(eval_ids)
-                point["eval_ppl"] = math.exp(mean_nll(model, ev.input_ids, device, amp, config.batch_size, ev.loss_mask))
+                point["eval_ppl"] = math.exp(
+                    mean_nll(model, ev.input_ids, device, amp, config.batch_size, ev.loss_mask)
+                )
             curve.append(point)
             if point["val_ppl"] < best[0]:
                 best, bad = (point["val_ppl"], at), 0
@@ -319,7 +353,10 @@ def recover(
                     best_state = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
             else:
                 bad += 1
-            print_(f"step {at}: validation perplexity {point['val_ppl']:.3f}" + (f", {label(config.eval_data or '')} {point['eval_ppl']:.3f}" if "eval_ppl" in point else ""))
+            print_(
+                f"step {at}: validation perplexity {point['val_ppl']:.3f}"
+                + (f", {label(config.eval_data or '')} {point['eval_ppl']:.3f}" if "eval_ppl" in point else "")
+            )
             return config.early_stop_patience is not None and bad >= config.early_stop_patience
 
         def numerical_stop(what: str, at: int) -> TrainingError:
@@ -329,19 +366,33 @@ def recover(
         def checkpoint() -> None:
             if state_dir is None:
                 return
-            save_state(state_dir, {
-                "fingerprint": fp, "step": step, "tokens": tokens, "seconds": seconds,
-                "trainable": {n: p.detach().to("cpu") for n, p in params.items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": torch.get_rng_state(), "curve": curve, "best_val": best[0], "best_step": best[1], "bad": bad,
-                "best_state": best_state,
-            })
+            save_state(
+                state_dir,
+                {
+                    "fingerprint": fp,
+                    "step": step,
+                    "tokens": tokens,
+                    "seconds": seconds,
+                    "trainable": {n: p.detach().to("cpu") for n, p in params.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "curve": curve,
+                    "best_val": best[0],
+                    "best_step": best[1],
+                    "bad": bad,
+                    "best_state": best_state,
+                },
+            )
 
         if step == 0 and not curve:
             validate(0)
         stopped_early = False
         done_here = 0
-        bar = tqdm(total=total, initial=step, desc=f"recover ({loss_kind}, {config.train})", unit="step", disable=not progress)
+        bar = tqdm(
+            total=total, initial=step, desc=f"recover ({loss_kind}, {config.train})", unit="step", disable=not progress
+        )
         while step < total and not stopped_early:
             if stop_after is not None and done_here >= stop_after:
                 break
@@ -403,10 +454,19 @@ def recover(
         model.eval()
 
     report = RecoveryReport(
-        loss=loss_kind, train=config.train, data=label(config.data), teacher=teacher_name if loss_kind == "kd" else None,
-        steps=step, tokens=tokens, seconds=seconds, trainable_parameters=sum(p.numel() for p in params.values()),
-        settings=config.to_dict(), curve=curve, best_step=best[1] if best_state is not None else None,
-        stopped_early=stopped_early, resumed_at_step=resumed_at,
+        loss=loss_kind,
+        train=config.train,
+        data=label(config.data),
+        teacher=teacher_name if loss_kind == "kd" else None,
+        steps=step,
+        tokens=tokens,
+        seconds=seconds,
+        trainable_parameters=sum(p.numel() for p in params.values()),
+        settings=config.to_dict(),
+        curve=curve,
+        best_step=best[1] if best_state is not None else None,
+        stopped_early=stopped_early,
+        resumed_at_step=resumed_at,
         data_sha256=hashlib.sha256(train.input_ids.numpy().tobytes()).hexdigest(),
     )
     model.slicegpt_recovery = report

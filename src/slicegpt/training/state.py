@@ -37,7 +37,9 @@ def digest(data: Any) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def fingerprint(student_meta: Any, teacher: str | None, settings: dict[str, Any], train_ids: torch.Tensor) -> dict[str, Any]:
+def fingerprint(
+    student_meta: Any, teacher: str | None, settings: dict[str, Any], train_ids: torch.Tensor
+) -> dict[str, Any]:
     """What must match for a checkpoint to continue this run."""
     return {
         "the student model": digest(student_meta),
