@@ -20,7 +20,7 @@ Methods:
 Results: a markdown table on stdout, every job in benchmarks/results/budget_smollm2.json (a job
 already there is not run again unless --rerun). --add-tasks measures only the zero-shot accuracy of
 a run already there (dense, or the folder of --load) and adds it to that run.
-"""
+"""  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
 
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def _key(r: dict) -> tuple:
 def table(rows: list[dict]) -> str:
     denses = [r for r in rows if r["method"] == "dense"]
     out = [
-        "| method | mode | target | parameters | residual width | MLP neurons | wiki ppl (rows) | x dense | books ppl (rows) | x dense | zero-shot avg | slicing s |",
+        "| method | mode | target | parameters | residual width | MLP neurons | wiki ppl (rows) | x dense | books "
+        "ppl (rows) | x dense | zero-shot avg | slicing s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -136,9 +137,10 @@ def table(rows: list[dict]) -> str:
         wx, bx = r["wiki"] / wiki_dense, r["books"] / books_dense
         out.append(
             f"| {r['method']}{' ' + json.dumps(r['budget_args']) if r.get('budget_args') else ''} | {r['mode']} | "
-            f"{r['target'] if r['target'] else ''} | {r['params'] / 1e6:.2f}M | {a.get('residual_width', r.get('hidden', 576))} | "
-            f"{a.get('mlp_neurons') or r.get('intermediate', 1536)} | {r['wiki']:.2f} ({r['wiki_rows']}) | {wx:.2f} | {r['books']:.2f} ({r['books_rows']}) | "
-            f"{bx:.2f} | {'' if avg is None else f'{100 * avg:.1f}'} | {r.get('slicing_seconds', 0):.0f} |"
+            f"{r['target'] if r['target'] else ''} | {r['params'] / 1e6:.2f}M | "
+            f"{a.get('residual_width', r.get('hidden', 576))} | {a.get('mlp_neurons') or r.get('intermediate', 1536)} "
+            f"| {r['wiki']:.2f} ({r['wiki_rows']}) | {wx:.2f} | {r['books']:.2f} ({r['books_rows']}) | {bx:.2f} | "
+            f"{'' if avg is None else f'{100 * avg:.1f}'} | {r.get('slicing_seconds', 0):.0f} |"
         )
     return "\n".join(out)
 
@@ -267,7 +269,8 @@ def main() -> None:
         if args.add_tasks:
             if not done:
                 raise SystemExit(
-                    f"--add-tasks: no run in {out_path} to add tasks to for {job['method']} {job['mode']} {job['target']}"
+                    f"--add-tasks: no run in {out_path} to add tasks to for {job['method']} {job['mode']} "
+                    f"{job['target']}"
                 )
             if job["method"] != "dense" and not (job.get("load") and done[-1].get("load") == job["load"]):
                 raise SystemExit(

@@ -14,7 +14,7 @@ measure on data none of it was calibrated on: the chat job on --chat-n held-out 
 system-prompt echo shares), perplexity on the 'wiki' evaluation part (--wiki-rows rows of 1024;
 all by default) and on 'lambada' novels (--books-rows rows), and with --tasks zero-shot accuracy.
 Results: a markdown table on stdout, every job in --out (a job already there is skipped unless --rerun).
-"""
+"""  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
 
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ def one_run(job: dict) -> dict:
 def table(rows: list[dict]) -> str:
     dense = {r.get("model"): r for r in rows if r["method"] == "dense"}
     out = [
-        "| run | parameters | top-1 agreement | answer ppl | loops (dense) | echoes | wiki ppl | x dense | lambada ppl | x dense | zero-shot |",
+        "| run | parameters | top-1 agreement | answer ppl | loops (dense) | echoes | wiki ppl | x dense | lambada "
+        "ppl | x dense | zero-shot |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -116,9 +117,10 @@ def table(rows: list[dict]) -> str:
         bx = r["books"] / d["books"] if d else float("nan")
         avg = (r.get("tasks") or {}).get("average")
         out.append(
-            f"| {r['name']} | {r['params'] / 1e6:.2f}M | {100 * c['top1_agreement']:.1f}% | {c['answer_perplexity']:.2f} | "
-            f"{100 * c['model']['loops']:.0f}% ({100 * c['source']['loops']:.0f}%) | {100 * c['model']['echoes']:.0f}% | "
-            f"{r['wiki']:.2f} | {wx:.2f} | {r['books']:.2f} | {bx:.2f} | {'' if avg is None else f'{100 * avg:.1f}'} |"
+            f"| {r['name']} | {r['params'] / 1e6:.2f}M | {100 * c['top1_agreement']:.1f}% | "
+            f"{c['answer_perplexity']:.2f} | {100 * c['model']['loops']:.0f}% ({100 * c['source']['loops']:.0f}%) | "
+            f"{100 * c['model']['echoes']:.0f}% | {r['wiki']:.2f} | {wx:.2f} | {r['books']:.2f} | {bx:.2f} | "
+            f"{'' if avg is None else f'{100 * avg:.1f}'} |"
         )
     return "\n".join(out)
 

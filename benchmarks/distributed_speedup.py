@@ -13,7 +13,7 @@ the two saved models' logits on a probe (largest difference relative to the larg
 
 Results: a markdown table on stdout and JSON in benchmarks/results/distributed_speedup.json
 (--out; --tiny writes distributed_speedup_tiny.json unless --out is given).
-"""
+"""  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
 
 from __future__ import annotations
 

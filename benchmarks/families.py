@@ -115,17 +115,17 @@ def _settings(args: argparse.Namespace, sparsity: float) -> dict:
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| model | type | mode | sparsity | width | perplexity | parameters | share removed | layers' params | layers' share removed "
-        "| post-norm proj. | slicing s | eval rows |",
+        "| model | type | mode | sparsity | width | perplexity | parameters | share removed | layers' params | "
+        "layers' share removed | post-norm proj. | slicing s | eval rows |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         post = r.get("post_norm_params")
         out.append(
-            f"| {r['model']} | {r['model_type']} | {r.get('mode', 'per-layer')} | {r['sparsity']:.2f} | {r['width']} | {r['perplexity']:.2f} | "
-            f"{r['params'] / 1e6:.1f}M | {100 * r['share_removed']:.1f}% | {r['block_params'] / 1e6:.1f}M | "
-            f"{100 * (1 - r['block_params'] / r['block_params_dense']):.1f}% | {'' if not post else f'{post / 1e6:.2f}M'} | "
-            f"{r.get('slicing_seconds', 0):.0f} | {r['eval_rows']} |"
+            f"| {r['model']} | {r['model_type']} | {r.get('mode', 'per-layer')} | {r['sparsity']:.2f} | {r['width']} "
+            f"| {r['perplexity']:.2f} | {r['params'] / 1e6:.1f}M | {100 * r['share_removed']:.1f}% | "
+            f"{r['block_params'] / 1e6:.1f}M | {100 * (1 - r['block_params'] / r['block_params_dense']):.1f}% | "
+            f"{'' if not post else f'{post / 1e6:.2f}M'} | {r.get('slicing_seconds', 0):.0f} | {r['eval_rows']} |"
         )
     return "\n".join(out)
 

@@ -109,7 +109,8 @@ def main() -> None:
         )
         print(
             f"| {name} | {dense or ''} | {cell('dense', 'row-major', dense)} | {cell('dense', 'input-major', dense)} "
-            f"| {sliced} | {cell('sliced', 'row-major', sliced)} | {cell('sliced', 'input-major', sliced)} | {ratios} |",
+            f"| {sliced} | {cell('sliced', 'row-major', sliced)} | {cell('sliced', 'input-major', sliced)} "
+            f"| {ratios} |",
             flush=True,
         )
     out = Path(args.out)

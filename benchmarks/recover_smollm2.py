@@ -230,7 +230,10 @@ def main() -> None:
             curves,
             RESULTS / "recover_smollm2_curves.png",
             dense=(results["models"].get("dense") or {}).get("wiki_8x512"),
-            title="SmolLM2-135M-Instruct at 75% of its parameters: recovery\n(first 8 'wiki' evaluation rows of 512 tokens)",
+            title=(
+                "SmolLM2-135M-Instruct at 75% of its parameters: recovery\n(first 8 'wiki' evaluation rows of 512 "
+                "tokens)"
+            ),
         )
 
 
@@ -238,7 +241,8 @@ def print_table(results: dict) -> None:
     models = results["models"]
     dense = models.get("dense")
     print(
-        "| model | parameters | tokens trained | wiki ppl (x dense) | lambada ppl (x dense) | zero-shot avg (% of dense) |"
+        "| model | parameters | tokens trained | wiki ppl (x dense) | lambada ppl (x dense) | zero-shot avg (% of "
+        "dense) |"
     )
     print("|---|---:|---:|---:|---:|---:|")
     for name, m in models.items():
@@ -252,7 +256,8 @@ def print_table(results: dict) -> None:
         )
         tokens = f"{m['recovery']['tokens']:,}" if "recovery" in m else ""
         print(
-            f"| {name} | {m['params'] / 1e6:.2f}M | {tokens} | {m['wiki']:.2f}{rel('wiki')} | {m['books']:.2f}{rel('books')} | {zs} |"
+            f"| {name} | {m['params'] / 1e6:.2f}M | {tokens} | {m['wiki']:.2f}{rel('wiki')} | "
+            f"{m['books']:.2f}{rel('books')} | {zs} |"
         )
 
 

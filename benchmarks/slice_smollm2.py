@@ -85,14 +85,15 @@ def one_run(
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| mode | sparsity | width | perplexity (eval rows) | first 40 rows | parameters | share removed | slicing s | slicing / dense fwd | peak RSS GB |",
+        "| mode | sparsity | width | perplexity (eval rows) | first 40 rows | parameters | share removed | slicing s "
+        "| slicing / dense fwd | peak RSS GB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
-            f"| {r['mode']} | {r['sparsity']:.2f} | {r.get('width', 576)} | {r['perplexity']:.2f} ({r.get('eval_rows', '?')}) | "
-            f"{r.get('perplexity_first40', float('nan')):.2f} | {r['params'] / 1e6:.1f}M | "
-            f"{100 * r['share_removed']:.1f}% | {r.get('slicing_seconds', 0):.0f} | "
+            f"| {r['mode']} | {r['sparsity']:.2f} | {r.get('width', 576)} | {r['perplexity']:.2f} "
+            f"({r.get('eval_rows', '?')}) | {r.get('perplexity_first40', float('nan')):.2f} | "
+            f"{r['params'] / 1e6:.1f}M | {100 * r['share_removed']:.1f}% | {r.get('slicing_seconds', 0):.0f} | "
             f"{r.get('slicing_over_dense_forward', float('nan')):.2f} | {r['peak_rss_gb']:.2f} |"
         )
     return "\n".join(out)

@@ -50,7 +50,8 @@ def verdicts(result: dict) -> dict:
 
 def summary(runs: list[dict]) -> str:
     lines = [
-        "| slice | layout | batch | metric | dense | sliced | measured ratio | FLOPs-predicted | measured / predicted |",
+        "| slice | layout | batch | metric | dense | sliced | measured ratio | FLOPs-predicted | measured / "
+        "predicted |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for run in runs:

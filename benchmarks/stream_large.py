@@ -192,7 +192,8 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"model: {args.layers} layers x {args.hidden}, {size / 1e9:.2f} GB in float32; calibration activations {acts / 1e6:.0f} MB"
+        f"model: {args.layers} layers x {args.hidden}, {size / 1e9:.2f} GB in float32; calibration activations "
+        f"{acts / 1e6:.0f} MB"
     )
     print("| slicing | peak host RSS | share of the model | peak device | seconds |")
     print("|---|---:|---:|---:|---:|")
@@ -201,10 +202,12 @@ def main() -> None:
             r = runs[key]
             device = f"{r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else "(host)"
             print(
-                f"| {label} | {r['peak_rss_gb']:.2f} GB | {r['peak_rss_gb'] * 1e9 / size:.0%} | {device} | {r['seconds']:.0f} |"
+                f"| {label} | {r['peak_rss_gb']:.2f} GB | {r['peak_rss_gb'] * 1e9 / size:.0%} | {device} | "
+                f"{r['seconds']:.0f} |"
             )
     print(
-        f"outputs byte-identical: {same}; bound (25% of the model + activations): {result['bound_25pct_plus_activations_gb']:.2f} GB"
+        f"outputs byte-identical: {same}; bound (25% of the model + activations): "
+        f"{result['bound_25pct_plus_activations_gb']:.2f} GB"
     )
 
 

@@ -602,7 +602,8 @@ def test_only_safetensors_are_read_and_state_files_are_not_pickles(tmp_path: Pat
         str(tmp_path / "o"),
     )
     _one_line_error(code, err, "cannot load model")
-    # Checkpoint state (optimiser states keyed by int, tuples, inf, views of one tensor) round-trips through safetensors.
+    # Checkpoint state (optimiser states keyed by int, tuples, inf, views of one tensor) round-trips through
+    # safetensors.
     base = torch.arange(6.0)
     tree = {
         "state": {0: {"step": torch.tensor(3.0), "m": base.view(2, 3)}, 1: {"m": base[:2]}},

@@ -58,7 +58,9 @@ def test_per_layer_folder_loads_with_auto_class_and_device_map(tmp_path: Path) -
         x = torch.tensor(%s)
         with torch.inference_mode():
             logits = m(input_ids=x, use_cache=False).logits
-            gen = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0)
+            gen = m.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0
+            )
         torch.save({"logits": logits, "gen": gen, "map": dict(m.hf_device_map)}, sys.argv[2])
         """
         % json.dumps(PROMPT)
@@ -96,7 +98,9 @@ def test_uniform_is_a_standard_checkpoint_without_slicegpt(family: str, tmp_path
         x = torch.tensor(%s)
         with torch.inference_mode():
             logits = m(input_ids=x, use_cache=False).logits
-            gen = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0)
+            gen = m.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0
+            )
         cfg = m.config
         torch.save({"logits": logits, "gen": gen, "hidden": cfg.hidden_size, "head_dim": cfg.head_dim,
                     "tied": m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()}, sys.argv[2])

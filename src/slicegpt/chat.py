@@ -148,8 +148,8 @@ class Packed:
         if not self.truncated:
             return None
         return (
-            f"note: {self.truncated} of {self.conversations} conversations in {what} are longer than a row and were cut "
-            "to it (raise --seqlen to keep them whole)"
+            f"note: {self.truncated} of {self.conversations} conversations in {what} are longer than a row and were "
+            "cut to it (raise --seqlen to keep them whole)"
         )
 
 

@@ -165,7 +165,8 @@ def hf_text(name: str, split: Split) -> str:
             ds = datasets.load_dataset(name, split=hf_split)
     except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
         raise DataError(
-            f"cannot load data set {name!r} split {hf_split!r}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            f"cannot load data set {name!r} split {hf_split!r}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         ) from exc
     return _join([_record_text(r) for r in ds])
 
@@ -208,7 +209,8 @@ def load_text(source: str | os.PathLike, split: Split) -> str:
         text = file_text(Path(source))
     else:
         raise DataError(
-            f"unknown text source {source!r}: use 'wiki', 'wikitext2', 'lambada' (evaluation only), 'hf:NAME', or a .txt/.jsonl file"
+            f"unknown text source {source!r}: use 'wiki', 'wikitext2', 'lambada' (evaluation only), 'hf:NAME', or a "
+            ".txt/.jsonl file"
         )
     if not text.strip():
         raise DataError(f"text source {label(source)!r} is empty")

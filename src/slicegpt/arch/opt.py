@@ -16,7 +16,8 @@ from . import ArchSpec, UnsupportedModelError, register
 def _check(config: Any) -> None:
     if not getattr(config, "do_layer_norm_before", True):
         raise UnsupportedModelError(
-            "OPT with do_layer_norm_before=False (post-norm, e.g. opt-350m) cannot be sliced: its norms sit on the residual stream"
+            "OPT with do_layer_norm_before=False (post-norm, e.g. opt-350m) cannot be sliced: its norms sit on the "
+            "residual stream"
         )
     if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
         raise UnsupportedModelError(

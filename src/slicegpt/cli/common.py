@@ -150,9 +150,9 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
         "--calib",
         default=d.calib,
         help="calibration data: 'wiki' (built-in, offline), 'wikitext2' (hub, train split), "
-        "a .txt/.jsonl text file, a .jsonl of conversations ('messages' records, rendered through the chat template and "
-        "packed whole), 'self' (the model's own answers to the built-in training prompts, generated once and cached), "
-        "or a mix such as 'wiki+self' (equal shares of the rows)",
+        "a .txt/.jsonl text file, a .jsonl of conversations ('messages' records, rendered through the chat template "
+        "and packed whole), 'self' (the model's own answers to the built-in training prompts, generated once and "
+        "cached), or a mix such as 'wiki+self' (equal shares of the rows)",
     )
     p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration rows")
     p.add_argument(
@@ -170,9 +170,10 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
         default=d.device_map,
         metavar="MAP",
         help="spread the model over several devices of this process "
-        "when it does not fit one: 'auto' (every CUDA device) or a list such as 'cuda:0,cuda:1' (layers split evenly, in "
-        "order). Each layer is calibrated and sliced on its device and stays there, calibration activations travel to it "
-        "from the host, and slice --ppl runs the model across the devices. Slices in memory (no streaming)",
+        "when it does not fit one: 'auto' (every CUDA device) or a list such as 'cuda:0,cuda:1' (layers split "
+        "evenly, in order). Each layer is calibrated and sliced on its device and stays there, calibration "
+        "activations travel to it from the host, and slice --ppl runs the model across the devices. Slices in memory "
+        "(no streaming)",
     )
     p.add_argument(
         "--dtype",
@@ -193,8 +194,8 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
         const=True,
         default=d.uniform,
         help="one rotation for the whole network: no "
-        "shortcut matrices; a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp load; "
-        "implies slicing the head (the default with a parameter target)",
+        "shortcut matrices; a standard checkpoint (smaller hidden_size) that plain transformers, vLLM and llama.cpp "
+        "load; implies slicing the head (the default with a parameter target)",
     )
     p.add_argument(
         "--per-layer",
@@ -202,43 +203,64 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
         action="store_const",
         const=False,
         help="a rotation and width per layer (the "
-        "default with --sparsity; with a parameter target: each layer keeps the MLP neurons its error asks for, the best "
-        "quality measured, loaded through slicegpt or transformers with trust_remote_code)",
+        "default with --sparsity; with a parameter target: each layer keeps the MLP neurons its error asks for, the "
+        "best quality measured, loaded through slicegpt or transformers with trust_remote_code)",
     )
     p.add_argument(
         "--axes",
         default=d.axes,
-        help="with a parameter target: where to spend it, comma-separated: 'residual' (the stream's width: SliceGPT as in the paper), 'mlp' (MLP neurons, chosen greedily, down projection refit; in MoE models each routed expert's own)",
+        help=(
+            "with a parameter target: where to spend it, comma-separated: 'residual' (the stream's width: SliceGPT as "
+            "in the paper), 'mlp' (MLP neurons, chosen greedily, down projection refit; in MoE models each routed "
+            "expert's own)"
+        ),
     )
     p.add_argument(
         "--residual-share",
         type=float,
         default=d.residual_share,
-        help="with both axes: the share of the parameters to remove that the residual width takes (default: the best measured split)",
+        help=(
+            "with both axes: the share of the parameters to remove that the residual width takes (default: the best "
+            "measured split)"
+        ),
     )
     p.add_argument(
         "--correct",
         action=argparse.BooleanOptionalAction,
         default=d.correct,
-        help="closed-form corrections: refit every attention and MLP output projection so the stream matches the dense model's (ridge chosen on held-out calibration rows); default: on with --target-params, off with --sparsity",
+        help=(
+            "closed-form corrections: refit every attention and MLP output projection so the stream matches the dense "
+            "model's (ridge chosen on held-out calibration rows); default: on with --target-params, off with "
+            "--sparsity"
+        ),
     )
     p.add_argument(
         "--search",
         action="store_true",
         default=d.search,
-        help="with a parameter target: measure the split between the axes on held-out calibration rows (one compression per candidate) instead of the default",
+        help=(
+            "with a parameter target: measure the split between the axes on held-out calibration rows (one "
+            "compression per candidate) instead of the default"
+        ),
     )
     p.add_argument(
         "--spread-neurons",
         action=argparse.BooleanOptionalAction,
         default=d.spread_neurons,
-        help="per-layer mode with a parameter target spent on MLP neurons: give each layer the neurons its error asks for (the same total, or more where rounding to one shared count left some budget; one more layer-by-layer pass over 8 calibration rows); --no-spread-neurons keeps the same count in every layer",
+        help=(
+            "per-layer mode with a parameter target spent on MLP neurons: give each layer the neurons its error asks "
+            "for (the same total, or more where rounding to one shared count left some budget; one more "
+            "layer-by-layer pass over 8 calibration rows); --no-spread-neurons keeps the same count in every layer"
+        ),
     )
     p.add_argument(
         "--verify",
         action=argparse.BooleanOptionalAction,
         default=d.verify,
-        help="before slicing, check on the first calibration row that the model made invariant computes what it did (refuses a family described wrongly)",
+        help=(
+            "before slicing, check on the first calibration row that the model made invariant computes what it did "
+            "(refuses a family described wrongly)"
+        ),
     )
     p.add_argument(
         "--pca-signal",
@@ -310,7 +332,8 @@ def print_samples(
     free = available_bytes()
     if free is not None and 2 * 4 * params > free:
         print(
-            "note: no sample answers: the source and the result would not fit this host's memory together (--no-samples)"
+            "note: no sample answers: the source and the result would not fit this host's memory together "
+            "(--no-samples)"
         )
         return
     src = source if isinstance(source, nn.Module) else load_model(source)[0]

@@ -95,8 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="ROWS",
         help="end with a before/after table: perplexity on ROWS rows "
-        "of 1024 tokens of 'wiki' (the built-in evaluation part) and of 'lambada' (novels), and decoding speed at batch 1, "
-        "for the source and the result side by side (added to the model card); 0: parameters and file sizes only",
+        "of 1024 tokens of 'wiki' (the built-in evaluation part) and of 'lambada' (novels), and decoding speed at "
+        "batch 1, for the source and the result side by side (added to the model card); 0: parameters and file sizes "
+        "only",
     )
 
 

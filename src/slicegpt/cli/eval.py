@@ -47,7 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tasks",
         default=None,
-        help="zero-shot tasks through lm-eval, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge (needs the 'eval' extra)",
+        help=(
+            "zero-shot tasks through lm-eval, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge "
+            "(needs the 'eval' extra)"
+        ),
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per task item (the paper uses 0)")
@@ -96,7 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.device_map,
         metavar="MAP",
         help="run a model too large for one device over several: "
-        "'auto' (every CUDA device) or a list such as 'cuda:0,cuda:1' (layers split evenly, in order); instead of --device",
+        "'auto' (every CUDA device) or a list such as 'cuda:0,cuda:1' (layers split evenly, in order); instead of "
+        "--device",
     )
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype to run the model in")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
@@ -166,7 +170,10 @@ def run(args: argparse.Namespace) -> int:
             max_rows=args.max_rows,
         )
         result["perplexities"][data] = res.to_dict()
-        line = f"{result['model']}: perplexity {res.perplexity:.3f} on {res.source} ({res.rows} rows x {res.seqlen} tokens, {res.tokens} predictions)"
+        line = (
+            f"{result['model']}: perplexity {res.perplexity:.3f} on {res.source} ({res.rows} rows x {res.seqlen} "
+            f"tokens, {res.tokens} predictions)"
+        )
         if source is not None:
             base = perplexity(
                 source,

@@ -61,7 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tflops",
         type=float,
         default=None,
-        help="sustained TFLOP/s in the model's dtype (default by device kind: cpu 0.2, cuda 100 in bf16/fp16, 20 in fp32)",
+        help=(
+            "sustained TFLOP/s in the model's dtype (default by device kind: cpu 0.2, cuda 100 in bf16/fp16, 20 in "
+            "fp32)"
+        ),
     )
     p.add_argument(
         "--fp64-tflops",

@@ -1,4 +1,5 @@
-"""``slicegpt recover``: train a sliced folder back toward the dense model (distillation or LM loss; all weights or LoRA)."""
+"""``slicegpt recover``: train a sliced folder back toward the dense model (distillation or LM loss;
+all weights or LoRA)."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=D.data,
         help="training data: 'wiki' (built-in, its calibration part), 'wikitext2' (hub, train split), "
         "'hf:NAME' (a datasets data set, e.g. hf:tatsu-lab/alpaca), a .txt/.jsonl text file, a .jsonl of conversations "
-        "('messages' records, rendered through the chat template), 'self' (the dense model's own answers to the built-in "
-        "training prompts, generated and cached), or a mix such as 'wiki+self' (equal shares)",
+        "('messages' records, rendered through the chat template), 'self' (the dense model's own answers to the "
+        "built-in training prompts, generated and cached), or a mix such as 'wiki+self' (equal shares)",
     )
     p.add_argument(
         "--loss-on",
@@ -118,7 +119,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--eval-data",
         default=D.eval_data,
         metavar="DATA",
-        help="also measure perplexity on DATA's evaluation part every --eval-every steps (for the curve only; must not overlap the training text)",
+        help=(
+            "also measure perplexity on DATA's evaluation part every --eval-every steps (for the curve only; must not "
+            "overlap the training text)"
+        ),
     )
     p.add_argument("--eval-max-rows", type=int, default=D.eval_max_rows, help="rows of --eval-data measured each time")
     p.add_argument("--eval-every", type=int, default=D.eval_every, help="validate every N steps")
@@ -230,7 +234,8 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
         shared = shared_documents(text, eval_text) if text is not None and eval_text is not None else 0
         if shared:
             raise DataError(
-                f"{shared} documents of --eval-data {label(config.eval_data)} are also in the training text {label(part)}"
+                f"{shared} documents of --eval-data {label(config.eval_data)} are also in the training text "
+                f"{label(part)}"
             )
     uses_self = any(is_self(p) for p in parts(config.data))
     wants_teacher = config.loss != "lm" or uses_self  # 'self' data: the dense model answers the prompts
@@ -319,8 +324,9 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
     result: dict[str, Any] = {"folder": str(folder), "out": str(out), "source_model": source, **report.summary()}
     result.update(peak_memory(config.device))
     print(
-        f"{out}: {report.loss}/{report.train}, {report.steps} steps, {report.tokens:,} tokens in {report.seconds:.0f} s "
-        f"({report.tokens_per_second:.0f} tokens/s); validation perplexity {first['val_ppl']:.3f} -> {last['val_ppl']:.3f}"
+        f"{out}: {report.loss}/{report.train}, {report.steps} steps, {report.tokens:,} tokens in {report.seconds:.0f} "
+        f"s ({report.tokens_per_second:.0f} tokens/s); validation perplexity {first['val_ppl']:.3f} -> "
+        f"{last['val_ppl']:.3f}"
         + (
             f"; {label(config.eval_data)} {first['eval_ppl']:.3f} -> {last['eval_ppl']:.3f}"
             if "eval_ppl" in last

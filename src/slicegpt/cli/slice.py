@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="parameters kept: a count (100.9M, 1.2B) "
         "or a fraction of the model as shipped (0.75), tied weights counted once; the saved model never exceeds it. "
-        f"Spent as --axes says. With neither this nor --sparsity: {DEFAULT_TARGET} (the budget method, a standard checkpoint)",
+        f"Spent as --axes says. With neither this nor --sparsity: {DEFAULT_TARGET} (the budget method, a standard "
+        "checkpoint)",
     )
     size.add_argument(
         "--sparsity",
@@ -101,11 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=streaming.STREAM_MODES,
         default="auto",
         help="read the model's layers from its safetensors files one "
-        "at a time and write each finished layer to the output shards, so host memory holds one layer, the embeddings and "
-        "the calibration activations, never the whole model; the output is the same, byte for byte, as in memory. "
-        "auto: stream whenever the model comes as safetensors (a GGUF is converted first) and nothing needs the whole "
-        "model (--ppl, --search); checkpoints whose experts transformers fuses while loading (MoE families) are "
-        "sliced in memory, with a note. --resume works either way",
+        "at a time and write each finished layer to the output shards, so host memory holds one layer, the "
+        "embeddings and the calibration activations, never the whole model; the output is the same, byte for byte, "
+        "as in memory. auto: stream whenever the model comes as safetensors (a GGUF is converted first) and nothing "
+        "needs the whole model (--ppl, --search); checkpoints whose experts transformers fuses while loading (MoE "
+        "families) are sliced in memory, with a note. --resume works either way",
     )
     p.add_argument(
         "--max-shard-size",

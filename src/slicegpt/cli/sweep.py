@@ -37,14 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--targets",
         default=None,
-        help="parameter targets instead of sparsities: comma-separated fractions of the parameters as shipped, e.g. 1,0.8,0.75,0.7 (1 is the dense model); the budget is spent as --axes says",
+        help=(
+            "parameter targets instead of sparsities: comma-separated fractions of the parameters as shipped, e.g. "
+            "1,0.8,0.75,0.7 (1 is the dense model); the budget is spent as --axes says"
+        ),
     )
     add_slice_config_arguments(p)
     p.add_argument(
         "--ppl",
         default="wiki",
         metavar="DATA",
-        help="perplexity data ('wiki', 'wikitext2', a .txt/.jsonl file; evaluation part), or 'none' (then --tasks is needed)",
+        help=(
+            "perplexity data ('wiki', 'wikitext2', a .txt/.jsonl file; evaluation part), or 'none' (then --tasks is "
+            "needed)"
+        ),
     )
     p.add_argument(
         "--eval-seqlen",
@@ -57,7 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tasks",
         default=None,
-        help="zero-shot lm-eval tasks, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge (needs the 'eval' extra)",
+        help=(
+            "zero-shot lm-eval tasks, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge (needs "
+            "the 'eval' extra)"
+        ),
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per task item (the paper uses 0)")

@@ -189,9 +189,10 @@ def greedy_order(
 
     Works on moments only: C = E[h^T h] ([n, n]) and the target's cross moment B ([n, D]):
     B = C W_ref^T when the target is the layer's own unpruned output (``cross`` None), or
-    E[h^T t] for another target t (the dense model's). With the partial Cholesky factor L of C on the chosen neurons, the residual cross
-    moment R = B - L (L_S:)^T-part and the Schur complements s_j = C_jj - ||L_j||^2, adding
-    neuron j lowers the error by ||R_j||^2 / s_j; the best is kept and R, s are updated.
+    E[h^T t] for another target t (the dense model's). With the partial Cholesky factor L of C on
+    the chosen neurons, the residual cross moment R = B - L (L_S:)^T-part and the Schur complements
+    s_j = C_jj - ||L_j||^2, adding neuron j lowers the error by ||R_j||^2 / s_j; the best is kept
+    and R, s are updated.
     """
     cov = cov.to(torch.float64)
     n = cov.shape[0]

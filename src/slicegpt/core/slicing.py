@@ -491,13 +491,14 @@ def slice_model(
     half = next(model.parameters()).dtype
     if half in (torch.float16, torch.bfloat16) and rows is not None:
         log.info(
-            f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 covariances, "
-            "and the PCA, rotations and refits run in float64"
+            f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 "
+            "covariances, and the PCA, rotations and refits run in float64"
         )
     if rows is not None and rows.tokens < hidden_size(model):
         log.warning(
             f"warning: {rows.tokens} calibration tokens for a hidden width of {hidden_size(model)}: the covariance is "
-            "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones (--seqlen)"
+            "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones "
+            "(--seqlen)"
         )
 
     probe = rows.input_ids[:1, :32] if rows is not None and config.verify else None
@@ -684,7 +685,8 @@ def _verify(model: nn.Module, probe: torch.Tensor, before: torch.Tensor, spec: A
     if not diff <= VERIFY_TOLERANCE.get(dtype, 2e-3):  # also catches NaN
         raise NumericalError(
             f"made invariant, this {spec.name} model no longer computes what it did (largest relative logit "
-            f"difference {diff:.2e}): its family's spec does not fit it; nothing was sliced (--no-verify skips this check)"
+            f"difference {diff:.2e}): its family's spec does not fit it; nothing was sliced (--no-verify skips this "
+            "check)"
         )
     return diff
 

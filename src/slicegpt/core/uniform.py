@@ -34,8 +34,8 @@ def check_supported(config: Any, spec: ArchSpec) -> None:
         )
     if spec.topology != "sequential" or not _has_head_dim(config):
         raise UnsupportedModelError(
-            f"--uniform cannot export {name}: its config has no separate head_dim, so a smaller hidden_size would shrink "
-            "the attention heads; use per-layer slicing"
+            f"--uniform cannot export {name}: its config has no separate head_dim, so a smaller hidden_size would "
+            "shrink the attention heads; use per-layer slicing"
         )
 
 

@@ -323,8 +323,10 @@ def format_chat(result: ChatResult, name: str = "model") -> str:
         "",
         f"| | source ({result.source_model}) | {name} |",
         "|---|---:|---:|",
-        f"| top-1 agreement with the source's answers | {100 * result.source_top1_agreement:.1f}% | {100 * result.top1_agreement:.1f}% |",
-        f"| perplexity of the source's answers | {result.source_answer_perplexity:.2f} | {result.answer_perplexity:.2f} |",
+        f"| top-1 agreement with the source's answers | {100 * result.source_top1_agreement:.1f}% | "
+        f"{100 * result.top1_agreement:.1f}% |",
+        f"| perplexity of the source's answers | {result.source_answer_perplexity:.2f} | "
+        f"{result.answer_perplexity:.2f} |",
         f"| answers that loop | {100 * s.loops:.1f}% | {100 * m.loops:.1f}% |",
         f"| answers that echo the system prompt | {100 * s.echoes:.1f}% | {100 * m.echoes:.1f}% |",
         f"| mean answer length (tokens) | {s.mean_tokens:.1f} | {m.mean_tokens:.1f} |",
@@ -332,7 +334,8 @@ def format_chat(result: ChatResult, name: str = "model") -> str:
     ]
     if result.pass_at_1 is not None:
         lines.append(
-            f"| code that passes its tests (pass@1) | {100 * (result.source_pass_at_1 or 0):.1f}% | {100 * result.pass_at_1:.1f}% |"
+            f"| code that passes its tests (pass@1) | {100 * (result.source_pass_at_1 or 0):.1f}% | "
+            f"{100 * result.pass_at_1:.1f}% |"
         )
     for ex in result.examples:
         lines += [

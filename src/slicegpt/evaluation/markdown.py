@@ -79,7 +79,8 @@ def format_slice_table(r: dict[str, Any]) -> str:
     if "dense_perplexity" in r:
         d, s = r["dense_perplexity"], r["sliced_perplexity"]
         lines.append(
-            f"| perplexity ({d['source']}, {d['rows']} x {d['seqlen']} tokens) | {d['perplexity']:.2f} | {s['perplexity']:.2f} |"
+            f"| perplexity ({d['source']}, {d['rows']} x {d['seqlen']} tokens) | {d['perplexity']:.2f} | "
+            f"{s['perplexity']:.2f} |"
         )
     lines.append(f"| slicing time | | {r['slicing_seconds']:.1f} s |")
     lines.append(f"| wall time (whole run) | | {r['wall_seconds']:.1f} s |")
@@ -108,14 +109,16 @@ def format_sweep_markdown(results: Mapping[str, Any]) -> str:
     st = results.get("settings", {})
     lines = [f"# SliceGPT sweep: {results.get('model')}", ""]
     lines.append(
-        f"calibration: {st.get('calib')}, {st.get('nsamples')} rows x {st.get('seqlen')} tokens, seed {st.get('seed')}, "
-        f"PCA of the {st.get('pca_signal')} signal, {'uniform' if st.get('uniform') else 'per-layer'} rotation, "
-        f"widths rounded to {st.get('round_to')}{', head sliced' if st.get('slice_head') else ''}; dtype {st.get('dtype')}."
+        f"calibration: {st.get('calib')}, {st.get('nsamples')} rows x {st.get('seqlen')} tokens, seed "
+        f"{st.get('seed')}, PCA of the {st.get('pca_signal')} signal, "
+        f"{'uniform' if st.get('uniform') else 'per-layer'} rotation, widths rounded to "
+        f"{st.get('round_to')}{', head sliced' if st.get('slice_head') else ''}; dtype {st.get('dtype')}."
     )
     detail = next((r["perplexity_details"] for r in runs if r.get("perplexity_details")), None)
     if detail:
         lines.append(
-            f"perplexity: {detail['source']}, {detail['rows']} rows x {detail['seqlen']} tokens ({detail['tokens']} predictions)."
+            f"perplexity: {detail['source']}, {detail['rows']} rows x {detail['seqlen']} tokens ({detail['tokens']} "
+            "predictions)."
         )
     if tasks:
         limit = ev.get("limit")
@@ -151,10 +154,10 @@ def format_sweep_markdown(results: Mapping[str, Any]) -> str:
     if negative:
         lines += [
             "",
-            f"note: at {', '.join(sparsity_label(r['sparsity']) for r in negative)} the sliced model has MORE parameters "
-            "than the one shipped. Slicing unties tied embeddings and head (the two see different bases) and adds a "
-            "shortcut matrix per residual connection; for small models with large vocabularies that costs more than "
-            "slicing saves at low sparsity.",
+            f"note: at {', '.join(sparsity_label(r['sparsity']) for r in negative)} the sliced model has MORE "
+            "parameters than the one shipped. Slicing unties tied embeddings and head (the two see different bases) "
+            "and adds a shortcut matrix per residual connection; for small models with large vocabularies that costs "
+            "more than slicing saves at low sparsity.",
         ]
     if results.get("plots"):
         lines += ["", "plots: " + ", ".join(f"[{p}]({p})" for p in results["plots"])]
@@ -182,15 +185,17 @@ def format_inspect(info: Mapping[str, Any]) -> str:
         f"hidden width {info['hidden']}; embedding width {info['embedding_width']}; head reads {info['head_width']}. "
         f"FLOPs per token at a context of {info['seq_len']} tokens.",
         "",
-        "| layer | d_in | d_mid | d_out | MLP neurons | shortcuts | variance kept mid / out | params | dense params | FLOPs/token | dense FLOPs/token |",
+        "| layer | d_in | d_mid | d_out | MLP neurons | shortcuts | variance kept mid / out | params | dense params "
+        "| FLOPs/token | dense FLOPs/token |",
         "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for l in info["layers"]:
         shortcuts = "+".join(n for n, on in (("attn", l["attn_shortcut"]), ("mlp", l["mlp_shortcut"])) if on) or "none"
         kept = f"{pct(l['variance_kept_mid'])} / {pct(l['variance_kept_out'])}"
         lines.append(
-            f"| {l['layer']} | {l['d_in']} | {l['d_mid']} | {l['d_out']} | {l.get('mlp_neurons') or 'all'} | {shortcuts} | {kept} | "
-            f"{fmt_count(l['params'])} | {fmt_count(l['params_dense'])} | {fmt_count(l['flops'])} | {fmt_count(l['flops_dense'])} |"
+            f"| {l['layer']} | {l['d_in']} | {l['d_mid']} | {l['d_out']} | {l.get('mlp_neurons') or 'all'} | "
+            f"{shortcuts} | {kept} | {fmt_count(l['params'])} | {fmt_count(l['params_dense'])} | "
+            f"{fmt_count(l['flops'])} | {fmt_count(l['flops_dense'])} |"
         )
     r = info["rest"]
     lines.append(
@@ -203,8 +208,10 @@ def format_inspect(info: Mapping[str, Any]) -> str:
     )
     lines += [
         "",
-        f"parameters: {info['params']:,} sliced vs {info['params_dense']:,} dense: {pct(info['share_params_removed'])} removed",
-        f"FLOPs per token: {info['flops']:,.0f} sliced vs {info['flops_dense']:,.0f} dense: {pct(info['share_flops_removed'])} removed",
+        f"parameters: {info['params']:,} sliced vs {info['params_dense']:,} dense: "
+        f"{pct(info['share_params_removed'])} removed",
+        f"FLOPs per token: {info['flops']:,.0f} sliced vs {info['flops_dense']:,.0f} dense: "
+        f"{pct(info['share_flops_removed'])} removed",
     ]
     after = info.get("params_after_recorded")
     if after is not None and after != info["params"]:

@@ -680,7 +680,8 @@ def format_plan(plan: Plan) -> str:
         "",
         f"widths: residual {plan.residual_width} of {plan.shape.hidden}"
         + (
-            f", MLP neurons {plan.mlp_neurons} of {plan.shape.intermediate}{' per expert' if plan.shape.experts > 1 else ''}"
+            f", MLP neurons {plan.mlp_neurons} of "
+            f"{plan.shape.intermediate}{' per expert' if plan.shape.experts > 1 else ''}"
             if plan.mlp_neurons is not None
             else ""
         ),
@@ -691,7 +692,8 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.nproc > 1:
         lines.append(
-            f"| host, {plan.nproc} processes | {_gb(m.host_in_memory * plan.nproc)} | {_gb(m.host_streaming * plan.nproc)} |"
+            f"| host, {plan.nproc} processes | {_gb(m.host_in_memory * plan.nproc)} | "
+            f"{_gb(m.host_streaming * plan.nproc)} |"
         )
     device = "on the host" if m.device_is_host else _gb(m.device_peak)
     lines += [
@@ -702,7 +704,8 @@ def format_plan(plan: Plan) -> str:
         f"host terms: baseline {_gb(m.baseline)}, model {_gb(m.model)} | non-layer {_gb(m.non_layer)} + 3 layers "
         f"{_gb(m.layers)}, float64 workspace {_gb(m.fp64_workspace)}, activations {_gb(m.activations)}, "
         f"call arguments {_gb(m.call_arguments)}",
-        f"device terms: layer {_gb(m.device_layer)}, float64 D x D {_gb(m.device_fp64_squares)}, batch {_gb(m.device_batch)}"
+        f"device terms: layer {_gb(m.device_layer)}, float64 D x D {_gb(m.device_fp64_squares)}, batch "
+        f"{_gb(m.device_batch)}"
         + (f", moments {_gb(m.device_moments)}" if m.device_moments else "")
         + (f", sliced layers kept {_gb(m.device_kept)}" if m.device_kept else ""),
         "",
@@ -714,7 +717,8 @@ def format_plan(plan: Plan) -> str:
         f"| float64 statistics ({_flop(t.statistics_flops)} at {plan.throughput.fp64_tflops:g} TFLOP/s"
         + (f" / {plan.nproc}" if plan.nproc > 1 else "")
         + f") | {t.statistics / 60:,.1f} |",
-        f"| eigendecompositions ({plan.workload.eigh_points(plan.shape.points_per_layer, plan.shape.layers)}) | {t.eigh / 60:,.1f} |",
+        f"| eigendecompositions ({plan.workload.eigh_points(plan.shape.points_per_layer, plan.shape.layers)}) | "
+        f"{t.eigh / 60:,.1f} |",
     ]
     if t.solve_flops:
         lines.append(f"| refit solves / neuron choice | {t.solves / 60:,.1f} |")

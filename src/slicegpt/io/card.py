@@ -91,12 +91,13 @@ def _what(meta: dict[str, Any]) -> list[str]:
         )
     else:
         out.append(
-            f"- **Method**: SliceGPT (Ashkboos et al., ICLR 2024), {meta.get('mode')}, sparsity {settings.get('sparsity')}."
+            f"- **Method**: SliceGPT (Ashkboos et al., ICLR 2024), {meta.get('mode')}, sparsity "
+            f"{settings.get('sparsity')}."
         )
     if before and after:
         out.append(
-            f"- **Parameters**: {before / 1e6:.2f}M as shipped -> {after / 1e6:.2f}M ({100 * (1 - after / before):.1f}% removed; "
-            "tied weights counted once)."
+            f"- **Parameters**: {before / 1e6:.2f}M as shipped -> {after / 1e6:.2f}M "
+            f"({100 * (1 - after / before):.1f}% removed; tied weights counted once)."
         )
     neurons = (meta.get("allocation") or {}).get("mlp_neurons_per_layer")
     out.append(
@@ -109,15 +110,15 @@ def _what(meta: dict[str, Any]) -> list[str]:
         + "."
     )
     out.append(
-        f"- **Calibration**: `{settings.get('calib')}`, {settings.get('nsamples')} rows of {settings.get('seqlen')} tokens "
-        f"({meta.get('calibration_tokens'):,} tokens, sha256 `{str(meta.get('calibration_sha256'))[:16]}`)."
+        f"- **Calibration**: `{settings.get('calib')}`, {settings.get('nsamples')} rows of {settings.get('seqlen')} "
+        f"tokens ({meta.get('calibration_tokens'):,} tokens, sha256 `{str(meta.get('calibration_sha256'))[:16]}`)."
     )
     rec = meta.get("recovery")
     if rec:
         s = rec.get("settings") or {}
         out.append(
-            f"- **Recovery**: {rec.get('loss')} loss, {rec.get('train')} weights, {rec.get('tokens'):,} tokens of `{rec.get('data')}` "
-            f"({rec.get('steps')} steps, {rec.get('seconds', 0) / 60:.0f} min)"
+            f"- **Recovery**: {rec.get('loss')} loss, {rec.get('train')} weights, {rec.get('tokens'):,} tokens of "
+            f"`{rec.get('data')}` ({rec.get('steps')} steps, {rec.get('seconds', 0) / 60:.0f} min)"
             + (f", teacher `{rec.get('teacher')}`" if rec.get("teacher") else "")
             + (f", training data sha256 `{rec['data_sha256'][:16]}`" if rec.get("data_sha256") else "")
             + (f"; loss on {s.get('loss_on')} tokens" if s.get("loss_on") not in (None, "auto") else "")
@@ -175,8 +176,8 @@ def write_card(folder: str | os.PathLike, meta: dict[str, Any], *, results: dict
             "",
             f"# {name}",
             "",
-            f"`{Path(str(source)).name}` compressed after training by slicegpt: rows and columns of its weights deleted after a "
-            "rotation by the principal components of its activations (SliceGPT)"
+            f"`{Path(str(source)).name}` compressed after training by slicegpt: rows and columns of its weights "
+            "deleted after a rotation by the principal components of its activations (SliceGPT)"
             + (", MLP neurons pruned with closed-form corrections" if meta.get("target_params") else "")
             + ", so that it is smaller and faster with no special kernels.",
             "",

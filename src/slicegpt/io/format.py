@@ -61,7 +61,8 @@ def _check_version(meta: Any, where: Path) -> dict[str, Any]:
         )
     if version > FORMAT_VERSION:
         raise SlicedFolderError(
-            f"{where} was written in slicegpt format version {version}; this slicegpt reads up to {FORMAT_VERSION}: upgrade slicegpt"
+            f"{where} was written in slicegpt format version {version}; this slicegpt reads up to {FORMAT_VERSION}: "
+            "upgrade slicegpt"
         )
     return meta
 

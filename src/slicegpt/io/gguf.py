@@ -261,7 +261,8 @@ class _Weights:
             self._handles = {f: safe_open(str(f), framework="pt") for f in sorted(files)}
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
             raise ExportError(
-                f"cannot read the weights in {folder}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                f"cannot read the weights in {folder}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
             ) from None
         if not self._where:
             (only,) = self._handles.values()
@@ -500,7 +501,10 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
 # test string instead, which only recognises tokenizers it has seen on the hub; the structure is
 # what decides how text is split, and a folder converted from GGUF (like slicegpt's default model)
 # can differ from the hub tokenizer it came from.
-_LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )

@@ -266,17 +266,19 @@ def load_model(
     missing = [k for k in info.get("missing_keys", []) if not tied_away(model, k)]
     if missing:
         raise ModelLoadError(
-            f"cannot load model {name_or_path}: the checkpoint lacks {len(missing)} tensor(s): {', '.join(sorted(missing)[:3])}"
+            f"cannot load model {name_or_path}: the checkpoint lacks {len(missing)} tensor(s): "
+            f"{', '.join(sorted(missing)[:3])}"
         )
     rows = model.get_input_embeddings().weight.shape[0] if model.get_input_embeddings() is not None else None
     if rows is not None and len(tokenizer) > rows:
         raise ModelLoadError(
-            f"cannot load model {name_or_path}: its tokenizer has {len(tokenizer)} tokens but its embeddings only {rows} rows: "
-            "they do not belong together"
+            f"cannot load model {name_or_path}: its tokenizer has {len(tokenizer)} tokens but its embeddings only "
+            f"{rows} rows: they do not belong together"
         )
     if info.get("mismatched_keys"):
         raise ModelLoadError(
-            f"cannot load model {name_or_path}: tensors of the wrong shape: {', '.join(str(k[0] if isinstance(k, tuple) else k) for k in info['mismatched_keys'][:3])}"
+            f"cannot load model {name_or_path}: tensors of the wrong shape: "
+            f"{', '.join(str(k[0] if isinstance(k, tuple) else k) for k in info['mismatched_keys'][:3])}"
         )
     model.to(device)
     model.eval()

@@ -159,7 +159,8 @@ class SliceStaging:
         if not self.resume:
             if self.folder.exists():
                 self.say(
-                    f"note: {self.folder} holds the staging of an earlier run; replacing it (pass --resume to continue it instead)"
+                    f"note: {self.folder} holds the staging of an earlier run; replacing it (pass --resume to "
+                    "continue it instead)"
                 )
             self._fresh(identity)
             return None

@@ -267,7 +267,8 @@ def recover(
     world, rank = (1, 0) if ranks is None else (ranks.processes, ranks.rank)
     if config.batch_size % world:
         raise ValueError(
-            f"--batch-size {config.batch_size} is not a multiple of the {world} processes (each takes an equal share of every batch)"
+            f"--batch-size {config.batch_size} is not a multiple of the {world} processes (each takes an equal share "
+            "of every batch)"
         )
 
     # Seeded inside a forked RNG: adapters' initialisation and dropout are reproducible, and the

@@ -1,10 +1,10 @@
 """Resumable training checkpoints: everything a stopped run needs to continue bit for bit.
 
-A checkpoint is one file, ``state.safetensors`` (tensors, and the structure in its header: never a pickle), in a staging folder beside the output. It holds the
-trainable tensors, the optimiser and schedule state, the RNG state, the step, the tokens seen,
-the curve so far, and a fingerprint of what the run trains (student, teacher, settings, data).
-It is written to a temporary name and renamed, so a kill during the write leaves the previous
-checkpoint intact.
+A checkpoint is one file, ``state.safetensors`` (tensors, and the structure in its header: never a
+pickle), in a staging folder beside the output. It holds the trainable tensors, the optimiser and
+schedule state, the RNG state, the step, the tokens seen, the curve so far, and a fingerprint of
+what the run trains (student, teacher, settings, data). It is written to a temporary name and
+renamed, so a kill during the write leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
