@@ -431,3 +431,31 @@ def test_code_answers_are_run_against_the_tests_shipped_with_their_prompt() -> N
     assert not code_passes("while True:\n    pass\n", timeout=1.0)  # a hang is a failure, after the timeout
     assert code_passes("assert 1 + 1 == 2\n") and not code_passes("import sys; sys.exit(3)\n")
     assert code_program(prompts.Prompt("plain", "x", "x/1"), "anything") is None
+
+
+def test_the_default_data_follows_the_model(caplog: pytest.LogCaptureFixture) -> None:
+    """'auto': the model's own answers mixed with wiki for a chat model (measured best for the chat
+    job), wiki for a base model, and wiki for a streamed one (its answers need the whole model)."""
+    assert sources.resolve_auto("auto", chat_tokenizer()) == "wiki+self"
+    assert sources.resolve_auto("auto", tiny_tokenizer()) == "wiki"
+    with caplog.at_level("INFO", logger="slicegpt"):
+        assert sources.resolve_auto("auto", chat_tokenizer(), streamed=True) == "wiki"
+    assert "generate-data" in caplog.text
+    assert sources.resolve_auto("corpus.txt", chat_tokenizer()) == "corpus.txt"
+    assert slicegpt.SliceConfig().calib == "auto" and slicegpt.RecoverConfig().data == "auto"
+
+
+@needs_prompts
+def test_a_chat_model_sliced_with_the_defaults_calibrates_on_its_own_answers(
+    chat_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLICEGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sources, "SELF_SETTINGS", chat.GenerationSettings(max_new_tokens=8))
+    monkeypatch.setattr(sources, "SELF_CHUNK", 8)
+    out = tmp_path / "s"
+    argv = ["slice", str(chat_model_dir / "model"), "--nsamples", "2", "--seqlen", "128", "--out", str(out)]
+    argv.append("--no-samples")
+    assert main(argv) == 0
+    meta = slicegpt.read_metadata(out)
+    assert meta["settings"]["calib"] == "wiki+self" and meta["mode"] == "uniform" and meta["target_params"]
+    assert list((tmp_path / "cache" / "conversations").glob("*.jsonl"))

@@ -34,6 +34,11 @@ from .data import DataError, Rows, Text
 log = logging.getLogger(__name__)
 
 SELF = "self"
+#: The default data: the model's kind decides (:func:`resolve_auto`).
+AUTO = "auto"
+#: What 'auto' is for a model with a chat template: measured best for the chat job on SmolLM2 at
+#: 25% removed (top-1 agreement 65.6% against 58.3% for 'wiki', wiki perplexity within 2.4%).
+CHAT_DEFAULT = "wiki+self"
 #: How the source model answers for ``self``: greedy, at most this many new tokens each.
 SELF_SETTINGS = chat.GenerationSettings(max_new_tokens=256)
 #: Prompts answered per generation call (fixed, so the cache's answers do not depend on how many a run asked for).
@@ -44,6 +49,22 @@ SELF_BATCH_SIZE = 32
 SELF_TRAIN_PROMPTS = 1024
 
 Purpose = Literal["calibration", "training", "evaluation"]
+
+
+def resolve_auto(source: Any, tokenizer: Any, *, streamed: bool = False) -> Any:
+    """``source``, or for 'auto' the default for this model: 'wiki+self' for a model with a chat
+    template, 'wiki' for a base model or a streamed one (its answers need the whole model: run
+    ``slicegpt generate-data`` first and give the file)."""
+    if not (isinstance(source, str) and source == AUTO):
+        return source
+    if chat.has_chat_template(tokenizer) and not streamed:
+        return CHAT_DEFAULT
+    if chat.has_chat_template(tokenizer):
+        log.info(
+            "note: streamed, so calibrating on 'wiki': a chat model's own answers need the whole model; "
+            "run `slicegpt generate-data` first and pass --calib wiki+FILE"
+        )
+    return "wiki"
 
 
 def parts(source: Any) -> list[Any]:

@@ -13,11 +13,11 @@ from ..config import DTYPES, LORA_GROUPS, RecoverConfig
 from ..core.distributed import TorchDistributedReduction
 from ..chat import is_conversation_file, read_conversations
 from ..data import DataError, bos_for, clip_seqlen, label, load_text, shared_documents
-from ..sources import is_conversations, is_self, parts, training_rows
+from ..sources import is_conversations, is_self, parts, resolve_auto, training_rows
 from ..evaluation.perplexity import eval_rows
 from ..io import folders
 from ..io.format import SlicedFolderError, is_sliced_folder, read_metadata
-from ..io.models import ModelLoadError, load_model, source_identity
+from ..io.models import ModelLoadError, load_model, source_identity, tokenizer_failure
 from ..io.card import write_card
 from ..io.recipe import Recipe, absolute_sources, recipe_of
 from ..io.staging import staging_dir
@@ -223,6 +223,8 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
         raise SlicedFolderError(f"recover takes a folder written by `slicegpt slice`: {exc}") from None
     out = output_folder(args)
     folders.check_output_dir(out, args.overwrite, protect=(folder, args.teacher))
+    # The default data for this model ('auto': its tokenizer says whether it chats), recorded as it runs.
+    config = replace(config, data=resolve_auto(config.data, folder_tokenizer(folder)))
     # A missing or unreadable source fails before any model loads.
     train_texts = [_read_part(part) for part in parts(config.data)]
     eval_text = (
@@ -363,6 +365,16 @@ def check_teacher_identity(name: str | None, meta: dict[str, Any], folder: Path,
             )
         print(f"note: the teacher {recorded} is not the model {folder} was sliced from (its weights differ)")
     return recorded
+
+
+def folder_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a sliced folder (what 'auto' data asks: does the model chat?)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - any failure to read the files is the user's to fix
+        raise tokenizer_failure(str(folder), folder, exc) from exc
 
 
 def _read_part(part: str) -> str | None:

@@ -6,8 +6,11 @@ import argparse
 import contextlib
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from transformers import AutoTokenizer
 
 from ..arch import UnsupportedModelError, spec_for_config, supported_architectures
 from ..config import DEFAULT_TARGET
@@ -23,13 +26,14 @@ from ..io.card import write_card
 from ..io.format import is_sliced_folder, read_metadata
 from ..io.gguf import PER_LAYER_TYPES
 from ..io.recipe import Recipe, absolute_sources
-from ..io.models import load_model, source_identity
+from ..chat import has_chat_template
+from ..io.models import load_model, resolve_model, source_identity
 from ..io.offload import disk_store
 from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.staging import SliceStaging, staging_dir
 from ..io import streaming
-from ..memory import peak_memory
-from ..sources import is_self, parts
+from ..memory import available_bytes, peak_memory
+from ..sources import AUTO, is_self, parts, resolve_auto
 from . import distributed
 from .common import (
     EVAL_DEFAULTS,
@@ -203,6 +207,7 @@ def _lead(args: argparse.Namespace, config: Any, ranks: Any, source: tuple[str, 
         model, tokenizer, name, _ = opened
     else:
         model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
+    config = replace(config, calib=resolve_auto(config.calib, tokenizer, streamed=opened is not None))
     tag = (
         f"p{round(config.target_params * 100)}"
         if config.target_params is not None and config.target_params <= 1
@@ -365,8 +370,26 @@ def stream_blockers(args: argparse.Namespace, config: Any) -> dict[str, bool]:
         "--search": config.search,
         "--device-map": config.device_map is not None,
         "--calib self (the model answers prompts)": any(is_self(p) for p in parts(config.calib)),
+        "a chat model's default calibration (its own answers)": _chat_default_in_memory(args, config),
         "a sliced folder as MODEL": args.model is not None and is_sliced_folder(args.model),
     }
+
+
+def _chat_default_in_memory(args: argparse.Namespace, config: Any) -> bool:
+    """Does the default calibration ('auto') ask for a chat model's own answers, which need the
+    whole model, and does the model fit the host's memory twice over? (A larger one streams and
+    calibrates on 'wiki', saying how to give it its answers: generate-data first.)"""
+    if config.calib != AUTO or args.stream == "on" or (args.model is not None and is_sliced_folder(args.model)):
+        return False
+    try:
+        folder = Path(resolve_model(args.model)[0])
+        if not folder.is_dir() or not has_chat_template(AutoTokenizer.from_pretrained(folder)):
+            return False
+    except Exception:  # noqa: BLE001 - a model that cannot be read fails where it is loaded, in one line
+        return False
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    free = available_bytes()
+    return free is None or 2 * size < free
 
 
 def _may_replace(out: str | os.PathLike, args: argparse.Namespace) -> bool:

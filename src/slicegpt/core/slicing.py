@@ -44,7 +44,7 @@ from .._version import __version__
 from ..arch import ArchSpec, spec_for_config
 from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig, check_device
 from ..data import Rows, clip_seqlen
-from ..sources import calibration_rows_for
+from ..sources import calibration_rows_for, resolve_auto
 from ..memory import release_free_memory
 from . import allocate, corrections, neurons, spread, uniform
 from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
@@ -409,6 +409,9 @@ def slice_model(
     ``begin`` hands back a :class:`~slicegpt.core.streams.Restart`.
     """
     config = (config or SliceConfig()).resolved()  # the size and mode as they run, recorded so
+    if calib is None:  # the default data for this model ('auto'), recorded as it ran
+        streamed = bool(streams and streams.source.streamed)
+        config = replace(config, calib=resolve_auto(config.calib, tokenizer, streamed=streamed))
     config.validate()
     if getattr(model, "slicegpt_metadata", None) is not None or is_prepared(model, spec_for_config(model.config)):
         raise ValueError("this model is already sliced (loaded from a slicegpt folder): slice its source model instead")

@@ -14,7 +14,7 @@ import functools
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from ..config import RecoverConfig, check_device, parse_dtype
 from ..core.distributed import TorchDistributedReduction
 from ..core.surgery import get_layers
 from ..data import Rows, bos_for, clip_seqlen, label
-from ..sources import is_conversations, training_rows
+from ..sources import is_conversations, resolve_auto, training_rows
 from . import lora
 from .state import STATE_FILE, check_fingerprint, fingerprint, load_state, save_state
 
@@ -245,6 +245,8 @@ def recover(
     loss_kind = config.loss_for(teacher is not None)
     if teacher is not None and loss_kind == "kd":
         check_teacher(student, tokenizer, teacher, teacher_tokenizer)
+    if rows is None:  # the default data for this model ('auto'), recorded as it ran
+        config = replace(config, data=resolve_auto(config.data, tokenizer))
     device = check_device(config.device)
     amp = parse_dtype(config.dtype)
     spec = spec_for_config(student.config)
