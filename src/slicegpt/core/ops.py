@@ -79,6 +79,8 @@ _CHUNK_ROWS = 8192
 
 def _map_rows(w: torch.Tensor, fn) -> torch.Tensor:
     """``fn`` applied to float64 blocks of rows of ``w`` (rows, cols); the result in ``w``'s dtype."""
+    if w.shape[0] == 0:  # a layer counted at zero neurons: nothing to map, the shape still follows fn
+        return fn(w.to(torch.float64)).to(w.dtype)
     out: torch.Tensor | None = None
     for start in range(0, w.shape[0], _CHUNK_ROWS):
         block = fn(w[start : start + _CHUNK_ROWS].to(torch.float64)).to(w.dtype)
