@@ -286,7 +286,9 @@ def test_bad_targets_and_axes_fail_before_any_work() -> None:
     assert resolve_target(0.75, 1000) == 750 and resolve_target(800, 1000) == 800
 
 
-def test_uniform_width_the_config_refuses_moves_to_one_it_accepts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_uniform_width_the_config_refuses_moves_to_one_it_accepts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model = make_tiny("llama", dtype=torch.float32)  # 4 heads: transformers refuses hidden sizes not a multiple of 4
     config = slicegpt.SliceConfig(sparsity=1 - 50 / 64, round_to=1, batch_size=4, uniform=True)
     with caplog.at_level("INFO", logger="slicegpt"):

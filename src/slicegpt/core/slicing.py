@@ -42,18 +42,19 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..arch import ArchSpec, spec_for_config
-from ..config import DEFAULT_RESIDUAL_SHARE, SliceConfig, check_device
+from ..config import SliceConfig, check_device
 from ..data import Rows, clip_seqlen
 from ..sources import calibration_rows_for, resolve_auto
 from ..memory import release_free_memory
 from . import allocate, corrections, neurons, spread, uniform
-from .budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
+from .budget import parse_axes
 from .block import BlockBases, slice_block, slice_embeddings, slice_head
 from .capture import LayerInputs, capture_layer_inputs, stream
 from .modules import SlicedBlock, WeightlessRMSNorm
 from .placement import dispatch, is_dispatched, layer_devices, undispatch
 from .pca import Covariance, FixedRotation, NumericalError, PCARotation, PooledCovariance, RotationSource, check_finite
 from .report import SliceReport, numerics
+from .sizing import WidthPlan, plan_widths
 from .streams import NUMERICS, InMemorySink, LayerSink, LoopState, Restart, Streams
 from .surgery import (
     count_parameters,
@@ -66,7 +67,7 @@ from .surgery import (
     prepare_layer,
     prepare_outside_layers,
 )
-from .widths import ConstantWidth, Widths, WidthPolicy, fit_widths
+from .widths import ConstantWidth, Widths, WidthPolicy
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ def run_identity(
 @torch.no_grad()
 def slice_model(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Any = None,
     calib: Any = None,
     config: SliceConfig | None = None,
     *,
@@ -391,13 +392,13 @@ def slice_model(
 
     ``calib`` is a source name or path ('wiki', 'wikitext2', 'corpus.txt'), raw text as
     :class:`slicegpt.data.Text`, a (rows, seqlen) tensor of token ids, or :class:`Rows`; None
-    uses ``config.calib``. ``policy`` chooses the widths (default: :class:`ConstantWidth` from
-    the config); ``rotation`` the bases (default: :class:`PCARotation` per point, or with
-    ``config.uniform`` one pooled rotation for the whole network); ``streams`` where layers come
-    from and go, how covariances are combined, and what is checkpointed between layers.
-    ``source_model`` and ``source_fingerprint`` name the model sliced (as
-    :func:`slicegpt.io.models.source_identity` gives them): recorded in the metadata, and part of
-    what a resume must match.
+    uses ``config.calib``. ``policy`` chooses the widths (default: the config's, as
+    :func:`slicegpt.core.sizing.plan_widths` decides them); ``rotation`` the bases (default:
+    :class:`PCARotation` per point, or with ``config.uniform`` one pooled rotation for the whole
+    network); ``streams`` where layers come from and go, how covariances are combined, and what
+    is checkpointed between layers. ``source_model`` and ``source_fingerprint`` name the model
+    sliced (as :func:`slicegpt.io.models.source_identity` gives them): recorded in the metadata,
+    and part of what a resume must match.
 
     Resume: ``streams=Streams(checkpoint=SliceStaging(folder, resume=True))``
     (:mod:`slicegpt.io.staging`) keeps, after every layer, what the run needs to go on; called
@@ -407,7 +408,29 @@ def slice_model(
     embeddings back and continues at the next layer, giving bit for bit the model an
     uninterrupted run gives. Any :class:`~slicegpt.core.streams.Checkpoint` can do this: its
     ``begin`` hands back a :class:`~slicegpt.core.streams.Restart`.
+
+    The phases: settle the settings; (with ``config.search``) measure candidate splits; plan the
+    widths; check and prepare the model; spread MLP neurons; choose the rotation source; walk
+    the layers; report.
     """
+    config = _settle(model, tokenizer, calib, config, streams)
+    run = dict(
+        policy=policy,
+        rotation=rotation,
+        progress=progress,
+        source_model=source_model,
+        source_fingerprint=source_fingerprint,
+        streams=streams,
+    )
+    if config.search and config.target_params is not None and policy is None:
+        return _search(model, tokenizer, calib, config, **run)
+    return _compress(model, tokenizer, calib, config, **run)
+
+
+def _settle(
+    model: nn.Module, tokenizer: Any, calib: Any, config: SliceConfig | None, streams: Streams | None
+) -> SliceConfig:
+    """The settings as they will run (and be recorded), checked; a model already sliced refused."""
     config = (config or SliceConfig()).resolved()  # the size and mode as they run, recorded so
     if calib is None:  # the default data for this model ('auto'), recorded as it ran
         streamed = bool(streams and streams.source.streamed)
@@ -416,196 +439,86 @@ def slice_model(
     if getattr(model, "slicegpt_metadata", None) is not None or is_prepared(model, spec_for_config(model.config)):
         raise ValueError("this model is already sliced (loaded from a slicegpt folder): slice its source model instead")
     if clip_seqlen(model, config.seqlen) < config.seqlen:
-        log.info(
-            f"note: --seqlen {config.seqlen} is above the model's context; using {clip_seqlen(model, config.seqlen)}"
-        )
+        clipped = clip_seqlen(model, config.seqlen)
+        log.info(f"note: seqlen {config.seqlen} is above the model's context; using {clipped}")
         config = replace(config, seqlen=clip_seqlen(model, config.seqlen))
-    if config.search and config.target_params is not None and policy is None:
-        if streams is not None and streams.reduce.processes > 1:
-            raise ValueError(
-                "--search does not run distributed (each candidate would need every process); "
-                "run it in one process, or give --residual-share"
-            )
-        # the allocator: measure each split on held-out calibration rows, then compress at the best
-        share, records, seconds, fit = allocate.search_split(
-            model, tokenizer, calib if calib is not None else config.calib, config, slice_model, progress=progress
+    return config
+
+
+def _search(model: nn.Module, tokenizer: Any, calib: Any, config: SliceConfig, **run: Any) -> SliceReport:
+    """The allocator: compress a copy at each candidate split, measure it on held-out calibration
+    rows, then compress ``model`` at the best (:func:`slicegpt.core.allocate.search_split`)."""
+    streams = run["streams"]
+    if streams is not None and streams.reduce.processes > 1:
+        raise ValueError(
+            "search does not run distributed (each candidate would need every process); "
+            "run it in one process, or give residual_share"
         )
-        report = slice_model(
-            model,
-            tokenizer,
-            fit,
-            replace(config, residual_share=share, search=False),
-            progress=progress,
-            source_model=source_model,
-            source_fingerprint=source_fingerprint,
-            streams=streams,
-        )
-        report.allocation.update(search=records, search_seconds=seconds, searched=True)
-        report.config = config
-        return report
+    progress = run["progress"]
+    share, records, seconds, fit = allocate.search_split(
+        model,
+        tokenizer,
+        calib if calib is not None else config.calib,
+        config,
+        lambda m, t, rows, c, progress: _compress(m, t, rows, c, progress=progress),
+        progress=progress,
+    )
+    report = _compress(model, tokenizer, fit, replace(config, residual_share=share, search=False), **run)
+    report.allocation.update(search=records, search_seconds=seconds, searched=True)
+    report.config = config
+    return report
+
+
+def _compress(
+    model: nn.Module,
+    tokenizer: Any,
+    calib: Any,
+    config: SliceConfig,
+    *,
+    policy: WidthPolicy | None = None,
+    rotation: RotationSource | None = None,
+    progress: bool = True,
+    source_model: str | None = None,
+    source_fingerprint: str | None = None,
+    streams: Streams | None = None,
+) -> SliceReport:
+    """One compression of ``model`` with settled ``config`` (see :func:`slice_model`)."""
     spec = spec_for_config(model.config)
     check_device(config.device)
     start = time.perf_counter()
     model.eval()
-    streams = streams or Streams()
-    streamed = streams.source.streamed
-    # Where each layer is processed; with a map, 'auto' reads hf_device_map before the hooks go.
-    devices = layer_devices(model, spec, config.device_map, config.device)
-    if config.device_map is not None:
-        if streamed:
-            raise ValueError(
-                "--device-map keeps each sliced layer on its device: it slices in memory, not streamed (--stream off)"
-            )
-        undispatch(model)
-        if isinstance(streams.sink, InMemorySink):
-            streams = replace(streams, sink=InMemorySink(keep_on_device=True))
-    elif is_dispatched(model):
-        raise ValueError(
-            "the model is spread over devices (loaded with device_map=...): pass device_map='auto' to slice it "
-            "there, or load it without a device map"
-        )
-    # A streamed model's layers are read later; its source checks each layer's weights then.
-    bad = next(
-        (name for name, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all())), None
-    )
-    if bad is not None:
-        raise NumericalError(f"the source weight {bad} holds NaN or Inf: the model is damaged; nothing was sliced")
+    streams, devices = _placement(model, spec, config, streams or Streams())
+    _check_finite_weights(model)
     params_before = count_parameters(model)
     tied = is_tied(model, spec)
-    final_scale = None
     if config.uniform:
         uniform.check_supported(model.config, spec)
-        final_scale = uniform.final_norm_scale(model, spec) if tied else None
-    if config.target_params is not None and policy is None:
-        # the axes and the budget's feasibility are checked before any calibration work
-        policy = _budget_policy(model, spec, config, params_before)
-    # A per-layer budget spent on MLP neurons alone keeps the original basis: no shortcuts, and
-    # a tied head stays tied (what the budget counted).
-    keep_basis = isinstance(policy, BudgetWidth) and policy.counter.kept_basis(policy.split[0])
-    if keep_basis and tied:
-        final_scale = uniform.final_norm_scale(model, spec)
+    # the axes and the budget's feasibility are checked before any calibration work
+    plan = plan_widths(model, spec, config, params_before, policy)
+    # A uniform model, or a per-layer budget spent on MLP neurons alone (original basis kept),
+    # keeps a tied head tied: the final norm's scale moves into the norm.
+    final_scale = uniform.final_norm_scale(model, spec) if tied and (config.uniform or plan.keep_basis) else None
     rotation = rotation or PCARotation(config.damping)
-    needs_rows = rotation.needs_statistics or config.uniform or config.corrections or config.target_params is not None
-    rows = (
-        calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config)
-        if needs_rows
-        else None
-    )
-    half = next(model.parameters()).dtype
-    if half in (torch.float16, torch.bfloat16) and rows is not None:
-        log.info(
-            f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 "
-            "covariances, and the PCA, rotations and refits run in float64"
-        )
-    if rows is not None and rows.tokens < hidden_size(model):
-        log.warning(
-            f"warning: {rows.tokens} calibration tokens for a hidden width of {hidden_size(model)}: the covariance is "
-            "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones "
-            "(--seqlen)"
-        )
-
-    probe = rows.input_ids[:1, :32] if rows is not None and config.verify else None
-    if streamed:
-        # Only the first layer is read for the check: the spec is the family's, so a fold that
-        # is wrong anywhere is wrong there.
-        verified = _verify_first_layer(model, spec, streams.source, probe) if probe is not None else None
-        prepare(model, spec)  # (done already when verified)
-    else:
-        before = _logits(model, probe) if probe is not None else None
-        prepare(model, spec)
-        model.to("cpu")
-        verified = _verify(model, probe, before, spec) if probe is not None else None
-    release_free_memory()  # prepare replaced every folded weight
-    spread_counts, spread_record = None, None
-    if rows is not None and will_spread(policy, spec, config):
-        kept = [w.mlp for w in policy.split[0].layers]
-        # Neurons per layer from each layer's error curve: a statistics pass of the model, still
-        # in its original basis, over the first calibration rows, one layer at a time.
-        spread_rows = Rows(
-            rows.input_ids[:SPREAD_ROWS], None if rows.attention_mask is None else rows.attention_mask[:SPREAD_ROWS]
-        )
-        spread_counts, spread_record = spread.spread_neurons(
-            model,
-            spec,
-            spread_rows,
-            kept,
-            policy.spread_total(),
-            policy.step,
-            device=devices,
-            source=streams.source,
-            progress=progress,
-        )
-        # every process computed the same from the same rows; made bit-identical all the same
-        spread_counts = [int(k) for k in streams.reduce.agree(torch.tensor(spread_counts, dtype=torch.int64)).tolist()]
-        if (
-            policy.counter.count(policy.split[0].with_mlp(spread_counts)) > policy.target
-        ):  # the total was counted; the spread must agree
-            raise RuntimeError(f"spread neurons {spread_counts} exceed the target {policy.target:,}")
-        seconds = spread_record.pop(
-            "seconds"
-        )  # printed, not recorded: a resumed run's metadata equals an uninterrupted one's
-        if progress:
-            log.info(
-                f"slicegpt: MLP neurons spread over the layers by their error ({seconds:.0f} s): "
-                f"{min(spread_counts)}-{max(spread_counts)} per layer, {sum(spread_counts):,} in all"
-            )
-        release_free_memory()
-    D, n = hidden_size(model), len(get_layers(model, spec))
-    policy = policy or _default_policy(model, spec, config, params_before, tied)
-    widths = fit_widths(policy.widths(D, n, spec.topology), spec)
-    if spread_counts is not None:
-        widths = widths.with_mlp(spread_counts)
-    spectra: dict[str, list[float]] = {}
+    rows = _calibration(model, tokenizer, calib, config, rotation)
+    verified = _verify_and_prepare(model, spec, streams, rows, config)
+    widths = plan.widths
+    spread_record = None
+    if rows is not None and plan.spread_total is not None:
+        widths, spread_record = _spread(model, spec, rows, plan, devices, streams, progress)
     calibration_sha256 = None if rows is None else hashlib.sha256(rows.input_ids.numpy().tobytes()).hexdigest()
     restart = streams.checkpoint.begin(
         run_identity(model, config, calibration_sha256, widths, rotation, source_model, source_fingerprint)
     )
     if restart is not None and restart.state is not None:
-        if config.uniform and restart.pooled is None and not (widths.embedding == D and rotation.needs_statistics):
+        whole = widths.embedding == widths.hidden and rotation.needs_statistics  # no pooling walk needed
+        if config.uniform and restart.pooled is None and not whole:
             raise ValueError(
                 "the staged run has finished layers but not uniform mode's rotation: it cannot be continued"
             )
-        restore(model, spec, widths, restart, sink=streams.sink if streamed else None)
-
-    if config.uniform and restart is not None and restart.pooled is not None:
-        # The pooling walk finished before the stop: its rotation was kept. (A stop inside the
-        # pooling walk keeps nothing: it is statistics only, and a restart runs it again.)
-        evals, q = restart.pooled
-        spectra["uniform"] = evals.tolist()
-        if final_scale is not None:
-            q, final_scale = uniform.align_to_final_norm(q, widths.embedding, final_scale)
-        rotation = FixedRotation(q)
-    elif (config.uniform or keep_basis) and widths.embedding == D and rotation.needs_statistics:
-        # The stream keeps its width (only MLP neurons go): any basis serves, the original one
-        # costs no pooling walk.
-        q = torch.eye(D, dtype=torch.float64)
-        if final_scale is not None:
-            q, final_scale = uniform.align_to_final_norm(q, D, final_scale)
-        rotation = FixedRotation(q)
-    elif config.uniform:
-        # First walk: statistics only, the unrotated model at full width, pooling every point.
-        pool = PooledCovariance(D)
-        full = ConstantWidth(0.0, 1, slice_head=True).widths(D, n, spec.topology)
-        walk(
-            model,
-            spec,
-            rows,
-            full,
-            pool,
-            config,
-            Streams(source=streams.source, reduce=streams.reduce),
-            devices,
-            progress=progress,
-            desc="pooling covariances",
-        )
-        evals, q = pool.rotation(config.damping)
-        q = streams.reduce.agree(q.contiguous())
-        streams.checkpoint.pooled(evals, q)
-        spectra["uniform"] = evals.tolist()
-        if final_scale is not None:
-            q, final_scale = uniform.align_to_final_norm(q, widths.embedding, final_scale)
-        rotation = FixedRotation(q)
-
+        restore(model, spec, widths, restart, sink=streams.sink if streams.source.streamed else None)
+    rotation, final_scale, spectra = _rotation_source(
+        model, spec, rows, widths, rotation, final_scale, config, plan, streams, devices, restart, progress
+    )
     widths, found, refits = walk(
         model,
         spec,
@@ -621,7 +534,8 @@ def slice_model(
     spectra.update(found)
     if final_scale is not None:
         uniform.retie_head(model, spec, final_scale)
-
+    if config.device_map is not None:
+        dispatch(model, spec, devices)  # the layers are on their devices already; the rest joins them
     report = SliceReport(
         architecture=spec.name,
         model_type=model.config.model_type,
@@ -640,29 +554,186 @@ def slice_model(
         versions=library_versions(),
         numerics=numerics(config.device),
         verified=verified,
-        tied_head=keep_basis and final_scale is not None,
+        tied_head=plan.keep_basis and final_scale is not None,
     )
-    if config.device_map is not None:
-        dispatch(model, spec, devices)  # the layers are on their devices already; the rest joins them
-    if isinstance(policy, BudgetWidth):
-        report.target_params = policy.target
-        report.allocation = {
-            "axes": list(parse_axes(config.axes)),
-            "residual_share": policy.split[1],
-            "residual_width": widths.embedding,
-            "mlp_neurons": widths.mlp_neurons,
-        }
-        if spread_counts is not None:
-            # "mlp_neurons": the count every layer would keep without spreading (the same total)
-            report.allocation.update(
-                mlp_neurons=policy.split[0].mlp_neurons, mlp_neurons_per_layer=spread_counts, spread=spread_record
-            )
-        if report.params_after > policy.target:  # counted on the meta skeleton; the real model must agree
+    if plan.budget:
+        report.target_params = plan.target
+        report.allocation = {"axes": list(parse_axes(config.axes)), **plan.allocation(widths)}
+        if spread_record is not None:
+            report.allocation["spread"] = spread_record
+        if report.params_after > plan.target:  # counted on the meta skeleton; the real model must agree
             raise RuntimeError(
-                f"compressed model has {report.params_after:,} parameters, above the target {policy.target:,}"
+                f"compressed model has {report.params_after:,} parameters, above the target {plan.target:,}"
             )
     model.slicegpt_report = report
     return report
+
+
+def _placement(
+    model: nn.Module, spec: ArchSpec, config: SliceConfig, streams: Streams
+) -> tuple[Streams, list[torch.device]]:
+    """Where each layer is processed; with a map, 'auto' reads hf_device_map before the hooks go."""
+    devices = layer_devices(model, spec, config.device_map, config.device)
+    if config.device_map is not None:
+        if streams.source.streamed:
+            raise ValueError(
+                "a device map keeps each sliced layer on its device: it slices in memory, not streamed (stream off)"
+            )
+        undispatch(model)
+        if isinstance(streams.sink, InMemorySink):
+            streams = replace(streams, sink=InMemorySink(keep_on_device=True))
+    elif is_dispatched(model):
+        raise ValueError(
+            "the model is spread over devices (loaded with device_map=...): pass device_map='auto' to slice it "
+            "there, or load it without a device map"
+        )
+    return streams, devices
+
+
+def _check_finite_weights(model: nn.Module) -> None:
+    # A streamed model's layers are read later; its source checks each layer's weights then.
+    bad = next(
+        (name for name, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all())), None
+    )
+    if bad is not None:
+        raise NumericalError(f"the source weight {bad} holds NaN or Inf: the model is damaged; nothing was sliced")
+
+
+def _calibration(
+    model: nn.Module, tokenizer: Any, calib: Any, config: SliceConfig, rotation: RotationSource
+) -> Rows | None:
+    """The calibration rows, where anything needs statistics (None: a fixed rotation and nothing to fit)."""
+    needs_rows = rotation.needs_statistics or config.uniform or config.corrections or config.target_params is not None
+    if not needs_rows:
+        return None
+    rows = calibration_rows_for(model, tokenizer, calib if calib is not None else config.calib, config)
+    half = next(model.parameters()).dtype
+    if half in (torch.float16, torch.bfloat16):
+        log.info(
+            f"note: the model is {str(half).removeprefix('torch.')}: its activations are accumulated into float64 "
+            "covariances, and the PCA, rotations and refits run in float64"
+        )
+    if rows.tokens < hidden_size(model):
+        log.warning(
+            f"warning: {rows.tokens} calibration tokens for a hidden width of {hidden_size(model)}: the covariance is "
+            "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones "
+            "(--seqlen)"
+        )
+    return rows
+
+
+def _verify_and_prepare(
+    model: nn.Module, spec: ArchSpec, streams: Streams, rows: Rows | None, config: SliceConfig
+) -> float | None:
+    """Make the model invariant (:func:`prepare`), checking on the first calibration tokens that
+    it still computes what it did (the largest relative logit difference; None unchecked)."""
+    probe = rows.input_ids[:1, :32] if rows is not None and config.verify else None
+    if streams.source.streamed:
+        # Only the first layer is read for the check: the spec is the family's, so a fold that
+        # is wrong anywhere is wrong there.
+        verified = _verify_first_layer(model, spec, streams.source, probe) if probe is not None else None
+        prepare(model, spec)  # (done already when verified)
+    else:
+        before = _logits(model, probe) if probe is not None else None
+        prepare(model, spec)
+        model.to("cpu")
+        verified = _verify(model, probe, before, spec) if probe is not None else None
+    release_free_memory()  # prepare replaced every folded weight
+    return verified
+
+
+def _spread(
+    model: nn.Module,
+    spec: ArchSpec,
+    rows: Rows,
+    plan: WidthPlan,
+    devices: list[torch.device],
+    streams: Streams,
+    progress: bool,
+) -> tuple[Widths, dict[str, Any]]:
+    """The plan's widths with its MLP neurons spread over the layers by each layer's error curve:
+    a statistics pass of the model, still in its original basis, over the first calibration rows."""
+    spread_rows = Rows(
+        rows.input_ids[:SPREAD_ROWS], None if rows.attention_mask is None else rows.attention_mask[:SPREAD_ROWS]
+    )
+    counts, record = spread.spread_neurons(
+        model,
+        spec,
+        spread_rows,
+        [w.mlp for w in plan.widths.layers],
+        plan.spread_total,
+        plan.step,
+        device=devices,
+        source=streams.source,
+        progress=progress,
+    )
+    # every process computed the same from the same rows; made bit-identical all the same
+    counts = [int(k) for k in streams.reduce.agree(torch.tensor(counts, dtype=torch.int64)).tolist()]
+    widths = plan.spread(counts)
+    if plan.counter.count(widths) > plan.target:  # the total was counted; the spread must agree
+        raise RuntimeError(f"spread neurons {counts} exceed the target {plan.target:,}")
+    seconds = record.pop("seconds")  # printed, not recorded: a resumed run's metadata equals an uninterrupted one's
+    if progress:
+        log.info(
+            f"slicegpt: MLP neurons spread over the layers by their error ({seconds:.0f} s): "
+            f"{min(counts)}-{max(counts)} per layer, {sum(counts):,} in all"
+        )
+    release_free_memory()
+    return widths, record
+
+
+def _rotation_source(
+    model: nn.Module,
+    spec: ArchSpec,
+    rows: Rows | None,
+    widths: Widths,
+    rotation: RotationSource,
+    final_scale: torch.Tensor | None,
+    config: SliceConfig,
+    plan: WidthPlan,
+    streams: Streams,
+    devices: list[torch.device],
+    restart: Restart | None,
+    progress: bool,
+) -> tuple[RotationSource, torch.Tensor | None, dict[str, list[float]]]:
+    """Where the walk's bases come from: ``rotation`` itself (a basis per point), or one fixed
+    rotation for the whole network (uniform mode; a model that keeps its basis), with the final
+    norm's scale aligned to it where a tied head needs that. Also the spectra found here."""
+    D, spectra = widths.hidden, {}
+    if config.uniform and restart is not None and restart.pooled is not None:
+        # The pooling walk finished before the stop: its rotation was kept. (A stop inside the
+        # pooling walk keeps nothing: it is statistics only, and a restart runs it again.)
+        evals, q = restart.pooled
+        spectra["uniform"] = evals.tolist()
+    elif (config.uniform or plan.keep_basis) and widths.embedding == D and rotation.needs_statistics:
+        # The stream keeps its width (only MLP neurons go): any basis serves, the original one
+        # costs no pooling walk.
+        q = torch.eye(D, dtype=torch.float64)
+    elif config.uniform:
+        # First walk: statistics only, the unrotated model at full width, pooling every point.
+        pool = PooledCovariance(D)
+        full = ConstantWidth(0.0, 1, slice_head=True).widths(D, len(get_layers(model, spec)), spec.topology)
+        walk(
+            model,
+            spec,
+            rows,
+            full,
+            pool,
+            config,
+            Streams(source=streams.source, reduce=streams.reduce),
+            devices,
+            progress=progress,
+            desc="pooling covariances",
+        )
+        evals, q = pool.rotation(config.damping)
+        q = streams.reduce.agree(q.contiguous())
+        streams.checkpoint.pooled(evals, q)
+        spectra["uniform"] = evals.tolist()
+    else:
+        return rotation, final_scale, spectra
+    if final_scale is not None:
+        q, final_scale = uniform.align_to_final_norm(q, widths.embedding, final_scale)
+    return FixedRotation(q), final_scale, spectra
 
 
 # Largest relative logit difference a correct fusion can show, by dtype (rounding, not error).
@@ -725,56 +796,3 @@ def library_versions() -> dict[str, str]:
     import transformers
 
     return {"slicegpt": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def will_spread(policy: WidthPolicy | None, spec: ArchSpec, config: SliceConfig) -> bool:
-    """Will slicing spread the MLP neurons over the layers (per-layer budget, basis kept, no experts)?"""
-    return (
-        isinstance(policy, BudgetWidth)
-        and config.spread_neurons
-        and spec.experts is None
-        and policy.counter.kept_basis(policy.split[0])
-        and all(w.mlp is not None for w in policy.split[0].layers)
-    )
-
-
-def _budget_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shipped: int) -> BudgetWidth:
-    axes = parse_axes(config.axes)
-    share = (
-        1.0
-        if axes == ("residual",)
-        else 0.0
-        if axes == ("mlp",)
-        else (DEFAULT_RESIDUAL_SHARE if config.residual_share is None else config.residual_share)
-    )
-    counter = ParameterCounter(
-        model.config, spec, config.uniform, keep_basis=not config.uniform and uniform.can_keep_basis(spec)
-    )
-    valid = (lambda d: uniform.width_accepted(model.config, d)) if config.uniform else None
-    policy = BudgetWidth(
-        resolve_target(config.target_params, shipped),
-        counter,
-        share,
-        config.round_to,
-        config.slice_head or config.uniform,
-        valid,
-        residual_allowed="residual" in axes,
-        mlp_allowed="mlp" in axes,
-    )
-    policy.split  # an impossible target fails here, before any work
-    return policy
-
-
-def _default_policy(model: nn.Module, spec: ArchSpec, config: SliceConfig, shipped: int, tied: bool) -> WidthPolicy:
-    """The paper's constant width; in uniform mode, moved down to a width the family's standard config accepts."""
-    policy = ConstantWidth(config.sparsity, config.round_to, config.slice_head or config.uniform)
-    if config.uniform:
-        d = policy.kept(hidden_size(model))
-        ok = uniform.accepted_width(model.config, d, config.round_to)
-        if ok != d:
-            log.info(
-                f"slicegpt: width {d} is not one {model.config.model_type}'s standard config accepts "
-                f"(num_attention_heads={getattr(model.config, 'num_attention_heads', '?')}); using {ok}"
-            )
-            policy = ConstantWidth(config.sparsity, 1, True, width=ok)
-    return policy

@@ -25,11 +25,10 @@ from ..arch import UnsupportedModelError, spec_for_config
 from ..config import SliceConfig, parse_device_map, parse_dtype
 from ..core import uniform
 from ..core.allocate import SHARES
-from ..core.budget import ParameterCounter
 from ..core.neurons import experts_of, intermediate_size
-from ..core.slicing import _budget_policy, _default_policy, will_spread
+from ..core.sizing import plan_widths
 from ..core.surgery import count_parameters, get_layers, get_path, is_tied
-from ..core.widths import Widths, fit_widths
+from ..core.widths import Widths
 from ..data import clip_seqlen
 from ..io.headers import ModelFiles, read_model_files
 
@@ -442,23 +441,12 @@ def model_shape(model: nn.Module) -> ModelShape:
 
 def sliced_widths(model: nn.Module, config: SliceConfig) -> tuple[Widths, int]:
     """(the widths slicing will build, the sliced model's exact parameter count), on a meta model,
-    by the policies and the counter :func:`slicegpt.core.slicing.slice_model` uses."""
+    by the plan :func:`slicegpt.core.slicing.slice_model` follows (:func:`slicegpt.core.sizing.plan_widths`)."""
     spec = spec_for_config(model.config)
-    shipped = count_parameters(model)
     if config.uniform:
         uniform.check_supported(model.config, spec)
-    if config.target_params is not None:
-        policy: Any = _budget_policy(model, spec, config, shipped)
-        counter = policy.counter
-    else:
-        policy = _default_policy(model, spec, config, shipped, is_tied(model, spec))
-        counter = ParameterCounter(model.config, spec, config.uniform)
-    widths = fit_widths(policy.widths(int(model.config.hidden_size), len(get_layers(model, spec)), spec.topology), spec)
-    if will_spread(policy, spec, config):
-        # the layers' counts come from calibration; the count depends on their total only
-        kept = [w.mlp for w in widths.layers]
-        return widths, counter.count(widths.with_mlp([kept[0] + policy.spread_total() - sum(kept), *kept[1:]]))
-    return widths, counter.count(widths)
+    plan = plan_widths(model, spec, config, count_parameters(model))
+    return plan.widths, plan.params()
 
 
 @dataclass
