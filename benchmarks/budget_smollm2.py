@@ -150,7 +150,7 @@ NAMES = {"slicegpt": "SliceGPT alone", "residual+correct": "residual width + cor
 
 def plot(out: str, merge: list[str], png: str) -> None:
     """Runs evaluated on every wiki row and the same second-domain rows, as curves against the share removed."""
-    from slicegpt.evaluation.plots import plot_methods
+    from figures import plot_methods
 
     runs = [r for f in [out, *merge] if Path(f).exists() for r in json.loads(Path(f).read_text())["runs"]]
     dense = next(r for r in runs if r["method"] == "dense")

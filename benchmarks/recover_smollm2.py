@@ -224,7 +224,7 @@ def main() -> None:
     print_table(results)
     curves = {n: m["recovery"]["curve"] for n, m in results["models"].items() if "recovery" in m}
     if curves:
-        from slicegpt.evaluation.plots import plot_recovery
+        from figures import plot_recovery
 
         plot_recovery(
             curves,

@@ -11,6 +11,7 @@ import torch
 import slicegpt
 from slicegpt.arch import spec_for_config
 from slicegpt.core import neurons
+from slicegpt.core import refit as refit_
 from slicegpt.core.budget import BudgetWidth, ParameterCounter, parse_axes, resolve_target
 
 from conftest import calib_rows, make_tiny
@@ -60,16 +61,21 @@ def test_greedy_skips_a_duplicate_neuron() -> None:
     assert not {5, 6} <= set(keep.tolist())
 
 
+def _ridge_on(cov: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, rel: float) -> torch.Tensor:
+    """The writer refit on the kept neurons toward its own unpruned output (D, k), as slicing solves it."""
+    return refit_.ridge(cov[keep][:, keep], cov[keep] @ w.t(), w[:, keep], rel)
+
+
 def test_ridge_refit_is_least_squares_and_exact_with_every_neuron() -> None:
     h, w, cov = _moments()
     every = torch.arange(12)
-    assert torch.allclose(neurons.ridge_refit(cov, w, every, 0.0), w, atol=1e-10)
+    assert torch.allclose(_ridge_on(cov, w, every, 0.0), w, atol=1e-10)
     keep = torch.tensor([0, 3, 5, 8, 11])
-    fit = neurons.ridge_refit(cov, w, keep, 0.0)  # (D, k)
+    fit = _ridge_on(cov, w, keep, 0.0)  # (D, k)
     ls = torch.linalg.lstsq(h[:, keep], h @ w.t()).solution.t()
     assert torch.allclose(fit, ls, atol=1e-8)
     # ridge pulls toward the original columns
-    far = neurons.ridge_refit(cov, w, keep, 1e6)
+    far = _ridge_on(cov, w, keep, 1e6)
     assert torch.allclose(far, w[:, keep], atol=1e-3)
 
 
@@ -79,18 +85,18 @@ def test_refit_beats_plain_dropping_on_the_block_output() -> None:
     slicegpt.prepare(model, spec)
     block = model.model.layers[0]
     x = torch.randn(4, 10, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    stats = neurons.NeuronStats()
     producers, consumers = neurons.mlp_neuron_refs(block, spec)
-    handle = consumers[0].module.register_forward_pre_hook(stats.hook)
+    recorder = refit_.InputRecorder(consumers[0].module)
     with torch.no_grad():
         ref = block.mlp_branch(x)
-    handle.remove()
-    keep = neurons.greedy_neurons(stats.mean(), consumers[0].module.weight.double(), 48)
+    recorder.remove()
+    moments = refit_.Moments()
+    moments.add(recorder.last, None)
+    cov = moments.mean()[0]
+    keep = neurons.greedy_neurons(cov, consumers[0].module.weight.double(), 48)
     dropped, refit = copy.deepcopy(block), copy.deepcopy(block)
     neurons.keep_neurons(dropped, spec, keep)
-    neurons.keep_neurons(
-        refit, spec, keep, [neurons.ridge_refit(stats.mean(), consumers[0].module.weight.double(), keep, 0.0)]
-    )
+    neurons.keep_neurons(refit, spec, keep, [_ridge_on(cov, consumers[0].module.weight.double(), keep, 0.0)])
     with torch.no_grad():
         err_drop = (dropped.mlp_branch(x) - ref).pow(2).mean()
         err_refit = (refit.mlp_branch(x) - ref).pow(2).mean()
@@ -195,7 +201,7 @@ def test_each_expert_refit_on_its_routed_tokens_beats_plain_dropping(family: str
         cov = stats.fit[e].mean()[0]
         keep = neurons.greedy_neurons(cov, w[e], 12)
         index.append(keep)
-        downs.append(neurons.ridge_refit(cov, w[e], keep, 1e-6))
+        downs.append(_ridge_on(cov, w[e], keep, 1e-6))
     index = torch.stack(index)
     dropped, refit = copy.deepcopy(block), copy.deepcopy(block)
     neurons.keep_expert_neurons(dropped.mlp.experts, index)

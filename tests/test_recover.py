@@ -381,31 +381,6 @@ def test_cli_recover_end_to_end_and_its_errors(tiny_model_dir: Path, tmp_path: P
         assert line.startswith("slicegpt: error:") and "\n" not in line
 
 
-def test_recovery_curves_plot(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    Image = pytest.importorskip("PIL.Image")
-    from slicegpt.evaluation.plots import plot_recovery
-
-    curves = {
-        "kd/all": [{"tokens": 0, "eval_ppl": 90.0}, {"tokens": 4096, "eval_ppl": 40.0}],
-        "lm/all": [{"tokens": 0, "eval_ppl": 90.0}, {"tokens": 4096, "eval_ppl": 60.0}],
-    }
-    path = plot_recovery(curves, tmp_path / "curves.png", dense=18.6)
-    with Image.open(path) as im:
-        assert im.size == (700, 480)
-
-
-def test_methods_plot_has_one_panel_per_measure(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    Image = pytest.importorskip("PIL.Image")
-    from slicegpt.evaluation.plots import plot_methods
-
-    series = {"budget": [(25.0, 43.3), (20.0, 33.0)], "SliceGPT": [(25.0, 109.2), (20.0, 70.1)]}
-    path = plot_methods({"wiki": series, "books": series}, tmp_path / "m.png", dense={"wiki": 18.6, "books": 40.1})
-    with Image.open(path) as im:
-        assert im.size == (1200, 480)
-
-
 def test_a_killed_recover_resumes_to_the_same_files(tiny_model_dir: Path, tmp_path: Path) -> None:
     """SIGKILL a real `slicegpt recover` at a random moment after its first checkpoint; the same
     command with --resume writes the weights an uninterrupted run writes, bit for bit."""

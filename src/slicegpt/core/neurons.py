@@ -11,6 +11,9 @@ which, with C = E[h^T h] ([n, n], float64) and the kept set S, is
 
     W'^T = (C_SS + lam I)^-1 (C_S: W_ref^T + lam W_ref[:, S]^T)        [k, D]
 
+(:func:`slicegpt.core.refit.ridge` on the kept rows of the moments; :mod:`slicegpt.core.corrections`
+aims the same solve at the dense model's stream instead).
+
 The statistics are the second moment of ``h`` only: the target is the layer's own unpruned
 output, so no other model need run beside it. The kept set is chosen greedily: each step keeps
 the neuron whose addition most reduces that least-squares error (a pivoted Cholesky of C
@@ -151,27 +154,6 @@ def cut_neurons(block: nn.Module, spec: ArchSpec, k: int) -> None:
         keep_neurons(block, spec, torch.arange(k))
 
 
-class NeuronStats:
-    """Streaming second moment of the consumers' input h, float64: E[h^T h] ([n, n])."""
-
-    def __init__(self) -> None:
-        self.sum: torch.Tensor | None = None
-        self.count = 0
-
-    def hook(self, _module: nn.Module, args: tuple) -> None:
-        h = args[0].detach()
-        flat = h.reshape(-1, h.shape[-1]).to(torch.float64)
-        if self.sum is None:
-            self.sum = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
-        self.sum.addmm_(flat.t(), flat)
-        self.count += flat.shape[0]
-
-    def mean(self) -> torch.Tensor:
-        if self.sum is None or self.count == 0:
-            raise RuntimeError("no calibration tokens reached the MLP")
-        return self.sum / self.count
-
-
 def greedy_neurons(cov: torch.Tensor, w_ref: torch.Tensor, k: int, cross: torch.Tensor | None = None) -> torch.Tensor:
     """The ``k`` neurons a greedy least-squares column selection keeps, sorted ([k], int64)
     (:func:`greedy_order`'s choice)."""
@@ -228,19 +210,6 @@ def greedy_order(
         schur = schur - col.pow(2)
         chosen[p], order[t] = True, p
     return order.to(cov.device), gains
-
-
-def ridge_refit(cov: torch.Tensor, w_ref: torch.Tensor, index: torch.Tensor, lam: float) -> torch.Tensor:
-    """The consumer refit on the kept neurons, (D, k) float64 (see the module docstring).
-
-    ``lam`` is relative to the mean kept variance: lam * mean(diag C_SS).
-    """
-    cov, w_ref = cov.to(torch.float64), w_ref.to(torch.float64)
-    c_ss = cov[index][:, index]
-    reg = lam * c_ss.diagonal().mean()
-    rhs = cov[index] @ w_ref.t() + reg * w_ref[:, index].t()  # [k, D]
-    eye = torch.eye(len(index), dtype=torch.float64, device=cov.device)
-    return torch.linalg.solve(c_ss + reg * eye, rhs).t()
 
 
 class ExpertStats:

@@ -31,7 +31,7 @@ def require_matplotlib() -> None:
         raise ImportError(PLOTS_MISSING)
 
 
-def _figure(width_in: float, height_in: float) -> "Figure":
+def figure(width_in: float, height_in: float) -> "Figure":
     """A figure on its own Agg canvas: no pyplot, so no global backend switch in the caller's session."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -42,7 +42,7 @@ def _figure(width_in: float, height_in: float) -> "Figure":
     return fig
 
 
-def _save_figure(fig: "Figure", path: str | os.PathLike[str]) -> Path:
+def save_figure(fig: "Figure", path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # No bbox_inches="tight": the image is exactly figsize x DPI pixels, which callers can rely on.
@@ -53,7 +53,7 @@ def _save_figure(fig: "Figure", path: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------- spectra
 
 
-def _log_scale_if_wide(ax: Any, values: Sequence[float]) -> bool:
+def log_scale_if_wide(ax: Any, values: Sequence[float]) -> bool:
     """A log y axis with plain tick labels (20, 30, 60, 100, not 2x10^1: perplexities are read,
     not estimated) when the values span more than 5x; says whether it was set."""
     if not values or min(values) <= 0 or max(values) / min(values) <= 5:
@@ -111,7 +111,7 @@ def plot_spectra(
         raise ValueError("no spectra to plot")
     w = as_widths(widths).to_dict()
     summary = spectrum_summary(spectra, w)
-    fig = _figure(1, 1)  # checks for matplotlib before the import below
+    fig = figure(1, 1)  # checks for matplotlib before the import below
     from matplotlib.ticker import MaxNLocator
 
     panels = _spectrum_panels(list(spectra))
@@ -172,7 +172,7 @@ def plot_spectra(
     for ax in axes[:, 0]:
         ax.set_ylabel("cumulative variance (%)", fontsize=8)
     fig.suptitle(title or "PCA spectra: cumulative explained variance, chosen width dashed", fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- sweep
@@ -218,7 +218,7 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
     dense = [bool(r.get("dense")) for r in runs]
     ppl = [r.get("perplexity") for r in runs]
     if any(p is not None for p in ppl):
-        fig = _figure(7.0, 4.8)
+        fig = figure(7.0, 4.8)
         ax = fig.subplots()
         pts = [(x, p, r) for x, p, r in zip(xs, ppl, runs) if p is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue", label="sliced")
@@ -227,7 +227,7 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
         dense_marker(ax, xs, ppl, dense, "gold", True)
         # Left of this line the "sliced" model is bigger than the one shipped.
         ax.axvline(0.0, color="gray", ls=":", lw=1, label="as many parameters as shipped")
-        if not _log_scale_if_wide(ax, [p for p in ppl if p is not None]):
+        if not log_scale_if_wide(ax, [p for p in ppl if p is not None]):
             # Nearly equal perplexities would otherwise be shown as offsets from a "+3.27e2" label.
             ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         detail = next((r["perplexity_details"] for r in runs if r.get("perplexity_details")), None)
@@ -240,11 +240,11 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
         ax.set_title(f"{model}: perplexity vs. parameters removed{source}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        written.append(_save_figure(fig, out / PPL_PLOT))
+        written.append(save_figure(fig, out / PPL_PLOT))
 
     tasks = task_names(results)
     if tasks:
-        fig = _figure(7.0, 4.8)
+        fig = figure(7.0, 4.8)
         ax = fig.subplots()
         colors = [f"C{i}" for i in range(10)]
         for i, task in enumerate(tasks):
@@ -272,7 +272,7 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
         ax.set_title(f"{model}: zero-shot accuracy vs. parameters removed", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        written.append(_save_figure(fig, out / ACCURACY_PLOT))
+        written.append(save_figure(fig, out / ACCURACY_PLOT))
 
     for r in runs:
         if r.get("spectra") and r.get("widths"):
@@ -284,81 +284,3 @@ def plot_sweep(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> l
                 plot_spectra(r["spectra"], r["widths"], out / spectrum_plot_name(r["sparsity"]), title=title)
             )
     return written
-
-
-# --------------------------------------------------------------------------- recovery
-
-
-def plot_recovery(
-    curves: Mapping[str, Sequence[Mapping[str, float]]],
-    path: str | os.PathLike[str],
-    *,
-    key: str = "eval_ppl",
-    dense: float | None = None,
-    title: str = "perplexity against training tokens",
-) -> Path:
-    """One line per recovery run: ``key`` ('eval_ppl' or 'val_ppl') of each curve point against
-    the tokens seen (a recovery report's ``curve``); ``dense`` draws the teacher's level."""
-    fig = _figure(7.0, 4.8)
-    ax = fig.subplots()
-    values: list[float] = []
-    for i, (name, curve) in enumerate(curves.items()):
-        pts = [(p["tokens"] / 1e3, p[key]) for p in curve if key in p]
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=3, color=f"C{i % 10}", label=name)
-            values += [y for _, y in pts]
-    if dense is not None:
-        ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense teacher ({dense:.2f})")
-        values.append(dense)
-    _log_scale_if_wide(ax, values)
-    ax.set_xlabel("training tokens seen (thousands)")
-    ax.set_ylabel("perplexity" + (" (held-out validation rows)" if key == "val_ppl" else ""))
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------- methods against size
-
-
-def plot_methods(
-    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
-    path: str | os.PathLike[str],
-    *,
-    dense: Mapping[str, float] | None = None,
-    title: str = "perplexity against parameters removed",
-) -> Path:
-    """Side-by-side panels (one per measure, e.g. the wiki and a second domain), each with one
-    line per method of (share of parameters removed in %, perplexity) points; ``dense`` draws
-    each panel's dense level as a star at 0% removed."""
-    fig = _figure(6.0 * len(panels), 4.8)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (panel, series) in zip(axes, panels.items()):
-        values: list[float] = []
-        for i, (name, pts) in enumerate(series.items()):
-            pts = sorted(pts)
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=4, color=f"C{i % 10}", label=name)
-            values += [y for _, y in pts]
-        if dense and panel in dense:
-            ax.plot(
-                [0.0],
-                [dense[panel]],
-                marker="*",
-                ms=15,
-                color="gold",
-                mec="black",
-                mew=0.6,
-                ls="none",
-                label=f"dense ({dense[panel]:.2f})",
-                zorder=5,
-            )
-            values.append(dense[panel])
-        _log_scale_if_wide(ax, values)
-        ax.set_xlabel("parameters removed (%, of the model as shipped)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(panel, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    return _save_figure(fig, path)
