@@ -436,7 +436,9 @@ def test_numerical_faults_and_impossible_devices_are_one_line(tiny_model_dir: Pa
         slicegpt.SliceConfig(sparsity=0.25, batch_size=2),
         progress=False,
     )
-    assert "rank-deficient" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the library names settings; the command line's notes name them as its flags
+    assert "rank-deficient" in err and "give more rows (--nsamples) or longer ones (--seqlen)" in err
     # A half-precision model is sliced with float64 statistics, and says so.
     slicegpt.slice_model(
         make_tiny("llama", dtype=torch.bfloat16),
@@ -699,3 +701,16 @@ def test_mismatched_tokenizer_and_invalid_utf8_are_one_line(tiny_model_dir: Path
         str(tmp_path / "o"),
     )
     _one_line_error(code, err, "cannot read", "bad.txt")
+
+
+def test_library_messages_name_settings_and_the_cli_shows_flags() -> None:
+    from slicegpt.config import flags
+
+    assert flags("use `axes=residual`") == "use --axes residual"
+    assert flags("lower `nsamples` or `seqlen`") == "lower --nsamples or --seqlen"
+    assert flags("(`verify=False` skips this check)") == "(--no-verify skips this check)"
+    assert flags("`device_map=auto` needs CUDA; use `device`") == "--device-map auto needs CUDA; use --device"
+    # what is not a setting stays as written: record fields, code spans, docstring literals
+    assert flags("each record needs a `messages` list") == "each record needs a `messages` list"
+    assert flags("run `slicegpt generate-data` first") == "run `slicegpt generate-data` first"
+    assert flags("``seqlen``") == "``seqlen``"

@@ -149,7 +149,7 @@ class Packed:
             return None
         return (
             f"note: {self.truncated} of {self.conversations} conversations in {what} are longer than a row and were "
-            "cut to it (raise --seqlen to keep them whole)"
+            "cut to it (raise `seqlen` to keep them whole)"
         )
 
 
@@ -407,7 +407,7 @@ class ConversationFile:
             if theirs != self.header:
                 raise DataError(
                     f"{self.path} holds conversations generated otherwise ({_differ(theirs, self.header)}); "
-                    "use another --out, or the same settings to continue it"
+                    "use another `out`, or the same settings to continue it"
                 )
         return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -25,6 +26,26 @@ DTYPE_ALIASES: dict[str, str] = {
     "half": "float16",
     "bf16": "bfloat16",
 }
+
+
+# How library messages name a setting: `seqlen`, `axes=residual`, `verify=False` (the names of
+# the settings dataclasses' fields). The command line shows them as its flags (flags()).
+_SETTING = re.compile(r"(?<!`)`([a-z][a-z0-9_]*)(?:=([^`]*))?`(?!`)")
+
+
+def flags(message: str) -> str:
+    """``message`` with the settings it names as command-line flags: `seqlen` -> --seqlen,
+    `axes=residual` -> --axes residual, `verify=False` -> --no-verify, `uniform=True` -> --uniform."""
+
+    def flag(m: re.Match) -> str:
+        if m.group(1) not in _setting_names():
+            return m.group(0)
+        name, value = m.group(1).replace("_", "-"), m.group(2)
+        if value == "False":
+            return f"--no-{name}"
+        return f"--{name}" if value in (None, "True") else f"--{name} {value}"
+
+    return _SETTING.sub(flag, message)
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -410,3 +431,8 @@ class RecoverConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _setting_names() -> set[str]:
+    """Every setting a message may name: the settings dataclasses' fields, and the output folder."""
+    return {f.name for cls in (SliceConfig, EvalConfig, RecoverConfig) for f in fields(cls)} | {"out"}

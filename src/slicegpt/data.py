@@ -295,7 +295,7 @@ def calibration_rows(
     if rows.shape[0] < nsamples:
         raise DataError(
             f"calibration text {label(source)} has {stream.numel()} tokens = {rows.shape[0]} rows of {seqlen}; "
-            f"{nsamples} asked: give more text, or lower --nsamples or --seqlen"
+            f"{nsamples} asked: give more text, or lower `nsamples` or `seqlen`"
         )
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(rows.shape[0], generator=gen)[:nsamples]

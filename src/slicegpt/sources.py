@@ -62,7 +62,7 @@ def resolve_auto(source: Any, tokenizer: Any, *, streamed: bool = False) -> Any:
     if chat.has_chat_template(tokenizer):
         log.info(
             "note: streamed, so calibrating on 'wiki': a chat model's own answers need the whole model; "
-            "run `slicegpt generate-data` first and pass --calib wiki+FILE"
+            "run `slicegpt generate-data` first and pass `calib=wiki+FILE`"
         )
     return "wiki"
 
@@ -295,7 +295,7 @@ def calibration_rows(
         if len(rows) < n:
             raise DataError(
                 f"calibration source {data.label(part)} gives {len(rows)} rows of {seqlen} tokens; {n} asked: "
-                "give more data, or lower --nsamples or --seqlen"
+                "give more data, or lower `nsamples` or `seqlen`"
             )
         got.append(Rows(rows.input_ids, loss_mask=rows.loss_mask))
     return _concat(got, seed if len(got) > 1 else None)
@@ -364,7 +364,7 @@ def training_rows(
         if len(rows) < v + 1:
             raise DataError(
                 f"training source {data.label(part)} gives {len(rows)} rows of {seqlen} tokens; at least {v + 1} "
-                f"are needed ({v} held out for validation): give more data or lower --seqlen"
+                f"are needed ({v} held out for validation): give more data or lower `seqlen`"
             )
         vals.append(Rows(rows.input_ids[:v], loss_mask=None if rows.loss_mask is None else rows.loss_mask[:v]))
         trains.append(Rows(rows.input_ids[v:], loss_mask=None if rows.loss_mask is None else rows.loss_mask[v:]))

@@ -14,6 +14,7 @@ from .._version import __version__
 from . import bench, compress, export, generate_data, inspect, plan, recover, sweep
 from . import eval as eval_
 from . import slice as slice_
+from ..config import flags
 from .common import add_command, run_in_one_line
 
 #: The sub-commands, in the order ``slicegpt --help`` lists them.
@@ -47,7 +48,7 @@ class _Stderr(logging.Handler):
     """slicegpt's notes to whatever sys.stderr is when they are emitted, as they are written."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr)
+        print(flags(self.format(record)), file=sys.stderr)
 
 
 def show_notes() -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..chat import has_chat_template
-from ..config import DTYPES, EvalConfig, SliceConfig, dtype_name
+from ..config import DTYPES, EvalConfig, SliceConfig, dtype_name, flags
 from ..evaluation.chat import samples
 from ..io.folders import load
 from ..io.format import is_sliced_folder, read_metadata
@@ -65,7 +65,7 @@ def run_in_one_line(func: Callable[[argparse.Namespace], int | None], args: argp
         return int(func(args) or 0)
     except EXPECTED_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"slicegpt: error: {message}", file=sys.stderr)
+        print(f"slicegpt: error: {flags(message)}", file=sys.stderr)
         return 2
 
 

@@ -209,7 +209,7 @@ class BudgetWidth:
         n = self.counter.intermediate
         if n is None:
             raise UnsupportedModelError(
-                f"{self.counter.spec.name}: the MLP-neuron axis is not available; use --axes residual"
+                f"{self.counter.spec.name}: the MLP-neuron axis is not available; use `axes=residual`"
             )
         per_neuron = at_d - self.counter.count(self._widths(d, n - 1))
         k = n - -(-(at_d - self.target) // per_neuron)  # fewest neurons removed that reach the target

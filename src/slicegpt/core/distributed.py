@@ -77,7 +77,7 @@ def process_device(device: str, launch: Launch) -> str:
     if dev.type != "cuda":
         raise ValueError(f"distributed calibration runs on cpu (gloo) or cuda (nccl), not {device!r}")
     if dev.index is not None and launch.local_world > 1:
-        raise ValueError(f"under torchrun give --device cuda, not {device!r}: each process takes cuda:LOCAL_RANK")
+        raise ValueError(f"under torchrun give `device=cuda`, not {device!r}: each process takes cuda:LOCAL_RANK")
     return f"cuda:{launch.local_rank if dev.index is None else dev.index}"
 
 
@@ -90,7 +90,7 @@ def shard_rows(rows: Rows, batch_size: int, rank: int, world: int) -> tuple[Rows
     if batches < world:
         raise ValueError(
             f"{len(rows)} calibration rows in batches of {batch_size} make {batches} batch(es) for {world} processes; "
-            "each needs one: give more rows (--nsamples), smaller batches (--batch-size) or fewer processes"
+            "each needs one: give more rows (`nsamples`), smaller batches (`batch_size`) or fewer processes"
         )
     lo, hi = rank * batches // world, (rank + 1) * batches // world
     a, b = lo * batch_size, min(hi * batch_size, len(rows))

@@ -50,7 +50,7 @@ def experts_of(block: nn.Module, spec: ArchSpec) -> nn.Module | None:
         return None
     if not getattr(experts, "is_concatenated", True) or not getattr(experts, "has_gate", True):
         raise UnsupportedModelError(
-            f"{spec.name}: only experts with concatenated [gate; up] stacks can lose neurons; use --axes residual"
+            f"{spec.name}: only experts with concatenated [gate; up] stacks can lose neurons; use `axes=residual`"
         )
     return experts
 
@@ -69,12 +69,12 @@ def mlp_neuron_refs(block: nn.Module, spec: ArchSpec) -> tuple[list[WeightRef], 
     if spec.mlp_preserves_width or any(r.tensor.dim() != 2 for r in producers + consumers):
         raise UnsupportedModelError(
             f"{spec.name}: its MLP has no plain neuron matrices (routed experts are pruned expert by "
-            "expert); use --axes residual"
+            "expert); use `axes=residual`"
         )
     widths = {r.out_dim for r in producers} | {r.in_dim for r in consumers}
     if len(widths) != 1:
         raise UnsupportedModelError(
-            f"{spec.name}: its MLP weights do not share one intermediate width ({sorted(widths)}); use --axes residual"
+            f"{spec.name}: its MLP weights do not share one intermediate width ({sorted(widths)}); use `axes=residual`"
         )
     return producers, consumers
 

@@ -29,7 +29,7 @@ def check_finite(point: str, cov: "Covariance") -> None:
     if not bool(torch.isfinite(cov.sum).all()):
         raise NumericalError(
             f"calibration activations at {describe_point(point)} are not finite (NaN or Inf); "
-            "stopping before they reach the weights (check the source weights, or use a wider --dtype)"
+            "stopping before they reach the weights (check the source weights, or use a wider `dtype`)"
         )
 
 

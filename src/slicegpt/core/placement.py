@@ -73,8 +73,8 @@ def layer_devices(
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise ValueError(
-                "--device-map auto spreads the layers over the CUDA devices, and this machine has none; "
-                "use --device (or name the devices: --device-map cpu)"
+                "`device_map=auto` spreads the layers over the CUDA devices, and this machine has none; "
+                "use `device` (or name the devices: `device_map=cpu`)"
             )
         return spread(n, [torch.device("cuda", i) for i in range(count)])
     return spread(n, [check_device(name) for name in wanted])

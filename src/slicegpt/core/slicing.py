@@ -616,8 +616,8 @@ def _calibration(
     if rows.tokens < hidden_size(model):
         log.warning(
             f"warning: {rows.tokens} calibration tokens for a hidden width of {hidden_size(model)}: the covariance is "
-            "rank-deficient and its smallest directions are noise; give more rows (--nsamples) or longer ones "
-            "(--seqlen)"
+            "rank-deficient and its smallest directions are noise; give more rows (`nsamples`) or longer ones "
+            "(`seqlen`)"
         )
     return rows
 
@@ -759,7 +759,7 @@ def _verify(model: nn.Module, probe: torch.Tensor, before: torch.Tensor, spec: A
     if not diff <= VERIFY_TOLERANCE.get(dtype, 2e-3):  # also catches NaN
         raise NumericalError(
             f"made invariant, this {spec.name} model no longer computes what it did (largest relative logit "
-            f"difference {diff:.2e}): its family's spec does not fit it; nothing was sliced (--no-verify skips this "
+            f"difference {diff:.2e}): its family's spec does not fit it; nothing was sliced (`verify=False` skips this "
             "check)"
         )
     return diff

@@ -24,17 +24,17 @@ def check_supported(config: Any, spec: ArchSpec) -> None:
     name = config.model_type
     if spec.norm != "rms":
         raise UnsupportedModelError(
-            f"--uniform cannot export {name}: its LayerNorm subtracts the mean over the kept coordinates, which a "
+            f"`uniform` cannot export {name}: its LayerNorm subtracts the mean over the kept coordinates, which a "
             "rotated stream does not have; use per-layer slicing"
         )
     if getattr(spec, "post_norms", False):
         raise UnsupportedModelError(
-            f"--uniform cannot export {name}: its norms after the attention and MLP outputs act in the original basis; "
+            f"`uniform` cannot export {name}: its norms after the attention and MLP outputs act in the original basis; "
             "use per-layer slicing"
         )
     if spec.topology != "sequential" or not _has_head_dim(config):
         raise UnsupportedModelError(
-            f"--uniform cannot export {name}: its config has no separate head_dim, so a smaller hidden_size would "
+            f"`uniform` cannot export {name}: its config has no separate head_dim, so a smaller hidden_size would "
             "shrink the attention heads; use per-layer slicing"
         )
 

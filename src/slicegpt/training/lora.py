@@ -18,7 +18,7 @@ def _peft() -> Any:
     try:
         import peft
     except ImportError as exc:
-        raise ImportError("--train lora needs peft: pip install 'slicegpt[finetune]'") from exc
+        raise ImportError("`train=lora` needs peft: pip install 'slicegpt[finetune]'") from exc
     return peft
 
 

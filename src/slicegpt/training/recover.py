@@ -269,7 +269,7 @@ def recover(
     world, rank = (1, 0) if ranks is None else (ranks.processes, ranks.rank)
     if config.batch_size % world:
         raise ValueError(
-            f"--batch-size {config.batch_size} is not a multiple of the {world} processes (each takes an equal share "
+            f"`batch_size` {config.batch_size} is not a multiple of the {world} processes (each takes an equal share "
             "of every batch)"
         )
 
