@@ -26,7 +26,7 @@ from slicegpt.data import Rows
 import distributed_worker
 from conftest import calib_rows
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # the tests root: conftest, the torchrun worker
 SRC = Path(slicegpt.__file__).parent.parent
 
 

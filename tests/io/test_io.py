@@ -182,7 +182,7 @@ def test_bad_folders_are_refused(tmp_path: Path) -> None:
 def test_folders_written_by_format_1_before_the_restructure_still_load(kind: str) -> None:
     """tests/data holds a tiny Llama sliced and saved by slicegpt 0.1.0 as it was before the
     package was restructured (commit 0279580), with the logits it computed then."""
-    data = Path(__file__).parent / "data"
+    data = Path(__file__).resolve().parents[1] / "data"
     expected = torch.load(data / "format1_logits.pt")
     model = slicegpt.load(data / f"format1_{kind}")
     assert model.slicegpt_metadata["format_version"] == 1

@@ -19,7 +19,7 @@ from slicegpt.cli import main
 
 from conftest import SAMPLE_TEXT, calib_rows, make_tiny, tiny_tokenizer
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # the tests root: conftest, the torchrun worker
 SRC = Path(slicegpt.__file__).parent.parent
 
 
