@@ -77,6 +77,23 @@ def parts(source: Any) -> list[Any]:
     return [source]
 
 
+def check_source(source: Any, what: str = "data") -> None:
+    """Refuse, before any work, a source that names a file that is not there or a name that is
+    not a source (its contents are read, and checked, when its rows are made)."""
+    if not isinstance(source, str) or isinstance(source, Text) or source == AUTO:
+        return
+    builtin = ("wiki", "wikitext2", "lambada")
+    for part in parts(source):
+        if part in builtin or part.startswith(data.HF_PREFIX) or is_self(part) or os.path.exists(part):
+            continue
+        if part.endswith((".txt", ".jsonl")) or os.sep in part:
+            raise DataError(f"{what} file not found: {part}")
+        raise DataError(
+            f"unknown {what} source {part!r}: use 'wiki', 'wikitext2', 'hf:NAME', 'self', a .txt/.jsonl file, "
+            "or a mix such as 'wiki+self'"
+        )
+
+
 def is_self(part: Any) -> bool:
     return isinstance(part, str) and not isinstance(part, Text) and (part == SELF or part.startswith(SELF + ":"))
 

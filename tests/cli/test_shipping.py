@@ -250,3 +250,33 @@ def test_inspect_builds_the_dense_model_a_uniform_budget_folder_came_from(tiny_m
         layer["params_dense"] > layer["params"] and layer["flops_dense"] > layer["flops"] for layer in info["layers"]
     )
     assert info["share_flops_removed"] > 0.1
+
+
+def test_compress_refuses_bad_input_before_any_work_and_never_replaces_its_recipe(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """compress given adversarially: a missing recovery file, a fractional token count, an unknown
+    calibration source, --per-layer with --gguf, and --out the folder holding the --recipe it
+    reads: each one line, before any slicing, with nothing written."""
+    model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
+    small = ["--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--no-samples"]
+    out = tmp_path / "o"
+
+    def error(*argv: str) -> str:
+        assert main(["compress", *argv]) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    nope = str(tmp_path / "nope.txt")
+    assert error(model, *small, "--recover", "1000", "--recover-data", nope, "--out", str(out)) == (
+        f"slicegpt: error: recovery file not found: {nope}"
+    )
+    assert "whole number of tokens" in error(model, *small, "--recover", "0.5", "--out", str(out))
+    assert "unknown calibration source 'wikk'" in error(model, "--calib", "wikk", "--out", str(out))
+    assert "drop --per-layer" in error(model, *small, "--per-layer", "--gguf", "q8_0", "--out", str(out))
+    assert not out.exists() and not list(tmp_path.glob(".o*"))
+    assert main(["compress", model, *small, "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = (out / "recipe.yaml").read_bytes()
+    for recipe in (out, out / "recipe.yaml"):
+        assert "would replace the input" in error("--recipe", str(recipe), "--out", str(out), "--overwrite")
+    assert (out / "recipe.yaml").read_bytes() == before

@@ -71,7 +71,7 @@ def run_in_one_line(func: Callable[[argparse.Namespace], int | None], args: argp
 
 # Arguments that name what a command reads (models, folders, data, prompts), and those that name
 # what it writes: files, or (``out``) a folder, except where a command writes a file there.
-INPUT_ARGS = ("model", "folder", "teacher", "compare", "calib", "data", "eval_data", "ppl", "chat", "prompts")
+INPUT_ARGS = ("model", "folder", "teacher", "compare", "calib", "data", "eval_data", "ppl", "chat", "prompts", "recipe")
 OUTPUT_FILE_ARGS = ("json", "plot", "gguf")
 OUT_IS_FILE = {"generate-data"}
 

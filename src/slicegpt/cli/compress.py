@@ -15,6 +15,7 @@ from ..evaluation.bench import BenchConfig, compare
 from ..evaluation.perplexity import perplexity
 from ..io.folders import load
 from ..io.models import load_model, resolve_model, shipped_gguf, source_identity
+from ..sources import check_source
 from ..io.recipe import RECIPE, Recipe, RecipeError, absolute_sources, read_recipe
 from . import recover as recover_cmd
 from . import slice as slice_cmd
@@ -114,6 +115,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     )
     recover = None
     if args.recover is not None:
+        if args.recover != int(args.recover):
+            raise ValueError(f"--recover is a whole number of tokens (2M, 500000), got {args.recover}")
         recover = RecoverConfig(tokens=int(args.recover), data=args.recover_data, device=args.device).to_dict()
         recover["data"] = absolute_sources(recover["data"])
     source, fingerprint = source_identity(args.model)
@@ -150,9 +153,16 @@ def run(args: argparse.Namespace) -> int:
                 f"{recipe.model} is not the model the recipe was made from (its weights differ from the "
                 "fingerprint recorded)"
             )
+    # the data is checked before any work: a missing recovery file must not cost a compression first
+    check_source(recipe.slice.get("calib"), "calibration")
+    if recipe.recover is not None:
+        check_source(recipe.recover.get("data"), "recovery")
     export = (recipe.export or {}).get("outtype")
     if export is not None and not recipe.slice.get("uniform", False):
-        raise ValueError("--gguf needs a standard checkpoint: drop --per-layer (llama.cpp has no shortcut matrices)")
+        raise ValueError(
+            "--gguf needs a standard checkpoint: drop --per-layer (a per-layer folder of MLP neurons alone, "
+            "`slicegpt slice --per-layer --axes mlp`, exports with `slicegpt export`)"
+        )
     out = Path(args.out)
     sliced = out if recipe.recover is None else out.parent / f".{out.name}.compress-sliced"
     common = (

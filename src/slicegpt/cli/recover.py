@@ -13,7 +13,7 @@ from ..config import DTYPES, LORA_GROUPS, RecoverConfig
 from ..core.distributed import TorchDistributedReduction
 from ..chat import is_conversation_file, read_conversations
 from ..data import DataError, bos_for, clip_seqlen, label, load_text, shared_documents
-from ..sources import is_conversations, is_self, parts, resolve_auto, training_rows
+from ..sources import check_source, is_conversations, is_self, parts, resolve_auto, training_rows
 from ..evaluation.perplexity import eval_rows
 from ..io import folders
 from ..io.format import SlicedFolderError, is_sliced_folder, read_metadata
@@ -193,7 +193,9 @@ def config_from_args(args: argparse.Namespace) -> RecoverConfig:
 
 def run(args: argparse.Namespace) -> int:
     # Under torchrun (data-parallel): rank 0 runs the command; the others train beside it silently.
-    ranks, _ = distributed.join(args, config_from_args(args))
+    config = config_from_args(args)
+    check_source(config.data, "training")  # before any model is read
+    ranks, _ = distributed.join(args, config)
     if ranks is not None and not ranks.leader:
         with distributed.silenced():
             _run(args, ranks)

@@ -17,6 +17,7 @@ from ..config import DEFAULT_TARGET
 from ..core.placement import spread_model
 from ..core.uniform import check_supported
 from ..core.slicing import slice_model
+from ..sources import check_source
 from ..core.streams import LocalReduction, NoCheckpoint, Streams
 from ..evaluation.markdown import format_slice_table
 from ..evaluation.perplexity import perplexity
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         print(architecture_table())
         return 0
     config = slice_config_from_args(args, args.sparsity).resolved()
+    check_source(config.calib, "calibration")  # before the model is read
     ranks, config = distributed.join(args, config)  # under torchrun: rank 0 goes on, the others follow it
     if ranks is not None and config.device_map is not None:
         raise ValueError(
