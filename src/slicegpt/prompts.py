@@ -210,6 +210,8 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from a file: ``.jsonl`` (a ``prompt`` field, or ``messages`` ending in a user turn,
     or ``text``), or ``.txt`` (one prompt per line; blank lines skipped)."""
     path = Path(path)
+    if not path.is_file() and str(path).startswith("builtin:"):
+        raise DataError(f"unknown built-in prompt set {str(path)!r}: use {', '.join(SUBSETS)}")
     if not path.is_file():
         raise DataError(f"prompt file not found: {path}")
     try:

@@ -459,3 +459,12 @@ def test_a_chat_model_sliced_with_the_defaults_calibrates_on_its_own_answers(
     meta = slicegpt.read_metadata(out)
     assert meta["settings"]["calib"] == "wiki+self" and meta["mode"] == "uniform" and meta["target_params"]
     assert list((tmp_path / "cache" / "conversations").glob("*.jsonl"))
+
+
+def test_an_unknown_builtin_prompt_set_is_named_as_such() -> None:
+    from slicegpt.prompts import read_prompts
+
+    with pytest.raises(DataError, match="unknown built-in prompt set 'builtin:zzz': use builtin, builtin:code"):
+        read_prompts("builtin:zzz")
+    with pytest.raises(DataError, match="prompt file not found"):
+        read_prompts("nope.txt")
