@@ -75,7 +75,7 @@ def test_place_and_device_from_torchrun_environment() -> None:
     with pytest.raises(ValueError, match="torchrun"):
         launch_from_env({"WORLD_SIZE": "2"})
     assert process_device("cpu", launch) == "cpu" and process_device("cuda", launch) == "cuda:1"
-    with pytest.raises(ValueError, match="--device cuda"):
+    with pytest.raises(ValueError, match="`device=cuda`"):
         process_device("cuda:0", launch)
     with pytest.raises(ValueError, match="cpu \\(gloo\\) or cuda"):
         process_device("mps", launch)

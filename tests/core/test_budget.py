@@ -108,7 +108,7 @@ def test_fused_gate_up_mlps_refuse_the_neuron_axis_and_moe_families_prune_their_
     model = make_tiny("phi3")
     spec = spec_for_config(model.config)
     slicegpt.prepare(model, spec)
-    with pytest.raises(slicegpt.UnsupportedModelError, match="--axes residual"):
+    with pytest.raises(slicegpt.UnsupportedModelError, match="`axes=residual`"):
         neurons.intermediate_size(model.model.layers[0], spec)
     for family, widths in (("mixtral", [48, 48]), ("qwen2_moe", [32, None, 32]), ("qwen3_moe", [None, 32])):
         model = make_tiny(family)
@@ -531,7 +531,7 @@ def test_spread_gives_each_step_to_the_layer_whose_error_falls_most() -> None:
 
 
 def test_error_curves_run_from_the_mlp_output_energy_to_zero_and_never_rise() -> None:
-    from slicegpt.core.spread import error_curves
+    from slicegpt.core.slicing import neuron_curves
     from slicegpt.data import Rows
 
     from slicegpt.core.surgery import prepare
@@ -539,7 +539,10 @@ def test_error_curves_run_from_the_mlp_output_energy_to_zero_and_never_rise() ->
     model = make_tiny("llama", dtype=torch.float32)
     spec = spec_for_config(model.config)
     prepare(model, spec)  # norms folded, blocks rewired: the same function, which the curves read
-    curves = error_curves(model, spec, Rows(calib_rows(4), None))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    curves = neuron_curves(model, spec, Rows(calib_rows(4), None), slicegpt.SliceConfig(batch_size=2))
+    # a statistics walk: the weights are left as they were
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(curves) == 3 and all(len(c) == 97 for c in curves)
     for c in curves:
         assert float(c[0]) > 0 and abs(float(c[-1])) < 1e-6 * float(c[0])

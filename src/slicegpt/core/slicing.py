@@ -171,12 +171,23 @@ def calibrate_block(
                 reduce=choose.streams.reduce,
             )
         cov = None if keep_full or not wants_pca else Covariance(D, device)
-        for i, r in stream(inputs.hidden, device):  # the MLP once per batch, on the sliced mid stream
-            y = (r @ mid) @ mid.t()
-            o = y + block.mlp_branch(y)
-            if cov is not None:
-                cov.add(signal(o), inputs.masks[i])
-            inputs.hidden[i] = o.cpu()
+        watch = _watch_mlp(choose.rotation, block, spec)
+        try:
+            for i, r in stream(inputs.hidden, device):  # the MLP once per batch, on the sliced mid stream
+                y = (r @ mid) @ mid.t()
+                m = block.mlp_branch(y)
+                o = y + m
+                if cov is not None:
+                    cov.add(signal(o), inputs.masks[i])
+                if watch is not None:
+                    watch.add(m, o, inputs.masks[i])
+                inputs.hidden[i] = o.cpu()
+        except BaseException:
+            if watch is not None:
+                watch.abandon()
+            raise
+        if watch is not None:
+            watch.done(choose.streams.reduce)
     else:
         if prune is not None:
             corrections.refit_mlp(
@@ -193,18 +204,36 @@ def calibrate_block(
                 reduce=choose.streams.reduce,
             )
         cov = None if keep_full or not wants_pca else Covariance(D, device)
-        for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
-            args, kwargs = inputs.layer_call(index, i, device)
-            xb = x @ back_in
-            o = xb + block.attn_branch(xb, args, kwargs) + block.mlp_branch(xb)
-            if cov is not None:
-                cov.add(signal(o), inputs.masks[i])
-            inputs.hidden[i] = o.cpu()
+        watch = _watch_mlp(choose.rotation, block, spec)
+        try:
+            for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
+                args, kwargs = inputs.layer_call(index, i, device)
+                xb = x @ back_in
+                m = block.mlp_branch(xb)
+                o = xb + block.attn_branch(xb, args, kwargs) + m
+                if cov is not None:
+                    cov.add(signal(o), inputs.masks[i])
+                if watch is not None:
+                    watch.add(m, o, inputs.masks[i])
+                inputs.hidden[i] = o.cpu()
+        except BaseException:
+            if watch is not None:
+                watch.abandon()
+            raise
+        if watch is not None:
+            watch.done(choose.streams.reduce)
     if dense is not None:
         inputs.reference = dense[1]
     q_out = torch.eye(D, dtype=torch.float64, device=device) if keep_full else choose(f"layer.{index}.out", cov)
     inputs.project(q_out[:, : w.d_out], device)
     return BlockBases(q_in=q_in, q_mid=q_mid, q_out=q_out)
+
+
+def _watch_mlp(rotation: RotationSource, block: SlicedBlock, spec: ArchSpec) -> Any:
+    """What watches this layer's MLP pass, where the rotation source is a collector that asks
+    (:class:`slicegpt.core.spread.NeuronCurves`); None otherwise."""
+    observe = getattr(rotation, "observe_mlp", None)
+    return None if observe is None else observe(block, spec)
 
 
 def walk(
@@ -237,7 +266,7 @@ def walk(
     # writers refit (a fixed rotation with pruning: uniform mode's second walk).
     prunes = any(w.mlp is not None for w in widths.layers) and not rotation.collect_only
     correct = config.corrections and not rotation.collect_only
-    if rotation.needs_statistics or prunes or correct:
+    if rotation.needs_statistics or prunes or correct or hasattr(rotation, "observe_mlp"):
         # On a restart this captures through the restored (sliced) embeddings: only the layers'
         # call arguments and the masks are kept, which do not depend on the embeddings' width.
         # This process's share of the rows (all of them in one process); the refits' held-out
@@ -504,7 +533,7 @@ def _compress(
     widths = plan.widths
     spread_record = None
     if rows is not None and plan.spread_total is not None:
-        widths, spread_record = _spread(model, spec, rows, plan, devices, streams, progress)
+        widths, spread_record = _spread(model, spec, rows, plan, config, devices, streams, progress)
     calibration_sha256 = None if rows is None else hashlib.sha256(rows.input_ids.numpy().tobytes()).hexdigest()
     restart = streams.checkpoint.begin(
         run_identity(model, config, calibration_sha256, widths, rotation, source_model, source_fingerprint)
@@ -642,40 +671,75 @@ def _verify_and_prepare(
     return verified
 
 
+def neuron_curves(
+    model: nn.Module,
+    spec: ArchSpec,
+    rows: Rows,
+    config: SliceConfig,
+    devices: Sequence[torch.device | str] | torch.device | str = "cpu",
+    streams: Streams | None = None,
+    progress: bool = False,
+) -> list[torch.Tensor]:
+    """Every layer's MLP error curve (:class:`slicegpt.core.spread.NeuronCurves`): a statistics
+    walk of the prepared ``model`` at full width in its original basis, as uniform pooling walks.
+    ``devices``: one, or one per layer."""
+    D, n = hidden_size(model), len(get_layers(model, spec))
+    if isinstance(devices, (str, torch.device)):
+        devices = [devices] * n
+    devices = [torch.device(d) for d in devices]
+    collector = spread.NeuronCurves(D)
+    full = ConstantWidth(0.0, 1, slice_head=True).widths(D, n, spec.topology)
+    streams = streams or Streams()
+    walk(
+        model,
+        spec,
+        rows,
+        full,
+        collector,
+        config,
+        Streams(source=streams.source, reduce=streams.reduce),
+        devices,
+        progress=progress,
+        desc="spreading MLP neurons",
+    )
+    return collector.curves
+
+
 def _spread(
     model: nn.Module,
     spec: ArchSpec,
     rows: Rows,
     plan: WidthPlan,
+    config: SliceConfig,
     devices: list[torch.device],
     streams: Streams,
     progress: bool,
 ) -> tuple[Widths, dict[str, Any]]:
-    """The plan's widths with its MLP neurons spread over the layers by each layer's error curve:
-    a statistics pass of the model, still in its original basis, over the first calibration rows."""
+    """The plan's widths with its MLP neurons spread over the layers by each layer's error curve
+    (:func:`neuron_curves`, over the first calibration rows)."""
+    start = time.perf_counter()
     spread_rows = Rows(
         rows.input_ids[:SPREAD_ROWS], None if rows.attention_mask is None else rows.attention_mask[:SPREAD_ROWS]
     )
-    counts, record = spread.spread_neurons(
-        model,
-        spec,
-        spread_rows,
-        [w.mlp for w in plan.widths.layers],
-        plan.spread_total,
-        plan.step,
-        device=devices,
-        source=streams.source,
-        progress=progress,
-    )
-    # every process computed the same from the same rows; made bit-identical all the same
+    curves = neuron_curves(model, spec, spread_rows, config, devices, streams, progress)
+    kept = [w.mlp for w in plan.widths.layers]
+    counts = spread.spread(curves, plan.spread_total, plan.step)
+    # every process computed the same from the same moments; made bit-identical all the same
     counts = [int(k) for k in streams.reduce.agree(torch.tensor(counts, dtype=torch.int64)).tolist()]
     widths = plan.spread(counts)
     if plan.counter.count(widths) > plan.target:  # the total was counted; the spread must agree
         raise RuntimeError(f"spread neurons {counts} exceed the target {plan.target:,}")
-    seconds = record.pop("seconds")  # printed, not recorded: a resumed run's metadata equals an uninterrupted one's
-    if progress:
+    record = {
+        "rows": len(spread_rows),
+        "step": plan.step,
+        "total": plan.spread_total,
+        "even_total": sum(kept),
+        "weighted_error_even": float(sum(c[j] for c, j in zip(curves, kept))),
+        "weighted_error_spread": float(sum(c[j] for c, j in zip(curves, counts))),
+    }
+    if progress:  # the time is printed, not recorded: a resumed run's metadata equals an uninterrupted one's
         log.info(
-            f"slicegpt: MLP neurons spread over the layers by their error ({seconds:.0f} s): "
+            f"slicegpt: MLP neurons spread over the layers by their error ({time.perf_counter() - start:.0f} s): "
             f"{min(counts)}-{max(counts)} per layer, {sum(counts):,} in all"
         )
     release_free_memory()

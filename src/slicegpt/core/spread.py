@@ -2,14 +2,15 @@
 
 A standard checkpoint keeps one ``intermediate_size``: every layer loses the same number of
 neurons. A per-layer folder can keep different numbers, and the layers are not alike (SmolLM2's
-first layer needs far more than its middle ones). One pass of the dense model over a few
-calibration rows gives, per layer, the moments of its MLP intermediate activation h ([tokens, n])
-and of the MLP's output t ([tokens, D]), every token weighted by 1 / the mean square of the
-layer's output (what the next norm sees of an error is its size relative to the stream; without
-the weight a few attention-sink tokens carry almost all of the energy and decide). A greedy
-least-squares selection run to every width (:func:`slicegpt.core.neurons.greedy_order`) turns
-those into each layer's error against the number of neurons it keeps, and the neurons then go,
-``step`` at a time from a floor, to the layer whose error they lower most.
+first layer needs far more than its middle ones). A statistics walk of the dense model over a few
+calibration rows (:class:`NeuronCurves`, run by :func:`slicegpt.core.slicing.walk` as uniform
+mode's pooling is) gives, per layer, the moments of its MLP intermediate activation h
+([tokens, n]) and of the MLP's output t ([tokens, D]), every token weighted by 1 / the mean square
+of the layer's output (what the next norm sees of an error is its size relative to the stream;
+without the weight a few attention-sink tokens carry almost all of the energy and decide). A
+greedy least-squares selection run to every width (:func:`slicegpt.core.neurons.greedy_order`)
+turns those into each layer's error against the number of neurons it keeps, and the neurons then
+go, ``step`` at a time from a floor, to the layer whose error they lower most (:func:`spread`).
 
 Every layer's neurons cost the same parameters (the residual width is whole), so the count
 depends on the total only; the total may exceed the even split's by what rounding every layer
@@ -19,83 +20,80 @@ to one shared count left of the budget.
 from __future__ import annotations
 
 import math
-import time
-from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arch import ArchSpec
-from ..data import Rows
-from .capture import capture_layer_inputs, stream
 from .neurons import greedy_order
+from .pca import Covariance
 from .refit import InputRecorder, Moments, stream_weights
-from .streams import InMemorySource, LayerSource
-from .surgery import get_layers, mlp_writers
+from .streams import Reduction
+from .surgery import mlp_writers
 
 
-@torch.no_grad()
-def error_curves(
-    model: nn.Module,
-    spec: ArchSpec,
-    rows: Rows,
-    device: str | torch.device | Sequence[torch.device] = "cpu",
-    source: LayerSource | None = None,
-    progress: bool = False,
-) -> list[torch.Tensor]:
-    """Per layer: the weighted error of its MLP output kept on j = 0..n neurons ([n + 1], float64).
+class NeuronCurves:
+    """The walk's collector for spreading (as :class:`~slicegpt.core.pca.PooledCovariance` is
+    uniform mode's): the model walked at full width in its original basis, its weights left
+    alone; each layer's MLP pass is watched (:meth:`observe_mlp`) and gives that layer's error
+    curve: the weighted error of its MLP output kept on j = 0..n neurons ([n + 1], float64), in
+    :attr:`curves`, one per layer in order."""
 
-    ``model`` is prepared (:func:`~slicegpt.core.surgery.prepare`: norms folded, blocks
-    rewired; in its original basis it computes what the dense model does). One layer at a time
-    comes from ``source`` (default: the model's own layers), runs on ``device`` over the stored
-    activations of ``rows`` (kept on the host) and is released, as the slicing walk does.
-    ``device``: one, or one per layer (a model spread over several). ``progress``: a bar per layer
-    (minutes on a 0.5B model: the greedy selection runs to every width).
-    """
-    count = len(get_layers(model, spec))
-    devices = (
-        [torch.device(device)] * count if isinstance(device, (str, torch.device)) else [torch.device(d) for d in device]
-    )
-    source = source or InMemorySource()
-    inputs = capture_layer_inputs(model, spec, rows, 1, devices[0])
-    D = inputs.hidden[0].shape[-1]
-    curves = []
-    for index in tqdm(range(count), desc="spreading MLP neurons", unit="layer", disable=not progress):
-        device = devices[index]
-        block = source.layer(model, spec, index).to(device)
+    needs_statistics = False  # no covariances: the MLP passes are watched instead
+    shared = True  # one basis (the original) everywhere
+    collect_only = True
+
+    def __init__(self, hidden: int) -> None:
+        self.eye = torch.eye(hidden, dtype=torch.float64)
+        self.curves: list[torch.Tensor] = []
+
+    def __call__(self, point: str, cov: Covariance | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return None, self.eye
+
+    def observe_mlp(self, block: nn.Module, spec: ArchSpec) -> "_MLPWatch":
+        return _MLPWatch(block, spec, self.curves)
+
+
+class _MLPWatch:
+    """One layer's MLP pass, batch by batch: the weighted moments of the writer's input h and of
+    the MLP's output t; :meth:`done` sums them over the processes and appends the layer's curve."""
+
+    def __init__(self, block: nn.Module, spec: ArchSpec, curves: list[torch.Tensor]) -> None:
         (writer,) = mlp_writers(block, spec)
-        weight = writer.tensor.to(torch.float64)
-        weight = weight.t() if writer.transposed else weight  # (D, n)
-        moments, energy = Moments(), 0.0  # of the weighted intermediate h [tokens, n] and MLP output t [tokens, D]
-        recorder = InputRecorder(writer.module)
-        try:
-            for i, x in stream(inputs.hidden, device):
-                args, kwargs = inputs.layer_call(index, i, device)
-                r = x + block.attn_branch(x, args, kwargs)
-                t = block.mlp_branch(r)  # no post-norm in these families: what the writer writes
-                out = r + t
-                h, t, wt = (
-                    recorder.last.reshape(-1, weight.shape[1]),
-                    t.reshape(-1, D),
-                    stream_weights(out).reshape(-1, 1),
-                )
-                mask = inputs.masks[i]
-                if mask is not None:  # padding tokens do not count
-                    keep = mask.reshape(-1).to(device).bool()
-                    h, t, wt = h[keep], t[keep], wt[keep]
-                h, t = h.to(torch.float64) * wt, t.to(torch.float64) * wt
-                moments.add(h, t)
-                energy += float(t.pow(2).sum())
-                inputs.hidden[i] = out.cpu()
-        finally:
-            recorder.remove()
-        source.release(model, spec, index, block)
-        cov, cross = moments.mean()
-        _, gains = greedy_order(cov, weight, weight.shape[1], cross=cross)  # on the layer's device
-        total = energy / moments.count
-        curves.append(torch.cat([torch.tensor([total], dtype=torch.float64), total - torch.cumsum(gains.cpu(), 0)]))
-    return curves
+        weight = writer.tensor.detach().to(torch.float64)
+        self.weight = weight.t() if writer.transposed else weight  # (D, n)
+        self.moments, self.energy, self.curves = Moments(), 0.0, curves
+        self.recorder = InputRecorder(writer.module)
+
+    def add(self, t: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """``t`` what the MLP wrote ([B, T, D]), ``out`` the stream it wrote into, ``mask`` padding."""
+        D, n = self.weight.shape
+        h, t, wt = self.recorder.last.reshape(-1, n), t.reshape(-1, D), stream_weights(out).reshape(-1, 1)
+        if mask is not None:  # padding tokens do not count
+            keep = mask.reshape(-1).to(h.device).bool()
+            h, t, wt = h[keep], t[keep], wt[keep]
+        h, t = h.to(torch.float64) * wt, t.to(torch.float64) * wt
+        self.moments.add(h, t)
+        self.energy += float(t.pow(2).sum())
+
+    def done(self, reduce: Reduction) -> None:
+        self.recorder.remove()
+        m, (D, n) = self.moments, self.weight.shape
+        device = self.weight.device
+        if m.xx is None:  # this process's rows were all padding here; the others' count
+            m.xx = torch.zeros(n, n, dtype=torch.float64, device=device)
+            m.xt = torch.zeros(n, D, dtype=torch.float64, device=device)
+        totals = torch.tensor([self.energy, float(m.count)], dtype=torch.float64, device=m.xx.device)
+        reduce.sum_([m.xx, m.xt, totals])
+        m.count = int(totals[1])
+        cov, cross = m.mean()
+        _, gains = greedy_order(cov, self.weight, n, cross=cross)  # on the layer's device
+        total = float(totals[0]) / m.count
+        errors = total - torch.cumsum(gains.cpu(), 0)  # the best fit's error on the first 1..n neurons
+        self.curves.append(torch.cat([torch.tensor([total], dtype=torch.float64), errors]))
+
+    def abandon(self) -> None:
+        self.recorder.remove()
 
 
 def spread(curves: list[torch.Tensor], total: int, step: int = 8, floor: int | None = None) -> list[int]:
@@ -121,31 +119,3 @@ def spread(curves: list[torch.Tensor], total: int, step: int = 8, floor: int | N
         best = max(range(len(k)), key=gain.__getitem__)
         k[best] += step
     return k
-
-
-def spread_neurons(
-    model: nn.Module,
-    spec: ArchSpec,
-    rows: Rows,
-    kept: list[int],
-    total: int,
-    step: int,
-    device: str | torch.device | Sequence[torch.device] = "cpu",
-    source: LayerSource | None = None,
-    progress: bool = False,
-) -> tuple[list[int], dict[str, Any]]:
-    """``total`` neurons over the layers, and a record of what was done (``kept``: the even split
-    it is compared with)."""
-    start = time.perf_counter()
-    curves = error_curves(model, spec, rows, device, source, progress=progress)
-    counts = spread(curves, total, step)
-    record = {
-        "rows": len(rows),
-        "step": step,
-        "total": total,
-        "even_total": sum(kept),
-        "seconds": time.perf_counter() - start,
-        "weighted_error_even": float(sum(c[j] for c, j in zip(curves, kept))),
-        "weighted_error_spread": float(sum(c[j] for c, j in zip(curves, counts))),
-    }
-    return counts, record
