@@ -46,8 +46,12 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.json, info)
     spectra_file = Path(args.folder) / SPECTRA
     if not spectra_file.is_file():
-        # Folders saved without a report (or by an older slicegpt) have no spectra: say so plainly.
-        message = f"no {SPECTRA} in {args.folder} (saved without a slicing report): no spectrum plot"
+        # No PCA ran (MLP neurons alone: the residual width stayed whole, in its original basis), or
+        # the folder was saved without a report (or by an older slicegpt): say so plainly.
+        message = (
+            f"no {SPECTRA} in {args.folder} (no PCA ran: the residual width is whole; or the folder was saved "
+            "without a slicing report): no spectrum plot"
+        )
         if args.plot:
             raise FileNotFoundError(message)
         print(message)
