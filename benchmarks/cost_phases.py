@@ -1,0 +1,192 @@
+"""Where a compression's time goes: every phase timed separately, in dense-forward equivalents.
+
+    .venv/bin/python benchmarks/cost_phases.py                                  # SmolLM2, 25%, 3 methods, 32 rows
+    .venv/bin/python benchmarks/cost_phases.py --nsamples 8 --methods budget-uniform
+    .venv/bin/python benchmarks/cost_phases.py --model qwen2.5-coder-0.5b --nsamples 32,128
+
+Each run in a fresh process: load the model, time one dense forward pass over the calibration rows
+(the unit: what any method must spend at least once per layer), then compress it to 75% of its
+parameters as shipped (or SliceGPT alone at the width that gives the same count) with the phases
+timed by wrapping the package's own functions from outside (nothing in the package changes):
+
+| phase | what is timed |
+|---|---|
+| attention, MLP | the block's attention and MLP branches (every calibration and refit pass) |
+| covariances | PCA covariance accumulation (float64) |
+| moments | refit and neuron-selection moments (float64) |
+| eigendecompositions | the PCA of each point |
+| neuron selection | the greedy least-squares selection (and the spreading curves) |
+| refits | the ridge solves of the closed-form corrections |
+| rotate and slice | the weight surgery |
+| other | the rest of the compression (capture, copies, bookkeeping) |
+
+Phases nest (a refit pass runs attention inside it): each wrapper counts only its own time, less
+the time of any timed phase inside it. Results: a markdown table on stdout and --out (JSON).
+"""  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PHASES = (
+    "attention",
+    "MLP",
+    "covariances",
+    "moments",
+    "eigendecompositions",
+    "neuron selection",
+    "refits",
+    "rotate and slice",
+)
+METHODS = {
+    # name: SliceConfig settings (the parameter target is filled in)
+    "slicegpt": dict(uniform=True, axes="residual", correct=False, round_to=1),
+    "budget-uniform": dict(uniform=True),
+    "budget-per-layer": dict(uniform=False),
+}
+
+
+class PhaseClock:
+    """Exclusive time per phase: a wrapped call's time less that of timed calls inside it."""
+
+    def __init__(self) -> None:
+        self.seconds = {p: 0.0 for p in PHASES}
+        self.calls = {p: 0 for p in PHASES}
+        self._stack: list[list[float]] = []
+
+    def wrap(self, phase: str, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._stack.append([0.0])
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - start
+                inner = self._stack.pop()[0]
+                self.seconds[phase] += spent - inner
+                self.calls[phase] += 1
+                if self._stack:
+                    self._stack[-1][0] += spent
+
+        return timed
+
+    def patch(self, owner: Any, name: str, phase: str) -> None:
+        setattr(owner, name, self.wrap(phase, getattr(owner, name)))
+
+
+def instrument(clock: PhaseClock) -> None:
+    """Wrap the package's functions by phase, in every module that imported them by name."""
+    from slicegpt.core import block, modules, neurons, pca, refit, slicing, spread
+
+    clock.patch(modules.SlicedBlock, "attn_branch", "attention")
+    clock.patch(modules.SlicedBlock, "mlp_branch", "MLP")
+    clock.patch(pca.Covariance, "add", "covariances")
+    clock.patch(refit.Moments, "add", "moments")
+    clock.patch(pca.Covariance, "pca", "eigendecompositions")
+    # module attributes: callers inside a module (neurons.greedy_neurons, refit.refit) look the
+    # name up in their module, and modules that imported it by name get the wrapper too
+    greedy = clock.wrap("neuron selection", neurons.greedy_order)
+    neurons.greedy_order = spread.greedy_order = greedy
+    refit.ridge = clock.wrap("refits", refit.ridge)
+    block.slice_block = slicing.slice_block = clock.wrap("rotate and slice", block.slice_block)
+
+
+def one_run(job: dict) -> dict:
+    import torch
+
+    import slicegpt
+    from slicegpt.io.fetch import materialise
+    from slicegpt.sources import calibration_rows_for
+
+    torch.manual_seed(0)
+    model, tokenizer, name = slicegpt.load_model(str(materialise(job["model"])) if job["model"] else None)
+    shipped = slicegpt.count_parameters(model)
+    settings = METHODS[job["method"]]
+    config = slicegpt.SliceConfig(
+        target_params=job["target"], nsamples=job["nsamples"], seqlen=job["seqlen"], calib="wiki", **settings
+    )
+
+    rows = calibration_rows_for(model, tokenizer, "wiki", config)
+    # the unit: one dense forward pass over every calibration row, batch by batch, as slicing batches them
+    start = time.perf_counter()
+    with torch.no_grad():
+        for ids, mask in rows.batches(config.batch_size):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    dense_forward = time.perf_counter() - start
+    clock = PhaseClock()
+    instrument(clock)
+    start = time.perf_counter()
+    report = slicegpt.slice_model(model, tokenizer, rows, config, progress=False)
+    total = time.perf_counter() - start
+    phases = dict(clock.seconds, other=total - sum(clock.seconds.values()))
+    return dict(
+        job,
+        source_model=name,
+        params_shipped=shipped,
+        params=report.params_after,
+        dense_forward_seconds=dense_forward,
+        total_seconds=total,
+        phases=phases,
+        calls=clock.calls,
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def table(runs: list[dict]) -> str:
+    cols = [*PHASES, "other"]
+    out = [
+        "| model | method | rows | total s | x dense forward | " + " | ".join(cols) + " |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(cols),
+    ]
+    for r in runs:
+        unit = r["dense_forward_seconds"]
+        cells = [f"{r['phases'][c]:.0f} s ({r['phases'][c] / unit:.1f})" for c in cols]
+        out.append(
+            f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {r['total_seconds']:.0f} | "
+            f"{r['total_seconds'] / unit:.1f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="hub id, folder, .gguf or a PyPI-shipped name; default: SmolLM2")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated among {', '.join(METHODS)}")
+    p.add_argument("--nsamples", default="32", help="calibration rows, comma-separated for several runs")
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--target", type=float, default=0.75)
+    p.add_argument("--out", default=str(RESULTS / "cost_phases.json"))
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+        return
+    out = Path(args.out)
+    runs: list[dict] = json.loads(out.read_text())["runs"] if out.exists() else []
+    for n in (int(x) for x in args.nsamples.split(",")):
+        for method in args.methods.split(","):
+            job = dict(model=args.model, method=method, nsamples=n, seqlen=args.seqlen, target=args.target)
+            print(f"== {method}, {n} rows", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{method} at {n} rows failed")
+            r = json.loads(line[-1][7:])
+            runs = [x for x in runs if any(x.get(k) != job[k] for k in job)] + [r]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+            print(table([r]).splitlines()[-1], flush=True)
+    print(table(runs))
+
+
+if __name__ == "__main__":
+    main()
