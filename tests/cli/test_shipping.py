@@ -280,3 +280,36 @@ def test_compress_refuses_bad_input_before_any_work_and_never_replaces_its_recip
     for recipe in (out, out / "recipe.yaml"):
         assert "would replace the input" in error("--recipe", str(recipe), "--out", str(out), "--overwrite")
     assert (out / "recipe.yaml").read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["uniform budget", "per-layer budget", "per-layer SliceGPT", "recovered"])
+def test_inspect_is_right_on_every_folder_kind(tiny_model_dir: Path, tmp_path: Path, kind: str) -> None:
+    """inspect's counts are the folder's: the compressed count the run recorded (and what loading
+    gives), the dense count of the source, and FLOPs that never grow."""
+    from slicegpt.evaluation.inspect import inspect_folder
+    from slicegpt.io.format import read_metadata
+
+    model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
+    small = ["--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--no-samples"]
+    size = {
+        "uniform budget": ["--target-params", "0.8"],
+        "per-layer budget": ["--target-params", "0.8", "--per-layer"],
+        "per-layer SliceGPT": ["--sparsity", "0.25"],
+        "recovered": ["--target-params", "0.8"],
+    }[kind]
+    out = tmp_path / "s"
+    assert main(["slice", model, *size, *small, "--out", str(out)]) == 0
+    if kind == "recovered":
+        rec = tmp_path / "r"
+        argv = ["recover", str(out), "--data", corpus, "--tokens", "256", "--seqlen", "32", "--batch-size", "2"]
+        assert main([*argv, "--out", str(rec), "--no-samples"]) == 0
+        out = rec
+    info = inspect_folder(out)
+    meta = read_metadata(out)
+    dense = slicegpt.count_parameters(slicegpt.load_model(model)[0])
+    assert info["params_dense"] == dense == meta["params_before"]
+    assert info["params"] == meta["params_after"]
+    # a per-layer SliceGPT folder at 25% grows (shortcut matrices); every budget folder shrinks
+    assert (info["params"] < 0.8 * dense + 1) == (kind != "per-layer SliceGPT")
+    assert all(layer["flops"] <= layer["flops_dense"] for layer in info["layers"])
+    assert info["share_params_removed"] == pytest.approx(1 - info["params"] / dense)
