@@ -124,6 +124,10 @@ def test_compress_runs_the_pipeline_and_its_recipe_remakes_the_folder(
     assert "Recovery" in card and f"{meta['params_after'] / 1e6:.2f}M" in card
     reader = gguf.GGUFReader(out / "small-q8_0.gguf")
     assert reader.fields["general.name"].contents() == "small"
+    # MLP neurons rounded to the quantization block: every matrix is quantized, none left f16
+    assert recipe["slice"]["round_to"] % 32 == 0 and meta["widths"]["layers"][0]["mlp"] % 32 == 0
+    matrices = [t for t in reader.tensors if len(t.shape) > 1 or t.shape[0] > 64]
+    assert matrices and all(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in matrices)
     # one command remakes it, bit for bit
     again = tmp_path / "again"
     assert main(["compress", "--recipe", str(out / "recipe.yaml"), "--out", str(again), "--no-samples"]) == 0
@@ -313,3 +317,18 @@ def test_inspect_is_right_on_every_folder_kind(tiny_model_dir: Path, tmp_path: P
     assert (info["params"] < 0.8 * dense + 1) == (kind != "per-layer SliceGPT")
     assert all(layer["flops"] <= layer["flops_dense"] for layer in info["layers"])
     assert info["share_params_removed"] == pytest.approx(1 - info["params"] / dense)
+
+
+def test_export_says_which_matrices_stay_f16_for_their_width(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    import gguf
+
+    out = tmp_path / "s"
+    small = ["--calib", str(tiny_model_dir / "corpus.txt"), "--nsamples", "4", "--seqlen", "32", "--no-samples"]
+    assert main(["slice", str(tiny_model_dir / "model"), "--target-params", "0.8", *small, "--out", str(out)]) == 0
+    assert slicegpt.read_metadata(out)["widths"]["layers"][0]["mlp"] % 32  # round_to 8: not a block multiple
+    capsys.readouterr()
+    path = export_gguf(out, tmp_path / "s.gguf", outtype="q8_0")
+    err = capsys.readouterr().err  # the command line's notes handler (installed by main) shows it
+    assert "stay f16 in the GGUF" in err and "slice with --round-to 32" in err
+    down = [t for t in gguf.GGUFReader(path).tensors if t.name.endswith("ffn_down.weight")]
+    assert down and all(t.tensor_type == gguf.GGMLQuantizationType.F16 for t in down)

@@ -29,6 +29,7 @@ learns a head size other than ``n_embd / n_head``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -43,6 +44,12 @@ import torch
 from ..arch import ArchSpec, UnsupportedModelError, spec_for_config, supported_architectures
 from .folders import verify_files
 from .format import METADATA, read_metadata
+
+log = logging.getLogger(__name__)
+
+#: The block every quantized GGUF type splits a row into, at least: a matrix whose rows are not a
+#: multiple of it stays f16 in the file (``compress --gguf`` rounds MLP neurons to it).
+QUANT_BLOCK = 32
 
 #: Output types (llama.cpp's names) written here, by the gguf package: the type of the weight
 #: matrices; norms and biases stay f32, and a matrix whose rows do not split into the type's
@@ -408,6 +415,7 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
     if not hp.tied and "lm_head.weight" not in names:
         raise ExportError("config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
     items: list[_Item] = []
+    unsplit: list[tuple[str, int, int]] = []  # (tensor, row length, block) written f16 instead
 
     def add(hf_name: str, key: str, bid: int | None, suffix: str) -> None:
         member = getattr(gguf.MODEL_TENSOR, key)
@@ -420,6 +428,7 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
         # rows do not split into the type's blocks is written f16.
         qtype = _qtype(dtype) if len(shape) > 1 else gguf.GGMLQuantizationType.F32
         if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            unsplit.append((gguf_name, shape[-1], gguf.GGML_QUANT_SIZES[qtype][0]))
             qtype = gguf.GGMLQuantizationType.F16
         heads = {"ATTN_Q": hp.n_head, "ATTN_K": hp.n_head_kv}.get(key) if hp.permute_qk else None
 
@@ -491,6 +500,13 @@ def _plan_tensors(weights: _Weights, hp: _Hparams, arch: Any, dtype: Dtype) -> l
     for key in ("token_embd.weight", "output_norm.weight"):
         if key not in got:
             raise ExportError(f"the checkpoint lacks {key}")
+    if unsplit:
+        name, row, block = unsplit[0]
+        log.warning(
+            f"warning: {len(unsplit)} matrices stay f16 in the GGUF, their rows not a multiple of the type's "
+            f"{block}-value blocks (e.g. {name}: {row}): slice with `round_to={block}` (compress --gguf does) "
+            "for a smaller file"
+        )
     return items
 
 
