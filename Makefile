@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 # The default compression of the embedded model (75% of its parameters, the budget method, a
 # standard checkpoint), a before/after table, two answers side by side, and a quantized GGUF.
 demo: $(STAMP)
-	$(BIN)/slicegpt compress --nsamples 32 --seqlen 1024 --evaluate 8 --gguf q4_0 --out sliced/demo --overwrite
+	$(BIN)/slicegpt compress --nsamples 16 --seqlen 1024 --evaluate 8 --gguf q4_0 --out sliced/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
