@@ -58,13 +58,14 @@ def hf_logits(folder: str, ids: list[int]) -> np.ndarray:
     import slicegpt
 
     # a sliced folder of any kind through slicegpt (per-layer widths need its modules), else transformers
+    # in float32 whatever the folder was saved in (bf16 folders: numpy has no bfloat16)
     model = (
-        slicegpt.load(folder)
+        slicegpt.load(folder, dtype=torch.float32)
         if slicegpt.io.format.is_sliced_folder(folder)
         else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ).eval()
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
+        return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
 def _detokenize(llm: Any, ids: list[int]) -> str:
