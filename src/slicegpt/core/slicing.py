@@ -29,8 +29,9 @@ and writer refit), each before the pass whose output it changes.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import hashlib
+import logging
 import json
 import time
 from dataclasses import replace
@@ -171,8 +172,7 @@ def calibrate_block(
                 reduce=choose.streams.reduce,
             )
         cov = None if keep_full or not wants_pca else Covariance(D, device)
-        watch = _watch_mlp(choose.rotation, block, spec)
-        try:
+        with _watch_mlp(choose, block, spec) as watch:
             for i, r in stream(inputs.hidden, device):  # the MLP once per batch, on the sliced mid stream
                 y = (r @ mid) @ mid.t()
                 m = block.mlp_branch(y)
@@ -182,12 +182,6 @@ def calibrate_block(
                 if watch is not None:
                     watch.add(m, o, inputs.masks[i])
                 inputs.hidden[i] = o.cpu()
-        except BaseException:
-            if watch is not None:
-                watch.abandon()
-            raise
-        if watch is not None:
-            watch.done(choose.streams.reduce)
     else:
         if prune is not None:
             corrections.refit_mlp(
@@ -204,8 +198,7 @@ def calibrate_block(
                 reduce=choose.streams.reduce,
             )
         cov = None if keep_full or not wants_pca else Covariance(D, device)
-        watch = _watch_mlp(choose.rotation, block, spec)
-        try:
+        with _watch_mlp(choose, block, spec) as watch:
             for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
                 args, kwargs = inputs.layer_call(index, i, device)
                 xb = x @ back_in
@@ -216,12 +209,6 @@ def calibrate_block(
                 if watch is not None:
                     watch.add(m, o, inputs.masks[i])
                 inputs.hidden[i] = o.cpu()
-        except BaseException:
-            if watch is not None:
-                watch.abandon()
-            raise
-        if watch is not None:
-            watch.done(choose.streams.reduce)
     if dense is not None:
         inputs.reference = dense[1]
     q_out = torch.eye(D, dtype=torch.float64, device=device) if keep_full else choose(f"layer.{index}.out", cov)
@@ -229,11 +216,11 @@ def calibrate_block(
     return BlockBases(q_in=q_in, q_mid=q_mid, q_out=q_out)
 
 
-def _watch_mlp(rotation: RotationSource, block: SlicedBlock, spec: ArchSpec) -> Any:
-    """What watches this layer's MLP pass, where the rotation source is a collector that asks
-    (:class:`slicegpt.core.spread.NeuronCurves`); None otherwise."""
-    observe = getattr(rotation, "observe_mlp", None)
-    return None if observe is None else observe(block, spec)
+def _watch_mlp(choose: _BasisChooser, block: SlicedBlock, spec: ArchSpec) -> Any:
+    """A context giving what watches this layer's MLP pass, where the rotation source is a
+    collector that asks (:class:`slicegpt.core.spread.NeuronCurves`), and None otherwise."""
+    observe = getattr(choose.rotation, "observe_mlp", None)
+    return contextlib.nullcontext() if observe is None else observe(block, spec, choose.streams.reduce)
 
 
 def walk(

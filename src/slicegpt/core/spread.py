@@ -50,20 +50,29 @@ class NeuronCurves:
     def __call__(self, point: str, cov: Covariance | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         return None, self.eye
 
-    def observe_mlp(self, block: nn.Module, spec: ArchSpec) -> "_MLPWatch":
-        return _MLPWatch(block, spec, self.curves)
+    def observe_mlp(self, block: nn.Module, spec: ArchSpec, reduce: Reduction) -> "_MLPWatch":
+        return _MLPWatch(block, spec, self.curves, reduce)
 
 
 class _MLPWatch:
-    """One layer's MLP pass, batch by batch: the weighted moments of the writer's input h and of
-    the MLP's output t; :meth:`done` sums them over the processes and appends the layer's curve."""
+    """One layer's MLP pass, batch by batch, as a context: the weighted moments of the writer's
+    input h and of the MLP's output t; a pass that ends without an error sums them over the
+    processes and appends the layer's curve (:meth:`done`); its hook goes either way."""
 
-    def __init__(self, block: nn.Module, spec: ArchSpec, curves: list[torch.Tensor]) -> None:
+    def __init__(self, block: nn.Module, spec: ArchSpec, curves: list[torch.Tensor], reduce: Reduction) -> None:
         (writer,) = mlp_writers(block, spec)
         weight = writer.tensor.detach().to(torch.float64)
         self.weight = weight.t() if writer.transposed else weight  # (D, n)
-        self.moments, self.energy, self.curves = Moments(), 0.0, curves
+        self.moments, self.energy, self.curves, self.reduce = Moments(), 0.0, curves, reduce
         self.recorder = InputRecorder(writer.module)
+
+    def __enter__(self) -> "_MLPWatch":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.recorder.remove()
+        if kind is None:
+            self.done()
 
     def add(self, t: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> None:
         """``t`` what the MLP wrote ([B, T, D]), ``out`` the stream it wrote into, ``mask`` padding."""
@@ -76,24 +85,20 @@ class _MLPWatch:
         self.moments.add(h, t)
         self.energy += float(t.pow(2).sum())
 
-    def done(self, reduce: Reduction) -> None:
-        self.recorder.remove()
+    def done(self) -> None:
         m, (D, n) = self.moments, self.weight.shape
         device = self.weight.device
         if m.xx is None:  # this process's rows were all padding here; the others' count
             m.xx = torch.zeros(n, n, dtype=torch.float64, device=device)
             m.xt = torch.zeros(n, D, dtype=torch.float64, device=device)
         totals = torch.tensor([self.energy, float(m.count)], dtype=torch.float64, device=m.xx.device)
-        reduce.sum_([m.xx, m.xt, totals])
+        self.reduce.sum_([m.xx, m.xt, totals])
         m.count = int(totals[1])
         cov, cross = m.mean()
         _, gains = greedy_order(cov, self.weight, n, cross=cross)  # on the layer's device
         total = float(totals[0]) / m.count
         errors = total - torch.cumsum(gains.cpu(), 0)  # the best fit's error on the first 1..n neurons
         self.curves.append(torch.cat([torch.tensor([total], dtype=torch.float64), errors]))
-
-    def abandon(self) -> None:
-        self.recorder.remove()
 
 
 def spread(curves: list[torch.Tensor], total: int, step: int = 8, floor: int | None = None) -> list[int]:
