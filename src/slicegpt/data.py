@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -191,18 +191,22 @@ def file_text(path: Path) -> str:
     return _join(re.split(r"\n\s*\n", raw))
 
 
+#: The text sources known by name (each gives its calibration or evaluation part).
+BUILTIN_TEXTS: dict[str, Callable[[Split], str]] = {
+    "wiki": wiki_text,
+    "wikitext2": wikitext2_text,
+    "lambada": lambada_text,
+}
+
+
 def load_text(source: str | os.PathLike, split: Split) -> str:
     """The text of ``source`` (a built-in name, a file path, or :class:`Text`) for ``split``."""
     if isinstance(source, Text):
         text = str(source)
     elif isinstance(source, os.PathLike):
         text = file_text(Path(source))
-    elif source == "wiki":
-        text = wiki_text(split)
-    elif source == "wikitext2":
-        text = wikitext2_text(split)
-    elif source == "lambada":
-        text = lambada_text(split)
+    elif source in BUILTIN_TEXTS:
+        text = BUILTIN_TEXTS[source](split)
     elif source.startswith(HF_PREFIX):
         text = hf_text(source[len(HF_PREFIX) :], split)
     elif os.path.exists(source) or source.endswith((".txt", ".jsonl")):

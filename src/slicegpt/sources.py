@@ -82,9 +82,8 @@ def check_source(source: Any, what: str = "data") -> None:
     not a source (its contents are read, and checked, when its rows are made)."""
     if not isinstance(source, str) or isinstance(source, Text) or source == AUTO:
         return
-    builtin = ("wiki", "wikitext2", "lambada")
     for part in parts(source):
-        if part in builtin or part.startswith(data.HF_PREFIX) or is_self(part) or os.path.exists(part):
+        if part in data.BUILTIN_TEXTS or part.startswith(data.HF_PREFIX) or is_self(part) or os.path.exists(part):
             continue
         if part.endswith((".txt", ".jsonl")) or os.sep in part:
             raise DataError(f"{what} file not found: {part}")
