@@ -62,6 +62,11 @@ def test_the_save_default_follows_the_source(tiny_model_dir: Path, tmp_path: Pat
         assert source_dtype(str(gguf_file)) == want, outtype
 
 
+def _small(tiny_model_dir: Path) -> list[str]:
+    """A quick calibration for the tiny model: 4 rows of 32 tokens of its corpus, no samples shown."""
+    return ["--calib", str(tiny_model_dir / "corpus.txt"), "--nsamples", "4", "--seqlen", "32", "--no-samples"]
+
+
 def _weights(folder: Path) -> dict[str, str]:
     import hashlib
 
@@ -197,23 +202,7 @@ def test_output_folders_get_the_users_usual_permissions(tiny_model_dir: Path, tm
 
     out = tmp_path / "s"
     assert (
-        main(
-            [
-                "slice",
-                str(tiny_model_dir / "model"),
-                "--sparsity",
-                "0.25",
-                "--calib",
-                str(tiny_model_dir / "corpus.txt"),
-                "--nsamples",
-                "4",
-                "--seqlen",
-                "32",
-                "--out",
-                str(out),
-                "--no-samples",
-            ]
-        )
+        main(["slice", str(tiny_model_dir / "model"), "--sparsity", "0.25", *_small(tiny_model_dir), "--out", str(out)])
         == 0
     )
     mask = os.umask(0)
@@ -235,15 +224,9 @@ def test_inspect_builds_the_dense_model_a_uniform_budget_folder_came_from(tiny_m
                 "0.8",
                 "--axes",
                 "mlp",
-                "--calib",
-                str(tiny_model_dir / "corpus.txt"),
-                "--nsamples",
-                "4",
-                "--seqlen",
-                "32",
+                *_small(tiny_model_dir),
                 "--out",
                 str(out),
-                "--no-samples",
             ]
         )
         == 0
@@ -262,8 +245,8 @@ def test_compress_refuses_bad_input_before_any_work_and_never_replaces_its_recip
     """compress given adversarially: a missing recovery file, a fractional token count, an unknown
     calibration source, --per-layer with --gguf, and --out the folder holding the --recipe it
     reads: each one line, before any slicing, with nothing written."""
-    model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
-    small = ["--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--no-samples"]
+    model = str(tiny_model_dir / "model")
+    small = _small(tiny_model_dir)
     out = tmp_path / "o"
 
     def error(*argv: str) -> str:
@@ -294,7 +277,7 @@ def test_inspect_is_right_on_every_folder_kind(tiny_model_dir: Path, tmp_path: P
     from slicegpt.io.format import read_metadata
 
     model, corpus = str(tiny_model_dir / "model"), str(tiny_model_dir / "corpus.txt")
-    small = ["--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--no-samples"]
+    small = _small(tiny_model_dir)
     size = {
         "uniform budget": ["--target-params", "0.8"],
         "per-layer budget": ["--target-params", "0.8", "--per-layer"],
@@ -323,7 +306,7 @@ def test_export_says_which_matrices_stay_f16_for_their_width(tiny_model_dir: Pat
     import gguf
 
     out = tmp_path / "s"
-    small = ["--calib", str(tiny_model_dir / "corpus.txt"), "--nsamples", "4", "--seqlen", "32", "--no-samples"]
+    small = _small(tiny_model_dir)
     assert main(["slice", str(tiny_model_dir / "model"), "--target-params", "0.8", *small, "--out", str(out)]) == 0
     assert slicegpt.read_metadata(out)["widths"]["layers"][0]["mlp"] % 32  # round_to 8: not a block multiple
     capsys.readouterr()
