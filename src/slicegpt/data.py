@@ -277,6 +277,14 @@ class Rows:
             mask = None if self.attention_mask is None else self.attention_mask[start : start + batch_size]
             yield ids, mask
 
+    def take(self, index: slice) -> "Rows":
+        """The rows ``index`` selects, with their masks."""
+        return Rows(
+            self.input_ids[index],
+            None if self.attention_mask is None else self.attention_mask[index],
+            None if self.loss_mask is None else self.loss_mask[index],
+        )
+
 
 def calibration_rows(
     tokenizer,

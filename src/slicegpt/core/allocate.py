@@ -64,8 +64,7 @@ def search_split(
     rows = calibration_rows_for(model, tokenizer, calib, replace(config, nsamples=config.nsamples + held_rows))
     if len(rows) <= held_rows:
         raise ValueError(f"the split search needs more than {held_rows} calibration rows")
-    fit = Rows(rows.input_ids[:-held_rows], None if rows.attention_mask is None else rows.attention_mask[:-held_rows])
-    held = Rows(rows.input_ids[-held_rows:], None if rows.attention_mask is None else rows.attention_mask[-held_rows:])
+    fit, held = rows.take(slice(None, -held_rows)), rows.take(slice(-held_rows, None))
     records = []
     for share in shares:
         candidate = copy.deepcopy(model)

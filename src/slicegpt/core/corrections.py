@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ..arch import ArchSpec, UnsupportedModelError
 from . import neurons, ops
@@ -52,6 +53,39 @@ def combine(moments: moments_.FitMoments, reduce: Reduction) -> None:
     fit.count, held.count = int(counts[0]), int(counts[1])
 
 
+class WriterInputs:
+    """What a branch's writer read in each batch of a refit pass, kept (host) so that the pass after
+    the refit computes the branch's new output as ``writer(input)`` instead of running the whole
+    branch again (attention or the MLP up to its writer: most of a layer's compute).
+
+    Kept only where the branch's output is exactly its writer applied to that input (checked bit
+    for bit on the first batch); ``inputs`` is None otherwise, and the branch runs again.
+    """
+
+    def __init__(self, module: nn.Module, store: list) -> None:
+        self.module, self.inputs = module, store
+        self.checked = False
+
+    def add(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self.inputs is None:
+            return
+        if not self.checked:
+            self.checked = True
+            if not torch.equal(_first(self.module(x)), out):
+                self.inputs = None
+                return
+        self.inputs.append(x.cpu())
+
+    def output(self, batch: int, device: torch.device, neurons: torch.Tensor | None = None) -> torch.Tensor:
+        """The writer's output on batch ``batch``'s recorded input (of the ``neurons`` kept, where given)."""
+        x = self.inputs[batch].to(device)
+        return _first(self.module(x if neurons is None else x.index_select(-1, neurons.to(device))))
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
 def dense_layer(block: SlicedBlock, index: int, inputs: LayerInputs, device: torch.device) -> tuple[list, list]:
     """The dense model's stream after attention and after the MLP, per batch (host, original basis).
 
@@ -85,23 +119,26 @@ def refit_attention(
     record: dict[str, float],
     *,
     reduce: Reduction = _LOCAL,
-) -> None:
+) -> WriterInputs:
     """Refit attention's output projection so that the compressed stream after attention lands on the
     dense model's: min E||r_dense - x - attn(x)||^2 over the projection, ridge chosen on held-out
     rows. Each branch so also cancels what the layers before it got wrong (matching the dense
     branch's own output instead shrinks every layer's output, the fit being made on perturbed
-    inputs, and that compounds: 6.3x dense perplexity against 2.4x on SmolLM2)."""
+    inputs, and that compounds: 6.3x dense perplexity against 2.4x on SmolLM2). Returns what the
+    projection read (:class:`WriterInputs`)."""
     if spec.post_norms is not None:
         raise UnsupportedModelError(f"{spec.name}: corrections through post-norms are not supported; use correct=False")
     ref = writer(weight_refs(block, spec.attn_outputs), "attention output")
     bias = ops.get_bias(ref)
     held = inputs.held
     moments, rec = moments_.FitMoments(), moments_.InputRecorder(ref.module)
+    read = WriterInputs(ref.module, inputs.new())
     try:
         for i, x in stream(inputs.hidden, device):
             args, kwargs = inputs.layer_call(index, i, device)
             xb = x @ back_in
-            block.attn_branch(xb, args, kwargs)
+            out = block.attn_branch(xb, args, kwargs)
+            read.add(rec.last, out)
             t = targets[i].to(device, torch.float64) - xb.to(torch.float64)
             moments.add(rec.last, t if bias is None else t - bias, i == held)
     finally:
@@ -110,6 +147,7 @@ def refit_attention(
     w, rel = moments_.refit(moments, ops.get_matrix(ref))
     ops.set_matrix(ref, reduce.agree(w))
     record[f"layer.{index}.attn"] = rel
+    return read
 
 
 def refit_mlp(
@@ -125,8 +163,9 @@ def refit_mlp(
     weighting: str,
     *,
     reduce: Reduction = _LOCAL,
-) -> None:
-    """Keep ``keep`` MLP neurons (all with None) and refit the MLP's writer on them.
+) -> tuple[WriterInputs, torch.Tensor | None]:
+    """Keep ``keep`` MLP neurons (all with None) and refit the MLP's writer on them; returns what
+    the writer read (:class:`WriterInputs`, all neurons) and the neurons kept.
 
     The target is the dense model's stream after the MLP less the compressed stream before it
     (``targets``: the stream lands back on the dense one), or the MLP's own unpruned output on the
@@ -137,10 +176,12 @@ def refit_mlp(
     bias = ops.get_bias(ref)
     held = inputs.held
     moments, rec = moments_.FitMoments(), moments_.InputRecorder(ref.module)
+    read = WriterInputs(ref.module, inputs.new())
     try:
         for i, h in stream(inputs.hidden, device):
             y = to_input(h)
             m = block.mlp_branch(y)
+            read.add(rec.last, m)
             t = None
             if targets is not None:
                 t = targets[i].to(device, torch.float64) - y.to(torch.float64)
@@ -157,6 +198,7 @@ def refit_mlp(
     index, w, rel = keep_and_refit(moments, w0, keep, reduce.agree)
     neurons.keep_neurons(block, spec, index, [reduce.agree(w)])
     record[point] = rel
+    return read, None if keep is None else index
 
 
 def keep_and_refit(

@@ -94,8 +94,7 @@ def shard_rows(rows: Rows, batch_size: int, rank: int, world: int) -> tuple[Rows
         )
     lo, hi = rank * batches // world, (rank + 1) * batches // world
     a, b = lo * batch_size, min(hi * batch_size, len(rows))
-    mask = None if rows.attention_mask is None else rows.attention_mask[a:b]
-    return Rows(rows.input_ids[a:b], mask), range(lo, hi)
+    return rows.take(slice(a, b)), range(lo, hi)
 
 
 class TorchDistributedReduction:

@@ -124,19 +124,25 @@ def calibrate_block(
     prune = w.mlp if width is not None and w.mlp < width else None
     dense = corrections.dense_layer(block, index, inputs, device) if inputs.reference is not None else None
     q_mid = None
+    # What the writers read in their refit passes: the passes after them run the writer alone.
+    attn_read: corrections.WriterInputs | None = None
+    mlp_read: tuple[corrections.WriterInputs, torch.Tensor | None] | None = None
     if spec.topology == "sequential":
         if dense is not None:
             # also where attention itself is not compressed (MLP neurons only): its refit lets it
             # cancel what upstream pruning changed (SmolLM2, 25% of parameters by MLP neurons, 32
             # calibration rows: wiki 2.49x / books 3.26x dense perplexity with it, 2.46x / 3.43x without)
-            corrections.refit_attention(
+            attn_read = corrections.refit_attention(
                 block, spec, index, inputs, back_in, dense[0], device, choose.refits, reduce=choose.streams.reduce
             )
         cov = Covariance(D, device) if wants_pca else None
-        for i, x in stream(inputs.hidden, device):  # attention once per batch
-            args, kwargs = inputs.layer_call(index, i, device)
+        for i, x in stream(inputs.hidden, device):  # attention once per batch (its writer alone after a refit)
             xb = x @ back_in
-            r = xb + block.attn_branch(xb, args, kwargs)
+            if attn_read is not None and attn_read.inputs is not None:
+                r = xb + attn_read.output(i, device)
+            else:
+                args, kwargs = inputs.layer_call(index, i, device)
+                r = xb + block.attn_branch(xb, args, kwargs)
             if cov is not None:
                 cov.add(signal(r), inputs.masks[i])
             inputs.hidden[i] = r.cpu()
@@ -158,7 +164,7 @@ def calibrate_block(
                     reduce=choose.streams.reduce,
                 )
         elif prune is not None or dense is not None:
-            corrections.refit_mlp(
+            mlp_read = corrections.refit_mlp(
                 block,
                 spec,
                 inputs,
@@ -175,7 +181,7 @@ def calibrate_block(
         with _watch_mlp(choose, block, spec) as watch:
             for i, r in stream(inputs.hidden, device):  # the MLP once per batch, on the sliced mid stream
                 y = (r @ mid) @ mid.t()
-                m = block.mlp_branch(y)
+                m = _mlp_out(block, y, mlp_read, i, device)
                 o = y + m
                 if cov is not None:
                     cov.add(signal(o), inputs.masks[i])
@@ -184,7 +190,7 @@ def calibrate_block(
                 inputs.hidden[i] = o.cpu()
     else:
         if prune is not None:
-            corrections.refit_mlp(
+            mlp_read = corrections.refit_mlp(
                 block,
                 spec,
                 inputs,
@@ -202,7 +208,7 @@ def calibrate_block(
             for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
                 args, kwargs = inputs.layer_call(index, i, device)
                 xb = x @ back_in
-                m = block.mlp_branch(xb)
+                m = _mlp_out(block, xb, mlp_read, i, device)
                 o = xb + block.attn_branch(xb, args, kwargs) + m
                 if cov is not None:
                     cov.add(signal(o), inputs.masks[i])
@@ -214,6 +220,20 @@ def calibrate_block(
     q_out = torch.eye(D, dtype=torch.float64, device=device) if keep_full else choose(f"layer.{index}.out", cov)
     inputs.project(q_out[:, : w.d_out], device)
     return BlockBases(q_in=q_in, q_mid=q_mid, q_out=q_out)
+
+
+def _mlp_out(
+    block: SlicedBlock,
+    y: torch.Tensor,
+    read: tuple[corrections.WriterInputs, torch.Tensor | None] | None,
+    batch: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The MLP branch's output on ``y``: its writer on the kept neurons of what it read in the refit
+    pass (the same product the pruned MLP computes), or the branch run again where none was kept."""
+    if read is not None and read[0].inputs is not None:
+        return read[0].output(batch, device, read[1])
+    return block.mlp_branch(y)
 
 
 def _watch_mlp(choose: _BasisChooser, block: SlicedBlock, spec: ArchSpec) -> Any:
@@ -705,9 +725,7 @@ def _spread(
     """The plan's widths with its MLP neurons spread over the layers by each layer's error curve
     (:func:`neuron_curves`, over the first calibration rows)."""
     start = time.perf_counter()
-    spread_rows = Rows(
-        rows.input_ids[:SPREAD_ROWS], None if rows.attention_mask is None else rows.attention_mask[:SPREAD_ROWS]
-    )
+    spread_rows = rows.take(slice(None, SPREAD_ROWS))
     curves = neuron_curves(model, spec, spread_rows, config, devices, streams, progress)
     kept = [w.mlp for w in plan.widths.layers]
     counts = spread.spread(curves, plan.spread_total, plan.step)
