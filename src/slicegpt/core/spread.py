@@ -27,7 +27,7 @@ from torch import nn
 from ..arch import ArchSpec
 from .neurons import greedy_order
 from .pca import Covariance
-from .refit import InputRecorder, Moments, stream_weights
+from .refit import InputRecorder, Moments, product_dtype, stream_weights
 from .streams import Reduction
 from .surgery import mlp_writers
 
@@ -81,9 +81,10 @@ class _MLPWatch:
         if mask is not None:  # padding tokens do not count
             keep = mask.reshape(-1).to(h.device).bool()
             h, t, wt = h[keep], t[keep], wt[keep]
-        h, t = h.to(torch.float64) * wt, t.to(torch.float64) * wt
+        dtype = product_dtype(h)  # float32 products where the model is not float64, summed in float64
+        h, t = h.to(dtype) * wt.to(dtype), t.to(dtype) * wt.to(dtype)
         self.moments.add(h, t)
-        self.energy += float(t.pow(2).sum())
+        self.energy += float(t.to(torch.float64).pow(2).sum())
 
     def done(self) -> None:
         m, (D, n) = self.moments, self.weight.shape
