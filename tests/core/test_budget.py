@@ -53,6 +53,27 @@ def test_greedy_gains_are_the_least_squares_error_curve() -> None:
     assert neurons.greedy_neurons(cov, w, 5).tolist() == sorted(order[:5].tolist())
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_rounds_take_the_one_at_a_time_order_where_tokens_outnumber_neurons(seed: int) -> None:
+    """A round takes 16 neurons, each exactly as one-at-a-time greedy would among a shortlist, then
+    updates all neurons at once; with a round of one the shortlist holds the best and it is the
+    plain greedy. Where the moments are well determined (tokens >> neurons) the orders agree;
+    where they are not (fewer tokens than neurons), the error curve stays within 1% of the total."""
+    h, w, cov = _moments(n=200, d=40, tokens=4000, seed=seed)
+    h[:, 7] = h[:, 3]  # a duplicate: taken at most once either way
+    cov = h.t() @ h / h.shape[0]
+    one, gains_one = neurons.greedy_order(cov, w, 150, round_size=1)
+    rounds, gains = neurons.greedy_order(cov, w, 150)
+    assert rounds.tolist() == one.tolist()
+    assert torch.allclose(gains, gains_one, rtol=1e-9, atol=1e-12)
+    h, w, cov = _moments(n=200, d=40, tokens=60, seed=seed)  # rank 60
+    total = float((h @ w.t()).pow(2).sum(1).mean())
+    _, gains_one = neurons.greedy_order(cov, w, 100, round_size=1)
+    order, gains = neurons.greedy_order(cov, w, 100)
+    assert len(set(order.tolist())) == 100
+    assert float((gains.cumsum(0) - gains_one.cumsum(0)).abs().max()) <= 0.01 * total
+
+
 def test_greedy_skips_a_duplicate_neuron() -> None:
     h, w, _ = _moments(n=6)
     h = torch.cat([h, h[:, -1:]], dim=1)  # neuron 6 repeats neuron 5, the strongest
