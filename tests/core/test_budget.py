@@ -620,3 +620,50 @@ def test_an_untied_model_at_a_uniform_budget_stays_within_it(family: str) -> Non
         progress=False,
     )
     assert report.params_after <= report.target_params
+
+
+@pytest.mark.parametrize(("family", "uniform"), [("llama", True), ("llama", False), ("phi", False)])
+def test_the_pass_after_a_refit_runs_the_writer_alone_and_computes_what_the_branch_would(
+    family: str, uniform: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a refit the walk computes the branch's new output as its writer on the inputs recorded in the
+    refit pass, instead of running attention or the MLP again: the compressed model is the one running
+    the branches gives (sequential and parallel blocks, uniform and per-layer)."""
+    from slicegpt.core import corrections
+
+    def compress() -> tuple[dict[str, torch.Tensor], int]:
+        model = make_tiny(family)
+        config = slicegpt.SliceConfig(batch_size=4, uniform=uniform, target_params=0.85)
+        calls = []
+        original = corrections.WriterInputs.output
+
+        def counting(self, *args, **kwargs):
+            calls.append(1)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(corrections.WriterInputs, "output", counting)
+        slicegpt.slice_model(model, None, calib_rows(16), config, progress=False)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, len(calls)
+
+    reused, calls = compress()
+    assert calls > 0
+    monkeypatch.setattr(corrections.WriterInputs, "add", lambda self, x, out: setattr(self, "inputs", None))
+    rerun, none = compress()
+    assert none == 0 and reused.keys() == rerun.keys()
+    for k in reused:
+        assert torch.allclose(reused[k], rerun[k], rtol=1e-9, atol=1e-10), k
+
+
+@torch.no_grad()
+def test_a_branch_that_does_more_than_its_writer_runs_again() -> None:
+    from slicegpt.core.corrections import WriterInputs
+
+    writer = torch.nn.Linear(6, 4)
+    x = torch.randn(2, 5, 6)
+    kept = WriterInputs(writer, [])
+    kept.add(x, writer(x))
+    kept.add(x + 1, writer(x + 1))
+    assert len(kept.inputs) == 2 and torch.equal(kept.output(1, torch.device("cpu")), writer(x + 1))
+    scaled = WriterInputs(writer, [])
+    scaled.add(x, 2 * writer(x))  # a scale after the writer: not its output
+    assert scaled.inputs is None

@@ -95,8 +95,12 @@ class LayerInputs:
 
     def project(self, q: torch.Tensor, device: torch.device) -> None:
         """Replace every stored batch by its coordinates in the kept basis ``q`` (D, d)."""
+        # activations are kept in the model's dtype: the product runs in it (float32 for half
+        # models), the basis being float64 only where the model is
+        dtype = torch.float64 if self.hidden[0].dtype == torch.float64 else torch.float32
+        q = q.to(dtype)
         for i, x in stream(self.hidden, device):
-            self.hidden[i] = (x.to(torch.float64) @ q).to(x.dtype).cpu()
+            self.hidden[i] = (x.to(dtype) @ q).to(x.dtype).cpu()
 
 
 class _Recorder(nn.Module):

@@ -58,8 +58,9 @@ class WriterInputs:
     the refit computes the branch's new output as ``writer(input)`` instead of running the whole
     branch again (attention or the MLP up to its writer: most of a layer's compute).
 
-    Kept only where the branch's output is exactly its writer applied to that input (checked bit
-    for bit on the first batch); ``inputs`` is None otherwise, and the branch runs again.
+    Kept only where the branch's output is its writer applied to that input (checked on a few
+    tokens of the first batch, to rounding: a branch that does anything after its writer, a
+    post-norm or a scale, fails it); ``inputs`` is None otherwise, and the branch runs again.
     """
 
     def __init__(self, module: nn.Module, store: list) -> None:
@@ -71,7 +72,10 @@ class WriterInputs:
             return
         if not self.checked:
             self.checked = True
-            if not torch.equal(_first(self.module(x)), out):
+            probe = x.reshape(-1, x.shape[-1])[:16]
+            want = out.reshape(-1, out.shape[-1])[:16]
+            got = _first(self.module(probe))
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
                 self.inputs = None
                 return
         self.inputs.append(x.cpu())
@@ -138,9 +142,9 @@ def refit_attention(
             args, kwargs = inputs.layer_call(index, i, device)
             xb = x @ back_in
             out = block.attn_branch(xb, args, kwargs)
-            read.add(rec.last, out)
             t = targets[i].to(device, torch.float64) - xb.to(torch.float64)
             moments.add(rec.last, t if bias is None else t - bias, i == held)
+            read.add(rec.last, out)  # last: its check runs the writer, which the recorder sees
     finally:
         rec.remove()
     combine(moments, reduce)
@@ -181,17 +185,18 @@ def refit_mlp(
         for i, h in stream(inputs.hidden, device):
             y = to_input(h)
             m = block.mlp_branch(y)
-            read.add(rec.last, m)
+            seen = rec.last  # what the writer read: [B, T, n]
             t = None
             if targets is not None:
                 t = targets[i].to(device, torch.float64) - y.to(torch.float64)
                 t = t if bias is None else t - bias
-            x = rec.last
+            x = seen
             if weighting == "norm":
                 wt = moments_.stream_weights(y + m)  # by the stream the MLP writes into
                 x = x * wt.to(x.dtype)
                 t = None if t is None else t * wt
             moments.add(x, t, i == held)
+            read.add(seen, m)  # last: its check runs the writer, which the recorder sees
     finally:
         rec.remove()
     combine(moments, reduce)

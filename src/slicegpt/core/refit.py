@@ -39,7 +39,7 @@ def product_dtype(x: torch.Tensor) -> torch.dtype:
 
     The products are most of a budget compression's arithmetic, and CPUs run float32 at twice
     the float64 rate, GPUs at 32-64x. One batch's sums carry float32's relative rounding (about
-    1e-7 times the square root of its tokens); measured on SmolLM2 (benchmarks/moments_precision.py)
+    1e-7 times the square root of its tokens); measured on SmolLM2 (benchmarks/fast_statistics.py)
     against float64 products: the same neurons kept but for near-ties, and perplexity within
     run-to-run noise.
     """
