@@ -16,6 +16,7 @@ from torch import nn
 
 from ..arch import ArchSpec
 from ..data import Rows
+from .ops import is_identity
 from .pca import Covariance
 from .surgery import get_layers, get_path
 
@@ -95,6 +96,8 @@ class LayerInputs:
 
     def project(self, q: torch.Tensor, device: torch.device) -> None:
         """Replace every stored batch by its coordinates in the kept basis ``q`` (D, d)."""
+        if is_identity(q, q.shape[1]):  # the basis kept: the coordinates are the stored ones
+            return
         # activations are kept in the model's dtype: the product runs in it (float32 for half
         # models), the basis being float64 only where the model is
         dtype = torch.float64 if self.hidden[0].dtype == torch.float64 else torch.float32

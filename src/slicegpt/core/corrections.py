@@ -117,7 +117,7 @@ def refit_attention(
     spec: ArchSpec,
     index: int,
     inputs: LayerInputs,
-    back_in: torch.Tensor,
+    back_in: torch.Tensor | None,
     targets: list,
     device: torch.device,
     record: dict[str, float],
@@ -140,7 +140,7 @@ def refit_attention(
     try:
         for i, x in stream(inputs.hidden, device):
             args, kwargs = inputs.layer_call(index, i, device)
-            xb = x @ back_in
+            xb = x if back_in is None else x @ back_in
             out = block.attn_branch(xb, args, kwargs)
             t = targets[i].to(device, torch.float64) - xb.to(torch.float64)
             moments.add(rec.last, t if bias is None else t - bias, i == held)

@@ -224,3 +224,8 @@ def rotate_embedding(emb: nn.Module, q: torch.Tensor | None, d: int) -> None:
 def shortcut_matrix(q_in: torch.Tensor, d_in: int, q_out: torch.Tensor, d_out: int) -> torch.Tensor:
     """The residual path's change of basis Q_in[:, :d_in]^T Q_out[:, :d_out], (d_in, d_out), float64."""
     return q_in[:, :d_in].t() @ q_out[:, :d_out].to(q_in.device)
+
+
+def is_identity(q: torch.Tensor, d: int) -> bool:
+    """Is ``q[:, :d]`` the identity (a square basis that was kept: mapping by it changes nothing)?"""
+    return q.shape[0] == d and torch.equal(q[:, :d], torch.eye(d, dtype=q.dtype, device=q.device))

@@ -31,6 +31,10 @@ from .refit import InputRecorder, Moments, product_dtype, stream_weights
 from .streams import Reduction
 from .surgery import mlp_writers
 
+# Calibration rows the neuron spreading's dense pass reads (the first of the statistics rows):
+# SmolLM2 at 25% removed, 8 rows gave 11% less summed error than the same count in every layer.
+SPREAD_ROWS = 8
+
 
 class NeuronCurves:
     """The walk's collector for spreading (as :class:`~slicegpt.core.pca.PooledCovariance` is

@@ -27,6 +27,7 @@ from ..core import uniform
 from ..core.allocate import SHARES
 from ..core.neurons import experts_of, intermediate_size
 from ..core.sizing import plan_widths
+from ..core.spread import SPREAD_ROWS
 from ..core.surgery import count_parameters, get_layers, get_path, is_tied
 from ..core.widths import Widths
 from ..data import clip_seqlen
@@ -107,6 +108,7 @@ class Workload:
     nproc: int = 1
     device_is_host: bool = True
     compressions: int = 1
+    spread_rows: int = 0  # rows of the per-layer budget's spreading walk (0: none)
 
     @property
     def rows_per_process(self) -> int:
@@ -148,6 +150,11 @@ class Throughput:
     tflops: float
     fp64_tflops: float
     disk_gbps: float = DEFAULT_DISK_GBPS
+    fp32_tflops: float | None = None  # the moments' float32 products (None: ``tflops``)
+
+    @property
+    def moments_tflops(self) -> float:
+        return self.fp32_tflops or self.tflops
 
 
 @dataclass(frozen=True)
@@ -161,7 +168,9 @@ class MemoryEstimate:
       activations        rows / nproc x seqlen x hidden x dtype bytes, the calibration stream
                          the walk carries between layers; x4 with corrections (the compressed
                          stream, the dense reference stream, and the dense layer's two outputs,
-                         after attention and after the MLP, held through the layer).
+                         after attention and after the MLP, held through the layer), plus what
+                         the MLP's writer read in its refit pass (x intermediate / hidden), kept
+                         so that the pass after the refit runs the writer alone.
       call_arguments     what each batch hands every layer: a boolean causal mask
                          (batch x seqlen^2) and rotary cos/sin (2 x batch x seqlen x head_dim,
                          float32), shared across layers: rows / nproc x (seqlen^2 + 8 seqlen head_dim).
@@ -257,7 +266,8 @@ def memory_model(shape: ModelShape, work: Workload) -> MemoryEstimate:
     b = work.dtype_bytes
     rows = work.rows_per_process
     token_bytes = rows * work.seqlen * shape.hidden * b
-    copies = 4 if work.corrections else 1
+    # with corrections: 4 streams, and what the MLP's writer read in its refit pass (intermediate wide)
+    copies = 4 + shape.intermediate / shape.hidden if work.corrections else 1
     i, d = shape.intermediate, shape.hidden
     batch_tokens = min(work.batch_size, rows) * work.seqlen
     model_bytes = (shape.params + (shape.table_params if shape.tied else 0)) * b
@@ -289,21 +299,27 @@ class TimeEstimate:
 
       forward        calibration forwards of the decoder layers in the model's dtype:
                      2 x layer parameters x tokens x passes, passes per compressing walk = 1 (the
-                     attention pass and the MLP pass make one forward of the layer), +2 with
-                     corrections (the dense layer once, each branch's refit pass), +1 when
-                     neurons are pruned without corrections; +1 per statistics-only pooling
-                     walk (uniform); attention's scores and values add 4 x seqlen x heads x
-                     head_dim per token and layer to each pass; plus the rotations back to the original basis
+                     attention pass and the MLP pass make one forward of the layer), 2 with
+                     corrections (the dense layer, then each branch's refit pass; the pass after
+                     a refit runs the refit writers alone on what they read: 2 x (hidden +
+                     kept neurons) x hidden per token); +1 per statistics-only pooling walk
+                     (uniform) and per spreading walk (per-layer budget, over its 8 rows);
+                     attention's scores and values add 4 x seqlen x heads x head_dim per token
+                     and layer to each pass; plus the rotations back to the original basis
                      (6 x hidden^2 per token per layer per compressing pass). Divided over --nproc.
                      MoE layers are charged for every expert (conservative).
-      statistics     float64 accumulation per token and layer: covariances 2 x hidden^2 per PCA
+      statistics     accumulation per token and layer: float64 covariances 2 x hidden^2 per PCA
                      point; with corrections/pruning the writers' moments 2 x (n^2 + n x hidden)
-                     for n = hidden (attention) and intermediate (MLP). Divided over --nproc.
+                     for n = hidden (attention) and intermediate (MLP), in float32 products (at
+                     the dtype's rate: float32 on a GPU is the model's rate / 5 for half
+                     models, taken as the float32 rate here); the spreading walk's MLP moments
+                     over its rows. Divided over --nproc.
       eigh           10 x hidden^3 float64 per eigendecomposition (one per PCA point, plus the embedding's).
       solves         corrections: 12 ridge solves per writer (2/3 n^3 + 2 n^2 hidden each, plus
                      the held-out error 2 n^2 hidden; n = the kept neurons for the MLP); pruning: the greedy selection
-                     intermediate x k x (k + 2 hidden). Not divided: every process (or the
-                     reducing one) does them.
+                     intermediate x k x (k + 2 hidden), and with spreading once more to every
+                     width (k = intermediate). Not divided: every process (or the reducing one)
+                     does them.
       disk           read the weights (size on disk) and write the sliced model, at --disk-gbps.
     With --search the compute terms are multiplied by the compressions run.
     """
@@ -334,19 +350,26 @@ def time_model(
     tokens = work.tokens
     compress_passes = 0
     if work.compressing_walk:
-        compress_passes = 1 + (2 if work.corrections else 1 if work.prunes else 0)
+        compress_passes = 2 if work.corrections else 1
     passes = compress_passes + (1 if work.pooling_walk else 0)
     # scores and values: 2 x 2 x seqlen x attention width per token (SDPA computes the masked half too)
     per_token = 2.0 * shape.layer_params + 4.0 * work.seqlen * shape.attention_width * n
     forward = per_token * tokens * passes + 6.0 * d * d * tokens * n * compress_passes
+    if work.corrections:  # the refit writers run once more, alone
+        forward += 2.0 * (d + (work.kept_neurons or i)) * d * tokens * n
+    spread_tokens = work.spread_rows * work.seqlen
+    forward += per_token * spread_tokens
     stats = 2.0 * d * d * tokens * n * shape.points_per_layer * work.covariance_walks
+    moments = 2.0 * (i * i + i * d) * spread_tokens * n
     solves = 0.0
     if work.corrections:
         for width, solved in ((d, d), (i, work.kept_neurons or i)):  # the MLP's writer is refit on its kept neurons
-            stats += 2.0 * (width * width + width * d) * tokens * n
+            moments += 2.0 * (width * width + width * d) * tokens * n
             solves += RIDGE_SOLVES * (2 / 3 * solved**3 + 4 * solved * solved * d) * n
     elif work.prunes:
-        stats += 2.0 * i * i * tokens * n
+        moments += 2.0 * i * i * tokens * n
+    if work.spread_rows:
+        solves += i * i * (i + 2 * d) * n * shape.experts
     if work.prunes:
         k = work.kept_neurons or 0
         solves += i * k * (k + 2 * d) * n * shape.experts
@@ -356,11 +379,11 @@ def time_model(
     c = work.compressions
     return TimeEstimate(
         forward_flops=c * forward,
-        statistics_flops=c * stats,
+        statistics_flops=c * (stats + moments),
         eigh_flops=c * eigh,
         solve_flops=c * solves,
         forward=c * forward / (rate.tflops * 1e12) / work.nproc,
-        statistics=c * stats / (rate.fp64_tflops * 1e12) / work.nproc,
+        statistics=c * (stats / (rate.fp64_tflops * 1e12) + moments / (rate.moments_tflops * 1e12)) / work.nproc,
         eigh=c * eigh / (rate.fp64_tflops * 1e12),
         solves=c * solves / (rate.fp64_tflops * 1e12),
         disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
@@ -382,7 +405,12 @@ def default_throughput(
     for flag, value in (("tflops", tflops), ("fp64_tflops", fp64_tflops), ("disk_gbps", disk_gbps)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{flag} must be a positive number, got {value}")
-    rate = Throughput(tflops or table[dtype], fp64_tflops or table["float64"], disk_gbps or DEFAULT_DISK_GBPS)
+    rate = Throughput(
+        tflops or table[dtype],
+        fp64_tflops or table["float64"],
+        disk_gbps or DEFAULT_DISK_GBPS,
+        fp32_tflops=table["float32"] if tflops is None else None,
+    )
     if not (rate.tflops > 0 and rate.fp64_tflops > 0 and rate.disk_gbps > 0):
         raise ValueError("--tflops, --fp64-tflops and --disk-gbps must be positive")
     return rate
@@ -439,14 +467,15 @@ def model_shape(model: nn.Module) -> ModelShape:
     )
 
 
-def sliced_widths(model: nn.Module, config: SliceConfig) -> tuple[Widths, int]:
-    """(the widths slicing will build, the sliced model's exact parameter count), on a meta model,
-    by the plan :func:`slicegpt.core.slicing.slice_model` follows (:func:`slicegpt.core.sizing.plan_widths`)."""
+def sliced_widths(model: nn.Module, config: SliceConfig) -> tuple[Widths, int, bool]:
+    """(the widths slicing will build, the sliced model's exact parameter count, whether a
+    spreading walk gives the layers their MLP neurons), on a meta model, by the plan
+    :func:`slicegpt.core.slicing.slice_model` follows (:func:`slicegpt.core.sizing.plan_widths`)."""
     spec = spec_for_config(model.config)
     if config.uniform:
         uniform.check_supported(model.config, spec)
     plan = plan_widths(model, spec, config, count_parameters(model))
-    return plan.widths, plan.params()
+    return plan.widths, plan.params(), plan.spread_total is not None
 
 
 @dataclass
@@ -547,7 +576,7 @@ def plan_model(
         notes.append(f"--seqlen {config.seqlen} is above the model's context; slicing uses {seqlen}")
         config = replace(config, seqlen=seqlen)
     shape = model_shape(model)
-    widths, params_sliced = sliced_widths(model, config)
+    widths, params_sliced, spreads = sliced_widths(model, config)
     dtype = str(parse_dtype(config.dtype)).removeprefix("torch.")
     b = torch.finfo(parse_dtype(config.dtype)).bits // 8
     kept = widths.mlp_neurons
@@ -568,6 +597,7 @@ def plan_model(
         nproc=nproc,
         device_is_host=device.split(":")[0] == "cpu",
         compressions=len(SHARES) + 1 if config.search and config.target_params is not None else 1,
+        spread_rows=min(SPREAD_ROWS, config.nsamples) if spreads else 0,
     )
     rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps)
     if files.disk_bytes is not None:
