@@ -133,11 +133,21 @@ class Workload:
         return not self.uniform or self.prunes or self.corrections
 
     @property
+    def keeps_basis(self) -> bool:
+        """A budget on MLP neurons alone (the residual width whole): nothing is rotated, no
+        covariance gathered."""
+        return self.prunes and self.residual_width >= self.hidden
+
+    @property
     def covariance_walks(self) -> int:
+        if self.keeps_basis:
+            return 0
         return 1 if (self.pooling_walk or not self.uniform) else 0
 
     def eigh_points(self, points_per_layer: int, layers: int) -> int:
         """Eigendecompositions: every point and the embedding's per-layer; the pooled one in uniform mode."""
+        if self.keeps_basis:
+            return 0
         if self.uniform:
             return 1 if self.pooling_walk else 0
         return 1 + points_per_layer * layers
@@ -732,8 +742,9 @@ def format_plan(plan: Plan) -> str:
         f"| calibration forwards ({_flop(t.forward_flops)} at {plan.throughput.tflops:g} TFLOP/s"
         + (f" / {plan.nproc}" if plan.nproc > 1 else "")
         + f") | {t.forward / 60:,.1f} |",
-        f"| float64 statistics ({_flop(t.statistics_flops)} at {plan.throughput.fp64_tflops:g} TFLOP/s"
-        + (f" / {plan.nproc}" if plan.nproc > 1 else "")
+        f"| statistics ({_flop(t.statistics_flops)}: covariances in float64 at {plan.throughput.fp64_tflops:g} "
+        f"TFLOP/s, moments in float32 at {plan.throughput.moments_tflops:g}"
+        + (f", / {plan.nproc}" if plan.nproc > 1 else "")
         + f") | {t.statistics / 60:,.1f} |",
         f"| eigendecompositions ({plan.workload.eigh_points(plan.shape.points_per_layer, plan.shape.layers)}) | "
         f"{t.eigh / 60:,.1f} |",
