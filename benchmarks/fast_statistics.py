@@ -1,0 +1,139 @@
+"""The fast neuron statistics against the exact reference: the same neurons? the same model?
+
+    .venv/bin/python benchmarks/fast_statistics.py                      # SmolLM2, 25%, uniform and per-layer budget
+    .venv/bin/python benchmarks/fast_statistics.py --nsamples 32 --modes uniform
+
+Two speed-ups of the budget method change arithmetic: each batch's moment products (x^T x,
+x^T t) are computed in float32 and summed in float64 (slicegpt.core.refit.product_dtype), and
+the greedy neuron selection takes its neurons in rounds of 16 (slicegpt.core.neurons.ROUND).
+This compresses the model twice per mode, in fresh processes: once as the package does, once
+with float64 products and neurons taken one at a time (the reference), and reports per layer how
+many kept MLP neurons differ, whether each layer keeps as many (per-layer mode spreads them by
+error curves from the same moments), perplexity on the first --wiki-rows rows of the 'wiki'
+evaluation part and --books-rows of 'lambada', and the compression time.
+Results: a markdown table and --out (JSON).
+"""  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def one_run(job: dict) -> dict:
+    import torch
+
+    import slicegpt
+    from slicegpt.core import neurons, refit, spread
+
+    if job["statistics"] == "reference":  # the reference: float64 products, neurons taken one at a time
+        refit.product_dtype = spread.product_dtype = lambda x: torch.float64
+        neurons.ROUND = 1
+    kept: list[list[int]] = []
+    keep = neurons.keep_neurons
+
+    def recording(block, spec, index, down=None):  # the neurons each layer keeps, in layer order
+        kept.append(index.tolist())
+        return keep(block, spec, index, down)
+
+    neurons.keep_neurons = recording
+    torch.manual_seed(0)
+    model, tokenizer, _ = slicegpt.load_model()
+    uniform = job["mode"] == "uniform"
+    config = slicegpt.SliceConfig(
+        target_params=job["target"], uniform=uniform, nsamples=job["nsamples"], seqlen=1024, calib="wiki"
+    )
+    start = time.perf_counter()
+    report = slicegpt.slice_model(model, tokenizer, None, config, progress=False)
+    seconds = time.perf_counter() - start
+    wiki = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024, max_rows=job["wiki_rows"], progress=False)
+    books = slicegpt.perplexity(model, tokenizer, "lambada", seqlen=1024, max_rows=job["books_rows"], progress=False)
+    return dict(
+        job,
+        params=report.params_after,
+        seconds=seconds,
+        kept=kept,
+        wiki=wiki.perplexity,
+        books=books.perplexity,
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def choices(kept: list[list[int]]) -> list[list[int]]:
+    """The layers' neuron choices: every call but the cuts of an empty skeleton to its first k
+    neurons (the parameter counting's), which keep 0..k-1."""
+    return [k for k in kept if k != list(range(len(k)))]
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Layer by layer: neurons kept by one and not the other, and the counts each keeps."""
+    ka, kb = choices(a["kept"]), choices(b["kept"])
+    differ = [len(set(x) ^ set(y)) // 2 if len(x) == len(y) else len(set(x) - set(y)) for x, y in zip(ka, kb)]
+    counts = [(len(x), len(y)) for x, y in zip(ka, kb)]
+    return dict(differ=differ, counts_equal=all(x == y for x, y in counts), counts=counts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default="uniform,per-layer")
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--target", type=float, default=0.75)
+    p.add_argument("--wiki-rows", type=int, default=40)
+    p.add_argument("--books-rows", type=int, default=16)
+    p.add_argument("--out", default=str(RESULTS / "fast_statistics.json"))
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--report", action="store_true", help="print the table of --out again, running nothing")
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+        return
+    runs = json.loads(Path(args.out).read_text())["runs"] if args.report else []
+    for mode in [] if args.report else args.modes.split(","):
+        for statistics in ("reference", "fast"):
+            job = dict(
+                mode=mode,
+                statistics=statistics,
+                nsamples=args.nsamples,
+                target=args.target,
+                wiki_rows=args.wiki_rows,
+                books_rows=args.books_rows,
+            )
+            print(f"== {mode} {statistics}", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{mode} {statistics} failed")
+            runs.append(json.loads(line[-1][7:]))
+    out = [
+        "| mode | statistics | compress s | wiki ppl | lambada ppl | layers with other neurons | neurons differing |"
+    ]
+    out.append("|---|---|---:|---:|---:|---:|---:|")
+    summary = []
+    for mode in args.modes.split(","):
+        ref, new = (next(r for r in runs if r["mode"] == mode and r["statistics"] == d) for d in ("reference", "fast"))
+        c = compare(ref, new)
+        summary.append(dict(mode=mode, **c))
+        moved = [d for d in c["differ"] if d]
+        total = sum(len(k) for k in choices(ref["kept"]))
+        for r in (ref, new):
+            cell = "" if r is ref else f"{len(moved)} of {len(c['differ'])}"
+            diff = "" if r is ref else f"{sum(d or 0 for d in c['differ'])} of {total}"
+            if r is new and not c["counts_equal"]:
+                diff += " (counts per layer differ)"
+            ppl = f"{r['wiki']:.2f} | {r['books']:.2f}"
+            out.append(f"| {mode} | {r['statistics']} | {r['seconds']:.0f} | {ppl} | {cell} | {diff} |")
+    print("\n".join(out))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"runs": runs, "comparison": summary}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
