@@ -97,6 +97,10 @@ def align_to_final_norm(q: torch.Tensor, d: int, scale: torch.Tensor) -> tuple[t
     """
     qd = q[:, :d]
     m = qd.t() @ (scale.to(q.dtype)[:, None] * qd)  # (d, d)
+    if torch.equal(m, torch.diag(m.diagonal())):
+        # already diagonal (the original basis, kept whole where only MLP neurons go): any turn
+        # would only permute it (eigh sorts), and a kept basis costs the walk no products
+        return q, m.diagonal().clone()
     lam, v = torch.linalg.eigh((m + m.t()) / 2)
     q_new = q.clone()
     q_new[:, :d] = qd @ v
