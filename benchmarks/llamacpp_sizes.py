@@ -97,7 +97,8 @@ def main() -> None:
         folder = model if Path(model).is_dir() and (Path(model) / "config.json").is_file() else resolve_model(model)[0]
         rows = {data: rows_of(folder, data, args.rows) for data in ("wiki", "lambada")}
         for outtype in args.types.split(","):
-            if any(r["model"] == name and r["type"] == outtype and r["rows_wiki"] == args.rows for r in results):
+            same = (name, outtype, args.rows, args.threads)
+            if any((r["model"], r["type"], r["rows_wiki"], r["threads"]) == same for r in results):
                 continue
             gguf = GGUF_DIR / f"{name}-{outtype}.gguf"
             t = time.perf_counter()
