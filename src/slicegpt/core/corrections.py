@@ -16,7 +16,7 @@ from ..arch import ArchSpec, UnsupportedModelError
 from . import neurons, ops
 from . import refit as moments_
 from .capture import LayerInputs, stream
-from .modules import SlicedBlock
+from .modules import SlicedBlock, first_output
 from .ops import WeightRef
 from .streams import LocalReduction, Reduction
 from .surgery import weight_refs
@@ -74,7 +74,7 @@ class WriterInputs:
             self.checked = True
             probe = x.reshape(-1, x.shape[-1])[:16]
             want = out.reshape(-1, out.shape[-1])[:16]
-            got = _first(self.module(probe))
+            got = first_output(self.module(probe))
             if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
                 self.inputs = None
                 return
@@ -83,11 +83,7 @@ class WriterInputs:
     def output(self, batch: int, device: torch.device, neurons: torch.Tensor | None = None) -> torch.Tensor:
         """The writer's output on batch ``batch``'s recorded input (of the ``neurons`` kept, where given)."""
         x = self.inputs[batch].to(device)
-        return _first(self.module(x if neurons is None else x.index_select(-1, neurons.to(device))))
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
+        return first_output(self.module(x if neurons is None else x.index_select(-1, neurons.to(device))))
 
 
 def dense_layer(block: SlicedBlock, index: int, inputs: LayerInputs, device: torch.device) -> tuple[list, list]:
@@ -117,7 +113,7 @@ def refit_attention(
     spec: ArchSpec,
     index: int,
     inputs: LayerInputs,
-    back_in: torch.Tensor | None,
+    to_input: Callable[[torch.Tensor], torch.Tensor],
     targets: list,
     device: torch.device,
     record: dict[str, float],
@@ -140,7 +136,7 @@ def refit_attention(
     try:
         for i, x in stream(inputs.hidden, device):
             args, kwargs = inputs.layer_call(index, i, device)
-            xb = x if back_in is None else x @ back_in
+            xb = to_input(x)
             out = block.attn_branch(xb, args, kwargs)
             t = targets[i].to(device, torch.float64) - xb.to(torch.float64)
             moments.add(rec.last, t if bias is None else t - bias, i == held)

@@ -38,7 +38,7 @@ class WeightlessRMSNorm(nn.Module):
         return f"width={self.width}, eps={self.eps}"
 
 
-def _first(out: Any) -> torch.Tensor:
+def first_output(out: Any) -> torch.Tensor:
     # Attention modules return (output, weights); MoE MLPs may return (output, router_logits).
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -120,7 +120,7 @@ class SlicedBlock(nn.Module):
 
     def _run_mlp(self, h: torch.Tensor) -> torch.Tensor:
         for name in self.mlp_names:
-            h = _first(self._modules[name](h))
+            h = first_output(self._modules[name](h))
         return h
 
     @staticmethod
@@ -129,7 +129,7 @@ class SlicedBlock(nn.Module):
 
     # The two branches are public so the calibration loop runs exactly what forward runs.
     def attn_branch(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        out = _first(self.attention_module(self.attn_norm(x), *args, **kwargs))
+        out = first_output(self.attention_module(self.attn_norm(x), *args, **kwargs))
         return self._post(out, self.attn_post_norm, self.attn_post_proj)
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:

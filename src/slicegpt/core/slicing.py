@@ -121,6 +121,10 @@ def calibrate_block(
     # (d_in, D): back to the original basis; None where the stream is in it already (the basis
     # kept: MLP neurons alone, or a statistics walk), which spares a product per pass
     back_in = None if ops.is_identity(q_in, w.d_in) else q_in[:, : w.d_in].t().to(dtype)
+
+    def to_original(x: torch.Tensor) -> torch.Tensor:
+        return x if back_in is None else x @ back_in
+
     wants_pca = choose.rotation.needs_statistics
     width = neurons.intermediate_size(block, spec) if w.mlp is not None else None
     prune = w.mlp if width is not None and w.mlp < width else None
@@ -135,11 +139,11 @@ def calibrate_block(
             # cancel what upstream pruning changed (SmolLM2, 25% of parameters by MLP neurons, 32
             # calibration rows: wiki 2.49x / books 3.26x dense perplexity with it, 2.46x / 3.43x without)
             attn_read = corrections.refit_attention(
-                block, spec, index, inputs, back_in, dense[0], device, choose.refits, reduce=choose.streams.reduce
+                block, spec, index, inputs, to_original, dense[0], device, choose.refits, reduce=choose.streams.reduce
             )
         cov = Covariance(D, device) if wants_pca else None
         for i, x in stream(inputs.hidden, device):  # attention once per batch (its writer alone after a refit)
-            xb = x if back_in is None else x @ back_in
+            xb = to_original(x)
             if attn_read is not None and attn_read.inputs is not None:
                 r = xb + attn_read.output(i, device)
             else:
@@ -201,7 +205,7 @@ def calibrate_block(
                 block,
                 spec,
                 inputs,
-                (lambda x: x) if back_in is None else (lambda x: x @ back_in),
+                to_original,
                 None,
                 prune,
                 device,
@@ -214,7 +218,7 @@ def calibrate_block(
         with _watch_mlp(choose, block, spec) as watch:
             for i, x in stream(inputs.hidden, device):  # parallel: both branches read one norm
                 args, kwargs = inputs.layer_call(index, i, device)
-                xb = x if back_in is None else x @ back_in
+                xb = to_original(x)
                 m = _mlp_out(block, xb, mlp_read, i, device)
                 o = xb + block.attn_branch(xb, args, kwargs) + m
                 if cov is not None:
