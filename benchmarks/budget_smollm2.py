@@ -27,10 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fresh import run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -287,12 +288,7 @@ def main() -> None:
             flush=True,
         )
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"job {job} failed")
-        r = json.loads(line[-1][7:])
+        r = run_fresh(__file__, job, f"job {job}")
         if job.get("tasks_only"):  # the perplexity run, with these tasks and their time added
             r = dict(
                 done[-1],

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fresh import run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -211,12 +212,7 @@ def main() -> None:
             continue
         print(f"== {job['name']}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"job {job['name']} failed")
-        r = json.loads(line[-1][7:])
+        r = run_fresh(__file__, job, f"job {job['name']}")
         r["wall_seconds"] = time.perf_counter() - start
         results = [x for x in results if not (x["name"] == r["name"] and x.get("model") == r.get("model"))] + [r]
         out_path.parent.mkdir(parents=True, exist_ok=True)

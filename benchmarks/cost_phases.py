@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fresh import run_fresh
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
@@ -175,12 +176,7 @@ def main() -> None:
         for method in args.methods.split(","):
             job = dict(model=args.model, method=method, nsamples=n, seqlen=args.seqlen, target=args.target)
             print(f"== {method}, {n} rows", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{method} at {n} rows failed")
-            r = json.loads(line[-1][7:])
+            r = run_fresh(__file__, job, f"{method} at {n} rows")
             runs = [x for x in runs if any(x.get(k) != job[k] for k in job)] + [r]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")

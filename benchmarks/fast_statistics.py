@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fresh import run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -106,12 +107,7 @@ def main() -> None:
                 books_rows=args.books_rows,
             )
             print(f"== {mode} {statistics}", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{mode} {statistics} failed")
-            runs.append(json.loads(line[-1][7:]))
+            runs.append(run_fresh(__file__, job, f"{mode} {statistics}"))
     out = [
         "| mode | statistics | compress s | wiki ppl | lambada ppl | layers with other neurons | neurons differing |"
     ]
