@@ -667,3 +667,15 @@ def test_a_branch_that_does_more_than_its_writer_runs_again() -> None:
     scaled = WriterInputs(writer, [])
     scaled.add(x, 2 * writer(x))  # a scale after the writer: not its output
     assert scaled.inputs is None
+
+
+def test_a_uniform_budget_on_mlp_neurons_alone_keeps_the_original_basis() -> None:
+    """The residual width whole, the tied head's final-norm scale is already diagonal: the stream is
+    neither rotated nor permuted (eigh would sort it), so the embeddings stay as they were."""
+    model = make_tiny("llama", dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    before = model.get_input_embeddings().weight.detach().clone()
+    config = slicegpt.SliceConfig(batch_size=4, uniform=True, target_params=0.85, axes="mlp")
+    report = slicegpt.slice_model(model, None, calib_rows(8), config, progress=False)
+    assert report.params_after <= report.target_params
+    assert torch.equal(model.get_input_embeddings().weight, before)
