@@ -404,7 +404,7 @@ class ConversationFile:
             out.append(record)
         for record in out:
             theirs = record.get("generation")
-            if theirs != self.header:
+            if _settled(theirs) != _settled(self.header):
                 raise DataError(
                     f"{self.path} holds conversations generated otherwise ({_differ(theirs, self.header)}); "
                     "use another `out`, or the same settings to continue it"
@@ -425,6 +425,13 @@ class ConversationFile:
             raw = self.path.read_bytes()
             if raw and not raw.endswith(b"\n"):
                 self.path.write_bytes(raw[: raw.rfind(b"\n") + 1])
+
+
+def _settled(header: Any) -> Any:
+    """A generation header with unset (None) entries dropped: a file written before a setting
+    existed, or by a caller that does not name it (``slice --calib self`` names no system prompt),
+    agrees with a run that leaves it unset."""
+    return {k: v for k, v in header.items() if v is not None} if isinstance(header, dict) else header
 
 
 def _differ(a: Any, b: Any) -> str:

@@ -247,6 +247,17 @@ def test_generate_data_resumes_to_the_same_file_and_refuses_other_settings(
     assert main(["generate-data", model, "--prompts", prompt_file, "--out", prompt_file]) == 2
 
 
+def test_a_conversation_file_without_a_setting_is_continued_by_a_run_that_leaves_it_unset(tmp_path: Path) -> None:
+    # ``slice --calib self`` writes its cache naming no system prompt; generate-data names
+    # ``system: None``: the same run, so generate-data continues that cache
+    path = tmp_path / "c.jsonl"
+    record = {"id": "a", "messages": [], "generation": {"model": "m", "prompts": "builtin", "seed": 0}}
+    path.write_text(json.dumps(record) + "\n")
+    assert chat.ConversationFile(path, {"model": "m", "prompts": "builtin", "seed": 0, "system": None}).records()
+    with pytest.raises(DataError, match="system None there, 'Be brief.' now"):
+        chat.ConversationFile(path, {"model": "m", "prompts": "builtin", "seed": 0, "system": "Be brief."}).records()
+
+
 def test_sampled_generation_is_seeded_by_batch(chat_model_dir: Path) -> None:
     model = slicegpt.load_model(str(chat_model_dir / "model"))[0]
     tok = chat_tokenizer()
