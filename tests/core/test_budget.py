@@ -87,6 +87,21 @@ def _ridge_on(cov: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, rel: float
     return refit_.ridge(cov[keep][:, keep], cov[keep] @ w.t(), w[:, keep], rel)
 
 
+@pytest.mark.parametrize("n", [7, refit_.GRAM_BLOCKED_FROM - 1, refit_.GRAM_BLOCKED_FROM, 1029])
+def test_gram_in_blocks_is_the_full_product(n: int) -> None:
+    # from GRAM_BLOCKED_FROM columns on only the upper blocks are multiplied and mirrored:
+    # the sums must be x^T x all the same, in float64 and from float32 products alike
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(40, n, dtype=torch.float64, generator=g)
+    acc = torch.zeros(n, n, dtype=torch.float64)
+    refit_.accumulate_gram(acc, x)
+    refit_.accumulate_gram(acc, x[:9])
+    assert torch.allclose(acc, x.t() @ x + x[:9].t() @ x[:9], rtol=0, atol=1e-12)
+    acc32 = torch.zeros(n, n, dtype=torch.float64)
+    refit_.accumulate_gram(acc32, x.float())
+    assert torch.allclose(acc32, x.t() @ x, rtol=0, atol=1e-4)
+
+
 def test_ridge_refit_is_least_squares_and_exact_with_every_neuron() -> None:
     h, w, cov = _moments()
     every = torch.arange(12)

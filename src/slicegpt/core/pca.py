@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from .refit import accumulate_gram
+
 
 class NumericalError(ValueError):
     """Weights or activations are not finite (NaN or Inf): slicing would silently produce garbage."""
@@ -45,7 +47,7 @@ class Covariance:
         if mask is not None:
             flat = flat[mask.reshape(-1).to(flat.device).bool()]
         flat = flat.to(torch.float64)
-        self.sum.addmm_(flat.t(), flat)
+        accumulate_gram(self.sum, flat)
         self.count += flat.shape[0]
 
     def mean(self) -> torch.Tensor:

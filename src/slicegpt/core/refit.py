@@ -46,6 +46,37 @@ def product_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+# Widths from which x^T x is taken in column blocks, upper triangle only (see accumulate_gram).
+GRAM_BLOCKED_FROM = 1024
+GRAM_BLOCKS = 4
+
+
+def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += x^T x for x [N, n] (products in x's dtype, summed into acc's).
+
+    From ``GRAM_BLOCKED_FROM`` columns on, only the blocks on and above the diagonal are
+    multiplied and the rest mirrored: 10 of 16 block products for 4 blocks, the one symmetric
+    product torch lacks (BLAS syrk). Measured on this CPU at n = 1536 and 4864, 8192 rows:
+    0.65-0.8x the time of the full product, the same sums.
+    """
+    n = x.shape[1]
+    if n < GRAM_BLOCKED_FROM:
+        acc += (x.t() @ x).to(acc.dtype)
+        return
+    b = -(-n // GRAM_BLOCKS)
+    for i in range(0, n, b):
+        block = (x[:, i : i + b].t() @ x[:, i:]).to(acc.dtype)  # [b, n - i]: this band, right of the diagonal
+        acc[i : i + b, i:] += block
+        acc[i + b :, i : i + b] += block[:, b:].t()
+
+
+def gram_flops(n: int) -> float:
+    """Multiply-adds x2 per row of :func:`accumulate_gram` at width n: 2 n^2, or (k + 1) / 2k of
+    it in k blocks (5/8 for 4)."""
+    share = 1.0 if n < GRAM_BLOCKED_FROM else (GRAM_BLOCKS + 1) / (2 * GRAM_BLOCKS)
+    return 2.0 * n * n * share
+
+
 @dataclass
 class Moments:
     """Streaming E[x^T x] ([n, n]) and E[x^T t] ([n, D]) over the rows added (float64 sums of
@@ -60,7 +91,7 @@ class Moments:
         x = x.reshape(-1, x.shape[-1]).to(dtype)
         if self.xx is None:
             self.xx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-        self.xx += (x.t() @ x).to(torch.float64)
+        accumulate_gram(self.xx, x)
         if t is not None:
             t = t.reshape(-1, t.shape[-1]).to(dtype)
             if self.xt is None:

@@ -27,6 +27,7 @@ from ..core import uniform
 from ..core.allocate import SHARES
 from ..core.neurons import experts_of, intermediate_size
 from ..core.sizing import plan_widths
+from ..core.refit import gram_flops
 from ..core.spread import SPREAD_ROWS
 from ..core.surgery import count_parameters, get_layers, get_path, is_tied
 from ..core.widths import Widths
@@ -318,8 +319,9 @@ class TimeEstimate:
                      and layer to each pass; plus the rotations back to the original basis
                      (6 x hidden^2 per token per layer per compressing pass). Divided over --nproc.
                      MoE layers are charged for every expert (conservative).
-      statistics     accumulation per token and layer: float64 covariances 2 x hidden^2 per PCA
-                     point; with corrections/pruning the writers' moments 2 x (n^2 + n x hidden)
+      statistics     accumulation per token and layer (x^T x: 2 n^2, 5/8 of it from n = 1024 on,
+                     where only the upper blocks are multiplied): float64 covariances at n = hidden per PCA
+                     point; with corrections/pruning the writers' moments x^T x + 2 n x hidden
                      for n = hidden (attention) and intermediate (MLP), in float32 products (at
                      the dtype's rate: float32 on a GPU is the model's rate / 5 for half
                      models, taken as the float32 rate here); the spreading walk's MLP moments
@@ -369,15 +371,15 @@ def time_model(
         forward += 2.0 * (d + (work.kept_neurons or i)) * d * tokens * n
     spread_tokens = work.spread_rows * work.seqlen
     forward += per_token * spread_tokens
-    stats = 2.0 * d * d * tokens * n * shape.points_per_layer * work.covariance_walks
-    moments = 2.0 * (i * i + i * d) * spread_tokens * n
+    stats = gram_flops(d) * tokens * n * shape.points_per_layer * work.covariance_walks
+    moments = (gram_flops(i) + 2.0 * i * d) * spread_tokens * n
     solves = 0.0
     if work.corrections:
         for width, solved in ((d, d), (i, work.kept_neurons or i)):  # the MLP's writer is refit on its kept neurons
-            moments += 2.0 * (width * width + width * d) * tokens * n
+            moments += (gram_flops(width) + 2.0 * width * d) * tokens * n
             solves += RIDGE_SOLVES * (2 / 3 * solved**3 + 4 * solved * solved * d) * n
     elif work.prunes:
-        moments += 2.0 * i * i * tokens * n
+        moments += gram_flops(i) * tokens * n
     if work.spread_rows:
         solves += i * i * (i + 2 * d) * n * shape.experts
     if work.prunes:
