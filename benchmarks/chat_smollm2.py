@@ -147,7 +147,7 @@ def main() -> None:
         metavar="DIR",
         help="evaluate this folder (made by `slicegpt slice` or `recover`) as one run",
     )
-    p.add_argument("--name", default=None, help="the run's name with --load")
+    p.add_argument("--name", default=None, help="the run's name (with --load, or one mode and one calibration)")
     p.add_argument("--rerun", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "chat_smollm2.json"))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -155,6 +155,8 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(one_run(json.loads(args.one))))
         return
+    if args.name and not args.load and len(args.modes.split(",")) * len(args.calibs.split(",")) > 1:
+        p.error("--name names one run: give one mode and one calibration")
     common = dict(
         model=args.model,
         chat_n=args.chat_n,
@@ -184,7 +186,7 @@ def main() -> None:
     else:
         for mode in args.modes.split(","):
             for calib in args.calibs.split(","):
-                tag = f"{'uniform' if mode == 'uniform' else 'per-layer'}-{calib}-{args.nsamples}" + (
+                tag = args.name or f"{'uniform' if mode == 'uniform' else 'per-layer'}-{calib}-{args.nsamples}" + (
                     f"-{args.model}" if args.model else ""
                 )
                 jobs.append(
