@@ -16,7 +16,8 @@ timed by wrapping the package's own functions from outside (nothing in the packa
 | moments | refit and neuron-selection moments (float64) |
 | eigendecompositions | the PCA of each point |
 | neuron selection | the greedy least-squares selection (and the spreading curves) |
-| refits | the ridge solves of the closed-form corrections |
+| refits | the closed-form corrections' ridge: the strengths tried on held-out rows, the final solve |
+| writers alone | the refit writers run on what they read (the pass after a refit) |
 | rotate and slice | the weight surgery |
 | other | the rest of the compression (capture, copies, bookkeeping) |
 
@@ -45,6 +46,7 @@ PHASES = (
     "eigendecompositions",
     "neuron selection",
     "refits",
+    "writers alone",
     "rotate and slice",
 )
 METHODS = {
@@ -85,7 +87,7 @@ class PhaseClock:
 
 def instrument(clock: PhaseClock) -> None:
     """Wrap the package's functions by phase, in every module that imported them by name."""
-    from slicegpt.core import block, modules, neurons, pca, refit, slicing, spread
+    from slicegpt.core import block, corrections, modules, neurons, pca, refit, slicing, spread
 
     clock.patch(modules.SlicedBlock, "attn_branch", "attention")
     clock.patch(modules.SlicedBlock, "mlp_branch", "MLP")
@@ -96,7 +98,8 @@ def instrument(clock: PhaseClock) -> None:
     # name up in their module, and modules that imported it by name get the wrapper too
     greedy = clock.wrap("neuron selection", neurons.greedy_order)
     neurons.greedy_order = spread.greedy_order = greedy
-    refit.ridge = clock.wrap("refits", refit.ridge)
+    refit.refit = clock.wrap("refits", refit.refit)
+    clock.patch(corrections.WriterInputs, "output", "writers alone")
     block.slice_block = slicing.slice_block = clock.wrap("rotate and slice", block.slice_block)
 
 
@@ -149,11 +152,48 @@ def table(runs: list[dict]) -> str:
     ]
     for r in runs:
         unit = r["dense_forward_seconds"]
-        cells = [f"{r['phases'][c]:.0f} s ({r['phases'][c] / unit:.1f})" for c in cols]
+        cells = [f"{r['phases'].get(c, 0):.0f} s ({r['phases'].get(c, 0) / unit:.1f})" for c in cols]
         out.append(
             f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {r['total_seconds']:.0f} | "
             f"{r['total_seconds'] / unit:.1f} | " + " | ".join(cells) + " |"
         )
+    return "\n".join(out)
+
+
+# plan's time terms and the measured phases they predict (slicegpt.evaluation.plan.TimeEstimate)
+PLAN_TERMS = {
+    "forward": ("attention", "MLP", "writers alone"),
+    "statistics": ("covariances", "moments"),
+    "eigh": ("eigendecompositions",),
+    "solves": ("neuron selection", "refits"),
+    "unmodelled": ("rotate and slice", "other"),
+}
+
+
+def plan_check(runs: list[dict]) -> str:
+    """Each run's phases beside what ``slicegpt plan`` predicts for the same settings (default CPU
+    rates): seconds predicted / measured, per term, and the total (less the disk, not timed here)."""
+    from slicegpt import SliceConfig
+    from slicegpt.evaluation.plan import plan_model
+    from slicegpt.io.fetch import materialise
+
+    out = [
+        "| model | method | rows | " + " | ".join(f"{t} plan / measured" for t in PLAN_TERMS) + " | total |",
+        "|---|---|---:|" + "---:|" * (len(PLAN_TERMS) + 1),
+    ]
+    for r in runs:
+        config = SliceConfig(
+            target_params=r["target"], nsamples=r["nsamples"], seqlen=r["seqlen"], **METHODS[r["method"]]
+        )
+        t = plan_model(str(materialise(r["model"])) if r["model"] else None, config).time
+        planned = {"forward": t.forward, "statistics": t.statistics, "eigh": t.eigh, "solves": t.solves}
+        cells = []
+        for term, phases in PLAN_TERMS.items():
+            measured = sum(r["phases"].get(p, 0.0) for p in phases)
+            cells.append(f"{planned.get(term, 0.0):.0f} / {measured:.0f} s")
+        total = t.total - t.disk
+        cells.append(f"{total:.0f} / {r['total_seconds']:.0f} s ({total / r['total_seconds']:.2f})")
+        out.append(f"| {r['source_model']} | {r['method']} | {r['nsamples']} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -166,7 +206,12 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.75)
     p.add_argument("--out", default=str(RESULTS / "cost_phases.json"))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tables", action="store_true", help="print the tables of the runs in --out and stop")
     args = p.parse_args()
+    if args.tables:
+        runs = json.loads(Path(args.out).read_text())["runs"]
+        print(table(runs) + "\n\n" + plan_check(runs))
+        return
     if args.one:
         print("RESULT " + json.dumps(one_run(json.loads(args.one))))
         return
@@ -182,6 +227,8 @@ def main() -> None:
             out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
             print(table([r]).splitlines()[-1], flush=True)
     print(table(runs))
+    print()
+    print(plan_check(runs))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,210 @@
+"""How each phase of a compression grows with the model's width: one random layer per shape.
+
+    .venv/bin/python benchmarks/cost_width.py                                   # 4 shapes up to 7B's, 3 methods
+    .venv/bin/python benchmarks/cost_width.py --shapes 7b --methods budget-per-layer
+    .venv/bin/python benchmarks/cost_width.py --plot benchmarks/results/cost_width.png
+
+Each job, in a fresh process: a one-layer Llama of the shape's widths (random weights, a 256-token
+vocabulary so that embeddings and head cost nothing), float32, compressed to 75% of its
+parameters by the method, the phases timed as benchmarks/cost_phases.py times them, and one
+dense forward pass of the layer over the same rows as the unit. Rows: 32 of 128 random tokens
+(4,096 tokens; a layer's arithmetic does not care what the tokens say, and the cubic phases do
+not depend on the tokens at all).
+
+The shapes (hidden / MLP / heads / kv heads): SmolLM2-135M 576/1536/9/3, Qwen2.5-0.5B
+896/4864/14/2, TinyLlama-1.1B 2048/5632/32/4, Llama-2-7B 4096/11008/32/32, Llama-2-70B
+8192/28672/64/8 (not in the default set: about 16x 7B's cubic phases, hours on this CPU). The
+table gives, per phase, the least-squares slope of log(seconds) on log(layer parameters) over
+the shapes run (1: linear in the layer's size, 1.5: cubic in its width). Results: stdout, --out
+(JSON), --plot (PNG).
+"""  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from cost_phases import METHODS, PHASES, PhaseClock, instrument
+from fresh import run_fresh
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SHAPES = {
+    # name: (hidden, MLP width, heads, kv heads)
+    "smollm2": (576, 1536, 9, 3),
+    "qwen0.5b": (896, 4864, 14, 2),
+    "1b": (2048, 5632, 32, 4),
+    "7b": (4096, 11008, 32, 32),
+    "70b": (8192, 28672, 64, 8),
+}
+DEFAULT_SHAPES = "smollm2,qwen0.5b,1b,7b"
+COLUMNS = (*PHASES, "other")
+
+
+def one_run(job: dict) -> dict:
+    import torch
+    import transformers
+
+    import slicegpt
+    from slicegpt.data import Rows
+
+    hidden, mlp, heads, kv = SHAPES[job["shape"]]
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        num_hidden_layers=1,
+        max_position_embeddings=max(4096, job["seqlen"]),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    ids = torch.randint(0, 256, (job["nsamples"], job["seqlen"]), generator=torch.Generator().manual_seed(1))
+    rows = Rows(ids)
+    cfg = slicegpt.SliceConfig(
+        target_params=job["target"], nsamples=job["nsamples"], seqlen=job["seqlen"], **METHODS[job["method"]]
+    )
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch, _ in rows.batches(cfg.batch_size):
+            model(input_ids=batch, use_cache=False)
+    dense_forward = time.perf_counter() - start
+    clock = PhaseClock()
+    instrument(clock)
+    start = time.perf_counter()
+    report = slicegpt.slice_model(model, None, rows, cfg, progress=False)
+    total = time.perf_counter() - start
+    return dict(
+        job,
+        hidden=hidden,
+        mlp=mlp,
+        params=report.params_after,
+        params_before=report.params_before,
+        dense_forward_seconds=dense_forward,
+        total_seconds=total,
+        phases=dict(clock.seconds, other=total - sum(clock.seconds.values())),
+        calls=clock.calls,
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def layer_params(shape: str) -> int:
+    """One layer's matrices: q, o (hidden^2 each), k, v (hidden x kv width) and the MLP's three."""
+    hidden, mlp, heads, kv = SHAPES[shape]
+    return 2 * hidden * hidden + 2 * hidden * (hidden // heads) * kv + 3 * hidden * mlp
+
+
+def slopes(runs: list[dict], method: str) -> dict[str, float]:
+    """Per phase, the least-squares slope of log(seconds) on log(layer parameters) over the shapes run."""
+    mine = [r for r in runs if r["method"] == method]
+    out = {}
+    for c in (*COLUMNS, "total", "dense forward"):
+        pts = [
+            (math.log(layer_params(r["shape"])), math.log(t))
+            for r in mine
+            for t in [
+                r["total_seconds"]
+                if c == "total"
+                else r["dense_forward_seconds"]
+                if c == "dense forward"
+                else r["phases"].get(c, 0.0)
+            ]
+            if t > 0.05
+        ]
+        if len(pts) >= 3:
+            mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+            sxx = sum((x - mx) ** 2 for x, _ in pts)
+            out[c] = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    return out
+
+
+def table(runs: list[dict]) -> str:
+    out = [
+        "| method | shape | hidden / MLP | total s | x dense forward | " + " | ".join(COLUMNS) + " |",
+        "|---|---|---|---:|---:|" + "---:|" * len(COLUMNS),
+    ]
+    for r in sorted(runs, key=lambda r: (list(METHODS).index(r["method"]), r["mlp"])):
+        unit = r["dense_forward_seconds"]
+        cells = [f"{r['phases'].get(c, 0):.1f} ({r['phases'].get(c, 0) / unit:.1f})" for c in COLUMNS]
+        out.append(
+            f"| {r['method']} | {r['shape']} | {r['hidden']} / {r['mlp']} | {r['total_seconds']:.1f} | "
+            f"{r['total_seconds'] / unit:.1f} | " + " | ".join(cells) + " |"
+        )
+    for method in METHODS:
+        s = slopes(runs, method)
+        if s:
+            out.append(f"| {method} | slope on layer parameters | | {s.get('total', float('nan')):.2f} | | ")
+            out[-1] += " | ".join(f"{s[c]:.2f}" if c in s else "" for c in COLUMNS) + " |"
+    return "\n".join(out)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4.2), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: layer_params(r["shape"]))
+        x = [layer_params(r["shape"]) / 1e6 for r in mine]
+        for k, c in enumerate((*COLUMNS, "dense forward")):
+            y = [r["dense_forward_seconds"] if c == "dense forward" else r["phases"].get(c, 0.0) for r in mine]
+            if max(y) > 0.05:  # one colour per phase in every panel
+                style = dict(color="k", linestyle="--") if c == "dense forward" else dict(color=f"C{k}", marker="o")
+                ax.loglog(x, [max(v, 1e-2) for v in y], label=c, **style)
+        ax.legend(fontsize=7)
+        ax.set_title(method)
+        ax.set_xlabel("parameters of the layer, millions (4,096 tokens)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("seconds (this CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated among {', '.join(SHAPES)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated among {', '.join(METHODS)}")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--target", type=float, default=0.75)
+    p.add_argument("--out", default=str(RESULTS / "cost_width.json"))
+    p.add_argument("--plot", default=None, help="write the log-log plot here (PNG)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tables", action="store_true", help="print the table of the runs in --out (and --plot) and stop")
+    args = p.parse_args()
+    if args.tables:
+        runs = json.loads(Path(args.out).read_text())["runs"]
+        print(table(runs))
+        if args.plot:
+            plot(runs, Path(args.plot))
+        return
+    if args.one:
+        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+        return
+    out = Path(args.out)
+    runs: list[dict] = json.loads(out.read_text())["runs"] if out.exists() else []
+    for shape in args.shapes.split(","):
+        for method in args.methods.split(","):
+            job = dict(shape=shape, method=method, nsamples=args.nsamples, seqlen=args.seqlen, target=args.target)
+            print(f"== {method}, {shape}", file=sys.stderr, flush=True)
+            r = run_fresh(__file__, job, f"{method} on {shape}")
+            runs = [x for x in runs if any(x.get(k) != job[k] for k in job)] + [r]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+            print(table([r]).splitlines()[2], flush=True)
+    print(table(runs))
+    if args.plot:
+        plot(runs, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
