@@ -119,7 +119,18 @@ def one_run(job: dict) -> dict:
     )
 
     rows = calibration_rows_for(model, tokenizer, "wiki", config)
-    # the unit: one dense forward pass over every calibration row, batch by batch, as slicing batches them
+    report, timing = timed_compression(model, tokenizer, rows, config)
+    return dict(job, source_model=name, params_shipped=shipped, params=report.params_after, **timing)
+
+
+def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tuple[Any, dict]:
+    """Compress ``model`` on ``rows`` with every phase timed; also time the unit, one dense forward
+    pass over every row, batch by batch as slicing batches them. Returns the report and the
+    timing fields of a result (seconds, phases, calls, threads)."""
+    import torch
+
+    import slicegpt
+
     start = time.perf_counter()
     with torch.no_grad():
         for ids, mask in rows.batches(config.batch_size):
@@ -130,15 +141,10 @@ def one_run(job: dict) -> dict:
     start = time.perf_counter()
     report = slicegpt.slice_model(model, tokenizer, rows, config, progress=False)
     total = time.perf_counter() - start
-    phases = dict(clock.seconds, other=total - sum(clock.seconds.values()))
-    return dict(
-        job,
-        source_model=name,
-        params_shipped=shipped,
-        params=report.params_after,
+    return report, dict(
         dense_forward_seconds=dense_forward,
         total_seconds=total,
-        phases=phases,
+        phases=dict(clock.seconds, other=total - sum(clock.seconds.values())),
         calls=clock.calls,
         torch_threads=torch.get_num_threads(),
     )

@@ -25,10 +25,9 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
-from cost_phases import METHODS, PHASES, PhaseClock, instrument
+from cost_phases import METHODS, PHASES, timed_compression
 from fresh import run_fresh
 
 HERE = Path(__file__).resolve().parent
@@ -66,32 +65,11 @@ def one_run(job: dict) -> dict:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
     ids = torch.randint(0, 256, (job["nsamples"], job["seqlen"]), generator=torch.Generator().manual_seed(1))
-    rows = Rows(ids)
     cfg = slicegpt.SliceConfig(
         target_params=job["target"], nsamples=job["nsamples"], seqlen=job["seqlen"], **METHODS[job["method"]]
     )
-    start = time.perf_counter()
-    with torch.no_grad():
-        for batch, _ in rows.batches(cfg.batch_size):
-            model(input_ids=batch, use_cache=False)
-    dense_forward = time.perf_counter() - start
-    clock = PhaseClock()
-    instrument(clock)
-    start = time.perf_counter()
-    report = slicegpt.slice_model(model, None, rows, cfg, progress=False)
-    total = time.perf_counter() - start
-    return dict(
-        job,
-        hidden=hidden,
-        mlp=mlp,
-        params=report.params_after,
-        params_before=report.params_before,
-        dense_forward_seconds=dense_forward,
-        total_seconds=total,
-        phases=dict(clock.seconds, other=total - sum(clock.seconds.values())),
-        calls=clock.calls,
-        torch_threads=torch.get_num_threads(),
-    )
+    report, timing = timed_compression(model, None, Rows(ids), cfg)
+    return dict(job, hidden=hidden, mlp=mlp, params=report.params_after, params_before=report.params_before, **timing)
 
 
 def layer_params(shape: str) -> int:
@@ -100,23 +78,21 @@ def layer_params(shape: str) -> int:
     return 2 * hidden * hidden + 2 * hidden * (hidden // heads) * kv + 3 * hidden * mlp
 
 
+def seconds(run: dict, column: str) -> float:
+    """A run's seconds in a phase column, or its "total" or "dense forward"."""
+    if column == "total":
+        return run["total_seconds"]
+    if column == "dense forward":
+        return run["dense_forward_seconds"]
+    return run["phases"].get(column, 0.0)
+
+
 def slopes(runs: list[dict], method: str) -> dict[str, float]:
     """Per phase, the least-squares slope of log(seconds) on log(layer parameters) over the shapes run."""
     mine = [r for r in runs if r["method"] == method]
     out = {}
     for c in (*COLUMNS, "total", "dense forward"):
-        pts = [
-            (math.log(layer_params(r["shape"])), math.log(t))
-            for r in mine
-            for t in [
-                r["total_seconds"]
-                if c == "total"
-                else r["dense_forward_seconds"]
-                if c == "dense forward"
-                else r["phases"].get(c, 0.0)
-            ]
-            if t > 0.05
-        ]
+        pts = [(math.log(layer_params(r["shape"])), math.log(seconds(r, c))) for r in mine if seconds(r, c) > 0.05]
         if len(pts) >= 3:
             mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
             sxx = sum((x - mx) ** 2 for x, _ in pts)
@@ -156,7 +132,7 @@ def plot(runs: list[dict], path: Path) -> None:
         mine = sorted((r for r in runs if r["method"] == method), key=lambda r: layer_params(r["shape"]))
         x = [layer_params(r["shape"]) / 1e6 for r in mine]
         for k, c in enumerate((*COLUMNS, "dense forward")):
-            y = [r["dense_forward_seconds"] if c == "dense forward" else r["phases"].get(c, 0.0) for r in mine]
+            y = [seconds(r, c) for r in mine]
             if max(y) > 0.05:  # one colour per phase in every panel
                 style = dict(color="k", linestyle="--") if c == "dense forward" else dict(color=f"C{k}", marker="o")
                 ax.loglog(x, [max(v, 1e-2) for v in y], label=c, **style)
