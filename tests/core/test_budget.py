@@ -385,6 +385,47 @@ def test_a_refit_that_every_strength_fits_equally_keeps_the_strongest_ridge() ->
     assert refit.refit(fm, w0)[1] == min(refit.RIDGE_GRID)
 
 
+def test_the_strength_walk_chooses_what_the_whole_grid_chooses_in_fewer_solves() -> None:
+    """Held-out error that falls then rises along the grid (anywhere, plateaus of ties included):
+    the walk from the middle picks the exhaustive choice and asks fewer strengths; on the ridge
+    problems of random data too."""
+    from slicegpt.core import refit
+
+    grid = refit.RIDGE_GRID
+    shapes = []
+    for best in range(len(grid)):
+        shapes.append([abs(j - best) + 1.0 for j in range(len(grid))])  # a V at every position
+        shapes.append(
+            [max(j, best) - best + 1.0 if j >= best else 1.0 + 0.5 * (best - j) ** 2 for j in range(len(grid))]
+        )
+        shapes.append([1.0 if j >= best else 2.0 for j in range(len(grid))])  # a plateau of ties up to the end
+    for values in shapes:
+        asked: list[float] = []
+
+        def errors(rel: float, values: list[float] = values, asked: list[float] = asked) -> float:
+            asked.append(rel)
+            return values[grid.index(rel)]
+
+        walked = refit.choose_strength(errors, grid)
+        assert walked == refit.choose_strength(lambda rel, v=values: v[grid.index(rel)], grid, exhaustive=True)
+        assert len(set(asked)) <= len(grid) and len(asked) == len(set(asked))
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        n, d = 12, 3
+        x = torch.randn(60 + 20 * trial, n, dtype=torch.float64, generator=g) * torch.linspace(0.1, 3, n)
+        w0, w1 = (
+            torch.randn(d, n, dtype=torch.float64, generator=g),
+            torch.randn(d, n, dtype=torch.float64, generator=g),
+        )
+        t = x @ (w0 + 0.3 * trial / 20 * w1).t() + torch.randn(x.shape[0], d, dtype=torch.float64, generator=g)
+        fm = refit.FitMoments()
+        cut = x.shape[0] * 3 // 4
+        fm.add(x[:cut], t[:cut], held_out=False)
+        fm.add(x[cut:], t[cut:], held_out=True)
+        (w, rel), (w_all, rel_all) = refit.refit(fm, w0), refit.refit(fm, w0, exhaustive=True)
+        assert rel == rel_all and torch.equal(w, w_all)
+
+
 def test_stream_weights_are_one_over_the_root_mean_square() -> None:
     from slicegpt.core.refit import stream_weights
 

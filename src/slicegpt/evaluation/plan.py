@@ -51,8 +51,10 @@ DEFAULT_TFLOPS: dict[str, dict[str, float]] = {
 }
 DEFAULT_DISK_GBPS = 1.0
 
-# Closed-form corrections try this many ridge strengths, each one solve, then solve once more on all rows.
-RIDGE_SOLVES = 12
+# Closed-form corrections try about this many ridge strengths per writer (each a solve and a
+# held-out error; the walk of refit.choose_strength, measured by benchmarks/ridge_search.py:
+# 4.2 on SmolLM2's writers), then solve once more on all rows.
+RIDGE_TRIED = 4.5
 
 
 @dataclass(frozen=True)
@@ -327,8 +329,9 @@ class TimeEstimate:
                      models, taken as the float32 rate here); the spreading walk's MLP moments
                      over its rows. Divided over --nproc.
       eigh           10 x hidden^3 float64 per eigendecomposition (one per PCA point, plus the embedding's).
-      solves         corrections: 12 ridge solves per writer (2/3 n^3 + 2 n^2 hidden each, plus
-                     the held-out error 2 n^2 hidden; n = the kept neurons for the MLP); pruning: the greedy selection
+      solves         corrections: per writer about 4.5 ridge strengths tried (a solve, 2/3 n^3 + 2 n^2
+                     hidden, and a held-out error, 2 n^2 hidden, each) and the final solve; n = the
+                     kept neurons for the MLP; pruning: the greedy selection
                      intermediate x k x (k + 2 hidden), and with spreading once more to every
                      width (k = intermediate). Not divided: every process (or the reducing one)
                      does them.
@@ -354,6 +357,14 @@ class TimeEstimate:
         return {**asdict(self), "total": self.total}
 
 
+def _ridge_flops(n: int, d: int) -> float:
+    """One writer's ridge choice and refit (n inputs, d outputs): every strength tried is a solve
+    (LU 2/3 n^3, then 2 n^2 d for the right-hand sides) and a held-out error (2 n^2 d); the final
+    solve on all rows has no error."""
+    solve = 2 / 3 * n**3 + 2 * n * n * d
+    return (RIDGE_TRIED + 1) * solve + RIDGE_TRIED * 2 * n * n * d
+
+
 def time_model(
     shape: ModelShape, work: Workload, rate: Throughput, read_bytes: float, write_bytes: float
 ) -> TimeEstimate:
@@ -377,7 +388,7 @@ def time_model(
     if work.corrections:
         for width, solved in ((d, d), (i, work.kept_neurons or i)):  # the MLP's writer is refit on its kept neurons
             moments += (gram_flops(width) + 2.0 * width * d) * tokens * n
-            solves += RIDGE_SOLVES * (2 / 3 * solved**3 + 4 * solved * solved * d) * n
+            solves += _ridge_flops(solved, d) * n
     elif work.prunes:
         moments += gram_flops(i) * tokens * n
     if work.spread_rows:
@@ -386,7 +397,7 @@ def time_model(
         k = work.kept_neurons or 0
         solves += i * k * (k + 2 * d) * n * shape.experts
         if shape.experts > 1:  # every expert's own refit, beside the one counted above
-            solves += RIDGE_SOLVES * (2 / 3 * k**3 + 4 * k * k * d) * n * (shape.experts - 1)
+            solves += _ridge_flops(k, d) * n * (shape.experts - 1)
     eigh = 10.0 * d**3 * work.eigh_points(shape.points_per_layer, n)
     c = work.compressions
     return TimeEstimate(
