@@ -46,11 +46,10 @@ def one_run(job: dict) -> dict:
 
     import slicegpt
     from slicegpt.evaluation.chat import evaluate_chat
-    from slicegpt.memory import peak_rss_gb
 
     torch.manual_seed(0)
     model, tokenizer, name = _load_source(job)
-    source, _, _ = _load_source(job)
+    source = None if job["method"] == "dense" else _load_source(job)[0]
     dense_params = slicegpt.count_parameters(model)
     result = dict(job, source_model=name, params_dense=dense_params)
     if job.get("load"):
@@ -85,11 +84,41 @@ def one_run(job: dict) -> dict:
         result["folder"] = str(folder.relative_to(HERE.parent))
     else:
         result.update(params=dense_params)
+    if job["method"] == "dense":
+        # The dense model against itself agrees by definition: its answers (cached for the other
+        # jobs, whose rows carry the dense model's loop and echo shares) need no second reading.
+        return _perplexities(job, result, model, tokenizer)
     res = evaluate_chat(
         model, tokenizer, source, tokenizer, source_name=name, n=job["chat_n"], progress=False, examples=4
     )
     result["chat"] = res.to_dict()
+    if job.get("code_n"):
+        # Code prompts held out of the built-in set (mbpp, humaneval), answered at a length that
+        # lets a function finish; pass@1 runs each answer against the prompt's shipped tests.
+        code = evaluate_chat(
+            model,
+            tokenizer,
+            source,
+            tokenizer,
+            source_name=name,
+            prompts="builtin:code",
+            n=job["code_n"],
+            max_new_tokens=job.get("code_tokens", 256),
+            progress=False,
+            examples=2,
+            run_code=True,
+        )
+        result["code"] = code.to_dict()
     del source
+    return _perplexities(job, result, model, tokenizer)
+
+
+def _perplexities(job: dict, result: dict, model, tokenizer) -> dict:
+    import torch
+
+    import slicegpt
+    from slicegpt.memory import peak_rss_gb
+
     wiki = slicegpt.perplexity(model, tokenizer, "wiki", seqlen=1024, max_rows=job["wiki_rows"], progress=False)
     books = slicegpt.perplexity(model, tokenizer, "lambada", seqlen=1024, max_rows=job["books_rows"], progress=False)
     result.update(wiki=wiki.perplexity, wiki_rows=wiki.rows, books=books.perplexity, books_rows=books.rows)
@@ -104,24 +133,56 @@ def one_run(job: dict) -> dict:
     return result
 
 
+def _code_cells(c: dict | None, dense: bool = False) -> str:
+    if not c:
+        return "  |  |"
+    if dense:
+        return f" 100.0% | {100 * (c['source_pass_at_1'] or 0):.1f}% |"
+    return (
+        f" {100 * c['top1_agreement']:.1f}% | {100 * (c['pass_at_1'] or 0):.1f}% "
+        f"({100 * (c['source_pass_at_1'] or 0):.1f}%) |"
+    )
+
+
+def _as_dense(rows: list[dict], r: dict, key: str) -> dict | None:
+    """The dense row's chat figures, from any compressed row of the same model: what the dense
+    model's own answers measured there (the dense model agrees with itself by definition)."""
+    other = next((x[key] for x in rows if x.get(key) and x.get("model") == r.get("model")), None)
+    if other is None:
+        return None
+    return dict(
+        other,
+        top1_agreement=1.0,
+        answer_perplexity=other["source_answer_perplexity"],
+        model=other["source"],
+        pass_at_1=other.get("source_pass_at_1"),
+    )
+
+
 def table(rows: list[dict]) -> str:
     dense = {r.get("model"): r for r in rows if r["method"] == "dense"}
+    code = any(r.get("code") for r in rows)
     out = [
         "| run | parameters | top-1 agreement | answer ppl | loops (dense) | echoes | wiki ppl | x dense | lambada "
-        "ppl | x dense | zero-shot |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "ppl | x dense | zero-shot |" + (" code top-1 | code pass@1 (dense) |" if code else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if code else ""),
     ]
     for r in rows:
-        c = r["chat"]
+        c = r.get("chat") or _as_dense(rows, r, "chat")
         d = dense.get(r.get("model"))
         wx = r["wiki"] / d["wiki"] if d else float("nan")
         bx = r["books"] / d["books"] if d else float("nan")
         avg = (r.get("tasks") or {}).get("average")
+        chat_cells = (
+            f"{100 * c['top1_agreement']:.1f}% | {c['answer_perplexity']:.2f} | {100 * c['model']['loops']:.0f}% "
+            f"({100 * c['source']['loops']:.0f}%) | {100 * c['model']['echoes']:.0f}% | "
+            if c
+            else " |  |  |  | "
+        )
         out.append(
-            f"| {r['name']} | {r['params'] / 1e6:.2f}M | {100 * c['top1_agreement']:.1f}% | "
-            f"{c['answer_perplexity']:.2f} | {100 * c['model']['loops']:.0f}% ({100 * c['source']['loops']:.0f}%) | "
-            f"{100 * c['model']['echoes']:.0f}% | {r['wiki']:.2f} | {wx:.2f} | {r['books']:.2f} | {bx:.2f} | "
-            f"{'' if avg is None else f'{100 * avg:.1f}'} |"
+            f"| {r['name']} | {r['params'] / 1e6:.2f}M | {chat_cells}{r['wiki']:.2f} | {wx:.2f} | {r['books']:.2f} | "
+            f"{bx:.2f} | {'' if avg is None else f'{100 * avg:.1f}'} |"
+            + (_code_cells(r.get("code") or _as_dense(rows, r, "code"), r["method"] == "dense") if code else "")
         )
     return "\n".join(out)
 
@@ -132,11 +193,18 @@ def main() -> None:
         "--model", default=None, help="a packaged model instead of the embedded SmolLM2 (qwen2.5-coder-0.5b)"
     )
     p.add_argument("--target", type=float, default=0.75)
-    p.add_argument("--modes", default="uniform,per-layer")
+    p.add_argument("--modes", default="uniform,per-layer", help="uniform, per-layer, or none (the dense row alone)")
     p.add_argument("--calibs", default="wiki,self,wiki+self")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's own row")
     p.add_argument("--chat-n", type=int, default=64)
+    p.add_argument(
+        "--code-n",
+        type=int,
+        default=0,
+        help="also ask this many held-out code prompts (mbpp, humaneval) and run their tests (pass@1)",
+    )
+    p.add_argument("--code-tokens", type=int, default=256, help="new tokens for a code answer")
     p.add_argument("--wiki-rows", type=int, default=None)
     p.add_argument("--books-rows", type=int, default=64)
     p.add_argument("--tasks", default=None)
@@ -160,6 +228,8 @@ def main() -> None:
     common = dict(
         model=args.model,
         chat_n=args.chat_n,
+        code_n=args.code_n,
+        code_tokens=args.code_tokens,
         wiki_rows=args.wiki_rows,
         books_rows=args.books_rows,
         tasks=args.tasks,
@@ -184,7 +254,7 @@ def main() -> None:
             )
         ]
     else:
-        for mode in args.modes.split(","):
+        for mode in [] if args.modes == "none" else args.modes.split(","):
             for calib in args.calibs.split(","):
                 tag = args.name or f"{'uniform' if mode == 'uniform' else 'per-layer'}-{calib}-{args.nsamples}" + (
                     f"-{args.model}" if args.model else ""
