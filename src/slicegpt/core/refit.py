@@ -176,11 +176,10 @@ def choose_strength(
     if exhaustive:
         best = min(err(j) for j in range(len(grid)))
         return grid[max(j for j in range(len(grid)) if no_worse(err(j), best))]
-    j = len(grid) // 2
-    if j + 1 < len(grid) and no_worse(err(j + 1), err(j)):
-        while j + 1 < len(grid) and no_worse(err(j + 1), err(j)):
-            j += 1
-    else:
+    middle = j = len(grid) // 2
+    while j + 1 < len(grid) and no_worse(err(j + 1), err(j)):
+        j += 1
+    if j == middle:  # no stronger ridge did as well: try weaker ones
         while j > 0 and not no_worse(err(j), err(j - 1)):
             j -= 1
     return grid[j]
