@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from fresh import run_fresh
+from fresh import add_one, answer_one, load_source, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -49,12 +49,7 @@ def one_run(job: dict) -> dict:
     from slicegpt.memory import peak_rss_gb
 
     torch.manual_seed(0)
-    if job.get("model"):  # a packaged GGUF model (see slicegpt.io.fetch.KNOWN), dequantised once and cached
-        from slicegpt.io.fetch import materialise
-
-        model, tokenizer, name = slicegpt.load_model(str(materialise(job["model"])))
-    else:
-        model, tokenizer, name = slicegpt.load_model()
+    model, tokenizer, name = load_source(job.get("model"))  # a packaged GGUF model is dequantised once and cached
     result = dict(job, hidden=int(model.config.hidden_size), intermediate=int(model.config.intermediate_size))
     if job.get("load"):  # compressed already (`slicegpt slice ... --out DIR`): evaluate the saved folder
         params_dense = slicegpt.count_parameters(model)
@@ -218,7 +213,7 @@ def main() -> None:
         "(one of each), instead of compressing in the job",
     )
     p.add_argument("--out", default=str(RESULTS / "budget_smollm2.json"))
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    add_one(p)
     p.add_argument(
         "--plot",
         default=None,
@@ -228,8 +223,7 @@ def main() -> None:
     )
     p.add_argument("--merge", default="", help="comma-separated result files whose runs join --out's (for --plot)")
     args = p.parse_args()
-    if args.one:
-        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+    if answer_one(args, one_run):
         return
     if args.plot:
         plot(args.out, [m for m in args.merge.split(",") if m], args.plot)

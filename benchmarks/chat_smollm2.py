@@ -24,21 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-from fresh import run_fresh
+from fresh import add_one, answer_one, load_source, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MODELS = RESULTS / "chat_models"
-
-
-def _load_source(job: dict):
-    import slicegpt
-
-    if job.get("model"):
-        from slicegpt.io.fetch import materialise
-
-        return slicegpt.load_model(str(materialise(job["model"])))
-    return slicegpt.load_model()
 
 
 def one_run(job: dict) -> dict:
@@ -48,8 +38,8 @@ def one_run(job: dict) -> dict:
     from slicegpt.evaluation.chat import evaluate_chat
 
     torch.manual_seed(0)
-    model, tokenizer, name = _load_source(job)
-    source = None if job["method"] == "dense" else _load_source(job)[0]
+    model, tokenizer, name = load_source(job.get("model"))
+    source = None if job["method"] == "dense" else load_source(job.get("model"))[0]
     dense_params = slicegpt.count_parameters(model)
     result = dict(job, source_model=name, params_dense=dense_params)
     if job.get("load"):
@@ -218,10 +208,9 @@ def main() -> None:
     p.add_argument("--name", default=None, help="the run's name (with --load, or one mode and one calibration)")
     p.add_argument("--rerun", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "chat_smollm2.json"))
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    add_one(p)
     args = p.parse_args()
-    if args.one:
-        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+    if answer_one(args, one_run):
         return
     if args.name and not args.load and len(args.modes.split(",")) * len(args.calibs.split(",")) > 1:
         p.error("--name names one run: give one mode and one calibration")

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from fresh import run_fresh
+from fresh import add_one, answer_one, load_source, run_fresh
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
@@ -107,11 +107,10 @@ def one_run(job: dict) -> dict:
     import torch
 
     import slicegpt
-    from slicegpt.io.fetch import materialise
     from slicegpt.sources import calibration_rows_for
 
     torch.manual_seed(0)
-    model, tokenizer, name = slicegpt.load_model(str(materialise(job["model"])) if job["model"] else None)
+    model, tokenizer, name = load_source(job["model"])
     shipped = slicegpt.count_parameters(model)
     settings = METHODS[job["method"]]
     config = slicegpt.SliceConfig(
@@ -211,15 +210,14 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--target", type=float, default=0.75)
     p.add_argument("--out", default=str(RESULTS / "cost_phases.json"))
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    add_one(p)
     p.add_argument("--tables", action="store_true", help="print the tables of the runs in --out and stop")
     args = p.parse_args()
     if args.tables:
         runs = json.loads(Path(args.out).read_text())["runs"]
         print(table(runs) + "\n\n" + plan_check(runs))
         return
-    if args.one:
-        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+    if answer_one(args, one_run):
         return
     out = Path(args.out)
     runs: list[dict] = json.loads(out.read_text())["runs"] if out.exists() else []

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from cost_phases import METHODS, PHASES, timed_compression
-from fresh import run_fresh
+from fresh import add_one, answer_one, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -154,7 +154,7 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.75)
     p.add_argument("--out", default=str(RESULTS / "cost_width.json"))
     p.add_argument("--plot", default=None, help="write the log-log plot here (PNG)")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    add_one(p)
     p.add_argument("--tables", action="store_true", help="print the table of the runs in --out (and --plot) and stop")
     args = p.parse_args()
     if args.tables:
@@ -163,8 +163,7 @@ def main() -> None:
         if args.plot:
             plot(runs, Path(args.plot))
         return
-    if args.one:
-        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+    if answer_one(args, one_run):
         return
     out = Path(args.out)
     runs: list[dict] = json.loads(out.read_text())["runs"] if out.exists() else []

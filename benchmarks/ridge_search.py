@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from cost_phases import METHODS
-from fresh import run_fresh
+from fresh import add_one, answer_one, load_source, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -33,12 +33,7 @@ def one_run(job: dict) -> dict:
     from slicegpt.core import refit
 
     torch.manual_seed(0)
-    if job["model"]:
-        from slicegpt.io.fetch import materialise
-
-        model, tokenizer, name = slicegpt.load_model(str(materialise(job["model"])))
-    else:
-        model, tokenizer, name = slicegpt.load_model()
+    model, tokenizer, name = load_source(job["model"])
     writers: list[dict] = []
     plain = refit.refit
 
@@ -121,10 +116,9 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--target", type=float, default=0.75)
     p.add_argument("--out", default=str(RESULTS / "ridge_search.json"))
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    add_one(p)
     args = p.parse_args()
-    if args.one:
-        print("RESULT " + json.dumps(one_run(json.loads(args.one))))
+    if answer_one(args, one_run):
         return
     job = dict(model=args.model, method=args.method, nsamples=args.nsamples, seqlen=args.seqlen, target=args.target)
     out = Path(args.out)
