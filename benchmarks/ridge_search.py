@@ -69,6 +69,8 @@ def one_run(job: dict) -> dict:
                     gain_kept=1.0 if gain <= 0 else (unrefit - every[walked]) / gain,
                 )
             )
+            # the final solve at the walk's strength, without walking again
+            return plain(moments, w0, (walked,))
         return plain(moments, w0, grid, exhaustive)
 
     refit.refit = checked

@@ -424,6 +424,24 @@ def test_the_strength_walk_chooses_what_the_whole_grid_chooses_in_fewer_solves()
         fm.add(x[cut:], t[cut:], held_out=True)
         (w, rel), (w_all, rel_all) = refit.refit(fm, w0), refit.refit(fm, w0, exhaustive=True)
         assert rel == rel_all and torch.equal(w, w_all)
+        # a grid of the chosen strength alone: nothing to choose, the same fit on every row
+        w_one, rel_one = refit.refit(fm, w0, (rel,))
+        assert rel_one == rel and torch.equal(w_one, w)
+
+
+def test_a_grid_of_one_strength_computes_no_held_out_error(monkeypatch) -> None:
+    from slicegpt.core import refit
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(80, 6, dtype=torch.float64, generator=g)
+    w0 = torch.randn(2, 6, dtype=torch.float64, generator=g)
+    fm = refit.FitMoments()
+    fm.add(x[:60], x[:60] @ w0.t() + 0.1, held_out=False)
+    fm.add(x[60:], x[60:] @ w0.t() + 0.1, held_out=True)
+    monkeypatch.setattr(refit, "error", lambda *a: pytest.fail("a held-out error was computed"))
+    w, rel = refit.refit(fm, w0, (0.5,))
+    merged = fm.fit.merged(fm.held).mean()
+    assert rel == 0.5 and torch.equal(w, refit.ridge(*merged, w0, 0.5))
 
 
 def test_stream_weights_are_one_over_the_root_mean_square() -> None:

@@ -191,18 +191,17 @@ def refit(
     """The refit writer (D, n) and the relative ridge strength chosen on the held-out rows
     (:func:`choose_strength`; ``exhaustive`` tries the whole grid).
 
-    Without held-out rows the middle of the grid is used. The final fit uses every row.
+    Without held-out rows the middle of the grid is used, and a grid of one strength is used as it
+    is (nothing to choose, no held-out error computed). The final fit uses every row.
     """
     w0 = w0.to(torch.float64)
     chosen = grid[len(grid) // 2]
-    if moments.held.count:
+    if moments.held.count and len(grid) > 1:
         cov, cross = moments.fit.mean()
         hcov, hcross = moments.held.mean()
         # Ties (a writer whose inputs upstream compression left exact fits equally well at every
         # strength: every candidate is w0 up to rounding) go to the strongest ridge, the one
         # nearest the current weights, so that rounding (thread count, process count) does not pick.
         chosen = choose_strength(lambda rel: error(ridge(cov, cross, w0, rel), hcov, hcross), grid, exhaustive)
-        cov, cross = moments.fit.merged(moments.held).mean()
-    else:
-        cov, cross = moments.fit.mean()
+    cov, cross = (moments.fit.merged(moments.held) if moments.held.count else moments.fit).mean()
     return ridge(cov, cross, w0, chosen), chosen
