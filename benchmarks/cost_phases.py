@@ -170,7 +170,8 @@ PLAN_TERMS = {
     "forward": ("attention", "MLP", "writers alone"),
     "statistics": ("covariances", "moments"),
     "eigh": ("eigendecompositions",),
-    "solves": ("neuron selection", "refits"),
+    "solves": ("refits",),
+    "selection": ("neuron selection",),
     "unmodelled": ("rotate and slice", "other"),
 }
 
@@ -191,7 +192,13 @@ def plan_check(runs: list[dict]) -> str:
             target_params=r["target"], nsamples=r["nsamples"], seqlen=r["seqlen"], **METHODS[r["method"]]
         )
         t = plan_model(str(materialise(r["model"])) if r["model"] else None, config).time
-        planned = {"forward": t.forward, "statistics": t.statistics, "eigh": t.eigh, "solves": t.solves}
+        planned = {
+            "forward": t.forward,
+            "statistics": t.statistics,
+            "eigh": t.eigh,
+            "solves": t.solves,
+            "selection": t.selection,
+        }
         cells = []
         for term, phases in PLAN_TERMS.items():
             measured = sum(r["phases"].get(p, 0.0) for p in phases)

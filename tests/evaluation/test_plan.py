@@ -13,7 +13,17 @@ import torch
 
 import slicegpt
 from slicegpt.cli import main
-from slicegpt.evaluation.plan import GB, ModelShape, Throughput, Workload, memory_model, plan_model, time_model
+from slicegpt.evaluation.plan import (
+    GB,
+    GREEDY_PICK_SECONDS,
+    SOLVE_EFFICIENCY,
+    ModelShape,
+    Throughput,
+    Workload,
+    memory_model,
+    plan_model,
+    time_model,
+)
 from slicegpt.io.headers import PlanInputError, read_header, write_index_only_folder
 
 from conftest import calib_rows, make_tiny
@@ -168,7 +178,7 @@ def test_cli_prints_the_table_and_writes_every_figure(
     assert mem["host_streaming"] <= mem["host_in_memory"] and mem["device_peak"] == 0.0  # --device cpu: on the host
     assert data["memory_per_node_bytes"]["host_streaming"] == pytest.approx(2 * mem["host_streaming"])
     assert data["time_seconds"]["total"] == pytest.approx(
-        sum(data["time_seconds"][k] for k in ("forward", "statistics", "eigh", "solves", "disk"))
+        sum(data["time_seconds"][k] for k in ("forward", "statistics", "eigh", "solves", "selection", "disk"))
     )
     assert data["calibration_tokens"] == 32 * 64
 
@@ -246,9 +256,15 @@ def test_time_model_terms() -> None:
     spreading = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384, spread_rows=8), rate, 0, 0)
     fixed = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384), rate, 0, 0)
     assert spreading.forward_flops - fixed.forward_flops == pytest.approx(per_token * 8 * 2048)
-    assert spreading.solve_flops - fixed.solve_flops == pytest.approx(
+    assert spreading.selection_flops - fixed.selection_flops == pytest.approx(
         SHAPE.intermediate**2 * (SHAPE.intermediate + 2 * 8192) * 80
     )
+    # each neuron taken costs its flops at the solves' rate and a fixed latency: spreading takes every width's
+    flop_seconds = (spreading.selection_flops - fixed.selection_flops) / (SOLVE_EFFICIENCY * 10e12)
+    assert spreading.selection - fixed.selection == pytest.approx(
+        flop_seconds + SHAPE.intermediate * 80 * GREEDY_PICK_SECONDS
+    )
+    assert spreading.solve_flops == fixed.solve_flops and fixed.selection > 0 and corrected.selection == 0
     # uniform, only MLP neurons go: no pooling walk, no eigendecomposition
     mlp_only = time_model(SHAPE, replace(WORK, uniform=True, residual_width=8192, kept_neurons=16384), rate, 0, 0)
     assert mlp_only.eigh == 0 and mlp_only.statistics_flops > 0 and mlp_only.forward_flops > 0

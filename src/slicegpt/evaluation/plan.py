@@ -55,6 +55,14 @@ DEFAULT_DISK_GBPS = 1.0
 # held-out error; the walk of refit.choose_strength, measured by benchmarks/ridge_search.py:
 # 4.2 on SmolLM2's writers), then solve once more on all rows.
 RIDGE_TRIED = 4.5
+#: The refits' LU solves and the greedy selection's thin products run at this share of the float64
+#: rate (--fp64-tflops), measured here: SmolLM2's and single 7B-shaped layers' refits and
+#: selections at 0.057 TFLOP/s against the covariances' 0.1 (benchmarks/cost_phases.py, cost_width.py).
+SOLVE_EFFICIENCY = 0.57
+#: What each neuron the greedy selection takes costs beyond its flops: the round's small steps one
+#: pick at a time (a shortlist's norms, an argmax, a rank-one update), bound by latency and memory,
+#: not arithmetic. Measured here: 230 us per pick (SmolLM2, 26k picks uniform, 72k per-layer).
+GREEDY_PICK_SECONDS = 2.3e-4
 
 
 @dataclass(frozen=True)
@@ -331,10 +339,11 @@ class TimeEstimate:
       eigh           10 x hidden^3 float64 per eigendecomposition (one per PCA point, plus the embedding's).
       solves         corrections: per writer about 4.5 ridge strengths tried (a solve, 2/3 n^3 + 2 n^2
                      hidden, and a held-out error, 2 n^2 hidden, each) and the final solve; n = the
-                     kept neurons for the MLP; pruning: the greedy selection
-                     intermediate x k x (k + 2 hidden), and with spreading once more to every
-                     width (k = intermediate). Not divided: every process (or the reducing one)
-                     does them.
+                     kept neurons for the MLP; at SOLVE_EFFICIENCY x the float64 rate.
+      selection      pruning: the greedy neuron selection, intermediate x k x (k + 2 hidden) at
+                     SOLVE_EFFICIENCY x the float64 rate plus GREEDY_PICK_SECONDS per neuron
+                     taken, and with spreading once more to every width (k = intermediate).
+                     Neither term is divided: every process (or the reducing one) does them.
       disk           read the weights (size on disk) and write the sliced model, at --disk-gbps.
     With --search the compute terms are multiplied by the compressions run.
     """
@@ -343,26 +352,28 @@ class TimeEstimate:
     statistics_flops: float
     eigh_flops: float
     solve_flops: float
+    selection_flops: float
     forward: float
     statistics: float
     eigh: float
     solves: float
+    selection: float
     disk: float
 
     @property
     def total(self) -> float:
-        return self.forward + self.statistics + self.eigh + self.solves + self.disk
+        return self.forward + self.statistics + self.eigh + self.solves + self.selection + self.disk
 
     def to_dict(self) -> dict[str, float]:
         return {**asdict(self), "total": self.total}
 
 
-def _ridge_flops(n: int, d: int) -> float:
+def _ridge_flops(n: int, d: int, tried: float = RIDGE_TRIED) -> float:
     """One writer's ridge choice and refit (n inputs, d outputs): every strength tried is a solve
     (LU 2/3 n^3, then 2 n^2 d for the right-hand sides) and a held-out error (2 n^2 d); the final
     solve on all rows has no error."""
     solve = 2 / 3 * n**3 + 2 * n * n * d
-    return (RIDGE_TRIED + 1) * solve + RIDGE_TRIED * 2 * n * n * d
+    return (tried + 1) * solve + tried * 2 * n * n * d
 
 
 def time_model(
@@ -385,19 +396,24 @@ def time_model(
     stats = gram_flops(d) * tokens * n * shape.points_per_layer * work.covariance_walks
     moments = (gram_flops(i) + 2.0 * i * d) * spread_tokens * n
     solves = 0.0
+    # the strengths are chosen on the last calibration batch; with one batch there is none to choose on
+    tried = RIDGE_TRIED if work.rows > work.batch_size else 0.0
     if work.corrections:
         for width, solved in ((d, d), (i, work.kept_neurons or i)):  # the MLP's writer is refit on its kept neurons
             moments += (gram_flops(width) + 2.0 * width * d) * tokens * n
-            solves += _ridge_flops(solved, d) * n
+            solves += _ridge_flops(solved, d, tried) * n
     elif work.prunes:
         moments += gram_flops(i) * tokens * n
+    selection = picks = 0.0
     if work.spread_rows:
-        solves += i * i * (i + 2 * d) * n * shape.experts
+        selection += i * i * (i + 2 * d) * n * shape.experts
+        picks += i * n * shape.experts
     if work.prunes:
         k = work.kept_neurons or 0
-        solves += i * k * (k + 2 * d) * n * shape.experts
+        selection += i * k * (k + 2 * d) * n * shape.experts
+        picks += k * n * shape.experts
         if shape.experts > 1:  # every expert's own refit, beside the one counted above
-            solves += _ridge_flops(k, d) * n * (shape.experts - 1)
+            solves += _ridge_flops(k, d, tried) * n * (shape.experts - 1)
     eigh = 10.0 * d**3 * work.eigh_points(shape.points_per_layer, n)
     c = work.compressions
     return TimeEstimate(
@@ -405,10 +421,12 @@ def time_model(
         statistics_flops=c * (stats + moments),
         eigh_flops=c * eigh,
         solve_flops=c * solves,
+        selection_flops=c * selection,
         forward=c * forward / (rate.tflops * 1e12) / work.nproc,
         statistics=c * (stats / (rate.fp64_tflops * 1e12) + moments / (rate.moments_tflops * 1e12)) / work.nproc,
         eigh=c * eigh / (rate.fp64_tflops * 1e12),
-        solves=c * solves / (rate.fp64_tflops * 1e12),
+        solves=c * solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12),
+        selection=c * (selection / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
         disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
     )
 
@@ -763,7 +781,9 @@ def format_plan(plan: Plan) -> str:
         f"{t.eigh / 60:,.1f} |",
     ]
     if t.solve_flops:
-        lines.append(f"| refit solves / neuron choice | {t.solves / 60:,.1f} |")
+        lines.append(f"| refit solves ({_flop(t.solve_flops)}) | {t.solves / 60:,.1f} |")
+    if t.selection_flops:
+        lines.append(f"| neuron selection ({_flop(t.selection_flops)}) | {t.selection / 60:,.1f} |")
     lines += [
         f"| disk ({plan.throughput.disk_gbps:g} GB/s) | {t.disk / 60:,.1f} |",
         f"| **total** | **{_minutes(t.total)}** |",
