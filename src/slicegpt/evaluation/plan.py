@@ -327,7 +327,8 @@ class TimeEstimate:
                      (uniform) and per spreading walk (per-layer budget, over its 8 rows);
                      attention's scores and values add 4 x seqlen x heads x head_dim per token
                      and layer to each pass; plus the rotations back to the original basis
-                     (6 x hidden^2 per token per layer per compressing pass). Divided over --nproc.
+                     (6 x hidden^2 per token per layer per compressing pass, none where the basis
+                     is kept: a budget on MLP neurons alone). Divided over --nproc.
                      MoE layers are charged for every expert (conservative).
       statistics     accumulation per token and layer (x^T x: 2 n^2, 5/8 of it from n = 1024 on,
                      where only the upper blocks are multiplied): float64 covariances at n = hidden per PCA
@@ -388,7 +389,9 @@ def time_model(
     passes = compress_passes + (1 if work.pooling_walk else 0)
     # scores and values: 2 x 2 x seqlen x attention width per token (SDPA computes the masked half too)
     per_token = 2.0 * shape.layer_params + 4.0 * work.seqlen * shape.attention_width * n
-    forward = per_token * tokens * passes + 6.0 * d * d * tokens * n * compress_passes
+    # rotations between the original and the sliced basis (none where the basis is kept)
+    rotated = 0 if work.keeps_basis else compress_passes
+    forward = per_token * tokens * passes + 6.0 * d * d * tokens * n * rotated
     if work.corrections:  # the refit writers run once more, alone
         forward += 2.0 * (d + (work.kept_neurons or i)) * d * tokens * n
     spread_tokens = work.spread_rows * work.seqlen
