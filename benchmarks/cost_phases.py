@@ -172,7 +172,7 @@ PLAN_TERMS = {
     "eigh": ("eigendecompositions",),
     "solves": ("refits",),
     "selection": ("neuron selection",),
-    "unmodelled": ("rotate and slice", "other"),
+    "other": ("rotate and slice", "other"),
 }
 
 
@@ -198,6 +198,7 @@ def plan_check(runs: list[dict]) -> str:
             "eigh": t.eigh,
             "solves": t.solves,
             "selection": t.selection,
+            "other": t.other,
         }
         cells = []
         for term, phases in PLAN_TERMS.items():

@@ -16,6 +16,9 @@ from slicegpt.cli import main
 from slicegpt.evaluation.plan import (
     GB,
     GREEDY_PICK_SECONDS,
+    OTHER_SECONDS,
+    OTHER_SECONDS_PER_PARAM,
+    OTHER_SECONDS_PER_STREAM_ELEMENT,
     SOLVE_EFFICIENCY,
     ModelShape,
     Throughput,
@@ -178,7 +181,7 @@ def test_cli_prints_the_table_and_writes_every_figure(
     assert mem["host_streaming"] <= mem["host_in_memory"] and mem["device_peak"] == 0.0  # --device cpu: on the host
     assert data["memory_per_node_bytes"]["host_streaming"] == pytest.approx(2 * mem["host_streaming"])
     assert data["time_seconds"]["total"] == pytest.approx(
-        sum(data["time_seconds"][k] for k in ("forward", "statistics", "eigh", "solves", "selection", "disk"))
+        sum(data["time_seconds"][k] for k in ("forward", "statistics", "eigh", "solves", "selection", "other", "disk"))
     )
     assert data["calibration_tokens"] == 32 * 64
 
@@ -253,6 +256,9 @@ def test_time_model_terms() -> None:
     # the dense layer and the refit passes; after a refit the writers run alone
     writers = 2 * (8192 + SHAPE.intermediate) * 8192 * tokens * 80
     assert corrected.forward_flops == pytest.approx(2 * t.forward_flops + writers) and corrected.solves > 0
+    # what is not arithmetic: per parameter, and with corrections per element of the streams moved
+    assert t.other == pytest.approx(OTHER_SECONDS + OTHER_SECONDS_PER_PARAM * SHAPE.params)
+    assert corrected.other - t.other == pytest.approx(OTHER_SECONDS_PER_STREAM_ELEMENT * tokens * 8192 * 80)
     spreading = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384, spread_rows=8), rate, 0, 0)
     fixed = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384), rate, 0, 0)
     assert spreading.forward_flops - fixed.forward_flops == pytest.approx(per_token * 8 * 2048)

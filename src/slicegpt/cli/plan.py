@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help=(
-            "sustained TFLOP/s in the model's dtype (default by device kind: cpu 0.2, cuda 100 in bf16/fp16, 20 in "
+            "sustained TFLOP/s in the model's dtype (default by device kind: cpu 0.16, cuda 100 in bf16/fp16, 20 in "
             "fp32)"
         ),
     )

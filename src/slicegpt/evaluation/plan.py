@@ -45,7 +45,9 @@ RUNTIME_BASELINE_BYTES = 0.6 * GB
 #: eigendecompositions and solves. A GPU without fast float64 (consumer cards) is far slower in
 #: float64 than assumed here: pass --fp64-tflops.
 DEFAULT_TFLOPS: dict[str, dict[str, float]] = {
-    "cpu": {"bfloat16": 0.2, "float16": 0.2, "float32": 0.2, "float64": 0.1},
+    # cpu: float32 measured on a 2-core AMD EPYC, SmolLM2's calibration forwards at 0.16 (benchmarks/
+    # cost_phases.py); half types assumed no faster (torch runs them no faster on most CPUs)
+    "cpu": {"bfloat16": 0.16, "float16": 0.16, "float32": 0.16, "float64": 0.1},
     "cuda": {"bfloat16": 100.0, "float16": 100.0, "float32": 20.0, "float64": 10.0},
     "mps": {"bfloat16": 5.0, "float16": 5.0, "float32": 5.0, "float64": 0.5},
 }
@@ -61,8 +63,16 @@ RIDGE_TRIED = 4.5
 SOLVE_EFFICIENCY = 0.57
 #: What each neuron the greedy selection takes costs beyond its flops: the round's small steps one
 #: pick at a time (a shortlist's norms, an argmax, a rank-one update), bound by latency and memory,
-#: not arithmetic. Measured here: 230 us per pick (SmolLM2, 26k picks uniform, 72k per-layer).
-GREEDY_PICK_SECONDS = 2.3e-4
+#: not arithmetic. Measured here: about 200 us per pick (SmolLM2, 26k picks uniform, 72k per-layer).
+GREEDY_PICK_SECONDS = 2.0e-4
+#: What a run spends outside its arithmetic (fusing the norms and rotating the embeddings and head
+#: in float64, copies, the data, bookkeeping): a fixed part and a part per stored parameter, and
+#: with corrections per element of the streams each layer moves (the reference stream, the dense
+#: layer's outputs, what the writers read). Fitted here: SmolLM2 5-7 s (SliceGPT, budget at 8
+#: rows), Qwen2.5-Coder-0.5B 21 s (SliceGPT); the budget's grows 4 s from 8 to 32 rows on SmolLM2.
+OTHER_SECONDS = 3.0
+OTHER_SECONDS_PER_PARAM = 2.8e-8
+OTHER_SECONDS_PER_STREAM_ELEMENT = 9e-9
 
 
 @dataclass(frozen=True)
@@ -345,6 +355,9 @@ class TimeEstimate:
                      SOLVE_EFFICIENCY x the float64 rate plus GREEDY_PICK_SECONDS per neuron
                      taken, and with spreading once more to every width (k = intermediate).
                      Neither term is divided: every process (or the reducing one) does them.
+      other          what is not arithmetic, on the host: OTHER_SECONDS + OTHER_SECONDS_PER_PARAM x
+                     parameters, + OTHER_SECONDS_PER_STREAM_ELEMENT x tokens x hidden x layers
+                     with corrections. Measured on this project's CPU, not scaled by the rates.
       disk           read the weights (size on disk) and write the sliced model, at --disk-gbps.
     With --search the compute terms are multiplied by the compressions run.
     """
@@ -359,11 +372,12 @@ class TimeEstimate:
     eigh: float
     solves: float
     selection: float
+    other: float
     disk: float
 
     @property
     def total(self) -> float:
-        return self.forward + self.statistics + self.eigh + self.solves + self.selection + self.disk
+        return self.forward + self.statistics + self.eigh + self.solves + self.selection + self.other + self.disk
 
     def to_dict(self) -> dict[str, float]:
         return {**asdict(self), "total": self.total}
@@ -418,6 +432,9 @@ def time_model(
         if shape.experts > 1:  # every expert's own refit, beside the one counted above
             solves += _ridge_flops(k, d, tried) * n * (shape.experts - 1)
     eigh = 10.0 * d**3 * work.eigh_points(shape.points_per_layer, n)
+    other = OTHER_SECONDS + OTHER_SECONDS_PER_PARAM * shape.params
+    if work.corrections:
+        other += OTHER_SECONDS_PER_STREAM_ELEMENT * tokens * d * n / work.nproc
     c = work.compressions
     return TimeEstimate(
         forward_flops=c * forward,
@@ -430,6 +447,7 @@ def time_model(
         eigh=c * eigh / (rate.fp64_tflops * 1e12),
         solves=c * solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12),
         selection=c * (selection / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
+        other=c * other,
         disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
     )
 
@@ -787,6 +805,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"| refit solves ({_flop(t.solve_flops)}) | {t.solves / 60:,.1f} |")
     if t.selection_flops:
         lines.append(f"| neuron selection ({_flop(t.selection_flops)}) | {t.selection / 60:,.1f} |")
+    lines.append(f"| other (norm fusing, copies, data) | {t.other / 60:,.1f} |")
     lines += [
         f"| disk ({plan.throughput.disk_gbps:g} GB/s) | {t.disk / 60:,.1f} |",
         f"| **total** | **{_minutes(t.total)}** |",
