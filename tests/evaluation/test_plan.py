@@ -19,7 +19,7 @@ from slicegpt.evaluation.plan import (
     OTHER_SECONDS,
     OTHER_SECONDS_PER_PARAM,
     OTHER_SECONDS_PER_STREAM_ELEMENT,
-    SOLVE_EFFICIENCY,
+    SELECTION_EFFICIENCY,
     ModelShape,
     Throughput,
     Workload,
@@ -266,7 +266,7 @@ def test_time_model_terms() -> None:
         SHAPE.intermediate**2 * (SHAPE.intermediate + 2 * 8192) * 80
     )
     # each neuron taken costs its flops at the solves' rate and a fixed latency: spreading takes every width's
-    flop_seconds = (spreading.selection_flops - fixed.selection_flops) / (SOLVE_EFFICIENCY * 10e12)
+    flop_seconds = (spreading.selection_flops - fixed.selection_flops) / (SELECTION_EFFICIENCY * 10e12)
     assert spreading.selection - fixed.selection == pytest.approx(
         flop_seconds + SHAPE.intermediate * 80 * GREEDY_PICK_SECONDS
     )

@@ -57,14 +57,18 @@ DEFAULT_DISK_GBPS = 1.0
 # held-out error; the walk of refit.choose_strength, measured by benchmarks/ridge_search.py:
 # 4.2 on SmolLM2's writers), then solve once more on all rows.
 RIDGE_TRIED = 4.5
-#: The refits' LU solves and the greedy selection's thin products run at this share of the float64
-#: rate (--fp64-tflops), measured here: SmolLM2's and single 7B-shaped layers' refits and
-#: selections at 0.057 TFLOP/s against the covariances' 0.1 (benchmarks/cost_phases.py, cost_width.py).
-SOLVE_EFFICIENCY = 0.57
-#: What each neuron the greedy selection takes costs beyond its flops: the round's small steps one
-#: pick at a time (a shortlist's norms, an argmax, a rank-one update), bound by latency and memory,
-#: not arithmetic. Measured here: about 200 us per pick (SmolLM2, 26k picks uniform, 72k per-layer).
-GREEDY_PICK_SECONDS = 2.0e-4
+#: The refits' LU solves run at this share of the float64 rate (--fp64-tflops), measured here:
+#: 61-74 GFLOP/s on SmolLM2's and Qwen2.5-Coder-0.5B's writers, 59 on a 7B-shaped layer's
+#: (benchmarks/cost_phases.py, cost_width.py), against the covariances' 100.
+SOLVE_EFFICIENCY = 0.65
+#: The greedy selection's products are thin (a round of 16 neurons against all of them: two
+#: passes over the [neurons, hidden] residual and one over the factor per round), so bound by
+#: memory: this share of the float64 rate, and beside it a cost per neuron taken for the round's
+#: small steps one pick at a time (a shortlist's norms, an argmax, a rank-one update). Fitted
+#: here on SmolLM2 (uniform and per-layer, 26k and 72k picks) and Qwen2.5-Coder-0.5B (uniform,
+#: 58k picks of 4864-wide layers): 20.5 GFLOP/s and 104 us per pick, each run within 10%.
+SELECTION_EFFICIENCY = 0.2
+GREEDY_PICK_SECONDS = 1.0e-4
 #: What a run spends outside its arithmetic (fusing the norms and rotating the embeddings and head
 #: in float64, copies, the data, bookkeeping): a fixed part and a part per stored parameter, and
 #: with corrections per element of the streams each layer moves (the reference stream, the dense
@@ -352,7 +356,7 @@ class TimeEstimate:
                      hidden, and a held-out error, 2 n^2 hidden, each) and the final solve; n = the
                      kept neurons for the MLP; at SOLVE_EFFICIENCY x the float64 rate.
       selection      pruning: the greedy neuron selection, intermediate x k x (k + 2 hidden) at
-                     SOLVE_EFFICIENCY x the float64 rate plus GREEDY_PICK_SECONDS per neuron
+                     SELECTION_EFFICIENCY x the float64 rate plus GREEDY_PICK_SECONDS per neuron
                      taken, and with spreading once more to every width (k = intermediate).
                      Neither term is divided: every process (or the reducing one) does them.
       other          what is not arithmetic, on the host: OTHER_SECONDS + OTHER_SECONDS_PER_PARAM x
@@ -446,7 +450,7 @@ def time_model(
         statistics=c * (stats / (rate.fp64_tflops * 1e12) + moments / (rate.moments_tflops * 1e12)) / work.nproc,
         eigh=c * eigh / (rate.fp64_tflops * 1e12),
         solves=c * solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12),
-        selection=c * (selection / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
+        selection=c * (selection / (SELECTION_EFFICIENCY * rate.fp64_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
         other=c * other,
         disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
     )
