@@ -13,7 +13,7 @@ timed by wrapping the package's own functions from outside (nothing in the packa
 |---|---|
 | attention, MLP | the block's attention and MLP branches (every calibration and refit pass) |
 | covariances | PCA covariance accumulation (float64) |
-| moments | refit and neuron-selection moments (float64) |
+| moments | refit and neuron-selection moments (float32 products summed in float64) |
 | eigendecompositions | the PCA of each point |
 | neuron selection | the greedy least-squares selection (and the spreading curves) |
 | refits | the closed-form corrections' ridge: the strengths tried on held-out rows, the final solve |
