@@ -19,7 +19,9 @@ from slicegpt.evaluation.plan import (
     OTHER_SECONDS,
     OTHER_SECONDS_PER_PARAM,
     OTHER_SECONDS_PER_STREAM_ELEMENT,
+    RIDGE_TRIED,
     SELECTION_EFFICIENCY,
+    SOLVE_EFFICIENCY,
     ModelShape,
     Throughput,
     Workload,
@@ -265,7 +267,7 @@ def test_time_model_terms() -> None:
     assert spreading.selection_flops - fixed.selection_flops == pytest.approx(
         SHAPE.intermediate**2 * (SHAPE.intermediate + 2 * 8192) * 80
     )
-    # each neuron taken costs its flops at the solves' rate and a fixed latency: spreading takes every width's
+    # each neuron taken costs its flops at the selection's rate and a fixed latency: spreading takes every width's
     flop_seconds = (spreading.selection_flops - fixed.selection_flops) / (SELECTION_EFFICIENCY * 10e12)
     assert spreading.selection - fixed.selection == pytest.approx(
         flop_seconds + SHAPE.intermediate * 80 * GREEDY_PICK_SECONDS
@@ -274,6 +276,19 @@ def test_time_model_terms() -> None:
     # uniform, only MLP neurons go: no pooling walk, no eigendecomposition
     mlp_only = time_model(SHAPE, replace(WORK, uniform=True, residual_width=8192, kept_neurons=16384), rate, 0, 0)
     assert mlp_only.eigh == 0 and mlp_only.statistics_flops > 0 and mlp_only.forward_flops > 0
+    # a kept basis rotates nothing: slicing the residual as well adds 6 x hidden^2 per token and layer
+    kept = time_model(SHAPE, replace(WORK, residual_width=8192, kept_neurons=16384), rate, 0, 0)
+    both = time_model(SHAPE, replace(WORK, kept_neurons=16384), rate, 0, 0)
+    assert both.forward_flops - kept.forward_flops == pytest.approx(6 * 8192**2 * tokens * 80)
+    # the refit solves at SOLVE_EFFICIENCY of the float64 rate; one calibration batch holds no
+    # held-out rows, so each writer is solved once, no strength tried
+    assert fixed.solves == pytest.approx(fixed.solve_flops / (SOLVE_EFFICIENCY * 10e12))
+    one_batch = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384, rows=8), rate, 0, 0)
+    widths = (8192, 16384)  # attention's writer, the MLP's on its kept neurons
+    solve = sum(2 / 3 * n**3 + 2 * n * n * 8192 for n in widths)
+    held_out_error = sum(2 * n * n * 8192 for n in widths)
+    assert one_batch.solve_flops == pytest.approx(solve * 80)
+    assert fixed.solve_flops == pytest.approx(((RIDGE_TRIED + 1) * solve + RIDGE_TRIED * held_out_error) * 80)
     # uniform, plain: the pooling walk only gathers statistics; slicing runs no calibration
     pooled = time_model(SHAPE, replace(WORK, uniform=True), rate, 0, 0)
     assert pooled.eigh_flops == 10 * 8192**3 and pooled.forward_flops == pytest.approx(per_token * tokens)
