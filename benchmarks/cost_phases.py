@@ -32,9 +32,9 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from fresh import add_one, answer_one, load_source, run_fresh
-from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -192,18 +192,11 @@ def plan_check(runs: list[dict]) -> str:
             target_params=r["target"], nsamples=r["nsamples"], seqlen=r["seqlen"], **METHODS[r["method"]]
         )
         t = plan_model(str(materialise(r["model"])) if r["model"] else None, config).time
-        planned = {
-            "forward": t.forward,
-            "statistics": t.statistics,
-            "eigh": t.eigh,
-            "solves": t.solves,
-            "selection": t.selection,
-            "other": t.other,
-        }
+        planned = {term: getattr(t, term) for term in PLAN_TERMS}  # each term is a TimeEstimate field
         cells = []
         for term, phases in PLAN_TERMS.items():
             measured = sum(r["phases"].get(p, 0.0) for p in phases)
-            cells.append(f"{planned.get(term, 0.0):.0f} / {measured:.0f} s")
+            cells.append(f"{planned[term]:.0f} / {measured:.0f} s")
         total = t.total - t.disk
         cells.append(f"{total:.0f} / {r['total_seconds']:.0f} s ({total / r['total_seconds']:.2f})")
         out.append(f"| {r['source_model']} | {r['method']} | {r['nsamples']} | " + " | ".join(cells) + " |")
