@@ -14,6 +14,8 @@ measure on data none of it was calibrated on: the chat job on --chat-n held-out 
 system-prompt echo shares), perplexity on the 'wiki' evaluation part (--wiki-rows rows of 1024;
 all by default) and on 'lambada' novels (--books-rows rows), and with --tasks zero-shot accuracy.
 Results: a markdown table on stdout, every job in --out (a job already there is skipped unless --rerun).
+--add-tasks RUNS measures only the zero-shot accuracy (--tasks, --limit) of runs already in --out
+(the dense model, or the folder a run saved) and adds it to them.
 """  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def one_run(job: dict) -> dict:
     from slicegpt.evaluation.chat import evaluate_chat
 
     torch.manual_seed(0)
+    if job.get("tasks_only"):
+        return _tasks_only(job)
     model, tokenizer, name = load_source(job.get("model"))
     source = None if job["method"] == "dense" else load_source(job.get("model"))[0]
     dense_params = slicegpt.count_parameters(model)
@@ -121,6 +125,54 @@ def _perplexities(job: dict, result: dict, model, tokenizer) -> dict:
     result["peak_rss_gb"] = peak_rss_gb()
     result["torch_threads"] = torch.get_num_threads()
     return result
+
+
+def _tasks_only(job: dict) -> dict:
+    """--add-tasks: zero-shot accuracy of the dense model or of a run's saved folder, nothing else."""
+    import slicegpt
+    from slicegpt.evaluation.tasks import evaluate_tasks
+    from slicegpt.memory import peak_rss_gb
+
+    model, tokenizer, _ = load_source(job.get("model"))
+    if job.get("folder"):
+        del model
+        model = slicegpt.load(str(HERE.parent / job["folder"]))
+    tasks = evaluate_tasks(
+        model, tokenizer, job["tasks"].split(","), limit=job["limit"], batch_size=16, offline=True, device="cpu"
+    )
+    return dict(tasks=tasks, peak_rss_gb=peak_rss_gb())
+
+
+def _read(out_path: Path) -> list[dict]:
+    return json.loads(out_path.read_text())["runs"] if out_path.exists() else []
+
+
+def add_tasks(args: argparse.Namespace, out_path: Path) -> None:
+    """Zero-shot accuracy added to the runs named in --add-tasks (each in a fresh process)."""
+    if not args.tasks:
+        raise SystemExit("--add-tasks needs --tasks")
+    for name in args.add_tasks.split(","):
+        results = _read(out_path)
+        run = next((r for r in results if r["name"] == name and r.get("model") == args.model), None)
+        if run is None:
+            raise SystemExit(f"--add-tasks: no run named {name!r} for model {args.model} in {out_path}")
+        folder = run.get("folder") or run.get("load")
+        if run["method"] != "dense" and not folder:
+            raise SystemExit(f"--add-tasks: run {name!r} saved no folder to measure")
+        if run.get("tasks") and run.get("limit") == args.limit and not args.rerun:
+            continue
+        print(f"== {name}: {args.tasks}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        job = dict(model=args.model, tasks_only=True, folder=folder, tasks=args.tasks, limit=args.limit)
+        r = run_fresh(__file__, job, f"tasks of {name}")
+        run.update(
+            tasks=r["tasks"],
+            limit=args.limit,
+            tasks_wall_seconds=time.perf_counter() - start,
+            peak_rss_gb=max(run.get("peak_rss_gb", 0), r["peak_rss_gb"]),
+        )
+        out_path.write_text(json.dumps({"runs": results}, indent=2) + "\n")
+        print(table([run]).splitlines()[-1], flush=True)
 
 
 def _code_cells(c: dict | None, dense: bool = False) -> str:
@@ -208,9 +260,19 @@ def main() -> None:
     p.add_argument("--name", default=None, help="the run's name (with --load, or one mode and one calibration)")
     p.add_argument("--rerun", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "chat_smollm2.json"))
+    p.add_argument(
+        "--add-tasks",
+        default=None,
+        metavar="RUNS",
+        help="only zero-shot accuracy (--tasks, --limit) of these runs in --out (comma-separated names; "
+        "'dense', or runs that saved a folder), added to them",
+    )
     add_one(p)
     args = p.parse_args()
     if answer_one(args, one_run):
+        return
+    if args.add_tasks:
+        add_tasks(args, Path(args.out))
         return
     if args.name and not args.load and len(args.modes.split(",")) * len(args.calibs.split(",")) > 1:
         p.error("--name names one run: give one mode and one calibration")
@@ -260,7 +322,7 @@ def main() -> None:
                     )
                 )
     out_path = Path(args.out)
-    results: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
+    results = _read(out_path)
     for job in jobs:
         same = [
             r
@@ -275,6 +337,8 @@ def main() -> None:
         start = time.perf_counter()
         r = run_fresh(__file__, job, f"job {job['name']}")
         r["wall_seconds"] = time.perf_counter() - start
+        # read again: another invocation (--add-tasks, a second model) may have written meanwhile
+        results = _read(out_path)
         results = [x for x in results if not (x["name"] == r["name"] and x.get("model") == r.get("model"))] + [r]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps({"runs": results}, indent=2) + "\n")
