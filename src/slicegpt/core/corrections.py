@@ -220,11 +220,23 @@ def keep_and_refit(
             m.xt = m.xx @ w0.t()
     index = torch.arange(w0.shape[1], device=w0.device)
     if keep is not None:
-        cov, cross = moments.fit.merged(moments.held).mean() if moments.held.count else moments.fit.mean()
-        index = agree(neurons.greedy_neurons(cov, w0, keep, cross=cross))
-        for m in (moments.fit, moments.held):
-            if m.count:
-                m.xx, m.xt = m.xx[index][:, index], m.xt[index]
+        fit, held = moments.fit, moments.held
+        both = bool(fit.count and held.count)
+        if both:
+            # Every row's sums, in place of the fit rows' (the greedy choice is the same on sums as
+            # on means): beside the held-out sums, no third [n, n] matrix while choosing.
+            fit.xx += held.xx
+            fit.xt += held.xt
+        every = fit if fit.count else held
+        index = agree(neurons.greedy_neurons(every.xx, w0, keep, cross=every.xt))
+        held_xx, held_xt = (held.xx[index[:, None], index], held.xt[index]) if held.count else (None, None)
+        if fit.count:
+            fit.xx, fit.xt = fit.xx[index[:, None], index], fit.xt[index]
+        if held.count:
+            held.xx, held.xt = held_xx, held_xt
+        if both:  # the fit rows' sums again, on the kept neurons
+            fit.xx -= held.xx
+            fit.xt -= held.xt
     if moments.fit.count == 0:  # every row was held out (an expert reached only there): fit on them
         moments.fit, moments.held = moments.held, moments_.Moments()
     w, rel = moments_.refit(moments, w0[:, index])

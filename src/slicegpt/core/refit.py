@@ -8,6 +8,12 @@ C = E[x^T x] and B = E[x^T t] (float64, streamed), the refit toward the current 
 
 and its error on other rows, from their moments alone, is  tr(W C_h W^T) - 2 tr(W B_h) + const,
 so the ridge strength is chosen on held-out calibration rows without another pass.
+
+Memory: at a 70B model's MLP width (28,672) one [n, n] float64 matrix is 6.6 GB, so the solves
+work on the streamed sums as they are (the ridge, relative to the mean diagonal, gives the same
+fit from sums as from means) and factor one shifted copy in place (Cholesky: the shifted moment
+is positive definite): besides the fit and held-out sums, a refit holds two [n, n] matrices at
+most (the all-rows sum and its factor), where means, an identity and a solver's copy held five.
 """
 
 from __future__ import annotations
@@ -140,10 +146,24 @@ class InputRecorder:
 
 
 def ridge(cov: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, rel: float) -> torch.Tensor:
-    """argmin_W E||t - x W^T||^2 + lam ||W - w0||^2 from moments; (D, n) float64."""
+    """argmin_W E||t - x W^T||^2 + lam ||W - w0||^2, lam = rel * mean(diag cov), from moments
+    (means, or sums over the same rows: the fit is the same); (D, n) float64.
+
+    One shifted copy of ``cov``, Cholesky-factored in place (half an LU's arithmetic); a copy
+    that is not numerically positive definite (no ridge on a singular moment) is solved by LU
+    as before, which says so if it is singular.
+    """
     lam = rel * cov.diagonal().mean()
-    eye = torch.eye(cov.shape[0], dtype=torch.float64, device=cov.device)
-    return torch.linalg.solve(cov + lam * eye, cross + lam * w0.t()).t()
+    rhs = cross + lam * w0.t()
+    shifted = cov.clone()
+    shifted.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, torch.empty((), dtype=torch.int32)))
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor).t()
+    del factor, shifted
+    shifted = cov.clone()
+    shifted.diagonal().add_(lam)
+    return torch.linalg.solve(shifted, rhs).t()
 
 
 def error(w: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor) -> float:
@@ -196,12 +216,16 @@ def refit(
     """
     w0 = w0.to(torch.float64)
     chosen = grid[len(grid) // 2]
-    if moments.held.count and len(grid) > 1:
-        cov, cross = moments.fit.mean()
-        hcov, hcross = moments.held.mean()
+    fit, held = moments.fit, moments.held
+    if fit.xx is None or fit.count == 0:
+        raise RuntimeError("no calibration tokens reached this writer")
+    if held.count and len(grid) > 1:
+        # On the sums (see the module's note on memory): the held-out error of a sum is the mean's
+        # times the held-out count, the same order of strengths.
         # Ties (a writer whose inputs upstream compression left exact fits equally well at every
         # strength: every candidate is w0 up to rounding) go to the strongest ridge, the one
         # nearest the current weights, so that rounding (thread count, process count) does not pick.
-        chosen = choose_strength(lambda rel: error(ridge(cov, cross, w0, rel), hcov, hcross), grid, exhaustive)
-    cov, cross = (moments.fit.merged(moments.held) if moments.held.count else moments.fit).mean()
-    return ridge(cov, cross, w0, chosen), chosen
+        chosen = choose_strength(lambda rel: error(ridge(fit.xx, fit.xt, w0, rel), held.xx, held.xt), grid, exhaustive)
+    if not held.count:
+        return ridge(fit.xx, fit.xt, w0, chosen), chosen
+    return ridge(fit.xx + held.xx, fit.xt + held.xt, w0, chosen), chosen

@@ -99,10 +99,11 @@ class _MLPWatch:
         totals = torch.tensor([self.energy, float(m.count)], dtype=torch.float64, device=m.xx.device)
         self.reduce.sum_([m.xx, m.xt, totals])
         m.count = int(totals[1])
-        cov, cross = m.mean()
-        _, gains = greedy_order(cov, self.weight, n, cross=cross)  # on the layer's device
+        # On the sums, not their means (no second [n, n]): the greedy order is the same and its
+        # gains are the means' times the count.
+        _, gains = greedy_order(m.xx, self.weight, n, cross=m.xt)  # on the layer's device
         total = float(totals[0]) / m.count
-        errors = total - torch.cumsum(gains.cpu(), 0)  # the best fit's error on the first 1..n neurons
+        errors = total - torch.cumsum(gains.cpu() / m.count, 0)  # the best fit's error on the first 1..n neurons
         self.curves.append(torch.cat([torch.tensor([total], dtype=torch.float64), errors]))
 
 
