@@ -57,9 +57,11 @@ DEFAULT_DISK_GBPS = 1.0
 # held-out error; the walk of refit.choose_strength, measured by benchmarks/ridge_search.py:
 # 4.2 on SmolLM2's writers), then solve once more on all rows.
 RIDGE_TRIED = 4.5
-#: The refits' LU solves run at this share of the float64 rate (--fp64-tflops), measured here:
+#: The refits' solves run at this share of the float64 rate (--fp64-tflops), measured here:
 #: 61-74 GFLOP/s on SmolLM2's and Qwen2.5-Coder-0.5B's writers, 59 on a 7B-shaped layer's
-#: (benchmarks/cost_phases.py, cost_width.py), against the covariances' 100.
+#: (benchmarks/cost_phases.py, cost_width.py), against the covariances' 100 (fitted with LU
+#: solves; the Cholesky solves that replaced them ran at the same rate, 23-24 GFLOP/s on one
+#: thread at Qwen's MLP writer, n = 2416).
 SOLVE_EFFICIENCY = 0.65
 #: The greedy selection's products are thin (a round of 16 neurons against all of them: two
 #: passes over the [neurons, hidden] residual and one over the factor per round), so bound by
@@ -228,9 +230,12 @@ class MemoryEstimate:
                          bytes x 4 (the branch's intermediates), plus its float64 copy for the
                          covariance (batch x seqlen x hidden x 8).
       moments            with corrections or neuron pruning, the MLP writer's float64 moments:
-                         7 x intermediate^2 x 8 (fit and held-out sums, their means, the identity
-                         and shifted matrix of a ridge solve, the solver's factor) plus
-                         2 x intermediate x hidden x 8 (cross moments).
+                         with pruning, (2 x intermediate + kept) x intermediate x 8 (the fit and
+                         held-out sums, the greedy choice's factor [intermediate, kept]; the refit
+                         on the kept neurons holds 4 x kept^2, less); with corrections alone,
+                         4 x intermediate^2 x 8 (the two sums, the all-rows sum, its Cholesky
+                         factor); plus 2 x intermediate x hidden x 8 (cross moments). Measured on
+                         CPU (tests/core/test_budget.py): about one [n, n] beside the two sums.
       kept               with --device-map over k devices, the sliced layers each keeps: the
                          sliced model / k (the largest share: k does not divide the layers evenly,
                          and the first device also holds the embeddings).
@@ -319,7 +324,11 @@ def memory_model(shape: ModelShape, work: Workload) -> MemoryEstimate:
         device_batch=batch_tokens * max(d, i) * 4 * 4 + batch_tokens * d * 8,
         # with routed experts pruned, every expert's fit and held-out sums are held at once
         device_moments=(
-            (7 * i * i * 8 + 2 * i * d * 8) + (2 * i * i * 8 * (shape.experts - 1) if work.prunes else 0)
+            (
+                (max(2 * i + work.kept_neurons, 4 * work.kept_neurons**2 / i) if work.prunes else 4 * i) * i * 8
+                + 2 * i * d * 8
+            )
+            + (2 * i * i * 8 * (shape.experts - 1) if work.prunes else 0)
             if (work.corrections or work.prunes)
             else 0.0
         ),
@@ -352,7 +361,7 @@ class TimeEstimate:
                      models, taken as the float32 rate here); the spreading walk's MLP moments
                      over its rows. Divided over --nproc.
       eigh           10 x hidden^3 float64 per eigendecomposition (one per PCA point, plus the embedding's).
-      solves         corrections: per writer about 4.5 ridge strengths tried (a solve, 2/3 n^3 + 2 n^2
+      solves         corrections: per writer about 4.5 ridge strengths tried (a solve, Cholesky 1/3 n^3 + 2 n^2
                      hidden, and a held-out error, 2 n^2 hidden, each) and the final solve; n = the
                      kept neurons for the MLP; at SOLVE_EFFICIENCY x the float64 rate.
       selection      pruning: the greedy neuron selection, intermediate x k x (k + 2 hidden) at
@@ -389,9 +398,9 @@ class TimeEstimate:
 
 def _ridge_flops(n: int, d: int, tried: float = RIDGE_TRIED) -> float:
     """One writer's ridge choice and refit (n inputs, d outputs): every strength tried is a solve
-    (LU 2/3 n^3, then 2 n^2 d for the right-hand sides) and a held-out error (2 n^2 d); the final
+    (Cholesky 1/3 n^3, then 2 n^2 d for the right-hand sides) and a held-out error (2 n^2 d); the final
     solve on all rows has no error."""
-    solve = 2 / 3 * n**3 + 2 * n * n * d
+    solve = 1 / 3 * n**3 + 2 * n * n * d
     return (tried + 1) * solve + tried * 2 * n * n * d
 
 
