@@ -15,7 +15,8 @@ The shapes (hidden / MLP / heads / kv heads): SmolLM2-135M 576/1536/9/3, Qwen2.5
 896/4864/14/2, TinyLlama-1.1B 2048/5632/32/4, Llama-2-7B 4096/11008/32/32, Llama-2-70B
 8192/28672/64/8 (not in the default set: about 16x 7B's cubic phases, hours on this CPU). The
 table gives, per phase, the least-squares slope of log(seconds) on log(layer parameters) over
-the shapes run (1: linear in the layer's size, 1.5: cubic in its width). Results: stdout, --out
+the shapes run (1: linear in the layer's size, 1.5: cubic in its width), and each job's peak
+resident set beside what `slicegpt plan` says of that layer in memory. Results: stdout, --out
 (JSON), --plot (PNG).
 """  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 from cost_phases import METHODS, PHASES, timed_compression
@@ -50,6 +52,9 @@ def one_run(job: dict) -> dict:
 
     import slicegpt
     from slicegpt.data import Rows
+    from slicegpt.evaluation.plan import plan_model
+    from slicegpt.io.headers import write_index_only_folder
+    from slicegpt.memory import peak_rss_gb
 
     hidden, mlp, heads, kv = SHAPES[job["shape"]]
     config = transformers.LlamaConfig(
@@ -69,7 +74,19 @@ def one_run(job: dict) -> dict:
         target_params=job["target"], nsamples=job["nsamples"], seqlen=job["seqlen"], **METHODS[job["method"]]
     )
     report, timing = timed_compression(model, None, Rows(ids), cfg)
-    return dict(job, hidden=hidden, mlp=mlp, params=report.params_after, params_before=report.params_before, **timing)
+    with tempfile.TemporaryDirectory() as folder:  # what `slicegpt plan` says of this very layer
+        write_index_only_folder(folder, config, "float32")
+        planned = plan_model(folder, cfg).memory.host_in_memory / 1e9
+    return dict(
+        job,
+        hidden=hidden,
+        mlp=mlp,
+        params=report.params_after,
+        params_before=report.params_before,
+        peak_rss_gb=peak_rss_gb(),
+        plan_host_gb=planned,
+        **timing,
+    )
 
 
 def layer_params(shape: str) -> int:
@@ -102,15 +119,15 @@ def slopes(runs: list[dict], method: str) -> dict[str, float]:
 
 def table(runs: list[dict]) -> str:
     out = [
-        "| method | shape | hidden / MLP | total s | x dense forward | " + " | ".join(COLUMNS) + " |",
-        "|---|---|---|---:|---:|" + "---:|" * len(COLUMNS),
+        "| method | shape | hidden / MLP | total s | x dense forward | " + " | ".join(COLUMNS) + " | peak RSS (plan) |",
+        "|---|---|---|---:|---:|" + "---:|" * (len(COLUMNS) + 1),
     ]
     for r in sorted(runs, key=lambda r: (list(METHODS).index(r["method"]), r["mlp"])):
         unit = r["dense_forward_seconds"]
         cells = [f"{r['phases'].get(c, 0):.1f} ({r['phases'].get(c, 0) / unit:.1f})" for c in COLUMNS]
         out.append(
             f"| {r['method']} | {r['shape']} | {r['hidden']} / {r['mlp']} | {r['total_seconds']:.1f} | "
-            f"{r['total_seconds'] / unit:.1f} | " + " | ".join(cells) + " |"
+            f"{r['total_seconds'] / unit:.1f} | " + " | ".join(cells) + " | " + _peak(r) + " |"
         )
     for method in METHODS:
         s = slopes(runs, method)
@@ -118,6 +135,13 @@ def table(runs: list[dict]) -> str:
             out.append(f"| {method} | slope on layer parameters | | {s.get('total', float('nan')):.2f} | | ")
             out[-1] += " | ".join(f"{s[c]:.2f}" if c in s else "" for c in COLUMNS) + " |"
     return "\n".join(out)
+
+
+def _peak(run: dict) -> str:
+    """The job's peak resident set and what the plan says for the layer in memory (GB)."""
+    if "peak_rss_gb" not in run:
+        return ""
+    return f"{run['peak_rss_gb']:.1f} GB ({run['plan_host_gb']:.1f})"
 
 
 def plot(runs: list[dict], path: Path) -> None:
