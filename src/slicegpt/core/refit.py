@@ -157,7 +157,8 @@ def ridge(cov: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, rel: float) 
     rhs = cross + lam * w0.t()
     shifted = cov.clone()
     shifted.diagonal().add_(lam)
-    factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, torch.empty((), dtype=torch.int32)))
+    info = torch.empty((), dtype=torch.int32, device=cov.device)
+    factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, info))
     if int(info) == 0:
         return torch.cholesky_solve(rhs, factor).t()
     del factor, shifted
