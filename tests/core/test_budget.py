@@ -54,6 +54,11 @@ def test_greedy_gains_are_the_least_squares_error_curve() -> None:
         err = float((t - sel @ fit).pow(2).sum(1).mean())
         assert total - float(gains[:j].sum()) == pytest.approx(err, rel=1e-8, abs=1e-9)
     assert neurons.greedy_neurons(cov, w, 5).tolist() == sorted(order[:5].tolist())
+    # on sums instead of means (what the refits and the spreading walk pass, to hold no second
+    # [n, n]): the same order, every gain the count times the mean's
+    count = h.shape[0]
+    order_sums, gains_sums = neurons.greedy_order(cov * count, w, 12, cross=cov @ w.t() * count)
+    assert torch.equal(order_sums, order) and torch.allclose(gains_sums / count, gains, rtol=1e-10)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
