@@ -117,30 +117,31 @@ def _perplexities(job: dict, result: dict, model, tokenizer) -> dict:
     books = slicegpt.perplexity(model, tokenizer, "lambada", seqlen=1024, max_rows=job["books_rows"], progress=False)
     result.update(wiki=wiki.perplexity, wiki_rows=wiki.rows, books=books.perplexity, books_rows=books.rows)
     if job.get("tasks"):
-        from slicegpt.evaluation.tasks import evaluate_tasks
-
-        result["tasks"] = evaluate_tasks(
-            model, tokenizer, job["tasks"].split(","), limit=job["limit"], batch_size=16, offline=True, device="cpu"
-        )
+        result["tasks"] = _zero_shot(model, tokenizer, job)
     result["peak_rss_gb"] = peak_rss_gb()
     result["torch_threads"] = torch.get_num_threads()
     return result
 
 
+def _zero_shot(model, tokenizer, job: dict) -> dict:
+    """The job's zero-shot tasks (--tasks, --limit items each; offline data, on the CPU)."""
+    from slicegpt.evaluation.tasks import evaluate_tasks
+
+    return evaluate_tasks(
+        model, tokenizer, job["tasks"].split(","), limit=job["limit"], batch_size=16, offline=True, device="cpu"
+    )
+
+
 def _tasks_only(job: dict) -> dict:
     """--add-tasks: zero-shot accuracy of the dense model or of a run's saved folder, nothing else."""
     import slicegpt
-    from slicegpt.evaluation.tasks import evaluate_tasks
     from slicegpt.memory import peak_rss_gb
 
     model, tokenizer, _ = load_source(job.get("model"))
     if job.get("folder"):
         del model
         model = slicegpt.load(str(HERE.parent / job["folder"]))
-    tasks = evaluate_tasks(
-        model, tokenizer, job["tasks"].split(","), limit=job["limit"], batch_size=16, offline=True, device="cpu"
-    )
-    return dict(tasks=tasks, peak_rss_gb=peak_rss_gb())
+    return dict(tasks=_zero_shot(model, tokenizer, job), peak_rss_gb=peak_rss_gb())
 
 
 def _read(out_path: Path) -> list[dict]:

@@ -111,14 +111,6 @@ class Moments:
             raise RuntimeError("no calibration tokens reached this writer")
         return self.xx / self.count, None if self.xt is None else self.xt / self.count
 
-    def merged(self, other: "Moments") -> "Moments":
-        out = Moments(self.xx.clone(), None if self.xt is None else self.xt.clone(), self.count)
-        out.xx += other.xx
-        if out.xt is not None:
-            out.xt += other.xt
-        out.count += other.count
-        return out
-
 
 @dataclass
 class FitMoments:
