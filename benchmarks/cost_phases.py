@@ -114,7 +114,12 @@ def one_run(job: dict) -> dict:
     shipped = slicegpt.count_parameters(model)
     settings = METHODS[job["method"]]
     config = slicegpt.SliceConfig(
-        target_params=job["target"], nsamples=job["nsamples"], seqlen=job["seqlen"], calib="wiki", **settings
+        target_params=job["target"],
+        nsamples=job["nsamples"],
+        seqlen=job["seqlen"],
+        calib="wiki",
+        fast_matmul=job.get("fast_matmul", False),  # runs from before the setting ran without
+        **settings,
     )
 
     rows = calibration_rows_for(model, tokenizer, "wiki", config)
@@ -130,8 +135,11 @@ def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tup
 
     import slicegpt
 
+    from slicegpt.core.precision import cpu_only, fast_float32
+
     start = time.perf_counter()
-    with torch.no_grad():
+    # the unit in the precision the compression runs in
+    with torch.no_grad(), fast_float32(config.fast_matmul and cpu_only(config.device, config.device_map)):
         for ids, mask in rows.batches(config.batch_size):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     dense_forward = time.perf_counter() - start
@@ -152,14 +160,15 @@ def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tup
 def table(runs: list[dict]) -> str:
     cols = [*PHASES, "other"]
     out = [
-        "| model | method | rows | total s | x dense forward | " + " | ".join(cols) + " |",
-        "|---|---|---:|---:|---:|" + "---:|" * len(cols),
+        "| model | method | rows | fast float32 | total s | x dense forward | " + " | ".join(cols) + " |",
+        "|---|---|---:|---|---:|---:|" + "---:|" * len(cols),
     ]
     for r in runs:
         unit = r["dense_forward_seconds"]
         cells = [f"{r['phases'].get(c, 0):.0f} s ({r['phases'].get(c, 0) / unit:.1f})" for c in cols]
+        fast = "yes" if r.get("fast_matmul") else "no"
         out.append(
-            f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {r['total_seconds']:.0f} | "
+            f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {fast} | {r['total_seconds']:.0f} | "
             f"{r['total_seconds'] / unit:.1f} | " + " | ".join(cells) + " |"
         )
     return "\n".join(out)
@@ -184,12 +193,18 @@ def plan_check(runs: list[dict]) -> str:
     from slicegpt.io.fetch import materialise
 
     out = [
-        "| model | method | rows | " + " | ".join(f"{t} plan / measured" for t in PLAN_TERMS) + " | total |",
-        "|---|---|---:|" + "---:|" * (len(PLAN_TERMS) + 1),
+        "| model | method | rows | fast float32 | "
+        + " | ".join(f"{t} plan / measured" for t in PLAN_TERMS)
+        + " | total |",
+        "|---|---|---:|---|" + "---:|" * (len(PLAN_TERMS) + 1),
     ]
     for r in runs:
         config = SliceConfig(
-            target_params=r["target"], nsamples=r["nsamples"], seqlen=r["seqlen"], **METHODS[r["method"]]
+            target_params=r["target"],
+            nsamples=r["nsamples"],
+            seqlen=r["seqlen"],
+            fast_matmul=r.get("fast_matmul", False),
+            **METHODS[r["method"]],
         )
         t = plan_model(str(materialise(r["model"])) if r["model"] else None, config).time
         planned = {term: getattr(t, term) for term in PLAN_TERMS}  # each term is a TimeEstimate field
@@ -199,7 +214,8 @@ def plan_check(runs: list[dict]) -> str:
             cells.append(f"{planned[term]:.0f} / {measured:.0f} s")
         total = t.total - t.disk
         cells.append(f"{total:.0f} / {r['total_seconds']:.0f} s ({total / r['total_seconds']:.2f})")
-        out.append(f"| {r['source_model']} | {r['method']} | {r['nsamples']} | " + " | ".join(cells) + " |")
+        fast = "yes" if r.get("fast_matmul") else "no"
+        out.append(f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {fast} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -210,6 +226,12 @@ def main() -> None:
     p.add_argument("--nsamples", default="32", help="calibration rows, comma-separated for several runs")
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--target", type=float, default=0.75)
+    p.add_argument(
+        "--fast-matmul",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the CPU's fast float32 products (the package's default; --no-fast-matmul: IEEE float32 throughout)",
+    )
     p.add_argument("--out", default=str(RESULTS / "cost_phases.json"))
     add_one(p)
     p.add_argument("--tables", action="store_true", help="print the tables of the runs in --out and stop")
@@ -224,7 +246,14 @@ def main() -> None:
     runs: list[dict] = json.loads(out.read_text())["runs"] if out.exists() else []
     for n in (int(x) for x in args.nsamples.split(",")):
         for method in args.methods.split(","):
-            job = dict(model=args.model, method=method, nsamples=n, seqlen=args.seqlen, target=args.target)
+            job = dict(
+                model=args.model,
+                method=method,
+                nsamples=n,
+                seqlen=args.seqlen,
+                target=args.target,
+                fast_matmul=args.fast_matmul,
+            )
             print(f"== {method}, {n} rows", file=sys.stderr, flush=True)
             r = run_fresh(__file__, job, f"{method} at {n} rows")
             runs = [x for x in runs if any(x.get(k) != job[k] for k in job)] + [r]

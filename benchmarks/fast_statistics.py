@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/fast_statistics.py                      # SmolLM2, 25%, uniform and per-layer budget
     .venv/bin/python benchmarks/fast_statistics.py --nsamples 32 --modes uniform
+    .venv/bin/python benchmarks/fast_statistics.py --against ieee --model qwen2.5-coder-0.5b --modes uniform
 
 Two speed-ups of the budget method change arithmetic: each batch's moment products (x^T x,
 x^T t) are computed in float32 and summed in float64 (slicegpt.core.refit.product_dtype), and
 the greedy neuron selection takes its neurons in rounds of 16 (slicegpt.core.neurons.ROUND).
+A third changes every float32 product of the run: on a CPU with bfloat16 units they go through
+them (``fast_matmul``, slicegpt.core.precision).
 This compresses the model twice per mode, in fresh processes: once as the package does, once
-with float64 products and neurons taken one at a time (the reference), and reports per layer how
+as the baseline --against names: 'reference' (float64 products, neurons taken one at a time, no
+fast float32 products) or 'ieee' (the package but for the fast float32 products), and reports per layer how
 many kept MLP neurons differ, whether each layer keeps as many (per-layer mode spreads them by
 error curves from the same moments), perplexity on the first --wiki-rows rows of the 'wiki'
 evaluation part and --books-rows of 'lambada', and the compression time.
@@ -22,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from fresh import add_one, answer_one, run_fresh
+from fresh import add_one, answer_one, load_source, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -46,10 +50,16 @@ def one_run(job: dict) -> dict:
 
     neurons.keep_neurons = recording
     torch.manual_seed(0)
-    model, tokenizer, _ = slicegpt.load_model()
+    model, tokenizer, _ = load_source(job.get("model"))
     uniform = job["mode"] == "uniform"
     config = slicegpt.SliceConfig(
-        target_params=job["target"], uniform=uniform, nsamples=job["nsamples"], seqlen=1024, calib="wiki"
+        target_params=job["target"],
+        uniform=uniform,
+        nsamples=job["nsamples"],
+        seqlen=1024,
+        calib="wiki",
+        seed=job.get("seed", 42),
+        fast_matmul=job["statistics"] == "fast",
     )
     start = time.perf_counter()
     report = slicegpt.slice_model(model, tokenizer, None, config, progress=False)
@@ -84,20 +94,32 @@ def compare(a: dict, b: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default="uniform,per-layer")
+    p.add_argument("--model", default=None, help="hub id, folder, .gguf or a PyPI-shipped name; default: SmolLM2")
+    p.add_argument(
+        "--against",
+        default="reference",
+        choices=["reference", "ieee"],
+        help="the baseline: float64 products and one neuron at a time, or the package without fast float32 products",
+    )
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--target", type=float, default=0.75)
+    p.add_argument("--seed", type=int, default=42, help="draws the calibration rows")
     p.add_argument("--wiki-rows", type=int, default=40)
     p.add_argument("--books-rows", type=int, default=16)
-    p.add_argument("--out", default=str(RESULTS / "fast_statistics.json"))
+    p.add_argument("--out", default=None, help="default: results/fast_statistics.json, or fast_matmul.json")
     add_one(p)
     p.add_argument("--report", action="store_true", help="print the table of --out again, running nothing")
     args = p.parse_args()
+    default = "fast_statistics.json" if args.against == "reference" else "fast_matmul.json"
+    args.out = args.out or str(RESULTS / default)
     if answer_one(args, one_run):
         return
     runs = json.loads(Path(args.out).read_text())["runs"] if args.report else []
     for mode in [] if args.report else args.modes.split(","):
-        for statistics in ("reference", "fast"):
+        for statistics in (args.against, "fast"):
             job = dict(
+                model=args.model,
+                seed=args.seed,
                 mode=mode,
                 statistics=statistics,
                 nsamples=args.nsamples,
@@ -113,9 +135,12 @@ def main() -> None:
     out.append("|---|---|---:|---:|---:|---:|---:|")
     summary = []
     for mode in args.modes.split(","):
-        ref, new = (next(r for r in runs if r["mode"] == mode and r["statistics"] == d) for d in ("reference", "fast"))
+        ref, new = (
+            next(r for r in runs if (r["mode"], r["statistics"], r.get("model"), r.get("seed", 42)) == key)
+            for key in ((mode, d, args.model, args.seed) for d in (args.against, "fast"))
+        )
         c = compare(ref, new)
-        summary.append(dict(mode=mode, **c))
+        summary.append(dict(model=args.model, seed=args.seed, mode=mode, against=args.against, **c))
         moved = [d for d in c["differ"] if d]
         total = sum(len(k) for k in choices(ref["kept"]))
         for r in (ref, new):
@@ -127,6 +152,13 @@ def main() -> None:
             out.append(f"| {mode} | {r['statistics']} | {r['seconds']:.0f} | {ppl} | {cell} | {diff} |")
     print("\n".join(out))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if not args.report:  # the runs already in --out stay, but those of the same settings
+        out_path = Path(args.out)
+        old = json.loads(out_path.read_text()) if out_path.exists() else {"runs": [], "comparison": []}
+        keys = ("model", "seed", "mode", "statistics", "nsamples", "target")
+        mine = {tuple(r.get(k) for k in keys) for r in runs}
+        runs = [r for r in old["runs"] if tuple(r.get(k) for k in keys) not in mine] + runs
+        summary = [c for c in old.get("comparison", []) if c not in summary] + summary
     Path(args.out).write_text(json.dumps({"runs": runs, "comparison": summary}, indent=2) + "\n")
 
 

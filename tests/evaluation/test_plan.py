@@ -354,3 +354,20 @@ def test_plan_takes_every_model_name_slice_takes(capsys: pytest.CaptureFixture[s
     for argv in (["plan"], ["plan", "SmolLM2-135M-Instruct"]):
         assert main(argv) == 0
         assert "**total**" in capsys.readouterr().out
+
+
+def test_the_plan_counts_the_cpus_fast_float32_products_only_where_the_run_uses_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from slicegpt.evaluation import plan as plan_module
+
+    config = slicegpt.SliceConfig(target_params=0.75, nsamples=16, seqlen=256, uniform=True)
+    monkeypatch.setattr(plan_module, "fast_float32_available", lambda: True)
+    fast = plan_model(None, config)
+    slow = plan_model(None, replace(config, fast_matmul=False))
+    assert fast.throughput.tflops == plan_module.FAST_CPU_FLOAT32_TFLOPS
+    assert slow.throughput.tflops == plan_module.DEFAULT_TFLOPS["cpu"]["float32"]
+    assert fast.time.forward == pytest.approx(slow.time.forward * slow.throughput.tflops / fast.throughput.tflops)
+    assert fast.time.solves == slow.time.solves  # float64 work is not float32's
+    monkeypatch.setattr(plan_module, "fast_float32_available", lambda: False)  # a CPU without bfloat16 units
+    assert plan_model(None, config).throughput.tflops == slow.throughput.tflops

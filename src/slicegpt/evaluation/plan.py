@@ -27,6 +27,7 @@ from ..core import uniform
 from ..core.allocate import SHARES
 from ..core.neurons import experts_of, intermediate_size
 from ..core.sizing import plan_widths
+from ..core.precision import fast_float32_available
 from ..core.refit import gram_flops
 from ..core.spread import SPREAD_ROWS
 from ..core.surgery import count_parameters, get_layers, get_path, is_tied
@@ -51,6 +52,12 @@ DEFAULT_TFLOPS: dict[str, dict[str, float]] = {
     "cuda": {"bfloat16": 100.0, "float16": 100.0, "float32": 20.0, "float64": 10.0},
     "mps": {"bfloat16": 5.0, "float16": 5.0, "float32": 5.0, "float64": 0.5},
 }
+#: The CPU's float32 rates with ``fast_matmul`` on a CPU with bfloat16 units (slicegpt.core.precision):
+#: forwards and the moments' products, fitted on benchmarks/cost_phases.py's six runs of SmolLM2
+#: and Qwen2.5-Coder-0.5B with them (a 2-core AMD EPYC; forwards 0.30-0.35, moments 0.37-0.42;
+#: the same machine ran IEEE float32 forwards at 0.19).
+FAST_CPU_FLOAT32_TFLOPS = 0.32
+FAST_CPU_MOMENTS_TFLOPS = 0.39
 DEFAULT_DISK_GBPS = 1.0
 
 # Closed-form corrections try about this many ridge strengths per writer (each a solve and a
@@ -58,26 +65,29 @@ DEFAULT_DISK_GBPS = 1.0
 # 4.2 on SmolLM2's writers), then solve once more on all rows.
 RIDGE_TRIED = 4.5
 #: The refits' solves run at this share of the float64 rate (--fp64-tflops), measured here:
-#: 61-74 GFLOP/s on SmolLM2's and Qwen2.5-Coder-0.5B's writers, 59 on a 7B-shaped layer's
-#: (benchmarks/cost_phases.py, cost_width.py), against the covariances' 100 (fitted with LU
-#: solves; the Cholesky solves that replaced them ran at the same rate, 23-24 GFLOP/s on one
-#: thread at Qwen's MLP writer, n = 2416).
-SOLVE_EFFICIENCY = 0.65
+#: 77-92 GFLOP/s on SmolLM2's and Qwen2.5-Coder-0.5B's writers (benchmarks/cost_phases.py, the
+#: runs with fast float32 products; the solves are float64 either way), against the covariances'
+#: 100-110. An earlier machine of the same kind ran them at 61-74 (and 59 on a 7B-shaped layer's,
+#: cost_width.py): 0.8 is within 25% of both.
+SOLVE_EFFICIENCY = 0.8
 #: The greedy selection's products are thin (a round of 16 neurons against all of them: two
 #: passes over the [neurons, hidden] residual and one over the factor per round), so bound by
 #: memory: this share of the float64 rate, and beside it a cost per neuron taken for the round's
 #: small steps one pick at a time (a shortlist's norms, an argmax, a rank-one update). Fitted
-#: here on SmolLM2 (uniform and per-layer, 26k and 72k picks) and Qwen2.5-Coder-0.5B (uniform,
-#: 58k picks of 4864-wide layers): 20.5 GFLOP/s and 104 us per pick, each run within 10%.
-SELECTION_EFFICIENCY = 0.2
-GREEDY_PICK_SECONDS = 1.0e-4
+#: here on SmolLM2 (uniform and per-layer, 26k and 72k picks) and Qwen2.5-Coder-0.5B (uniform and
+#: per-layer, 58k and 175k picks of 4864-wide layers): 26 GFLOP/s and 33 us per pick, each run
+#: within 4%. (An earlier machine of the same kind fitted 20.5 GFLOP/s and 104 us: its SmolLM2
+#: selections took 1.6-2x these.)
+SELECTION_EFFICIENCY = 0.26
+GREEDY_PICK_SECONDS = 3.3e-5
 #: What a run spends outside its arithmetic (fusing the norms and rotating the embeddings and head
 #: in float64, copies, the data, bookkeeping): a fixed part and a part per stored parameter, and
 #: with corrections per element of the streams each layer moves (the reference stream, the dense
-#: layer's outputs, what the writers read). Fitted here: SmolLM2 5-7 s (SliceGPT, budget at 8
-#: rows), Qwen2.5-Coder-0.5B 21 s (SliceGPT); the budget's grows 4 s from 8 to 32 rows on SmolLM2.
-OTHER_SECONDS = 3.0
-OTHER_SECONDS_PER_PARAM = 2.8e-8
+#: layer's outputs, what the writers read). Fitted here: SmolLM2 5-6 s (SliceGPT at 8 and 32
+#: rows), Qwen2.5-Coder-0.5B 16 s (SliceGPT); the budget's grows 4 s from 8 to 32 rows on SmolLM2
+#: (an earlier machine of the same kind: 5-7 s and 21 s).
+OTHER_SECONDS = 2.5
+OTHER_SECONDS_PER_PARAM = 2.1e-8
 OTHER_SECONDS_PER_STREAM_ELEMENT = 9e-9
 
 
@@ -471,12 +481,18 @@ def default_throughput(
     tflops: float | None = None,
     fp64_tflops: float | None = None,
     disk_gbps: float | None = None,
+    fast_float32: bool = False,
 ) -> Throughput:
-    """The rates given, else :data:`DEFAULT_TFLOPS` for the device kind and dtype."""
+    """The rates given, else :data:`DEFAULT_TFLOPS` for the device kind and dtype (with
+    ``fast_float32`` on the CPU, float32 at :data:`FAST_CPU_FLOAT32_TFLOPS` and the moments at
+    :data:`FAST_CPU_MOMENTS_TFLOPS`)."""
     kind = device.split(":")[0]
     if kind not in DEFAULT_TFLOPS:
         raise ValueError(f"no default throughput for device {device!r}: pass --tflops and --fp64-tflops")
     table = DEFAULT_TFLOPS[kind]
+    moments = table["float32"]
+    if fast_float32 and kind == "cpu":
+        table, moments = {**table, "float32": FAST_CPU_FLOAT32_TFLOPS}, FAST_CPU_MOMENTS_TFLOPS
     for flag, value in (("tflops", tflops), ("fp64_tflops", fp64_tflops), ("disk_gbps", disk_gbps)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{flag} must be a positive number, got {value}")
@@ -484,7 +500,7 @@ def default_throughput(
         tflops or table[dtype],
         fp64_tflops or table["float64"],
         disk_gbps or DEFAULT_DISK_GBPS,
-        fp32_tflops=table["float32"] if tflops is None else None,
+        fp32_tflops=moments if tflops is None else None,
     )
     if not (rate.tflops > 0 and rate.fp64_tflops > 0 and rate.disk_gbps > 0):
         raise ValueError("--tflops, --fp64-tflops and --disk-gbps must be positive")
@@ -674,7 +690,9 @@ def plan_model(
         compressions=len(SHARES) + 1 if config.search and config.target_params is not None else 1,
         spread_rows=min(SPREAD_ROWS, config.nsamples) if spreads else 0,
     )
-    rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps)
+    # the CPU's fast float32 products where the run would use them (checked on this machine)
+    fast = config.fast_matmul and wanted is None and device.split(":")[0] == "cpu" and fast_float32_available()
+    rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps, fast_float32=fast)
     if files.disk_bytes is not None:
         disk, disk_source = float(files.disk_bytes), files.source
     else:
