@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def one_run(job: dict) -> dict:
         job,
         params=report.params_after,
         seconds=seconds,
-        kept=kept,
+        kept=choices(kept),
         wiki=wiki.perplexity,
         books=books.perplexity,
         torch_threads=torch.get_num_threads(),
@@ -151,15 +152,24 @@ def main() -> None:
             ppl = f"{r['wiki']:.2f} | {r['books']:.2f}"
             out.append(f"| {mode} | {r['statistics']} | {r['seconds']:.0f} | {ppl} | {cell} | {diff} |")
     print("\n".join(out))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    if not args.report:  # the runs already in --out stay, but those of the same settings
-        out_path = Path(args.out)
-        old = json.loads(out_path.read_text()) if out_path.exists() else {"runs": [], "comparison": []}
-        keys = ("model", "seed", "mode", "statistics", "nsamples", "target")
-        mine = {tuple(r.get(k) for k in keys) for r in runs}
-        runs = [r for r in old["runs"] if tuple(r.get(k) for k in keys) not in mine] + runs
-        summary = [c for c in old.get("comparison", []) if c not in summary] + summary
-    Path(args.out).write_text(json.dumps({"runs": runs, "comparison": summary}, indent=2) + "\n")
+    if args.report:  # printed again: nothing new to write
+        return
+    # the runs already in --out stay, but those of the same settings
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out_path.read_text()) if out_path.exists() else {"runs": [], "comparison": []}
+    keys = ("model", "seed", "mode", "statistics", "nsamples", "target")
+    mine = {tuple(r.get(k) for k in keys) for r in runs}
+    runs = [r for r in old["runs"] if tuple(r.get(k) for k in keys) not in mine] + runs
+    summary = [c for c in old.get("comparison", []) if c not in summary] + summary
+    out_path.write_text(compact_json({"runs": runs, "comparison": summary}))
+
+
+def compact_json(obj: dict) -> str:
+    """Indented JSON with every list of integers (the kept neurons) on one line: one number per
+    line made the file tens of megabytes."""
+    text = json.dumps(obj, indent=2)
+    return re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]", lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", text) + "\n"
 
 
 if __name__ == "__main__":
