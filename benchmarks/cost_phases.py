@@ -135,11 +135,11 @@ def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tup
 
     import slicegpt
 
-    from slicegpt.core.precision import cpu_only, fast_float32
+    from slicegpt.core.precision import asks_fast_float32, fast_float32
 
     start = time.perf_counter()
     # the unit in the precision the compression runs in
-    with torch.no_grad(), fast_float32(config.fast_matmul and cpu_only(config.device, config.device_map)):
+    with torch.no_grad(), fast_float32(asks_fast_float32(config)):
         for ids, mask in rows.batches(config.batch_size):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     dense_forward = time.perf_counter() - start

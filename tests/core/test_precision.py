@@ -7,7 +7,7 @@ import torch
 
 import slicegpt
 from slicegpt.core import precision, slicing
-from slicegpt.core.precision import cpu_only, fast_float32
+from slicegpt.core.precision import asks_fast_float32, fast_float32
 
 from conftest import calib_rows, make_tiny
 
@@ -43,8 +43,10 @@ def test_fast_float32_does_nothing_without_bfloat16_units(monkeypatch: pytest.Mo
 
 
 def test_only_a_run_on_the_cpu_alone_uses_them() -> None:
-    assert cpu_only("cpu", None)
-    assert not cpu_only("cuda", None) and not cpu_only("cuda:1", None) and not cpu_only("cpu", "auto")
+    on = lambda **kw: asks_fast_float32(slicegpt.SliceConfig(sparsity=0.25, **kw))  # noqa: E731
+    assert on(device="cpu")
+    assert not on(device="cuda") and not on(device="cuda:1") and not on(device="cpu", device_map="auto")
+    assert not on(device="cpu", fast_matmul=False)
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -16,6 +16,8 @@ from typing import Iterator
 
 import torch
 
+from ..config import SliceConfig
+
 
 def fast_float32_available() -> bool:
     """Whether this CPU has the bfloat16 units that make :func:`fast_float32` faster (else it changes nothing)."""
@@ -41,6 +43,7 @@ def fast_float32(enabled: bool) -> Iterator[bool]:
         matmul.fp32_precision = before
 
 
-def cpu_only(device: str, device_map: str | None) -> bool:
-    """Whether a run with these settings computes on the CPU alone."""
-    return device_map is None and torch.device(device).type == "cpu"
+def asks_fast_float32(config: SliceConfig) -> bool:
+    """Whether a run with these settings uses the fast products where the CPU has the units: it
+    asks for them (``fast_matmul``) and computes on the CPU alone (no ``device_map``)."""
+    return config.fast_matmul and config.device_map is None and torch.device(config.device).type == "cpu"

@@ -53,7 +53,7 @@ from .block import BlockBases, slice_block, slice_embeddings, slice_head
 from .capture import LayerInputs, capture_layer_inputs, stream
 from .modules import SlicedBlock, WeightlessRMSNorm
 from .placement import dispatch, is_dispatched, layer_devices, undispatch
-from .precision import cpu_only, fast_float32
+from .precision import asks_fast_float32, fast_float32
 from .pca import Covariance, FixedRotation, NumericalError, PCARotation, PooledCovariance, RotationSource, check_finite
 from .report import SliceReport, numerics
 from .sizing import WidthPlan, plan_widths
@@ -470,7 +470,7 @@ def slice_model(
         source_fingerprint=source_fingerprint,
         streams=streams,
     )
-    with fast_float32(config.fast_matmul and cpu_only(config.device, config.device_map)):
+    with fast_float32(asks_fast_float32(config)):
         if config.search and config.target_params is not None and policy is None:
             return _search(model, tokenizer, calib, config, **run)
         return _compress(model, tokenizer, calib, config, **run)

@@ -27,7 +27,7 @@ from ..core import uniform
 from ..core.allocate import SHARES
 from ..core.neurons import experts_of, intermediate_size
 from ..core.sizing import plan_widths
-from ..core.precision import fast_float32_available
+from ..core.precision import asks_fast_float32, fast_float32_available
 from ..core.refit import gram_flops
 from ..core.spread import SPREAD_ROWS
 from ..core.surgery import count_parameters, get_layers, get_path, is_tied
@@ -690,8 +690,8 @@ def plan_model(
         compressions=len(SHARES) + 1 if config.search and config.target_params is not None else 1,
         spread_rows=min(SPREAD_ROWS, config.nsamples) if spreads else 0,
     )
-    # the CPU's fast float32 products where the run would use them (checked on this machine)
-    fast = config.fast_matmul and wanted is None and device.split(":")[0] == "cpu" and fast_float32_available()
+    # the CPU's fast float32 products where the run would use them (the units checked on this machine)
+    fast = asks_fast_float32(config) and fast_float32_available()
     rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps, fast_float32=fast)
     if files.disk_bytes is not None:
         disk, disk_source = float(files.disk_bytes), files.source
