@@ -161,7 +161,9 @@ def main() -> None:
     keys = ("model", "seed", "mode", "statistics", "nsamples", "target")
     mine = {tuple(r.get(k) for k in keys) for r in runs}
     runs = [r for r in old["runs"] if tuple(r.get(k) for k in keys) not in mine] + runs
-    summary = [c for c in old.get("comparison", []) if c not in summary] + summary
+    same = ("model", "seed", "mode", "against")  # a comparison made again replaces the earlier one
+    done = {tuple(c.get(k) for k in same) for c in summary}
+    summary = [c for c in old.get("comparison", []) if tuple(c.get(k) for k in same) not in done] + summary
     out_path.write_text(compact_json({"runs": runs, "comparison": summary}))
 
 
