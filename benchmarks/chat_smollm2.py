@@ -61,7 +61,7 @@ def one_run(job: dict) -> dict:
             target_params=job["target"],
             uniform=job["mode"] == "uniform",
             nsamples=job["nsamples"],
-            seqlen=1024,
+            seqlen=job.get("seqlen", 1024),
             calib=job["calib"],
         )
         start = time.perf_counter()
@@ -239,6 +239,7 @@ def main() -> None:
     p.add_argument("--modes", default="uniform,per-layer", help="uniform, per-layer, or none (the dense row alone)")
     p.add_argument("--calibs", default="wiki,self,wiki+self")
     p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=1024, help="calibration row length (tokens)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's own row")
     p.add_argument("--chat-n", type=int, default=64)
     p.add_argument(
@@ -309,8 +310,8 @@ def main() -> None:
         for mode in [] if args.modes == "none" else args.modes.split(","):
             for calib in args.calibs.split(","):
                 tag = args.name or f"{'uniform' if mode == 'uniform' else 'per-layer'}-{calib}-{args.nsamples}" + (
-                    f"-{args.model}" if args.model else ""
-                )
+                    f"x{args.seqlen}" if args.seqlen != 1024 else ""
+                ) + (f"-{args.model}" if args.model else "")
                 jobs.append(
                     dict(
                         common,
@@ -320,6 +321,7 @@ def main() -> None:
                         target=args.target,
                         calib=calib,
                         nsamples=args.nsamples,
+                        seqlen=args.seqlen,
                     )
                 )
     out_path = Path(args.out)
