@@ -635,6 +635,29 @@ def test_spread_gives_each_step_to_the_layer_whose_error_falls_most() -> None:
         spread([steep, flat], 2, step=1, floor=2)
 
 
+def test_float32_error_curves_give_the_float64_spread() -> None:
+    """The spreading curves are drawn in float32 (float64 for a float64 model): on moments as
+    skewed as a layer's, every point within 1e-5 of the layer's total error of float64's, and the
+    neurons spread over four such layers the same."""
+    from slicegpt.core.spread import curve_dtype, spread
+
+    assert curve_dtype(torch.float32) == curve_dtype(torch.bfloat16) == torch.float32
+    assert curve_dtype(torch.float64) == torch.float64
+    curves = {torch.float64: [], torch.float32: []}
+    for seed in range(4):
+        h, w, cov = _moments(n=160, d=32, tokens=2000, seed=seed)
+        h = h * torch.rand(160, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).pow(3)
+        cov = h.t() @ h
+        for dtype in curves:
+            _, gains = neurons.greedy_order(cov, w, 160, dtype=dtype)
+            total = float((h @ w.t()).pow(2).sum())
+            curves[dtype].append(total - torch.cat([torch.zeros(1, dtype=torch.float64), gains.cumsum(0)]))
+    for c64, c32 in zip(curves[torch.float64], curves[torch.float32]):
+        assert float((c64 - c32).abs().max()) <= 1e-5 * float(c64[0])
+    for total in (160, 320, 480):
+        assert spread(curves[torch.float32], total, step=8) == spread(curves[torch.float64], total, step=8)
+
+
 def test_error_curves_run_from_the_mlp_output_energy_to_zero_and_never_rise() -> None:
     from slicegpt.core.slicing import neuron_curves
     from slicegpt.data import Rows

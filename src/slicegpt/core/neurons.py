@@ -170,7 +170,12 @@ SHORTLIST = 4
 
 
 def greedy_order(
-    cov: torch.Tensor, w_ref: torch.Tensor, k: int, cross: torch.Tensor | None = None, round_size: int | None = None
+    cov: torch.Tensor,
+    w_ref: torch.Tensor,
+    k: int,
+    cross: torch.Tensor | None = None,
+    round_size: int | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``k`` neurons a greedy least-squares column selection takes, in the order taken
     ([k], int64), and what each lowered the least-squares error by ([k], float64): the error of
@@ -190,16 +195,20 @@ def greedy_order(
     columns by one triangular solve, R by one rank-``round_size`` product. Gains are exact for the
     order taken; the order is one-at-a-time greedy's unless a neuron outside the shortlist would
     have overtaken all of it within one round (measured on SmolLM2's moments: benchmarks/README).
+
+    ``dtype``: the elimination's precision; float32 where only the curve's shape matters
+    (:func:`slicegpt.core.spread.curve_dtype`). A Schur complement below 1e-12 (float32: 1e-6) of
+    the largest diagonal counts as exhausted.
     """
-    cov = cov.to(torch.float64)
+    cov = cov.to(dtype)
     n = cov.shape[0]
     if not 0 < k <= n:
         raise ValueError(f"cannot keep {k} of {n} neurons")
     round_size = ROUND if round_size is None else round_size
-    resid = (cov @ w_ref.to(torch.float64).t() if cross is None else cross.to(torch.float64)).clone()  # [n, D]
+    resid = (cov @ w_ref.to(dtype).t() if cross is None else cross.to(dtype)).clone()  # [n, D]
     schur = cov.diagonal().clone()
-    floor = 1e-12 * schur.max().clamp_min(1e-300)
-    factor = torch.zeros(n, k, dtype=torch.float64, device=cov.device)
+    floor = (1e-12 if dtype == torch.float64 else 1e-6) * schur.max().clamp_min(1e-30)
+    factor = torch.zeros(n, k, dtype=dtype, device=cov.device)
     chosen = torch.zeros(n, dtype=torch.bool, device=cov.device)
     order = torch.zeros(k, dtype=torch.int64, device=cov.device)
     gains = torch.zeros(k, dtype=torch.float64)
@@ -221,8 +230,8 @@ def greedy_order(
         old = factor[cand, :t]
         block = cov[cand][:, cand] - old @ old.t()  # [c, c]: the Schur complement among the shortlist
         rows, sc = resid[cand].clone(), schur[cand].clone()  # [c, D], [c]
-        local = torch.zeros(len(cand), b, dtype=torch.float64, device=cov.device)
-        z = torch.zeros(b, resid.shape[1], dtype=torch.float64, device=cov.device)
+        local = torch.zeros(len(cand), b, dtype=dtype, device=cov.device)
+        z = torch.zeros(b, resid.shape[1], dtype=dtype, device=cov.device)
         picked = torch.zeros(len(cand), dtype=torch.bool, device=cov.device)
         taken: list[int] = []
         for s in range(b):

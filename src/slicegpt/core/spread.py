@@ -8,9 +8,10 @@ mode's pooling is) gives, per layer, the moments of its MLP intermediate activat
 ([tokens, n]) and of the MLP's output t ([tokens, D]), every token weighted by 1 / the mean square
 of the layer's output (what the next norm sees of an error is its size relative to the stream;
 without the weight a few attention-sink tokens carry almost all of the energy and decide). A
-greedy least-squares selection run to every width (:func:`slicegpt.core.neurons.greedy_order`)
-turns those into each layer's error against the number of neurons it keeps, and the neurons then
-go, ``step`` at a time from a floor, to the layer whose error they lower most (:func:`spread`).
+greedy least-squares selection run to every width (:func:`slicegpt.core.neurons.greedy_order`, in
+float32: :func:`curve_dtype`) turns those into each layer's error against the number of neurons it
+keeps, and the neurons then go, ``step`` at a time from a floor, to the layer whose error they
+lower most (:func:`spread`).
 
 Every layer's neurons cost the same parameters (the residual width is whole), so the count
 depends on the total only; the total may exceed the even split's by what rounding every layer
@@ -34,6 +35,16 @@ from .surgery import mlp_writers
 # Calibration rows the neuron spreading's dense pass reads (the first of the statistics rows):
 # SmolLM2 at 25% removed, 8 rows gave 11% less summed error than the same count in every layer.
 SPREAD_ROWS = 8
+
+
+def curve_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The precision of the greedy selection that draws the error curves: float32 (float64 for a
+    float64 model). The curves only rank the layers' next ``step`` neurons against each other, and
+    the selection to every width is most of a per-layer budget's extra time. Measured against
+    float64 on the same moments (SmolLM2 and Qwen2.5-Coder-0.5B at 25%, 8 rows): the curves within
+    2e-6 and 8e-5 of a layer's total error, the same neurons in every layer, 2x and 3.6x faster.
+    The neurons a layer finally keeps are chosen in float64 (:mod:`slicegpt.core.corrections`)."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
 class NeuronCurves:
@@ -65,7 +76,9 @@ class _MLPWatch:
 
     def __init__(self, block: nn.Module, spec: ArchSpec, curves: list[torch.Tensor], reduce: Reduction) -> None:
         (writer,) = mlp_writers(block, spec)
-        weight = writer.tensor.detach().to(torch.float64)
+        weight = writer.tensor.detach()
+        self.dtype = curve_dtype(weight.dtype)
+        weight = weight.to(torch.float64)
         self.weight = weight.t() if writer.transposed else weight  # (D, n)
         self.moments, self.energy, self.curves, self.reduce = Moments(), 0.0, curves, reduce
         self.recorder = InputRecorder(writer.module)
@@ -101,7 +114,7 @@ class _MLPWatch:
         m.count = int(totals[1])
         # On the sums, not their means (no second [n, n]): the greedy order is the same and its
         # gains are the means' times the count.
-        _, gains = greedy_order(m.xx, self.weight, n, cross=m.xt)  # on the layer's device
+        _, gains = greedy_order(m.xx, self.weight, n, cross=m.xt, dtype=self.dtype)  # on the layer's device
         total = float(totals[0]) / m.count
         errors = total - torch.cumsum(gains.cpu() / m.count, 0)  # the best fit's error on the first 1..n neurons
         self.curves.append(torch.cat([torch.tensor([total], dtype=torch.float64), errors]))

@@ -80,6 +80,11 @@ SOLVE_EFFICIENCY = 0.8
 #: selections took 1.6-2x these.)
 SELECTION_EFFICIENCY = 0.26
 GREEDY_PICK_SECONDS = 3.3e-5
+#: The spreading walk's curves (a selection to every width) run in float32: this share of the
+#: float32 products' rate (the moments' rate), the float64 selection's share. Against the runs here
+#: (benchmarks/cost_phases.py, fast float32 products): Qwen2.5-Coder-0.5B's per-layer selection
+#: 89 s planned, 85 measured; SmolLM2's 7 planned, 9 measured at 8, 32 and 128 rows.
+CURVE_EFFICIENCY = 0.26
 #: What a run spends outside its arithmetic (fusing the norms and rotating the embeddings and head
 #: in float64, copies, the data, bookkeeping): a fixed part and a part per stored parameter, and
 #: with corrections per element of the streams each layer moves (the reference stream, the dense
@@ -376,7 +381,8 @@ class TimeEstimate:
                      kept neurons for the MLP; at SOLVE_EFFICIENCY x the float64 rate.
       selection      pruning: the greedy neuron selection, intermediate x k x (k + 2 hidden) at
                      SELECTION_EFFICIENCY x the float64 rate plus GREEDY_PICK_SECONDS per neuron
-                     taken, and with spreading once more to every width (k = intermediate).
+                     taken, and with spreading once more to every width (k = intermediate), in
+                     float32: at CURVE_EFFICIENCY x the moments' float32 rate.
                      Neither term is divided: every process (or the reducing one) does them.
       other          what is not arithmetic, on the host: OTHER_SECONDS + OTHER_SECONDS_PER_PARAM x
                      parameters, + OTHER_SECONDS_PER_STREAM_ELEMENT x tokens x hidden x layers
@@ -444,9 +450,9 @@ def time_model(
             solves += _ridge_flops(solved, d, tried) * n
     elif work.prunes:
         moments += gram_flops(i) * tokens * n
-    selection = picks = 0.0
-    if work.spread_rows:
-        selection += i * i * (i + 2 * d) * n * shape.experts
+    selection = picks = curves = 0.0
+    if work.spread_rows:  # the curves: a selection to every width, in float32 (core.spread.curve_dtype)
+        curves += i * i * (i + 2 * d) * n * shape.experts
         picks += i * n * shape.experts
     if work.prunes:
         k = work.kept_neurons or 0
@@ -464,12 +470,17 @@ def time_model(
         statistics_flops=c * (stats + moments),
         eigh_flops=c * eigh,
         solve_flops=c * solves,
-        selection_flops=c * selection,
+        selection_flops=c * (selection + curves),
         forward=c * forward / (rate.tflops * 1e12) / work.nproc,
         statistics=c * (stats / (rate.fp64_tflops * 1e12) + moments / (rate.moments_tflops * 1e12)) / work.nproc,
         eigh=c * eigh / (rate.fp64_tflops * 1e12),
         solves=c * solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12),
-        selection=c * (selection / (SELECTION_EFFICIENCY * rate.fp64_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
+        selection=c
+        * (
+            selection / (SELECTION_EFFICIENCY * rate.fp64_tflops * 1e12)
+            + curves / (CURVE_EFFICIENCY * rate.moments_tflops * 1e12)
+            + picks * GREEDY_PICK_SECONDS
+        ),
         other=c * other,
         disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
     )
