@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from fresh import add_one, answer_one, load_source, run_fresh
+from fresh import add_one, answer_one, load_source, replace_runs, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -342,7 +342,7 @@ def main() -> None:
         r["wall_seconds"] = time.perf_counter() - start
         # read again: another invocation (--add-tasks, a second model) may have written meanwhile
         results = _read(out_path)
-        results = [x for x in results if not (x["name"] == r["name"] and x.get("model") == r.get("model"))] + [r]
+        results = replace_runs(results, [r], ("name", "model"))
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps({"runs": results}, indent=2) + "\n")
         print(table([r]).splitlines()[-1], flush=True)

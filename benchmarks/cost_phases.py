@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from fresh import add_one, answer_one, load_source, run_fresh
+from fresh import add_one, answer_one, load_source, replace_runs, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -256,7 +256,7 @@ def main() -> None:
             )
             print(f"== {method}, {n} rows", file=sys.stderr, flush=True)
             r = run_fresh(__file__, job, f"{method} at {n} rows")
-            runs = [x for x in runs if any(x.get(k) != job[k] for k in job)] + [r]
+            runs = replace_runs(runs, [r], tuple(job))
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
             print(table([r]).splitlines()[-1], flush=True)

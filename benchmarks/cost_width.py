@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from cost_phases import METHODS, PHASES, timed_compression
-from fresh import add_one, answer_one, run_fresh
+from fresh import add_one, answer_one, replace_runs, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -196,7 +196,7 @@ def main() -> None:
             job = dict(shape=shape, method=method, nsamples=args.nsamples, seqlen=args.seqlen, target=args.target)
             print(f"== {method}, {shape}", file=sys.stderr, flush=True)
             r = run_fresh(__file__, job, f"{method} on {shape}")
-            runs = [x for x in runs if any(x.get(k) != job[k] for k in job)] + [r]
+            runs = replace_runs(runs, [r], tuple(job))
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
             print(table([r]).splitlines()[2], flush=True)

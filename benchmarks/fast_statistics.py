@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from fresh import add_one, answer_one, load_source, run_fresh
+from fresh import add_one, answer_one, load_source, replace_runs, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -158,12 +158,9 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out_path.read_text()) if out_path.exists() else {"runs": [], "comparison": []}
-    keys = ("model", "seed", "mode", "statistics", "nsamples", "target")
-    mine = {tuple(r.get(k) for k in keys) for r in runs}
-    runs = [r for r in old["runs"] if tuple(r.get(k) for k in keys) not in mine] + runs
-    same = ("model", "seed", "mode", "against")  # a comparison made again replaces the earlier one
-    done = {tuple(c.get(k) for k in same) for c in summary}
-    summary = [c for c in old.get("comparison", []) if tuple(c.get(k) for k in same) not in done] + summary
+    runs = replace_runs(old["runs"], runs, ("model", "seed", "mode", "statistics", "nsamples", "target"))
+    # a comparison made again replaces the earlier one
+    summary = replace_runs(old.get("comparison", []), summary, ("model", "seed", "mode", "against"))
     out_path.write_text(compact_json({"runs": runs, "comparison": summary}))
 
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import subprocess
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 
 def add_one(parser: argparse.ArgumentParser) -> None:
@@ -44,3 +44,14 @@ def load_source(model: str | None) -> tuple[Any, Any, str]:
     from slicegpt.io.fetch import materialise
 
     return slicegpt.load_model(str(materialise(model)) if model else None)
+
+
+def replace_runs(old: list[dict[str, Any]], new: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """``old`` less the runs that one of ``new`` repeats (the same values at ``keys``), then ``new``:
+    a benchmark run again replaces its earlier figures and keeps every other run's."""
+
+    def key(run: dict[str, Any]) -> tuple:
+        return tuple(run.get(k) for k in keys)
+
+    repeated = {key(r) for r in new}
+    return [r for r in old if key(r) not in repeated] + list(new)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from cost_phases import METHODS
-from fresh import add_one, answer_one, load_source, run_fresh
+from fresh import add_one, answer_one, load_source, replace_runs, run_fresh
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -126,7 +126,7 @@ def main() -> None:
     out = Path(args.out)
     runs: list[dict] = json.loads(out.read_text())["runs"] if out.exists() else []
     r = run_fresh(__file__, job, "the compression")
-    runs = [x for x in runs if any(x.get(k) != job[k] for k in job)] + [r]
+    runs = replace_runs(runs, [r], tuple(job))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     print(table(runs))

@@ -1,4 +1,5 @@
-"""The figures only benchmarks draw (benchmarks/figures.py): exact image sizes, one panel per measure."""
+"""What only benchmarks use: the figures they draw (benchmarks/figures.py: exact image sizes, one panel per
+measure) and how they keep their results (benchmarks/fresh.py)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,20 @@ def test_methods_plot_has_one_panel_per_measure(tmp_path: Path) -> None:
     path = plot_methods({"wiki": series, "books": series}, tmp_path / "m.png", dense={"wiki": 18.6, "books": 40.1})
     with Image.open(path) as im:
         assert im.size == (1200, 480)
+
+
+def test_a_benchmark_run_again_replaces_its_earlier_figures_and_keeps_the_rest() -> None:
+    from fresh import replace_runs
+
+    old = [
+        {"model": "a", "rows": 8, "s": 1.0},
+        {"model": "a", "rows": 32, "s": 2.0},
+        {"model": "b", "rows": 8, "s": 3.0},
+    ]
+    new = [{"model": "a", "rows": 8, "s": 9.0}]
+    assert replace_runs(old, new, ("model", "rows")) == [old[1], old[2], new[0]]
+    # a key a run does not carry counts as None: an old run without it is the same settings
+    assert replace_runs([{"model": "a"}], [{"model": "a", "seed": None}], ("model", "seed")) == [
+        {"model": "a", "seed": None}
+    ]
+    assert replace_runs(old, [], ("model",)) == old
