@@ -42,8 +42,10 @@ def curve_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     float64 model). The curves only rank the layers' next ``step`` neurons against each other, and
     the selection to every width is most of a per-layer budget's extra time. Measured against
     float64 on the same moments (SmolLM2 and Qwen2.5-Coder-0.5B at 25%, 8 rows): the curves within
-    2e-6 and 8e-5 of a layer's total error, the same neurons in every layer, 2x and 3.6x faster.
-    The neurons a layer finally keeps are chosen in float64 (:mod:`slicegpt.core.corrections`)."""
+    2e-6 and 8e-5 of a layer's total error and the same neurons in every layer; Qwen's per-layer
+    neuron selection went from 193 to 85 s (benchmarks/README). The neurons a layer finally keeps
+    are chosen in float64 (:mod:`slicegpt.core.corrections`). On CUDA, a process that enabled TF32
+    matmuls draws these curves with TF32's 10-bit products: less exact, not measured here."""
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
