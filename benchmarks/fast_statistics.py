@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/fast_statistics.py                      # SmolLM2, 25%, uniform and per-layer budget
     .venv/bin/python benchmarks/fast_statistics.py --nsamples 32 --modes uniform
     .venv/bin/python benchmarks/fast_statistics.py --against ieee --model qwen2.5-coder-0.5b --modes uniform
+    .venv/bin/python benchmarks/fast_statistics.py --against fast --candidate select32 --modes uniform
 
 Two speed-ups of the budget method change arithmetic: each batch's moment products (x^T x,
 x^T t) are computed in float32 and summed in float64 (slicegpt.core.refit.product_dtype), and
@@ -14,7 +15,9 @@ as the baseline --against names: 'reference' (float64 products, neurons taken on
 fast float32 products) or 'ieee' (the package but for the fast float32 products), and reports per layer how
 many kept MLP neurons differ, whether each layer keeps as many (per-layer mode spreads them by
 error curves from the same moments), perplexity on the first --wiki-rows rows of the 'wiki'
-evaluation part and --books-rows of 'lambada', and the compression time.
+evaluation part and --books-rows of 'lambada', and the compression time. --candidate select32
+puts a change not in the package on trial instead: the neurons each layer keeps chosen in float32
+(the package chooses them in float64), against --against fast (the package as it is).
 Results: a markdown table and --out (JSON).
 """  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
 
@@ -50,6 +53,10 @@ def one_run(job: dict) -> dict:
         return keep(block, spec, index, down)
 
     neurons.keep_neurons = recording
+    if job["statistics"] == "select32":  # the kept neurons chosen in float32 (on trial, not the package's)
+        neurons.greedy_neurons = lambda cov, w, k, cross=None: (
+            neurons.greedy_order(cov, w, k, cross, dtype=torch.float32)[0].sort().values
+        )
     torch.manual_seed(0)
     model, tokenizer, _ = load_source(job.get("model"))
     uniform = job["mode"] == "uniform"
@@ -60,7 +67,7 @@ def one_run(job: dict) -> dict:
         seqlen=1024,
         calib="wiki",
         seed=job.get("seed", 42),
-        fast_matmul=job["statistics"] == "fast",
+        fast_matmul=job["statistics"] in ("fast", "select32"),
     )
     start = time.perf_counter()
     report = slicegpt.slice_model(model, tokenizer, None, config, progress=False)
@@ -99,25 +106,38 @@ def main() -> None:
     p.add_argument(
         "--against",
         default="reference",
-        choices=["reference", "ieee"],
-        help="the baseline: float64 products and one neuron at a time, or the package without fast float32 products",
+        choices=["reference", "ieee", "fast"],
+        help="the baseline: float64 products and one neuron at a time, the package without fast float32 products, "
+        "or the package as it is (with --candidate select32)",
+    )
+    p.add_argument(
+        "--candidate",
+        default="fast",
+        choices=["fast", "select32"],
+        help="what is compared: the package, or the package with its kept neurons chosen in float32",
     )
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--target", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=42, help="draws the calibration rows")
     p.add_argument("--wiki-rows", type=int, default=40)
     p.add_argument("--books-rows", type=int, default=16)
-    p.add_argument("--out", default=None, help="default: results/fast_statistics.json, or fast_matmul.json")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="default by --against: results/fast_statistics.json, fast_matmul.json, fast_selection.json",
+    )
     add_one(p)
     p.add_argument("--report", action="store_true", help="print the table of --out again, running nothing")
     args = p.parse_args()
-    default = "fast_statistics.json" if args.against == "reference" else "fast_matmul.json"
-    args.out = args.out or str(RESULTS / default)
+    if args.against == args.candidate:
+        p.error("--against and --candidate name the same run")
+    default = {"reference": "fast_statistics.json", "ieee": "fast_matmul.json", "fast": "fast_selection.json"}
+    args.out = args.out or str(RESULTS / default[args.against])
     if answer_one(args, one_run):
         return
     runs = json.loads(Path(args.out).read_text())["runs"] if args.report else []
     for mode in [] if args.report else args.modes.split(","):
-        for statistics in (args.against, "fast"):
+        for statistics in (args.against, args.candidate):
             job = dict(
                 model=args.model,
                 seed=args.seed,
@@ -138,10 +158,11 @@ def main() -> None:
     for mode in args.modes.split(","):
         ref, new = (
             next(r for r in runs if (r["mode"], r["statistics"], r.get("model"), r.get("seed", 42)) == key)
-            for key in ((mode, d, args.model, args.seed) for d in (args.against, "fast"))
+            for key in ((mode, d, args.model, args.seed) for d in (args.against, args.candidate))
         )
         c = compare(ref, new)
-        summary.append(dict(model=args.model, seed=args.seed, mode=mode, against=args.against, **c))
+        trial = {} if args.candidate == "fast" else {"candidate": args.candidate}  # the package's: no key, as before
+        summary.append(dict(model=args.model, seed=args.seed, mode=mode, against=args.against, **trial, **c))
         moved = [d for d in c["differ"] if d]
         total = sum(len(k) for k in choices(ref["kept"]))
         for r in (ref, new):
@@ -160,7 +181,7 @@ def main() -> None:
     old = json.loads(out_path.read_text()) if out_path.exists() else {"runs": [], "comparison": []}
     runs = replace_runs(old["runs"], runs, ("model", "seed", "mode", "statistics", "nsamples", "target"))
     # a comparison made again replaces the earlier one
-    summary = replace_runs(old.get("comparison", []), summary, ("model", "seed", "mode", "against"))
+    summary = replace_runs(old.get("comparison", []), summary, ("model", "seed", "mode", "against", "candidate"))
     out_path.write_text(compact_json({"runs": runs, "comparison": summary}))
 
 
