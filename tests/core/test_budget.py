@@ -641,8 +641,9 @@ def test_float32_error_curves_give_the_float64_spread() -> None:
     neurons spread over four such layers the same."""
     from slicegpt.core.spread import curve_dtype, spread
 
-    assert curve_dtype(torch.float32) == curve_dtype(torch.bfloat16) == torch.float32
-    assert curve_dtype(torch.float64) == torch.float64
+    weight = torch.zeros(4, 6)
+    assert curve_dtype(weight) == curve_dtype(weight.bfloat16()) == torch.float32
+    assert curve_dtype(weight.double()) == torch.float64
     curves = {torch.float64: [], torch.float32: []}
     for seed in range(4):
         h, w, cov = _moments(n=160, d=32, tokens=2000, seed=seed)

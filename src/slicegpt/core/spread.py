@@ -37,16 +37,19 @@ from .surgery import mlp_writers
 SPREAD_ROWS = 8
 
 
-def curve_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """The precision of the greedy selection that draws the error curves: float32 (float64 for a
-    float64 model). The curves only rank the layers' next ``step`` neurons against each other, and
-    the selection to every width is most of a per-layer budget's extra time. Measured against
-    float64 on the same moments (SmolLM2 and Qwen2.5-Coder-0.5B at 25%, 8 rows): the curves within
-    2e-6 and 8e-5 of a layer's total error and the same neurons in every layer; Qwen's per-layer
-    neuron selection went from 193 to 85 s (benchmarks/README). The neurons a layer finally keeps
-    are chosen in float64 (:mod:`slicegpt.core.corrections`). On CUDA, a process that enabled TF32
-    matmuls draws these curves with TF32's 10-bit products: less exact, not measured here."""
-    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+def curve_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The precision of the greedy selection that draws a layer's error curve from its MLP
+    writer's ``weight``: the moments' product precision (:func:`~slicegpt.core.refit.product_dtype`:
+    float32, float64 for a float64 model). The curves only rank the layers' next ``step`` neurons
+    against each other, and the selection to every width is most of a per-layer budget's extra
+    time. Measured against float64 on the same moments (SmolLM2 and Qwen2.5-Coder-0.5B at 25%, 8
+    rows, on this project's AMD CPU, whose float32 products go through its bfloat16 units; not
+    measured on other CPUs): the curves within 2e-6 and 8e-5 of a layer's total error and the same
+    neurons in every layer; Qwen's per-layer neuron selection went from 193 to 85 s
+    (benchmarks/README). The neurons a layer finally keeps are chosen in float64
+    (:mod:`slicegpt.core.corrections`). On CUDA, a process that enabled TF32 matmuls draws these
+    curves with TF32's 10-bit products: less exact, not measured here."""
+    return product_dtype(weight)
 
 
 class NeuronCurves:
@@ -78,9 +81,8 @@ class _MLPWatch:
 
     def __init__(self, block: nn.Module, spec: ArchSpec, curves: list[torch.Tensor], reduce: Reduction) -> None:
         (writer,) = mlp_writers(block, spec)
-        weight = writer.tensor.detach()
-        self.dtype = curve_dtype(weight.dtype)
-        weight = weight.to(torch.float64)
+        self.dtype = curve_dtype(writer.tensor)
+        weight = writer.tensor.detach().to(torch.float64)
         self.weight = weight.t() if writer.transposed else weight  # (D, n)
         self.moments, self.energy, self.curves, self.reduce = Moments(), 0.0, curves, reduce
         self.recorder = InputRecorder(writer.module)
