@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/fast_statistics.py                      # SmolLM2, 25%, uniform and per-layer budget
     .venv/bin/python benchmarks/fast_statistics.py --nsamples 32 --modes uniform
     .venv/bin/python benchmarks/fast_statistics.py --against ieee --model qwen2.5-coder-0.5b --modes uniform
-    .venv/bin/python benchmarks/fast_statistics.py --against fast --candidate select32 --modes uniform
+    .venv/bin/python benchmarks/fast_statistics.py --against select64 --modes uniform
 
 Two speed-ups of the budget method change arithmetic: each batch's moment products (x^T x,
 x^T t) are computed in float32 and summed in float64 (slicegpt.core.refit.product_dtype), and
@@ -12,12 +12,11 @@ A third changes every float32 product of the run: on a CPU with bfloat16 units t
 them (``fast_matmul``, slicegpt.core.precision).
 This compresses the model twice per mode, in fresh processes: once as the package does, once
 as the baseline --against names: 'reference' (float64 products, neurons taken one at a time, no
-fast float32 products) or 'ieee' (the package but for the fast float32 products), and reports per layer how
+fast float32 products), 'ieee' (the package but for the fast float32 products) or 'select64' (the
+package but for its kept neurons, chosen in float64 as before 2026-12-06), and reports per layer how
 many kept MLP neurons differ, whether each layer keeps as many (per-layer mode spreads them by
 error curves from the same moments), perplexity on the first --wiki-rows rows of the 'wiki'
-evaluation part and --books-rows of 'lambada', and the compression time. --candidate select32
-puts a change not in the package on trial instead: the neurons each layer keeps chosen in float32
-(the package chooses them in float64), against --against fast (the package as it is).
+evaluation part and --books-rows of 'lambada', and the compression time.
 Results: a markdown table and --out (JSON).
 """  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
 
@@ -53,10 +52,8 @@ def one_run(job: dict) -> dict:
         return keep(block, spec, index, down)
 
     neurons.keep_neurons = recording
-    if job["statistics"] == "select32":  # the kept neurons chosen in float32 (on trial, not the package's)
-        neurons.greedy_neurons = lambda cov, w, k, cross=None: (
-            neurons.greedy_order(cov, w, k, cross, dtype=torch.float32)[0].sort().values
-        )
+    if job["statistics"] == "select64":  # the kept neurons chosen in float64 (the curves stay float32)
+        neurons.selection_dtype = lambda weight: torch.float64
     torch.manual_seed(0)
     model, tokenizer, _ = load_source(job.get("model"))
     uniform = job["mode"] == "uniform"
@@ -67,7 +64,7 @@ def one_run(job: dict) -> dict:
         seqlen=1024,
         calib="wiki",
         seed=job.get("seed", 42),
-        fast_matmul=job["statistics"] in ("fast", "select32"),
+        fast_matmul=job["statistics"] in ("fast", "select64"),
     )
     start = time.perf_counter()
     report = slicegpt.slice_model(model, tokenizer, None, config, progress=False)
@@ -106,15 +103,9 @@ def main() -> None:
     p.add_argument(
         "--against",
         default="reference",
-        choices=["reference", "ieee", "fast"],
+        choices=["reference", "ieee", "select64"],
         help="the baseline: float64 products and one neuron at a time, the package without fast float32 products, "
-        "or the package as it is (with --candidate select32)",
-    )
-    p.add_argument(
-        "--candidate",
-        default="fast",
-        choices=["fast", "select32"],
-        help="what is compared: the package, or the package with its kept neurons chosen in float32",
+        "or the package with its kept neurons chosen in float64",
     )
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--target", type=float, default=0.75)
@@ -129,15 +120,13 @@ def main() -> None:
     add_one(p)
     p.add_argument("--report", action="store_true", help="print the table of --out again, running nothing")
     args = p.parse_args()
-    if args.against == args.candidate:
-        p.error("--against and --candidate name the same run")
-    default = {"reference": "fast_statistics.json", "ieee": "fast_matmul.json", "fast": "fast_selection.json"}
+    default = {"reference": "fast_statistics.json", "ieee": "fast_matmul.json", "select64": "fast_selection.json"}
     args.out = args.out or str(RESULTS / default[args.against])
     if answer_one(args, one_run):
         return
     runs = json.loads(Path(args.out).read_text())["runs"] if args.report else []
     for mode in [] if args.report else args.modes.split(","):
-        for statistics in (args.against, args.candidate):
+        for statistics in (args.against, "fast"):
             job = dict(
                 model=args.model,
                 seed=args.seed,
@@ -158,11 +147,10 @@ def main() -> None:
     for mode in args.modes.split(","):
         ref, new = (
             next(r for r in runs if (r["mode"], r["statistics"], r.get("model"), r.get("seed", 42)) == key)
-            for key in ((mode, d, args.model, args.seed) for d in (args.against, args.candidate))
+            for key in ((mode, d, args.model, args.seed) for d in (args.against, "fast"))
         )
         c = compare(ref, new)
-        trial = {} if args.candidate == "fast" else {"candidate": args.candidate}  # the package's: no key, as before
-        summary.append(dict(model=args.model, seed=args.seed, mode=mode, against=args.against, **trial, **c))
+        summary.append(dict(model=args.model, seed=args.seed, mode=mode, against=args.against, **c))
         moved = [d for d in c["differ"] if d]
         total = sum(len(k) for k in choices(ref["kept"]))
         for r in (ref, new):
@@ -181,7 +169,7 @@ def main() -> None:
     old = json.loads(out_path.read_text()) if out_path.exists() else {"runs": [], "comparison": []}
     runs = replace_runs(old["runs"], runs, ("model", "seed", "mode", "statistics", "nsamples", "target"))
     # a comparison made again replaces the earlier one
-    summary = replace_runs(old.get("comparison", []), summary, ("model", "seed", "mode", "against", "candidate"))
+    summary = replace_runs(old.get("comparison", []), summary, ("model", "seed", "mode", "against"))
     out_path.write_text(compact_json({"runs": runs, "comparison": summary}))
 
 

@@ -636,14 +636,15 @@ def test_spread_gives_each_step_to_the_layer_whose_error_falls_most() -> None:
 
 
 def test_float32_error_curves_give_the_float64_spread() -> None:
-    """The spreading curves are drawn in float32 (float64 for a float64 model): on moments as
-    skewed as a layer's, every point within 1e-5 of the layer's total error of float64's, and the
-    neurons spread over four such layers the same."""
-    from slicegpt.core.spread import curve_dtype, spread
+    """The spreading curves are drawn in float32 (float64 for a float64 model; the kept neurons
+    too): on moments as skewed as a layer's, every point within 1e-5 of the layer's total error of
+    float64's, and the neurons spread over four such layers the same."""
+    from slicegpt.core.neurons import selection_dtype
+    from slicegpt.core.spread import spread
 
     weight = torch.zeros(4, 6)
-    assert curve_dtype(weight) == curve_dtype(weight.bfloat16()) == torch.float32
-    assert curve_dtype(weight.double()) == torch.float64
+    assert selection_dtype(weight) == selection_dtype(weight.bfloat16()) == torch.float32
+    assert selection_dtype(weight.double()) == torch.float64
     curves = {torch.float64: [], torch.float32: []}
     for seed in range(4):
         h, w, cov = _moments(n=160, d=32, tokens=2000, seed=seed)
@@ -695,6 +696,33 @@ def test_corrections_default_on_with_a_target_and_token_weighting_changes_the_fi
     assert down["none"].shape == down["norm"].shape and not torch.allclose(down["none"], down["norm"])
 
 
+def test_the_kept_neurons_are_chosen_in_the_moments_product_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 (or bfloat16) model's kept neurons are chosen in float32, a float64 model's in
+    float64; on moments without near-ties both keep the same neurons, and the refit is float64."""
+    from slicegpt.core import corrections
+    from slicegpt.core import refit as refit_
+
+    real, seen = neurons.greedy_order, []
+
+    def spy(*args, dtype: torch.dtype = torch.float64, **kwargs):
+        seen.append(dtype)
+        return real(*args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(neurons, "greedy_order", spy)
+    h, w, _ = _moments(n=48, d=16, tokens=800, seed=3)
+    kept = {}
+    for weight_dtype in (torch.float32, torch.bfloat16, torch.float64):
+        moments = refit_.FitMoments()
+        moments.add(h[:600], None, False)
+        moments.add(h[600:], None, True)
+        dtype = neurons.selection_dtype(w.to(weight_dtype))
+        index, refit, _ = corrections.keep_and_refit(moments, w, 20, dtype=dtype)
+        kept[weight_dtype] = index.tolist()
+        assert refit.dtype == torch.float64 and refit.shape == (16, 20)
+    assert seen == [torch.float32, torch.float32, torch.float64]
+    assert kept[torch.float32] == kept[torch.float64]
+
+
 def test_greedy_neurons_keep_k_distinct_neurons_when_the_moments_are_rank_deficient() -> None:
     """Found by the property tests: 8 calibration tokens for 96 neurons made the selection pick
     already chosen neurons again (a vanished Schur complement blew the factor up)."""
@@ -704,9 +732,10 @@ def test_greedy_neurons_keep_k_distinct_neurons_when_the_moments_are_rank_defici
     h = torch.randn(8, 96, generator=gen, dtype=torch.float64)  # 8 tokens: rank 8
     cov = h.t() @ h / 8
     w = torch.randn(16, 96, generator=gen, dtype=torch.float64)
-    for k in (8, 9, 40, 96):
-        kept = greedy_neurons(cov, w, k)
-        assert len(kept) == k and len(set(kept.tolist())) == k
+    for dtype in (torch.float64, torch.float32):  # float32: the package's choice for a float32 model
+        for k in (8, 9, 40, 96):
+            kept = greedy_neurons(cov, w, k, dtype=dtype)
+            assert len(kept) == k and len(set(kept.tolist())) == k
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen3", "llama"])

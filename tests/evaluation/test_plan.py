@@ -14,7 +14,6 @@ import torch
 import slicegpt
 from slicegpt.cli import main
 from slicegpt.evaluation.plan import (
-    CURVE_EFFICIENCY,
     GB,
     GREEDY_PICK_SECONDS,
     OTHER_SECONDS,
@@ -273,14 +272,14 @@ def test_time_model_terms() -> None:
     assert spreading.selection_flops - fixed.selection_flops == pytest.approx(
         SHAPE.intermediate**2 * (SHAPE.intermediate + 2 * 8192) * 80
     )
-    # each neuron taken costs its flops and a fixed latency: spreading takes every width's, in float32
-    # (at the moments' float32 rate), where the kept neurons are chosen in float64
-    flop_seconds = (spreading.selection_flops - fixed.selection_flops) / (CURVE_EFFICIENCY * 100e12)
+    # each neuron taken costs its flops, in float32 (at the moments' float32 rate), and a fixed
+    # latency: spreading takes every width's
+    flop_seconds = (spreading.selection_flops - fixed.selection_flops) / (SELECTION_EFFICIENCY * 100e12)
     assert spreading.selection - fixed.selection == pytest.approx(
         flop_seconds + SHAPE.intermediate * 80 * GREEDY_PICK_SECONDS
     )
     assert fixed.selection == pytest.approx(
-        fixed.selection_flops / (SELECTION_EFFICIENCY * 10e12) + 16384 * 80 * GREEDY_PICK_SECONDS
+        fixed.selection_flops / (SELECTION_EFFICIENCY * 100e12) + 16384 * 80 * GREEDY_PICK_SECONDS
     )
     assert spreading.solve_flops == fixed.solve_flops and fixed.selection > 0 and corrected.selection == 0
     # uniform, only MLP neurons go: no pooling walk, no eigendecomposition

@@ -196,7 +196,7 @@ def refit_mlp(
     finally:
         rec.remove()
     combine(moments, reduce)
-    index, w, rel = keep_and_refit(moments, w0, keep, reduce.agree)
+    index, w, rel = keep_and_refit(moments, w0, keep, reduce.agree, neurons.selection_dtype(ref.tensor))
     neurons.keep_neurons(block, spec, index, [reduce.agree(w)])
     record[point] = rel
     return read, None if keep is None else index
@@ -207,13 +207,16 @@ def keep_and_refit(
     w0: torch.Tensor,
     keep: int | None,
     agree: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(kept neurons [k], the writer refit on them (D, k), its ridge strength) from a writer's
     reduced moments; ``w0`` (D, n) is the writer as it is, ``keep`` None keeps every neuron.
 
     Moments without a target (``xt`` None) aim at the writer's own unpruned output:
     E[h^T t] = E[h^T h] W^T. ``agree`` makes the neuron choice every process's (before the
-    moments are cut to it).
+    moments are cut to it). ``dtype``: the selection's precision
+    (:func:`~slicegpt.core.neurons.selection_dtype` of the writer's own weight; ``w0`` is a float64
+    copy); the refit is float64 either way.
     """
     for m in (moments.fit, moments.held):
         if m.count and m.xt is None:
@@ -228,7 +231,7 @@ def keep_and_refit(
             fit.xx += held.xx
             fit.xt += held.xt
         every = fit if fit.count else held
-        index = agree(neurons.greedy_neurons(every.xx, w0, keep, cross=every.xt))
+        index = agree(neurons.greedy_neurons(every.xx, w0, keep, cross=every.xt, dtype=dtype))
         held_xx, held_xt = (held.xx[index[:, None], index], held.xt[index]) if held.count else (None, None)
         if fit.count:
             fit.xx, fit.xt = fit.xx[index[:, None], index], fit.xt[index]
@@ -286,7 +289,8 @@ def prune_experts(
             indices.append(index)
             downs.append(w0[:, index])
             continue
-        index, w, rel = keep_and_refit(moments, w0, keep)  # agreed below, all experts at once
+        # agreed below, all experts at once
+        index, w, rel = keep_and_refit(moments, w0, keep, dtype=neurons.selection_dtype(down.tensor))
         indices.append(index)
         downs.append(w)
         chosen.append(rel)

@@ -9,9 +9,9 @@ mode's pooling is) gives, per layer, the moments of its MLP intermediate activat
 of the layer's output (what the next norm sees of an error is its size relative to the stream;
 without the weight a few attention-sink tokens carry almost all of the energy and decide). A
 greedy least-squares selection run to every width (:func:`slicegpt.core.neurons.greedy_order`, in
-float32: :func:`curve_dtype`) turns those into each layer's error against the number of neurons it
-keeps, and the neurons then go, ``step`` at a time from a floor, to the layer whose error they
-lower most (:func:`spread`).
+float32: :func:`~slicegpt.core.neurons.selection_dtype`) turns those into each layer's error
+against the number of neurons it keeps, and the neurons then go, ``step`` at a time from a
+floor, to the layer whose error they lower most (:func:`spread`).
 
 Every layer's neurons cost the same parameters (the residual width is whole), so the count
 depends on the total only; the total may exceed the even split's by what rounding every layer
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec
-from .neurons import greedy_order
+from .neurons import greedy_order, selection_dtype
 from .pca import Covariance
 from .refit import InputRecorder, Moments, product_dtype, stream_weights
 from .streams import Reduction
@@ -35,21 +35,6 @@ from .surgery import mlp_writers
 # Calibration rows the neuron spreading's dense pass reads (the first of the statistics rows):
 # SmolLM2 at 25% removed, 8 rows gave 11% less summed error than the same count in every layer.
 SPREAD_ROWS = 8
-
-
-def curve_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The precision of the greedy selection that draws a layer's error curve from its MLP
-    writer's ``weight``: the moments' product precision (:func:`~slicegpt.core.refit.product_dtype`:
-    float32, float64 for a float64 model). The curves only rank the layers' next ``step`` neurons
-    against each other, and the selection to every width is most of a per-layer budget's extra
-    time. Measured against float64 on the same moments (SmolLM2 and Qwen2.5-Coder-0.5B at 25%, 8
-    rows, on this project's AMD CPU, whose float32 products go through its bfloat16 units; not
-    measured on other CPUs): the curves within 2e-6 and 8e-5 of a layer's total error and the same
-    neurons in every layer; Qwen's per-layer neuron selection went from 193 to 85 s
-    (benchmarks/README). The neurons a layer finally keeps are chosen in float64
-    (:mod:`slicegpt.core.corrections`). On CUDA, a process that enabled TF32 matmuls draws these
-    curves with TF32's 10-bit products: less exact, not measured here."""
-    return product_dtype(weight)
 
 
 class NeuronCurves:
@@ -81,7 +66,7 @@ class _MLPWatch:
 
     def __init__(self, block: nn.Module, spec: ArchSpec, curves: list[torch.Tensor], reduce: Reduction) -> None:
         (writer,) = mlp_writers(block, spec)
-        self.dtype = curve_dtype(writer.tensor)
+        self.dtype = selection_dtype(writer.tensor)
         weight = writer.tensor.detach().to(torch.float64)
         self.weight = weight.t() if writer.transposed else weight  # (D, n)
         self.moments, self.energy, self.curves, self.reduce = Moments(), 0.0, curves, reduce

@@ -70,21 +70,18 @@ RIDGE_TRIED = 4.5
 #: 100-110. An earlier machine of the same kind ran them at 61-74 (and 59 on a 7B-shaped layer's,
 #: cost_width.py): 0.8 is within 25% of both.
 SOLVE_EFFICIENCY = 0.8
-#: The greedy selection's products are thin (a round of 16 neurons against all of them: two
-#: passes over the [neurons, hidden] residual and one over the factor per round), so bound by
-#: memory: this share of the float64 rate, and beside it a cost per neuron taken for the round's
-#: small steps one pick at a time (a shortlist's norms, an argmax, a rank-one update). Fitted
-#: here on SmolLM2 (uniform and per-layer, 26k and 72k picks) and Qwen2.5-Coder-0.5B (uniform and
-#: per-layer, 58k and 175k picks of 4864-wide layers): 26 GFLOP/s and 33 us per pick, each run
-#: within 4%. (An earlier machine of the same kind fitted 20.5 GFLOP/s and 104 us: its SmolLM2
-#: selections took 1.6-2x these.)
+#: The greedy selection runs in float32 (core.neurons.selection_dtype), the kept neurons' and the
+#: spreading walk's curves (a selection to every width) alike. Its products are thin (a round of
+#: 16 neurons against all of them: two passes over the [neurons, hidden] residual and one over the
+#: factor per round), so bound by memory: this share of the float32 products' rate (the moments'
+#: rate), and beside it a cost per neuron taken for the round's small steps one pick at a time (a
+#: shortlist's norms, an argmax, a rank-one update). Against the runs here
+#: (benchmarks/cost_phases.py, fast float32 products): Qwen2.5-Coder-0.5B's per-layer selection
+#: 89 s planned, 85 measured; SmolLM2's 7 planned, 9 measured at 8, 32 and 128 rows. (The pick cost
+#: was fitted when the kept neurons were chosen in float64: 33 us on SmolLM2's and Qwen's 26k-175k
+#: picks.)
 SELECTION_EFFICIENCY = 0.26
 GREEDY_PICK_SECONDS = 3.3e-5
-#: The spreading walk's curves (a selection to every width) run in float32: this share of the
-#: float32 products' rate (the moments' rate), the float64 selection's share. Against the runs here
-#: (benchmarks/cost_phases.py, fast float32 products): Qwen2.5-Coder-0.5B's per-layer selection
-#: 89 s planned, 85 measured; SmolLM2's 7 planned, 9 measured at 8, 32 and 128 rows.
-CURVE_EFFICIENCY = 0.26
 #: What a run spends outside its arithmetic (fusing the norms and rotating the embeddings and head
 #: in float64, copies, the data, bookkeeping): a fixed part and a part per stored parameter, and
 #: with corrections per element of the streams each layer moves (the reference stream, the dense
@@ -379,10 +376,10 @@ class TimeEstimate:
       solves         corrections: per writer about 4.5 ridge strengths tried (a solve, Cholesky 1/3 n^3 + 2 n^2
                      hidden, and a held-out error, 2 n^2 hidden, each) and the final solve; n = the
                      kept neurons for the MLP; at SOLVE_EFFICIENCY x the float64 rate.
-      selection      pruning: the greedy neuron selection, intermediate x k x (k + 2 hidden) at
-                     SELECTION_EFFICIENCY x the float64 rate plus GREEDY_PICK_SECONDS per neuron
-                     taken, and with spreading once more to every width (k = intermediate), in
-                     float32: at CURVE_EFFICIENCY x the moments' float32 rate.
+      selection      pruning: the greedy neuron selection, intermediate x k x (k + 2 hidden), and
+                     with spreading once more to every width (k = intermediate), in float32: at
+                     SELECTION_EFFICIENCY x the moments' float32 rate plus GREEDY_PICK_SECONDS per
+                     neuron taken.
                      Neither term is divided: every process (or the reducing one) does them.
       other          what is not arithmetic, on the host: OTHER_SECONDS + OTHER_SECONDS_PER_PARAM x
                      parameters, + OTHER_SECONDS_PER_STREAM_ELEMENT x tokens x hidden x layers
@@ -451,7 +448,7 @@ def time_model(
     elif work.prunes:
         moments += gram_flops(i) * tokens * n
     selection = picks = curves = 0.0
-    if work.spread_rows:  # the curves: a selection to every width, in float32 (core.spread.curve_dtype)
+    if work.spread_rows:  # the curves: a selection to every width
         curves += i * i * (i + 2 * d) * n * shape.experts
         picks += i * n * shape.experts
     if work.prunes:
@@ -476,11 +473,7 @@ def time_model(
         eigh=c * eigh / (rate.fp64_tflops * 1e12),
         solves=c * solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12),
         selection=c
-        * (
-            selection / (SELECTION_EFFICIENCY * rate.fp64_tflops * 1e12)
-            + curves / (CURVE_EFFICIENCY * rate.moments_tflops * 1e12)
-            + picks * GREEDY_PICK_SECONDS
-        ),
+        * ((selection + curves) / (SELECTION_EFFICIENCY * rate.moments_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
         other=c * other,
         disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
     )
