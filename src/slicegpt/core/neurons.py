@@ -218,8 +218,8 @@ def greedy_order(
     order taken; the order is one-at-a-time greedy's unless a neuron outside the shortlist would
     have overtaken all of it within one round (measured on SmolLM2's moments: benchmarks/README).
 
-    ``dtype``: the elimination's precision (:func:`selection_dtype`). A Schur complement below 1e-12 (float32: 1e-6) of
-    the largest diagonal counts as exhausted.
+    ``dtype``: the elimination's precision (:func:`selection_dtype`). A Schur complement below
+    1e-12 (float32: 1e-6) of the largest diagonal counts as exhausted.
     """
     cov = cov.to(dtype)
     n = cov.shape[0]

@@ -447,9 +447,9 @@ def time_model(
             solves += _ridge_flops(solved, d, tried) * n
     elif work.prunes:
         moments += gram_flops(i) * tokens * n
-    selection = picks = curves = 0.0
+    selection = picks = 0.0
     if work.spread_rows:  # the curves: a selection to every width
-        curves += i * i * (i + 2 * d) * n * shape.experts
+        selection += i * i * (i + 2 * d) * n * shape.experts
         picks += i * n * shape.experts
     if work.prunes:
         k = work.kept_neurons or 0
@@ -467,13 +467,12 @@ def time_model(
         statistics_flops=c * (stats + moments),
         eigh_flops=c * eigh,
         solve_flops=c * solves,
-        selection_flops=c * (selection + curves),
+        selection_flops=c * selection,
         forward=c * forward / (rate.tflops * 1e12) / work.nproc,
         statistics=c * (stats / (rate.fp64_tflops * 1e12) + moments / (rate.moments_tflops * 1e12)) / work.nproc,
         eigh=c * eigh / (rate.fp64_tflops * 1e12),
         solves=c * solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12),
-        selection=c
-        * ((selection + curves) / (SELECTION_EFFICIENCY * rate.moments_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
+        selection=c * (selection / (SELECTION_EFFICIENCY * rate.moments_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
         other=c * other,
         disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
     )
