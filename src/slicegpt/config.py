@@ -338,6 +338,11 @@ class RecoverConfig:
         best state (None: train to the end).
     checkpoint_every: write a resumable training checkpoint every N steps (0: never), in a
         staging folder beside the output that ``resume`` continues from.
+    time_budget: seconds the training may take, its steps and validations together (None: no
+        limit). After the first few steps are timed the schedule is planned again to end within
+        it (the warm-up, then the cosine over the steps that fit, at most those of ``tokens`` or
+        ``max_steps``), and training stops once it is spent; the best validated state is kept
+        as with early stopping. Loading, data and saving are outside it.
     device, dtype: where to train; 'bfloat16'/'float16' train under autocast (float32 weights).
     gradient_checkpointing: recompute each layer's activations in the backward pass.
     seed: the order of the training rows and the adapters' initialisation.
@@ -366,6 +371,7 @@ class RecoverConfig:
     eval_every: int = 50
     early_stop_patience: int | None = None
     checkpoint_every: int = 50
+    time_budget: float | None = None
     device: str = "cpu"
     dtype: str = "float32"
     gradient_checkpointing: bool = False
@@ -398,6 +404,8 @@ class RecoverConfig:
             raise ValueError("val_rows and eval_every must be at least 1, checkpoint_every non-negative")
         if self.early_stop_patience is not None and self.early_stop_patience < 1:
             raise ValueError(f"early_stop_patience must be at least 1, got {self.early_stop_patience}")
+        if self.time_budget is not None and not (float(self.time_budget) > 0 and math.isfinite(self.time_budget)):
+            raise ValueError(f"time_budget must be a positive number of seconds, got {self.time_budget}")
         if self.loss_on not in ("auto", "assistant", "all"):
             raise ValueError(f"loss_on must be 'auto', 'assistant' or 'all', got {self.loss_on!r}")
         parse_dtype(self.dtype)

@@ -544,3 +544,90 @@ def test_keep_adapter_saves_the_adapter_alone(tiny_model_dir: Path, tmp_path: Pa
     assert not any(t.endswith("o_proj") for t in adapter["target_modules"])
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     slicegpt.load(out)  # the folder itself still loads (and checks) as before
+
+
+class _Clock:
+    """A stand-in for ``time`` in the training loop: every reading is one second after the last,
+    so a step and a validation each take exactly one second."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_steps_within_a_time_budget() -> None:
+    from slicegpt.training.recover import steps_within
+
+    # 90 s left, a step 2 s and every 5th a 10 s validation more: 4 s a step, 22 more
+    assert steps_within(100.0, 10.0, 5, 2.0, 10.0, 5, 1000) == 27
+    assert steps_within(100.0, 10.0, 5, 2.0, 10.0, 5, 20) == 20  # at most the cap
+    assert steps_within(100.0, 120.0, 5, 2.0, 10.0, 5, 1000) == 5  # spent: no more steps
+
+
+def test_a_time_budget_plans_the_schedule_and_stops_when_spent(monkeypatch) -> None:
+    import slicegpt.training.recover as rec
+
+    # Planned after 5 timed steps: 7 s are gone (5 steps, the validations at 0 and 4); each further
+    # step costs 1 s and a quarter of a validation, so 10 more fit in the 13 s left: 15 steps, the
+    # last validated, 20 s in all.
+    monkeypatch.setattr(rec, "time", _Clock())
+    asked, schedule = [], rec.schedule
+    monkeypatch.setattr(rec, "schedule", lambda s, w, t: asked.append((s, t)) or schedule(s, w, t))
+    teacher, student = _pair("llama")
+    cfg = _config(max_steps=100, eval_every=4, time_budget=20.0)
+    _, report = slicegpt.recover(student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), progress=False)
+    assert report.planned_steps == 15 and report.steps == 15 and not report.stopped_on_time
+    assert [p["step"] for p in report.curve] == [0, 4, 8, 12, 15]
+    assert report.seconds + len(report.curve) == 20.0
+    # the learning rate of steps 1-5 from the 100 steps asked, of every later one from the 15 planned
+    assert asked == [(s, 100) for s in range(5)] + [(s, 15) for s in range(5, 16)]
+
+    # Spent before a plan is made: stops after the step that spends it, validated there, the best state kept.
+    monkeypatch.setattr(rec, "time", _Clock())
+    teacher, student = _pair("llama")
+    cfg = _config(max_steps=100, eval_every=4, time_budget=3.0)
+    trained, report = slicegpt.recover(
+        student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), progress=False
+    )
+    assert report.stopped_on_time and report.steps == 2 and report.planned_steps is None
+    assert [p["step"] for p in report.curve] == [0, 2]
+    assert report.best_step == min(report.curve, key=lambda p: p["val_ppl"])["step"]
+
+
+def test_time_budget_settings() -> None:
+    from argparse import ArgumentTypeError
+
+    from slicegpt.cli.common import parse_duration
+
+    assert [parse_duration(t) for t in ("2h", "90m", "45s", "3600", "1.5h")] == [7200, 5400, 45, 3600, 5400]
+    for bad in ("0", "-5m", "soon", "nan", ""):
+        with pytest.raises(ArgumentTypeError, match="expected a positive duration"):
+            parse_duration(bad)
+    with pytest.raises(ValueError, match="time_budget must be a positive number of seconds"):
+        slicegpt.RecoverConfig(time_budget=0.0)
+
+
+def test_a_resumed_time_budget_run_keeps_its_plan(monkeypatch, tmp_path: Path) -> None:
+    import slicegpt.training.recover as rec
+
+    cfg = _config(max_steps=100, eval_every=4, time_budget=20.0, checkpoint_every=2)
+    monkeypatch.setattr(rec, "time", _Clock())
+    teacher, student = _pair("llama")
+    whole, whole_report = slicegpt.recover(
+        student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), progress=False
+    )
+    monkeypatch.setattr(rec, "time", _Clock())
+    teacher, student = _pair("llama")
+    kw = dict(teacher=teacher, teacher_name="t", rows=_rows(), state_dir=tmp_path / "state", progress=False)
+    slicegpt.recover(student, None, cfg, stop_after=8, **kw)
+    monkeypatch.setattr(rec, "time", _Clock())  # a new process: its clock, its steps untimed
+    teacher, student = _pair("llama")
+    kw.update(teacher=teacher)
+    resumed, report = slicegpt.recover(student, None, cfg, resume=True, **kw)
+    assert report.resumed_at_step == 8 and report.planned_steps == whole_report.planned_steps == 15
+    assert report.curve == whole_report.curve and report.steps == 15
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

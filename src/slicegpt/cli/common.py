@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import fields
 import sys
@@ -316,6 +317,19 @@ def parse_count(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected a parameter count (100.9M, 1.2B, 9e7) or a fraction (0.75), got {text!r}"
         ) from None
+
+
+def parse_duration(text: str) -> float:
+    """A duration in seconds: '2h', '90m', '45s', '1.5h' or a bare number of seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive duration (2h, 90m, 45s, 3600), got {text!r}")
+    return value
 
 
 SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")

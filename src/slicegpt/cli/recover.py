@@ -25,7 +25,15 @@ from ..memory import peak_memory
 from ..training.recover import recover
 from . import distributed
 from ..core.surgery import count_parameters
-from .common import add_samples_argument, add_save_dtype_argument, parse_count, print_samples, save_dtype, write_json
+from .common import (
+    add_samples_argument,
+    add_save_dtype_argument,
+    parse_count,
+    parse_duration,
+    print_samples,
+    save_dtype,
+    write_json,
+)
 
 HELP = "recover quality by training: distil the dense model into a sliced one, or fine-tune it"
 DESCRIPTION = (
@@ -100,6 +108,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="training tokens (e.g. 2M); steps = tokens / (batch-size x grad-accum x seqlen)",
     )
     p.add_argument("--max-steps", type=int, default=D.max_steps, help="optimiser steps instead of --tokens")
+    p.add_argument(
+        "--time-budget",
+        type=parse_duration,
+        default=D.time_budget,
+        metavar="DURATION",
+        help=(
+            "train for at most this long (2h, 90m, 3600s), steps and validations together: the schedule is planned "
+            "to end within it after the first steps are timed (at most --tokens / --max-steps), training stops when "
+            "it is spent, and the best validated state is kept"
+        ),
+    )
     p.add_argument("--lr", type=float, default=D.lr, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=D.warmup, help="linear warm-up steps, then cosine decay to lr/10")
     p.add_argument("--weight-decay", type=float, default=D.weight_decay, help="AdamW weight decay")
@@ -171,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> RecoverConfig:
         tokens=int(args.tokens),
         loss_on=args.loss_on,
         max_steps=args.max_steps,
+        time_budget=args.time_budget,
         lr=args.lr,
         warmup=args.warmup,
         weight_decay=args.weight_decay,

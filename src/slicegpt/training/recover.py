@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -55,6 +56,8 @@ class RecoveryReport:
     stopped_early: bool = False
     resumed_at_step: int | None = None
     data_sha256: str | None = None  # of the training rows' token ids
+    planned_steps: int | None = None  # the steps a time budget planned (None: no budget, or never planned)
+    stopped_on_time: bool = False  # the time budget ran out before the planned steps
 
     @property
     def tokens_per_second(self) -> float:
@@ -124,6 +127,21 @@ class RowOrder:
                 epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
             }
         return int(self._perms[epoch][pos])
+
+
+#: Steps a time budget times before it plans the schedule; the first (slower: one-time
+#: allocations) is left out of the estimate.
+BUDGET_PROBE_STEPS = 4
+
+
+def steps_within(
+    budget: float, spent: float, step: int, per_step: float, per_validation: float, every: int, cap: int
+) -> int:
+    """The last step a run now at ``step``, ``spent`` of its ``budget`` seconds gone, reaches in
+    time when each further step takes ``per_step`` and every ``every``-th a validation of
+    ``per_validation`` more; at most ``cap``, at least ``step``."""
+    each = per_step + per_validation / every
+    return max(step, min(cap, step + int(max(0.0, budget - spent) // each)))
 
 
 def schedule(step: int, warmup: int, total: int) -> float:
@@ -295,6 +313,7 @@ def recover(
         params = _trainable(model)
         optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
         total = config.steps()
+        # the schedule reads the planned total when it is asked, so a time budget can plan it again
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.warmup, total))
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
@@ -305,6 +324,7 @@ def recover(
             train.input_ids,
         )
         step, tokens, seconds = 0, 0, 0.0
+        val_seconds, validations, planned = 0.0, 0, None  # what a time budget counts and plans
         curve: list[dict[str, float]] = []
         best: tuple[float, int | None] = (math.inf, None)
         best_state: dict[str, torch.Tensor] | None = None
@@ -325,6 +345,8 @@ def recover(
                 step, tokens, seconds = saved["step"], saved["tokens"], saved["seconds"]
                 curve, best, bad = saved["curve"], (saved["best_val"], saved["best_step"]), saved["bad"]
                 best_state = saved.get("best_state")
+                total, planned = saved.get("total", total), saved.get("planned")
+                val_seconds, validations = saved.get("val_seconds", 0.0), saved.get("validations", 0)
                 resumed_at = step
                 print_(f"resuming at step {step} of {total} from {state_dir}")
 
@@ -338,7 +360,8 @@ def recover(
 
         def validate(at: int) -> bool:
             """Append a point to the curve; True when early stopping says stop."""
-            nonlocal best, best_state, bad
+            nonlocal best, best_state, bad, val_seconds, validations
+            t0 = time.perf_counter()
             point = {
                 "step": at,
                 "tokens": tokens,
@@ -352,10 +375,11 @@ def recover(
             curve.append(point)
             if point["val_ppl"] < best[0]:
                 best, bad = (point["val_ppl"], at), 0
-                if config.early_stop_patience is not None:
+                if config.early_stop_patience is not None or config.time_budget is not None:
                     best_state = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
             else:
                 bad += 1
+            val_seconds, validations = val_seconds + time.perf_counter() - t0, validations + 1
             print_(
                 f"step {at}: validation perplexity {point['val_ppl']:.3f}"
                 + (f", {label(config.eval_data or '')} {point['eval_ppl']:.3f}" if "eval_ppl" in point else "")
@@ -386,13 +410,24 @@ def recover(
                     "best_step": best[1],
                     "bad": bad,
                     "best_state": best_state,
+                    "total": total,
+                    "planned": planned,
+                    "val_seconds": val_seconds,
+                    "validations": validations,
                 },
             )
 
+        def agreed(value: int) -> int:
+            """One process's ``value`` for all (what a time budget decides, timed on each)."""
+            if ranks is None:
+                return value
+            return int(ranks.agree(torch.tensor([value], dtype=torch.int64)).item())
+
         if step == 0 and not curve:
             validate(0)
-        stopped_early = False
+        stopped_early = on_time = False
         done_here = 0
+        durations: list[float] = []  # this call's steps, for a time budget's plan
         bar = tqdm(
             total=total, initial=step, desc=f"recover ({loss_kind}, {config.train})", unit="step", disable=not progress
         )
@@ -427,15 +462,42 @@ def recover(
                 raise numerical_stop(f"the gradient norm is {float(norm)}", step + 1)
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
             step += 1
             done_here += 1
+            durations.append(time.perf_counter() - t0)
+            seconds += durations[-1]
+            if config.time_budget is not None and planned is None and len(durations) == BUDGET_PROBE_STEPS + 1:
+                total = planned = agreed(
+                    steps_within(
+                        config.time_budget,
+                        seconds + val_seconds,
+                        step,
+                        statistics.median(durations[1:]),
+                        val_seconds / max(validations, 1),
+                        config.eval_every,
+                        total,
+                    )
+                )
+                bar.total = total
+                bar.refresh()
+                print_(
+                    f"time budget {config.time_budget:.0f} s: {statistics.median(durations[1:]):.2f} s a step, "
+                    f"{total} steps planned"
+                )
+            scheduler.step()  # after any plan: the next step's rate comes from the planned total
             tokens += config.grad_accum * config.batch_size * train.input_ids.shape[1]
-            seconds += time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
-            if step % config.eval_every == 0 or step == total:
+            validated = step % config.eval_every == 0 or step == total
+            if validated:
                 stopped_early = validate(step)
+            if config.time_budget is not None and step < total and not stopped_early:
+                on_time = bool(agreed(int(seconds + val_seconds >= config.time_budget)))
+                if on_time:
+                    print_(f"time budget {config.time_budget:.0f} s spent at step {step} of {total}")
+                    if not validated:
+                        validate(step)
+                    break
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 checkpoint()
         bar.close()
@@ -471,6 +533,8 @@ def recover(
         stopped_early=stopped_early,
         resumed_at_step=resumed_at,
         data_sha256=hashlib.sha256(train.input_ids.numpy().tobytes()).hexdigest(),
+        planned_steps=planned,
+        stopped_on_time=on_time,
     )
     model.slicegpt_recovery = report
     return model, report
