@@ -356,6 +356,17 @@ def _run(args: argparse.Namespace, ranks: TorchDistributedReduction | None = Non
             if "eval_ppl" in last
             else ""
         )
+        + (
+            f"; the time budget ran out at step {report.steps}"
+            + (f" of {report.planned_steps} planned" if report.planned_steps else "")
+            if report.stopped_on_time
+            else ""
+        )
+        + (
+            f"; kept step {report.best_step}"
+            if report.best_step is not None and report.best_step != report.steps
+            else ""
+        )
     )
     write_json(args.json, result)
     print_samples(
