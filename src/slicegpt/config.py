@@ -339,10 +339,10 @@ class RecoverConfig:
     checkpoint_every: write a resumable training checkpoint every N steps (0: never), in a
         staging folder beside the output that ``resume`` continues from.
     time_budget: seconds the training may take, its steps and validations together (None: no
-        limit). After the first few steps are timed the schedule is planned again to end within
-        it (the warm-up, then the cosine over the steps that fit, at most those of ``tokens`` or
-        ``max_steps``), and training stops once it is spent; the best validated state is kept
-        as with early stopping. Loading, data and saving are outside it.
+        limit). Once the first few steps are timed, and again at every validation, the schedule
+        is planned to end within it (the warm-up, then the cosine over the steps that fit, at
+        most those of ``tokens`` or ``max_steps``), and training stops once it is spent; the best
+        validated state is kept as with early stopping. Loading, data and saving are outside it.
     device, dtype: where to train; 'bfloat16'/'float16' train under autocast (float32 weights).
     gradient_checkpointing: recompute each layer's activations in the backward pass.
     seed: the order of the training rows and the adapters' initialisation.

@@ -556,21 +556,25 @@ def test_keep_adapter_saves_the_adapter_alone(tiny_model_dir: Path, tmp_path: Pa
 
 class _Clock:
     """A stand-in for ``time`` in the training loop: every reading is one second after the last,
-    so a step and a validation each take exactly one second."""
+    so a step and a validation each take exactly one second (``slow`` seconds for the first
+    ``slow_readings`` readings: a slow start)."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    def __init__(self, slow: float = 1.0, slow_readings: int = 0) -> None:
+        self.now, self.slow, self.left = 0.0, slow, slow_readings
 
     def perf_counter(self) -> float:
-        self.now += 1.0
+        self.now += self.slow if self.left > 0 else 1.0
+        self.left -= 1
         return self.now
 
 
 def test_steps_within_a_time_budget() -> None:
     from slicegpt.training.recover import steps_within
 
-    # 90 s left, a step 2 s and every 5th a 10 s validation more: 4 s a step, 22 more
-    assert steps_within(100.0, 10.0, 5, 2.0, 10.0, 5, 1000) == 27
+    # 90 s left, a step 2 s, a validation 10 s at every 5th step and at the last: 20 more steps and
+    # 4 validations (80 s) fit; 21 (92 s) do not
+    assert steps_within(100.0, 10.0, 5, 2.0, 10.0, 5, 1000) == 25
+    assert steps_within(100.0, 10.0, 5, 2.0, 10.0, 5, 24) == 24
     assert steps_within(100.0, 10.0, 5, 2.0, 10.0, 5, 20) == 20  # at most the cap
     assert steps_within(100.0, 120.0, 5, 2.0, 10.0, 5, 1000) == 5  # spent: no more steps
 
@@ -603,6 +607,21 @@ def test_a_time_budget_plans_the_schedule_and_stops_when_spent(monkeypatch) -> N
     assert report.stopped_on_time and report.steps == 2 and report.planned_steps is None
     assert [p["step"] for p in report.curve] == [0, 2]
     assert report.best_step == min(report.curve, key=lambda p: p["val_ppl"])["step"]
+
+
+def test_a_slow_start_is_planned_again_at_each_validation(monkeypatch) -> None:
+    import slicegpt.training.recover as rec
+
+    # Steps of 3 s until step 6, then 1 s: the first plan (from 3 s steps) is too short, and the
+    # plans at the validations after it lengthen the run toward the budget.
+    monkeypatch.setattr(rec, "time", _Clock(slow=3.0, slow_readings=16))
+    asked, schedule = [], rec.schedule
+    monkeypatch.setattr(rec, "schedule", lambda s, w, t: asked.append(t) or schedule(s, w, t))
+    teacher, student = _pair("llama")
+    cfg = _config(max_steps=100, eval_every=4, time_budget=40.0)
+    _, report = slicegpt.recover(student, None, cfg, teacher=teacher, teacher_name="t", rows=_rows(), progress=False)
+    plans = list(dict.fromkeys(asked))[1:]  # the totals planned, in order (the first is the 100 asked)
+    assert len(plans) >= 2 and plans[-1] > plans[0] and report.planned_steps == plans[-1] == report.steps
 
 
 def test_time_budget_settings() -> None:

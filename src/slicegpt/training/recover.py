@@ -138,10 +138,19 @@ def steps_within(
     budget: float, spent: float, step: int, per_step: float, per_validation: float, every: int, cap: int
 ) -> int:
     """The last step a run now at ``step``, ``spent`` of its ``budget`` seconds gone, reaches in
-    time when each further step takes ``per_step`` and every ``every``-th a validation of
-    ``per_validation`` more; at most ``cap``, at least ``step``."""
-    each = per_step + per_validation / every
-    return max(step, min(cap, step + int(max(0.0, budget - spent) // each)))
+    time when each further step takes ``per_step`` and each validation ``per_validation`` (at
+    every ``every``-th step and at the last); at most ``cap``, at least ``step``."""
+
+    def cost(n: int) -> float:  # n more steps and their validations (never fewer for more steps)
+        end = step + n
+        validations = end // every - step // every + (1 if n and end % every else 0)
+        return n * per_step + validations * per_validation
+
+    lo, hi = 0, max(0, cap - step)
+    while lo < hi:  # the most steps that fit
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget - spent else (lo, mid - 1)
+    return step + lo
 
 
 def schedule(step: int, warmup: int, total: int) -> float:
@@ -466,24 +475,36 @@ def recover(
             done_here += 1
             durations.append(time.perf_counter() - t0)
             seconds += durations[-1]
-            if config.time_budget is not None and planned is None and len(durations) == BUDGET_PROBE_STEPS + 1:
+            # planned once the first steps are timed, then again at every validation from all the
+            # steps timed so far, so that a slow start (another job, a cold cache) does not leave
+            # the budget unspent
+            if (
+                config.time_budget is not None
+                and len(durations) > BUDGET_PROBE_STEPS
+                and (planned is None or step % config.eval_every == 0)
+            ):
+                before = planned
                 total = planned = agreed(
                     steps_within(
                         config.time_budget,
-                        seconds + val_seconds,
+                        # what is gone, and this step's validation when it is one (it runs next)
+                        seconds
+                        + val_seconds
+                        + (val_seconds / max(validations, 1) if step % config.eval_every == 0 else 0),
                         step,
                         statistics.median(durations[1:]),
                         val_seconds / max(validations, 1),
                         config.eval_every,
-                        total,
+                        config.steps(),  # at most the steps asked for
                     )
                 )
                 bar.total = total
                 bar.refresh()
-                print_(
-                    f"time budget {config.time_budget:.0f} s: {statistics.median(durations[1:]):.2f} s a step, "
-                    f"{total} steps planned"
-                )
+                if planned != before:
+                    print_(
+                        f"time budget {config.time_budget:.0f} s: {statistics.median(durations[1:]):.2f} s a step, "
+                        f"{total} steps planned" + ("" if before is None else f" (was {before})")
+                    )
             scheduler.step()  # after any plan: the next step's rate comes from the planned total
             tokens += config.grad_accum * config.batch_size * train.input_ids.shape[1]
             bar.update(1)
