@@ -479,3 +479,27 @@ def test_an_unknown_builtin_prompt_set_is_named_as_such() -> None:
         read_prompts("builtin:zzz")
     with pytest.raises(DataError, match="prompt file not found"):
         read_prompts("nope.txt")
+
+
+def test_teacher_forcing_splits_batches_whose_logits_pass_the_budget(monkeypatch) -> None:
+    from slicegpt.evaluation import chat as chat_eval
+
+    model = make_tiny("llama", dtype=torch.float32)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    prompts_ = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7)]
+    answers = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (4, 0, 6, 2, 5)]
+    widths: list[int] = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: widths.append(kw["input_ids"].shape) or forward(**kw))
+    whole = chat_eval.teacher_forced(model, prompts_, answers, batch_size=8)
+    assert widths == [torch.Size([5, 14])]
+    widths.clear()
+    # a budget of two rows of 14 tokens: no forward holds more logits than that, one row at the least
+    split = chat_eval.teacher_forced(model, prompts_, answers, batch_size=8, logits_budget=2 * 14 * vocab * 4)
+    assert all(rows * width * vocab * 4 <= 2 * 14 * vocab * 4 or rows == 1 for rows, width in widths)
+    assert len(widths) > 1 and sum(rows for rows, _ in widths) == 5
+    assert split[0] == whole[0] and split[2] == whole[2]
+    assert split[1] == pytest.approx(whole[1], rel=1e-5)
+    one = chat_eval.teacher_forced(model, prompts_, answers, batch_size=8, logits_budget=1)
+    assert one[0] == whole[0] and one[1] == pytest.approx(whole[1], rel=1e-5)

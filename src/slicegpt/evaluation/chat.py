@@ -82,6 +82,12 @@ def _stats(answers: Sequence[chat.Answer], system: str) -> AnswerStats:
     )
 
 
+#: The largest logits one teacher-forced forward may make (bytes, float32). A 152k vocabulary
+#: (Qwen2.5) at 460 tokens (a code prompt and its 256-token answer) is 280 MB a row: 32 such rows
+#: at once held 9 GB of logits, twice over inside the forward, and a 23 GB machine ran out.
+LOGITS_BUDGET = 1 << 30
+
+
 @torch.inference_mode()
 def teacher_forced(
     model: nn.Module,
@@ -90,20 +96,29 @@ def teacher_forced(
     *,
     batch_size: int = 16,
     device: str | torch.device | None = None,
+    logits_budget: int = LOGITS_BUDGET,
 ) -> tuple[list[int], list[float], list[int]]:
     """Per answer: how many of its tokens are the model's argmax, the summed NLL the model gives
-    them, and how many there are; each answer read after its prompt (right padding)."""
+    them, and how many there are; each answer read after its prompt (right padding).
+
+    At most ``batch_size`` rows a forward, and fewer where their logits ([rows, width, vocab]
+    float32) would pass ``logits_budget`` bytes (at least one row)."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
+    vocab = int(model.get_output_embeddings().weight.shape[0])
     hits: list[int] = []
     nll: list[float] = []
     counts: list[int] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        seqs = [
-            list(p) + list(a)
-            for p, a in zip(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size])
-        ]
-        width = max(len(s) for s in seqs)
+    start = 0
+    while start < len(prompt_ids):
+        width = 0
+        end = start
+        while end < min(start + batch_size, len(prompt_ids)):  # add rows while their logits fit
+            w = max(width, len(prompt_ids[end]) + len(answer_ids[end]))
+            if end > start and (end - start + 1) * w * vocab * 4 > logits_budget:
+                break
+            width, end = w, end + 1
+        seqs = [list(p) + list(a) for p, a in zip(prompt_ids[start:end], answer_ids[start:end])]
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, s in enumerate(seqs):
@@ -112,7 +127,7 @@ def teacher_forced(
         logits = (
             model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float().cpu()
         )  # [B, T, V]
-        for r, (p, a) in enumerate(zip(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size])):
+        for r, (p, a) in enumerate(zip(prompt_ids[start:end], answer_ids[start:end])):
             if not a:
                 hits.append(0), nll.append(0.0), counts.append(0)
                 continue
@@ -122,6 +137,8 @@ def teacher_forced(
             hits.append(int((row.argmax(-1) == target).sum()))
             nll.append(float(F.cross_entropy(row, target, reduction="sum")))
             counts.append(len(a))
+        del logits
+        start = end
     return hits, nll, counts
 
 
