@@ -307,12 +307,16 @@ def slice_config_from_args(args: argparse.Namespace, sparsity: float | None) -> 
     return SliceConfig(**{**values, "sparsity": sparsity, "target_params": getattr(args, "target_params", None)})
 
 
+def _with_unit(text: str, units: dict[str, float]) -> float:
+    """A number with an optional one-letter unit of ``units`` ('1.2B', '90m'); ValueError if neither."""
+    t = text.strip().lower()
+    return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+
+
 def parse_count(text: str) -> float:
     """A parameter count or fraction: '100.9M', '1.2B', '9e7', '0.75' (a fraction of the model as shipped)."""
-    units = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
-    t = text.strip().lower()
     try:
-        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        return _with_unit(text, {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9})
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a parameter count (100.9M, 1.2B, 9e7) or a fraction (0.75), got {text!r}"
@@ -321,10 +325,8 @@ def parse_count(text: str) -> float:
 
 def parse_duration(text: str) -> float:
     """A duration in seconds: '2h', '90m', '45s', '1.5h' or a bare number of seconds."""
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    t = text.strip().lower()
     try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        value = _with_unit(text, {"s": 1.0, "m": 60.0, "h": 3600.0})
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):

@@ -484,16 +484,16 @@ def recover(
                 and (planned is None or step % config.eval_every == 0)
             ):
                 before = planned
+                per_step, per_validation = statistics.median(durations[1:]), val_seconds / max(validations, 1)
+                # what is gone, and this step's validation when it is one (it runs next)
+                gone = seconds + val_seconds + (per_validation if step % config.eval_every == 0 else 0)
                 total = planned = agreed(
                     steps_within(
                         config.time_budget,
-                        # what is gone, and this step's validation when it is one (it runs next)
-                        seconds
-                        + val_seconds
-                        + (val_seconds / max(validations, 1) if step % config.eval_every == 0 else 0),
+                        gone,
                         step,
-                        statistics.median(durations[1:]),
-                        val_seconds / max(validations, 1),
+                        per_step,
+                        per_validation,
                         config.eval_every,
                         config.steps(),  # at most the steps asked for
                     )
@@ -502,8 +502,8 @@ def recover(
                 bar.refresh()
                 if planned != before:
                     print_(
-                        f"time budget {config.time_budget:.0f} s: {statistics.median(durations[1:]):.2f} s a step, "
-                        f"{total} steps planned" + ("" if before is None else f" (was {before})")
+                        f"time budget {config.time_budget:.0f} s: {per_step:.2f} s a step, {total} steps planned"
+                        + ("" if before is None else f" (was {before})")
                     )
             scheduler.step()  # after any plan: the next step's rate comes from the planned total
             tokens += config.grad_accum * config.batch_size * train.input_ids.shape[1]
