@@ -11,7 +11,8 @@ A source is one of:
   file): the source model's own answers to the training split of the built-in prompt set
   (:mod:`slicegpt.prompts`), greedy, generated as many as the run needs and cached under
   ``$SLICEGPT_CACHE/conversations`` (keyed by the model's fingerprint), so a second run reads them;
-* a mix ``A+B`` (``wiki+self``): an equal share of the rows from each part.
+* a mix ``A+B`` (``wiki+self``): an equal share of the rows from each part; ``N*A`` weighs a part
+  (``2*wiki+self``: two thirds of the rows from ``wiki``, one third from ``self``).
 
 Nothing here reads evaluation prompts: ``self`` answers training prompts only, and a conversation
 file used for calibration or training that asks a held-out built-in prompt is refused.
@@ -67,14 +68,29 @@ def resolve_auto(source: Any, tokenizer: Any, *, streamed: bool = False) -> Any:
     return "wiki"
 
 
+def weighted_parts(source: Any) -> list[tuple[Any, int]]:
+    """The parts of a mix and their weights (``'2*wiki+self'`` -> [('wiki', 2), ('self', 1)]);
+    any other source is one part of weight 1."""
+    if not (isinstance(source, str) and not isinstance(source, Text) and "+" in source and not os.path.exists(source)):
+        return [(source, 1)]
+    found = []
+    for text in (p.strip() for p in source.split("+")):
+        count, star, name = text.partition("*")
+        weight, name = (count.strip(), name.strip()) if star and not os.path.exists(text) else ("1", text)
+        if not name or not weight.isdigit() or int(weight) < 1:
+            raise DataError(f"a mix of sources is 'A+B' or, weighted, '2*A+B'; got {source!r}")
+        found.append((name, int(weight)))
+    names = [name for name, _ in found]
+    for name in names:
+        if names.count(name) > 1:
+            raise DataError(f"{name!r} appears twice in the mix {source!r}: weigh it instead ('2*{name}+...')")
+    return found
+
+
 def parts(source: Any) -> list[Any]:
-    """The parts of a mix (``'wiki+self'`` -> ['wiki', 'self']); any other source is one part."""
-    if isinstance(source, str) and not isinstance(source, Text) and "+" in source and not os.path.exists(source):
-        found = [p.strip() for p in source.split("+")]
-        if not all(found):
-            raise DataError(f"a mix of sources is 'A+B', got {source!r}")
-        return found
-    return [source]
+    """The parts of a mix (``'wiki+self'`` -> ['wiki', 'self'], ``'2*wiki+self'`` the same); any
+    other source is one part."""
+    return [name for name, _ in weighted_parts(source)]
 
 
 def check_source(source: Any, what: str = "data") -> None:
@@ -119,13 +135,19 @@ def check_not_held_out(conversations: Sequence[chat.Messages], where: str) -> No
 
 @dataclass
 class _Shares:
-    """How many rows each part of a mix gives."""
+    """How many rows each part of a mix gives: in proportion to the parts' weights, the rows left
+    by rounding down going to the largest remainders (the first parts on ties)."""
 
     counts: list[int]
 
     @classmethod
-    def of(cls, total: int, n: int) -> "_Shares":
-        return cls([total // n + (1 if i < total % n else 0) for i in range(n)])
+    def of(cls, total: int, weights: Sequence[int]) -> "_Shares":
+        whole = sum(weights)
+        counts = [total * w // whole for w in weights]
+        rest = sorted(range(len(weights)), key=lambda i: (-(total * weights[i] % whole), i))
+        for i in rest[: total - sum(counts)]:
+            counts[i] += 1
+        return cls(counts)
 
 
 def own_conversations(
@@ -285,11 +307,11 @@ def calibration_rows(
     device: Any = None,
     progress: bool = True,
 ) -> Rows:
-    """``nsamples`` rows of ``seqlen`` tokens from ``source`` (a mix: equal shares of its parts)."""
+    """``nsamples`` rows of ``seqlen`` tokens from ``source`` (a mix: shares of its parts by weight)."""
     if nsamples < 1:
         raise DataError("nsamples must be at least 1")
-    ps = parts(source)
-    shares = _Shares.of(nsamples, len(ps)).counts
+    ps, weights = zip(*weighted_parts(source))
+    shares = _Shares.of(nsamples, weights).counts
     got = []
     for part, n in zip(ps, shares):
         if n == 0:
@@ -357,9 +379,9 @@ def training_rows(
     (by ``model``, the dense teacher) until ``rows_needed`` training rows; each part of a mix
     holds out its share of ``val_rows``, never trained on.
     """
-    ps = parts(source)
-    val_shares = _Shares.of(val_rows, len(ps)).counts
-    need_shares = _Shares.of(rows_needed, len(ps)).counts if rows_needed is not None else [None] * len(ps)
+    ps, weights = zip(*weighted_parts(source))
+    val_shares = _Shares.of(val_rows, weights).counts
+    need_shares = _Shares.of(rows_needed, weights).counts if rows_needed is not None else [None] * len(ps)
     trains, vals = [], []
     for part, v, need in zip(ps, val_shares, need_shares):
         want = None if not is_self(part) else (need or 0) + v

@@ -503,3 +503,23 @@ def test_teacher_forcing_splits_batches_whose_logits_pass_the_budget(monkeypatch
     assert split[1] == pytest.approx(whole[1], rel=1e-5)
     one = chat_eval.teacher_forced(model, prompts_, answers, batch_size=8, logits_budget=1)
     assert one[0] == whole[0] and one[1] == pytest.approx(whole[1], rel=1e-5)
+
+
+def test_a_weighted_mix_takes_its_parts_rows_by_weight(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("alpha beta gamma delta. " * 800)
+    b.write_text("one two three four. " * 800)
+    tok = tiny_tokenizer()
+    only_a = set(tok("alpha beta gamma delta.")["input_ids"]) - set(tok("one two three four.")["input_ids"])
+    assert sources.weighted_parts(f"2*{a}+{b}") == [(str(a), 2), (str(b), 1)]
+    assert sources.parts(f"2*{a}+{b}") == [str(a), str(b)]
+    rows = sources.calibration_rows(None, tok, f"2*{a}+{b}", nsamples=7, seqlen=32, seed=0, progress=False)
+    from_a = sum(bool(set(r.tolist()) & only_a) for r in rows.input_ids)
+    assert rows.input_ids.shape == (7, 32) and from_a == 5  # 14/3 rounds to 5, 7/3 to 2
+    # shares: proportional, the rounding's rows to the largest remainders, equal weights as before
+    assert sources._Shares.of(7, [2, 1]).counts == [5, 2]
+    assert sources._Shares.of(10, [1, 1, 1]).counts == [4, 3, 3]
+    assert sources._Shares.of(8, [1, 3]).counts == [2, 6]
+    for bad in (f"0*{a}+{b}", f"x*{a}+{b}", f"{a}+{a}", f"2*{a}+"):
+        with pytest.raises(DataError, match="mix"):
+            sources.parts(bad)

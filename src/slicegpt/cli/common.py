@@ -173,7 +173,7 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
         "a .txt/.jsonl text file, a .jsonl of conversations ('messages' records, rendered through the chat template "
         "and packed whole), 'self' (the model's own answers to the built-in training prompts, generated once and "
         "cached; 'self:builtin:all' adds code prompts, for code models), or a mix such as 'wiki+self' (equal "
-        "shares of the rows)",
+        "shares of the rows; '2*wiki+self' takes two thirds from wiki)",
     )
     p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration rows")
     p.add_argument(

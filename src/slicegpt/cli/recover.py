@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="training data: 'wiki' (built-in, its calibration part), 'wikitext2' (hub, train split), "
         "'hf:NAME' (a datasets data set, e.g. hf:tatsu-lab/alpaca), a .txt/.jsonl text file, a .jsonl of conversations "
         "('messages' records, rendered through the chat template), 'self' (the dense model's own answers to the "
-        "built-in training prompts, generated and cached), or a mix such as 'wiki+self' (equal shares)",
+        "built-in training prompts, generated and cached), or a mix such as 'wiki+self' ('2*wiki+self' weighs "
+        "the parts' held-out rows and the own answers generated; a text part gives all its rows)",
     )
     p.add_argument(
         "--loss-on",
