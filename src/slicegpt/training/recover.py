@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import statistics
 import time
@@ -32,6 +33,9 @@ from ..data import Rows, bos_for, clip_seqlen, label
 from ..sources import is_conversations, resolve_auto, training_rows
 from . import lora
 from .state import STATE_FILE, check_fingerprint, fingerprint, load_state, save_state
+
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -63,8 +67,39 @@ class RecoveryReport:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def kept_val_ppl(self) -> float | None:
+        """The validation perplexity of the weights returned: the kept best state's, else the last."""
+        if not self.curve:
+            return None
+        at = self.best_step if self.best_step is not None else self.curve[-1]["step"]
+        return [p for p in self.curve if p["step"] == at][-1]["val_ppl"]
+
+    @property
+    def worse_than_start(self) -> bool:
+        """Whether the weights returned validate worse than the model given (step 0's validation):
+        a learning rate too high for the model, typically; the input itself is never changed."""
+        kept = self.kept_val_ppl
+        return kept is not None and self.curve[0]["step"] == 0 and kept > self.curve[0]["val_ppl"]
+
     def summary(self) -> dict[str, Any]:
-        return {**asdict(self), "tokens_per_second": self.tokens_per_second}
+        return {
+            **asdict(self),
+            "tokens_per_second": self.tokens_per_second,
+            "kept_val_ppl": self.kept_val_ppl,
+            "worse_than_start": self.worse_than_start,
+        }
+
+    def warning(self) -> str | None:
+        """A line for a run that returns weights worse than it was given, else None."""
+        if not self.worse_than_start:
+            return None
+        return (
+            f"warning: the recovered weights validate worse than the model given "
+            f"(perplexity {self.kept_val_ppl:.3f} against {self.curve[0]['val_ppl']:.3f} at step 0): "
+            f"try a lower --lr (this run: {self.settings.get('lr')}); --time-budget or --early-stop-patience "
+            "keep the best validated state, the start included"
+        )
 
 
 def check_teacher(student: nn.Module, tokenizer: Any, teacher: nn.Module, teacher_tokenizer: Any | None) -> None:
@@ -558,4 +593,6 @@ def recover(
         stopped_on_time=on_time,
     )
     model.slicegpt_recovery = report
+    if report.warning():
+        log.warning(report.warning())
     return model, report
