@@ -211,7 +211,11 @@ def table(rows: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if code else ""),
     ]
     for r in rows:
-        c = r.get("chat") or _as_dense(rows, r, "chat")
+        is_dense = r["method"] == "dense"
+        # the dense row's figures come from the compressed rows' measurements of its answers; a
+        # compressed row that did not measure something shows nothing there
+        c = r.get("chat") or (_as_dense(rows, r, "chat") if is_dense else None)
+        k = r.get("code") or (_as_dense(rows, r, "code") if is_dense else None)
         d = dense.get(r.get("model"))
         wx = r["wiki"] / d["wiki"] if d else float("nan")
         bx = r["books"] / d["books"] if d else float("nan")
@@ -224,8 +228,7 @@ def table(rows: list[dict]) -> str:
         )
         out.append(
             f"| {r['name']} | {r['params'] / 1e6:.2f}M | {chat_cells}{r['wiki']:.2f} | {wx:.2f} | {r['books']:.2f} | "
-            f"{bx:.2f} | {'' if avg is None else f'{100 * avg:.1f}'} |"
-            + (_code_cells(r.get("code") or _as_dense(rows, r, "code"), r["method"] == "dense") if code else "")
+            f"{bx:.2f} | {'' if avg is None else f'{100 * avg:.1f}'} |" + (_code_cells(k, is_dense) if code else "")
         )
     return "\n".join(out)
 
