@@ -593,6 +593,7 @@ def recover(
         stopped_on_time=on_time,
     )
     model.slicegpt_recovery = report
-    if report.warning():
-        log.warning(report.warning())
+    warning = report.warning()
+    if warning:
+        log.warning(warning)
     return model, report
