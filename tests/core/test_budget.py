@@ -791,6 +791,30 @@ def test_the_pass_after_a_refit_runs_the_writer_alone_and_computes_what_the_bran
         assert torch.allclose(reused[k], rerun[k], rtol=1e-9, atol=1e-10), k
 
 
+def test_the_refit_passes_stop_at_the_writer_after_the_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refit pass reads what a branch's writer reads; the writer's own product (the MLP's on all its
+    neurons) is needed by the first batch's check alone, so later batches stop at the writer (the same
+    compressed model: the test above compares with the branches run whole)."""
+    from slicegpt.core import corrections
+
+    def writer_products(stop: bool) -> tuple[int, int]:
+        model = make_tiny("llama")
+        layers = model.model.layers
+        calls = []
+        for layer in layers:
+            for writer in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                writer.register_forward_hook(lambda *_: calls.append(1))
+        if not stop:
+            monkeypatch.setattr(corrections.WriterInputs, "writer_last", property(lambda self: False))
+        config = slicegpt.SliceConfig(batch_size=4, uniform=True, target_params=0.85)
+        slicegpt.slice_model(model, None, calib_rows(16), config, progress=False)
+        return len(calls), len(layers)
+
+    stopped, layers = writer_products(True)
+    whole, _ = writer_products(False)
+    assert whole - stopped == 2 * layers * (16 // 4 - 1)  # every batch of both refit passes but the first
+
+
 @torch.no_grad()
 def test_a_branch_that_does_more_than_its_writer_runs_again() -> None:
     from slicegpt.core.corrections import WriterInputs

@@ -67,10 +67,19 @@ class WriterInputs:
         self.module, self.inputs = module, store
         self.checked = False
 
-    def add(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    @property
+    def writer_last(self) -> bool:
+        """Has the check passed (the branch's output is its writer's on what it read)?"""
+        return self.checked and self.inputs is not None
+
+    def add(self, x: torch.Tensor, out: torch.Tensor | None) -> None:
+        """Keep ``x``, what the writer read; ``out``, the branch's output, is read by the check
+        alone (the first call), and may be None after it."""
         if self.inputs is None:
             return
         if not self.checked:
+            if out is None:
+                raise ValueError("the first batch's branch output is needed for the writer check")
             self.checked = True
             probe = x.reshape(-1, x.shape[-1])[:16]
             want = out.reshape(-1, out.shape[-1])[:16]
@@ -84,6 +93,23 @@ class WriterInputs:
         """The writer's output on batch ``batch``'s recorded input (of the ``neurons`` kept, where given)."""
         x = self.inputs[batch].to(device)
         return first_output(self.module(x if neurons is None else x.index_select(-1, neurons.to(device))))
+
+
+def _to_writer(
+    branch: Callable[[], torch.Tensor], rec: moments_.InputRecorder, read: WriterInputs, whole: bool = False
+) -> torch.Tensor | None:
+    """Run a refit pass's branch on one batch; the writer's input is then ``rec.last``.
+
+    Once the first batch has shown that the branch's output is its writer's (``read``'s check),
+    the branch stops at the writer and None is returned: the writer's product on every input
+    (for the MLP, all neurons: a third of its arithmetic) was read by that check alone, and the
+    pass after the refit computes the refit writer's. ``whole``: run it to the end regardless.
+    """
+    rec.stop = read.writer_last and not whole
+    try:
+        return branch()
+    except moments_.WriterReached:
+        return None
 
 
 def dense_layer(block: SlicedBlock, index: int, inputs: LayerInputs, device: torch.device) -> tuple[list, list]:
@@ -137,7 +163,7 @@ def refit_attention(
         for i, x in stream(inputs.hidden, device):
             args, kwargs = inputs.layer_call(index, i, device)
             xb = to_input(x)
-            out = block.attn_branch(xb, args, kwargs)
+            out = _to_writer(lambda: block.attn_branch(xb, args, kwargs), rec, read)
             t = targets[i].to(device, torch.float64) - xb.to(torch.float64)
             moments.add(rec.last, t if bias is None else t - bias, i == held)
             read.add(rec.last, out)  # last: its check runs the writer, which the recorder sees
@@ -180,7 +206,8 @@ def refit_mlp(
     try:
         for i, h in stream(inputs.hidden, device):
             y = to_input(h)
-            m = block.mlp_branch(y)
+            # Token weighting reads the branch's output: the branch runs whole.
+            m = _to_writer(lambda: block.mlp_branch(y), rec, read, whole=weighting == "norm")
             seen = rec.last  # what the writer read: [B, T, n]
             t = None
             if targets is not None:
@@ -188,6 +215,7 @@ def refit_mlp(
                 t = t if bias is None else t - bias
             x = seen
             if weighting == "norm":
+                assert m is not None  # never stopped early
                 wt = moments_.stream_weights(y + m)  # by the stream the MLP writes into
                 x = x * wt.to(x.dtype)
                 t = None if t is None else t * wt

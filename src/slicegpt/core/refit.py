@@ -123,15 +123,26 @@ class FitMoments:
         (self.held if held_out else self.fit).add(x, t)
 
 
+class WriterReached(Exception):
+    """Raised by an :class:`InputRecorder` told to ``stop``: the forward ends at its module."""
+
+
 class InputRecorder:
-    """A forward pre-hook keeping the last input a module received (what its weight multiplies)."""
+    """A forward pre-hook keeping the last input a module received (what its weight multiplies).
+
+    With ``stop`` set, the hook raises :class:`WriterReached` once it has the input: a pass that
+    only needs what the module reads skips the module's product and whatever comes after it.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         self.last: torch.Tensor | None = None
+        self.stop = False
         self.handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, _module: nn.Module, args: tuple) -> None:
         self.last = args[0].detach()
+        if self.stop:
+            raise WriterReached
 
     def remove(self) -> None:
         self.handle.remove()
