@@ -260,10 +260,10 @@ def test_time_model_terms() -> None:
     eight = time_model(SHAPE, replace(WORK, nproc=8), rate, 138 * GB, 116 * GB)
     assert eight.forward == pytest.approx(t.forward / 8) and eight.eigh == t.eigh and eight.disk == t.disk
     corrected = time_model(SHAPE, replace(WORK, corrections=True), rate, 138 * GB, 116 * GB)
-    # the dense layer and the refit passes; after a refit the writers run alone; the MLP's refit pass
-    # stops at its writer after the first batch (of 8 rows)
+    # the dense layer and the refit passes; after a refit the writers run alone; the refit passes
+    # stop at their writers after the first batch (of 8 rows)
     writers = 2 * (8192 + SHAPE.intermediate) * 8192 * tokens * 80
-    stopped = 2 * SHAPE.intermediate * 8192 * (tokens - 8 * 2048) * 80
+    stopped = 2 * (8192 + SHAPE.intermediate) * 8192 * (tokens - 8 * 2048) * 80
     assert corrected.forward_flops == pytest.approx(2 * t.forward_flops + writers - stopped) and corrected.solves > 0
     # what is not arithmetic: per parameter, and with corrections per element of the streams moved
     assert t.other == pytest.approx(OTHER_SECONDS + OTHER_SECONDS_PER_PARAM * SHAPE.params)
@@ -334,6 +334,10 @@ def test_routed_experts_are_planned_per_expert(tmp_path: Path) -> None:
     assert memory_model(plan.shape, work).device_moments - memory_model(one, work).device_moments == 3 * 2 * 32 * 32 * 8
     rate = Throughput(tflops=1, fp64_tflops=1, disk_gbps=1)
     assert time_model(plan.shape, work, rate, 0, 0).solves > time_model(one, work, rate, 0, 0).solves
+    # no one writer reads every expert's neurons: their refit pass runs them whole (attention's stops)
+    routed = time_model(plan.shape, work, rate, 0, 0).forward_flops - time_model(one, work, rate, 0, 0).forward_flops
+    layers = plan.shape.layers
+    assert routed == pytest.approx(2 * 32 * plan.shape.hidden * (16 - 4) * 24 * layers)
 
 
 def test_a_device_map_plans_each_devices_share(

@@ -358,8 +358,9 @@ class TimeEstimate:
                      attention pass and the MLP pass make one forward of the layer), 2 with
                      corrections (the dense layer, then each branch's refit pass; the pass after
                      a refit runs the refit writers alone on what they read: 2 x (hidden +
-                     kept neurons) x hidden per token; the MLP's refit pass stops at its writer
-                     after the first batch: 2 x intermediate x hidden per token fewer there);
+                     kept neurons) x hidden per token; the refit passes stop at their writers
+                     after the first batch: 2 x (hidden + intermediate) x hidden per token fewer
+                     there, hidden alone for routed experts);
                      +1 per statistics-only pooling walk
                      (uniform) and per spreading walk (per-layer budget, over its 8 rows);
                      attention's scores and values add 4 x seqlen x heads x head_dim per token
@@ -436,8 +437,10 @@ def time_model(
     forward = per_token * tokens * passes + 6.0 * d * d * tokens * n * rotated
     if work.corrections:  # the refit writers run once more, alone
         forward += 2.0 * (d + (work.kept_neurons or i)) * d * tokens * n
-        if shape.experts == 1:  # the MLP's refit pass stops at its writer after the first batch
-            forward -= 2.0 * i * d * max(tokens - work.batch_size * work.seqlen, 0) * n
+        # the refit passes stop at their writers after the first batch (attention's always, the
+        # MLP's where one writer reads every neuron: not routed experts)
+        stopped = d + (i if shape.experts == 1 else 0)
+        forward -= 2.0 * stopped * d * max(tokens - work.batch_size * work.seqlen, 0) * n
     spread_tokens = work.spread_rows * work.seqlen
     forward += per_token * spread_tokens
     stats = gram_flops(d) * tokens * n * shape.points_per_layer * work.covariance_walks
