@@ -63,7 +63,7 @@ def one_run(job: dict) -> dict:
             nsamples=job["nsamples"],
             seqlen=job.get("seqlen", 1024),
             calib=job["calib"],
-            seed=job.get("seed", 42),
+            **({} if job.get("seed") is None else {"seed": job["seed"]}),
         )
         start = time.perf_counter()
         report = slicegpt.slice_model(model, tokenizer, None, config, source_model=name)
@@ -244,7 +244,9 @@ def main() -> None:
     p.add_argument("--calibs", default="wiki,self,wiki+self")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=1024, help="calibration row length (tokens)")
-    p.add_argument("--seed", type=int, default=42, help="the calibration draw's seed (SliceConfig.seed)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="the calibration draw's seed (default: SliceConfig's); named in the run"
+    )
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's own row")
     p.add_argument("--chat-n", type=int, default=64)
     p.add_argument(
@@ -316,7 +318,7 @@ def main() -> None:
             for calib in args.calibs.split(","):
                 tag = args.name or f"{'uniform' if mode == 'uniform' else 'per-layer'}-{calib}-{args.nsamples}" + (
                     f"x{args.seqlen}" if args.seqlen != 1024 else ""
-                ) + (f"-s{args.seed}" if args.seed != 42 else "") + (f"-{args.model}" if args.model else "")
+                ) + (f"-s{args.seed}" if args.seed is not None else "") + (f"-{args.model}" if args.model else "")
                 jobs.append(
                     dict(
                         common,
