@@ -437,6 +437,48 @@ def test_the_strength_walk_chooses_what_the_whole_grid_chooses_in_fewer_solves()
         assert rel_one == rel and torch.equal(w_one, w)
 
 
+def test_strengths_tried_in_float32_choose_as_float64_and_the_final_fit_is_float64(monkeypatch) -> None:
+    """The walk's solves and held-out errors in float32 (a float32 model's refits): on ridge
+    problems with a clear best strength the same choice as float64 and the same final fit, which
+    is solved in float64 on every row; the tried solves are float32 (a float32 shifted copy), and a
+    copy that float32 cannot factor is solved in float64 instead of giving up."""
+    from slicegpt.core import refit
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(12):
+        n, d = 40, 6
+        x = torch.randn(400, n, dtype=torch.float64, generator=g) * torch.logspace(-1, 1, n, dtype=torch.float64)
+        w0, w1 = (torch.randn(d, n, dtype=torch.float64, generator=g) for _ in range(2))
+        t = x @ (w0 + 0.1 * trial * w1).t() + torch.randn(400, d, dtype=torch.float64, generator=g)
+        fm = refit.FitMoments()
+        fm.add(x[:300], t[:300], held_out=False)
+        fm.add(x[300:], t[300:], held_out=True)
+        w64, rel64 = refit.refit(fm, w0)
+        w32, rel32 = refit.refit(fm, w0, dtype=torch.float32)
+        assert rel32 == rel64 and w32.dtype == torch.float64 and torch.equal(w32, w64)
+    # the tried solves run in float32, the final one in float64
+    solved: list[torch.dtype] = []
+    plain = refit.ridge
+
+    def spy(cov, cross, w0, rel, dtype=None):
+        w = plain(cov, cross, w0, rel, dtype)
+        solved.append(w.dtype)
+        return w
+
+    monkeypatch.setattr(refit, "ridge", spy)
+    refit.refit(fm, w0, dtype=torch.float32)
+    assert set(solved[:-1]) == {torch.float32} and solved[-1] == torch.float64 and len(solved) >= 4
+    monkeypatch.setattr(refit, "ridge", plain)
+    # positive definite in float64 (a tiny ridge on a rank-deficient moment), not in float32: solved in float64
+    v = torch.randn(50, 3, dtype=torch.float64, generator=g)
+    cov = v @ v.t() * 1e6  # rank 3 of 50
+    cross = torch.randn(50, 2, dtype=torch.float64, generator=g)
+    zero = torch.zeros(2, 50, dtype=torch.float64)
+    assert torch.linalg.cholesky_ex(cov.float() + 1e-12 * cov.diagonal().mean().float() * torch.eye(50))[1] != 0
+    w = refit.ridge(cov, cross, zero, 1e-12, torch.float32)
+    assert w.dtype == torch.float32 and torch.allclose(w.double(), refit.ridge(cov, cross, zero, 1e-12), rtol=1e-5)
+
+
 def test_a_grid_of_one_strength_computes_no_held_out_error(monkeypatch) -> None:
     from slicegpt.core import refit
 

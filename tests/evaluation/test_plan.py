@@ -22,6 +22,7 @@ from slicegpt.evaluation.plan import (
     RIDGE_TRIED,
     SELECTION_EFFICIENCY,
     SOLVE_EFFICIENCY,
+    SOLVE_FLOAT32_EFFICIENCY,
     ModelShape,
     Throughput,
     Workload,
@@ -291,15 +292,23 @@ def test_time_model_terms() -> None:
     kept = time_model(SHAPE, replace(WORK, residual_width=8192, kept_neurons=16384), rate, 0, 0)
     both = time_model(SHAPE, replace(WORK, kept_neurons=16384), rate, 0, 0)
     assert both.forward_flops - kept.forward_flops == pytest.approx(6 * 8192**2 * tokens * 80)
-    # the refit solves at SOLVE_EFFICIENCY of the float64 rate; one calibration batch holds no
-    # held-out rows, so each writer is solved once, no strength tried
-    assert fixed.solves == pytest.approx(fixed.solve_flops / (SOLVE_EFFICIENCY * 10e12))
+    # one calibration batch holds no held-out rows, so each writer is solved once, no strength tried
     one_batch = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384, rows=8), rate, 0, 0)
     widths = (8192, 16384)  # attention's writer, the MLP's on its kept neurons
     solve = sum(1 / 3 * n**3 + 2 * n * n * 8192 for n in widths)
     held_out_error = sum(2 * n * n * 8192 for n in widths)
     assert one_batch.solve_flops == pytest.approx(solve * 80)
     assert fixed.solve_flops == pytest.approx(((RIDGE_TRIED + 1) * solve + RIDGE_TRIED * held_out_error) * 80)
+    # the strengths tried are float32 solves and errors at SOLVE_FLOAT32_EFFICIENCY of the float32
+    # products' rate (here the model's: 100), the final solves float64 at SOLVE_EFFICIENCY of 10
+    trials = RIDGE_TRIED * (solve + held_out_error) * 80
+    assert fixed.solves == pytest.approx(
+        solve * 80 / (SOLVE_EFFICIENCY * 10e12) + trials / (SOLVE_FLOAT32_EFFICIENCY * 100e12)
+    )
+    assert one_batch.solves == pytest.approx(solve * 80 / (SOLVE_EFFICIENCY * 10e12))
+    # a float64 model tries them in float64
+    f64 = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384, dtype_bytes=8), rate, 0, 0)
+    assert f64.solves == pytest.approx(f64.solve_flops / (SOLVE_EFFICIENCY * 10e12))
     # uniform, plain: the pooling walk only gathers statistics; slicing runs no calibration
     pooled = time_model(SHAPE, replace(WORK, uniform=True), rate, 0, 0)
     assert pooled.eigh_flops == 10 * 8192**3 and pooled.forward_flops == pytest.approx(per_token * tokens)
@@ -378,6 +387,8 @@ def test_the_plan_counts_the_cpus_fast_float32_products_only_where_the_run_uses_
     assert fast.throughput.tflops == plan_module.FAST_CPU_FLOAT32_TFLOPS
     assert slow.throughput.tflops == plan_module.DEFAULT_TFLOPS["cpu"]["float32"]
     assert fast.time.forward == pytest.approx(slow.time.forward * slow.throughput.tflops / fast.throughput.tflops)
-    assert fast.time.solves == slow.time.solves  # float64 work is not float32's
+    # the strengths tried are float32 solves, the final ones float64: faster, not by the float32 ratio
+    ratio = slow.throughput.moments_tflops / fast.throughput.moments_tflops
+    assert slow.time.solves * ratio < fast.time.solves < slow.time.solves
     monkeypatch.setattr(plan_module, "fast_float32_available", lambda: False)  # a CPU without bfloat16 units
     assert plan_model(None, config).throughput.tflops == slow.throughput.tflops

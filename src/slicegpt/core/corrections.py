@@ -170,7 +170,8 @@ def refit_attention(
     finally:
         rec.remove()
     combine(moments, reduce)
-    w, rel = moments_.refit(moments, ops.get_matrix(ref))
+    # the strengths tried in the moments' product precision (float32 for a float32 model)
+    w, rel = moments_.refit(moments, ops.get_matrix(ref), dtype=moments_.product_dtype(ref.tensor))
     ops.set_matrix(ref, reduce.agree(w))
     record[f"layer.{index}.attn"] = rel
     return read
@@ -244,7 +245,8 @@ def keep_and_refit(
     E[h^T t] = E[h^T h] W^T. ``agree`` makes the neuron choice every process's (before the
     moments are cut to it). ``dtype``: the selection's precision
     (:func:`~slicegpt.core.neurons.selection_dtype` of the writer's own weight; ``w0`` is a float64
-    copy); the refit is float64 either way.
+    copy), and the ridge strengths' (:func:`~slicegpt.core.refit.refit`); the final refit is float64
+    either way.
     """
     for m in (moments.fit, moments.held):
         if m.count and m.xt is None:
@@ -270,7 +272,7 @@ def keep_and_refit(
             fit.xt -= held.xt
     if moments.fit.count == 0:  # every row was held out (an expert reached only there): fit on them
         moments.fit, moments.held = moments.held, moments_.Moments()
-    w, rel = moments_.refit(moments, w0[:, index])
+    w, rel = moments_.refit(moments, w0[:, index], dtype=dtype)
     return index, w, rel
 
 

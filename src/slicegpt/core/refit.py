@@ -26,8 +26,11 @@ from torch import nn
 
 # Relative ridge strengths tried on the held-out rows; the largest leave the weights nearly as they
 # were, so a refit that does not generalise is declined.
-# Held-out errors this close (relative) count as equal.
+# Held-out errors this close (relative) count as equal: float64's, and float32's (the strengths
+# tried in float32, where the error's products carry float32's rounding, about 1e-7 of each of n
+# terms; see :func:`refit`).
 TIE = 1e-9
+TIE_FLOAT32 = 1e-6
 RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
 
 
@@ -148,38 +151,49 @@ class InputRecorder:
         self.handle.remove()
 
 
-def ridge(cov: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, rel: float) -> torch.Tensor:
+def ridge(
+    cov: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, rel: float, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """argmin_W E||t - x W^T||^2 + lam ||W - w0||^2, lam = rel * mean(diag cov), from moments
-    (means, or sums over the same rows: the fit is the same); (D, n) float64.
+    (means, or sums over the same rows: the fit is the same); (D, n) in ``dtype`` (default: the
+    moments' float64).
 
     One shifted copy of ``cov``, Cholesky-factored in place (half an LU's arithmetic); a copy
     that is not numerically positive definite (no ridge on a singular moment) is solved by LU
-    as before, which says so if it is singular.
+    as before, which says so if it is singular. In a lower ``dtype`` (the strengths tried while
+    choosing, :func:`refit`) the copy is that dtype's, and one that is not positive definite there
+    is solved in float64 instead.
     """
+    dtype = dtype or cov.dtype
     lam = rel * cov.diagonal().mean()
-    rhs = cross + lam * w0.t()
-    shifted = cov.clone()
-    shifted.diagonal().add_(lam)
+    rhs = (cross + lam * w0.t()).to(dtype)
+    shifted = cov.to(dtype, copy=True)
+    shifted.diagonal().add_(lam.to(dtype))
     info = torch.empty((), dtype=torch.int32, device=cov.device)
     factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, info))
     if int(info) == 0:
         return torch.cholesky_solve(rhs, factor).t()
-    del factor, shifted
+    del factor, shifted, rhs
+    if dtype != cov.dtype:
+        return ridge(cov, cross, w0, rel).to(dtype)
     shifted = cov.clone()
     shifted.diagonal().add_(lam)
-    return torch.linalg.solve(shifted, rhs).t()
+    return torch.linalg.solve(shifted, cross + lam * w0.t()).t()
 
 
 def error(w: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor) -> float:
-    """E||t - x W^T||^2 up to the constant E||t||^2, from the rows' moments."""
-    return float(torch.einsum("dn,nm,dm->", w, cov, w) - 2 * torch.einsum("dn,nd->", w, cross))
+    """E||t - x W^T||^2 up to the constant E||t||^2, from the rows' moments. The product W cov in
+    their dtype (``w`` and ``cov`` alike: float32 while choosing a strength), the sums in float64."""
+    wc = (w @ cov).to(torch.float64)  # [D, n]
+    w = w.to(torch.float64)
+    return float((wc * w).sum() - 2 * (w * cross.to(torch.float64).t()).sum())
 
 
 def choose_strength(
-    errors: Callable[[float], float], grid: tuple[float, ...] = RIDGE_GRID, exhaustive: bool = False
+    errors: Callable[[float], float], grid: tuple[float, ...] = RIDGE_GRID, exhaustive: bool = False, tie: float = TIE
 ) -> float:
     """The relative ridge strength of ``grid`` (ascending) with the least held-out error, ties
-    (within :data:`TIE`) going to the strongest ridge, the one nearest the current weights.
+    (within ``tie``, relative) going to the strongest ridge, the one nearest the current weights.
 
     ``errors(rel)`` costs a solve, so by default the grid is walked from its middle: toward stronger
     ridges while the error does not rise, else toward weaker ones while it falls. On an error that
@@ -195,7 +209,7 @@ def choose_strength(
         return seen[j]
 
     def no_worse(a: float, b: float) -> bool:  # a <= b up to the tie tolerance
-        return a <= b + TIE * abs(b)
+        return a <= b + tie * abs(b)
 
     if exhaustive:
         best = min(err(j) for j in range(len(grid)))
@@ -210,13 +224,24 @@ def choose_strength(
 
 
 def refit(
-    moments: FitMoments, w0: torch.Tensor, grid: tuple[float, ...] = RIDGE_GRID, exhaustive: bool = False
+    moments: FitMoments,
+    w0: torch.Tensor,
+    grid: tuple[float, ...] = RIDGE_GRID,
+    exhaustive: bool = False,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, float]:
     """The refit writer (D, n) and the relative ridge strength chosen on the held-out rows
     (:func:`choose_strength`; ``exhaustive`` tries the whole grid).
 
     Without held-out rows the middle of the grid is used, and a grid of one strength is used as it
-    is (nothing to choose, no held-out error computed). The final fit uses every row.
+    is (nothing to choose, no held-out error computed). The final fit uses every row, in float64.
+
+    ``dtype``: the precision the strengths are tried in (each a solve and a held-out error, most of
+    a refit's arithmetic: 3 to 6 of them against one final solve). float32 (the moments' product
+    precision, :func:`product_dtype`, for a float32 or bfloat16 model) runs at twice float64's
+    rate on CPUs and 32-64x on GPUs without fast float64; its errors are compared within
+    :data:`TIE_FLOAT32`. Measured against float64 (benchmarks/ridge_search.py --dtype float32):
+    see the benchmarks README, "Where a compression's time goes".
     """
     w0 = w0.to(torch.float64)
     chosen = grid[len(grid) // 2]
@@ -229,7 +254,14 @@ def refit(
         # Ties (a writer whose inputs upstream compression left exact fits equally well at every
         # strength: every candidate is w0 up to rounding) go to the strongest ridge, the one
         # nearest the current weights, so that rounding (thread count, process count) does not pick.
-        chosen = choose_strength(lambda rel: error(ridge(fit.xx, fit.xt, w0, rel), held.xx, held.xt), grid, exhaustive)
+        # In a lower precision the held-out sums are copied once to it; with the shifted copy each
+        # solve makes, the two take the room of the one float64 copy a float64 walk makes.
+        held_xx = held.xx if dtype == held.xx.dtype else held.xx.to(dtype)
+        tie = TIE if dtype == torch.float64 else TIE_FLOAT32
+        chosen = choose_strength(
+            lambda rel: error(ridge(fit.xx, fit.xt, w0, rel, dtype), held_xx, held.xt), grid, exhaustive, tie
+        )
+        del held_xx
     if not held.count:
         return ridge(fit.xx, fit.xt, w0, chosen), chosen
     return ridge(fit.xx + held.xx, fit.xt + held.xt, w0, chosen), chosen

@@ -64,12 +64,16 @@ DEFAULT_DISK_GBPS = 1.0
 # held-out error; the walk of refit.choose_strength, measured by benchmarks/ridge_search.py:
 # 4.2 on SmolLM2's writers), then solve once more on all rows.
 RIDGE_TRIED = 4.5
-#: The refits' solves run at this share of the float64 rate (--fp64-tflops), measured here:
+#: The refits' float64 solves run at this share of the float64 rate (--fp64-tflops), measured here:
 #: 77-92 GFLOP/s on SmolLM2's and Qwen2.5-Coder-0.5B's writers (benchmarks/cost_phases.py, the
-#: runs with fast float32 products; the solves are float64 either way), against the covariances'
-#: 100-110. An earlier machine of the same kind ran them at 61-74 (and 59 on a 7B-shaped layer's,
-#: cost_width.py): 0.8 is within 25% of both.
+#: runs with fast float32 products, when every strength tried was a float64 solve too), against
+#: the covariances' 100-110. An earlier machine of the same kind ran them at 61-74 (and 59 on a
+#: 7B-shaped layer's, cost_width.py): 0.8 is within 25% of both.
 SOLVE_EFFICIENCY = 0.8
+#: The strengths tried are float32 solves and held-out errors for a float32 or half model
+#: (core.refit.refit): this share of the float32 products' rate (the moments'), measured here:
+#: PLACEHOLDER
+SOLVE_FLOAT32_EFFICIENCY = 0.3
 #: The greedy selection runs in float32 (core.neurons.selection_dtype), the kept neurons' and the
 #: spreading walk's curves (a selection to every width) alike. Its products are thin (a round of
 #: 16 neurons against all of them: two passes over the [neurons, hidden] residual and one over the
@@ -378,7 +382,9 @@ class TimeEstimate:
       eigh           10 x hidden^3 float64 per eigendecomposition (one per PCA point, plus the embedding's).
       solves         corrections: per writer about 4.5 ridge strengths tried (a solve, Cholesky 1/3 n^3 + 2 n^2
                      hidden, and a held-out error, 2 n^2 hidden, each) and the final solve; n = the
-                     kept neurons for the MLP; at SOLVE_EFFICIENCY x the float64 rate.
+                     kept neurons for the MLP. The strengths tried in float32 for a float32 or half
+                     model (SOLVE_FLOAT32_EFFICIENCY x the moments' float32 rate), the final solve
+                     in float64 (SOLVE_EFFICIENCY x the float64 rate).
       selection      pruning: the greedy neuron selection, intermediate x k x (k + 2 hidden), and
                      with spreading once more to every width (k = intermediate), in float32: at
                      SELECTION_EFFICIENCY x the moments' float32 rate plus GREEDY_PICK_SECONDS per
@@ -412,12 +418,20 @@ class TimeEstimate:
         return {**asdict(self), "total": self.total}
 
 
-def _ridge_flops(n: int, d: int, tried: float = RIDGE_TRIED) -> float:
-    """One writer's ridge choice and refit (n inputs, d outputs): every strength tried is a solve
-    (Cholesky 1/3 n^3, then 2 n^2 d for the right-hand sides) and a held-out error (2 n^2 d); the final
-    solve on all rows has no error."""
+def _ridge_flops(n: int, d: int, tried: float = RIDGE_TRIED) -> tuple[float, float]:
+    """One writer's ridge choice and refit (n inputs, d outputs): (the strengths tried, the final
+    solve). Every strength tried is a solve (Cholesky 1/3 n^3, then 2 n^2 d for the right-hand
+    sides) and a held-out error (2 n^2 d); the final solve on all rows has no error."""
     solve = 1 / 3 * n**3 + 2 * n * n * d
-    return (tried + 1) * solve + tried * 2 * n * n * d
+    return tried * (solve + 2 * n * n * d), solve
+
+
+def _trial_rate(work: Workload, rate: Throughput) -> float:
+    """FLOP/s of the ridge strengths tried: float32 solves (core.refit.refit) at
+    SOLVE_FLOAT32_EFFICIENCY x the float32 products' rate, float64 ones for a float64 model."""
+    if work.dtype_bytes >= 8:
+        return SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12
+    return SOLVE_FLOAT32_EFFICIENCY * rate.moments_tflops * 1e12
 
 
 def time_model(
@@ -445,13 +459,15 @@ def time_model(
     forward += per_token * spread_tokens
     stats = gram_flops(d) * tokens * n * shape.points_per_layer * work.covariance_walks
     moments = (gram_flops(i) + 2.0 * i * d) * spread_tokens * n
-    solves = 0.0
+    # the ridge strengths tried (float32 solves for a float32 or half model), the final solves (float64)
+    trials = solves = 0.0
     # the strengths are chosen on the last calibration batch; with one batch there is none to choose on
     tried = RIDGE_TRIED if work.rows > work.batch_size else 0.0
     if work.corrections:
         for width, solved in ((d, d), (i, work.kept_neurons or i)):  # the MLP's writer is refit on its kept neurons
             moments += (gram_flops(width) + 2.0 * width * d) * tokens * n
-            solves += _ridge_flops(solved, d, tried) * n
+            t, f = _ridge_flops(solved, d, tried)
+            trials, solves = trials + t * n, solves + f * n
     elif work.prunes:
         moments += gram_flops(i) * tokens * n
     selection = picks = 0.0
@@ -463,7 +479,8 @@ def time_model(
         selection += i * k * (k + 2 * d) * n * shape.experts
         picks += k * n * shape.experts
         if shape.experts > 1:  # every expert's own refit, beside the one counted above
-            solves += _ridge_flops(k, d, tried) * n * (shape.experts - 1)
+            t, f = _ridge_flops(k, d, tried)
+            trials, solves = trials + t * n * (shape.experts - 1), solves + f * n * (shape.experts - 1)
     eigh = 10.0 * d**3 * work.eigh_points(shape.points_per_layer, n)
     other = OTHER_SECONDS + OTHER_SECONDS_PER_PARAM * shape.params
     if work.corrections:
@@ -473,12 +490,12 @@ def time_model(
         forward_flops=c * forward,
         statistics_flops=c * (stats + moments),
         eigh_flops=c * eigh,
-        solve_flops=c * solves,
+        solve_flops=c * (trials + solves),
         selection_flops=c * selection,
         forward=c * forward / (rate.tflops * 1e12) / work.nproc,
         statistics=c * (stats / (rate.fp64_tflops * 1e12) + moments / (rate.moments_tflops * 1e12)) / work.nproc,
         eigh=c * eigh / (rate.fp64_tflops * 1e12),
-        solves=c * solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12),
+        solves=c * (solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12) + trials / _trial_rate(work, rate)),
         selection=c * (selection / (SELECTION_EFFICIENCY * rate.moments_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
         other=c * other,
         disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
