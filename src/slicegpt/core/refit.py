@@ -240,8 +240,8 @@ def refit(
     a refit's arithmetic: 3 to 6 of them against one final solve). float32 (the moments' product
     precision, :func:`product_dtype`, for a float32 or bfloat16 model) runs at twice float64's
     rate on CPUs and 32-64x on GPUs without fast float64; its errors are compared within
-    :data:`TIE_FLOAT32`. Measured against float64 (benchmarks/ridge_search.py --dtype float32):
-    see the benchmarks README, "Where a compression's time goes".
+    :data:`TIE_FLOAT32`. Measured against float64 by benchmarks/ridge_search.py, which walks both
+    ways at every writer of a compression: the same strength at all of SmolLM2's and Qwen's.
     """
     w0 = w0.to(torch.float64)
     chosen = grid[len(grid) // 2]

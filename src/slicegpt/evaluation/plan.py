@@ -71,9 +71,11 @@ RIDGE_TRIED = 4.5
 #: 7B-shaped layer's, cost_width.py): 0.8 is within 25% of both.
 SOLVE_EFFICIENCY = 0.8
 #: The strengths tried are float32 solves and held-out errors for a float32 or half model
-#: (core.refit.refit): this share of the float32 products' rate (the moments'), measured here:
-#: PLACEHOLDER
-SOLVE_FLOAT32_EFFICIENCY = 0.3
+#: (core.refit.refit): this share of the float32 products' rate (the moments'), measured here
+#: with fast float32 products (benchmarks/cost_phases.py, cost_width.py): 0.50 on
+#: Qwen2.5-Coder-0.5B's writers (refits 20 s, the final float64 solves at the rate above), 0.40
+#: on a 7B-shaped layer's (42 s).
+SOLVE_FLOAT32_EFFICIENCY = 0.45
 #: The greedy selection runs in float32 (core.neurons.selection_dtype), the kept neurons' and the
 #: spreading walk's curves (a selection to every width) alike. Its products are thin (a round of
 #: 16 neurons against all of them: two passes over the [neurons, hidden] residual and one over the
