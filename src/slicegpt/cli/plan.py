@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fp64-tflops",
         type=float,
         default=None,
-        help="sustained float64 TFLOP/s for statistics, eigendecompositions and solves (default: cpu 0.1, cuda 10)",
+        help="sustained float64 TFLOP/s for statistics, eigendecompositions and the final ridge solves (a float32 "
+        "model tries its ridge strengths in float32) (default: cpu 0.1, cuda 10)",
     )
     p.add_argument(
         "--disk-gbps", type=float, default=DEFAULT_DISK_GBPS, help="GB/s for reading the weights and writing the result"
