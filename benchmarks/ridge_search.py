@@ -49,7 +49,6 @@ def one_run(job: dict) -> dict:
             def walk(precision: torch.dtype) -> tuple[float, int, float]:
                 """The package's walk with its strengths tried in ``precision``: (choice, solves, seconds)."""
                 held = hcov.to(precision)
-                tie = refit.TIE if precision == torch.float64 else refit.TIE_FLOAT32
                 tried: list[float] = []
 
                 def err(rel: float) -> float:
@@ -57,7 +56,7 @@ def one_run(job: dict) -> dict:
                     return refit.error(refit.ridge(cov, cross, w64, rel, precision), held, hcross)
 
                 start = time.perf_counter()
-                chosen = refit.choose_strength(err, grid, tie=tie)
+                chosen = refit.choose_strength(err, grid, tie=refit.tie_for(precision))
                 return chosen, len(tried), time.perf_counter() - start
 
             walked, tried, walk_s = walk(torch.float64)

@@ -479,6 +479,35 @@ def test_strengths_tried_in_float32_choose_as_float64_and_the_final_fit_is_float
     assert w.dtype == torch.float32 and torch.allclose(w.double(), refit.ridge(cov, cross, zero, 1e-12), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_compressions_writers_try_their_strengths_in_the_models_product_precision(monkeypatch, dtype) -> None:
+    """Both writers of every layer (attention's and the pruned MLP's) try their ridge strengths in
+    the moments' product precision (float32 for a float32 model, float64 for a float64 one) and
+    make their final solve in float64."""
+    from slicegpt.core import refit
+
+    solved: list[torch.dtype] = []
+    plain = refit.ridge
+
+    def spy(cov, cross, w0, rel, dtype=None):
+        w = plain(cov, cross, w0, rel, dtype)
+        solved.append(w.dtype)
+        return w
+
+    monkeypatch.setattr(refit, "ridge", spy)
+    model = make_tiny("llama", dtype=dtype)
+    config = slicegpt.SliceConfig(target_params=0.85, batch_size=4, nsamples=16, uniform=True, seqlen=24)
+    report = slicegpt.slice_model(model, None, calib_rows(16), config, progress=False)
+    writers = len(report.refits)
+    assert writers == 2 * len(model.model.layers)
+    final = [d for d in solved if d == torch.float64]
+    tried = [d for d in solved if d != torch.float64]
+    if dtype == torch.float32:
+        assert len(final) == writers and len(tried) >= 3 * writers and set(tried) == {torch.float32}
+    else:
+        assert tried == [] and len(final) >= 4 * writers
+
+
 def test_a_grid_of_one_strength_computes_no_held_out_error(monkeypatch) -> None:
     from slicegpt.core import refit
 

@@ -34,6 +34,11 @@ TIE_FLOAT32 = 1e-6
 RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
 
 
+def tie_for(dtype: torch.dtype) -> float:
+    """The tie tolerance of held-out errors computed in ``dtype``."""
+    return TIE if dtype == torch.float64 else TIE_FLOAT32
+
+
 def stream_weights(stream: torch.Tensor) -> torch.Tensor:
     """Per-token weights 1 / mean square of the residual stream ([..., D] -> [..., 1], float64).
 
@@ -173,12 +178,12 @@ def ridge(
     factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, info))
     if int(info) == 0:
         return torch.cholesky_solve(rhs, factor).t()
-    del factor, shifted, rhs
-    if dtype != cov.dtype:
+    del factor, shifted
+    if dtype != cov.dtype:  # not positive definite in the lower precision: solved in the moments'
         return ridge(cov, cross, w0, rel).to(dtype)
     shifted = cov.clone()
     shifted.diagonal().add_(lam)
-    return torch.linalg.solve(shifted, cross + lam * w0.t()).t()
+    return torch.linalg.solve(shifted, rhs).t()
 
 
 def error(w: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor) -> float:
@@ -257,9 +262,8 @@ def refit(
         # In a lower precision the held-out sums are copied once to it; with the shifted copy each
         # solve makes, the two take the room of the one float64 copy a float64 walk makes.
         held_xx = held.xx if dtype == held.xx.dtype else held.xx.to(dtype)
-        tie = TIE if dtype == torch.float64 else TIE_FLOAT32
         chosen = choose_strength(
-            lambda rel: error(ridge(fit.xx, fit.xt, w0, rel, dtype), held_xx, held.xt), grid, exhaustive, tie
+            lambda rel: error(ridge(fit.xx, fit.xt, w0, rel, dtype), held_xx, held.xt), grid, exhaustive, tie_for(dtype)
         )
         del held_xx
     if not held.count:
