@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/cost_width.py --plot benchmarks/results/cost_width.png
 
 Each job, in a fresh process: a one-layer Llama of the shape's widths (random weights, a 256-token
-vocabulary so that embeddings and head cost nothing), float32, compressed to 75% of its
+vocabulary so that embeddings and head cost nothing), float32 (--dtype bfloat16: as a 70B model
+is usually loaded; the statistics are float32 products either way), compressed to 75% of its
 parameters by the method, the phases timed as benchmarks/cost_phases.py times them, and one
 dense forward pass of the layer over the same rows as the unit. Rows: 32 of 128 random tokens
 (4,096 tokens; a layer's arithmetic does not care what the tokens say, and the cubic phases do
@@ -13,7 +14,8 @@ not depend on the tokens at all).
 
 The shapes (hidden / MLP / heads / kv heads): SmolLM2-135M 576/1536/9/3, Qwen2.5-0.5B
 896/4864/14/2, TinyLlama-1.1B 2048/5632/32/4, Llama-2-7B 4096/11008/32/32, Llama-2-70B
-8192/28672/64/8 (not in the default set: about 16x 7B's cubic phases, hours on this CPU). The
+8192/28672/64/8 (not in the default set: about 18x 7B's cubic phases, and about 20 GB of memory
+in bfloat16). The
 table gives, per phase, the least-squares slope of log(seconds) on log(layer parameters) over
 the shapes run (1: linear in the layer's size, 1.5: cubic in its width), and each job's peak
 resident set beside what `slicegpt plan` says of that layer in memory. Results: stdout, --out
@@ -68,14 +70,19 @@ def one_run(job: dict) -> dict:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    dtype = job.get("dtype", "float32")
+    model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype)).eval()
     ids = torch.randint(0, 256, (job["nsamples"], job["seqlen"]), generator=torch.Generator().manual_seed(1))
     cfg = slicegpt.SliceConfig(
-        target_params=job["target"], nsamples=job["nsamples"], seqlen=job["seqlen"], **METHODS[job["method"]]
+        target_params=job["target"],
+        nsamples=job["nsamples"],
+        seqlen=job["seqlen"],
+        dtype=dtype,
+        **METHODS[job["method"]],
     )
     report, timing = timed_compression(model, None, Rows(ids), cfg)
     with tempfile.TemporaryDirectory() as folder:  # what `slicegpt plan` says of this very layer
-        write_index_only_folder(folder, config, "float32")
+        write_index_only_folder(folder, config, dtype)
         planned = plan_model(folder, cfg).memory.host_in_memory / 1e9
     return dict(
         job,
@@ -176,6 +183,12 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--target", type=float, default=0.75)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the layer's dtype (bfloat16: a 70B model as it is usually loaded; the statistics are the same)",
+    )
     p.add_argument("--out", default=str(RESULTS / "cost_width.json"))
     p.add_argument("--plot", default=None, help="write the log-log plot here (PNG)")
     add_one(p)
@@ -194,6 +207,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for method in args.methods.split(","):
             job = dict(shape=shape, method=method, nsamples=args.nsamples, seqlen=args.seqlen, target=args.target)
+            if args.dtype != "float32":  # named only when not the default, so that older runs still match
+                job["dtype"] = args.dtype
             print(f"== {method}, {shape}", file=sys.stderr, flush=True)
             r = run_fresh(__file__, job, f"{method} on {shape}")
             runs = replace_runs(runs, [r], tuple(job))

@@ -237,12 +237,15 @@ def test_memory_model_terms() -> None:
     corrected = memory_model(SHAPE, replace(WORK, corrections=True))
     # four streams, and what the MLP writer read in its refit pass (intermediate wide)
     assert corrected.activations == pytest.approx((4 + 28672 / 8192) * m.activations)
-    # corrections alone: the two sums, the all-rows sum and its factor; with pruning, the two sums
-    # and the greedy choice's factor [n, kept] (the refit on the kept neurons holds less)
+    # a bfloat16 model: the fit rows' float64 sums, the held-out batch's float32 ones; corrections
+    # alone add the all-rows sum (factored in place); pruning the greedy choice's float32 factor
+    # [n, kept] (the refit on the kept neurons holds less)
     i, d = 28672, 8192
-    assert corrected.device_moments == 4 * i * i * 8 + 2 * i * d * 8
+    assert corrected.device_moments == (8 + 4 + 8) * i * i + (8 + 4) * i * d
     pruned = memory_model(SHAPE, replace(WORK, corrections=True, kept_neurons=20_000))
-    assert pruned.device_moments == (2 * i + 20_000) * i * 8 + 2 * i * d * 8
+    assert pruned.device_moments == ((8 + 4) * i + 4 * 20_000) * i + (8 + 4) * i * d
+    float64 = memory_model(SHAPE, replace(WORK, corrections=True, kept_neurons=20_000, dtype_bytes=8))
+    assert float64.device_moments == (2 * i + 20_000) * i * 8 + 2 * i * d * 8  # every sum and the factor float64
     split = memory_model(SHAPE, replace(WORK, nproc=8))
     assert split.activations == m.activations / 8 and split.model == m.model  # each process holds its rows only
     tied = memory_model(replace(SHAPE, tied=True), WORK)

@@ -43,11 +43,11 @@ def combine(moments: moments_.FitMoments, reduce: Reduction) -> None:
         return
     fit, held = moments.fit, moments.held
     like = fit if fit.xx is not None else held
-    for m in (fit, held):
+    for m in (fit, held):  # zeros in each set's own sum dtype: every process reduces the same dtypes
         if m.xx is None:
-            m.xx = torch.zeros_like(like.xx)
+            m.xx = torch.zeros_like(like.xx, dtype=m.dtype)
         if m.xt is None and like.xt is not None:
-            m.xt = torch.zeros_like(like.xt)
+            m.xt = torch.zeros_like(like.xt, dtype=m.dtype)
     counts = torch.tensor([fit.count, held.count], dtype=torch.float64, device=like.xx.device)  # exact below 2^53
     reduce.sum_([t for t in (fit.xx, fit.xt, held.xx, held.xt, counts) if t is not None])
     fit.count, held.count = int(counts[0]), int(counts[1])
@@ -157,7 +157,7 @@ def refit_attention(
     ref = writer(weight_refs(block, spec.attn_outputs), "attention output")
     bias = ops.get_bias(ref)
     held = inputs.held
-    moments, rec = moments_.FitMoments(), moments_.InputRecorder(ref.module)
+    moments, rec = moments_.FitMoments.for_weight(ref.tensor), moments_.InputRecorder(ref.module)
     read = WriterInputs(ref.module, inputs.new())
     try:
         for i, x in stream(inputs.hidden, device):
@@ -202,7 +202,7 @@ def refit_mlp(
     w0 = ops.get_matrix(ref)  # (D, n)
     bias = ops.get_bias(ref)
     held = inputs.held
-    moments, rec = moments_.FitMoments(), moments_.InputRecorder(ref.module)
+    moments, rec = moments_.FitMoments.for_weight(ref.tensor), moments_.InputRecorder(ref.module)
     read = WriterInputs(ref.module, inputs.new())
     try:
         for i, h in stream(inputs.hidden, device):
@@ -250,7 +250,7 @@ def keep_and_refit(
     """
     for m in (moments.fit, moments.held):
         if m.count and m.xt is None:
-            m.xt = m.xx @ w0.t()
+            m.xt = _times(m.xx, w0.t())
     index = torch.arange(w0.shape[1], device=w0.device)
     if keep is not None:
         fit, held = moments.fit, moments.held
@@ -258,22 +258,32 @@ def keep_and_refit(
         if both:
             # Every row's sums, in place of the fit rows' (the greedy choice is the same on sums as
             # on means): beside the held-out sums, no third [n, n] matrix while choosing.
-            fit.xx += held.xx
-            fit.xt += held.xt
+            moments_.add_into(fit.xx, held.xx)
+            moments_.add_into(fit.xt, held.xt)
         every = fit if fit.count else held
         index = agree(neurons.greedy_neurons(every.xx, w0, keep, cross=every.xt, dtype=dtype))
-        held_xx, held_xt = (held.xx[index[:, None], index], held.xt[index]) if held.count else (None, None)
+        # Cut to the kept neurons one sum at a time, the smaller first: each whole sum goes before
+        # the next cut copy is made.
+        if held.count:
+            held.xx, held.xt = held.xx[index[:, None], index], held.xt[index]
         if fit.count:
             fit.xx, fit.xt = fit.xx[index[:, None], index], fit.xt[index]
-        if held.count:
-            held.xx, held.xt = held_xx, held_xt
         if both:  # the fit rows' sums again, on the kept neurons
-            fit.xx -= held.xx
-            fit.xt -= held.xt
+            moments_.add_into(fit.xx, held.xx, alpha=-1.0)
+            moments_.add_into(fit.xt, held.xt, alpha=-1.0)
     if moments.fit.count == 0:  # every row was held out (an expert reached only there): fit on them
-        moments.fit, moments.held = moments.held, moments_.Moments()
+        moments.fit, moments.held = moments.held.to_float64(), moments_.Moments()
     w, rel = moments_.refit(moments, w0[:, index], dtype=dtype)
     return index, w, rel
+
+
+def _times(xx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``xx @ w`` in ``w``'s dtype (float64), ``xx`` converted a block of rows at a time: a float32
+    sum (the held-out rows') is never copied whole."""
+    if xx.dtype == w.dtype:
+        return xx @ w
+    rows = moments_.row_block(xx.shape[0])
+    return torch.cat([xx[i : i + rows].to(w.dtype) @ w for i in range(0, xx.shape[0], rows)])
 
 
 def prune_experts(

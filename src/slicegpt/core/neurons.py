@@ -219,15 +219,21 @@ def greedy_order(
     have overtaken all of it within one round (measured on SmolLM2's moments: benchmarks/README).
 
     ``dtype``: the elimination's precision (:func:`selection_dtype`). A Schur complement below
-    1e-12 (float32: 1e-6) of the largest diagonal counts as exhausted.
+    1e-12 (float32: 1e-6) of the largest diagonal counts as exhausted. ``cov`` is read in
+    ``dtype`` a few rows or columns at a time, never copied whole (at a 70B model's MLP width a
+    float32 copy is 3.3 GB).
     """
-    cov = cov.to(dtype)
     n = cov.shape[0]
     if not 0 < k <= n:
         raise ValueError(f"cannot keep {k} of {n} neurons")
     round_size = ROUND if round_size is None else round_size
-    resid = (cov @ w_ref.to(dtype).t() if cross is None else cross.to(dtype)).clone()  # [n, D]
-    schur = cov.diagonal().clone()
+    if cross is None:  # [n, D]; from another dtype by blocks of rows, each converted as it is read
+        w_t = w_ref.to(dtype).t()
+        rows = n if cov.dtype == dtype else refit_.row_block(n)
+        resid = torch.cat([cov[i : i + rows].to(dtype) @ w_t for i in range(0, n, rows)])
+    else:
+        resid = cross.to(dtype, copy=True)
+    schur = cov.diagonal().to(dtype, copy=True)
     floor = (1e-12 if dtype == torch.float64 else 1e-6) * schur.max().clamp_min(1e-30)
     factor = torch.zeros(n, k, dtype=dtype, device=cov.device)
     chosen = torch.zeros(n, dtype=torch.bool, device=cov.device)
@@ -243,13 +249,13 @@ def greedy_order(
             # the rest adds nothing numerically. Keep the largest remaining raw variances and leave
             # the factor alone (dividing by a vanished Schur complement would blow it up, and
             # already chosen neurons would then be picked again).
-            var = torch.where(chosen, float("-inf"), cov.diagonal())
+            var = torch.where(chosen, float("-inf"), cov.diagonal().to(dtype))
             order[t:] = torch.sort(var, descending=True, stable=True).indices[: k - t]
             break
         b = min(round_size, k - t, valid)
         cand = torch.topk(gain, min(valid, SHORTLIST * b)).indices  # [c]
         old = factor[cand, :t]
-        block = cov[cand][:, cand] - old @ old.t()  # [c, c]: the Schur complement among the shortlist
+        block = cov[cand][:, cand].to(dtype) - old @ old.t()  # [c, c]: the Schur complement among the shortlist
         rows, sc = resid[cand].clone(), schur[cand].clone()  # [c, D], [c]
         local = torch.zeros(len(cand), b, dtype=dtype, device=cov.device)
         z = torch.zeros(b, resid.shape[1], dtype=dtype, device=cov.device)
@@ -274,7 +280,7 @@ def greedy_order(
         pivots = cand[taken]  # [m], global
         # The round's factor columns for every neuron: forward substitution through the pivots'
         # rows (lower-triangular, m x m), applied to their Schur complement columns [n, m].
-        schur_cols = cov[:, pivots] - factor[:, :t] @ factor[pivots, :t].t()
+        schur_cols = cov[:, pivots].to(dtype) - factor[:, :t] @ factor[pivots, :t].t()
         lower = local[taken, :m].tril()
         new = torch.linalg.solve_triangular(lower, schur_cols.t(), upper=False).t()  # [n, m]
         factor[:, t : t + m] = new

@@ -12,8 +12,10 @@ so the ridge strength is chosen on held-out calibration rows without another pas
 Memory: at a 70B model's MLP width (28,672) one [n, n] float64 matrix is 6.6 GB, so the solves
 work on the streamed sums as they are (the ridge, relative to the mean diagonal, gives the same
 fit from sums as from means) and factor one shifted copy in place (Cholesky: the shifted moment
-is positive definite): besides the fit and held-out sums, a refit holds two [n, n] matrices at
-most (the all-rows sum and its factor), where means, an identity and a solver's copy held five.
+is positive definite; through its column-major transpose, so that torch copies nothing more):
+besides the fit and held-out sums, a refit holds one more [n, n] (the all-rows sum, factored
+where it lies), where means, an identity and solvers' copies held five. A float32 or bfloat16
+model's held-out sums are float32 (:class:`FitMoments`).
 """
 
 from __future__ import annotations
@@ -92,27 +94,52 @@ def gram_flops(n: int) -> float:
     return 2.0 * n * n * share
 
 
+def row_block(n: int) -> int:
+    """Rows converted at a time when a [n, ...] matrix is read in another dtype: a 32nd of it."""
+    return max(64, n // 32)
+
+
+def add_into(acc: torch.Tensor, other: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``acc += alpha * other`` in place; ``other`` of another dtype (a float32 held-out sum) is
+    converted a block of rows at a time (torch would convert it whole first: one more [n, n])."""
+    if other.dtype == acc.dtype:
+        return acc.add_(other, alpha=alpha)
+    rows = row_block(acc.shape[0])
+    for i in range(0, acc.shape[0], rows):
+        acc[i : i + rows].add_(other[i : i + rows].to(acc.dtype), alpha=alpha)
+    return acc
+
+
 @dataclass
 class Moments:
-    """Streaming E[x^T x] ([n, n]) and E[x^T t] ([n, D]) over the rows added (float64 sums of
-    :func:`product_dtype` products)."""
+    """Streaming E[x^T x] ([n, n]) and E[x^T t] ([n, D]) over the rows added: sums in ``dtype``
+    (float64; see :class:`FitMoments` for the held-out rows') of :func:`product_dtype` products."""
 
     xx: torch.Tensor | None = None
     xt: torch.Tensor | None = None
     count: int = 0
+    dtype: torch.dtype = torch.float64
 
     def add(self, x: torch.Tensor, t: torch.Tensor | None) -> None:
         dtype = product_dtype(x)
         x = x.reshape(-1, x.shape[-1]).to(dtype)
         if self.xx is None:
-            self.xx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self.xx = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype, device=x.device)
         accumulate_gram(self.xx, x)
         if t is not None:
             t = t.reshape(-1, t.shape[-1]).to(dtype)
             if self.xt is None:
-                self.xt = torch.zeros(x.shape[1], t.shape[1], dtype=torch.float64, device=x.device)
-            self.xt += (x.t() @ t).to(torch.float64)
+                self.xt = torch.zeros(x.shape[1], t.shape[1], dtype=self.dtype, device=x.device)
+            self.xt += (x.t() @ t).to(self.dtype)
         self.count += x.shape[0]
+
+    def to_float64(self) -> "Moments":
+        """These sums in float64 (the same values: float32 converts exactly)."""
+        return Moments(
+            None if self.xx is None else self.xx.to(torch.float64),
+            None if self.xt is None else self.xt.to(torch.float64),
+            self.count,
+        )
 
     def mean(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.xx is None or self.count == 0:
@@ -122,10 +149,21 @@ class Moments:
 
 @dataclass
 class FitMoments:
-    """Moments of the rows a refit is fitted on, and of the held-out rows its strength is chosen on."""
+    """Moments of the rows a refit is fitted on, and of the held-out rows its strength is chosen on.
+
+    :meth:`for_weight` sums the held-out rows in the products' own precision (float32 for a
+    float32 or bfloat16 model): they are one calibration batch (``corrections.held_out``), added
+    once, so the float32 sums are its products exactly, as float64 sums of them would be, in half
+    the room (3.3 GB less at a 70B model's MLP width, where one [n, n] float64 sum is 6.6 GB).
+    """
 
     fit: Moments = field(default_factory=Moments)
     held: Moments = field(default_factory=Moments)
+
+    @classmethod
+    def for_weight(cls, weight: torch.Tensor) -> "FitMoments":
+        """Moments for the writer ``weight``: held-out sums in its :func:`product_dtype`."""
+        return cls(held=Moments(dtype=product_dtype(weight)))
 
     def add(self, x: torch.Tensor, t: torch.Tensor | None, held_out: bool) -> None:
         (self.held if held_out else self.fit).add(x, t)
@@ -157,31 +195,45 @@ class InputRecorder:
 
 
 def ridge(
-    cov: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, rel: float, dtype: torch.dtype | None = None
+    cov: torch.Tensor,
+    cross: torch.Tensor,
+    w0: torch.Tensor,
+    rel: float,
+    dtype: torch.dtype | None = None,
+    *,
+    rebuild: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """argmin_W E||t - x W^T||^2 + lam ||W - w0||^2, lam = rel * mean(diag cov), from moments
     (means, or sums over the same rows: the fit is the same); (D, n) in ``dtype`` (default: the
     moments' float64).
 
-    One shifted copy of ``cov``, Cholesky-factored in place (half an LU's arithmetic); a copy
-    that is not numerically positive definite (no ridge on a singular moment) is solved by LU
-    as before, which says so if it is singular. In a lower ``dtype`` (the strengths tried while
+    One shifted copy of ``cov``, Cholesky-factored in place (half an LU's arithmetic) and solved
+    by two triangular solves: the moments are exactly symmetric, so the copy's transpose is the
+    same matrix in LAPACK's column-major order, and neither the factoring nor the solve copies it
+    again (``torch.linalg.cholesky_ex`` and ``torch.cholesky_solve`` on a row-major matrix each
+    hold one more [n, n]). ``rebuild``: ``cov`` is the caller's scratch copy, shifted and factored
+    itself (no copy at all), and ``rebuild()`` makes it again should the LU below need it.
+
+    A copy that is not numerically positive definite (no ridge on a singular moment) is solved by
+    LU as before, which says so if it is singular. In a lower ``dtype`` (the strengths tried while
     choosing, :func:`refit`) the copy is that dtype's, and one that is not positive definite there
     is solved in float64 instead.
     """
     dtype = dtype or cov.dtype
     lam = rel * cov.diagonal().mean()
     rhs = (cross + lam * w0.t()).to(dtype)
-    shifted = cov.to(dtype, copy=True)
+    shifted = cov if rebuild is not None and dtype == cov.dtype else cov.to(dtype, copy=True)
     shifted.diagonal().add_(lam.to(dtype))
+    lower = shifted.mT  # column-major view of the same (symmetric) matrix
     info = torch.empty((), dtype=torch.int32, device=cov.device)
-    factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, info))
+    factor, info = torch.linalg.cholesky_ex(lower, out=(lower, info))
     if int(info) == 0:
-        return torch.cholesky_solve(rhs, factor).t()
-    del factor, shifted
+        y = torch.linalg.solve_triangular(factor, rhs, upper=False)
+        return torch.linalg.solve_triangular(factor.mT, y, upper=True).t()
+    del factor, shifted, lower
     if dtype != cov.dtype:  # not positive definite in the lower precision: solved in the moments'
-        return ridge(cov, cross, w0, rel).to(dtype)
-    shifted = cov.clone()
+        return ridge(cov, cross, w0, rel, rebuild=rebuild).to(dtype)
+    shifted = rebuild() if rebuild is not None else cov.clone()
     shifted.diagonal().add_(lam)
     return torch.linalg.solve(shifted, rhs).t()
 
@@ -268,4 +320,6 @@ def refit(
         del held_xx
     if not held.count:
         return ridge(fit.xx, fit.xt, w0, chosen), chosen
-    return ridge(fit.xx + held.xx, fit.xt + held.xt, w0, chosen), chosen
+    # every row's sum, made once and factored in place
+    every = lambda: add_into(fit.xx.clone(), held.xx)  # noqa: E731
+    return ridge(every(), add_into(fit.xt.clone(), held.xt), w0, chosen, rebuild=every), chosen

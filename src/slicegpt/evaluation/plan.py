@@ -247,13 +247,15 @@ class MemoryEstimate:
       batch              one batch in float32: batch x seqlen x max(hidden, intermediate) x 4
                          bytes x 4 (the branch's intermediates), plus its float64 copy for the
                          covariance (batch x seqlen x hidden x 8).
-      moments            with corrections or neuron pruning, the MLP writer's float64 moments:
-                         with pruning, (2 x intermediate + kept) x intermediate x 8 (the fit and
-                         held-out sums, the greedy choice's factor [intermediate, kept]; the refit
-                         on the kept neurons holds 4 x kept^2, less); with corrections alone,
-                         4 x intermediate^2 x 8 (the two sums, the all-rows sum, its Cholesky
-                         factor); plus 2 x intermediate x hidden x 8 (cross moments). Measured on
-                         CPU (tests/core/test_budget.py): about one [n, n] beside the two sums.
+      moments            with corrections or neuron pruning, the MLP writer's moments: the fit
+                         rows' float64 sum and the held-out batch's in the products' precision p
+                         (4 bytes, 8 for a float64 model), intermediate^2 x (8 + p); with pruning,
+                         plus the greedy choice's factor [intermediate, kept] x p (the refit on
+                         the kept neurons holds kept^2 x (16 + p), less); with corrections alone,
+                         plus the all-rows sum, factored in place, intermediate^2 x 8; plus
+                         intermediate x hidden x (8 + p) (cross moments). Measured on CPU
+                         (tests/core/test_budget.py): the sums and at most about half an [n, n]
+                         float64 beside them.
       kept               with --device-map over k devices, the sliced layers each keeps: the
                          sliced model / k (the largest share: k does not divide the layers evenly,
                          and the first device also holds the embeddings).
@@ -327,6 +329,7 @@ def memory_model(shape: ModelShape, work: Workload) -> MemoryEstimate:
     # with corrections: 4 streams, and what the MLP's writer read in its refit pass (intermediate wide)
     copies = 4 + shape.intermediate / shape.hidden if work.corrections else 1
     i, d = shape.intermediate, shape.hidden
+    p = 8 if b == 8 else 4  # the moments' products, and the held-out sums (core.refit.FitMoments)
     batch_tokens = min(work.batch_size, rows) * work.seqlen
     model_bytes = (shape.params + (shape.table_params if shape.tied else 0)) * b
     return MemoryEstimate(
@@ -343,8 +346,13 @@ def memory_model(shape: ModelShape, work: Workload) -> MemoryEstimate:
         # with routed experts pruned, every expert's fit and held-out sums are held at once
         device_moments=(
             (
-                (max(2 * i + work.kept_neurons, 4 * work.kept_neurons**2 / i) if work.prunes else 4 * i) * i * 8
-                + 2 * i * d * 8
+                (
+                    max((8 + p) * i + p * work.kept_neurons, (16 + p) * work.kept_neurons**2 / i)
+                    if work.prunes
+                    else (16 + p) * i
+                )
+                * i
+                + (8 + p) * i * d
             )
             + (2 * i * i * 8 * (shape.experts - 1) if work.prunes else 0)
             if (work.corrections or work.prunes)
