@@ -446,8 +446,18 @@ def test_code_answers_are_run_against_the_tests_shipped_with_their_prompt() -> N
 
 def test_the_default_data_follows_the_model(caplog: pytest.LogCaptureFixture) -> None:
     """'auto': the model's own answers mixed with wiki for a chat model (measured best for the chat
-    job), wiki for a base model, and wiki for a streamed one (its answers need the whole model)."""
-    assert sources.resolve_auto("auto", chat_tokenizer()) == "wiki+self"
+    job), wiki for a base model, and wiki for a streamed one (its answers need the whole model).
+    Calibrating a chat model, its own conversations come on top of the prose rows a base model gets."""
+    assert sources.resolve_auto("auto", chat_tokenizer()) == "wiki+self"  # training data
+    auto = slicegpt.SliceConfig(nsamples=32)
+    chat_calib = sources.resolve_auto_calibration(auto, chat_tokenizer())
+    assert (chat_calib.calib, chat_calib.nsamples) == ("2*wiki+self", 48)
+    assert sources.weighted_parts(chat_calib.calib) == [("wiki", 2), ("self", 1)]  # 32 rows of wiki, 16 of its own
+    base = sources.resolve_auto_calibration(auto, tiny_tokenizer())
+    assert (base.calib, base.nsamples) == ("wiki", 32)
+    assert sources.resolve_auto_calibration(auto, chat_tokenizer(), streamed=True).nsamples == 32
+    given = sources.resolve_auto_calibration(slicegpt.SliceConfig(nsamples=32, calib="wiki+self"), chat_tokenizer())
+    assert (given.calib, given.nsamples) == ("wiki+self", 32)  # what is given runs as given
     assert sources.resolve_auto("auto", tiny_tokenizer()) == "wiki"
     with caplog.at_level("INFO", logger="slicegpt"):
         assert sources.resolve_auto("auto", chat_tokenizer(), streamed=True) == "wiki"
@@ -468,7 +478,8 @@ def test_a_chat_model_sliced_with_the_defaults_calibrates_on_its_own_answers(
     argv.append("--no-samples")
     assert main(argv) == 0
     meta = slicegpt.read_metadata(out)
-    assert meta["settings"]["calib"] == "wiki+self" and meta["mode"] == "uniform" and meta["target_params"]
+    assert meta["settings"]["calib"] == "2*wiki+self" and meta["settings"]["nsamples"] == 3
+    assert meta["mode"] == "uniform" and meta["target_params"]
     assert list((tmp_path / "cache" / "conversations").glob("*.jsonl"))
 
 

@@ -395,3 +395,24 @@ def test_the_plan_counts_the_cpus_fast_float32_products_only_where_the_run_uses_
     assert slow.time.solves * ratio < fast.time.solves < slow.time.solves
     monkeypatch.setattr(plan_module, "fast_float32_available", lambda: False)  # a CPU without bfloat16 units
     assert plan_model(None, config).throughput.tflops == slow.throughput.tflops
+
+
+def test_plan_counts_a_chat_models_own_conversations_on_top_of_its_prose_rows(tmp_path: Path) -> None:
+    """`slice --calib auto` calibrates a model with a chat template on its prose rows and half as
+    many of its own conversations on top; the plan counts those rows (and says so), and a base
+    model's rows as given."""
+    import transformers
+
+    from slicegpt.io.headers import write_index_only_folder
+
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2
+    )
+    base, chat = write_index_only_folder(tmp_path / "base", config), write_index_only_folder(tmp_path / "chat", config)
+    (chat / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    settings = slicegpt.SliceConfig(nsamples=32, seqlen=128)
+    on_base, on_chat = plan_model(str(base), settings), plan_model(str(chat), settings)
+    assert on_base.workload.rows == 32 and on_base.settings["calib"] == "auto" and not on_base.notes
+    assert on_chat.workload.rows == 48 and on_chat.settings["calib"] == "2*wiki+self"
+    assert any("own conversations on top" in n for n in on_chat.notes)
+    assert plan_model(str(chat), replace(settings, calib="wiki")).workload.rows == 32  # given data runs as given

@@ -173,9 +173,16 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
         "a .txt/.jsonl text file, a .jsonl of conversations ('messages' records, rendered through the chat template "
         "and packed whole), 'self' (the model's own answers to the built-in training prompts, generated once and "
         "cached; 'self:builtin:all' adds code prompts, for code models), or a mix such as 'wiki+self' (equal "
-        "shares of the rows; '2*wiki+self' takes two thirds from wiki)",
+        "shares of the rows; '2*wiki+self' takes two thirds from wiki); 'auto' (the default): for a model with a "
+        "chat template, --nsamples rows of 'wiki' and half as many again of its own answers on top "
+        "('2*wiki+self' on 1.5 x --nsamples rows), 'wiki' otherwise",
     )
-    p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration rows")
+    p.add_argument(
+        "--nsamples",
+        type=int,
+        default=d.nsamples,
+        help="calibration rows (with --calib auto on a chat model, its prose rows: its own conversations come on top)",
+    )
     p.add_argument(
         "--seqlen", type=int, default=d.seqlen, help="tokens per calibration row (clipped to the model's context)"
     )

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.staging import SliceStaging, staging_dir
 from ..io import streaming
 from ..memory import available_bytes, peak_memory
-from ..sources import AUTO, is_self, parts, resolve_auto
+from ..sources import AUTO, is_self, parts, resolve_auto_calibration
 from . import distributed
 from .common import (
     EVAL_DEFAULTS,
@@ -209,7 +208,7 @@ def _lead(args: argparse.Namespace, config: Any, ranks: Any, source: tuple[str, 
         model, tokenizer, name, _ = opened
     else:
         model, tokenizer, name = load_model(args.model, dtype=config.dtype, require_sliceable=True)
-    config = replace(config, calib=resolve_auto(config.calib, tokenizer, streamed=opened is not None))
+    config = resolve_auto_calibration(config, tokenizer, streamed=opened is not None)
     tag = (
         f"p{round(config.target_params * 100)}"
         if config.target_params is not None and config.target_params <= 1

@@ -45,7 +45,7 @@ from .._version import __version__
 from ..arch import ArchSpec, spec_for_config
 from ..config import SliceConfig, check_device
 from ..data import Rows, clip_seqlen
-from ..sources import calibration_rows_for, resolve_auto
+from ..sources import calibration_rows_for, resolve_auto_calibration
 from ..memory import release_free_memory
 from . import allocate, corrections, neurons, ops, spread, uniform
 from .budget import parse_axes
@@ -483,7 +483,7 @@ def _settle(
     config = (config or SliceConfig()).resolved()  # the size and mode as they run, recorded so
     if calib is None:  # the default data for this model ('auto'), recorded as it ran
         streamed = bool(streams and streams.source.streamed)
-        config = replace(config, calib=resolve_auto(config.calib, tokenizer, streamed=streamed))
+        config = resolve_auto_calibration(config, tokenizer, streamed=streamed)
     config.validate()
     if getattr(model, "slicegpt_metadata", None) is not None or is_prepared(model, spec_for_config(model.config)):
         raise ValueError("this model is already sliced (loaded from a slicegpt folder): slice its source model instead")

@@ -34,6 +34,7 @@ from ..core.surgery import count_parameters, get_layers, get_path, is_tied
 from ..core.widths import Widths
 from ..data import clip_seqlen
 from ..io.headers import ModelFiles, read_model_files
+from ..sources import AUTO, chat_calibration
 
 GB = 1e9
 
@@ -703,6 +704,13 @@ def plan_model(
     if seqlen < config.seqlen:
         notes.append(f"--seqlen {config.seqlen} is above the model's context; slicing uses {seqlen}")
         config = replace(config, seqlen=seqlen)
+    if config.calib == AUTO and files.chat_template and not stream:
+        # what slicing it in memory runs (sources.resolve_auto_calibration); streamed, it calibrates on wiki
+        config = chat_calibration(config)
+        notes.append(
+            f"a chat model: --calib auto calibrates in memory on {config.nsamples} rows, its own conversations on "
+            "top of the prose rows (generating them is not counted; streamed, on the prose rows alone)"
+        )
     shape = model_shape(model)
     widths, params_sliced, spreads = sliced_widths(model, config)
     dtype = str(parse_dtype(config.dtype)).removeprefix("torch.")

@@ -89,6 +89,7 @@ class ModelFiles:
     tensors: dict[str, TensorHeader] | None
     disk_bytes: int | None
     source: str
+    chat_template: bool = False  # the tokenizer's files carry a chat template
 
     @property
     def stored_params(self) -> int | None:
@@ -224,6 +225,30 @@ def read_hub(repo: str) -> ModelFiles:
     return ModelFiles(repo, config, tensors, size, "hub: config.json and safetensors headers (range requests)")
 
 
+def has_chat_template(folder: Path) -> bool:
+    """Do a model folder's tokenizer files carry a chat template (``chat_template.jinja``, or a
+    ``chat_template`` in ``tokenizer_config.json``)?"""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    try:
+        return bool(config.is_file() and json.loads(config.read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def _hub_chat_template(repo: str) -> bool:
+    from huggingface_hub import hf_hub_download
+
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        try:
+            if has_chat_template(Path(hf_hub_download(repo, name)).parent):
+                return True
+        except Exception:  # noqa: BLE001 - a file the repo lacks: no template from it
+            continue
+    return False
+
+
 def read_model_files(name_or_path: str | None) -> ModelFiles:
     """A local folder or a hub id, read without weights; the embedded default (None or its name)
     and a .gguf are read as the safetensors folder slice converts them into (cached)."""
@@ -234,16 +259,17 @@ def read_model_files(name_or_path: str | None) -> ModelFiles:
     ):
         folder, display = resolve_model(name_or_path)
         files = read_local(Path(folder))
-        return replace(files, name=display)
+        return replace(files, name=display, chat_template=has_chat_template(Path(folder)))
     path = Path(name_or_path)
     looks_local = (
         name_or_path.startswith(("/", "./", "../", "~")) or path.suffix in (".gguf", ".safetensors") or path.exists()
     )
     if looks_local:
-        return read_local(path.expanduser())
+        files = read_local(path.expanduser())
+        return replace(files, chat_template=path.expanduser().is_dir() and has_chat_template(path.expanduser()))
     if name_or_path.count("/") != 1:
         raise PlanInputError(f"cannot plan {name_or_path}: no such folder, and not a hub id (owner/name)")
-    return read_hub(name_or_path)
+    return replace(read_hub(name_or_path), chat_template=_hub_chat_template(name_or_path))
 
 
 def write_index_only_folder(folder: str | os.PathLike[str], config: Any, dtype: str | None = None) -> Path:
