@@ -1059,6 +1059,7 @@ def test_choosing_neurons_and_refitting_holds_little_beside_the_moment_sums(dtyp
     extra, total = (r["peak"] - r["base"]) / unit, (r["peak"] - r["start"]) / unit
     # measured here: float64 0.83 beside the sums (its greedy factor is float64: 0.67), float32
     # 0.46 beside them and 2.03 in all (3.09 before)
-    assert extra < (1.0 if dtype == "float64" else 0.7), f"{extra:.2f} [n, n] matrices beside the sums"
-    assert total < (3.2 if dtype == "float64" else 2.3), f"{total:.2f} [n, n] matrices in all"
+    assert extra < (1.2 if dtype == "float64" else 0.8), f"{extra:.2f} [n, n] matrices beside the sums"
+    if dtype == "float32":  # the held-out sums are half a float64 one: 2.5 in all at most, 3.1 before
+        assert total < 2.6, f"{total:.2f} [n, n] matrices in all"
     print(f"{dtype}: {extra:.2f} beside the sums, {total:.2f} in all")
