@@ -438,6 +438,20 @@ def test_the_strength_walk_chooses_what_the_whole_grid_chooses_in_fewer_solves()
         assert rel_one == rel and torch.equal(w_one, w)
 
 
+def _spy_on_ridge(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """Record the dtype of every ridge solve from here on (the list returned fills as they run)."""
+    solved: list[torch.dtype] = []
+    plain = refit_.ridge
+
+    def spy(cov, cross, w0, rel, dtype=None, **kw):
+        w = plain(cov, cross, w0, rel, dtype, **kw)
+        solved.append(w.dtype)
+        return w
+
+    monkeypatch.setattr(refit_, "ridge", spy)
+    return solved
+
+
 def test_strengths_tried_in_float32_choose_as_float64_and_the_final_fit_is_float64(monkeypatch) -> None:
     """The walk's solves and held-out errors in float32 (a float32 model's refits): on ridge
     problems with a clear best strength the same choice as float64 and the same final fit, which
@@ -458,15 +472,8 @@ def test_strengths_tried_in_float32_choose_as_float64_and_the_final_fit_is_float
         w32, rel32 = refit.refit(fm, w0, dtype=torch.float32)
         assert rel32 == rel64 and w32.dtype == torch.float64 and torch.equal(w32, w64)
     # the tried solves run in float32, the final one in float64
-    solved: list[torch.dtype] = []
     plain = refit.ridge
-
-    def spy(cov, cross, w0, rel, dtype=None, **kw):
-        w = plain(cov, cross, w0, rel, dtype, **kw)
-        solved.append(w.dtype)
-        return w
-
-    monkeypatch.setattr(refit, "ridge", spy)
+    solved = _spy_on_ridge(monkeypatch)
     refit.refit(fm, w0, dtype=torch.float32)
     assert set(solved[:-1]) == {torch.float32} and solved[-1] == torch.float64 and len(solved) >= 4
     monkeypatch.setattr(refit, "ridge", plain)
@@ -485,17 +492,7 @@ def test_a_compressions_writers_try_their_strengths_in_the_models_product_precis
     """Both writers of every layer (attention's and the pruned MLP's) try their ridge strengths in
     the moments' product precision (float32 for a float32 model, float64 for a float64 one) and
     make their final solve in float64."""
-    from slicegpt.core import refit
-
-    solved: list[torch.dtype] = []
-    plain = refit.ridge
-
-    def spy(cov, cross, w0, rel, dtype=None, **kw):
-        w = plain(cov, cross, w0, rel, dtype, **kw)
-        solved.append(w.dtype)
-        return w
-
-    monkeypatch.setattr(refit, "ridge", spy)
+    solved = _spy_on_ridge(monkeypatch)
     model = make_tiny("llama", dtype=dtype)
     config = slicegpt.SliceConfig(target_params=0.85, batch_size=4, nsamples=16, uniform=True, seqlen=24)
     report = slicegpt.slice_model(model, None, calib_rows(16), config, progress=False)

@@ -250,7 +250,7 @@ def keep_and_refit(
     """
     for m in (moments.fit, moments.held):
         if m.count and m.xt is None:
-            m.xt = _times(m.xx, w0.t())
+            m.xt = moments_.rows_times(m.xx, w0.t(), w0.dtype)
     index = torch.arange(w0.shape[1], device=w0.device)
     if keep is not None:
         fit, held = moments.fit, moments.held
@@ -275,15 +275,6 @@ def keep_and_refit(
         moments.fit, moments.held = moments.held.to_float64(), moments_.Moments()
     w, rel = moments_.refit(moments, w0[:, index], dtype=dtype)
     return index, w, rel
-
-
-def _times(xx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``xx @ w`` in ``w``'s dtype (float64), ``xx`` converted a block of rows at a time: a float32
-    sum (the held-out rows') is never copied whole."""
-    if xx.dtype == w.dtype:
-        return xx @ w
-    rows = moments_.row_block(xx.shape[0])
-    return torch.cat([xx[i : i + rows].to(w.dtype) @ w for i in range(0, xx.shape[0], rows)])
 
 
 def prune_experts(

@@ -227,10 +227,8 @@ def greedy_order(
     if not 0 < k <= n:
         raise ValueError(f"cannot keep {k} of {n} neurons")
     round_size = ROUND if round_size is None else round_size
-    if cross is None:  # [n, D]; from another dtype by blocks of rows, each converted as it is read
-        w_t = w_ref.to(dtype).t()
-        rows = n if cov.dtype == dtype else refit_.row_block(n)
-        resid = torch.cat([cov[i : i + rows].to(dtype) @ w_t for i in range(0, n, rows)])
+    if cross is None:  # [n, D]
+        resid = refit_.rows_times(cov, w_ref.to(dtype).t(), dtype)
     else:
         resid = cross.to(dtype, copy=True)
     schur = cov.diagonal().to(dtype, copy=True)

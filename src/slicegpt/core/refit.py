@@ -99,6 +99,15 @@ def row_block(n: int) -> int:
     return max(64, n // 32)
 
 
+def rows_times(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``dtype``; ``a`` of another dtype (a float32 held-out sum, or a float64 sum read
+    in float32) is converted a block of rows at a time, never copied whole."""
+    if a.dtype == dtype:
+        return a @ b
+    rows = row_block(a.shape[0])
+    return torch.cat([a[i : i + rows].to(dtype) @ b for i in range(0, a.shape[0], rows)])
+
+
 def add_into(acc: torch.Tensor, other: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``acc += alpha * other`` in place; ``other`` of another dtype (a float32 held-out sum) is
     converted a block of rows at a time (torch would convert it whole first: one more [n, n])."""
