@@ -17,9 +17,10 @@ The shapes (hidden / MLP / heads / kv heads): SmolLM2-135M 576/1536/9/3, Qwen2.5
 8192/28672/64/8 (not in the default set: about 18x 7B's cubic phases, and about 20 GB of memory
 in bfloat16). The
 table gives, per phase, the least-squares slope of log(seconds) on log(layer parameters) over
-the shapes run (1: linear in the layer's size, 1.5: cubic in its width), and each job's peak
-resident set beside what `slicegpt plan` says of that layer in memory. Results: stdout, --out
-(JSON), --plot (PNG).
+the float32 shapes run (1: linear in the layer's size, 1.5: cubic in its width; a bfloat16 layer,
+drawn as a cross, is a point apart), and each job's peak
+resident set beside what `slicegpt plan` says of that layer in memory; a second table puts each
+phase beside the time the plan predicts for it. Results: stdout, --out (JSON), --plot (PNG).
 """  # noqa: E501 - the usage examples are one command per line, printed as they are by --help
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cost_phases import METHODS, PHASES, timed_compression
+from cost_phases import METHODS, PHASES, PLAN_TERMS, timed_compression
 from fresh import add_one, answer_one, replace_runs, run_fresh
 
 HERE = Path(__file__).resolve().parent
@@ -112,8 +113,9 @@ def seconds(run: dict, column: str) -> float:
 
 
 def slopes(runs: list[dict], method: str) -> dict[str, float]:
-    """Per phase, the least-squares slope of log(seconds) on log(layer parameters) over the shapes run."""
-    mine = [r for r in runs if r["method"] == method]
+    """Per phase, the least-squares slope of log(seconds) on log(layer parameters) over the shapes
+    run in float32 (a bfloat16 layer's forward passes run at another speed, so it is a point apart)."""
+    mine = [r for r in runs if r["method"] == method and r.get("dtype", "float32") == "float32"]
     out = {}
     for c in (*COLUMNS, "total", "dense forward"):
         pts = [(math.log(layer_params(r["shape"])), math.log(seconds(r, c))) for r in mine if seconds(r, c) > 0.05]
@@ -129,11 +131,11 @@ def table(runs: list[dict]) -> str:
         "| method | shape | hidden / MLP | total s | x dense forward | " + " | ".join(COLUMNS) + " | peak RSS (plan) |",
         "|---|---|---|---:|---:|" + "---:|" * (len(COLUMNS) + 1),
     ]
-    for r in sorted(runs, key=lambda r: (list(METHODS).index(r["method"]), r["mlp"])):
+    for r in sorted(runs, key=lambda r: (list(METHODS).index(r["method"]), r["mlp"], r.get("dtype", ""))):
         unit = r["dense_forward_seconds"]
         cells = [f"{r['phases'].get(c, 0):.1f} ({r['phases'].get(c, 0) / unit:.1f})" for c in COLUMNS]
         out.append(
-            f"| {r['method']} | {r['shape']} | {r['hidden']} / {r['mlp']} | {r['total_seconds']:.1f} | "
+            f"| {r['method']} | {_shape(r)} | {r['hidden']} / {r['mlp']} | {r['total_seconds']:.1f} | "
             f"{r['total_seconds'] / unit:.1f} | " + " | ".join(cells) + " | " + _peak(r) + " |"
         )
     for method in METHODS:
@@ -142,6 +144,53 @@ def table(runs: list[dict]) -> str:
             out.append(f"| {method} | slope on layer parameters | | {s.get('total', float('nan')):.2f} | | ")
             out[-1] += " | ".join(f"{s[c]:.2f}" if c in s else "" for c in COLUMNS) + " |"
     return "\n".join(out)
+
+
+def plan_check(runs: list[dict]) -> str:
+    """Each run's phases beside what ``slicegpt plan`` predicts for that layer (this CPU's default
+    rates): seconds predicted / measured per term, and the total (less the disk, not timed here).
+    The wide shapes test the plan's cubic terms far beyond the models it was fitted on."""
+    import transformers
+
+    from slicegpt import SliceConfig
+    from slicegpt.evaluation.plan import plan_model
+    from slicegpt.io.headers import write_index_only_folder
+
+    out = [
+        "| method | shape | " + " | ".join(f"{t} plan / measured" for t in PLAN_TERMS) + " | total |",
+        "|---|---|" + "---:|" * (len(PLAN_TERMS) + 1),
+    ]
+    for r in sorted(runs, key=lambda r: (list(METHODS).index(r["method"]), r["mlp"], r.get("dtype", ""))):
+        hidden, mlp, heads, kv = SHAPES[r["shape"]]
+        config = transformers.LlamaConfig(
+            vocab_size=256,
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            num_hidden_layers=1,
+            tie_word_embeddings=False,
+        )
+        dtype = r.get("dtype", "float32")
+        cfg = SliceConfig(
+            target_params=r["target"], nsamples=r["nsamples"], seqlen=r["seqlen"], dtype=dtype, **METHODS[r["method"]]
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            write_index_only_folder(folder, config, dtype)
+            t = plan_model(folder, cfg).time
+        cells = []
+        for term, phases in PLAN_TERMS.items():
+            measured = sum(r["phases"].get(p, 0.0) for p in phases)
+            cells.append(f"{getattr(t, term):.1f} / {measured:.1f}")
+        total = t.total - t.disk
+        cells.append(f"{total:.1f} / {r['total_seconds']:.1f} s ({total / r['total_seconds']:.2f})")
+        out.append(f"| {r['method']} | {_shape(r)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _shape(run: dict) -> str:
+    """The shape's name, and the layer's dtype where it is not float32."""
+    return run["shape"] + (f" ({run['dtype']})" if run.get("dtype", "float32") != "float32" else "")
 
 
 def _peak(run: dict) -> str:
@@ -160,13 +209,21 @@ def plot(runs: list[dict], path: Path) -> None:
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4.2), sharey=True, squeeze=False)
     for ax, method in zip(axes[0], methods):
-        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: layer_params(r["shape"]))
+        ordered = sorted((r for r in runs if r["method"] == method), key=lambda r: layer_params(r["shape"]))
+        mine = [r for r in ordered if r.get("dtype", "float32") == "float32"]
+        other = [r for r in ordered if r.get("dtype", "float32") != "float32"]  # bfloat16 layers: points apart
         x = [layer_params(r["shape"]) / 1e6 for r in mine]
         for k, c in enumerate((*COLUMNS, "dense forward")):
             y = [seconds(r, c) for r in mine]
-            if max(y) > 0.05:  # one colour per phase in every panel
+            if y and max(y) > 0.05:  # one colour per phase in every panel
                 style = dict(color="k", linestyle="--") if c == "dense forward" else dict(color=f"C{k}", marker="o")
                 ax.loglog(x, [max(v, 1e-2) for v in y], label=c, **style)
+            for r in other:
+                if seconds(r, c) > 0.05:
+                    colour = "k" if c == "dense forward" else f"C{k}"
+                    ax.loglog([layer_params(r["shape"]) / 1e6], [seconds(r, c)], marker="x", color=colour, linestyle="")
+        if other:
+            ax.plot([], [], marker="x", color="grey", linestyle="", label="x: bfloat16 layer")
         ax.legend(fontsize=7)
         ax.set_title(method)
         ax.set_xlabel("parameters of the layer, millions (4,096 tokens)")
@@ -196,7 +253,7 @@ def main() -> None:
     args = p.parse_args()
     if args.tables:
         runs = json.loads(Path(args.out).read_text())["runs"]
-        print(table(runs))
+        print(table(runs) + "\n\n" + plan_check(runs))
         if args.plot:
             plot(runs, Path(args.plot))
         return
@@ -215,7 +272,7 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
             print(table([r]).splitlines()[2], flush=True)
-    print(table(runs))
+    print(table(runs) + "\n\n" + plan_check(runs))
     if args.plot:
         plot(runs, Path(args.plot))
 
