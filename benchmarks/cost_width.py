@@ -31,6 +31,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from cost_phases import METHODS, PHASES, PLAN_TERMS, timed_compression
 from fresh import add_one, answer_one, replace_runs, run_fresh
@@ -59,17 +60,8 @@ def one_run(job: dict) -> dict:
     from slicegpt.io.headers import write_index_only_folder
     from slicegpt.memory import peak_rss_gb
 
-    hidden, mlp, heads, kv = SHAPES[job["shape"]]
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=hidden,
-        intermediate_size=mlp,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        num_hidden_layers=1,
-        max_position_embeddings=max(4096, job["seqlen"]),
-        tie_word_embeddings=False,
-    )
+    hidden, mlp, _, _ = SHAPES[job["shape"]]
+    config = layer_config(job["shape"], job["seqlen"])
     torch.manual_seed(0)
     dtype = job.get("dtype", "float32")
     model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype)).eval()
@@ -94,6 +86,23 @@ def one_run(job: dict) -> dict:
         peak_rss_gb=peak_rss_gb(),
         plan_host_gb=planned,
         **timing,
+    )
+
+
+def layer_config(shape: str, seqlen: int) -> Any:
+    """The one-layer Llama of a shape: a 256-token vocabulary, so embeddings and head cost nothing."""
+    import transformers
+
+    hidden, mlp, heads, kv = SHAPES[shape]
+    return transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        num_hidden_layers=1,
+        max_position_embeddings=max(4096, seqlen),
+        tie_word_embeddings=False,
     )
 
 
@@ -150,8 +159,6 @@ def plan_check(runs: list[dict]) -> str:
     """Each run's phases beside what ``slicegpt plan`` predicts for that layer (this CPU's default
     rates): seconds predicted / measured per term, and the total (less the disk, not timed here).
     The wide shapes test the plan's cubic terms far beyond the models it was fitted on."""
-    import transformers
-
     from slicegpt import SliceConfig
     from slicegpt.evaluation.plan import plan_model
     from slicegpt.io.headers import write_index_only_folder
@@ -161,16 +168,7 @@ def plan_check(runs: list[dict]) -> str:
         "|---|---|" + "---:|" * (len(PLAN_TERMS) + 1),
     ]
     for r in sorted(runs, key=lambda r: (list(METHODS).index(r["method"]), r["mlp"], r.get("dtype", ""))):
-        hidden, mlp, heads, kv = SHAPES[r["shape"]]
-        config = transformers.LlamaConfig(
-            vocab_size=256,
-            hidden_size=hidden,
-            intermediate_size=mlp,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            num_hidden_layers=1,
-            tie_word_embeddings=False,
-        )
+        config = layer_config(r["shape"], r["seqlen"])
         dtype = r.get("dtype", "float32")
         cfg = SliceConfig(
             target_params=r["target"], nsamples=r["nsamples"], seqlen=r["seqlen"], dtype=dtype, **METHODS[r["method"]]
