@@ -135,7 +135,7 @@ def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tup
 
     import slicegpt
 
-    from slicegpt.core.precision import asks_fast_float32, fast_float32
+    from slicegpt.core.precision import asks_fast_float32, fast_float32, fast_float32_available
 
     start = time.perf_counter()
     # the unit in the precision the compression runs in
@@ -154,6 +154,8 @@ def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tup
         phases=dict(clock.seconds, other=total - sum(clock.seconds.values())),
         calls=clock.calls,
         torch_threads=torch.get_num_threads(),
+        # whether the fast float32 products ran: asked for, and this CPU has the bfloat16 units
+        fast_products=asks_fast_float32(config) and fast_float32_available(),
     )
 
 
@@ -181,7 +183,8 @@ PLAN_TERMS = {
     "eigh": ("eigendecompositions",),
     "solves": ("refits",),
     "selection": ("neuron selection",),
-    "other": ("rotate and slice", "other"),
+    "rotations": ("rotate and slice",),
+    "other": ("other",),
 }
 
 
@@ -204,9 +207,12 @@ def plan_check(runs: list[dict]) -> str:
             nsamples=r["nsamples"],
             seqlen=r["seqlen"],
             fast_matmul=r.get("fast_matmul", False),
+            calib="wiki",  # what the runs calibrate on (a chat model's default would add its own conversations)
             **METHODS[r["method"]],
         )
-        t = plan_model(str(materialise(r["model"])) if r["model"] else None, config).time
+        # the rates of the machine that ran it (runs from before the field: fast where asked)
+        fast = r.get("fast_products", r.get("fast_matmul", False))
+        t = plan_model(str(materialise(r["model"])) if r["model"] else None, config, fast_float32=fast).time
         planned = {term: getattr(t, term) for term in PLAN_TERMS}  # each term is a TimeEstimate field
         cells = []
         for term, phases in PLAN_TERMS.items():

@@ -175,7 +175,8 @@ def plan_check(runs: list[dict]) -> str:
         )
         with tempfile.TemporaryDirectory() as folder:
             write_index_only_folder(folder, config, dtype)
-            t = plan_model(folder, cfg).time
+            # the rates of the machine that ran it (runs from before the field: IEEE float32 taken)
+            t = plan_model(folder, cfg, fast_float32=r.get("fast_products", False)).time
         cells = []
         for term, phases in PLAN_TERMS.items():
             measured = sum(r["phases"].get(p, 0.0) for p in phases)

@@ -20,6 +20,7 @@ from slicegpt.evaluation.plan import (
     OTHER_SECONDS_PER_PARAM,
     OTHER_SECONDS_PER_STREAM_ELEMENT,
     RIDGE_TRIED,
+    ROTATE_EFFICIENCY,
     SELECTION_EFFICIENCY,
     SOLVE_EFFICIENCY,
     SOLVE_FLOAT32_EFFICIENCY,
@@ -184,7 +185,10 @@ def test_cli_prints_the_table_and_writes_every_figure(
     assert mem["host_streaming"] <= mem["host_in_memory"] and mem["device_peak"] == 0.0  # --device cpu: on the host
     assert data["memory_per_node_bytes"]["host_streaming"] == pytest.approx(2 * mem["host_streaming"])
     assert data["time_seconds"]["total"] == pytest.approx(
-        sum(data["time_seconds"][k] for k in ("forward", "statistics", "eigh", "solves", "selection", "other", "disk"))
+        sum(
+            data["time_seconds"][k]
+            for k in ("forward", "statistics", "eigh", "solves", "selection", "rotations", "other", "disk")
+        )
     )
     assert data["calibration_tokens"] == 32 * 64
 
@@ -261,6 +265,9 @@ def test_time_model_terms() -> None:
     per_token = 2 * SHAPE.layer_params + 4 * 2048 * 8192 * 80  # weights, then attention's scores and values
     assert t.forward_flops == pytest.approx(per_token * tokens + 6 * 8192**2 * tokens * 80)
     assert t.eigh_flops == 10 * 8192**3 * 161 and t.solves == 0 and t.disk == pytest.approx(254)
+    # every matrix turned into the 6144-wide basis in float64: the layers', the embeddings' and the head's
+    assert t.rotation_flops == 2 * 6144 * SHAPE.params
+    assert t.rotations == pytest.approx(t.rotation_flops / (ROTATE_EFFICIENCY * 10e12))
     eight = time_model(SHAPE, replace(WORK, nproc=8), rate, 138 * GB, 116 * GB)
     assert eight.forward == pytest.approx(t.forward / 8) and eight.eigh == t.eigh and eight.disk == t.disk
     corrected = time_model(SHAPE, replace(WORK, corrections=True), rate, 138 * GB, 116 * GB)
@@ -291,6 +298,13 @@ def test_time_model_terms() -> None:
     # uniform, only MLP neurons go: no pooling walk, no eigendecomposition
     mlp_only = time_model(SHAPE, replace(WORK, uniform=True, residual_width=8192, kept_neurons=16384), rate, 0, 0)
     assert mlp_only.eigh == 0 and mlp_only.statistics_flops > 0 and mlp_only.forward_flops > 0
+    assert mlp_only.rotations == 0  # nothing turned
+    # a tied table is rotated once in uniform mode, and as the embedding and the head it becomes per-layer
+    tied = replace(SHAPE, tied=True, non_layer_params=SHAPE.table_params)
+    assert time_model(tied, replace(WORK, uniform=True), rate, 0, 0).rotation_flops == 2 * 6144 * (
+        SHAPE.layer_params + SHAPE.table_params
+    )
+    assert time_model(tied, WORK, rate, 0, 0).rotation_flops == 2 * 6144 * (SHAPE.layer_params + 2 * SHAPE.table_params)
     # a kept basis rotates nothing: slicing the residual as well adds 6 x hidden^2 per token and layer
     kept = time_model(SHAPE, replace(WORK, residual_width=8192, kept_neurons=16384), rate, 0, 0)
     both = time_model(SHAPE, replace(WORK, kept_neurons=16384), rate, 0, 0)

@@ -89,14 +89,21 @@ SOLVE_FLOAT32_EFFICIENCY = 0.45
 #: picks.)
 SELECTION_EFFICIENCY = 0.26
 GREEDY_PICK_SECONDS = 3.3e-5
-#: What a run spends outside its arithmetic (fusing the norms and rotating the embeddings and head
-#: in float64, copies, the data, bookkeeping): a fixed part and a part per stored parameter, and
-#: with corrections per element of the streams each layer moves (the reference stream, the dense
-#: layer's outputs, what the writers read). Fitted here: SmolLM2 5-6 s (SliceGPT at 8 and 32
-#: rows), Qwen2.5-Coder-0.5B 16 s (SliceGPT); the budget's grows 4 s from 8 to 32 rows on SmolLM2
-#: (an earlier machine of the same kind: 5-7 s and 21 s).
+#: Rotating the weights into the sliced basis (core.ops: every matrix that reads or writes the
+#: stream times Q[:, :d], 2 x d flops per element, in float64) runs at this share of the float64
+#: rate. Measured here (benchmarks/cost_width.py, cost_phases.py, "rotate and slice"): 0.11
+#: TFLOP/s on a 7B-shaped layer's 1.2 TFLOP (11 s), about 0.1 on SmolLM2's and Qwen's, i.e. the
+#: covariances' rate. It grows with width x parameters: 2% of SliceGPT alone on Qwen2.5-0.5B, a
+#: third of it on a 7B-shaped layer.
+ROTATE_EFFICIENCY = 1.0
+#: What a run spends outside its arithmetic (fusing the norms, copies, the data, bookkeeping): a
+#: fixed part and a part per stored parameter, and with corrections per element of the streams
+#: each layer moves (the reference stream, the dense layer's outputs, what the writers read).
+#: Fitted here without the rotations (above; they were counted here until a 7B-shaped layer showed
+#: them growing with the width): SmolLM2 4.4-6.8 s (SliceGPT at 8 to 128 rows, fast products),
+#: Qwen2.5-Coder-0.5B 11-13 s; the budget's grows 4 s from 8 to 32 rows on SmolLM2.
 OTHER_SECONDS = 2.5
-OTHER_SECONDS_PER_PARAM = 2.1e-8
+OTHER_SECONDS_PER_PARAM = 1.6e-8
 OTHER_SECONDS_PER_STREAM_ELEMENT = 9e-9
 
 
@@ -391,6 +398,10 @@ class TimeEstimate:
                      models, taken as the float32 rate here); the spreading walk's MLP moments
                      over its rows. Divided over --nproc.
       eigh           10 x hidden^3 float64 per eigendecomposition (one per PCA point, plus the embedding's).
+      rotations      the weights turned into the sliced basis, in float64: 2 x residual width flops
+                     per element of every layer matrix and of the embeddings and head (a tied head
+                     once in uniform mode, twice where per-layer slicing unties it), at
+                     ROTATE_EFFICIENCY x the float64 rate; none where the basis is kept.
       solves         corrections: per writer about 4.5 ridge strengths tried (a solve, Cholesky 1/3 n^3 + 2 n^2
                      hidden, and a held-out error, 2 n^2 hidden, each) and the final solve; n = the
                      kept neurons for the MLP. The strengths tried in float32 for a float32 or half
@@ -413,17 +424,28 @@ class TimeEstimate:
     eigh_flops: float
     solve_flops: float
     selection_flops: float
+    rotation_flops: float
     forward: float
     statistics: float
     eigh: float
     solves: float
     selection: float
+    rotations: float
     other: float
     disk: float
 
     @property
     def total(self) -> float:
-        return self.forward + self.statistics + self.eigh + self.solves + self.selection + self.other + self.disk
+        return (
+            self.forward
+            + self.statistics
+            + self.eigh
+            + self.solves
+            + self.selection
+            + self.rotations
+            + self.other
+            + self.disk
+        )
 
     def to_dict(self) -> dict[str, float]:
         return {**asdict(self), "total": self.total}
@@ -493,6 +515,10 @@ def time_model(
             t, f = _ridge_flops(k, d, tried)
             trials, solves = trials + t * n * (shape.experts - 1), solves + f * n * (shape.experts - 1)
     eigh = 10.0 * d**3 * work.eigh_points(shape.points_per_layer, n)
+    rotation = 0.0
+    if not work.keeps_basis:  # every stored matrix is read or written by the stream: [.., D] @ Q[:, :d]
+        tables = shape.non_layer_params + (shape.table_params if shape.tied and not work.uniform else 0)
+        rotation = 2.0 * work.residual_width * (shape.layer_params + tables)
     other = OTHER_SECONDS + OTHER_SECONDS_PER_PARAM * shape.params
     if work.corrections:
         other += OTHER_SECONDS_PER_STREAM_ELEMENT * tokens * d * n / work.nproc
@@ -503,11 +529,13 @@ def time_model(
         eigh_flops=c * eigh,
         solve_flops=c * (trials + solves),
         selection_flops=c * selection,
+        rotation_flops=c * rotation,
         forward=c * forward / (rate.tflops * 1e12) / work.nproc,
         statistics=c * (stats / (rate.fp64_tflops * 1e12) + moments / (rate.moments_tflops * 1e12)) / work.nproc,
         eigh=c * eigh / (rate.fp64_tflops * 1e12),
         solves=c * (solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12) + trials / _trial_rate(work, rate)),
         selection=c * (selection / (SELECTION_EFFICIENCY * rate.moments_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
+        rotations=c * rotation / (ROTATE_EFFICIENCY * rate.fp64_tflops * 1e12),
         other=c * other,
         disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
     )
@@ -677,9 +705,11 @@ def plan_model(
     tflops: float | None = None,
     fp64_tflops: float | None = None,
     disk_gbps: float | None = None,
+    fast_float32: bool | None = None,
 ) -> Plan:
     """The plan for slicing ``files`` (a folder, a hub id, a .gguf, None for the embedded default, or
-    :class:`ModelFiles`) as ``config`` says."""
+    :class:`ModelFiles`) as ``config`` says. ``fast_float32``: whether the run's CPU has the units
+    for the fast float32 products (None: this machine's, where the run asks for them)."""
     from transformers import AutoConfig
 
     if nproc < 1:
@@ -736,7 +766,7 @@ def plan_model(
         spread_rows=min(SPREAD_ROWS, config.nsamples) if spreads else 0,
     )
     # the CPU's fast float32 products where the run would use them (the units checked on this machine)
-    fast = asks_fast_float32(config) and fast_float32_available()
+    fast = asks_fast_float32(config) and (fast_float32_available() if fast_float32 is None else fast_float32)
     rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps, fast_float32=fast)
     if files.disk_bytes is not None:
         disk, disk_source = float(files.disk_bytes), files.source
@@ -881,6 +911,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"| refit solves ({_flop(t.solve_flops)}) | {t.solves / 60:,.1f} |")
     if t.selection_flops:
         lines.append(f"| neuron selection ({_flop(t.selection_flops)}) | {t.selection / 60:,.1f} |")
+    if t.rotation_flops:
+        lines.append(f"| rotating the weights ({_flop(t.rotation_flops)} in float64) | {t.rotations / 60:,.1f} |")
     lines.append(f"| other (norm fusing, copies, data) | {t.other / 60:,.1f} |")
     lines += [
         f"| disk ({plan.throughput.disk_gbps:g} GB/s) | {t.disk / 60:,.1f} |",
