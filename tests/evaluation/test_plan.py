@@ -409,6 +409,18 @@ def test_the_plan_counts_the_cpus_fast_float32_products_only_where_the_run_uses_
     assert slow.time.solves * ratio < fast.time.solves < slow.time.solves
     monkeypatch.setattr(plan_module, "fast_float32_available", lambda: False)  # a CPU without bfloat16 units
     assert plan_model(None, config).throughput.tflops == slow.throughput.tflops
+    # there a half model's products run on torch's generic kernels: planned slower, and said
+    half = replace(config, dtype="bfloat16")
+    without = plan_model(None, half)
+    assert without.throughput.tflops == pytest.approx(
+        plan_module.DEFAULT_TFLOPS["cpu"]["bfloat16"] / plan_module.HALF_WITHOUT_UNITS_SLOWDOWN
+    )
+    assert any("no bfloat16 units" in note for note in without.notes)
+    with_units = plan_model(None, half, fast_float32=True)  # the machine that will run it has them
+    assert with_units.throughput.tflops == plan_module.DEFAULT_TFLOPS["cpu"]["bfloat16"] and not any(
+        "units" in note for note in with_units.notes
+    )
+    assert plan_model(None, half, tflops=0.5).throughput.tflops == 0.5  # a rate given is taken as given
 
 
 def test_plan_counts_a_chat_models_own_conversations_on_top_of_its_prose_rows(tmp_path: Path) -> None:

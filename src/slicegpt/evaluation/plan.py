@@ -59,6 +59,10 @@ DEFAULT_TFLOPS: dict[str, dict[str, float]] = {
 #: the same machine ran IEEE float32 forwards at 0.19).
 FAST_CPU_FLOAT32_TFLOPS = 0.32
 FAST_CPU_MOMENTS_TFLOPS = 0.39
+#: A CPU without those units (oneDNN's bfloat16 path) runs a half model's products through
+#: torch's generic kernels: measured on a 2-core AMD EPYC with AVX2 alone, torch 2.13, one
+#: thread, (1024 x 896) @ (896 x 4864): bfloat16 4.2 and float16 5.1 GFLOP/s against float32's 33.
+HALF_WITHOUT_UNITS_SLOWDOWN = 8.0
 DEFAULT_DISK_GBPS = 1.0
 
 # Closed-form corrections try about this many ridge strengths per writer (each a solve and a
@@ -766,8 +770,15 @@ def plan_model(
         spread_rows=min(SPREAD_ROWS, config.nsamples) if spreads else 0,
     )
     # the CPU's fast float32 products where the run would use them (the units checked on this machine)
-    fast = asks_fast_float32(config) and (fast_float32_available() if fast_float32 is None else fast_float32)
+    units = fast_float32_available() if fast_float32 is None else fast_float32
+    fast = asks_fast_float32(config) and units
     rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps, fast_float32=fast)
+    if device.split(":")[0] == "cpu" and dtype in ("bfloat16", "float16") and not units and tflops is None:
+        rate = replace(rate, tflops=rate.tflops / HALF_WITHOUT_UNITS_SLOWDOWN)
+        notes.append(
+            f"this CPU has no {dtype} units: torch runs {dtype} products about {HALF_WITHOUT_UNITS_SLOWDOWN:g}x "
+            "slower than float32 here (the forwards are planned so); --dtype float32 is faster on it"
+        )
     if files.disk_bytes is not None:
         disk, disk_source = float(files.disk_bytes), files.source
     else:
