@@ -93,6 +93,10 @@ SOLVE_FLOAT32_EFFICIENCY = 0.45
 #: picks.)
 SELECTION_EFFICIENCY = 0.26
 GREEDY_PICK_SECONDS = 3.3e-5
+#: LAPACK's symmetric eigendecomposition (10 x hidden^3 flops counted) runs at this share of the
+#: float64 rate: measured on one-layer models here (benchmarks/cost_width.py, SliceGPT alone):
+#: 1.31 s at hidden 2048, 9.1 and 10.1 s at 4096, against 0.86 and 6.9 s at the full rate.
+EIGH_EFFICIENCY = 0.7
 #: Rotating the weights into the sliced basis (core.ops: every matrix that reads or writes the
 #: stream times Q[:, :d], 2 x d flops per element, in float64) runs at this share of the float64
 #: rate. Measured here (benchmarks/cost_width.py, cost_phases.py, "rotate and slice"): 0.11
@@ -401,7 +405,8 @@ class TimeEstimate:
                      the dtype's rate: float32 on a GPU is the model's rate / 5 for half
                      models, taken as the float32 rate here); the spreading walk's MLP moments
                      over its rows. Divided over --nproc.
-      eigh           10 x hidden^3 float64 per eigendecomposition (one per PCA point, plus the embedding's).
+      eigh           10 x hidden^3 float64 per eigendecomposition (one per PCA point, plus the embedding's),
+                     at EIGH_EFFICIENCY x the float64 rate.
       rotations      the weights turned into the sliced basis, in float64: 2 x residual width flops
                      per element of every layer matrix and of the embeddings and head (a tied head
                      once in uniform mode, twice where per-layer slicing unties it), at
@@ -536,7 +541,7 @@ def time_model(
         rotation_flops=c * rotation,
         forward=c * forward / (rate.tflops * 1e12) / work.nproc,
         statistics=c * (stats / (rate.fp64_tflops * 1e12) + moments / (rate.moments_tflops * 1e12)) / work.nproc,
-        eigh=c * eigh / (rate.fp64_tflops * 1e12),
+        eigh=c * eigh / (EIGH_EFFICIENCY * rate.fp64_tflops * 1e12),
         solves=c * (solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12) + trials / _trial_rate(work, rate)),
         selection=c * (selection / (SELECTION_EFFICIENCY * rate.moments_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
         rotations=c * rotation / (ROTATE_EFFICIENCY * rate.fp64_tflops * 1e12),
