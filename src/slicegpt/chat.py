@@ -364,10 +364,14 @@ def generate(
 def model_fingerprint(model: nn.Module, tokenizer: Any) -> str:
     """A short digest that tells models apart: the config, the chat template, and the shape and
     the first and last 4096 values of every parameter (whole-weight hashing of a large model
-    would take minutes; a different model or a changed weight shows in these)."""
+    would take minutes; a different model or a changed weight shows in these). Where the model was
+    loaded from is left out: the same model from a moved folder keeps its cached answers, and a
+    resumed ``generate-data`` file its header."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
-    h.update(json.dumps(config.to_dict() if config is not None else {}, sort_keys=True, default=str).encode())
+    settings = config.to_dict() if config is not None else {}
+    settings.pop("_name_or_path", None)
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(str(getattr(tokenizer, "chat_template", None)).encode())
     for name, p in model.named_parameters():
         if p.is_meta:

@@ -247,6 +247,32 @@ def test_generate_data_resumes_to_the_same_file_and_refuses_other_settings(
     assert main(["generate-data", model, "--prompts", prompt_file, "--out", prompt_file]) == 2
 
 
+def test_a_moved_model_folder_continues_its_generated_file(chat_model_dir: Path, tmp_path: Path) -> None:
+    """The fingerprint names the weights, not where they were loaded from: the same model from a
+    copied folder continues a `generate-data` file (and reads cached answers); a changed weight
+    does not."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    moved = tmp_path / "moved"
+    shutil.copytree(chat_model_dir / "model", moved)
+    here = AutoModelForCausalLM.from_pretrained(chat_model_dir / "model")
+    there = AutoModelForCausalLM.from_pretrained(moved)
+    assert here.config._name_or_path != there.config._name_or_path
+    assert chat.model_fingerprint(here, chat_tokenizer()) == chat.model_fingerprint(there, chat_tokenizer())
+    with torch.no_grad():
+        there.get_input_embeddings().weight[0, 0] += 1.0
+    assert chat.model_fingerprint(here, chat_tokenizer()) != chat.model_fingerprint(there, chat_tokenizer())
+    prompt_file, out = str(chat_model_dir / "prompts.txt"), tmp_path / "conv.jsonl"
+    args = ["--prompts", prompt_file, "--max-new-tokens", "4", "--batch-size", "2", "--n", "2", "--out", str(out)]
+    assert main(["generate-data", str(chat_model_dir / "model"), *args]) == 0
+    shutil.copytree(chat_model_dir / "model", tmp_path / "moved again")
+    more = [*args[:-4], "--n", "4", "--out", str(out)]
+    assert main(["generate-data", str(tmp_path / "moved again"), *more]) == 0
+    assert len(out.read_text().splitlines()) == 4
+
+
 def test_a_conversation_file_without_a_setting_is_continued_by_a_run_that_leaves_it_unset(tmp_path: Path) -> None:
     # ``slice --calib self`` writes its cache naming no system prompt; generate-data names
     # ``system: None``: the same run, so generate-data continues that cache
