@@ -154,8 +154,8 @@ def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tup
         phases=dict(clock.seconds, other=total - sum(clock.seconds.values())),
         calls=clock.calls,
         torch_threads=torch.get_num_threads(),
-        # whether the fast float32 products ran: asked for, and this CPU has the bfloat16 units
-        fast_products=asks_fast_float32(config) and fast_float32_available(),
+        # the machine's fact the plan's rates follow (the fast products ran where also asked for)
+        bf16_units=fast_float32_available(),
     )
 
 
@@ -188,6 +188,18 @@ PLAN_TERMS = {
 }
 
 
+def plan_cells(t: Any, run: dict, digits: int = 0, unit: str = " s") -> list[str]:
+    """Table cells: each of plan's time terms (``t``, a TimeEstimate) beside the phases it predicts,
+    "planned / measured", then the totals (less the disk, not timed here) and their ratio."""
+    cells = [
+        f"{getattr(t, term):.{digits}f} / {sum(run['phases'].get(p, 0.0) for p in phases):.{digits}f}{unit}"
+        for term, phases in PLAN_TERMS.items()
+    ]
+    total = t.total - t.disk
+    cells.append(f"{total:.{digits}f} / {run['total_seconds']:.{digits}f} s ({total / run['total_seconds']:.2f})")
+    return cells
+
+
 def plan_check(runs: list[dict]) -> str:
     """Each run's phases beside what ``slicegpt plan`` predicts for the same settings (default CPU
     rates): seconds predicted / measured, per term, and the total (less the disk, not timed here)."""
@@ -210,16 +222,10 @@ def plan_check(runs: list[dict]) -> str:
             calib="wiki",  # what the runs calibrate on (a chat model's default would add its own conversations)
             **METHODS[r["method"]],
         )
-        # the rates of the machine that ran it (runs from before the field: fast where asked)
-        fast = r.get("fast_products", r.get("fast_matmul", False))
-        t = plan_model(str(materialise(r["model"])) if r["model"] else None, config, fast_float32=fast).time
-        planned = {term: getattr(t, term) for term in PLAN_TERMS}  # each term is a TimeEstimate field
-        cells = []
-        for term, phases in PLAN_TERMS.items():
-            measured = sum(r["phases"].get(p, 0.0) for p in phases)
-            cells.append(f"{planned[term]:.0f} / {measured:.0f} s")
-        total = t.total - t.disk
-        cells.append(f"{total:.0f} / {r['total_seconds']:.0f} s ({total / r['total_seconds']:.2f})")
+        # the rates of the machine that ran it (runs from before the field ran fast where asked: it had the units)
+        units = r.get("bf16_units", r.get("fast_matmul", False))
+        t = plan_model(str(materialise(r["model"])) if r["model"] else None, config, bf16_units=units).time
+        cells = plan_cells(t, r)
         fast = "yes" if r.get("fast_matmul") else "no"
         out.append(f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {fast} | " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cost_phases import METHODS, PHASES, PLAN_TERMS, timed_compression
+from cost_phases import METHODS, PHASES, PLAN_TERMS, plan_cells, timed_compression
 from fresh import add_one, answer_one, replace_runs, run_fresh
 
 HERE = Path(__file__).resolve().parent
@@ -175,14 +175,9 @@ def plan_check(runs: list[dict]) -> str:
         )
         with tempfile.TemporaryDirectory() as folder:
             write_index_only_folder(folder, config, dtype)
-            # the rates of the machine that ran it (runs from before the field: IEEE float32 taken)
-            t = plan_model(folder, cfg, fast_float32=r.get("fast_products", False)).time
-        cells = []
-        for term, phases in PLAN_TERMS.items():
-            measured = sum(r["phases"].get(p, 0.0) for p in phases)
-            cells.append(f"{getattr(t, term):.1f} / {measured:.1f}")
-        total = t.total - t.disk
-        cells.append(f"{total:.1f} / {r['total_seconds']:.1f} s ({total / r['total_seconds']:.2f})")
+            # the rates of the machine that ran it (runs from before the field: taken as without the units)
+            t = plan_model(folder, cfg, bf16_units=r.get("bf16_units", False)).time
+        cells = plan_cells(t, r, digits=1, unit="")
         out.append(f"| {r['method']} | {_shape(r)} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

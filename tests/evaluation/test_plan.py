@@ -416,7 +416,7 @@ def test_the_plan_counts_the_cpus_fast_float32_products_only_where_the_run_uses_
         plan_module.DEFAULT_TFLOPS["cpu"]["bfloat16"] / plan_module.HALF_WITHOUT_UNITS_SLOWDOWN
     )
     assert any("no bfloat16 units" in note for note in without.notes)
-    with_units = plan_model(None, half, fast_float32=True)  # the machine that will run it has them
+    with_units = plan_model(None, half, bf16_units=True)  # the machine that will run it has them
     assert with_units.throughput.tflops == plan_module.DEFAULT_TFLOPS["cpu"]["bfloat16"] and not any(
         "units" in note for note in with_units.notes
     )

@@ -714,11 +714,12 @@ def plan_model(
     tflops: float | None = None,
     fp64_tflops: float | None = None,
     disk_gbps: float | None = None,
-    fast_float32: bool | None = None,
+    bf16_units: bool | None = None,
 ) -> Plan:
     """The plan for slicing ``files`` (a folder, a hub id, a .gguf, None for the embedded default, or
-    :class:`ModelFiles`) as ``config`` says. ``fast_float32``: whether the run's CPU has the units
-    for the fast float32 products (None: this machine's, where the run asks for them)."""
+    :class:`ModelFiles`) as ``config`` says. ``bf16_units``: whether the CPU that will run it has
+    bfloat16 units (the fast float32 products where the run asks for them, half models at the
+    float32 rate); None: this machine's."""
     from transformers import AutoConfig
 
     if nproc < 1:
@@ -775,7 +776,7 @@ def plan_model(
         spread_rows=min(SPREAD_ROWS, config.nsamples) if spreads else 0,
     )
     # the CPU's fast float32 products where the run would use them (the units checked on this machine)
-    units = fast_float32_available() if fast_float32 is None else fast_float32
+    units = fast_float32_available() if bf16_units is None else bf16_units
     fast = asks_fast_float32(config) and units
     rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps, fast_float32=fast)
     if device.split(":")[0] == "cpu" and dtype in ("bfloat16", "float16") and not units and tflops is None:
