@@ -44,11 +44,11 @@ CHAT_DEFAULT = "wiki+self"
 #: What 'auto' calibration is for a model with a chat template: the prose rows a base model gets
 #: (``nsamples`` of them) and half as many of its own conversations on top, 1.5 x ``nsamples``
 #: rows in all (:func:`resolve_auto_calibration`). Measured at 32 + 16 rows against the 32 of
-#: prose alone the default was before (one calibration draw each): SmolLM2 and Qwen2.5-Coder keep
-#: their chat (no echo, top-1 agreement 64.2% against 57.6%, 85.1% against 74.0%) and are better on
-#: wiki (0.7%, 4.1%) and novels (12%, 2.5%), where 'wiki+self' on 32 rows cost Qwen 9.4% of wiki
-#: over two draws (benchmarks/README, "Chat models judged by their answers"). The price: 1.5x
-#: the calibration rows.
+#: prose alone the default was before (two calibration draws each): SmolLM2 and Qwen2.5-Coder keep
+#: their chat (no echo, top-1 agreement 65.0% against 57.3%, 84.7% against 73.1%) and are better on
+#: wiki (0.7%, 1.4%; no draw more than 1.5% behind) and novels (10%, 2.6%), where 'wiki+self' on 32
+#: rows cost Qwen 9.4% of wiki over two draws (benchmarks/README, "Chat models judged by their
+#: answers"). The price: 1.5x the calibration rows.
 CHAT_CALIBRATION = "2*wiki+self"
 #: How the source model answers for ``self``: greedy, at most this many new tokens each.
 SELF_SETTINGS = chat.GenerationSettings(max_new_tokens=256)
