@@ -4,16 +4,21 @@
     .venv/bin/python benchmarks/fast_statistics.py --nsamples 32 --modes uniform
     .venv/bin/python benchmarks/fast_statistics.py --against ieee --model qwen2.5-coder-0.5b --modes uniform
     .venv/bin/python benchmarks/fast_statistics.py --against select64 --modes uniform
+    .venv/bin/python benchmarks/fast_statistics.py --against rows64 --nsamples 32 --modes uniform
 
 Two speed-ups of the budget method change arithmetic: each batch's moment products (x^T x,
 x^T t) are computed in float32 and summed in float64 (slicegpt.core.refit.product_dtype), and
 the greedy neuron selection takes its neurons in rounds of 16 (slicegpt.core.neurons.ROUND).
 A third changes every float32 product of the run: on a CPU with bfloat16 units they go through
-them (``fast_matmul``, slicegpt.core.precision).
+them (``fast_matmul``, slicegpt.core.precision). A fourth tries a wide writer's ridge strengths
+on a sample of its output rows (slicegpt.core.refit.strength_rows).
 This compresses the model twice per mode, in fresh processes: once as the package does, once
 as the baseline --against names: 'reference' (float64 products, neurons taken one at a time, no
 fast float32 products), 'ieee' (the package but for the fast float32 products) or 'select64' (the
-package but for its kept neurons, chosen in float64 as before 2026-12-06), and reports per layer how
+package but for its kept neurons, chosen in float64 as before 2026-12-06), or, the other way round,
+'rows64' (the package with its ridge strengths tried on about 64 output rows, slicegpt.core.refit.
+strength_rows: these models' writers are too narrow for the package to sample them, so this tries
+them on as many times fewer rows than their outputs as a 7B model's are), and reports per layer how
 many kept MLP neurons differ, whether each layer keeps as many (per-layer mode spreads them by
 error curves from the same moments), perplexity on the first --wiki-rows rows of the 'wiki'
 evaluation part and --books-rows of 'lambada', and the compression time.
@@ -54,6 +59,8 @@ def one_run(job: dict) -> dict:
     neurons.keep_neurons = recording
     if job["statistics"] == "select64":  # the kept neurons chosen in float64 (the curves stay float32)
         neurons.selection_dtype = lambda weight: torch.float64
+    if job["statistics"] == "rows64":  # ridge strengths tried on about 64 output rows (read at call time)
+        refit.STRENGTH_ROWS = 64
     torch.manual_seed(0)
     model, tokenizer, _ = load_source(job.get("model"))
     uniform = job["mode"] == "uniform"
@@ -64,7 +71,7 @@ def one_run(job: dict) -> dict:
         seqlen=1024,
         calib="wiki",
         seed=job.get("seed", 42),
-        fast_matmul=job["statistics"] in ("fast", "select64"),
+        fast_matmul=job["statistics"] in ("fast", "select64", "rows64"),
     )
     start = time.perf_counter()
     report = slicegpt.slice_model(model, tokenizer, None, config, progress=False)
@@ -103,9 +110,10 @@ def main() -> None:
     p.add_argument(
         "--against",
         default="reference",
-        choices=["reference", "ieee", "select64"],
+        choices=["reference", "ieee", "select64", "rows64"],
         help="the baseline: float64 products and one neuron at a time, the package without fast float32 products, "
-        "or the package with its kept neurons chosen in float64",
+        "the package with its kept neurons chosen in float64, or (not a baseline: the sampled arm) the package "
+        "with its ridge strengths tried on about 64 output rows",
     )
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--target", type=float, default=0.75)
@@ -115,12 +123,18 @@ def main() -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="default by --against: results/fast_statistics.json, fast_matmul.json, fast_selection.json",
+        help="default by --against: results/fast_statistics.json, fast_matmul.json, fast_selection.json, "
+        "strength_rows.json",
     )
     add_one(p)
     p.add_argument("--report", action="store_true", help="print the table of --out again, running nothing")
     args = p.parse_args()
-    default = {"reference": "fast_statistics.json", "ieee": "fast_matmul.json", "select64": "fast_selection.json"}
+    default = {
+        "reference": "fast_statistics.json",
+        "ieee": "fast_matmul.json",
+        "select64": "fast_selection.json",
+        "rows64": "strength_rows.json",
+    }
     args.out = args.out or str(RESULTS / default[args.against])
     if answer_one(args, one_run):
         return

@@ -8,7 +8,9 @@ A closed-form correction tries relative ridge strengths on held-out calibration 
 one held-out error each (``slicegpt.core.refit``). The default walks the grid from its middle (3 to 6
 solves); ``exhaustive`` tries all 11. This compresses the model once (in a fresh process) and, at
 every refit, makes the choices on the same moments, timing each: the walk with float64 solves, the
-walk with float32 solves (the package's, for a float32 model) and every strength (float64). How often
+walk with float32 solves on every output row, the same on a sample of the rows (the package's, for a
+float32 model: ``refit.STRENGTH_ROWS``; every row below 2,048 outputs) and on 64 and 32 rows (as
+many times fewer than these models' outputs as 7B's and 70B's samples)) and every strength (float64). How often
 they agree, how many strengths the walk tried, where the walk and the exhaustive choice differ how much
 of the exhaustive choice's held-out gain over the unrefit writer the walk kept, and where the float32
 walk differs from the float64 one how much of that gain it gives up (held-out errors in float64).
@@ -26,6 +28,9 @@ from cost_phases import METHODS
 from fresh import add_one, answer_one, load_source, replace_runs, run_fresh
 
 HERE = Path(__file__).resolve().parent
+# about the output rows of the stress-test walks: 9x and 18x fewer than SmolLM2's 576, 14x and 28x
+# Qwen2.5-0.5B's 896, as the package's 256 are 16x fewer than 7B's 4,096 and 32x than 70B's 8,192
+STRESS_ROWS = (64, 32)
 RESULTS = HERE / "results"
 
 
@@ -43,17 +48,21 @@ def one_run(job: dict) -> dict:
     def checked(moments: refit.FitMoments, w0: torch.Tensor, grid=refit.RIDGE_GRID, exhaustive=False, dtype=None):
         if moments.held.count:
             cov, cross = moments.fit.mean()
-            hcov, hcross = moments.held.mean()
+            hcov, hcross = (m.to(torch.float64) for m in moments.held.mean())  # held-out sums may be float32
             w64 = w0.to(torch.float64)
 
-            def walk(precision: torch.dtype) -> tuple[float, int, float]:
-                """The package's walk with its strengths tried in ``precision``: (choice, solves, seconds)."""
+            def walk(precision: torch.dtype, rows: int | None = None) -> tuple[float, int, float]:
+                """The package's walk with its strengths tried in ``precision`` on the output rows
+                ``rows`` picks (None: all): (choice, solves, seconds)."""
                 held = hcov.to(precision)
+                some = refit.strength_rows(cross, rows)
+                index, weight = (torch.arange(w64.shape[0]), None) if some is None else some
+                w_some, fit_xt, held_xt = w64[index], cross[:, index], hcross[:, index]
                 tried: list[float] = []
 
                 def err(rel: float) -> float:
                     tried.append(rel)
-                    return refit.error(refit.ridge(cov, cross, w64, rel, precision), held, hcross)
+                    return refit.error(refit.ridge(cov, fit_xt, w_some, rel, precision), held, held_xt, weight)
 
                 start = time.perf_counter()
                 chosen = refit.choose_strength(err, grid, tie=refit.tie_for(precision))
@@ -61,6 +70,9 @@ def one_run(job: dict) -> dict:
 
             walked, tried, walk_s = walk(torch.float64)
             walked32, tried32, walk32_s = walk(torch.float32)
+            # on a sample of the output rows: the package's (refit.STRENGTH_ROWS: every row below
+            # 2,048 outputs), and as many times fewer rows than the outputs as 7B's and 70B's samples
+            sampled = {rows: walk(torch.float32, rows) for rows in (refit.STRENGTH_ROWS, *STRESS_ROWS)}
             start = time.perf_counter()
             every = {rel: refit.error(refit.ridge(cov, cross, w64, rel), hcov, hcross) for rel in grid}
             every_s = time.perf_counter() - start
@@ -87,10 +99,24 @@ def one_run(job: dict) -> dict:
                     gain_kept32=kept(walked32),
                     # the float32 choice's held-out error above the float64 walk's, relative to the gain
                     loss32=0.0 if gain <= 0 else (every[walked32] - every[walked]) / gain,
+                    gain=max(0.0, gain),
+                    # the sampled walks against the float32 walk on every row (float64 errors, all rows)
+                    sampled={
+                        str(rows): dict(
+                            rows=refit.strength_row_count(w64.shape[0], rows),
+                            walked=choice,
+                            tried=n_tried,
+                            seconds=secs,
+                            loss=0.0 if gain <= 0 else (every[choice] - every[walked32]) / gain,
+                            lost=max(0.0, every[choice] - every[walked32]),
+                        )
+                        for rows, (choice, n_tried, secs) in sampled.items()
+                    },
                 )
             )
-            # the final solve at the package's choice (float32 strengths), without walking again
-            return plain(moments, w0, (walked32 if dtype == torch.float32 else walked,))
+            # the final solve at the package's choice (float32 strengths on sampled rows), without walking again
+            package = sampled[refit.STRENGTH_ROWS][0] if dtype == torch.float32 else walked  # as refit.refit walks
+            return plain(moments, w0, (package,))
         return plain(moments, w0, grid, exhaustive, **({} if dtype is None else {"dtype": dtype}))
 
     refit.refit = checked
@@ -146,6 +172,30 @@ def table(runs: list[dict]) -> str:
             f"{100 * s['loss32']:.3f}% | {s['walk_seconds']:.1f} | {s['walk32_seconds']:.1f} | "
             f"{s['walk_seconds'] / max(s['walk32_seconds'], 1e-9):.2f} |"
         )
+    out += [
+        "",
+        "| model | method | rows | writers | output rows tried on | choice = every row's | most held-out gain lost "
+        "where they differ | all writers' gain lost | every row's walk s | sampled walk s | ratio |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        w = r["writers"]
+        if not w or "sampled" not in w[0]:
+            continue
+        for key in w[0]["sampled"]:
+            got = [x["sampled"][key] for x in w]
+            differ = [g for x, g in zip(w, got) if g["walked"] != x["walked32"]]
+            full = sum(x["walk32_seconds"] for x in w)
+            secs = sum(g["seconds"] for g in got)
+            sizes = sorted({g["rows"] for g in got})
+            total = sum(x.get("gain", 0.0) for x in w)  # every writer's held-out gain, and the share given up
+            lost = "" if "lost" not in got[0] or not total else f"{100 * sum(g['lost'] for g in got) / total:.4f}%"
+            out.append(
+                f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {len(w)} | "
+                f"{key} ({'/'.join(map(str, sizes))}) | {len(w) - len(differ)} | "
+                f"{100 * max((g['loss'] for g in differ), default=0.0):.3f}% | {lost} | {full:.1f} | {secs:.1f} | "
+                f"{full / max(secs, 1e-9):.2f} |"
+            )
     return "\n".join(out)
 
 

@@ -487,6 +487,52 @@ def test_strengths_tried_in_float32_choose_as_float64_and_the_final_fit_is_float
     assert w.dtype == torch.float32 and torch.allclose(w.double(), refit.ridge(cov, cross, zero, 1e-12), rtol=1e-5)
 
 
+def test_strengths_tried_on_a_sample_of_output_rows_choose_as_every_row_and_the_final_fit_has_them_all(
+    monkeypatch,
+) -> None:
+    """A wide writer's strengths are tried on a weighted sample of its output rows: those of most
+    target energy, and every s-th of the rest standing for s rows. On ridge problems of every
+    noise level the choice is often the one every row makes, and where it is not, a neighbour on
+    the grid whose held-out error (every row) keeps nearly all the refit's gain over the writer as
+    it was; the tried solves carry the sampled rows' right-hand sides, the final one all D."""
+    from slicegpt.core import refit
+
+    g = torch.Generator().manual_seed(11)
+    cross = torch.randn(40, 4096, dtype=torch.float64, generator=g)
+    cross[:, 777] *= 100  # a massive residual dimension: always tried
+    index, weight = refit.strength_rows(cross)
+    assert len(index) == refit.strength_row_count(4096) == len(set(index.tolist())) and 240 <= len(index) <= 272
+    assert index[0] == 777 and torch.all(weight[:64] == 1) and abs(float(weight.sum()) - 4096) < 64
+    assert refit.strength_rows(cross[:, :2047]) is None and refit.strength_rows(cross, 0) is None
+    assert refit.strength_row_count(2047) == 2047 and refit.strength_row_count(896) == 896
+    n, d, grid, same = 30, 192, refit.RIDGE_GRID, 0
+    for trial in range(10):
+        x = torch.randn(500, n, dtype=torch.float64, generator=g) * torch.logspace(-1, 1, n, dtype=torch.float64)
+        w0, w1 = (torch.randn(d, n, dtype=torch.float64, generator=g) for _ in range(2))
+        noise = (0.3 + trial) * torch.randn(500, d, dtype=torch.float64, generator=g)
+        t = x @ (w0 + 0.2 * w1).t() + noise
+        fm = refit.FitMoments()
+        fm.add(x[:420], t[:420], held_out=False)
+        fm.add(x[420:], t[420:], held_out=True)
+        w_all, rel_all = refit.refit(fm, w0, rows=0)
+        w_some, rel_some = refit.refit(fm, w0, rows=24)  # 6 rows of most energy and every 10th of the rest
+        cov, cross = fm.fit.mean()
+        held = fm.held.mean()
+        err = {rel: refit.error(refit.ridge(cov, cross, w0, rel), *held) for rel in (rel_all, rel_some)}
+        gain = refit.error(w0, *held) - err[rel_all]
+        same += rel_some == rel_all
+        assert (rel_some == rel_all) == torch.equal(w_some, w_all)
+        assert abs(grid.index(rel_some) - grid.index(rel_all)) <= 1 and err[rel_some] - err[rel_all] < 0.03 * gain
+    assert same >= 5
+    widths: list[int] = []
+    plain = refit.ridge
+    monkeypatch.setattr(
+        refit, "ridge", lambda cov, cross, *a, **kw: widths.append(cross.shape[1]) or plain(cov, cross, *a, **kw)
+    )
+    refit.refit(fm, w0, rows=24)
+    assert set(widths[:-1]) == {refit.strength_row_count(d, 24)} and widths[-1] == d and len(widths) >= 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_compressions_writers_try_their_strengths_in_the_models_product_precision(monkeypatch, dtype) -> None:
     """Both writers of every layer (attention's and the pruned MLP's) try their ridge strengths in

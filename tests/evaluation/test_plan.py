@@ -32,6 +32,7 @@ from slicegpt.evaluation.plan import (
     time_model,
 )
 from slicegpt.io.headers import PlanInputError, read_header, write_index_only_folder
+from slicegpt.core.refit import strength_row_count
 
 from conftest import calib_rows, make_tiny
 
@@ -313,12 +314,15 @@ def test_time_model_terms() -> None:
     one_batch = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384, rows=8), rate, 0, 0)
     widths = (8192, 16384)  # attention's writer, the MLP's on its kept neurons
     solve = sum(1 / 3 * n**3 + 2 * n * n * 8192 for n in widths)
-    held_out_error = sum(2 * n * n * 8192 for n in widths)
+    # the strengths are tried on 256 of the 8192 output rows (64 of most energy, every 42nd of the rest)
+    tried_on = strength_row_count(8192)
+    assert tried_on == 64 + -(-8128 // 42)
+    tried = sum(1 / 3 * n**3 + 4 * n * n * tried_on for n in widths)  # a solve and a held-out error each
     assert one_batch.solve_flops == pytest.approx(solve * 80)
-    assert fixed.solve_flops == pytest.approx(((RIDGE_TRIED + 1) * solve + RIDGE_TRIED * held_out_error) * 80)
+    assert fixed.solve_flops == pytest.approx((solve + RIDGE_TRIED * tried) * 80)
     # the strengths tried are float32 solves and errors at SOLVE_FLOAT32_EFFICIENCY of the float32
     # products' rate (here the model's: 100), the final solves float64 at SOLVE_EFFICIENCY of 10
-    trials = RIDGE_TRIED * (solve + held_out_error) * 80
+    trials = RIDGE_TRIED * tried * 80
     assert fixed.solves == pytest.approx(
         solve * 80 / (SOLVE_EFFICIENCY * 10e12) + trials / (SOLVE_FLOAT32_EFFICIENCY * 100e12)
     )

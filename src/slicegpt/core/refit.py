@@ -34,6 +34,17 @@ from torch import nn
 TIE = 1e-9
 TIE_FLOAT32 = 1e-6
 RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
+# Output rows (of a writer's D) the strengths are tried on. A strength's solve is a Cholesky
+# (n^3 / 3) and right-hand sides and a held-out error (4 n^2 D); at 7B's widths (n ~ 6,400 kept
+# neurons, D = 4,096) the D-wide part is 5x the factoring, so trying on 256 rows makes each strength
+# ~4x cheaper. Rows are independent least-squares problems sharing the factor, and the held-out
+# error is their sum: a quarter of the sample is the rows of most target energy (a transformer's
+# few massive residual dimensions, which can decide a writer's strength alone), the rest every
+# s-th of the others, weighted by s (measured: benchmarks/ridge_search.py).
+STRENGTH_ROWS = 256
+# Sampled only where that makes the D-wide part at least 8x smaller (D >= 2,048: 1B models and up);
+# narrower writers try every row, as SmolLM2's (576) and Qwen2.5-0.5B's (896) always have.
+SAMPLED_FROM = 8
 
 
 def tie_for(dtype: torch.dtype) -> float:
@@ -247,12 +258,47 @@ def ridge(
     return torch.linalg.solve(shifted, rhs).t()
 
 
-def error(w: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor) -> float:
+def error(w: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor, weight: torch.Tensor | None = None) -> float:
     """E||t - x W^T||^2 up to the constant E||t||^2, from the rows' moments. The product W cov in
-    their dtype (``w`` and ``cov`` alike: float32 while choosing a strength), the sums in float64."""
+    their dtype (``w`` and ``cov`` alike: float32 while choosing a strength), the sums in float64;
+    ``weight`` ([D], float64): each output row's weight in the sum (None: 1)."""
     wc = (w @ cov).to(torch.float64)  # [D, n]
     w = w.to(torch.float64)
-    return float((wc * w).sum() - 2 * (w * cross.to(torch.float64).t()).sum())
+    if weight is None:
+        return float((wc * w).sum() - 2 * (w * cross.to(torch.float64).t()).sum())
+    return float(((wc * w).sum(1) - 2 * (w * cross.to(torch.float64).t()).sum(1)) @ weight)
+
+
+def strength_row_count(d: int, rows: int | None = None) -> int:
+    """How many of a writer's ``d`` output rows :func:`strength_rows` tries the strengths on."""
+    rows = STRENGTH_ROWS if rows is None else rows
+    if rows <= 0 or d < SAMPLED_FROM * rows:
+        return d
+    top, rest = rows // 4, d - rows // 4
+    return top + -(-rest // max(1, rest // (rows - top)))
+
+
+def strength_rows(cross: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The output rows a writer's ridge strengths are tried on, and each one's weight in the
+    held-out error; None: every row (fewer than ``SAMPLED_FROM`` x ``rows`` of them, or ``rows``
+    0). ``rows`` None: :data:`STRENGTH_ROWS`.
+
+    ``cross`` ([n, D], the fit rows' E[x^T t]) ranks the rows by the target energy they share
+    with the inputs: the ``rows // 4`` highest are all taken (weight 1), and of the rest every
+    s-th, s making the sample ``rows`` in all, weighted by how many of the rest each stands for.
+    Chosen from the moments alone, which every process holds alike, so every process and run
+    tries the same rows.
+    """
+    d, rows = cross.shape[1], STRENGTH_ROWS if rows is None else rows
+    if strength_row_count(d, rows) == d:
+        return None
+    top = rows // 4
+    order = cross.pow(2).sum(0).argsort(descending=True, stable=True)
+    rest = order[top:].sort().values
+    picked = rest[:: max(1, len(rest) // (rows - top))]
+    weight = torch.ones(top + len(picked), dtype=torch.float64, device=cross.device)
+    weight[top:] = len(rest) / len(picked)
+    return torch.cat([order[:top], picked]), weight
 
 
 def choose_strength(
@@ -295,9 +341,12 @@ def refit(
     grid: tuple[float, ...] = RIDGE_GRID,
     exhaustive: bool = False,
     dtype: torch.dtype = torch.float64,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The refit writer (D, n) and the relative ridge strength chosen on the held-out rows
-    (:func:`choose_strength`; ``exhaustive`` tries the whole grid).
+    (:func:`choose_strength`; ``exhaustive`` tries the whole grid), each strength tried on the
+    writer's output rows :func:`strength_rows` picks (``rows`` None: about :data:`STRENGTH_ROWS`
+    where the writer is wide enough; 0: every row).
 
     Without held-out rows the middle of the grid is used, and a grid of one strength is used as it
     is (nothing to choose, no held-out error computed). The final fit uses every row, in float64.
@@ -322,11 +371,23 @@ def refit(
         # nearest the current weights, so that rounding (thread count, process count) does not pick.
         # In a lower precision the held-out sums are copied once to it; with the shifted copy each
         # solve makes, the two take the room of the one float64 copy a float64 walk makes.
+        # Each output row is its own least-squares problem (the same factor, its own right-hand
+        # side) and the held-out error is their sum, so a weighted sample of the rows estimates it
+        # (strength_rows); the relative ridge is the same for any rows (it reads the moments'
+        # diagonal alone).
         held_xx = held.xx if dtype == held.xx.dtype else held.xx.to(dtype)
-        chosen = choose_strength(
-            lambda rel: error(ridge(fit.xx, fit.xt, w0, rel, dtype), held_xx, held.xt), grid, exhaustive, tie_for(dtype)
+        some = strength_rows(fit.xt, rows)
+        index, weight = (None, None) if some is None else some
+        w_some, fit_xt, held_xt = (
+            (w0, fit.xt, held.xt) if index is None else (w0[index], fit.xt[:, index], held.xt[:, index])
         )
-        del held_xx
+        chosen = choose_strength(
+            lambda rel: error(ridge(fit.xx, fit_xt, w_some, rel, dtype), held_xx, held_xt, weight),
+            grid,
+            exhaustive,
+            tie_for(dtype),
+        )
+        del held_xx, w_some, fit_xt, held_xt
     if not held.count:
         return ridge(fit.xx, fit.xt, w0, chosen), chosen
     # every row's sum, made once and factored in place

@@ -28,7 +28,7 @@ from ..core.allocate import SHARES
 from ..core.neurons import experts_of, intermediate_size
 from ..core.sizing import plan_widths
 from ..core.precision import asks_fast_float32, fast_float32_available
-from ..core.refit import gram_flops
+from ..core.refit import gram_flops, strength_row_count
 from ..core.spread import SPREAD_ROWS
 from ..core.surgery import count_parameters, get_layers, get_path, is_tied
 from ..core.widths import Widths
@@ -412,7 +412,8 @@ class TimeEstimate:
                      once in uniform mode, twice where per-layer slicing unties it), at
                      ROTATE_EFFICIENCY x the float64 rate; none where the basis is kept.
       solves         corrections: per writer about 4.5 ridge strengths tried (a solve, Cholesky 1/3 n^3 + 2 n^2
-                     hidden, and a held-out error, 2 n^2 hidden, each) and the final solve; n = the
+                     r, and a held-out error, 2 n^2 r, each, on r = about 256 of the hidden
+                     output rows where hidden is 512 or more) and the final solve on all; n = the
                      kept neurons for the MLP. The strengths tried in float32 for a float32 or half
                      model (SOLVE_FLOAT32_EFFICIENCY x the moments' float32 rate), the final solve
                      in float64 (SOLVE_EFFICIENCY x the float64 rate).
@@ -462,10 +463,11 @@ class TimeEstimate:
 
 def _ridge_flops(n: int, d: int, tried: float = RIDGE_TRIED) -> tuple[float, float]:
     """One writer's ridge choice and refit (n inputs, d outputs): (the strengths tried, the final
-    solve). Every strength tried is a solve (Cholesky 1/3 n^3, then 2 n^2 d for the right-hand
-    sides) and a held-out error (2 n^2 d); the final solve on all rows has no error."""
-    solve = 1 / 3 * n**3 + 2 * n * n * d
-    return tried * (solve + 2 * n * n * d), solve
+    solve). Every strength tried is a solve (Cholesky 1/3 n^3, then 2 n^2 for the right-hand side
+    of each output row it is tried on: about 256 of them, core.refit.strength_rows)
+    and a held-out error (2 n^2 per row tried); the final solve on all d rows has no error."""
+    some = strength_row_count(d)
+    return tried * (1 / 3 * n**3 + 4 * n * n * some), 1 / 3 * n**3 + 2 * n * n * d
 
 
 def _trial_rate(work: Workload, rate: Throughput) -> float:
