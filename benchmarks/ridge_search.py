@@ -9,8 +9,9 @@ one held-out error each (``slicegpt.core.refit``). The default walks the grid fr
 solves); ``exhaustive`` tries all 11. This compresses the model once (in a fresh process) and, at
 every refit, makes the choices on the same moments, timing each: the walk with float64 solves, the
 walk with float32 solves on every output row, the same on a sample of the rows (the package's, for a
-float32 model: ``refit.STRENGTH_ROWS``; every row below 2,048 outputs) and on 64 and 32 rows (as
-many times fewer than these models' outputs as 7B's and 70B's samples)) and every strength (float64). How often
+float32 model: ``refit.STRENGTH_ROWS``; every row below 2,048 outputs), on 64 and 32 rows (as
+many times fewer than these models' outputs as 7B's and 70B's samples), and every strength
+(float64). How often
 they agree, how many strengths the walk tried, where the walk and the exhaustive choice differ how much
 of the exhaustive choice's held-out gain over the unrefit writer the walk kept, and where the float32
 walk differs from the float64 one how much of that gain it gives up (held-out errors in float64).
