@@ -56,9 +56,7 @@ def one_run(job: dict) -> dict:
                 """The package's walk with its strengths tried in ``precision`` on the output rows
                 ``rows`` picks (None: all): (choice, solves, seconds)."""
                 held = hcov.to(precision)
-                some = refit.strength_rows(cross, rows)
-                index, weight = (torch.arange(w64.shape[0]), None) if some is None else some
-                w_some, fit_xt, held_xt = w64[index], cross[:, index], hcross[:, index]
+                w_some, fit_xt, held_xt, weight = refit.strength_sample(w64, cross, hcross, rows)
                 tried: list[float] = []
 
                 def err(rel: float) -> float:

@@ -314,7 +314,7 @@ def test_time_model_terms() -> None:
     one_batch = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384, rows=8), rate, 0, 0)
     widths = (8192, 16384)  # attention's writer, the MLP's on its kept neurons
     solve = sum(1 / 3 * n**3 + 2 * n * n * 8192 for n in widths)
-    # the strengths are tried on 256 of the 8192 output rows (64 of most energy, every 42nd of the rest)
+    # the strengths are tried on about 256 of the 8192 output rows (64 of most energy, every 42nd of the rest)
     tried_on = strength_row_count(8192)
     assert tried_on == 64 + -(-8128 // 42)
     tried = sum(1 / 3 * n**3 + 4 * n * n * tried_on for n in widths)  # a solve and a held-out error each

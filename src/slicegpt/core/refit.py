@@ -269,13 +269,20 @@ def error(w: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor, weight: torch
     return float(((wc * w).sum(1) - 2 * (w * cross.to(torch.float64).t()).sum(1)) @ weight)
 
 
-def strength_row_count(d: int, rows: int | None = None) -> int:
-    """How many of a writer's ``d`` output rows :func:`strength_rows` tries the strengths on."""
+def _sample_shape(d: int, rows: int | None) -> tuple[int, int] | None:
+    """(the rows of most energy taken whole, the stride over the rest) of :func:`strength_rows`'s
+    sample of ``d`` output rows; None where every row is tried."""
     rows = STRENGTH_ROWS if rows is None else rows
     if rows <= 0 or d < SAMPLED_FROM * rows:
-        return d
-    top, rest = rows // 4, d - rows // 4
-    return top + -(-rest // max(1, rest // (rows - top)))
+        return None
+    top = rows // 4
+    return top, max(1, (d - top) // (rows - top))
+
+
+def strength_row_count(d: int, rows: int | None = None) -> int:
+    """How many of a writer's ``d`` output rows :func:`strength_rows` tries the strengths on."""
+    shape = _sample_shape(d, rows)
+    return d if shape is None else shape[0] + -(-(d - shape[0]) // shape[1])
 
 
 def strength_rows(cross: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -289,16 +296,29 @@ def strength_rows(cross: torch.Tensor, rows: int | None = None) -> tuple[torch.T
     Chosen from the moments alone, which every process holds alike, so every process and run
     tries the same rows.
     """
-    d, rows = cross.shape[1], STRENGTH_ROWS if rows is None else rows
-    if strength_row_count(d, rows) == d:
+    shape = _sample_shape(cross.shape[1], rows)
+    if shape is None:
         return None
-    top = rows // 4
+    top, stride = shape
     order = cross.pow(2).sum(0).argsort(descending=True, stable=True)
     rest = order[top:].sort().values
-    picked = rest[:: max(1, len(rest) // (rows - top))]
+    picked = rest[::stride]
     weight = torch.ones(top + len(picked), dtype=torch.float64, device=cross.device)
     weight[top:] = len(rest) / len(picked)
     return torch.cat([order[:top], picked]), weight
+
+
+def strength_sample(
+    w0: torch.Tensor, fit_xt: torch.Tensor, held_xt: torch.Tensor, rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The writer ``w0`` (D, n) and the fit and held-out cross moments ([n, D]) cut to the output
+    rows :func:`strength_rows` picks (ranked by ``fit_xt``), and the rows' weights in the
+    held-out error (None: every row, as they are)."""
+    some = strength_rows(fit_xt, rows)
+    if some is None:
+        return w0, fit_xt, held_xt, None
+    index, weight = some
+    return w0[index], fit_xt[:, index], held_xt[:, index], weight
 
 
 def choose_strength(
@@ -376,11 +396,7 @@ def refit(
         # (strength_rows); the relative ridge is the same for any rows (it reads the moments'
         # diagonal alone).
         held_xx = held.xx if dtype == held.xx.dtype else held.xx.to(dtype)
-        some = strength_rows(fit.xt, rows)
-        index, weight = (None, None) if some is None else some
-        w_some, fit_xt, held_xt = (
-            (w0, fit.xt, held.xt) if index is None else (w0[index], fit.xt[:, index], held.xt[:, index])
-        )
+        w_some, fit_xt, held_xt, weight = strength_sample(w0, fit.xt, held.xt, rows)
         chosen = choose_strength(
             lambda rel: error(ridge(fit.xx, fit_xt, w_some, rel, dtype), held_xx, held_xt, weight),
             grid,

@@ -413,8 +413,9 @@ class TimeEstimate:
                      ROTATE_EFFICIENCY x the float64 rate; none where the basis is kept.
       solves         corrections: per writer about 4.5 ridge strengths tried (a solve, Cholesky 1/3 n^3 + 2 n^2
                      r, and a held-out error, 2 n^2 r, each, on r = about 256 of the hidden
-                     output rows where hidden is 512 or more) and the final solve on all; n = the
-                     kept neurons for the MLP. The strengths tried in float32 for a float32 or half
+                     output rows where hidden is 2,048 or more, all of them below) and the final
+                     solve on all; n = the kept neurons for the MLP. The strengths tried in float32
+                     for a float32 or half
                      model (SOLVE_FLOAT32_EFFICIENCY x the moments' float32 rate), the final solve
                      in float64 (SOLVE_EFFICIENCY x the float64 rate).
       selection      pruning: the greedy neuron selection, intermediate x k x (k + 2 hidden), and
@@ -464,7 +465,7 @@ class TimeEstimate:
 def _ridge_flops(n: int, d: int, tried: float = RIDGE_TRIED) -> tuple[float, float]:
     """One writer's ridge choice and refit (n inputs, d outputs): (the strengths tried, the final
     solve). Every strength tried is a solve (Cholesky 1/3 n^3, then 2 n^2 for the right-hand side
-    of each output row it is tried on: about 256 of them, core.refit.strength_rows)
+    of each output row it is tried on: about 256 of them from 2,048 on, core.refit.strength_rows)
     and a held-out error (2 n^2 per row tried); the final solve on all d rows has no error."""
     some = strength_row_count(d)
     return tried * (1 / 3 * n**3 + 4 * n * n * some), 1 / 3 * n**3 + 2 * n * n * d
