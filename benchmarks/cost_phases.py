@@ -124,7 +124,29 @@ def one_run(job: dict) -> dict:
 
     rows = calibration_rows_for(model, tokenizer, "wiki", config)
     report, timing = timed_compression(model, tokenizer, rows, config)
-    return dict(job, source_model=name, params_shipped=shipped, params=report.params_after, **timing)
+    return dict(
+        job,
+        source_model=name,
+        params_shipped=shipped,
+        params=report.params_after,
+        mlp_neurons=[w.mlp for w in report.widths.layers],
+        weights_sha256=weights_sha256(model),
+        **timing,
+    )
+
+
+def weights_sha256(model: Any) -> str:
+    """sha256 of the compressed weights (names, shapes, bytes): two runs that print the same made the
+    same model bit for bit (taken after the timed compression)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tuple[Any, dict]:

@@ -83,6 +83,24 @@ def test_greedy_rounds_take_the_one_at_a_time_order_where_tokens_outnumber_neuro
     assert float((gains.cumsum(0) - gains_one.cumsum(0)).abs().max()) <= 0.01 * total
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tokens", [4000, 60])
+def test_greedy_on_the_live_rows_alone_takes_the_order_of_every_row(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, tokens: int
+) -> None:
+    """The selection cuts its arrays to the neurons not yet chosen nor exhausted (a chosen row is
+    never read again): to every width, where the cut saves most, and on rank-deficient moments
+    (60 tokens: most rows exhausted), the same order and the same gains as carrying every row."""
+    h, w, cov = _moments(n=200, d=40, tokens=tokens, seed=3)
+    cov = h.t() @ h / h.shape[0]
+    monkeypatch.setattr(neurons, "COMPACT_AT", 2.0)  # never: every row to the end
+    every, gains_every = neurons.greedy_order(cov, w, 200, dtype=dtype)
+    monkeypatch.undo()
+    live, gains_live = neurons.greedy_order(cov, w, 200, dtype=dtype)
+    assert live.tolist() == every.tolist() and sorted(live.tolist()) == list(range(200))
+    assert torch.allclose(gains_live, gains_every, rtol=1e-6 if dtype == torch.float32 else 1e-10, atol=1e-12)
+
+
 def test_greedy_skips_a_duplicate_neuron() -> None:
     h, w, _ = _moments(n=6)
     h = torch.cat([h, h[:, -1:]], dim=1)  # neuron 6 repeats neuron 5, the strongest

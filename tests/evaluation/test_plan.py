@@ -33,6 +33,7 @@ from slicegpt.evaluation.plan import (
 )
 from slicegpt.io.headers import PlanInputError, read_header, write_index_only_folder
 from slicegpt.core.refit import strength_row_count
+from slicegpt.core.neurons import COMPACT_AT
 
 from conftest import calib_rows, make_tiny
 
@@ -283,8 +284,12 @@ def test_time_model_terms() -> None:
     spreading = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384, spread_rows=8), rate, 0, 0)
     fixed = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384), rate, 0, 0)
     assert spreading.forward_flops - fixed.forward_flops == pytest.approx(per_token * 8 * 2048)
+    # the curves: a selection to every width, each round over the rows not yet taken (the factor's
+    # n - t, their residual's n - t x hidden), carrying on average COMPACT_AT / 2 dead rows more
+    i = SHAPE.intermediate
+    per_layer = sum(2 * (i - t) * (t + 8192) for t in range(i))
     assert spreading.selection_flops - fixed.selection_flops == pytest.approx(
-        SHAPE.intermediate**2 * (SHAPE.intermediate + 2 * 8192) * 80
+        per_layer / (1 - COMPACT_AT / 2) * 80, rel=1e-3
     )
     # each neuron taken costs its flops, in float32 (at the moments' float32 rate), and a fixed
     # latency: spreading takes every width's

@@ -189,6 +189,9 @@ def greedy_neurons(
 # [n, D] residual per round instead of two per neuron; the selection is memory-bound).
 ROUND = 16
 SHORTLIST = 4
+# The share of dead rows (chosen or exhausted) at which the selection's arrays are cut to the live
+# ones: each cut copies the live factor once, and until it the products carry the dead rows.
+COMPACT_AT = 0.125
 
 
 def greedy_order(
@@ -233,14 +236,23 @@ def greedy_order(
         resid = cross.to(dtype, copy=True)
     schur = cov.diagonal().to(dtype, copy=True)
     floor = (1e-12 if dtype == torch.float64 else 1e-6) * schur.max().clamp_min(1e-30)
-    factor = torch.zeros(n, k, dtype=dtype, device=cov.device)
+    # The elimination works on the live rows only: ``live`` holds their neurons, and factor, resid
+    # and schur one row per live neuron. A chosen neuron's row is never read again (nor is an
+    # exhausted one's: its Schur complement only falls), so each round marks them dead and, once a
+    # COMPACT_AT share of the rows is dead, the arrays are cut to the live ones. The round's
+    # products then read (n - t) rows of the factor instead of n: to every width a third of the
+    # memory traffic.
+    live = torch.arange(n, device=cov.device)
+    factor = torch.empty(n, k, dtype=dtype, device=cov.device)
+    dead = torch.zeros(n, dtype=torch.bool, device=cov.device)
     chosen = torch.zeros(n, dtype=torch.bool, device=cov.device)
     order = torch.zeros(k, dtype=torch.int64, device=cov.device)
     gains = torch.zeros(k, dtype=torch.float64)
     t = 0
     while t < k:
         gain = torch.linalg.vector_norm(resid, dim=1).square_() / schur.clamp_min(floor)
-        gain[chosen | (schur <= floor)] = -1.0
+        dead |= schur <= floor
+        gain[dead] = -1.0
         valid = int((gain >= 0).sum())
         if valid == 0:
             # The moments are exhausted (rank-deficient: fewer calibration tokens than neurons):
@@ -251,9 +263,12 @@ def greedy_order(
             order[t:] = torch.sort(var, descending=True, stable=True).indices[: k - t]
             break
         b = min(round_size, k - t, valid)
-        cand = torch.topk(gain, min(valid, SHORTLIST * b)).indices  # [c]
+        cand = torch.topk(gain, min(valid, SHORTLIST * b)).indices  # [c], live rows
         old = factor[cand, :t]
-        block = cov[cand][:, cand].to(dtype) - old @ old.t()  # [c, c]: the Schur complement among the shortlist
+        neuron = live[cand]
+        block = (
+            cov[neuron[:, None], neuron].to(dtype) - old @ old.t()
+        )  # [c, c]: the Schur complement among the shortlist
         rows, sc = resid[cand].clone(), schur[cand].clone()  # [c, D], [c]
         local = torch.zeros(len(cand), b, dtype=dtype, device=cov.device)
         z = torch.zeros(b, resid.shape[1], dtype=dtype, device=cov.device)
@@ -275,19 +290,39 @@ def greedy_order(
             picked[q] = True
             taken.append(q)
         m = len(taken)
-        pivots = cand[taken]  # [m], global
-        # The round's factor columns for every neuron: forward substitution through the pivots'
-        # rows (lower-triangular, m x m), applied to their Schur complement columns [n, m].
-        schur_cols = cov[:, pivots].to(dtype) - factor[:, :t] @ factor[pivots, :t].t()
+        at = cand[taken]  # [m], live rows
+        pivots = live[at]  # [m], neurons
+        # The round's factor columns for every live neuron: forward substitution through the
+        # pivots' rows (lower-triangular, m x m), applied to their Schur complement columns [rows, m].
+        # The pivots' columns of C are read as their rows (C is symmetric): m rows in one sweep,
+        # where a column is one cache miss per neuron.
+        schur_cols = cov[pivots][:, live].t().to(dtype) - factor[:, :t] @ factor[at, :t].t()
         lower = local[taken, :m].tril()
-        new = torch.linalg.solve_triangular(lower, schur_cols.t(), upper=False).t()  # [n, m]
+        new = torch.linalg.solve_triangular(lower, schur_cols.t(), upper=False).t()  # [rows, m]
         factor[:, t : t + m] = new
         resid.addmm_(new, z[:m], alpha=-1.0)
         schur = schur - new.pow(2).sum(1)
         chosen[pivots] = True
+        dead[at] = True
         order[t : t + m] = pivots
         t += m
+        if t < k and int(dead.sum()) >= COMPACT_AT * len(live):
+            keep = (~dead).nonzero().squeeze(1)
+            live, schur, dead = live[keep], schur[keep], dead[keep]
+            factor, resid = _keep_rows(factor, keep, t), _keep_rows(resid, keep, resid.shape[1])
     return order, gains
+
+
+def _keep_rows(x: torch.Tensor, keep: torch.Tensor, cols: int) -> torch.Tensor:
+    """``x`` cut to its rows ``keep`` (increasing) in place, the first ``cols`` columns moved: the
+    leading rows of the same storage, so that the cut holds no second copy (a 70B model's greedy
+    factor is 2.3 GB). A row only moves up, and each block of rows is gathered before it is
+    written, so no row is overwritten before it is read."""
+    rows = refit_.row_block(x.shape[0])
+    for i in range(0, len(keep), rows):
+        block = keep[i : i + rows]
+        x[i : i + len(block), :cols] = x[block, :cols]
+    return x[: len(keep)]
 
 
 class ExpertStats:

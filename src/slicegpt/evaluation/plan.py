@@ -25,7 +25,7 @@ from ..arch import UnsupportedModelError, spec_for_config
 from ..config import SliceConfig, parse_device_map, parse_dtype
 from ..core import uniform
 from ..core.allocate import SHARES
-from ..core.neurons import experts_of, intermediate_size
+from ..core.neurons import COMPACT_AT, experts_of, intermediate_size
 from ..core.sizing import plan_widths
 from ..core.precision import asks_fast_float32, fast_float32_available
 from ..core.refit import gram_flops, strength_row_count
@@ -83,15 +83,17 @@ SOLVE_EFFICIENCY = 0.8
 SOLVE_FLOAT32_EFFICIENCY = 0.45
 #: The greedy selection runs in float32 (core.neurons.selection_dtype), the kept neurons' and the
 #: spreading walk's curves (a selection to every width) alike. Its products are thin (a round of
-#: 16 neurons against all of them: two passes over the [neurons, hidden] residual and one over the
+#: 16 neurons against the rows not yet taken: a pass over their residual and one over their
 #: factor per round), so bound by memory: this share of the float32 products' rate (the moments'
 #: rate), and beside it a cost per neuron taken for the round's small steps one pick at a time (a
-#: shortlist's norms, an argmax, a rank-one update). Against the runs here
-#: (benchmarks/cost_phases.py, fast float32 products): Qwen2.5-Coder-0.5B's per-layer selection
-#: 89 s planned, 85 measured; SmolLM2's 7 planned, 9 measured at 8, 32 and 128 rows. (The pick cost
-#: was fitted when the kept neurons were chosen in float64: 33 us on SmolLM2's and Qwen's 26k-175k
-#: picks.)
-SELECTION_EFFICIENCY = 0.26
+#: shortlist's norms, an argmax, a rank-one update). Fitted since the rounds read only the live
+#: rows (benchmarks/cost_phases.py, Qwen2.5-Coder-0.5B, 32 rows, a 2-core AMD EPYC without
+#: bfloat16 units): 0.145 on both the uniform budget's selection (40 s) and the per-layer one's
+#: (112 s). On the machine with the units the share was 1.44x this machine's under the former
+#: count (all rows every round), so 0.18 sits between the two: within 25% of either. (The pick
+#: cost was fitted when the kept neurons were chosen in float64: 33 us on SmolLM2's and Qwen's
+#: 26k-175k picks.)
+SELECTION_EFFICIENCY = 0.18
 GREEDY_PICK_SECONDS = 3.3e-5
 #: LAPACK's symmetric eigendecomposition (10 x hidden^3 flops counted) runs at this share of the
 #: float64 rate: measured on one-layer models here (benchmarks/cost_width.py, SliceGPT alone):
@@ -418,8 +420,10 @@ class TimeEstimate:
                      for a float32 or half
                      model (SOLVE_FLOAT32_EFFICIENCY x the moments' float32 rate), the final solve
                      in float64 (SOLVE_EFFICIENCY x the float64 rate).
-      selection      pruning: the greedy neuron selection, intermediate x k x (k + 2 hidden), and
-                     with spreading once more to every width (k = intermediate), in float32: at
+      selection      pruning: the greedy neuron selection of k of n = intermediate neurons, each
+                     round over the rows not yet taken (2 (n k^2 / 2 - k^3 / 3) + 2 hidden
+                     (n k - k^2 / 2), plus the dead rows carried until they are cut), and
+                     with spreading once more to every width (k = n), in float32: at
                      SELECTION_EFFICIENCY x the moments' float32 rate plus GREEDY_PICK_SECONDS per
                      neuron taken.
                      Neither term is divided: every process (or the reducing one) does them.
@@ -460,6 +464,15 @@ class TimeEstimate:
 
     def to_dict(self) -> dict[str, float]:
         return {**asdict(self), "total": self.total}
+
+
+def _selection_flops(n: int, k: int, d: int) -> float:
+    """The greedy selection of ``k`` of ``n`` neurons against a ``d``-wide target
+    (core.neurons.greedy_order): the round after t picks reads the factor's live rows, [n - t, t],
+    and updates their residual, [n - t, d]: summed over t, 2 (n k^2 / 2 - k^3 / 3) + 2 d (n k - k^2 / 2),
+    with the dead rows the live ones carry until they are cut (up to COMPACT_AT of them, half on average)."""
+    live = 2.0 * (n * k * k / 2 - k**3 / 3) + 2.0 * d * (n * k - k * k / 2)
+    return live / (1.0 - COMPACT_AT / 2)
 
 
 def _ridge_flops(n: int, d: int, tried: float = RIDGE_TRIED) -> tuple[float, float]:
@@ -517,11 +530,11 @@ def time_model(
         moments += gram_flops(i) * tokens * n
     selection = picks = 0.0
     if work.spread_rows:  # the curves: a selection to every width
-        selection += i * i * (i + 2 * d) * n * shape.experts
+        selection += _selection_flops(i, i, d) * n * shape.experts
         picks += i * n * shape.experts
     if work.prunes:
         k = work.kept_neurons or 0
-        selection += i * k * (k + 2 * d) * n * shape.experts
+        selection += _selection_flops(i, k, d) * n * shape.experts
         picks += k * n * shape.experts
         if shape.experts > 1:  # every expert's own refit, beside the one counted above
             t, f = _ridge_flops(k, d, tried)
