@@ -185,8 +185,8 @@ def greedy_neurons(
 
 # Neurons chosen per round of the greedy selection, and candidates per neuron chosen: each round
 # picks its neurons exactly as one-at-a-time greedy would among the best ROUND * SHORTLIST by the
-# round's starting gains, then updates the whole problem with matrix products (two passes over the
-# [n, D] residual per round instead of two per neuron; the selection is memory-bound).
+# round's starting gains, then updates the live neurons with matrix products (two passes over the
+# [live, D] residual per round instead of two per neuron; the selection is memory-bound).
 ROUND = 16
 SHORTLIST = 4
 # The share of dead rows (chosen or exhausted) at which the selection's arrays are cut to the live
@@ -216,8 +216,10 @@ def greedy_order(
 
     Blocked: a round takes ``round_size`` (default :data:`ROUND`) neurons one at a time, each the
     best of a shortlist (the ``SHORTLIST * round_size`` best at the round's start, whose rows of R, s and the factor are
-    updated exactly after every pick), then applies the round to all n at once: the new factor
-    columns by one triangular solve, R by one rank-``round_size`` product. Gains are exact for the
+    updated exactly after every pick), then applies the round to every neuron not yet taken at
+    once: the new factor columns by one triangular solve, R by one rank-``round_size`` product
+    (a taken neuron's row is never read again, so the arrays are cut to the live rows as they
+    die: to every width a third of the memory traffic). Gains are exact for the
     order taken; the order is one-at-a-time greedy's unless a neuron outside the shortlist would
     have overtaken all of it within one round (measured on SmolLM2's moments: benchmarks/README).
 
