@@ -268,9 +268,8 @@ def greedy_order(
         cand = torch.topk(gain, min(valid, SHORTLIST * b)).indices  # [c], live rows
         old = factor[cand, :t]
         neuron = live[cand]
-        block = (
-            cov[neuron[:, None], neuron].to(dtype) - old @ old.t()
-        )  # [c, c]: the Schur complement among the shortlist
+        # [c, c]: the Schur complement among the shortlist
+        block = cov[neuron[:, None], neuron].to(dtype) - old @ old.t()
         rows, sc = resid[cand].clone(), schur[cand].clone()  # [c, D], [c]
         local = torch.zeros(len(cand), b, dtype=dtype, device=cov.device)
         z = torch.zeros(b, resid.shape[1], dtype=dtype, device=cov.device)
