@@ -129,8 +129,8 @@ class SliceConfig:
     calib: calibration data (see :mod:`slicegpt.sources`): 'wiki' (built-in, offline), 'wikitext2'
         (hub), a .txt/.jsonl path, a .jsonl of conversations, 'self' (the model's own answers to
         built-in prompts), a mix 'wiki+self'; 'auto' (the default): for a model with a chat
-        template sliced in memory, ``nsamples`` rows of 'wiki' and half as many again of its own
-        conversations on top ('2*wiki+self' on 1.5 x ``nsamples`` rows: measured best for the chat
+        template sliced in memory, ``nsamples`` rows of 'wiki' and as many again of its own
+        conversations on top ('wiki+self' on 2 x ``nsamples`` rows: measured best for the chat
         job, within 5% of prose alone's perplexity), 'wiki' otherwise.
     nsamples, seqlen: calibration rows and their length in tokens (seqlen clipped to the context);
         with ``calib='auto'`` on a chat model, its prose rows (its own conversations come on top).

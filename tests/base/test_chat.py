@@ -477,8 +477,8 @@ def test_the_default_data_follows_the_model(caplog: pytest.LogCaptureFixture) ->
     assert sources.resolve_auto("auto", chat_tokenizer()) == "wiki+self"  # training data
     auto = slicegpt.SliceConfig(nsamples=32)
     chat_calib = sources.resolve_auto_calibration(auto, chat_tokenizer())
-    assert (chat_calib.calib, chat_calib.nsamples) == ("2*wiki+self", 48)
-    assert sources.weighted_parts(chat_calib.calib) == [("wiki", 2), ("self", 1)]  # 32 rows of wiki, 16 of its own
+    assert (chat_calib.calib, chat_calib.nsamples) == ("wiki+self", 64)
+    assert sources.weighted_parts(chat_calib.calib) == [("wiki", 1), ("self", 1)]  # 32 rows of wiki, 32 of its own
     base = sources.resolve_auto_calibration(auto, tiny_tokenizer())
     assert (base.calib, base.nsamples) == ("wiki", 32)
     assert sources.resolve_auto_calibration(auto, chat_tokenizer(), streamed=True).nsamples == 32
@@ -504,7 +504,7 @@ def test_a_chat_model_sliced_with_the_defaults_calibrates_on_its_own_answers(
     argv.append("--no-samples")
     assert main(argv) == 0
     meta = slicegpt.read_metadata(out)
-    assert meta["settings"]["calib"] == "2*wiki+self" and meta["settings"]["nsamples"] == 3
+    assert meta["settings"]["calib"] == "wiki+self" and meta["settings"]["nsamples"] == 4
     assert meta["mode"] == "uniform" and meta["target_params"]
     assert list((tmp_path / "cache" / "conversations").glob("*.jsonl"))
 

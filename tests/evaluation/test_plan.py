@@ -448,6 +448,6 @@ def test_plan_counts_a_chat_models_own_conversations_on_top_of_its_prose_rows(tm
     settings = slicegpt.SliceConfig(nsamples=32, seqlen=128)
     on_base, on_chat = plan_model(str(base), settings), plan_model(str(chat), settings)
     assert on_base.workload.rows == 32 and on_base.settings["calib"] == "auto" and not on_base.notes
-    assert on_chat.workload.rows == 48 and on_chat.settings["calib"] == "2*wiki+self"
+    assert on_chat.workload.rows == 64 and on_chat.settings["calib"] == "wiki+self"
     assert any("own conversations on top" in n for n in on_chat.notes)
     assert plan_model(str(chat), replace(settings, calib="wiki")).workload.rows == 32  # given data runs as given

@@ -174,8 +174,8 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
         "and packed whole), 'self' (the model's own answers to the built-in training prompts, generated once and "
         "cached; 'self:builtin:all' adds code prompts, for code models), or a mix such as 'wiki+self' (equal "
         "shares of the rows; '2*wiki+self' takes two thirds from wiki); 'auto' (the default): for a model with a "
-        "chat template, --nsamples rows of 'wiki' and half as many again of its own answers on top "
-        "('2*wiki+self' on 1.5 x --nsamples rows), 'wiki' otherwise",
+        "chat template, --nsamples rows of 'wiki' and as many again of its own answers on top "
+        "('wiki+self' on 2 x --nsamples rows), 'wiki' otherwise",
     )
     p.add_argument(
         "--nsamples",
