@@ -288,18 +288,18 @@ def test_time_model_terms() -> None:
     # n - t, their residual's n - t x hidden), carrying on average COMPACT_AT / 2 dead rows more,
     # until the moments of 8 x 2048 tokens are exhausted (rank 16,384 of 28,672)
     i = SHAPE.intermediate
-    per_layer = sum(2 * (i - t) * (t + 8192) for t in range(8 * 2048))
-    assert spreading.selection_flops - fixed.selection_flops == pytest.approx(
-        per_layer / (1 - COMPACT_AT / 2) * 80, rel=1e-3
-    )
+
+    def rounds(k: int) -> float:  # k picks over the 80 layers, written out round by round
+        return sum(2 * (i - t) * (t + 8192) for t in range(k)) / (1 - COMPACT_AT / 2) * 80
+
+    assert spreading.selection_flops - fixed.selection_flops == pytest.approx(rounds(8 * 2048), rel=1e-3)
     # each neuron taken costs its flops, in float32 (at the moments' float32 rate), and a fixed
     # latency: spreading takes every width's
     flop_seconds = (spreading.selection_flops - fixed.selection_flops) / (SELECTION_EFFICIENCY * 100e12)
     assert spreading.selection - fixed.selection == pytest.approx(flop_seconds + 8 * 2048 * 80 * GREEDY_PICK_SECONDS)
     # the neurons kept from fewer tokens than their count: the rounds end at the tokens too
     short = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384, rows=4), rate, 0, 0)
-    kept_rounds = sum(2 * (i - t) * (t + 8192) for t in range(4 * 2048))
-    assert short.selection_flops == pytest.approx(kept_rounds / (1 - COMPACT_AT / 2) * 80, rel=1e-3)
+    assert short.selection_flops == pytest.approx(rounds(4 * 2048), rel=1e-3)
     assert fixed.selection == pytest.approx(
         fixed.selection_flops / (SELECTION_EFFICIENCY * 100e12) + 16384 * 80 * GREEDY_PICK_SECONDS
     )

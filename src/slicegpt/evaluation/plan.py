@@ -537,7 +537,7 @@ def time_model(
         selection += _selection_flops(i, ranked, d) * n * shape.experts
         picks += ranked * n * shape.experts
     if work.prunes:
-        k = min(work.kept_neurons or 0, work.rows * work.seqlen)
+        k = min(work.kept_neurons or 0, tokens)
         selection += _selection_flops(i, k, d) * n * shape.experts
         picks += k * n * shape.experts
         if shape.experts > 1:  # every expert's own refit, beside the one counted above
