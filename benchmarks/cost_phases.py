@@ -123,6 +123,7 @@ def one_run(job: dict) -> dict:
     )
 
     rows = calibration_rows_for(model, tokenizer, "wiki", config)
+    probed = probe(model, config)
     report, timing = timed_compression(model, tokenizer, rows, config)
     return dict(
         job,
@@ -131,8 +132,26 @@ def one_run(job: dict) -> dict:
         params=report.params_after,
         mlp_neurons=[w.mlp for w in report.widths.layers],
         weights_sha256=weights_sha256(model),
+        probed=probed,
         **timing,
     )
+
+
+def probe(model: Any, config: Any) -> dict:
+    """What ``slicegpt plan --measure`` times on this machine for these settings, in the run's
+    process just before its compression (the same machine, the same load)."""
+    from slicegpt.config import parse_dtype
+    from slicegpt.core.precision import asks_fast_float32
+    from slicegpt.evaluation.probe import probe_rates
+
+    return probe_rates(
+        model.config,
+        device=config.device,
+        dtype=parse_dtype(config.dtype),
+        batch_size=min(config.batch_size, config.nsamples),
+        seqlen=config.seqlen,
+        fast=asks_fast_float32(config),
+    ).to_dict()
 
 
 def weights_sha256(model: Any) -> str:
@@ -223,17 +242,20 @@ def plan_cells(t: Any, run: dict, digits: int = 0, unit: str = " s") -> list[str
 
 
 def plan_check(runs: list[dict]) -> str:
-    """Each run's phases beside what ``slicegpt plan`` predicts for the same settings (default CPU
-    rates): seconds predicted / measured, per term, and the total (less the disk, not timed here)."""
+    """Each run's phases beside what ``slicegpt plan`` predicts for the same settings: seconds
+    predicted / measured, per term, and the total (less the disk, not timed here). A run that
+    probed its machine's rates (``plan --measure``, ``probed`` in the run) is planned with them,
+    the default CPU rates' total beside; older runs with the default rates alone."""
     from slicegpt import SliceConfig
     from slicegpt.evaluation.plan import plan_model
+    from slicegpt.evaluation.probe import ProbedRates
     from slicegpt.io.fetch import materialise
 
     out = [
-        "| model | method | rows | fast float32 | "
+        "| model | method | rows | fast float32 | rates | "
         + " | ".join(f"{t} plan / measured" for t in PLAN_TERMS)
-        + " | total |",
-        "|---|---|---:|---|" + "---:|" * (len(PLAN_TERMS) + 1),
+        + " | total | total, default rates |",
+        "|---|---|---:|---|---|" + "---:|" * (len(PLAN_TERMS) + 2),
     ]
     for r in runs:
         config = SliceConfig(
@@ -246,10 +268,22 @@ def plan_check(runs: list[dict]) -> str:
         )
         # the rates of the machine that ran it (runs from before the field ran fast where asked: it had the units)
         units = r.get("bf16_units", r.get("fast_matmul", False))
-        t = plan_model(str(materialise(r["model"])) if r["model"] else None, config, bf16_units=units).time
+        folder = str(materialise(r["model"])) if r["model"] else None
+        default = plan_model(folder, config, bf16_units=units).time
+        probed = r.get("probed")
+        if probed is not None:
+            rates = ProbedRates(**{**probed, "batch": tuple(probed["batch"])})
+            t = plan_model(folder, config, bf16_units=units, probed=rates).time
+            how = f"probed ({rates.forward_tflops:.3f} / {rates.moments_tflops:.3f} / {rates.fp64_tflops:.3f})"
+        else:
+            t, how = default, "defaults"
         cells = plan_cells(t, r)
+        default_total = default.total - default.disk
+        cells.append(f"{default_total:.0f} s ({default_total / r['total_seconds']:.2f})")
         fast = "yes" if r.get("fast_matmul") else "no"
-        out.append(f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {fast} | " + " | ".join(cells) + " |")
+        out.append(
+            f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {fast} | {how} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(out)
 
 

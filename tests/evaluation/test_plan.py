@@ -31,11 +31,12 @@ from slicegpt.evaluation.plan import (
     plan_model,
     time_model,
 )
+from slicegpt.evaluation.probe import PROBE_VOCAB, ProbedRates, one_layer_config, probe_rates
 from slicegpt.io.headers import PlanInputError, read_header, write_index_only_folder
 from slicegpt.core.refit import strength_row_count
 from slicegpt.core.neurons import COMPACT_AT
 
-from conftest import calib_rows, make_tiny
+from conftest import TINY_CONFIGS, calib_rows, make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -454,3 +455,65 @@ def test_plan_counts_a_chat_models_own_conversations_on_top_of_its_prose_rows(tm
     assert on_chat.workload.rows == 64 and on_chat.settings["calib"] == "wiki+self"
     assert any("own conversations on top" in n for n in on_chat.notes)
     assert plan_model(str(chat), replace(settings, calib="wiki")).workload.rows == 32  # given data runs as given
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_the_probe_times_one_layer_of_every_family(model_type: str) -> None:
+    """`plan --measure` builds one random layer of the model's own config (per-layer lists cut to
+    it, a 256-token vocabulary, token ids beyond it dropped) and times it on the run's batch."""
+    import transformers
+
+    cls, kwargs = TINY_CONFIGS[model_type]
+    config = getattr(transformers, cls)(**{**kwargs, "pad_token_id": 300})
+    one = one_layer_config(config)
+    assert one.num_hidden_layers == 1 and one.vocab_size == PROBE_VOCAB and one.pad_token_id is None
+    assert config.num_hidden_layers > 1 and config.pad_token_id == 300  # the source config is left as it was
+    for key, value in vars(one).items():  # every per-layer list cut to the one layer
+        if isinstance(value, list) and len(getattr(config, key)) == config.num_hidden_layers:
+            assert len(value) == 1, key
+    rates = probe_rates(config, device="cpu", dtype=torch.float32, batch_size=2, seqlen=16)
+    assert rates.batch == (2, 16) and rates.device == "cpu" and rates.dtype == "float32"
+    for rate in (rates.forward_tflops, rates.moments_tflops, rates.fp64_tflops, rates.seconds):
+        assert 0 < rate < float("inf")
+
+
+def test_measured_rates_replace_the_defaults_term_by_term(tiny_folder: tuple[Path, torch.nn.Module]) -> None:
+    folder, _ = tiny_folder
+    rates = ProbedRates("cpu", "float32", False, (8, 64), 0.05, 0.07, 0.02, 1.5)
+    config = slicegpt.SliceConfig(target_params=0.75, nsamples=16, seqlen=64)
+    default, probed = plan_model(str(folder), config), plan_model(str(folder), config, probed=rates)
+    assert probed.throughput == Throughput(0.05, 0.02, default.throughput.disk_gbps, fp32_tflops=0.07)
+    assert probed.probed == rates and probed.to_dict()["probed"]["forward_tflops"] == 0.05
+    assert default.probed is None and default.to_dict()["probed"] is None
+    # the same work, at the rates measured
+    assert probed.time.forward_flops == default.time.forward_flops
+    assert probed.time.forward == pytest.approx(probed.time.forward_flops / 0.05e12)
+    moments = default.throughput.moments_tflops
+    assert probed.time.selection - default.time.selection == pytest.approx(
+        default.time.selection_flops / SELECTION_EFFICIENCY * (1 / 0.07e12 - 1 / (moments * 1e12))
+    )
+    assert any("measured on this machine in 2 s" in note for note in probed.notes)
+    # a rate given wins over the one measured
+    assert plan_model(str(folder), config, probed=rates, tflops=0.5).throughput.tflops == 0.5
+    # a half model on a CPU without bfloat16 units: its slowness is in the rate measured, not divided again
+    half = replace(config, dtype="bfloat16")
+    measured_half = plan_model(str(folder), half, bf16_units=False, probed=rates)
+    assert measured_half.throughput.tflops == 0.05 and not any("units" in n for n in measured_half.notes)
+
+
+def test_cli_measure_plans_with_this_machines_rates(
+    tiny_folder: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, _ = tiny_folder
+    out = tmp_path / "plan.json"
+    argv = ["plan", str(folder), "--nsamples", "4", "--seqlen", "32", "--measure", "--json", str(out)]
+    assert main(argv) == 0
+    assert "rates measured on this machine" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["probed"]["batch"] == [4, 32]  # the run's batch: 8 rows asked, 4 calibrated
+    assert data["throughput"]["tflops"] == data["probed"]["forward_tflops"]
+    assert data["throughput"]["fp64_tflops"] == data["probed"]["fp64_tflops"]
+    assert data["throughput"]["fp32_tflops"] == data["probed"]["moments_tflops"]
+    if not torch.cuda.is_available():
+        err = _one_line_error(["plan", str(folder), "--measure", "--device", "cuda"], capsys)
+        assert "this machine has no cuda" in err

@@ -74,6 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "model tries its ridge strengths in float32) (default: cpu 0.1, cuda 10)",
     )
     p.add_argument(
+        "--measure",
+        action="store_true",
+        help="time this machine's rates first (a forward of one random layer of the model's shape on the run's "
+        "device and dtype, the moments' and float64 products: seconds to a minute) and plan with them instead of "
+        "the defaults; --tflops and --fp64-tflops still win",
+    )
+    p.add_argument(
         "--disk-gbps", type=float, default=DEFAULT_DISK_GBPS, help="GB/s for reading the weights and writing the result"
     )
     p.add_argument(
@@ -92,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         tflops=args.tflops,
         fp64_tflops=args.fp64_tflops,
         disk_gbps=args.disk_gbps,
+        measure=args.measure,
     )
     print(format_plan(plan))
     write_json(args.json, plan.to_dict())

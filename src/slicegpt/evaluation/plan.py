@@ -33,6 +33,7 @@ from ..core.spread import SPREAD_ROWS
 from ..core.surgery import count_parameters, get_layers, get_path, is_tied
 from ..core.widths import Widths
 from ..data import clip_seqlen
+from .probe import ProbedRates, forward_flops_per_token, probe_rates
 from ..io.headers import ModelFiles, read_model_files
 from ..sources import AUTO, chat_calibration
 
@@ -86,15 +87,16 @@ SOLVE_FLOAT32_EFFICIENCY = 0.45
 #: 16 neurons against the rows not yet taken: a pass over their residual and one over their
 #: factor per round), so bound by memory: this share of the float32 products' rate (the moments'
 #: rate), and beside it a cost per neuron taken for the round's small steps one pick at a time (a
-#: shortlist's norms, an argmax, a rank-one update). Fitted since the rounds read only the live
-#: rows (benchmarks/cost_phases.py, Qwen2.5-Coder-0.5B, 32 rows, a 2-core AMD EPYC without
-#: bfloat16 units): 0.145 on both the uniform budget's selection (40 s) and the per-layer one's
-#: (112 s). On the machine with the units the share was 1.44x this machine's under the former
-#: count (all rows every round), so 0.18 sits between the two: within 25% of either. (The pick
-#: cost was fitted when the kept neurons were chosen in float64: 33 us on SmolLM2's and Qwen's
-#: 26k-175k picks.)
-SELECTION_EFFICIENCY = 0.18
-GREEDY_PICK_SECONDS = 3.3e-5
+#: shortlist's norms, an argmax, a rank-one update: host-bound, not scaled by the rates). Both
+#: fitted on the live-row rounds (benchmarks/cost_phases.py, 32 rows, a 2-core AMD EPYC without
+#: bfloat16 units; the moments' rate probed in each run, 0.17 TFLOP/s): SmolLM2's uniform and
+#: per-layer selections (7 and 20 s; 26k and 72k picks) and Qwen2.5-Coder-0.5B's (40 and 112 s;
+#: 58k and 175k picks), all four within 4%. The pick cost dominates a narrow model's selection
+#: (SmolLM2, 1536 neurons); the products a wide one's. (The 33 us per pick fitted before was
+#: SmolLM2's share seen through a 1.6x faster machine and the former rounds: it planned SmolLM2's
+#: selections at 0.35-0.4 of their time here.)
+SELECTION_EFFICIENCY = 0.19
+GREEDY_PICK_SECONDS = 2.1e-4
 #: LAPACK's symmetric eigendecomposition (10 x hidden^3 flops counted) runs at this share of the
 #: float64 rate: measured on one-layer models here (benchmarks/cost_width.py, SliceGPT alone):
 #: 1.31 s at hidden 2048, 9.1 and 10.1 s at 4096, against 0.86 and 6.9 s at the full rate.
@@ -503,7 +505,7 @@ def time_model(
         compress_passes = 2 if work.corrections else 1
     passes = compress_passes + (1 if work.pooling_walk else 0)
     # scores and values: 2 x 2 x seqlen x attention width per token (SDPA computes the masked half too)
-    per_token = 2.0 * shape.layer_params + 4.0 * work.seqlen * shape.attention_width * n
+    per_token = forward_flops_per_token(shape.layer_params, work.seqlen, shape.attention_width, n)
     # rotations between the original and the sliced basis (none where the basis is kept)
     rotated = 0 if work.keeps_basis else compress_passes
     forward = per_token * tokens * passes + 6.0 * d * d * tokens * n * rotated
@@ -691,6 +693,7 @@ class Plan:
     memory: MemoryEstimate
     time: TimeEstimate
     notes: list[str] = field(default_factory=list)
+    probed: ProbedRates | None = None  # the rates measured on this machine (plan --measure)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -715,6 +718,7 @@ class Plan:
             "shape": asdict(self.shape),
             "workload": asdict(self.workload),
             "throughput": asdict(self.throughput),
+            "probed": None if self.probed is None else self.probed.to_dict(),
             "memory_bytes": self.memory.to_dict(),
             "memory_per_node_bytes": {
                 "host_in_memory": self.memory.host_in_memory * self.nproc,
@@ -735,11 +739,15 @@ def plan_model(
     fp64_tflops: float | None = None,
     disk_gbps: float | None = None,
     bf16_units: bool | None = None,
+    measure: bool = False,
+    probed: ProbedRates | None = None,
 ) -> Plan:
     """The plan for slicing ``files`` (a folder, a hub id, a .gguf, None for the embedded default, or
     :class:`ModelFiles`) as ``config`` says. ``bf16_units``: whether the CPU that will run it has
     bfloat16 units (the fast float32 products where the run asks for them, half models at the
-    float32 rate); None: this machine's."""
+    float32 rate); None: this machine's. ``measure``: time this machine's rates for the run
+    (:func:`slicegpt.evaluation.probe.probe_rates`, seconds to a minute) instead of the defaults;
+    ``probed``: rates measured before (the rates given, ``tflops`` and the others, still win)."""
     from transformers import AutoConfig
 
     if nproc < 1:
@@ -799,7 +807,31 @@ def plan_model(
     units = fast_float32_available() if bf16_units is None else bf16_units
     fast = asks_fast_float32(config) and units
     rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps, fast_float32=fast)
-    if device.split(":")[0] == "cpu" and dtype in ("bfloat16", "float16") and not units and tflops is None:
+    if measure and probed is None:
+        probed = probe_rates(
+            hf_config,
+            device=device,
+            dtype=parse_dtype(config.dtype),
+            batch_size=min(config.batch_size, config.nsamples),
+            seqlen=seqlen,
+            fast=asks_fast_float32(config),
+        )
+    if probed is not None:
+        # measured: the half products' speed on this CPU is in the forward's rate already
+        rate = Throughput(
+            tflops or probed.forward_tflops,
+            fp64_tflops or probed.fp64_tflops,
+            rate.disk_gbps,
+            fp32_tflops=probed.moments_tflops,
+        )
+        notes.append(
+            f"rates measured on this machine in {probed.seconds:.0f} s ({probed.device}, {probed.dtype}"
+            + (", fast float32 products" if probed.fast_float32 else "")
+            + f"): a forward of one layer of this shape on [{probed.batch[0]}, {probed.batch[1]}] tokens "
+            f"{probed.forward_tflops:.3g} TFLOP/s, the moments {probed.moments_tflops:.3g}, float64 "
+            f"{probed.fp64_tflops:.3g}"
+        )
+    elif device.split(":")[0] == "cpu" and dtype in ("bfloat16", "float16") and not units and tflops is None:
         rate = replace(rate, tflops=rate.tflops / HALF_WITHOUT_UNITS_SLOWDOWN)
         notes.append(
             f"this CPU has no {dtype} units: torch runs {dtype} products about {HALF_WITHOUT_UNITS_SLOWDOWN:g}x "
@@ -866,6 +898,7 @@ def plan_model(
         memory=memory,
         time=time_,
         notes=notes,
+        probed=probed,
     )
 
 
@@ -934,11 +967,11 @@ def format_plan(plan: Plan) -> str:
         "",
         "| time | minutes |",
         "|---|---:|",
-        f"| calibration forwards ({_flop(t.forward_flops)} at {plan.throughput.tflops:g} TFLOP/s"
+        f"| calibration forwards ({_flop(t.forward_flops)} at {plan.throughput.tflops:.3g} TFLOP/s"
         + (f" / {plan.nproc}" if plan.nproc > 1 else "")
         + f") | {t.forward / 60:,.1f} |",
-        f"| statistics ({_flop(t.statistics_flops)}: covariances in float64 at {plan.throughput.fp64_tflops:g} "
-        f"TFLOP/s, moments in float32 at {plan.throughput.moments_tflops:g}"
+        f"| statistics ({_flop(t.statistics_flops)}: covariances in float64 at {plan.throughput.fp64_tflops:.3g} "
+        f"TFLOP/s, moments in float32 at {plan.throughput.moments_tflops:.3g}"
         + (f", / {plan.nproc}" if plan.nproc > 1 else "")
         + f") | {t.statistics / 60:,.1f} |",
         f"| eigendecompositions ({plan.workload.eigh_points(plan.shape.points_per_layer, plan.shape.layers)}) | "
