@@ -29,6 +29,7 @@ import torch
 from ..core.precision import fast_float32
 from ..core.pca import Covariance
 from ..core.refit import Moments, gram_flops
+from .shapes import model_shape
 
 #: The probe's vocabulary: the embeddings and head cost nothing beside the layer.
 PROBE_VOCAB = 256
@@ -117,9 +118,6 @@ def probe_rates(
     config) on ``device`` in ``dtype``, batches of ``batch_size`` rows of ``seqlen`` tokens;
     ``fast``: the CPU's fast float32 products, as the run would use them."""
     from transformers import AutoModelForCausalLM
-
-    # the plan's own shape reader (imported here: plan imports this module)
-    from .plan import model_shape
 
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
