@@ -140,18 +140,9 @@ def one_run(job: dict) -> dict:
 def probe(model: Any, config: Any) -> dict:
     """What ``slicegpt plan --measure`` times on this machine for these settings, in the run's
     process just before its compression (the same machine, the same load)."""
-    from slicegpt.config import parse_dtype
-    from slicegpt.core.precision import asks_fast_float32
-    from slicegpt.evaluation.probe import probe_rates
+    from slicegpt.evaluation.probe import probe_run
 
-    return probe_rates(
-        model.config,
-        device=config.device,
-        dtype=parse_dtype(config.dtype),
-        batch_size=min(config.batch_size, config.nsamples),
-        seqlen=config.seqlen,
-        fast=asks_fast_float32(config),
-    ).to_dict()
+    return probe_run(model.config, config).to_dict()
 
 
 def weights_sha256(model: Any) -> str:
@@ -272,7 +263,7 @@ def plan_check(runs: list[dict]) -> str:
         default = plan_model(folder, config, bf16_units=units).time
         probed = r.get("probed")
         if probed is not None:
-            rates = ProbedRates(**{**probed, "batch": tuple(probed["batch"])})
+            rates = ProbedRates.from_dict(probed)
             t = plan_model(folder, config, bf16_units=units, probed=rates).time
             how = f"probed ({rates.forward_tflops:.3f} / {rates.moments_tflops:.3f} / {rates.fp64_tflops:.3f})"
         else:

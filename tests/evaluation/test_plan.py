@@ -484,6 +484,7 @@ def test_measured_rates_replace_the_defaults_term_by_term(tiny_folder: tuple[Pat
     default, probed = plan_model(str(folder), config), plan_model(str(folder), config, probed=rates)
     assert probed.throughput == Throughput(0.05, 0.02, default.throughput.disk_gbps, fp32_tflops=0.07)
     assert probed.probed == rates and probed.to_dict()["probed"]["forward_tflops"] == 0.05
+    assert ProbedRates.from_dict(json.loads(json.dumps(probed.to_dict()["probed"]))) == rates  # read back from JSON
     assert default.probed is None and default.to_dict()["probed"] is None
     # the same work, at the rates measured
     assert probed.time.forward_flops == default.time.forward_flops

@@ -33,7 +33,7 @@ from ..core.spread import SPREAD_ROWS
 from ..core.surgery import count_parameters
 from ..core.widths import Widths
 from ..data import clip_seqlen
-from .probe import ProbedRates, forward_flops_per_token, probe_rates
+from .probe import ProbedRates, forward_flops_per_token, probe_run
 from .shapes import ModelShape, model_shape
 from ..io.headers import ModelFiles, read_model_files
 from ..sources import AUTO, chat_calibration
@@ -741,14 +741,7 @@ def plan_model(
     fast = asks_fast_float32(config) and units
     rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps, fast_float32=fast)
     if measure and probed is None:
-        probed = probe_rates(
-            hf_config,
-            device=device,
-            dtype=parse_dtype(config.dtype),
-            batch_size=min(config.batch_size, config.nsamples),
-            seqlen=seqlen,
-            fast=asks_fast_float32(config),
-        )
+        probed = probe_run(hf_config, config, device=device, seqlen=seqlen)
     if probed is not None:
         # measured: the half products' speed on this CPU is in the forward's rate already
         rate = Throughput(

@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.precision import fast_float32
+from ..config import SliceConfig, parse_dtype
+from ..core.precision import asks_fast_float32, fast_float32
 from ..core.pca import Covariance
 from ..core.refit import Moments, gram_flops
 from .shapes import model_shape
@@ -56,6 +57,11 @@ class ProbedRates:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProbedRates":
+        """The rates :meth:`to_dict` wrote (read back from JSON: the batch a list)."""
+        return cls(**{**data, "batch": tuple(data["batch"])})
 
 
 def forward_flops_per_token(layer_params: int, seqlen: int, attention_width: int, layers: int = 1) -> float:
@@ -169,4 +175,21 @@ def probe_rates(
         moments_tflops=moments / 1e12,
         fp64_tflops=fp64 / 1e12,
         seconds=time.perf_counter() - began,
+    )
+
+
+def probe_run(
+    model_config: Any, run: SliceConfig, *, device: str | None = None, seqlen: int | None = None
+) -> ProbedRates:
+    """:func:`probe_rates` for a slicing run's settings: its dtype, one calibration batch
+    (``batch_size`` rows, at most ``nsamples``), the fast float32 products where it asks for them;
+    ``device`` and ``seqlen`` where the run's differ from the settings' (a device map's first
+    device, a context shorter than ``seqlen``)."""
+    return probe_rates(
+        model_config,
+        device=device or run.device,
+        dtype=parse_dtype(run.dtype),
+        batch_size=min(run.batch_size, run.nsamples),
+        seqlen=seqlen or run.seqlen,
+        fast=asks_fast_float32(run),
     )
