@@ -65,6 +65,15 @@ def one_run(job: dict) -> dict:
             calib=job["calib"],
             **({} if job.get("seed") is None else {"seed": job["seed"]}),
         )
+        if job.get("metric_blend") is not None:  # the experiment of loss_metric.py: neurons chosen in the loss's metric
+            import loss_metric
+
+            from slicegpt import sources
+
+            start = time.perf_counter()
+            rows = sources.calibration_rows_for(model, tokenizer, job["calib"], config).input_ids  # the run's own rows
+            loss_metric.install(loss_metric.metric_roots(loss_metric.loss_metrics(model, rows), job["metric_blend"]))
+            result["metric_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         report = slicegpt.slice_model(model, tokenizer, None, config, source_model=name)
         result.update(
@@ -247,6 +256,13 @@ def main() -> None:
     p.add_argument(
         "--seed", type=int, default=None, help="the calibration draw's seed (default: SliceConfig's); named in the run"
     )
+    p.add_argument(
+        "--metric-blend",
+        type=float,
+        default=None,
+        help="experiment (loss_metric.py): choose MLP neurons in the loss's metric at each layer, blended with "
+        "the identity by this share (1: the loss's metric alone)",
+    )
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's own row")
     p.add_argument("--chat-n", type=int, default=64)
     p.add_argument(
@@ -318,7 +334,9 @@ def main() -> None:
             for calib in args.calibs.split(","):
                 tag = args.name or f"{'uniform' if mode == 'uniform' else 'per-layer'}-{calib}-{args.nsamples}" + (
                     f"x{args.seqlen}" if args.seqlen != 1024 else ""
-                ) + (f"-s{args.seed}" if args.seed is not None else "") + (f"-{args.model}" if args.model else "")
+                ) + (f"-s{args.seed}" if args.seed is not None else "") + (f"-{args.model}" if args.model else "") + (
+                    f"-metric{args.metric_blend:g}" if args.metric_blend is not None else ""
+                )
                 jobs.append(
                     dict(
                         common,
@@ -330,6 +348,7 @@ def main() -> None:
                         nsamples=args.nsamples,
                         seqlen=args.seqlen,
                         seed=args.seed,
+                        **({} if args.metric_blend is None else {"metric_blend": args.metric_blend}),
                     )
                 )
     out_path = Path(args.out)
