@@ -42,7 +42,7 @@ def weighted_fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, fit: slice, 
 def held_error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, fit: slice, held: slice) -> float:
     """Weighted held-out error of the refit of y on x: mean over held-out tokens of w ||e||^2."""
     e = x[held] @ weighted_fit(x, y, w, fit) - y[held]
-    return float((w[held] * e.pow(2)).sum(-1).mean().detach())
+    return float((w[held] * e.pow(2)).sum(-1).mean())
 
 
 def main() -> None:
@@ -68,7 +68,8 @@ def main() -> None:
     heads, groups = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     per_group = heads // groups
-    neurons_per_heads = groups * head_dim * cfg.hidden_size * 2 // (3 * cfg.hidden_size)  # q rows + o columns
+    # one head per group: q rows and o columns, 2 x head_dim x hidden; one neuron of a gated MLP: 3 x hidden
+    neurons_per_heads = 2 * groups * head_dim // 3
 
     captured: dict[tuple[int, str], list[torch.Tensor]] = {}
 
@@ -99,7 +100,7 @@ def main() -> None:
         n = w.shape[0]
         fit, held = slice(0, n * 3 // 4), slice(n * 3 // 4, n)
         h = torch.cat(captured.pop((i, "mlp"))).double()  # [N, intermediate]
-        down = layer.mlp.down_proj.weight.double()
+        down = layer.mlp.down_proj.weight.detach().double()
         y = h @ down.t()
         order, _ = greedy_order((h[fit] * w[fit]).t() @ h[fit] / n, down, h.shape[1])
         kept = h[:, order[: args.keep]]
@@ -108,7 +109,7 @@ def main() -> None:
         more = held_error(h[:, order[: args.keep + neurons_per_heads]], y, w, fit, held)
 
         a = torch.cat(captured.pop((i, "attn"))).double()  # [N, heads * head_dim]
-        ya = a @ layer.self_attn.o_proj.weight.double().t()
+        ya = a @ layer.self_attn.o_proj.weight.detach().double().t()
         dropped: list[int] = []
         for g in range(groups):  # one head per group, each the one whose removal costs least given the others
             best = None
@@ -119,7 +120,7 @@ def main() -> None:
                 if best is None or e < best[0]:
                     best = (e, g * per_group + j)
             dropped.append(best[1])
-        heads_err = best[0]
+        heads_err = best[0]  # the last group's best: every group's head dropped
         layers.append(
             dict(
                 layer=i,
@@ -141,13 +142,16 @@ def main() -> None:
         for k in ("mlp_error", "mlp_error_with_intercept", "mlp_error_more_neurons", "heads_error")
     }
     split = total["mlp_error_more_neurons"] + total["heads_error"]
+    # the better of the two spends in each layer (a per-layer axis)
+    either = sum(min(r["mlp_error"], r["mlp_error_more_neurons"] + r["heads_error"]) for r in layers)
     bias_gain = (1 - total["mlp_error_with_intercept"] / total["mlp_error"]) * 100
     print(
         f"\nsum over {len(layers)} layers: neurons alone {total['mlp_error']:.4f}; with an intercept "
         f"{total['mlp_error_with_intercept']:.4f} ({bias_gain:.2f}% lower); "
         f"one query head per group and {neurons_per_heads} more neurons {split:.4f} "
         f"({(1 - split / total['mlp_error']) * 100:.1f}% lower); layers where the heads split is better: "
-        f"{sum(r['mlp_error_more_neurons'] + r['heads_error'] < r['mlp_error'] for r in layers)} of {len(layers)}"
+        f"{sum(r['mlp_error_more_neurons'] + r['heads_error'] < r['mlp_error'] for r in layers)} of {len(layers)}; "
+        f"the better of the two in each layer {either:.4f} ({(1 - either / total['mlp_error']) * 100:.1f}% lower)"
     )
     result = dict(
         model=name,
@@ -155,7 +159,7 @@ def main() -> None:
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         neurons_for_heads=neurons_per_heads,
-        totals=dict(total, heads_split=split),
+        totals=dict(total, heads_split=split, better_per_layer=either),
         layers=layers,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
