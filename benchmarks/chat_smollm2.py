@@ -74,6 +74,10 @@ def one_run(job: dict) -> dict:
             rows = sources.calibration_rows_for(model, tokenizer, job["calib"], config).input_ids  # the run's own rows
             loss_metric.install(loss_metric.metric_roots(loss_metric.loss_metrics(model, rows), job["metric_blend"]))
             result["metric_seconds"] = time.perf_counter() - start
+        if job.get("reader_refit"):  # the experiment of reader_refit.py: readers refit beside writers
+            import reader_refit
+
+            reader_refit.install()
         start = time.perf_counter()
         report = slicegpt.slice_model(model, tokenizer, None, config, source_model=name)
         result.update(
@@ -263,6 +267,11 @@ def main() -> None:
         help="experiment (loss_metric.py): choose MLP neurons in the loss's metric at each layer, blended with "
         "the identity by this share (1: the loss's metric alone)",
     )
+    p.add_argument(
+        "--reader-refit",
+        action="store_true",
+        help="experiment (reader_refit.py): refit each branch's readers (q/k/v, gate/up) toward their dense outputs",
+    )
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's own row")
     p.add_argument("--chat-n", type=int, default=64)
     p.add_argument(
@@ -336,7 +345,7 @@ def main() -> None:
                     f"x{args.seqlen}" if args.seqlen != 1024 else ""
                 ) + (f"-s{args.seed}" if args.seed is not None else "") + (f"-{args.model}" if args.model else "") + (
                     f"-metric{args.metric_blend:g}" if args.metric_blend is not None else ""
-                )
+                ) + ("-readers" if args.reader_refit else "")
                 jobs.append(
                     dict(
                         common,
@@ -349,6 +358,7 @@ def main() -> None:
                         seqlen=args.seqlen,
                         seed=args.seed,
                         **({} if args.metric_blend is None else {"metric_blend": args.metric_blend}),
+                        **({"reader_refit": True} if args.reader_refit else {}),
                     )
                 )
     out_path = Path(args.out)
