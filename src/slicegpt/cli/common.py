@@ -296,7 +296,7 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
         default=d.fast_matmul,
         help=(
             "on a CPU with bfloat16 units (AVX512-BF16, AMX), run the float32 matrix products through them: "
-            "about 2x faster at float32's accuracy; no effect on other CPUs or GPUs (PCA and the final ridge "
+            "1.1-2x faster by the CPU, at float32's accuracy; no effect on other CPUs or GPUs (PCA and the final ridge "
             "solves stay float64)"
         ),
     )

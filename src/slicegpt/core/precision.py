@@ -2,7 +2,8 @@
 
 CPUs with bfloat16 units (AVX512-BF16, AMX) run oneDNN's float32 matmuls with bfloat16 arithmetic
 when allowed (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``): 2-2.3x the rate here
-(2-core AMD EPYC; SmolLM2's whole forward 1.74 s against 3.40 s) at float32's accuracy measured
+(2-core AMD EPYC; SmolLM2's whole forward 1.74 s against 3.40 s; another EPYC with the same
+flags gave 1.1x: the gain is the machine's) at float32's accuracy measured
 against float64: SmolLM2's logits 7e-6 of their largest against 2e-6 (relative norm 8e-7 against
 5e-7), a 4864-wide x^T x 3.8e-7 against 3.3e-7. The setting is torch's process-wide one: it is
 set only inside :func:`fast_float32` and put back as it was, and only where every device of the
