@@ -25,10 +25,9 @@ import torch
 def refit_readers(block, names, norm, compressed, to_input, dense, held, device, record, point) -> None:
     """Refit the readers at ``names`` (one shared normed input) on the compressed stream toward
     their own output on the dense one; ``compressed``/``dense`` the per-batch streams (host)."""
-    from slicegpt.core import corrections, ops
+    from slicegpt.core import ops
     from slicegpt.core import refit as moments_
     from slicegpt.core.capture import stream
-    from slicegpt.core.streams import LocalReduction
     from slicegpt.core.surgery import weight_refs
 
     refs = weight_refs(block, names)
@@ -39,7 +38,7 @@ def refit_readers(block, names, norm, compressed, to_input, dense, held, device,
         nc = norm(to_input(x))  # [B, T, D]
         target = norm(dense[i].to(device)).to(torch.float64) @ w0.t()  # [B, T, sum of outputs]
         moments.add(nc, target, i == held)
-    corrections.combine(moments, LocalReduction())  # one process
+    # one process: no sums to combine across processes (corrections.combine would return at once)
     w, rel = moments_.refit(moments, w0, dtype=moments_.product_dtype(refs[0].tensor))
     start = 0
     for ref, m in zip(refs, mats):
