@@ -185,10 +185,11 @@ class SliceConfig:
         keeps (one more pass of the model, layer by layer, over 8 of the calibration rows, then a
         greedy selection to every width per layer). False keeps the same count in every layer.
         Uniform mode keeps one count: a standard config holds one.
-    fast_matmul: on a CPU with bfloat16 units (AVX512-BF16, AMX), run the compression's float32
+    fast_matmul: on a CPU with bfloat16 units (AVX512-BF16), run the compression's float32
         matrix products (forwards, moments) through them: 1.1-2x faster by the CPU (two EPYCs with
-        the same flags measured) at float32's accuracy (:mod:`slicegpt.core.precision`). No effect
-        elsewhere; PCA and the solves stay float64.
+        the same flags measured) at float32's accuracy, used only where a probe product made in
+        that mode shows it (an AMX Xeon rounds to bfloat16 there, so it keeps IEEE float32;
+        :mod:`slicegpt.core.precision`). No effect elsewhere; PCA and the solves stay float64.
     """
 
     sparsity: float | None = None

@@ -295,8 +295,9 @@ def add_slice_config_arguments(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=d.fast_matmul,
         help=(
-            "on a CPU with bfloat16 units (AVX512-BF16, AMX), run the float32 matrix products through them: "
-            "1.1-2x faster by the CPU, at float32's accuracy; no effect on other CPUs or GPUs (PCA and the final ridge "
+            "on a CPU with bfloat16 units (AVX512-BF16), run the float32 matrix products through them: "
+            "1.1-2x faster by the CPU, used only where a probe product shows float32's accuracy in that mode (not on "
+            "AMX Xeons, which round to bfloat16 in it); no effect on other CPUs or GPUs (PCA and the final ridge "
             "solves stay float64)"
         ),
     )

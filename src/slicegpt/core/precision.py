@@ -1,31 +1,66 @@
 """Float32 matrix products at the rate the CPU runs fastest, for the length of a compression.
 
 CPUs with bfloat16 units (AVX512-BF16, AMX) run oneDNN's float32 matmuls with bfloat16 arithmetic
-when allowed (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``): 2-2.3x the rate here
-(2-core AMD EPYC; SmolLM2's whole forward 1.74 s against 3.40 s; another EPYC with the same
-flags gave 1.1x: the gain is the machine's) at float32's accuracy measured
-against float64: SmolLM2's logits 7e-6 of their largest against 2e-6 (relative norm 8e-7 against
-5e-7), a 4864-wide x^T x 3.8e-7 against 3.3e-7. The setting is torch's process-wide one: it is
-set only inside :func:`fast_float32` and put back as it was, and only where every device of the
-run is the CPU (on CUDA the same knob family means TF32 or bfloat16 inputs, a real loss).
+when allowed (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). What that buys depends on
+the machine. On two 2-core AMD EPYCs with AVX512-BF16 it ran 1.1-2.3x faster (SmolLM2's whole
+forward 1.74 s against 3.40 s on one) at float32's accuracy measured against float64: SmolLM2's
+logits 7e-6 of their largest against 2e-6, a 4864-wide x^T x 3.8e-7 against 3.3e-7. On a Xeon
+with AMX the same setting rounds the products' inputs to bfloat16 (that x^T x 1.7e-3 from float64,
+a tiny model's invariance check 3e-3 off): faster (1.8x the moments, 3.5x a projection) but no
+longer float32. So the mode is used only where a probe product made in it keeps float32's
+accuracy (:func:`fast_float32_available`); elsewhere the run stays in IEEE float32.
+
+The setting is torch's process-wide one: it is set only inside :func:`fast_float32` and put back as
+it was, and only where every device of the run is the CPU (on CUDA the same knob family means TF32
+or bfloat16 inputs, a real loss).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..config import SliceConfig
 
 
-def fast_float32_available() -> bool:
-    """Whether this CPU has the bfloat16 units that make :func:`fast_float32` faster (else it changes nothing)."""
+#: Largest relative error (Frobenius, against float64) a probe product may show in the fast mode
+#: and still count as float32: IEEE float32 gives ~3e-7 on it, inputs rounded to bfloat16 ~2e-3.
+FLOAT32_PROBE_TOLERANCE = 1e-5
+
+
+def keeps_float32_accuracy(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Whether ``product`` (a float32 matmul as some mode runs it) agrees with float64 to float32's
+    rounding on a seeded [256, 512] x [512, 256] probe, large enough for oneDNN's blocked kernels."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 512, generator=generator)
+    b = torch.randn(512, 256, generator=generator)
+    exact = a.double() @ b.double()
+    got = product(a, b).double()
+    return bool(torch.isfinite(got).all()) and float((got - exact).norm() / exact.norm()) <= FLOAT32_PROBE_TOLERANCE
+
+
+def _bf16_units() -> bool:
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False
+
+
+def fast_float32_available() -> bool:
+    """Whether this CPU has the bfloat16 units that make :func:`fast_float32` faster and its float32
+    products keep float32's accuracy in that mode (a probe product, milliseconds); else the mode is
+    not used. False on AMX Xeons, whose oneDNN rounds the inputs to bfloat16 in it."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if matmul is None or not _bf16_units():
+        return False
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        return keeps_float32_accuracy(torch.matmul)
+    finally:
+        matmul.fp32_precision = before
 
 
 @contextlib.contextmanager
