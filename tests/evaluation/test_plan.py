@@ -420,10 +420,18 @@ def test_the_plan_counts_the_cpus_fast_float32_products_only_where_the_run_uses_
     # the strengths tried are float32 solves, the final ones float64: faster, not by the float32 ratio
     ratio = slow.throughput.moments_tflops / fast.throughput.moments_tflops
     assert slow.time.solves * ratio < fast.time.solves < slow.time.solves
-    monkeypatch.setattr(plan_module, "fast_float32_available", lambda: False)  # a CPU without bfloat16 units
+    # an AMX Xeon: bfloat16 units, but its fast float32 mode rounds to bfloat16, so the run keeps
+    # IEEE float32 (planned so); a half model runs on the units at full rate
+    monkeypatch.setattr(plan_module, "fast_float32_available", lambda: False)
+    monkeypatch.setattr(plan_module, "bfloat16_units", lambda: True)
+    assert plan_model(None, config).throughput.tflops == slow.throughput.tflops
+    half = replace(config, dtype="bfloat16")
+    amx = plan_model(None, half)
+    assert amx.throughput.tflops == plan_module.DEFAULT_TFLOPS["cpu"]["bfloat16"]
+    assert not any("units" in note for note in amx.notes)
+    monkeypatch.setattr(plan_module, "bfloat16_units", lambda: False)  # a CPU without bfloat16 units
     assert plan_model(None, config).throughput.tflops == slow.throughput.tflops
     # there a half model's products run on torch's generic kernels: planned slower, and said
-    half = replace(config, dtype="bfloat16")
     without = plan_model(None, half)
     assert without.throughput.tflops == pytest.approx(
         plan_module.DEFAULT_TFLOPS["cpu"]["bfloat16"] / plan_module.HALF_WITHOUT_UNITS_SLOWDOWN

@@ -41,7 +41,9 @@ def keeps_float32_accuracy(product: Callable[[torch.Tensor, torch.Tensor], torch
     return bool(torch.isfinite(got).all()) and float((got - exact).norm() / exact.norm()) <= FLOAT32_PROBE_TOLERANCE
 
 
-def _bf16_units() -> bool:
+def bfloat16_units() -> bool:
+    """Whether this CPU has bfloat16 units oneDNN uses (AVX512-BF16, AMX): a bfloat16 model's
+    products run at full rate on it, whatever its fast float32 mode does."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
@@ -53,7 +55,7 @@ def fast_float32_available() -> bool:
     products keep float32's accuracy in that mode (a probe product, milliseconds); else the mode is
     not used. False on AMX Xeons, whose oneDNN rounds the inputs to bfloat16 in it."""
     matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if matmul is None or not _bf16_units():
+    if matmul is None or not bfloat16_units():
         return False
     before = matmul.fp32_precision
     matmul.fp32_precision = "bf16"

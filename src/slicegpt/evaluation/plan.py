@@ -27,7 +27,7 @@ from ..core import uniform
 from ..core.allocate import SHARES
 from ..core.neurons import COMPACT_AT
 from ..core.sizing import plan_widths
-from ..core.precision import asks_fast_float32, fast_float32_available
+from ..core.precision import asks_fast_float32, bfloat16_units, fast_float32_available
 from ..core.refit import gram_flops, strength_row_count
 from ..core.spread import SPREAD_ROWS
 from ..core.surgery import count_parameters
@@ -678,8 +678,10 @@ def plan_model(
     """The plan for slicing ``files`` (a folder, a hub id, a .gguf, None for the embedded default, or
     :class:`ModelFiles`) as ``config`` says. ``bf16_units``: whether the CPU that will run it has
     bfloat16 units (the fast float32 products where the run asks for them, half models at the
-    float32 rate); None: this machine's. ``measure``: time this machine's rates for the run
-    (:func:`slicegpt.evaluation.probe.probe_rates`, seconds to a minute) instead of the defaults;
+    float32 rate); None: this machine's (its fast products only where they keep float32's
+    accuracy, :func:`~slicegpt.core.precision.fast_float32_available`). ``measure``: time this
+    machine's rates for the run (:func:`slicegpt.evaluation.probe.probe_rates`, seconds to a
+    minute) instead of the defaults;
     ``probed``: rates measured before (the rates given, ``tflops`` and the others, still win)."""
     from transformers import AutoConfig
 
@@ -736,9 +738,10 @@ def plan_model(
         compressions=len(SHARES) + 1 if config.search and config.target_params is not None else 1,
         spread_rows=min(SPREAD_ROWS, config.nsamples) if spreads else 0,
     )
-    # the CPU's fast float32 products where the run would use them (the units checked on this machine)
-    units = fast_float32_available() if bf16_units is None else bf16_units
-    fast = asks_fast_float32(config) and units
+    # the CPU's fast float32 products where the run would use them (on this machine: where its units
+    # keep float32's accuracy in that mode, which an AMX Xeon's do not; a half model needs the units only)
+    units = bfloat16_units() if bf16_units is None else bf16_units
+    fast = asks_fast_float32(config) and (fast_float32_available() if bf16_units is None else bf16_units)
     rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps, fast_float32=fast)
     if measure and probed is None:
         probed = probe_run(hf_config, config, device=device, seqlen=seqlen)
