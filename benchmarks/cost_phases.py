@@ -167,7 +167,7 @@ def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tup
 
     import slicegpt
 
-    from slicegpt.core.precision import asks_fast_float32, fast_float32, fast_float32_available
+    from slicegpt.core.precision import asks_fast_float32, bfloat16_units, fast_float32, fast_float32_available
 
     start = time.perf_counter()
     # the unit in the precision the compression runs in
@@ -186,8 +186,10 @@ def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tup
         phases=dict(clock.seconds, other=total - sum(clock.seconds.values())),
         calls=clock.calls,
         torch_threads=torch.get_num_threads(),
-        # the machine's fact the plan's rates follow (the fast products ran where also asked for)
-        bf16_units=fast_float32_available(),
+        # the machine's facts the plan's rates follow: its bfloat16 units, and whether its fast
+        # float32 products keep float32's accuracy (they ran where also asked for; not on AMX)
+        bf16_units=bfloat16_units(),
+        fast_float32=fast_float32_available(),
     )
 
 
@@ -259,12 +261,13 @@ def plan_check(runs: list[dict]) -> str:
         )
         # the rates of the machine that ran it (runs from before the field ran fast where asked: it had the units)
         units = r.get("bf16_units", r.get("fast_matmul", False))
+        fast = r.get("fast_float32")  # runs from before the field: as their units
         folder = str(materialise(r["model"])) if r["model"] else None
-        default = plan_model(folder, config, bf16_units=units).time
+        default = plan_model(folder, config, bf16_units=units, fast_float32=fast).time
         probed = r.get("probed")
         if probed is not None:
             rates = ProbedRates.from_dict(probed)
-            t = plan_model(folder, config, bf16_units=units, probed=rates).time
+            t = plan_model(folder, config, bf16_units=units, fast_float32=fast, probed=rates).time
             how = f"probed ({rates.forward_tflops:.3f} / {rates.moments_tflops:.3f} / {rates.fp64_tflops:.3f})"
         else:
             t, how = default, "defaults"

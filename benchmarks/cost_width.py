@@ -176,7 +176,8 @@ def plan_check(runs: list[dict]) -> str:
         with tempfile.TemporaryDirectory() as folder:
             write_index_only_folder(folder, config, dtype)
             # the rates of the machine that ran it (runs from before the field: taken as without the units)
-            t = plan_model(folder, cfg, bf16_units=r.get("bf16_units", False)).time
+            units, fast = r.get("bf16_units", False), r.get("fast_float32")
+            t = plan_model(folder, cfg, bf16_units=units, fast_float32=fast).time
         cells = plan_cells(t, r, digits=1, unit="")
         out.append(f"| {r['method']} | {_shape(r)} | " + " | ".join(cells) + " |")
     return "\n".join(out)

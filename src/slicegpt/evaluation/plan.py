@@ -672,14 +672,17 @@ def plan_model(
     fp64_tflops: float | None = None,
     disk_gbps: float | None = None,
     bf16_units: bool | None = None,
+    fast_float32: bool | None = None,
     measure: bool = False,
     probed: ProbedRates | None = None,
 ) -> Plan:
     """The plan for slicing ``files`` (a folder, a hub id, a .gguf, None for the embedded default, or
     :class:`ModelFiles`) as ``config`` says. ``bf16_units``: whether the CPU that will run it has
     bfloat16 units (the fast float32 products where the run asks for them, half models at the
-    float32 rate); None: this machine's (its fast products only where they keep float32's
-    accuracy, :func:`~slicegpt.core.precision.fast_float32_available`). ``measure``: time this
+    float32 rate); None: this machine's. ``fast_float32``: whether its fast float32 products keep
+    float32's accuracy, so that a run asking for them uses them (an AMX Xeon's do not); None: as
+    ``bf16_units`` where that is given, else this machine's
+    (:func:`~slicegpt.core.precision.fast_float32_available`). ``measure``: time this
     machine's rates for the run (:func:`slicegpt.evaluation.probe.probe_rates`, seconds to a
     minute) instead of the defaults;
     ``probed``: rates measured before (the rates given, ``tflops`` and the others, still win)."""
@@ -741,7 +744,9 @@ def plan_model(
     # the CPU's fast float32 products where the run would use them (on this machine: where its units
     # keep float32's accuracy in that mode, which an AMX Xeon's do not; a half model needs the units only)
     units = bfloat16_units() if bf16_units is None else bf16_units
-    fast = asks_fast_float32(config) and (fast_float32_available() if bf16_units is None else bf16_units)
+    if fast_float32 is None:
+        fast_float32 = fast_float32_available() if bf16_units is None else bf16_units
+    fast = asks_fast_float32(config) and fast_float32
     rate = default_throughput(device, dtype, tflops, fp64_tflops, disk_gbps, fast_float32=fast)
     if measure and probed is None:
         probed = probe_run(hf_config, config, device=device, seqlen=seqlen)
