@@ -193,6 +193,14 @@ def timed_compression(model: Any, tokenizer: Any, rows: Any, config: Any) -> tup
     )
 
 
+def fast_cell(run: dict) -> str:
+    """Whether the run's float32 products went through the CPU's bfloat16 units: asked for and
+    used, asked for where the CPU's mode would not keep float32 (an AMX Xeon), or not asked."""
+    if not run.get("fast_matmul"):
+        return "no"
+    return "asked, off (not float32 here)" if run.get("fast_float32") is False else "yes"
+
+
 def table(runs: list[dict]) -> str:
     cols = [*PHASES, "other"]
     out = [
@@ -202,7 +210,7 @@ def table(runs: list[dict]) -> str:
     for r in runs:
         unit = r["dense_forward_seconds"]
         cells = [f"{r['phases'].get(c, 0):.0f} s ({r['phases'].get(c, 0) / unit:.1f})" for c in cols]
-        fast = "yes" if r.get("fast_matmul") else "no"
+        fast = fast_cell(r)
         out.append(
             f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {fast} | {r['total_seconds']:.0f} | "
             f"{r['total_seconds'] / unit:.1f} | " + " | ".join(cells) + " |"
@@ -274,7 +282,7 @@ def plan_check(runs: list[dict]) -> str:
         cells = plan_cells(t, r)
         default_total = default.total - default.disk
         cells.append(f"{default_total:.0f} s ({default_total / r['total_seconds']:.2f})")
-        fast = "yes" if r.get("fast_matmul") else "no"
+        fast = fast_cell(r)
         out.append(
             f"| {r['source_model']} | {r['method']} | {r['nsamples']} | {fast} | {how} | " + " | ".join(cells) + " |"
         )
