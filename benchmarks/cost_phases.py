@@ -269,13 +269,13 @@ def plan_check(runs: list[dict]) -> str:
         )
         # the rates of the machine that ran it (runs from before the field ran fast where asked: it had the units)
         units = r.get("bf16_units", r.get("fast_matmul", False))
-        fast = r.get("fast_float32")  # runs from before the field: as their units
+        accurate = r.get("fast_float32")  # runs from before the field: as their units
         folder = str(materialise(r["model"])) if r["model"] else None
-        default = plan_model(folder, config, bf16_units=units, fast_float32=fast).time
+        default = plan_model(folder, config, bf16_units=units, fast_float32=accurate).time
         probed = r.get("probed")
         if probed is not None:
             rates = ProbedRates.from_dict(probed)
-            t = plan_model(folder, config, bf16_units=units, fast_float32=fast, probed=rates).time
+            t = plan_model(folder, config, bf16_units=units, fast_float32=accurate, probed=rates).time
             how = f"probed ({rates.forward_tflops:.3f} / {rates.moments_tflops:.3f} / {rates.fp64_tflops:.3f})"
         else:
             t, how = default, "defaults"

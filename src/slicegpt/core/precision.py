@@ -50,35 +50,43 @@ def bfloat16_units() -> bool:
         return False
 
 
+def _matmul_knob():
+    """torch's oneDNN matmul settings, or None in a build without them."""
+    return getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+
+
+@contextlib.contextmanager
+def _bf16_mode(matmul) -> Iterator[None]:
+    """Within: oneDNN's float32 matmuls allowed bfloat16 arithmetic; the setting put back after."""
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 def fast_float32_available() -> bool:
     """Whether this CPU has the bfloat16 units that make :func:`fast_float32` faster and its float32
     products keep float32's accuracy in that mode (a probe product, milliseconds); else the mode is
     not used. False on AMX Xeons, whose oneDNN rounds the inputs to bfloat16 in it."""
-    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    matmul = _matmul_knob()
     if matmul is None or not bfloat16_units():
         return False
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
+    with _bf16_mode(matmul):
         return keeps_float32_accuracy(torch.matmul)
-    finally:
-        matmul.fp32_precision = before
 
 
 @contextlib.contextmanager
 def fast_float32(enabled: bool) -> Iterator[bool]:
     """Within: the CPU's float32 matmuls through its bfloat16 units where ``enabled`` and available;
     yields whether they are. Restores the previous setting on the way out, whatever happens."""
-    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    matmul = _matmul_knob()
     if not enabled or matmul is None or not fast_float32_available():
         yield False
         return
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
+    with _bf16_mode(matmul):
         yield True
-    finally:
-        matmul.fp32_precision = before
 
 
 def asks_fast_float32(config: SliceConfig) -> bool:
