@@ -242,11 +242,22 @@ def plan_cells(t: Any, run: dict, digits: int = 0, unit: str = " s") -> list[str
     return cells
 
 
-def plan_check(runs: list[dict]) -> str:
+def rates_cell(rates: Any) -> str:
+    """A ProbedRates in a table cell: forward / moments / float64 TFLOP/s, and the solves' (final,
+    strengths tried) at the widest width probed where it timed them."""
+    cell = f"{rates.forward_tflops:.3f} / {rates.moments_tflops:.3f} / {rates.fp64_tflops:.3f}"
+    if rates.final_solve is not None and rates.trial_solve is not None:
+        cell += f", solves {rates.final_solve.tflops[-1]:.3f} / {rates.trial_solve.tflops[-1]:.3f}"
+    return cell
+
+
+def plan_check(runs: list[dict], probe_here: bool = False) -> str:
     """Each run's phases beside what ``slicegpt plan`` predicts for the same settings: seconds
     predicted / measured, per term, and the total (less the disk, not timed here). A run that
     probed its machine's rates (``plan --measure``, ``probed`` in the run) is planned with them,
-    the default CPU rates' total beside; older runs with the default rates alone."""
+    the default CPU rates' total beside; older runs with the default rates alone. ``probe_here``:
+    every run planned with rates probed now, on this machine (for runs recorded on a machine of
+    this kind before the probe timed what it times now)."""
     from slicegpt import SliceConfig
     from slicegpt.evaluation.plan import plan_model
     from slicegpt.evaluation.probe import ProbedRates
@@ -273,10 +284,13 @@ def plan_check(runs: list[dict]) -> str:
         folder = str(materialise(r["model"])) if r["model"] else None
         default = plan_model(folder, config, bf16_units=units, fast_float32=accurate).time
         probed = r.get("probed")
-        if probed is not None:
+        if probe_here:
+            plan = plan_model(folder, config, bf16_units=units, fast_float32=accurate, measure=True)
+            t, how = plan.time, "probed here, " + rates_cell(plan.probed)
+        elif probed is not None:
             rates = ProbedRates.from_dict(probed)
             t = plan_model(folder, config, bf16_units=units, fast_float32=accurate, probed=rates).time
-            how = f"probed ({rates.forward_tflops:.3f} / {rates.moments_tflops:.3f} / {rates.fp64_tflops:.3f})"
+            how = "probed, " + rates_cell(rates)
         else:
             t, how = default, "defaults"
         cells = plan_cells(t, r)
@@ -305,10 +319,16 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "cost_phases.json"))
     add_one(p)
     p.add_argument("--tables", action="store_true", help="print the tables of the runs in --out and stop")
+    p.add_argument(
+        "--probe-here",
+        action="store_true",
+        help="with --tables: plan every run with rates probed now on this machine (plan --measure), "
+        "for runs recorded on a machine of this kind",
+    )
     args = p.parse_args()
     if args.tables:
         runs = json.loads(Path(args.out).read_text())["runs"]
-        print(table(runs) + "\n\n" + plan_check(runs))
+        print(table(runs) + "\n\n" + plan_check(runs, probe_here=args.probe_here))
         return
     if answer_one(args, one_run):
         return

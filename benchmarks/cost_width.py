@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cost_phases import METHODS, PHASES, PLAN_TERMS, plan_cells, timed_compression
+from cost_phases import METHODS, PHASES, PLAN_TERMS, plan_cells, rates_cell, timed_compression
 from fresh import add_one, answer_one, replace_runs, run_fresh
 
 HERE = Path(__file__).resolve().parent
@@ -57,6 +57,7 @@ def one_run(job: dict) -> dict:
     import slicegpt
     from slicegpt.data import Rows
     from slicegpt.evaluation.plan import plan_model
+    from slicegpt.evaluation.probe import probe_run
     from slicegpt.io.headers import write_index_only_folder
     from slicegpt.memory import peak_rss_gb
 
@@ -73,6 +74,7 @@ def one_run(job: dict) -> dict:
         dtype=dtype,
         **METHODS[job["method"]],
     )
+    probed = probe_run(config, cfg).to_dict()  # what `slicegpt plan --measure` times, before the compression
     report, timing = timed_compression(model, None, Rows(ids), cfg)
     with tempfile.TemporaryDirectory() as folder:  # what `slicegpt plan` says of this very layer
         write_index_only_folder(folder, config, dtype)
@@ -85,6 +87,7 @@ def one_run(job: dict) -> dict:
         params_before=report.params_before,
         peak_rss_gb=peak_rss_gb(),
         plan_host_gb=planned,
+        probed=probed,
         **timing,
     )
 
@@ -155,17 +158,20 @@ def table(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plan_check(runs: list[dict]) -> str:
-    """Each run's phases beside what ``slicegpt plan`` predicts for that layer (this CPU's default
-    rates): seconds predicted / measured per term, and the total (less the disk, not timed here).
+def plan_check(runs: list[dict], probe_here: bool = False) -> str:
+    """Each run's phases beside what ``slicegpt plan`` predicts for that layer: seconds predicted /
+    measured per term, and the total (less the disk, not timed here). The rates: those the run
+    probed (``plan --measure`` in its process), else this CPU's defaults; ``probe_here``: probed
+    now, on this machine (for runs recorded on a machine of this kind before they probed).
     The wide shapes test the plan's cubic terms far beyond the models it was fitted on."""
     from slicegpt import SliceConfig
     from slicegpt.evaluation.plan import plan_model
+    from slicegpt.evaluation.probe import ProbedRates
     from slicegpt.io.headers import write_index_only_folder
 
     out = [
-        "| method | shape | " + " | ".join(f"{t} plan / measured" for t in PLAN_TERMS) + " | total |",
-        "|---|---|" + "---:|" * (len(PLAN_TERMS) + 1),
+        "| method | shape | rates | " + " | ".join(f"{t} plan / measured" for t in PLAN_TERMS) + " | total |",
+        "|---|---|---|" + "---:|" * (len(PLAN_TERMS) + 1),
     ]
     for r in sorted(runs, key=lambda r: (list(METHODS).index(r["method"]), r["mlp"], r.get("dtype", ""))):
         config = layer_config(r["shape"], r["seqlen"])
@@ -177,9 +183,13 @@ def plan_check(runs: list[dict]) -> str:
             write_index_only_folder(folder, config, dtype)
             # the rates of the machine that ran it (runs from before the field: taken as without the units)
             units, fast = r.get("bf16_units", False), r.get("fast_float32")
-            t = plan_model(folder, cfg, bf16_units=units, fast_float32=fast).time
-        cells = plan_cells(t, r, digits=1, unit="")
-        out.append(f"| {r['method']} | {_shape(r)} | " + " | ".join(cells) + " |")
+            probed = None if probe_here or r.get("probed") is None else ProbedRates.from_dict(r["probed"])
+            plan = plan_model(folder, cfg, bf16_units=units, fast_float32=fast, probed=probed, measure=probe_here)
+        how = "defaults"
+        if plan.probed is not None:
+            how = ("probed here, " if probe_here else "probed, ") + rates_cell(plan.probed)
+        cells = plan_cells(plan.time, r, digits=1, unit="")
+        out.append(f"| {r['method']} | {_shape(r)} | {how} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -245,10 +255,16 @@ def main() -> None:
     p.add_argument("--plot", default=None, help="write the log-log plot here (PNG)")
     add_one(p)
     p.add_argument("--tables", action="store_true", help="print the table of the runs in --out (and --plot) and stop")
+    p.add_argument(
+        "--probe-here",
+        action="store_true",
+        help="with --tables: plan every run with rates probed now on this machine (plan --measure), "
+        "for runs recorded on a machine of this kind",
+    )
     args = p.parse_args()
     if args.tables:
         runs = json.loads(Path(args.out).read_text())["runs"]
-        print(table(runs) + "\n\n" + plan_check(runs))
+        print(table(runs) + "\n\n" + plan_check(runs, probe_here=args.probe_here))
         if args.plot:
             plot(runs, Path(args.plot))
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from typing import Any
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from slicegpt.evaluation.plan import (
     plan_model,
     time_model,
 )
-from slicegpt.evaluation.probe import PROBE_VOCAB, ProbedRates, one_layer_config, probe_rates
+from slicegpt.evaluation.probe import PROBE_VOCAB, ProbedRates, WidthRate, one_layer_config, probe_rates
 from slicegpt.io.headers import PlanInputError, read_header, write_index_only_folder
 from slicegpt.core.refit import strength_row_count
 from slicegpt.core.neurons import COMPACT_AT
@@ -481,8 +482,42 @@ def test_the_probe_times_one_layer_of_every_family(model_type: str) -> None:
             assert len(value) == 1, key
     rates = probe_rates(config, device="cpu", dtype=torch.float32, batch_size=2, seqlen=16)
     assert rates.batch == (2, 16) and rates.device == "cpu" and rates.dtype == "float32"
-    for rate in (rates.forward_tflops, rates.moments_tflops, rates.fp64_tflops, rates.seconds):
-        assert 0 < rate < float("inf")
+    measured = (rates.forward_tflops, rates.moments_tflops, rates.fp64_tflops, rates.seconds, rates.rotate_tflops)
+    assert rates.final_solve is not None and rates.trial_solve is not None and rates.selection_tflops is not None
+    for rate in (*measured, *rates.final_solve.tflops, *rates.trial_solve.tflops, rates.selection_tflops):
+        assert rate is not None and 0 < rate < float("inf")
+    assert rates.pick_seconds is not None and rates.pick_seconds >= 0
+    # the solves are timed no wider than the model's widest writer: a tiny model's at its own width
+    widest = max(config.hidden_size, model_shape_of(config).intermediate)
+    assert rates.final_solve.widths == rates.trial_solve.widths == (widest,)
+
+
+def model_shape_of(config: Any) -> Any:
+    """The plan's shape of a config's one-layer model (random weights)."""
+    import transformers
+
+    from slicegpt.evaluation.shapes import model_shape
+
+    return model_shape(transformers.AutoModelForCausalLM.from_config(one_layer_config(config)))
+
+
+def test_a_rate_measured_at_a_few_widths_is_read_between_them_and_flat_beyond() -> None:
+    """LAPACK's solves speed up with the width up to a few thousand: the plan reads a probed rate
+    on the log-log line between the widths timed, along the first slope below (a slope in [0, 1]),
+    and flat above the widest (the rate there stops rising or rises slowly: a plan a little slow)."""
+    rate = WidthRate((1024, 4096), (0.05, 0.1))
+    assert rate.at(1024) == pytest.approx(0.05) and rate.at(4096) == pytest.approx(0.1)
+    assert rate.at(2048) == pytest.approx(0.05 * 2**0.5)  # half-way on the log-log line
+    assert rate.at(512) == pytest.approx(0.05 / 2**0.5)  # below: the same slope
+    assert rate.at(20_000) == pytest.approx(0.1)  # above: flat
+    falling = WidthRate((1024, 4096), (0.1, 0.05))
+    assert falling.at(512) == pytest.approx(0.1) and falling.at(2048) == pytest.approx(0.05 * 2**0.5)  # below: slope 0
+    assert WidthRate((1024, 2048), (0.01, 0.1)).at(512) == pytest.approx(0.005)  # slope at most 1
+    assert WidthRate((64,), (0.2,)).at(10) == WidthRate((64,), (0.2,)).at(10_000) == 0.2
+    assert WidthRate((8, 64, 512), (0.01, 0.02, 0.08)).at(128) == pytest.approx(0.02 * 2 ** (2 / 3))  # its own segment
+    for bad in (((1024, 512), (0.1, 0.1)), ((1024,), (0.1, 0.2)), ((1024,), (0.0,)), ((), ())):
+        with pytest.raises(ValueError):
+            WidthRate(*bad)
 
 
 def test_measured_rates_replace_the_defaults_term_by_term(tiny_folder: tuple[Path, torch.nn.Module]) -> None:
@@ -502,12 +537,56 @@ def test_measured_rates_replace_the_defaults_term_by_term(tiny_folder: tuple[Pat
         default.time.selection_flops / SELECTION_EFFICIENCY * (1 / 0.07e12 - 1 / (moments * 1e12))
     )
     assert any("measured on this machine in 2 s" in note for note in probed.notes)
+    # records from before the probe timed solves, selection and rotations: those terms keep the
+    # shares of the rates above
+    assert probed.throughput.final_solve is None and probed.time.solves > 0
+    assert probed.time.rotations == pytest.approx(probed.time.rotation_flops / (ROTATE_EFFICIENCY * 0.02e12))
     # a rate given wins over the one measured
     assert plan_model(str(folder), config, probed=rates, tflops=0.5).throughput.tflops == 0.5
     # a half model on a CPU without bfloat16 units: its slowness is in the rate measured, not divided again
     half = replace(config, dtype="bfloat16")
     measured_half = plan_model(str(folder), half, bf16_units=False, probed=rates)
     assert measured_half.throughput.tflops == 0.05 and not any("units" in n for n in measured_half.notes)
+
+
+def test_solves_selection_and_rotations_measured_replace_their_shares(
+    tiny_folder: tuple[Path, torch.nn.Module],
+) -> None:
+    """Where the probe timed the refits' solves, the greedy selection and the rotations, each term
+    is its FLOPs at the rate measured (the solves' at each writer's own width), not a share of
+    the product rates fitted on another machine; the record reads back from JSON, and a float64
+    rate given by hand wins over the float64 terms measured."""
+    folder, _ = tiny_folder
+    flat = WidthRate((1024,), (0.004,))
+    rates = ProbedRates(
+        "cpu", "float32", False, (8, 64), 0.05, 0.07, 0.02, 1.5,
+        final_solve=flat, trial_solve=flat, rotate_tflops=0.03, selection_tflops=0.01, pick_seconds=0.0,
+    )  # fmt: skip
+    config = slicegpt.SliceConfig(target_params=0.75, nsamples=16, seqlen=64)
+    plan = plan_model(str(folder), config, probed=rates)
+    t = plan.time
+    assert t.solve_flops > 0 and t.solves == pytest.approx(t.solve_flops / 0.004e12)
+    assert t.selection_flops > 0 and t.selection == pytest.approx(t.selection_flops / 0.01e12)
+    alone = replace(config, uniform=True, axes="residual", correct=False)  # SliceGPT alone: every weight turned
+    turned = plan_model(str(folder), alone, probed=rates).time
+    assert turned.rotation_flops > 0 and turned.rotations == pytest.approx(turned.rotation_flops / 0.03e12)
+    assert t.rotations == pytest.approx(t.rotation_flops / 0.03e12)
+    assert ProbedRates.from_dict(json.loads(json.dumps(plan.to_dict()["probed"]))) == rates
+    note = next(n for n in plan.notes if "measured on this machine" in n)
+    assert "refit solves at 1,024 inputs" in note and "neuron selection 0.01" in note and "rotations 0.03" in note
+    # the picks' own cost is added per neuron taken
+    picked = plan_model(str(folder), config, probed=replace(rates, pick_seconds=1e-3)).time
+    assert picked.selection > t.selection and (picked.selection - t.selection) / 1e-3 == pytest.approx(
+        round((picked.selection - t.selection) / 1e-3)
+    )
+    # a rate that rises with the width: the solves at a faster rate than the narrowest one's
+    rising = plan_model(str(folder), config, probed=replace(rates, final_solve=WidthRate((8, 4096), (0.004, 0.4)))).time
+    assert rising.solves < t.solves
+    # --fp64-tflops given: the float64 terms at it, the measured ones set aside
+    given = plan_model(str(folder), config, probed=rates, fp64_tflops=0.5)
+    assert given.throughput.final_solve is None and given.throughput.rotate_tflops is None
+    given_alone = plan_model(str(folder), alone, probed=rates, fp64_tflops=0.5).time
+    assert given_alone.rotations == pytest.approx(turned.rotation_flops / (ROTATE_EFFICIENCY * 0.5e12))
 
 
 def test_cli_measure_plans_with_this_machines_rates(

@@ -77,8 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--measure",
         action="store_true",
         help="time this machine's rates first (a forward of one random layer of the model's shape on the run's "
-        "device and dtype, the moments' and float64 products: seconds to a minute) and plan with them instead of "
-        "the defaults; --tflops and --fp64-tflops still win",
+        "device and dtype, the moments' and float64 products, the refits' solves at two widths, the neuron "
+        "selection and the rotations: seconds to a minute) and plan with them instead of the defaults; --tflops "
+        "and --fp64-tflops still win",
     )
     p.add_argument(
         "--disk-gbps", type=float, default=DEFAULT_DISK_GBPS, help="GB/s for reading the weights and writing the result"

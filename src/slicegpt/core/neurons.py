@@ -194,6 +194,15 @@ SHORTLIST = 4
 COMPACT_AT = 0.125
 
 
+def selection_flops(n: int, k: int, d: int) -> float:
+    """The arithmetic of :func:`greedy_order` taking ``k`` of ``n`` neurons against a ``d``-wide
+    target: the round after t picks reads the factor's live rows, [n - t, t], and updates their
+    residual, [n - t, d]: summed over t, 2 (n k^2 / 2 - k^3 / 3) + 2 d (n k - k^2 / 2), with the
+    dead rows the live ones carry until they are cut (up to COMPACT_AT of them, half on average)."""
+    live = 2.0 * (n * k * k / 2 - k**3 / 3) + 2.0 * d * (n * k - k * k / 2)
+    return live / (1.0 - COMPACT_AT / 2)
+
+
 def greedy_order(
     cov: torch.Tensor,
     w_ref: torch.Tensor,

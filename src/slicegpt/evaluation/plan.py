@@ -25,7 +25,7 @@ from ..arch import spec_for_config
 from ..config import SliceConfig, parse_device_map, parse_dtype
 from ..core import uniform
 from ..core.allocate import SHARES
-from ..core.neurons import COMPACT_AT
+from ..core.neurons import selection_flops
 from ..core.sizing import plan_widths
 from ..core.precision import asks_fast_float32, bfloat16_units, fast_float32_available
 from ..core.refit import gram_flops, strength_row_count
@@ -33,7 +33,7 @@ from ..core.spread import SPREAD_ROWS
 from ..core.surgery import count_parameters
 from ..core.widths import Widths
 from ..data import clip_seqlen
-from .probe import ProbedRates, forward_flops_per_token, probe_run
+from .probe import ProbedRates, WidthRate, forward_flops_per_token, probe_run
 from .shapes import ModelShape, model_shape
 from ..io.headers import ModelFiles, read_model_files
 from ..sources import AUTO, chat_calibration
@@ -197,6 +197,12 @@ class Throughput:
     fp64_tflops: float
     disk_gbps: float = DEFAULT_DISK_GBPS
     fp32_tflops: float | None = None  # the moments' float32 products (None: ``tflops``)
+    # measured by plan --measure (None: shares of the rates above, SOLVE_EFFICIENCY and the like)
+    final_solve: WidthRate | None = None  # the refits' final float64 solves, by kept width
+    trial_solve: WidthRate | None = None  # the ridge strengths tried, by kept width
+    rotate_tflops: float | None = None  # the weights turned into the sliced basis
+    selection_tflops: float | None = None  # the greedy selection's products
+    pick_seconds: float | None = None  # the greedy selection's cost per neuron taken
 
     @property
     def moments_tflops(self) -> float:
@@ -439,15 +445,6 @@ class TimeEstimate:
         return {**asdict(self), "total": self.total}
 
 
-def _selection_flops(n: int, k: int, d: int) -> float:
-    """The greedy selection of ``k`` of ``n`` neurons against a ``d``-wide target
-    (core.neurons.greedy_order): the round after t picks reads the factor's live rows, [n - t, t],
-    and updates their residual, [n - t, d]: summed over t, 2 (n k^2 / 2 - k^3 / 3) + 2 d (n k - k^2 / 2),
-    with the dead rows the live ones carry until they are cut (up to COMPACT_AT of them, half on average)."""
-    live = 2.0 * (n * k * k / 2 - k**3 / 3) + 2.0 * d * (n * k - k * k / 2)
-    return live / (1.0 - COMPACT_AT / 2)
-
-
 def _ridge_flops(n: int, d: int, tried: float = RIDGE_TRIED) -> tuple[float, float]:
     """One writer's ridge choice and refit (n inputs, d outputs): (the strengths tried, the final
     solve). Every strength tried is a solve (Cholesky 1/3 n^3, then 2 n^2 for the right-hand side
@@ -457,12 +454,23 @@ def _ridge_flops(n: int, d: int, tried: float = RIDGE_TRIED) -> tuple[float, flo
     return tried * (1 / 3 * n**3 + 4 * n * n * some), 1 / 3 * n**3 + 2 * n * n * d
 
 
-def _trial_rate(work: Workload, rate: Throughput) -> float:
-    """FLOP/s of the ridge strengths tried: float32 solves (core.refit.refit) at
-    SOLVE_FLOAT32_EFFICIENCY x the float32 products' rate, float64 ones for a float64 model."""
+def _trial_rate(work: Workload, rate: Throughput, n: int) -> float:
+    """FLOP/s of the ridge strengths tried at ``n`` kept inputs: as measured (plan --measure),
+    else float32 solves (core.refit.refit) at SOLVE_FLOAT32_EFFICIENCY x the float32 products'
+    rate, float64 ones for a float64 model."""
+    if rate.trial_solve is not None:
+        return rate.trial_solve.at(n) * 1e12
     if work.dtype_bytes >= 8:
         return SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12
     return SOLVE_FLOAT32_EFFICIENCY * rate.moments_tflops * 1e12
+
+
+def _final_rate(rate: Throughput, n: int) -> float:
+    """FLOP/s of a refit's final float64 solve at ``n`` kept inputs: as measured, else
+    SOLVE_EFFICIENCY x the float64 rate."""
+    if rate.final_solve is not None:
+        return rate.final_solve.at(n) * 1e12
+    return SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12
 
 
 def time_model(
@@ -491,14 +499,20 @@ def time_model(
     stats = gram_flops(d) * tokens * n * shape.points_per_layer * work.covariance_walks
     moments = (gram_flops(i) + 2.0 * i * d) * spread_tokens * n
     # the ridge strengths tried (float32 solves for a float32 or half model), the final solves (float64)
-    trials = solves = 0.0
+    trials = solves = solve_seconds = 0.0
     # the strengths are chosen on the last calibration batch; with one batch there is none to choose on
     tried = RIDGE_TRIED if work.rows > work.batch_size else 0.0
+
+    def refits(solved: int, writers: int) -> None:  # ``writers`` refits of ``solved`` kept inputs each
+        nonlocal trials, solves, solve_seconds
+        t, f = _ridge_flops(solved, d, tried)
+        trials, solves = trials + t * writers, solves + f * writers
+        solve_seconds += writers * (t / _trial_rate(work, rate, solved) + f / _final_rate(rate, solved))
+
     if work.corrections:
         for width, solved in ((d, d), (i, work.kept_neurons or i)):  # the MLP's writer is refit on its kept neurons
             moments += (gram_flops(width) + 2.0 * width * d) * tokens * n
-            t, f = _ridge_flops(solved, d, tried)
-            trials, solves = trials + t * n, solves + f * n
+            refits(solved, n)
     elif work.prunes:
         moments += gram_flops(i) * tokens * n
     selection = picks = 0.0
@@ -507,15 +521,14 @@ def time_model(
     # at 16,384 of its 28,672 neurons.
     if work.spread_rows:  # the curves: a selection to every width
         ranked = min(i, spread_tokens)
-        selection += _selection_flops(i, ranked, d) * n * shape.experts
+        selection += selection_flops(i, ranked, d) * n * shape.experts
         picks += ranked * n * shape.experts
     if work.prunes:
         k = min(work.kept_neurons or 0, tokens)
-        selection += _selection_flops(i, k, d) * n * shape.experts
+        selection += selection_flops(i, k, d) * n * shape.experts
         picks += k * n * shape.experts
         if shape.experts > 1:  # every expert's own refit, beside the one counted above
-            t, f = _ridge_flops(k, d, tried)
-            trials, solves = trials + t * n * (shape.experts - 1), solves + f * n * (shape.experts - 1)
+            refits(k, n * (shape.experts - 1))
     eigh = 10.0 * d**3 * work.eigh_points(shape.points_per_layer, n)
     rotation = 0.0
     if not work.keeps_basis:  # every stored matrix is read or written by the stream: [.., D] @ Q[:, :d]
@@ -535,9 +548,13 @@ def time_model(
         forward=c * forward / (rate.tflops * 1e12) / work.nproc,
         statistics=c * (stats / (rate.fp64_tflops * 1e12) + moments / (rate.moments_tflops * 1e12)) / work.nproc,
         eigh=c * eigh / (EIGH_EFFICIENCY * rate.fp64_tflops * 1e12),
-        solves=c * (solves / (SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12) + trials / _trial_rate(work, rate)),
-        selection=c * (selection / (SELECTION_EFFICIENCY * rate.moments_tflops * 1e12) + picks * GREEDY_PICK_SECONDS),
-        rotations=c * rotation / (ROTATE_EFFICIENCY * rate.fp64_tflops * 1e12),
+        solves=c * solve_seconds,
+        selection=c
+        * (
+            selection / ((rate.selection_tflops or SELECTION_EFFICIENCY * rate.moments_tflops) * 1e12)
+            + picks * (GREEDY_PICK_SECONDS if rate.pick_seconds is None else rate.pick_seconds)
+        ),
+        rotations=c * rotation / ((rate.rotate_tflops or ROTATE_EFFICIENCY * rate.fp64_tflops) * 1e12),
         other=c * other,
         disk=(read_bytes + write_bytes) / (rate.disk_gbps * GB),
     )
@@ -757,13 +774,34 @@ def plan_model(
             fp64_tflops or probed.fp64_tflops,
             rate.disk_gbps,
             fp32_tflops=probed.moments_tflops,
+            # a float64 rate given (--fp64-tflops) wins over the float64 terms measured
+            final_solve=None if fp64_tflops else probed.final_solve,
+            trial_solve=probed.trial_solve,
+            rotate_tflops=None if fp64_tflops else probed.rotate_tflops,
+            selection_tflops=probed.selection_tflops,
+            pick_seconds=probed.pick_seconds,
         )
+        measured = ""
+        if probed.final_solve is not None and probed.trial_solve is not None:
+            widths = " and ".join(f"{w:,}" for w in probed.final_solve.widths)
+            measured += (
+                f"; refit solves at {widths} inputs: final "
+                + " / ".join(f"{r:.3g}" for r in probed.final_solve.tflops)
+                + ", strengths tried "
+                + " / ".join(f"{r:.3g}" for r in probed.trial_solve.tflops)
+            )
+        if probed.selection_tflops is not None and probed.pick_seconds is not None:
+            measured += (
+                f"; neuron selection {probed.selection_tflops:.3g} and {probed.pick_seconds * 1e3:.2g} ms per neuron"
+            )
+        if probed.rotate_tflops is not None:
+            measured += f"; rotations {probed.rotate_tflops:.3g}"
         notes.append(
             f"rates measured on this machine in {probed.seconds:.0f} s ({probed.device}, {probed.dtype}"
             + (", fast float32 products" if probed.fast_float32 else "")
             + f"): a forward of one layer of this shape on [{probed.batch[0]}, {probed.batch[1]}] tokens "
             f"{probed.forward_tflops:.3g} TFLOP/s, the moments {probed.moments_tflops:.3g}, float64 "
-            f"{probed.fp64_tflops:.3g}"
+            f"{probed.fp64_tflops:.3g}{measured}"
         )
     elif device.split(":")[0] == "cpu" and dtype in ("bfloat16", "float16") and not units and tflops is None:
         rate = replace(rate, tflops=rate.tflops / HALF_WITHOUT_UNITS_SLOWDOWN)

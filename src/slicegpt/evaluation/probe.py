@@ -11,7 +11,24 @@ a share of:
   FLOPs counted as the plan counts them (:func:`forward_flops_per_token`);
 - the moments: :class:`slicegpt.core.refit.Moments` of a batch of MLP activations, [tokens, MLP
   width], against the stream, [tokens, hidden] (float32 products summed in float64);
-- float64: :class:`slicegpt.core.pca.Covariance` of a batch of the stream, [tokens, hidden].
+- float64: :class:`slicegpt.core.pca.Covariance` of a batch of the stream, [tokens, hidden];
+
+and, for the terms whose rate is not the rate of a product alone, the package's own functions at
+the model's widths:
+
+- the refits' solves (:func:`slicegpt.core.refit.ridge`): the final float64 solve on the writer's
+  output rows, and a ridge strength tried (a solve and its held-out error, in the dtype the
+  strengths are tried in), each at :data:`SOLVE_WIDTHS` kept inputs. LAPACK's rate grows with the
+  width up to a few thousand, so one rate does not serve both a 0.5B model's writers (about 900
+  to 2,400 inputs) and a 70B model's (about 20,000): :class:`WidthRate` reads between the widths;
+- the greedy neuron selection (:func:`slicegpt.core.neurons.greedy_order`), taking
+  :data:`SELECTION_PICKS` neurons of at most :data:`SELECTION_WIDTH` against the model's hidden
+  width and against a narrow target: the rate of its products (memory-bound passes over the
+  residual and the factor) and its cost per neuron taken (small steps one pick at a time), which
+  another machine scales differently;
+- the rotations (:func:`slicegpt.core.ops.rotate_inputs`): :data:`ROTATE_ROWS` rows of a weight
+  of the model's dtype turned into a basis of three quarters of the hidden width, the float64
+  conversions included.
 
 Each is run once to warm up, then timed (repeated while under a quarter second, at most 3
 times, the fastest kept). Nothing is read from the model's files: the weights are random.
@@ -20,16 +37,20 @@ times, the fastest kept). Nothing is read from the model's files: the weights ar
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ..config import SliceConfig, parse_dtype
+from ..core.neurons import greedy_order, selection_flops
+from ..core.ops import rotate_inputs
 from ..core.precision import asks_fast_float32, fast_float32
 from ..core.pca import Covariance
-from ..core.refit import Moments, gram_flops
+from ..core.refit import Moments, error, gram_flops, ridge, strength_row_count
 from .shapes import model_shape
 
 #: The probe's vocabulary: the embeddings and head cost nothing beside the layer.
@@ -40,6 +61,51 @@ PROBE_TOKENS = 8192
 PROBE_WIDTH = 8192
 #: A timed call is repeated while the calls so far took under this many seconds (at most 3 calls).
 PROBE_SECONDS = 0.25
+#: The kept widths the refits' solves are timed at. Measured on a 2-core Xeon (AVX-512), a float64
+#: solve with 8192 right-hand sides ran at 0.057 TFLOP/s with 1024 inputs, 0.103 with 4096 and
+#: 0.104 with 12,000; a float32 strength tried on 256 rows at 0.10, 0.14 and 0.19: flat or rising
+#: past the widest, so reading it flat there plans a 70B model's solves a little slow, not fast.
+SOLVE_WIDTHS = (1024, 4096)
+#: The final solve is timed on at most this many output rows (its rate is that of the triangular
+#: solves, flat from about a thousand right-hand sides on): a 70B model's 8192 would take seconds.
+SOLVE_PROBE_ROWS = 2048
+#: The selection probe takes this many neurons of at most this many (a random [n, n] moment).
+SELECTION_WIDTH = 4096
+SELECTION_PICKS = 1024
+#: ... against the model's hidden width, then against a target this narrow (the picks' cost alone).
+SELECTION_NARROW = 16
+#: Rows of the weight the rotation probe turns (the package turns weights 8192 rows at a time).
+ROTATE_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class WidthRate:
+    """TFLOP/s measured at a few widths: read on the log-log line between two of them, along the
+    first segment's slope below the narrowest (clamped to between 0 and 1), flat above the widest."""
+
+    widths: tuple[int, ...]
+    tflops: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != len(self.tflops) or not self.widths:
+            raise ValueError("a WidthRate needs one rate per width")
+        if list(self.widths) != sorted(set(self.widths)) or min(self.tflops) <= 0:
+            raise ValueError("a WidthRate's widths must rise and its rates be positive")
+
+    def at(self, n: float) -> float:
+        """The rate at width ``n`` (TFLOP/s)."""
+        w, r = self.widths, self.tflops
+        if n >= w[-1] or len(w) == 1:
+            return r[-1] if n >= w[-1] else r[0]
+        j = max(1, next(i for i, width in enumerate(w) if width > n))
+        slope = math.log(r[j] / r[j - 1]) / math.log(w[j] / w[j - 1])
+        if n < w[0]:  # below the narrowest: a rate that neither rises there nor falls faster than the width
+            return r[0] * (n / w[0]) ** min(max(slope, 0.0), 1.0)
+        return r[j] * (n / w[j]) ** slope
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "WidthRate | None":
+        return None if data is None else cls(tuple(data["widths"]), tuple(data["tflops"]))
 
 
 @dataclass(frozen=True)
@@ -54,6 +120,12 @@ class ProbedRates:
     moments_tflops: float
     fp64_tflops: float
     seconds: float  # the probe's own time, building the layer included
+    # measured since 2026-12-07 (None in older records: the plan then uses shares of the rates above)
+    final_solve: WidthRate | None = None  # the refits' final float64 solve, by kept width
+    trial_solve: WidthRate | None = None  # a ridge strength tried (solve and held-out error), by kept width
+    rotate_tflops: float | None = None  # turning weights into the sliced basis (float64)
+    selection_tflops: float | None = None  # the greedy selection's products
+    pick_seconds: float | None = None  # the greedy selection's cost per neuron taken, beside its products
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,7 +133,14 @@ class ProbedRates:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ProbedRates":
         """The rates :meth:`to_dict` wrote (read back from JSON: the batch a list)."""
-        return cls(**{**data, "batch": tuple(data["batch"])})
+        return cls(
+            **{
+                **data,
+                "batch": tuple(data["batch"]),
+                "final_solve": WidthRate.from_dict(data.get("final_solve")),
+                "trial_solve": WidthRate.from_dict(data.get("trial_solve")),
+            }
+        )
 
 
 def forward_flops_per_token(layer_params: int, seqlen: int, attention_width: int, layers: int = 1) -> float:
@@ -108,6 +187,83 @@ def _best_seconds(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
         if spent >= PROBE_SECONDS:
             break
     return best
+
+
+def symmetric_positive(n: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """A random [n, n] float64 matrix, symmetric and diagonally dominant (so positive definite),
+    made in O(n^2): what a solve's speed depends on is its size, not its values."""
+    a = torch.rand(n, n, generator=generator, dtype=torch.float64)
+    return ((a + a.t()) / n + 2.0 * torch.eye(n, dtype=torch.float64)).to(device)
+
+
+def solve_rates(
+    d: int,
+    widest: int,
+    trial_dtype: torch.dtype,
+    device: torch.device,
+    sync: Callable[[], None],
+    generator: torch.Generator,
+) -> tuple[WidthRate, WidthRate]:
+    """(the final float64 solve's rate, a strength tried's rate), each a :class:`WidthRate` over
+    :data:`SOLVE_WIDTHS` kept inputs (none wider than ``widest``, the model's widest writer), for
+    a writer with ``d`` output rows: FLOPs as the plan counts them (the final solve 1/3 n^3 +
+    2 n^2 rows, a strength tried 1/3 n^3 + 4 n^2 rows on the rows :func:`strength_row_count` tries)."""
+    final_rows, tried_rows = min(d, SOLVE_PROBE_ROWS), strength_row_count(d)
+    widths = tuple(sorted({min(w, widest) for w in SOLVE_WIDTHS}))
+    finals, trials = [], []
+    for n in widths:
+        cov = symmetric_positive(n, device, generator)
+        cross = torch.randn(n, final_rows, generator=generator, dtype=torch.float64).to(device)  # [n, rows]
+        w0 = torch.randn(final_rows, n, generator=generator, dtype=torch.float64).to(device)  # [rows, n]
+        held, some = cov.to(trial_dtype), cross[:, :tried_rows].to(trial_dtype)
+
+        def trial() -> float:
+            return error(ridge(cov, cross[:, :tried_rows], w0[:tried_rows], 0.1, trial_dtype), held, some)
+
+        seconds = _best_seconds(lambda: ridge(cov, cross, w0, 0.1), sync)
+        finals.append((n**3 / 3 + 2.0 * n * n * final_rows) / seconds / 1e12)
+        trials.append((n**3 / 3 + 4.0 * n * n * tried_rows) / _best_seconds(trial, sync) / 1e12)
+    return WidthRate(widths, tuple(finals)), WidthRate(widths, tuple(trials))
+
+
+def selection_rates(
+    width: int, d: int, dtype: torch.dtype, device: torch.device, sync: Callable[[], None], generator: torch.Generator
+) -> tuple[float, float]:
+    """(TFLOP/s of the greedy selection's products, seconds per neuron taken) for an MLP of
+    ``width`` neurons writing a ``d``-wide stream, selecting in ``dtype``: :func:`greedy_order`
+    timed taking the same neurons against a ``d``-wide target and a :data:`SELECTION_NARROW` one
+    (the same picks, a fraction of the products), the two times split between the two costs."""
+    n = min(width, SELECTION_WIDTH)
+    k = min(SELECTION_PICKS, n)
+    cov = symmetric_positive(n, device, generator)  # [n, n]
+    none = torch.empty(0, device=device)  # the target's weight: unused where its cross moment is given
+    times, flops = [], []
+    for cols in (d, SELECTION_NARROW):
+        cross = torch.randn(n, cols, generator=generator, dtype=torch.float64).to(device)  # [n, cols]
+        times.append(_best_seconds(lambda: greedy_order(cov, none, k, cross=cross, dtype=dtype), sync))
+        flops.append(selection_flops(n, k, cols))
+    # t = flops x s + k x p for both; the wide run's extra time is its extra products (at least a
+    # tenth of its time: two timings this close say little more than that)
+    per_flop = max(times[0] - times[1], 0.1 * times[0]) / max(flops[0] - flops[1], 1.0)
+    per_pick = max(times[1] - flops[1] * per_flop, 0.0) / k
+    return 1.0 / per_flop / 1e12, per_pick
+
+
+def rotate_rate(
+    d: int, dtype: torch.dtype, device: torch.device, sync: Callable[[], None], generator: torch.Generator
+) -> float:
+    """TFLOP/s of :func:`slicegpt.core.ops.rotate_inputs` turning [ROTATE_ROWS, d] weights of
+    ``dtype`` into a basis of 3/4 of ``d`` (2 x kept width FLOPs per element, as the plan counts)."""
+    kept = max(1, 3 * d // 4)
+    q = torch.randn(d, d, generator=generator, dtype=torch.float64).to(device)  # [D, D]: any basis but the identity
+    base = torch.randn(ROTATE_ROWS, d, generator=generator).to(device=device, dtype=dtype)
+    layer = nn.Linear(d, ROTATE_ROWS, bias=False, device="meta")
+
+    def turn() -> None:
+        layer.weight = nn.Parameter(base.clone(), requires_grad=False)  # turned in place: a fresh copy each time
+        rotate_inputs([layer], q, kept)
+
+    return 2.0 * kept * ROTATE_ROWS * d / _best_seconds(turn, sync) / 1e12
 
 
 def probe_rates(
@@ -166,6 +322,11 @@ def probe_rates(
         )
         covariance = Covariance(d, device=device)
         fp64 = gram_flops(d) * tokens / _best_seconds(lambda: covariance.add(stream, None), sync)
+        # the strengths are tried in the moments' product dtype (core.refit.product_dtype)
+        trial_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        final, trial = solve_rates(d, max(d, shape.intermediate), trial_dtype, device, sync, generator)
+        selection, pick = selection_rates(shape.intermediate, d, trial_dtype, device, sync, generator)
+        rotate = rotate_rate(d, dtype, device, sync, generator)
     return ProbedRates(
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
@@ -175,6 +336,11 @@ def probe_rates(
         moments_tflops=moments / 1e12,
         fp64_tflops=fp64 / 1e12,
         seconds=time.perf_counter() - began,
+        final_solve=final,
+        trial_solve=trial,
+        rotate_tflops=rotate,
+        selection_tflops=selection,
+        pick_seconds=pick,
     )
 
 
