@@ -3,8 +3,8 @@
 The plan's default rates (:data:`slicegpt.evaluation.plan.DEFAULT_TFLOPS`) were fitted on one
 kind of CPU; another CPU of the same name runs the same work 0.7-2x as fast (a 2-core AMD EPYC
 with bfloat16 units against one without: forwards 0.30 against 0.12 TFLOP/s). The probe times,
-on the device and in the dtype the run will use, the three rates every other term of the plan is
-a share of:
+on the device and in the dtype the run will use, three product rates (the eigendecompositions
+and the host's terms stay shares of them or constants):
 
 - the forwards: one decoder layer of the model's own shape (its config, one layer, a 256-token
   vocabulary, random weights), run by transformers on one calibration batch, [batch, seqlen];
