@@ -251,6 +251,14 @@ def rates_cell(rates: Any) -> str:
     return cell
 
 
+def rates_source(plan: Any, probe_here: bool) -> str:
+    """Where a plan's rates came from, for the tables: the defaults, the run's own probe, or a
+    probe made now (``probe_here``), with the rates."""
+    if plan.probed is None:
+        return "defaults"
+    return ("probed here, " if probe_here else "probed, ") + rates_cell(plan.probed)
+
+
 def plan_check(runs: list[dict], probe_here: bool = False) -> str:
     """Each run's phases beside what ``slicegpt plan`` predicts for the same settings: seconds
     predicted / measured, per term, and the total (less the disk, not timed here). A run that
@@ -283,17 +291,10 @@ def plan_check(runs: list[dict], probe_here: bool = False) -> str:
         accurate = r.get("fast_float32")  # runs from before the field: as their units
         folder = str(materialise(r["model"])) if r["model"] else None
         default = plan_model(folder, config, bf16_units=units, fast_float32=accurate).time
-        probed = r.get("probed")
-        if probe_here:
-            plan = plan_model(folder, config, bf16_units=units, fast_float32=accurate, measure=True)
-            t, how = plan.time, "probed here, " + rates_cell(plan.probed)
-        elif probed is not None:
-            rates = ProbedRates.from_dict(probed)
-            t = plan_model(folder, config, bf16_units=units, fast_float32=accurate, probed=rates).time
-            how = "probed, " + rates_cell(rates)
-        else:
-            t, how = default, "defaults"
-        cells = plan_cells(t, r)
+        rates = None if probe_here or r.get("probed") is None else ProbedRates.from_dict(r["probed"])
+        plan = plan_model(folder, config, bf16_units=units, fast_float32=accurate, probed=rates, measure=probe_here)
+        how = rates_source(plan, probe_here)
+        cells = plan_cells(plan.time, r)
         default_total = default.total - default.disk
         cells.append(f"{default_total:.0f} s ({default_total / r['total_seconds']:.2f})")
         fast = fast_cell(r)

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cost_phases import METHODS, PHASES, PLAN_TERMS, plan_cells, rates_cell, timed_compression
+from cost_phases import METHODS, PHASES, PLAN_TERMS, plan_cells, rates_source, timed_compression
 from fresh import add_one, answer_one, replace_runs, run_fresh
 
 HERE = Path(__file__).resolve().parent
@@ -185,9 +185,7 @@ def plan_check(runs: list[dict], probe_here: bool = False) -> str:
             units, fast = r.get("bf16_units", False), r.get("fast_float32")
             probed = None if probe_here or r.get("probed") is None else ProbedRates.from_dict(r["probed"])
             plan = plan_model(folder, cfg, bf16_units=units, fast_float32=fast, probed=probed, measure=probe_here)
-        how = "defaults"
-        if plan.probed is not None:
-            how = ("probed here, " if probe_here else "probed, ") + rates_cell(plan.probed)
+        how = rates_source(plan, probe_here)
         cells = plan_cells(plan.time, r, digits=1, unit="")
         out.append(f"| {r['method']} | {_shape(r)} | {how} | " + " | ".join(cells) + " |")
     return "\n".join(out)
