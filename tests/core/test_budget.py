@@ -114,9 +114,9 @@ def _ridge_on(cov: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, rel: float
     return refit_.ridge(cov[keep][:, keep], cov[keep] @ w.t(), w[:, keep], rel)
 
 
-@pytest.mark.parametrize("n", [7, refit_.GRAM_BLOCKED_FROM - 1, refit_.GRAM_BLOCKED_FROM, 1029])
-def test_gram_in_blocks_is_the_full_product(n: int) -> None:
-    # from GRAM_BLOCKED_FROM columns on only the upper blocks are multiplied and mirrored:
+@pytest.mark.parametrize("n", [7, refit_.GRAM_BAND, refit_.GRAM_BAND + 1, 3 * refit_.GRAM_BAND, 1029])
+def test_gram_in_bands_is_the_full_product(n: int) -> None:
+    # wider than GRAM_BAND only the bands right of the diagonal are multiplied and mirrored:
     # the sums must be x^T x all the same, in float64 and from float32 products alike
     g = torch.Generator().manual_seed(n)
     x = torch.randn(40, n, dtype=torch.float64, generator=g)
@@ -127,6 +127,21 @@ def test_gram_in_blocks_is_the_full_product(n: int) -> None:
     acc32 = torch.zeros(n, n, dtype=torch.float64)
     refit_.accumulate_gram(acc32, x.float())
     assert torch.allclose(acc32, x.t() @ x, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [7, refit_.GRAM_BAND, refit_.GRAM_BAND + 1, 1029, 4864])
+def test_gram_flops_counts_the_products_made(n: int) -> None:
+    # the plan and the probe convert seconds to rates with gram_flops: it must be the products'
+    # own count (torch's flop counter: 2 M N K per product), about half the full product's when wide
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(3, n)
+    acc = torch.zeros(n, n, dtype=torch.float64)
+    with FlopCounterMode(display=False) as counter:
+        refit_.accumulate_gram(acc, x)
+    assert counter.get_total_flops() == refit_.gram_flops(n) * 3
+    if n > refit_.GRAM_BAND:  # n^2 + b n at most: the bands' upper triangles and diagonal blocks
+        assert refit_.gram_flops(n) <= n * n + refit_.GRAM_BAND * n
 
 
 def test_ridge_refit_is_least_squares_and_exact_with_every_neuron() -> None:

@@ -379,10 +379,11 @@ class TimeEstimate:
                      (6 x hidden^2 per token per layer per compressing pass, none where the basis
                      is kept: a budget on MLP neurons alone). Divided over --nproc.
                      MoE layers are charged for every expert (conservative).
-      statistics     accumulation per token and layer (x^T x: 2 n^2, 5/8 of it from n = 1024 on,
-                     where only the upper blocks are multiplied): float64 covariances at n = hidden per PCA
-                     point; with corrections/pruning the writers' moments x^T x + 2 n x hidden
-                     for n = hidden (attention) and intermediate (MLP), in float32 products (at
+      statistics     accumulation per token and layer (x^T x: 2 n^2, about n^2 + 256 n from
+                     n = 257 on, taken in bands of 256 rows from the diagonal rightwards):
+                     float64 covariances at n = hidden per PCA point; with corrections/pruning
+                     the writers' moments x^T x + 2 n x hidden for n = hidden (attention) and
+                     intermediate (MLP), in float32 products (at
                      the dtype's rate: float32 on a GPU is the model's rate / 5 for half
                      models, taken as the float32 rate here); the spreading walk's MLP moments
                      over its rows. Divided over --nproc.
