@@ -480,7 +480,20 @@ def test_the_probe_times_one_layer_of_every_family(model_type: str) -> None:
     for key, value in vars(one).items():  # every per-layer list cut to the one layer
         if isinstance(value, list) and len(getattr(config, key)) == config.num_hidden_layers:
             assert len(value) == 1, key
-    rates = probe_rates(config, device="cpu", dtype=torch.float32, batch_size=2, seqlen=16)
+    calls = {"embeddings": 0}
+    embedding_forward = torch.nn.Embedding.forward
+
+    def counted(module: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        calls["embeddings"] += 1
+        return embedding_forward(module, ids)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.Embedding, "forward", counted)
+        rates = probe_rates(config, device="cpu", dtype=torch.float32, batch_size=2, seqlen=16)
+    # the layer is timed as the run calls it, on the inputs the model handed it once: the model's
+    # embeddings ran once for that (each of them: GPT-2 has two), never in the timed calls
+    one_model = transformers.AutoModelForCausalLM.from_config(one)
+    assert calls["embeddings"] == sum(isinstance(m, torch.nn.Embedding) for m in one_model.modules())
     assert rates.batch == (2, 16) and rates.device == "cpu" and rates.dtype == "float32"
     measured = (rates.forward_tflops, rates.moments_tflops, rates.fp64_tflops, rates.seconds, rates.rotate_tflops)
     assert rates.final_solve is not None and rates.trial_solve is not None and rates.selection_tflops is not None
