@@ -75,11 +75,12 @@ def product_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 #: Rows of x^T x taken per product in :func:`accumulate_gram`: bands this tall, each from its
-#: diagonal rightwards. Measured on a 2-core Xeon (AMX, IEEE float32 products summed into float64),
-#: against 4 bands as before 2026-12-07: n = 4864 from 8192 rows 0.68 s against 0.80, n = 8192
-#: from 4096 rows 1.06 against 1.28, n = 28,672 from 1024 rows 5.0 against 9.5 (a band of 7168
-#: rows made float32 and float64 temporaries of 0.8 and 1.6 GB per product); float64 products at
-#: n = 896 0.066 s against 0.082 for the full product. 512 rows were within 8% everywhere.
+#: diagonal rightwards. Measured on a 2-core Xeon (AMX, IEEE float32 products summed into float64)
+#: against the 4 column blocks used before 2026-12-07: n = 4864 from 8192 rows 0.73 s against
+#: 0.84, n = 8192 from 4096 rows 1.11 against 1.35, n = 28,672 from 1024 rows 5.3 against 10.3
+#: (a block of 7168 rows made float32 and float64 temporaries of 0.8 and 1.6 GB per product);
+#: float64 products at n = 896 0.065 s against 0.086 for the full product
+#: (benchmarks/results/gram_bands_alone.json). Bands of 512 rows were within 8% everywhere.
 GRAM_BAND = 256
 
 
