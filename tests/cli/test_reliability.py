@@ -220,7 +220,10 @@ def test_a_resume_refuses_a_source_whose_weights_changed_in_place(
 
 
 def test_torchrun_processes_must_agree_on_settings_and_weights(untied: Path, tmp_path: Path) -> None:
-    """A rank given other settings (or another model) gave exit 0 with logits 51% off, or a gloo SIGABRT."""
+    """A rank given other settings (or another model) gave exit 0 with logits 51% off, or a gloo SIGABRT.
+    Every process reports the mismatch, even one slow to print: torchrun ends the others as soon as
+    one exits, so no process exits before every one has printed its line (rank 0's stderr here
+    takes 2 s to write it; without that wait rank 1 exits first and rank 0 is ended silently)."""
     script = tmp_path / "ranks.py"
     out = tmp_path / "o"
     argv = [
@@ -241,9 +244,15 @@ def test_torchrun_processes_must_agree_on_settings_and_weights(untied: Path, tmp
         "--no-samples",
     ]
     script.write_text(
-        "import os, sys\nfrom slicegpt.cli import main\n"
+        "import os, sys, time\nfrom slicegpt.cli import main\n"
         f"argv = {argv!r}\n"
         "if os.environ['RANK'] == '1':\n    argv[3] = '0.5'\n"
+        "class Slow:\n"
+        "    def write(self, s):\n"
+        "        if 'differ' in s:\n            time.sleep(2)\n"
+        "        return sys.__stderr__.write(s)\n"
+        "    def flush(self):\n        sys.__stderr__.flush()\n"
+        "if os.environ['RANK'] == '0':\n    sys.stderr = Slow()\n"
         "sys.exit(main(argv))\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]))

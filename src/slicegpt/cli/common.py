@@ -19,6 +19,7 @@ from torch import nn
 
 from ..chat import has_chat_template
 from ..config import DTYPES, EvalConfig, SliceConfig, dtype_name, flags
+from ..core.distributed import ProcessesDisagree
 from ..evaluation.chat import samples
 from ..io.folders import load
 from ..io.format import is_sliced_folder, read_metadata
@@ -67,6 +68,8 @@ def run_in_one_line(func: Callable[[argparse.Namespace], int | None], args: argp
     except EXPECTED_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"slicegpt: error: {flags(message)}", file=sys.stderr)
+        if isinstance(exc, ProcessesDisagree):  # under torchrun: no process exits before every one has said so
+            exc.reported()
         return 2
 
 

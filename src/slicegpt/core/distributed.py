@@ -97,6 +97,22 @@ def shard_rows(rows: Rows, batch_size: int, rank: int, world: int) -> tuple[Rows
     return rows.take(slice(a, b)), range(lo, hi)
 
 
+class ProcessesDisagree(ValueError):
+    """A mismatch every process found at once (:meth:`TorchDistributedReduction.check_same`), so
+    every one raises it. torchrun ends the other processes as soon as one exits, so one that
+    reported and left at once could end another before it printed: :meth:`reported` waits for
+    every process to have reported it (all of them are on their way there) before any exits."""
+
+    def __init__(self, message: str, ranks: "TorchDistributedReduction") -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+    def reported(self) -> None:
+        """Call once this process has printed the error: returns when every process has (a wait
+        bounded by the group's timeout), and leaves the group."""
+        self.ranks.finish()
+
+
 class TorchDistributedReduction:
     """The :class:`~slicegpt.core.streams.Reduction` of processes in a torch.distributed group.
 
@@ -135,14 +151,16 @@ class TorchDistributedReduction:
 
     def check_same(self, digest: str, what: str) -> None:
         """Every process must hold the same ``what`` (given as a hex digest): on a mismatch every
-        process raises at once, naming it, instead of waiting or mixing two runs."""
+        process raises :class:`ProcessesDisagree` at once, naming it, instead of waiting or mixing
+        two runs."""
         value = int(digest[:15], 16)  # below 2^60: exact in int64
         both = torch.tensor([value, -value], dtype=torch.int64, device=self.wire)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)  # [max, -min]
         if int(both[0]) != -int(both[1]):
-            raise ValueError(
+            raise ProcessesDisagree(
                 f"the {self.processes} torchrun processes differ in {what}: every process must run the same "
-                "command on the same model"
+                "command on the same model",
+                self,
             )
 
     def share(self, rows: Rows, batch_size: int) -> tuple[Rows, range]:
