@@ -471,25 +471,29 @@ def test_the_strength_walk_chooses_what_the_whole_grid_chooses_in_fewer_solves()
         assert rel_one == rel and torch.equal(w_one, w)
 
 
-def _spy_on_ridge(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
-    """Record the dtype of every ridge solve from here on (the list returned fills as they run)."""
-    solved: list[torch.dtype] = []
+def _spy_on_ridge(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, bool]]:
+    """Record every ridge solve from here on, as (its dtype, whether it is a refit's final solve:
+    the one given the held-out sum to add, ``extra``); the list returned fills as they run."""
+    solved: list[tuple[torch.dtype, bool]] = []
     plain = refit_.ridge
 
     def spy(cov, cross, w0, rel, dtype=None, **kw):
         w = plain(cov, cross, w0, rel, dtype, **kw)
-        solved.append(w.dtype)
+        solved.append((w.dtype, "extra" in kw))
         return w
 
     monkeypatch.setattr(refit_, "ridge", spy)
     return solved
 
 
-def test_strengths_tried_in_float32_choose_as_float64_and_the_final_fit_is_float64(monkeypatch) -> None:
+def test_a_float32_refit_tries_its_strengths_and_makes_its_final_fit_in_float32_as_float64_would(
+    monkeypatch,
+) -> None:
     """The walk's solves and held-out errors in float32 (a float32 model's refits): on ridge
-    problems with a clear best strength the same choice as float64 and the same final fit, which
-    is solved in float64 on every row; the tried solves are float32 (a float32 shifted copy), and a
-    copy that float32 cannot factor is solved in float64 instead of giving up."""
+    problems with a clear best strength the same choice as float64, and the final fit on every row,
+    solved in float32 too, within float32's rounding of the float64 one; every solve is float32
+    (a float32 shifted copy), and a copy that float32 cannot factor is solved in float64 instead of
+    giving up."""
     from slicegpt.core import refit
 
     g = torch.Generator().manual_seed(7)
@@ -503,12 +507,19 @@ def test_strengths_tried_in_float32_choose_as_float64_and_the_final_fit_is_float
         fm.add(x[300:], t[300:], held_out=True)
         w64, rel64 = refit.refit(fm, w0)
         w32, rel32 = refit.refit(fm, w0, dtype=torch.float32)
-        assert rel32 == rel64 and w32.dtype == torch.float64 and torch.equal(w32, w64)
-    # the tried solves run in float32, the final one in float64
+        assert rel32 == rel64 and w64.dtype == torch.float64 and w32.dtype == torch.float32
+        assert (w32.double() - w64).norm() <= 1e-5 * w64.norm()
+        # what the refit is for: its residual on every row, E||t - x W^T||^2, is float64's up to
+        # float32's rounding
+        every, tt = (fm.fit.xx + fm.held.xx, fm.fit.xt + fm.held.xt), float(t.pow(2).sum())
+        fit64, fit32 = (tt + refit.error(w.double(), *every) for w in (w64, w32))
+        assert abs(fit32 - fit64) <= 1e-6 * fit64
+    # every solve runs in float32, the final one (on every row, given the held-out sum) too
     plain = refit.ridge
     solved = _spy_on_ridge(monkeypatch)
     refit.refit(fm, w0, dtype=torch.float32)
-    assert set(solved[:-1]) == {torch.float32} and solved[-1] == torch.float64 and len(solved) >= 4
+    assert {dtype for dtype, _ in solved} == {torch.float32} and len(solved) >= 4
+    assert [final for _, final in solved] == [False] * (len(solved) - 1) + [True]
     monkeypatch.setattr(refit, "ridge", plain)
     # positive definite in float64 (a tiny ridge on a rank-deficient moment), not in float32: solved in float64
     v = torch.randn(50, 3, dtype=torch.float64, generator=g)
@@ -517,6 +528,10 @@ def test_strengths_tried_in_float32_choose_as_float64_and_the_final_fit_is_float
     zero = torch.zeros(2, 50, dtype=torch.float64)
     assert torch.linalg.cholesky_ex(cov.float() + 1e-12 * cov.diagonal().mean().float() * torch.eye(50))[1] != 0
     w = refit.ridge(cov, cross, zero, 1e-12, torch.float32)
+    assert w.dtype == torch.float32 and torch.allclose(w.double(), refit.ridge(cov, cross, zero, 1e-12), rtol=1e-5)
+    # so is a final solve's all-rows sum (a float32 held-out sum added to the float64 fit sum)
+    half = (cov / 2).float()
+    w = refit.ridge(cov - half.double(), cross, zero, 1e-12, torch.float32, extra=half)
     assert w.dtype == torch.float32 and torch.allclose(w.double(), refit.ridge(cov, cross, zero, 1e-12), rtol=1e-5)
 
 
@@ -568,21 +583,18 @@ def test_strengths_tried_on_a_sample_of_output_rows_choose_as_every_row_and_the_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_compressions_writers_try_their_strengths_in_the_models_product_precision(monkeypatch, dtype) -> None:
-    """Both writers of every layer (attention's and the pruned MLP's) try their ridge strengths in
-    the moments' product precision (float32 for a float32 model, float64 for a float64 one) and
-    make their final solve in float64."""
+    """Both writers of every layer (attention's and the pruned MLP's) try their ridge strengths and
+    make their final solve in the moments' product precision (float32 for a float32 model,
+    float64 for a float64 one)."""
     solved = _spy_on_ridge(monkeypatch)
     model = make_tiny("llama", dtype=dtype)
     config = slicegpt.SliceConfig(target_params=0.85, batch_size=4, nsamples=16, uniform=True, seqlen=24)
     report = slicegpt.slice_model(model, None, calib_rows(16), config, progress=False)
     writers = len(report.refits)
     assert writers == 2 * len(model.model.layers)
-    final = [d for d in solved if d == torch.float64]
-    tried = [d for d in solved if d != torch.float64]
-    if dtype == torch.float32:
-        assert len(final) == writers and len(tried) >= 3 * writers and set(tried) == {torch.float32}
-    else:
-        assert tried == [] and len(final) >= 4 * writers
+    final = [d for d, is_final in solved if is_final]
+    tried = [d for d, is_final in solved if not is_final]
+    assert len(final) == writers and len(tried) >= 3 * writers and set(final) == set(tried) == {dtype}
 
 
 def test_a_grid_of_one_strength_computes_no_held_out_error(monkeypatch) -> None:
@@ -846,7 +858,8 @@ def test_corrections_default_on_with_a_target_and_token_weighting_changes_the_fi
 
 def test_the_kept_neurons_are_chosen_in_the_moments_product_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     """A float32 (or bfloat16) model's kept neurons are chosen in float32, a float64 model's in
-    float64; on moments without near-ties both keep the same neurons, and the refit is float64."""
+    float64; on moments without near-ties both keep the same neurons, and the refit comes back in
+    that precision (its solves', core.refit.refit)."""
     from slicegpt.core import corrections
     from slicegpt.core import refit as refit_
 
@@ -866,7 +879,7 @@ def test_the_kept_neurons_are_chosen_in_the_moments_product_precision(monkeypatc
         dtype = neurons.selection_dtype(w.to(weight_dtype))
         index, refit, _ = corrections.keep_and_refit(moments, w, 20, dtype=dtype)
         kept[weight_dtype] = index.tolist()
-        assert refit.dtype == torch.float64 and refit.shape == (16, 20)
+        assert refit.dtype == dtype and refit.shape == (16, 20)
     assert seen == [torch.float32, torch.float32, torch.float64]
     assert kept[torch.float32] == kept[torch.float64]
 
@@ -1037,20 +1050,28 @@ def test_ridge_factors_by_cholesky_and_falls_back_to_lu_where_the_shift_is_not_p
     )
 
 
-def test_ridge_given_its_scratch_copy_factors_it_in_place_and_rebuilds_it_for_lu() -> None:
+def test_ridge_adds_the_held_out_sum_into_its_one_copy_and_solves_as_on_the_sum_made_whole() -> None:
+    """A final solve's all-rows sum is made in the solve's own copy (``extra``, the held-out sum,
+    added to the fit sum): the same fit, bit for bit, as from the sum made beforehand, in float64;
+    in float32 (a float32 held-out sum) within float32's rounding; an indefinite sum goes to LU,
+    made again the same way; and neither sum given is changed."""
     from slicegpt.core import refit
 
     g = torch.Generator().manual_seed(8)
     x = torch.randn(60, 10, dtype=torch.float64, generator=g)
-    cov, cross, w0 = x.t() @ x, torch.randn(10, 4, dtype=torch.float64, generator=g), torch.randn(4, 10).double()
-    scratch = cov.clone()
-    w = refit.ridge(scratch, cross, w0, 0.3, rebuild=cov.clone)
-    assert torch.allclose(w, refit.ridge(cov, cross, w0, 0.3), rtol=1e-12, atol=1e-14)
-    assert not torch.equal(scratch, cov)  # consumed: shifted and factored where it lay
+    fit, held = x[:45].t() @ x[:45], x[45:].t() @ x[45:]
+    cross, w0 = torch.randn(10, 4, dtype=torch.float64, generator=g), torch.randn(4, 10, dtype=torch.float64)
+    kept = fit.clone(), held.clone()
+    whole = refit.ridge(fit + held, cross, w0, 0.3)
+    assert torch.equal(refit.ridge(fit, cross, w0, 0.3, extra=held), whole)
+    w32 = refit.ridge(fit, cross, w0, 0.3, torch.float32, extra=held.float())
+    assert w32.dtype == torch.float32 and torch.allclose(w32.double(), whole, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fit, kept[0]) and torch.equal(held, kept[1])
     indefinite = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
     b = torch.randn(3, 2, dtype=torch.float64, generator=g)
-    w = refit.ridge(indefinite.clone(), b, torch.zeros(2, 3, dtype=torch.float64), 0.0, rebuild=indefinite.clone)
-    assert torch.allclose(w.t(), torch.linalg.solve(indefinite, b))
+    for dtype in (torch.float64, torch.float32):
+        w = refit.ridge(indefinite / 2, b, torch.zeros(2, 3, dtype=torch.float64), 0.0, dtype, extra=indefinite / 2)
+        assert w.dtype == dtype and torch.allclose(w.double().t(), torch.linalg.solve(indefinite, b))
 
 
 @pytest.mark.parametrize("keep", [None, 40])
@@ -1075,7 +1096,7 @@ def test_held_out_sums_in_the_products_precision_change_no_choice_and_no_weight(
     got = corrections.keep_and_refit(lean, w0, keep, dtype=torch.float32)
     want = corrections.keep_and_refit(wide, w0, keep, dtype=torch.float32)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
-    assert got[1].dtype == torch.float64
+    assert got[1].dtype == torch.float32  # the refit's precision (refit.refit)
     assert refit_.FitMoments.for_weight(w0).held.dtype == torch.float64  # a float64 model's stay float64
 
 

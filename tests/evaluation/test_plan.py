@@ -246,10 +246,10 @@ def test_memory_model_terms() -> None:
     # four streams, and what the MLP writer read in its refit pass (intermediate wide)
     assert corrected.activations == pytest.approx((4 + 28672 / 8192) * m.activations)
     # a bfloat16 model: the fit rows' float64 sums, the held-out batch's float32 ones; corrections
-    # alone add the all-rows sum (factored in place); pruning the greedy choice's float32 factor
-    # [n, kept] (the refit on the kept neurons holds less)
+    # alone add the all-rows sum (float32, the refit's precision, factored in place); pruning the
+    # greedy choice's float32 factor [n, kept] (the refit on the kept neurons holds less)
     i, d = 28672, 8192
-    assert corrected.device_moments == (8 + 4 + 8) * i * i + (8 + 4) * i * d
+    assert corrected.device_moments == (8 + 4 + 4) * i * i + (8 + 4) * i * d
     pruned = memory_model(SHAPE, replace(WORK, corrections=True, kept_neurons=20_000))
     assert pruned.device_moments == ((8 + 4) * i + 4 * 20_000) * i + (8 + 4) * i * d
     float64 = memory_model(SHAPE, replace(WORK, corrections=True, kept_neurons=20_000, dtype_bytes=8))
@@ -330,13 +330,11 @@ def test_time_model_terms() -> None:
     tried = sum(1 / 3 * n**3 + 4 * n * n * tried_on for n in widths)  # a solve and a held-out error each
     assert one_batch.solve_flops == pytest.approx(solve * 80)
     assert fixed.solve_flops == pytest.approx((solve + RIDGE_TRIED * tried) * 80)
-    # the strengths tried are float32 solves and errors at SOLVE_FLOAT32_EFFICIENCY of the float32
-    # products' rate (here the model's: 100), the final solves float64 at SOLVE_EFFICIENCY of 10
+    # the strengths tried (solves and errors) and the final solves are float32 at
+    # SOLVE_FLOAT32_EFFICIENCY of the float32 products' rate (here the model's: 100)
     trials = RIDGE_TRIED * tried * 80
-    assert fixed.solves == pytest.approx(
-        solve * 80 / (SOLVE_EFFICIENCY * 10e12) + trials / (SOLVE_FLOAT32_EFFICIENCY * 100e12)
-    )
-    assert one_batch.solves == pytest.approx(solve * 80 / (SOLVE_EFFICIENCY * 10e12))
+    assert fixed.solves == pytest.approx((solve * 80 + trials) / (SOLVE_FLOAT32_EFFICIENCY * 100e12))
+    assert one_batch.solves == pytest.approx(solve * 80 / (SOLVE_FLOAT32_EFFICIENCY * 100e12))
     # a float64 model tries them in float64
     f64 = time_model(SHAPE, replace(WORK, corrections=True, kept_neurons=16384, dtype_bytes=8), rate, 0, 0)
     assert f64.solves == pytest.approx(f64.solve_flops / (SOLVE_EFFICIENCY * 10e12))
@@ -418,9 +416,9 @@ def test_the_plan_counts_the_cpus_fast_float32_products_only_where_the_run_uses_
     assert fast.throughput.tflops == plan_module.FAST_CPU_FLOAT32_TFLOPS
     assert slow.throughput.tflops == plan_module.DEFAULT_TFLOPS["cpu"]["float32"]
     assert fast.time.forward == pytest.approx(slow.time.forward * slow.throughput.tflops / fast.throughput.tflops)
-    # the strengths tried are float32 solves, the final ones float64: faster, not by the float32 ratio
+    # the refits' solves are float32 (the strengths tried and the final ones): faster by the float32 ratio
     ratio = slow.throughput.moments_tflops / fast.throughput.moments_tflops
-    assert slow.time.solves * ratio < fast.time.solves < slow.time.solves
+    assert fast.time.solves == pytest.approx(slow.time.solves * ratio) and ratio < 1
     # an AMX Xeon: bfloat16 units, but its fast float32 mode rounds to bfloat16, so the run keeps
     # IEEE float32 (planned so); a half model runs on the units at full rate
     monkeypatch.setattr(plan_module, "fast_float32_available", lambda: False)
@@ -568,7 +566,8 @@ def test_solves_selection_and_rotations_measured_replace_their_shares(
     """Where the probe timed the refits' solves, the greedy selection and the rotations, each term
     is its FLOPs at the rate measured (the solves' at each writer's own width), not a share of
     the product rates fitted on another machine; the record reads back from JSON, and a float64
-    rate given by hand wins over the float64 terms measured."""
+    rate given by hand wins over the float64 terms measured (the solves are such only for a
+    float64 model)."""
     folder, _ = tiny_folder
     flat = WidthRate((1024,), (0.004,))
     rates = ProbedRates(
@@ -595,9 +594,13 @@ def test_solves_selection_and_rotations_measured_replace_their_shares(
     # a rate that rises with the width: the solves at a faster rate than the narrowest one's
     rising = plan_model(str(folder), config, probed=replace(rates, final_solve=WidthRate((8, 4096), (0.004, 0.4)))).time
     assert rising.solves < t.solves
-    # --fp64-tflops given: the float64 terms at it, the measured ones set aside
+    # --fp64-tflops given: the float64 terms at it, the measured ones set aside; a float32 model's
+    # refits solve in float32 (core.refit.refit), so their measured rates stay, a float64 model's go
     given = plan_model(str(folder), config, probed=rates, fp64_tflops=0.5)
-    assert given.throughput.final_solve is None and given.throughput.rotate_tflops is None
+    assert given.throughput.rotate_tflops is None and given.time.solves == pytest.approx(t.solves)
+    assert given.throughput.final_solve == given.throughput.trial_solve == flat
+    given64 = plan_model(str(folder), replace(config, dtype="float64"), probed=rates, fp64_tflops=0.5)
+    assert given64.throughput.final_solve is None and given64.throughput.trial_solve is None
     given_alone = plan_model(str(folder), alone, probed=rates, fp64_tflops=0.5).time
     assert given_alone.rotations == pytest.approx(turned.rotation_flops / (ROTATE_EFFICIENCY * 0.5e12))
 

@@ -245,8 +245,8 @@ def keep_and_refit(
     E[h^T t] = E[h^T h] W^T. ``agree`` makes the neuron choice every process's (before the
     moments are cut to it). ``dtype``: the selection's precision
     (:func:`~slicegpt.core.neurons.selection_dtype` of the writer's own weight; ``w0`` is a float64
-    copy), and the ridge strengths' (:func:`~slicegpt.core.refit.refit`); the final refit is float64
-    either way.
+    copy), and the refit's (:func:`~slicegpt.core.refit.refit`: the strengths tried and the final
+    solve; the writer comes back in it).
     """
     for m in (moments.fit, moments.held):
         if m.count and m.xt is None:

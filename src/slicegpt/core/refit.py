@@ -15,7 +15,8 @@ fit from sums as from means) and factor one shifted copy in place (Cholesky: the
 is positive definite; through its column-major transpose, so that torch copies nothing more):
 besides the fit and held-out sums, a refit holds one more [n, n] (the all-rows sum, factored
 where it lies), where means, an identity and solvers' copies held five. A float32 or bfloat16
-model's held-out sums are float32 (:class:`FitMoments`).
+model's held-out sums are float32 (:class:`FitMoments`), and so is its all-rows sum: its solves
+are float32, each from the float64 sums (:func:`refit`).
 """
 
 from __future__ import annotations
@@ -220,6 +221,13 @@ class InputRecorder:
         self.handle.remove()
 
 
+def summed(cov: torch.Tensor, extra: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``cov + extra`` in ``dtype``: one new [n, n] (``cov`` converted, ``extra`` added a block of
+    rows at a time), where a float64 sum and then a conversion would hold two."""
+    total = cov.to(dtype, copy=True)
+    return total if extra is None else add_into(total, extra)
+
+
 def ridge(
     cov: torch.Tensor,
     cross: torch.Tensor,
@@ -227,28 +235,29 @@ def ridge(
     rel: float,
     dtype: torch.dtype | None = None,
     *,
-    rebuild: Callable[[], torch.Tensor] | None = None,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """argmin_W E||t - x W^T||^2 + lam ||W - w0||^2, lam = rel * mean(diag cov), from moments
     (means, or sums over the same rows: the fit is the same); (D, n) in ``dtype`` (default: the
-    moments' float64).
+    moments' float64). ``extra``: a second sum over other rows (the held-out rows', in any dtype)
+    added to ``cov``, so that the all-rows sum is made once, in ``dtype``, and nowhere else.
 
-    One shifted copy of ``cov``, Cholesky-factored in place (half an LU's arithmetic) and solved
-    by two triangular solves: the moments are exactly symmetric, so the copy's transpose is the
-    same matrix in LAPACK's column-major order, and neither the factoring nor the solve copies it
-    again (``torch.linalg.cholesky_ex`` and ``torch.cholesky_solve`` on a row-major matrix each
-    hold one more [n, n]). ``rebuild``: ``cov`` is the caller's scratch copy, shifted and factored
-    itself (no copy at all), and ``rebuild()`` makes it again should the LU below need it.
+    One shifted copy of ``cov`` (+ ``extra``), Cholesky-factored in place (half an LU's
+    arithmetic) and solved by two triangular solves: the moments are exactly symmetric, so the
+    copy's transpose is the same matrix in LAPACK's column-major order, and neither the factoring
+    nor the solve copies it again (``torch.linalg.cholesky_ex`` and ``torch.cholesky_solve`` on a
+    row-major matrix each hold one more [n, n]).
 
     A copy that is not numerically positive definite (no ridge on a singular moment) is solved by
-    LU as before, which says so if it is singular. In a lower ``dtype`` (the strengths tried while
-    choosing, :func:`refit`) the copy is that dtype's, and one that is not positive definite there
-    is solved in float64 instead.
+    LU as before, which says so if it is singular. In a lower ``dtype`` (a float32 model's refits,
+    :func:`refit`) the copy is that dtype's, and one that is not positive definite there is solved
+    in float64 instead.
     """
     dtype = dtype or cov.dtype
-    lam = rel * cov.diagonal().mean()
+    diagonal = cov.diagonal() if extra is None else cov.diagonal() + extra.diagonal().to(cov.dtype)
+    lam = rel * diagonal.mean()
     rhs = (cross + lam * w0.t()).to(dtype)
-    shifted = cov if rebuild is not None and dtype == cov.dtype else cov.to(dtype, copy=True)
+    shifted = summed(cov, extra, dtype)
     shifted.diagonal().add_(lam.to(dtype))
     lower = shifted.mT  # column-major view of the same (symmetric) matrix
     info = torch.empty((), dtype=torch.int32, device=cov.device)
@@ -258,8 +267,8 @@ def ridge(
         return torch.linalg.solve_triangular(factor.mT, y, upper=True).t()
     del factor, shifted, lower
     if dtype != cov.dtype:  # not positive definite in the lower precision: solved in the moments'
-        return ridge(cov, cross, w0, rel, rebuild=rebuild).to(dtype)
-    shifted = rebuild() if rebuild is not None else cov.clone()
+        return ridge(cov, cross, w0, rel, extra=extra).to(dtype)
+    shifted = summed(cov, extra, dtype)
     shifted.diagonal().add_(lam)
     return torch.linalg.solve(shifted, rhs).t()
 
@@ -375,14 +384,18 @@ def refit(
     where the writer is wide enough; 0: every row).
 
     Without held-out rows the middle of the grid is used, and a grid of one strength is used as it
-    is (nothing to choose, no held-out error computed). The final fit uses every row, in float64.
+    is (nothing to choose, no held-out error computed). The final fit uses every row.
 
     ``dtype``: the precision the strengths are tried in (each a solve and a held-out error, most of
-    a refit's arithmetic: 3 to 6 of them against one final solve). float32 (the moments' product
-    precision, :func:`product_dtype`, for a float32 or bfloat16 model) runs at twice float64's
-    rate on CPUs and 32-64x on GPUs without fast float64; its errors are compared within
-    :data:`TIE_FLOAT32`. Measured against float64 by benchmarks/ridge_search.py, which walks both
-    ways at every writer of a compression: the same strength at all of SmolLM2's and Qwen's.
+    a refit's arithmetic: 3 to 6 of them against one final solve) and the final solve is made in.
+    float32 (the moments' product precision, :func:`product_dtype`, for a float32 or bfloat16
+    model) runs at twice float64's rate on CPUs and 32-64x on GPUs without fast float64; its
+    errors are compared within :data:`TIE_FLOAT32`. Measured against float64 by
+    benchmarks/ridge_search.py at every writer of a compression: the walk chooses the same
+    strength at all of SmolLM2's and Qwen's, and the final float32 solve's writer is within
+    float32's rounding of the float64 one's (a sum that float32 cannot factor is solved in
+    float64, :func:`ridge`). The all-rows sum is then made in float32 (half a float64 copy's room:
+    3.3 GB less at a 70B model's MLP width).
     """
     w0 = w0.to(torch.float64)
     chosen = grid[len(grid) // 2]
@@ -411,7 +424,6 @@ def refit(
         )
         del held_xx, w_some, fit_xt, held_xt
     if not held.count:
-        return ridge(fit.xx, fit.xt, w0, chosen), chosen
-    # every row's sum, made once and factored in place
-    every = lambda: add_into(fit.xx.clone(), held.xx)  # noqa: E731
-    return ridge(every(), add_into(fit.xt.clone(), held.xt), w0, chosen, rebuild=every), chosen
+        return ridge(fit.xx, fit.xt, w0, chosen, dtype, extra=None), chosen
+    # every row's sum, made once in ``dtype`` and factored in place
+    return ridge(fit.xx, add_into(fit.xt.clone(), held.xt), w0, chosen, dtype, extra=held.xx), chosen

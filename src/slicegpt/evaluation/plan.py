@@ -77,8 +77,9 @@ RIDGE_TRIED = 4.5
 #: the covariances' 100-110. An earlier machine of the same kind ran them at 61-74 (and 59 on a
 #: 7B-shaped layer's, cost_width.py): 0.8 is within 25% of both.
 SOLVE_EFFICIENCY = 0.8
-#: The strengths tried are float32 solves and held-out errors for a float32 or half model
-#: (core.refit.refit): this share of the float32 products' rate (the moments'), measured here
+#: A float32 or half model's refits are float32 solves (core.refit.refit: the strengths tried,
+#: each a solve and a held-out error, and the final solve): this share of the float32 products'
+#: rate (the moments'). Fitted on the strengths tried alone, when the final solves were float64,
 #: with fast float32 products (benchmarks/cost_phases.py, cost_width.py): 0.50 on
 #: Qwen2.5-Coder-0.5B's writers (refits 20 s, the final float64 solves at the rate above), 0.40
 #: on a 7B-shaped layer's (42 s).
@@ -198,7 +199,7 @@ class Throughput:
     disk_gbps: float = DEFAULT_DISK_GBPS
     fp32_tflops: float | None = None  # the moments' float32 products (None: ``tflops``)
     # measured by plan --measure (None: shares of the rates above, SOLVE_EFFICIENCY and the like)
-    final_solve: WidthRate | None = None  # the refits' final float64 solves, by kept width
+    final_solve: WidthRate | None = None  # the refits' final solves, by kept width
     trial_solve: WidthRate | None = None  # the ridge strengths tried, by kept width
     rotate_tflops: float | None = None  # the weights turned into the sliced basis
     selection_tflops: float | None = None  # the greedy selection's products
@@ -248,8 +249,9 @@ class MemoryEstimate:
                          rows' float64 sum and the held-out batch's in the products' precision p
                          (4 bytes, 8 for a float64 model), intermediate^2 x (8 + p); with pruning,
                          plus the greedy choice's factor [intermediate, kept] x p (the refit on
-                         the kept neurons holds kept^2 x (16 + p), less); with corrections alone,
-                         plus the all-rows sum, factored in place, intermediate^2 x 8; plus
+                         the kept neurons holds kept^2 x (8 + 2 p), less); with corrections alone,
+                         plus the all-rows sum in the refit's precision p, factored in place,
+                         intermediate^2 x p; plus
                          intermediate x hidden x (8 + p) (cross moments). Measured on CPU
                          (tests/core/test_budget.py): the sums and at most about half an [n, n]
                          float64 beside them.
@@ -344,9 +346,9 @@ def memory_model(shape: ModelShape, work: Workload) -> MemoryEstimate:
         device_moments=(
             (
                 (
-                    max((8 + p) * i + p * work.kept_neurons, (16 + p) * work.kept_neurons**2 / i)
+                    max((8 + p) * i + p * work.kept_neurons, (8 + 2 * p) * work.kept_neurons**2 / i)
                     if work.prunes
-                    else (16 + p) * i
+                    else (8 + 2 * p) * i
                 )
                 * i
                 + (8 + p) * i * d
@@ -396,10 +398,9 @@ class TimeEstimate:
       solves         corrections: per writer about 4.5 ridge strengths tried (a solve, Cholesky 1/3 n^3 + 2 n^2
                      r, and a held-out error, 2 n^2 r, each, on r = about 256 of the hidden
                      output rows where hidden is 2,048 or more, all of them below) and the final
-                     solve on all; n = the kept neurons for the MLP. The strengths tried in float32
-                     for a float32 or half
-                     model (SOLVE_FLOAT32_EFFICIENCY x the moments' float32 rate), the final solve
-                     in float64 (SOLVE_EFFICIENCY x the float64 rate).
+                     solve on all; n = the kept neurons for the MLP. All in float32 for a float32
+                     or half model (SOLVE_FLOAT32_EFFICIENCY x the moments' float32 rate), in
+                     float64 for a float64 one (SOLVE_EFFICIENCY x the float64 rate).
       selection      pruning: the greedy neuron selection of k of n = intermediate neurons, each
                      round over the rows not yet taken (2 (n k^2 / 2 - k^3 / 3) + 2 hidden
                      (n k - k^2 / 2), plus the dead rows carried until they are cut), and
@@ -455,23 +456,15 @@ def _ridge_flops(n: int, d: int, tried: float = RIDGE_TRIED) -> tuple[float, flo
     return tried * (1 / 3 * n**3 + 4 * n * n * some), 1 / 3 * n**3 + 2 * n * n * d
 
 
-def _trial_rate(work: Workload, rate: Throughput, n: int) -> float:
-    """FLOP/s of the ridge strengths tried at ``n`` kept inputs: as measured (plan --measure),
-    else float32 solves (core.refit.refit) at SOLVE_FLOAT32_EFFICIENCY x the float32 products'
-    rate, float64 ones for a float64 model."""
-    if rate.trial_solve is not None:
-        return rate.trial_solve.at(n) * 1e12
+def _solve_rate(work: Workload, rate: Throughput, measured: WidthRate | None, n: int) -> float:
+    """FLOP/s of a refit's solves at ``n`` kept inputs (``measured``: the strengths tried's or the
+    final solve's rate, plan --measure), else float32 solves (core.refit.refit) at
+    SOLVE_FLOAT32_EFFICIENCY x the float32 products' rate, float64 ones for a float64 model."""
+    if measured is not None:
+        return measured.at(n) * 1e12
     if work.dtype_bytes >= 8:
         return SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12
     return SOLVE_FLOAT32_EFFICIENCY * rate.moments_tflops * 1e12
-
-
-def _final_rate(rate: Throughput, n: int) -> float:
-    """FLOP/s of a refit's final float64 solve at ``n`` kept inputs: as measured, else
-    SOLVE_EFFICIENCY x the float64 rate."""
-    if rate.final_solve is not None:
-        return rate.final_solve.at(n) * 1e12
-    return SOLVE_EFFICIENCY * rate.fp64_tflops * 1e12
 
 
 def time_model(
@@ -499,7 +492,7 @@ def time_model(
     forward += per_token * spread_tokens
     stats = gram_flops(d) * tokens * n * shape.points_per_layer * work.covariance_walks
     moments = (gram_flops(i) + 2.0 * i * d) * spread_tokens * n
-    # the ridge strengths tried (float32 solves for a float32 or half model), the final solves (float64)
+    # the ridge strengths tried and the final solves (float32 solves for a float32 or half model)
     trials = solves = solve_seconds = 0.0
     # the strengths are chosen on the last calibration batch; with one batch there is none to choose on
     tried = RIDGE_TRIED if work.rows > work.batch_size else 0.0
@@ -508,7 +501,8 @@ def time_model(
         nonlocal trials, solves, solve_seconds
         t, f = _ridge_flops(solved, d, tried)
         trials, solves = trials + t * writers, solves + f * writers
-        solve_seconds += writers * (t / _trial_rate(work, rate, solved) + f / _final_rate(rate, solved))
+        trial_rate = _solve_rate(work, rate, rate.trial_solve, solved)
+        solve_seconds += writers * (t / trial_rate + f / _solve_rate(work, rate, rate.final_solve, solved))
 
     if work.corrections:
         for width, solved in ((d, d), (i, work.kept_neurons or i)):  # the MLP's writer is refit on its kept neurons
@@ -770,14 +764,16 @@ def plan_model(
         probed = probe_run(hf_config, config, device=device, seqlen=seqlen)
     if probed is not None:
         # measured: the half products' speed on this CPU is in the forward's rate already
+        solves_fp64 = bool(fp64_tflops) and work.dtype_bytes >= 8
         rate = Throughput(
             tflops or probed.forward_tflops,
             fp64_tflops or probed.fp64_tflops,
             rate.disk_gbps,
             fp32_tflops=probed.moments_tflops,
-            # a float64 rate given (--fp64-tflops) wins over the float64 terms measured
-            final_solve=None if fp64_tflops else probed.final_solve,
-            trial_solve=probed.trial_solve,
+            # a float64 rate given (--fp64-tflops) wins over the float64 terms measured (the refits'
+            # solves are float64 terms for a float64 model only: core.refit.refit)
+            final_solve=None if solves_fp64 else probed.final_solve,
+            trial_solve=None if solves_fp64 else probed.trial_solve,
             rotate_tflops=None if fp64_tflops else probed.rotate_tflops,
             selection_tflops=probed.selection_tflops,
             pick_seconds=probed.pick_seconds,

@@ -18,11 +18,12 @@ and the host's terms stay shares of them or constants):
 and, for the terms whose rate is not the rate of a product alone, the package's own functions at
 the model's widths:
 
-- the refits' solves (:func:`slicegpt.core.refit.ridge`): the final float64 solve on the writer's
-  output rows, and a ridge strength tried (a solve and its held-out error, in the dtype the
-  strengths are tried in), each at :data:`SOLVE_WIDTHS` kept inputs. LAPACK's rate grows with the
-  width up to a few thousand, so one rate does not serve both a 0.5B model's writers (about 900
-  to 2,400 inputs) and a 70B model's (about 20,000): :class:`WidthRate` reads between the widths;
+- the refits' solves (:func:`slicegpt.core.refit.ridge`, in the dtype the refits solve in): the
+  final solve on the writer's output rows (the all-rows sum made from the fit and held-out sums,
+  as the run makes it), and a ridge strength tried (a solve and its held-out error), each at
+  :data:`SOLVE_WIDTHS` kept inputs. LAPACK's rate grows with the width up to a few thousand, so
+  one rate does not serve both a 0.5B model's writers (about 900 to 2,400 inputs) and a 70B
+  model's (about 20,000): :class:`WidthRate` reads between the widths;
 - the greedy neuron selection (:func:`slicegpt.core.neurons.greedy_order`), taking
   :data:`SELECTION_PICKS` neurons of at most :data:`SELECTION_WIDTH` against the model's hidden
   width and against a narrow target: the rate of its products (memory-bound passes over the
@@ -127,7 +128,7 @@ class ProbedRates:
     fp64_tflops: float
     seconds: float  # the probe's own time, building the layer included
     # measured since 2026-12-07 (None in older records: the plan then uses shares of the rates above)
-    final_solve: WidthRate | None = None  # the refits' final float64 solve, by kept width
+    final_solve: WidthRate | None = None  # the refits' final solve, by kept width
     trial_solve: WidthRate | None = None  # a ridge strength tried (solve and held-out error), by kept width
     rotate_tflops: float | None = None  # turning weights into the sliced basis (float64)
     selection_tflops: float | None = None  # the greedy selection's products
@@ -210,7 +211,8 @@ def solve_rates(
     sync: Callable[[], None],
     generator: torch.Generator,
 ) -> tuple[WidthRate, WidthRate]:
-    """(the final float64 solve's rate, a strength tried's rate), each a :class:`WidthRate` over
+    """(the final solve's rate, a strength tried's rate), both solved in ``trial_dtype`` as the
+    refits solve (:func:`slicegpt.core.refit.refit`), each a :class:`WidthRate` over
     :data:`SOLVE_WIDTHS` kept inputs (none wider than ``widest``, the model's widest writer), for
     a writer with ``d`` output rows: FLOPs as the plan counts them (the final solve 1/3 n^3 +
     2 n^2 rows, a strength tried 1/3 n^3 + 4 n^2 rows on the rows :func:`strength_row_count` tries)."""
@@ -226,7 +228,7 @@ def solve_rates(
         def trial() -> float:
             return error(ridge(cov, cross[:, :tried_rows], w0[:tried_rows], 0.1, trial_dtype), held, some)
 
-        seconds = _best_seconds(lambda: ridge(cov, cross, w0, 0.1), sync)
+        seconds = _best_seconds(lambda: ridge(cov, cross, w0, 0.1, trial_dtype, extra=held), sync)
         finals.append((n**3 / 3 + 2.0 * n * n * final_rows) / seconds / 1e12)
         trials.append((n**3 / 3 + 4.0 * n * n * tried_rows) / _best_seconds(trial, sync) / 1e12)
     return WidthRate(widths, tuple(finals)), WidthRate(widths, tuple(trials))
@@ -334,7 +336,7 @@ def probe_rates(
         )
         covariance = Covariance(d, device=device)
         fp64 = gram_flops(d) * tokens / _best_seconds(lambda: covariance.add(stream, None), sync)
-        # the strengths are tried in the moments' product dtype (core.refit.product_dtype)
+        # the refits solve in the moments' product dtype (core.refit.product_dtype)
         trial_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         final, trial = solve_rates(d, max(d, shape.intermediate), trial_dtype, device, sync, generator)
         selection, pick = selection_rates(shape.intermediate, d, trial_dtype, device, sync, generator)
