@@ -113,9 +113,10 @@ def one_run(job: dict) -> dict:
                     },
                 )
             )
-            # the final solve at the package's choice (float32 strengths on sampled rows), without walking again
+            # the final solve at the package's choice (float32 strengths on sampled rows), without
+            # walking again, in the package's precision (benchmarks/final_solve_precision.py)
             package = sampled[refit.STRENGTH_ROWS][0] if dtype == torch.float32 else walked  # as refit.refit walks
-            return plain(moments, w0, (package,))
+            return plain(moments, w0, (package,), **({} if dtype is None else {"dtype": dtype}))
         return plain(moments, w0, grid, exhaustive, **({} if dtype is None else {"dtype": dtype}))
 
     refit.refit = checked

@@ -390,12 +390,14 @@ def refit(
     a refit's arithmetic: 3 to 6 of them against one final solve) and the final solve is made in.
     float32 (the moments' product precision, :func:`product_dtype`, for a float32 or bfloat16
     model) runs at twice float64's rate on CPUs and 32-64x on GPUs without fast float64; its
-    errors are compared within :data:`TIE_FLOAT32`. Measured against float64 by
-    benchmarks/ridge_search.py at every writer of a compression: the walk chooses the same
-    strength at all of SmolLM2's and Qwen's, and the final float32 solve's writer is within
-    float32's rounding of the float64 one's (a sum that float32 cannot factor is solved in
-    float64, :func:`ridge`). The all-rows sum is then made in float32 (half a float64 copy's room:
-    3.3 GB less at a 70B model's MLP width).
+    errors are compared within :data:`TIE_FLOAT32`. Measured against float64 at every writer of a
+    compression: the walk chooses the same strength at all of SmolLM2's and Qwen's
+    (benchmarks/ridge_search.py), and the final float32 solve's writer is float64's up to
+    float32's rounding, but at the weakest ridges, where the float64 solve is as far from the
+    writer of float64 products (the moments carry float32's rounding already:
+    benchmarks/final_solve_precision.py). A sum that float32 cannot factor is solved in float64
+    (:func:`ridge`). The all-rows sum is made in the solve's precision (float32: half a float64
+    copy's room, 3.3 GB less at a 70B model's MLP width).
     """
     w0 = w0.to(torch.float64)
     chosen = grid[len(grid) // 2]
@@ -424,6 +426,6 @@ def refit(
         )
         del held_xx, w_some, fit_xt, held_xt
     if not held.count:
-        return ridge(fit.xx, fit.xt, w0, chosen, dtype, extra=None), chosen
+        return ridge(fit.xx, fit.xt, w0, chosen, dtype, extra=None), chosen  # a final solve: nothing to add
     # every row's sum, made once in ``dtype`` and factored in place
     return ridge(fit.xx, add_into(fit.xt.clone(), held.xt), w0, chosen, dtype, extra=held.xx), chosen
