@@ -18,12 +18,11 @@ moment (float64 eigenvalues). Results: a table on stdout and --out (JSON).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from cost_phases import METHODS
-from fresh import add_one, answer_one, load_source, replace_runs, run_fresh
+from fresh import add_one, answer_one, load_source, record_fresh
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -163,13 +162,7 @@ def main() -> None:
     if answer_one(args, one_run):
         return
     job = dict(model=args.model, writers=args.writers, nsamples=args.nsamples, seqlen=args.seqlen, target=args.target)
-    out = Path(args.out)
-    runs: list[dict] = json.loads(out.read_text())["runs"] if out.exists() else []
-    r = run_fresh(__file__, job, "the compression")
-    runs = replace_runs(runs, [r], ("model", "nsamples", "seqlen", "target"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
-    print(table(runs))
+    print(table(record_fresh(__file__, job, args.out, ("model", "nsamples", "seqlen", "target"))))
 
 
 if __name__ == "__main__":

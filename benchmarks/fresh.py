@@ -11,6 +11,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
@@ -55,3 +56,15 @@ def replace_runs(old: list[dict[str, Any]], new: list[dict[str, Any]], keys: Seq
 
     repeated = {key(r) for r in new}
     return [r for r in old if key(r) not in repeated] + list(new)
+
+
+def record_fresh(script: str, job: dict[str, Any], out: str, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Run ``job`` in a fresh process (:func:`run_fresh`) and write its result into ``out``'s
+    ``runs`` (JSON), replacing an earlier run of the same ``keys`` (:func:`replace_runs`); every run
+    ``out`` then holds."""
+    path = Path(out)
+    runs: list[dict[str, Any]] = json.loads(path.read_text())["runs"] if path.exists() else []
+    runs = replace_runs(runs, [run_fresh(script, job, "the compression")], keys)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    return runs
