@@ -17,12 +17,11 @@ moment (float64 eigenvalues). Results: a table on stdout and --out (JSON).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from cost_phases import METHODS
-from fresh import add_one, answer_one, load_source, record_fresh
+from fresh import answer_one, compression_parser, load_source, record_fresh
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -150,14 +149,8 @@ def table(runs: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="hub id, folder, .gguf or a PyPI-shipped name; default: SmolLM2")
+    p = compression_parser(__doc__, RESULTS / "final_solve_precision.json")
     p.add_argument("--writers", type=int, default=0, help="stop after this many refits (0: every one)")
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=1024)
-    p.add_argument("--target", type=float, default=0.75)
-    p.add_argument("--out", default=str(RESULTS / "final_solve_precision.json"))
-    add_one(p)
     args = p.parse_args()
     if answer_one(args, one_run):
         return

@@ -20,6 +20,20 @@ def add_one(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
 
 
+def compression_parser(doc: str | None, out: Path) -> argparse.ArgumentParser:
+    """The options of a benchmark that compresses one model once in a fresh process (``--model``,
+    ``--nsamples``, ``--seqlen``, ``--target``, ``--out``, and :func:`add_one`'s); a script adds
+    its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="hub id, folder, .gguf or a PyPI-shipped name; default: SmolLM2")
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--target", type=float, default=0.75)
+    p.add_argument("--out", default=str(out))
+    add_one(p)
+    return p
+
+
 def answer_one(args: argparse.Namespace, one_run: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
     """Run ``args.one``'s job and print its result for :func:`run_fresh`; False when this is not a job's process."""
     if not args.one:

@@ -20,12 +20,11 @@ Results: tables on stdout and --out (JSON).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from cost_phases import METHODS
-from fresh import add_one, answer_one, load_source, record_fresh
+from fresh import answer_one, compression_parser, load_source, record_fresh
 
 HERE = Path(__file__).resolve().parent
 # about the output rows of the stress-test walks: 9x and 18x fewer than SmolLM2's 576, 14x and 28x
@@ -199,14 +198,8 @@ def table(runs: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="hub id, folder, .gguf or a PyPI-shipped name; default: SmolLM2")
+    p = compression_parser(__doc__, RESULTS / "ridge_search.json")
     p.add_argument("--method", default="budget-uniform", choices=[m for m in METHODS if m != "slicegpt"])
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=1024)
-    p.add_argument("--target", type=float, default=0.75)
-    p.add_argument("--out", default=str(RESULTS / "ridge_search.json"))
-    add_one(p)
     args = p.parse_args()
     if answer_one(args, one_run):
         return
