@@ -18,7 +18,7 @@ import slicegpt
 from slicegpt.cli import main
 from slicegpt.data import Rows, load_text, shared_documents
 from slicegpt.sources import training_rows
-from slicegpt.training.recover import TrainingError, check_teacher, kd_loss, lm_loss
+from slicegpt.training.recover import TrainingError, batch_loss, check_teacher, head_at, kd_loss, lm_loss, predicting
 
 from conftest import VOCAB, calib_rows, have, make_tiny, tiny_tokenizer
 
@@ -528,6 +528,72 @@ def test_gradient_checkpointing_trains_the_same_weights(family: str) -> None:
             slicegpt.core.surgery.get_layers(model, slicegpt.arch.spec_for_config(model.config))[0]
         )
     assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_distillation_loss_and_its_gradient_are_autograds(dtype: torch.dtype, temperature: float) -> None:
+    """kd_loss's one-pass KL and gradient against autograd through log_softmax and kl_div."""
+    gen = torch.Generator().manual_seed(0)
+    s0, t = ((torch.randn(3, 50, 700, generator=gen) * 4).to(dtype) for _ in range(2))
+    mask = torch.rand(3, 50, generator=gen) < 0.6
+    for m in (None, mask):
+        got_s, want_s = (s0.clone().requires_grad_(True) for _ in range(2))
+        got = kd_loss(got_s, t, temperature, m)
+        ls = torch.log_softmax(want_s.float() / temperature, -1)
+        per = torch.nn.functional.kl_div(
+            ls, torch.log_softmax(t.float() / temperature, -1), log_target=True, reduction="none"
+        ).sum(-1)
+        counted = (
+            torch.ones(3, 50, dtype=torch.bool)
+            if m is None
+            else torch.cat([m[:, 1:], torch.zeros(3, 1, dtype=torch.bool)], 1)
+        )
+        want = per[counted].mean() * temperature**2
+        got.backward()
+        want.backward()
+        assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2  # bfloat16: the gradient rounds to it either way
+        assert (got_s.grad.float() - want_s.grad.float()).abs().max() <= tol * want_s.grad.float().abs().max()
+    # nothing counted: no loss, a zero gradient
+    s = s0.clone().float().requires_grad_(True)
+    kd_loss(s, t, 1.0, torch.zeros(3, 50, dtype=torch.bool)).backward()
+    assert float(s.grad.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["kd", "lm"])
+def test_the_head_runs_at_the_counted_positions_alone(family: str, kind: str) -> None:
+    """A batch's loss with a mask: both heads read the M counted positions only, and the loss and
+    every gradient are those of whole logits masked afterwards."""
+    teacher, student = _pair(family)
+    student.requires_grad_(True)
+    ids = calib_rows(3, 32, seed=5)
+    counted = torch.rand(3, 32, generator=torch.Generator().manual_seed(1)) < 0.5
+    rows_seen: list[int] = []
+    hook = student.get_output_embeddings().register_forward_hook(
+        lambda m, a, o: rows_seen.append(a[0].reshape(-1, a[0].shape[-1]).shape[0])
+    )
+    student.zero_grad()
+    got = batch_loss(student, ids, counted, teacher if kind == "kd" else None)
+    got.backward()
+    hook.remove()
+    assert rows_seen == [int(counted[:, 1:].sum())]  # not 3 x 32
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    logits = student(input_ids=ids).logits
+    with torch.no_grad():
+        target = teacher(input_ids=ids).logits
+    want = kd_loss(logits, target, 1.0, counted) if kind == "kd" else lm_loss(logits, ids, counted)
+    want.backward()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    for n, p in student.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6 * float(p.grad.abs().max())), n
+    # a head that reads something else (no [B, T] input) is left alone, and the loss falls back
+    at = predicting(counted)
+    with head_at(student, at[:, :-1]):
+        assert student(input_ids=ids).logits.shape[:2] == (3, 32)
 
 
 @needs_peft

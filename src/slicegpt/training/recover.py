@@ -16,6 +16,8 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,47 @@ def _vocab_size(model: nn.Module) -> int:
     return int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
 
 
+# Rows of [M, V] logits the distillation loss reads at a time: about 2^20 values (4 MB in float32),
+# so each chunk's temporaries stay in cache.
+KD_CHUNK_VALUES = 1 << 20
+
+
+class _KLFromTeacher(torch.autograd.Function):
+    """Sum over rows of KL(softmax(t / T) || softmax(s / T)) for logits s, t [M, V], with the
+    gradient for s found in the same pass, a chunk of rows at a time.
+
+    Per row, with z = logsumexp: KL = sum_v p_t (t - s) / T + z(s / T) - z(t / T) (as sum_v p_t = 1),
+    and d KL / d s = (p_s - p_t) / T. Two exponentials per value and nothing kept but the gradient
+    ([M, V] in s's dtype), where autograd's log_softmax, kl_div and their backward take five and
+    keep two float32 [M, V] (2048 x 49152 logits in bfloat16: 0.55 s against 1.8 s on a 2-core AMD EPYC).
+    The teacher ``t`` gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+        rows = max(1, KD_CHUNK_VALUES // max(s.shape[-1], 1))
+        grad = torch.empty_like(s)
+        total = torch.zeros((), dtype=torch.float64, device=s.device)
+        for i in range(0, s.shape[0], rows):
+            a, b = s[i : i + rows].float(), t[i : i + rows].float()  # [r, V]
+            if temperature != 1.0:
+                a, b = a / temperature, b / temperature
+            a_max, b_max = a.amax(-1, keepdim=True), b.amax(-1, keepdim=True)
+            ea, eb = (a - a_max).exp_(), (b - b_max).exp_()
+            za, zb = ea.sum(-1, keepdim=True), eb.sum(-1, keepdim=True)
+            pb = eb.div_(zb)
+            kl = (pb * (b - a)).sum(-1, keepdim=True) + (a_max + za.log()) - (b_max + zb.log())  # [r, 1]
+            total += kl.sum(dtype=torch.float64)
+            grad[i : i + rows] = ea.div_(za).sub_(pb).div_(temperature)
+        ctx.save_for_backward(grad)
+        return total.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -124,18 +167,55 @@ def kd_loss(
 ) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) at ``temperature``, times temperature^2.
 
-    Both [B, T, V]; computed in float32 whatever the autocast dtype. ``mask`` [B, T] (bool):
-    the tokens counted as targets; position t predicts token t + 1, so it counts where
+    Both [B, T, V] (or [M, V]: the positions alone); computed in float32 whatever the autocast
+    dtype, a chunk of positions at a time (:class:`_KLFromTeacher`). ``mask`` [B, T] (bool): the
+    tokens counted as targets; position t predicts token t + 1, so it counts where
     ``mask[:, t + 1]`` does (None: every position).
     """
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    V = student_logits.shape[-1]
     if mask is None:
-        kl = F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
-        return kl * temperature**2
-    counted = mask[:, 1:].to(s.device)  # [B, T - 1]
-    per = F.kl_div(s[:, :-1], t[:, :-1], log_target=True, reduction="none").sum(-1)  # [B, T - 1]
-    return (per * counted).sum() / counted.sum().clamp_min(1) * temperature**2
+        s, t = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
+    else:
+        counted = mask[:, 1:].to(student_logits.device)  # [B, T - 1]
+        s, t = student_logits[:, :-1][counted], teacher_logits[:, :-1][counted]  # [M, V]
+    if s.shape[0] == 0:
+        return student_logits.sum() * 0.0  # nothing counted: no loss, and the graph stays whole
+    return _KLFromTeacher.apply(s, t.detach(), temperature) / s.shape[0] * temperature**2
+
+
+def predicting(mask: torch.Tensor) -> torch.Tensor:
+    """The positions whose next token ``mask`` [B, T] counts as a target ([B, T] bool; the last never)."""
+    at = torch.zeros_like(mask, dtype=torch.bool)
+    at[:, :-1] = mask[:, 1:]
+    return at
+
+
+@contextmanager
+def head_at(model: nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Within, the model's output head reads only ``positions`` ([B, T] bool) of its input: logits
+    [1, M, V] for the M positions a loss counts, in order, instead of [B, T, V].
+
+    A chat model's loss counts the assistant's turns alone: the head (a fifth of SmolLM2's
+    weights) and the distillation's softmaxes over the whole vocabulary then run on those tokens
+    only. The hook leaves an input of another shape alone (a model that cut its hidden states
+    first), so callers check the logits' shape and fall back to ``mask``-ed losses.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        yield
+        return
+
+    def keep(module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0]
+        if x.dim() != 3 or x.shape[:2] != positions.shape:
+            return None
+        return (x[positions.to(x.device)].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,6 +226,47 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None =
     counted = mask[:, 1:].flatten().to(logits.device)
     per = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
     return (per * counted).sum() / counted.sum().clamp_min(1)
+
+
+def _counted_logits(logits: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """[M, V] logits at the positions ``at`` ([B, T] bool), from a :func:`head_at` forward's
+    [1, M, V], or from [B, T, V] where the hook left the head alone."""
+    if logits.dim() == 3 and logits.shape[:2] == at.shape:  # M < B * T: never the hook's [1, M]
+        return logits[at.to(logits.device)]
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def batch_loss(
+    model: nn.Module,
+    ids: torch.Tensor,
+    counted: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """One batch's loss: KL from ``teacher`` (:func:`kd_loss`), or next-token cross-entropy
+    without one; ``ids`` [B, T], ``counted`` [B, T] (bool) the target tokens (None: all).
+
+    With ``counted``, both models' heads run at the counted positions alone (:func:`head_at`);
+    the loss is the one :func:`kd_loss` and :func:`lm_loss` give on whole logits and the mask.
+    """
+    if counted is None:
+        logits = model(input_ids=ids, use_cache=False).logits
+        if teacher is None:
+            return lm_loss(logits, ids)
+        with torch.no_grad():
+            target = teacher(input_ids=ids, use_cache=False).logits
+        return kd_loss(logits, target, temperature)
+    at = predicting(counted.to(ids.device))
+    with head_at(model, at):
+        logits = _counted_logits(model(input_ids=ids, use_cache=False).logits, at)  # [M, V]
+    if teacher is None:
+        targets = ids[:, 1:][counted[:, 1:].to(ids.device)]  # [M], in the positions' order
+        if targets.numel() == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float(), targets.to(logits.device))
+    with torch.no_grad(), head_at(teacher, at):
+        target = _counted_logits(teacher(input_ids=ids, use_cache=False).logits, at)
+    return kd_loss(logits, target, temperature)
 
 
 class RowOrder:
@@ -233,9 +354,9 @@ def mean_nll(
         batch = ids[start : start + batch_size].to(device)
         part = None if mask is None else mask[start : start + batch_size]
         with _autocast(device, dtype):
-            logits = model(input_ids=batch, use_cache=False).logits
+            loss = batch_loss(model, batch, part)
         n = batch[:, 1:].numel() if part is None else int(part[:, 1:].sum())
-        total += float(lm_loss(logits, batch, part)) * n
+        total += float(loss) * n
         count += n
     return total / max(count, 1)
 
@@ -486,18 +607,12 @@ def recover(
                 ids, counted = batch(step * config.grad_accum + micro)
                 ids, counted = ids[rank::world].to(device), None if counted is None else counted[rank::world].to(device)
                 with _autocast(device, amp):
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    if loss_kind == "kd":
-                        with torch.no_grad():
-                            target = teacher(input_ids=ids, use_cache=False).logits
-                        loss = kd_loss(logits, target, config.temperature, counted)
-                    else:
-                        loss = lm_loss(logits, ids, counted)
+                    loss = batch_loss(model, ids, counted, teacher if loss_kind == "kd" else None, config.temperature)
                 if not torch.isfinite(loss.detach()):
                     raise numerical_stop(f"the loss is {float(loss.detach())}", step + 1)
                 scaler.scale(loss / config.grad_accum).backward()
                 step_loss += float(loss.detach()) / config.grad_accum
-                del logits, loss
+                del loss
             if ranks is not None:
                 step_loss = _average(ranks, params, step_loss)
             scaler.unscale_(optimizer)
