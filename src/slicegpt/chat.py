@@ -17,6 +17,7 @@ many were is said.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -289,6 +290,107 @@ def _pad_id(tokenizer: Any, stops: list[int]) -> int:
     return int(pad) if pad is not None else stops[0]
 
 
+def forward_params(model: nn.Module) -> set[str]:
+    """The keyword arguments the model's forward declares (empty where it cannot be read)."""
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+        return set()
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is deprecated); the
+    one the model's forward declares."""
+    params = forward_params(model)
+    return "past_key_values" if "cache" not in params and "past_key_values" in params else "cache"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``cache`` first: the deprecated alias warns on 5.x)."""
+    cache = getattr(output, "cache", None)
+    if cache is None and "past_key_values" in getattr(output, "keys", lambda: ())():
+        cache = output["past_key_values"]
+    return cache
+
+
+# A model's generation-config settings that change which token greedy decoding picks (or make it
+# another search): where one is set, answers come from transformers' generate, which applies them.
+GREEDY_CHANGERS = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "min_length",
+    "min_new_tokens",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "sequence_bias",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+    "renormalize_logits",
+    "guidance_scale",
+    "watermarking_config",
+    "num_beams",
+    "penalty_alpha",
+    "dola_layers",
+)
+
+
+def plain_greedy(model: nn.Module) -> bool:
+    """Does greedy decoding of this model take each row's most likely token and nothing else?"""
+    from transformers import GenerationConfig
+
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return True
+    default = GenerationConfig()
+    return all(getattr(config, k, None) == getattr(default, k, None) for k in GREEDY_CHANGERS)
+
+
+@torch.inference_mode()
+def greedy_tokens(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: Sequence[int], pad: int
+) -> torch.Tensor:
+    """Greedy continuations of the left-padded rows ``ids`` ([B, W], ``mask`` 1 on real tokens):
+    [B, max_new_tokens] new tokens, ``pad`` after a row's stop token.
+
+    What transformers' greedy generate returns, but a row that has stopped leaves the batch (and
+    its KV cache) at once, where generate runs every row until the last stops: a batch of the
+    model's own answers (mean 92 of up to 256 tokens) costs what its living rows do. Positions
+    count real tokens as generate counts them; the prompt's head runs at its last position only.
+    """
+    B = ids.shape[0]
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long)
+    if max_new_tokens < 1 or B == 0:
+        return out
+    params, key = forward_params(model), cache_kwarg(model)
+    stop = torch.tensor(list(stops), dtype=torch.long, device=ids.device)
+    pos = mask.long().cumsum(-1) - 1
+    pos.masked_fill_(mask == 0, 1)  # as generate: padded positions read position 1
+    extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    output = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+    cache = output_cache(output)
+    nxt = output.logits[:, -1].argmax(-1)  # [B]
+    alive = torch.arange(B)  # the batch rows still decoding, by their row in ``out``
+    done = torch.zeros(B, dtype=torch.bool)  # rows stopped but kept (a cache that cannot drop rows)
+    for step in range(max_new_tokens):
+        out[alive[~done], step] = nxt.cpu()[~done]
+        done |= torch.isin(nxt, stop).cpu()
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()) and hasattr(cache, "batch_select_indices"):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep.to(ids.device))
+            alive, done = alive[keep], done[keep]
+            mask, nxt = mask[keep.to(mask.device)], nxt[keep.to(nxt.device)]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        pos = mask.long().sum(-1, keepdim=True) - 1
+        output = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{key: cache})
+        cache = output_cache(output)
+        nxt = output.logits[:, -1].argmax(-1)
+    return out
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -318,6 +420,7 @@ def generate(
     if device is not None:
         model.to(dev)
     model.eval()
+    plain = plain_greedy(model)  # greedy answers from :func:`greedy_tokens`, rows leaving as they stop
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     answers: list[Answer | None] = [None] * len(prompts)
@@ -339,10 +442,13 @@ def generate(
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
         else:  # a model's generation config may ask for sampling; greedy means greedy
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(settings.seed * 1_000_003 + b)
-            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)
-        new = out[:, width:].cpu()
+        if settings.greedy and plain:
+            new = greedy_tokens(model, ids.to(dev), mask.to(dev), settings.max_new_tokens, stops, pad)
+        else:
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(settings.seed * 1_000_003 + b)
+                out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)
+            new = out[:, width:].cpu()
         done: list[Answer] = []
         for r, i in enumerate(idx):
             toks = new[r].tolist()

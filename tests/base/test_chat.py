@@ -15,7 +15,7 @@ from slicegpt.cli import main
 from slicegpt.data import DataError
 from slicegpt.training.recover import kd_loss, lm_loss
 
-from conftest import have, make_tiny, tiny_tokenizer
+from conftest import TINY_CONFIGS, have, make_tiny, tiny_tokenizer
 
 TEMPLATE = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<s>system\nYou are a tiny helpful test model "
@@ -282,6 +282,44 @@ def test_a_conversation_file_without_a_setting_is_continued_by_a_run_that_leaves
     assert chat.ConversationFile(path, {"model": "m", "prompts": "builtin", "seed": 0, "system": None}).records()
     with pytest.raises(DataError, match="system None there, 'Be brief.' now"):
         chat.ConversationFile(path, {"model": "m", "prompts": "builtin", "seed": 0, "system": "Be brief."}).records()
+
+
+def _stop_steps(tokens: torch.Tensor, stop: int) -> set[int]:
+    """The step at which each row of ``tokens`` [B, N] first says ``stop`` (N: never)."""
+    return {int((row == stop).nonzero()[0]) if bool((row == stop).any()) else tokens.shape[1] for row in tokens}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_greedy_answers_are_generates_with_stopped_rows_leaving(family: str) -> None:
+    """The greedy loop gives transformers' greedy generate's tokens, with left padding, and with
+    rows that stop at different steps (and so leave the batch and its cache) while others go on."""
+    kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
+    lengths = [5, 9, 3, 7, 6, 4]
+    W, N = max(lengths), 12
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.zeros(len(lengths), W, dtype=torch.long)
+    mask = torch.zeros(len(lengths), W, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, W - n :] = torch.randint(3, 300, (n,), generator=gen)
+        mask[r, W - n :] = 1
+    # A tiny random model repeats itself: of a few seeds and every token it says, the stop that
+    # ends its rows at the most different steps.
+    best = None
+    for seed in range(4):
+        model = make_tiny(family, dtype=torch.float32, seed=seed)
+        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N, eos_token_id=[10**6], **kw)[:, W:]
+        for stop in sorted(set(free.flatten().tolist())):
+            steps = _stop_steps(free, stop)
+            if best is None or len(steps) > len(best[2]):
+                best = (model, stop, steps, len(set(free.flatten().tolist())))
+    model, stop, steps, said = best
+    assert len(steps) >= 2 or said == 1  # rows leave while others go on, unless the model says one token only
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N, eos_token_id=[stop], **kw)[:, W:]
+    got = chat.greedy_tokens(model, ids, mask, N, [stop], pad=0)
+    assert torch.equal(got[:, : want.shape[1]], want) and bool((got[:, want.shape[1] :] == 0).all())
+    assert chat.plain_greedy(model)
+    model.generation_config.repetition_penalty = 1.3  # a setting greedy_tokens does not apply
+    assert not chat.plain_greedy(model)
 
 
 def test_sampled_generation_is_seeded_by_batch(chat_model_dir: Path) -> None:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..chat import cache_kwarg, forward_params, output_cache
 from ..config import dtype_name, parse_dtype
 from ..core.layout import LAYOUTS, apply_layout
 from ..memory import peak_rss_bytes
@@ -244,34 +245,6 @@ class _RunTimes:
     peak_delta_bytes: int | None
 
 
-def _forward_params(model: nn.Module) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
-        return set()
-
-
-def _cache_kwarg(model: nn.Module) -> str:
-    """transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name
-    is deprecated); use whichever the model's forward declares."""
-    params = _forward_params(model)
-    if "cache" in params:
-        return "cache"
-    if "past_key_values" in params:
-        return "past_key_values"
-    return "cache"
-
-
-def _output_cache(output: Any) -> Any:
-    # Read `cache` first: touching the deprecated alias emits a warning on 5.x.
-    cache = getattr(output, "cache", None)
-    if cache is None and "past_key_values" in getattr(output, "keys", lambda: ())():
-        cache = output["past_key_values"]
-    return cache
-
-
 def _cache_len(cache: Any) -> int | None:
     if cache is None:
         return None
@@ -318,19 +291,19 @@ def _prefill_with_cache(
 ) -> tuple[torch.Tensor, Any]:
     kwargs: dict[str, Any] = {"use_cache": True}
     if cache is not None:
-        kwargs[_cache_kwarg(model)] = cache
+        kwargs[cache_kwarg(model)] = cache
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1  # only the last position is needed to pick the first token (as generate does)
     output = model(input_ids, **kwargs)
     next_tokens = _logits(output)[:, -1:].argmax(dim=-1)
-    return next_tokens, _output_cache(output)
+    return next_tokens, output_cache(output)
 
 
 def _decode_manual(
     model: nn.Module, input_ids: torch.Tensor, config: BenchConfig, device: torch.device
 ) -> tuple[float, float, int]:
-    params = _forward_params(model)
-    cache_kw = _cache_kwarg(model)
+    params = forward_params(model)
+    cache_kw = cache_kwarg(model)
     prompt_len = input_ids.shape[1]
 
     _sync(device)
@@ -344,7 +317,7 @@ def _decode_manual(
     start = time.perf_counter()
     for _ in range(steps):
         output = model(next_tokens, **{cache_kw: cache}, use_cache=True)
-        cache = _output_cache(output)
+        cache = output_cache(output)
         next_tokens = _logits(output)[:, -1:].argmax(dim=-1)  # greedy, like do_sample=False
     _sync(device)
     decode = time.perf_counter() - start
@@ -366,7 +339,7 @@ def _pad_token_id(model: nn.Module) -> int:
 def _decode_generate(
     model: nn.Module, input_ids: torch.Tensor, config: BenchConfig, device: torch.device
 ) -> tuple[float, float, int]:
-    params = _forward_params(model)
+    params = forward_params(model)
     prompt_len = input_ids.shape[1]
 
     # The prefill that generate() performs internally, timed on its own so it can be subtracted.
