@@ -350,9 +350,10 @@ def plain_greedy(model: nn.Module) -> bool:
 @torch.inference_mode()
 def greedy_tokens(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: Sequence[int], pad: int
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Greedy continuations of the left-padded rows ``ids`` ([B, W], ``mask`` 1 on real tokens):
-    [B, max_new_tokens] new tokens, ``pad`` after a row's stop token.
+    [B, max_new_tokens] new tokens, ``pad`` after a row's stop token; None where the model returns
+    no KV cache (a forward that ignores ``use_cache``: transformers' generate must answer).
 
     What transformers' greedy generate returns, but a row that has stopped leaves the batch (and
     its KV cache) at once, where generate runs every row until the last stops: a batch of the
@@ -365,11 +366,17 @@ def greedy_tokens(
         return out
     params, key = forward_params(model), cache_kwarg(model)
     stop = torch.tensor(list(stops), dtype=torch.long, device=ids.device)
+    # Positions as generate counts them (padded ones read 1), given to a forward that takes them.
+    positioned = not params or "position_ids" in params
     pos = mask.long().cumsum(-1) - 1
-    pos.masked_fill_(mask == 0, 1)  # as generate: padded positions read position 1
+    pos.masked_fill_(mask == 0, 1)
     extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    output = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+    if positioned:
+        extra["position_ids"] = pos
+    output = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
     cache = output_cache(output)
+    if cache is None:
+        return None
     nxt = output.logits[:, -1].argmax(-1)  # [B]
     alive = torch.arange(B)  # the batch rows still decoding, by their row in ``out``
     done = torch.zeros(B, dtype=torch.bool)  # rows stopped but kept (a cache that cannot drop rows)
@@ -384,8 +391,10 @@ def greedy_tokens(
             alive, done = alive[keep], done[keep]
             mask, nxt = mask[keep.to(mask.device)], nxt[keep.to(nxt.device)]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        pos = mask.long().sum(-1, keepdim=True) - 1
-        output = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{key: cache})
+        step_kw: dict[str, Any] = {key: cache}
+        if positioned:
+            step_kw["position_ids"] = mask.long().sum(-1, keepdim=True) - 1
+        output = model(input_ids=nxt[:, None], attention_mask=mask, use_cache=True, **step_kw)
         cache = output_cache(output)
         nxt = output.logits[:, -1].argmax(-1)
     return out
@@ -442,9 +451,10 @@ def generate(
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
         else:  # a model's generation config may ask for sampling; greedy means greedy
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        new = None
         if settings.greedy and plain:
             new = greedy_tokens(model, ids.to(dev), mask.to(dev), settings.max_new_tokens, stops, pad)
-        else:
+        if new is None:
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 torch.manual_seed(settings.seed * 1_000_003 + b)
                 out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)

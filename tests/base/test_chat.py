@@ -322,6 +322,19 @@ def test_greedy_answers_are_generates_with_stopped_rows_leaving(family: str) -> 
     assert not chat.plain_greedy(model)
 
 
+def test_a_model_that_returns_no_cache_is_answered_by_generate(chat_model_dir: Path, monkeypatch) -> None:
+    model = slicegpt.load_model(str(chat_model_dir / "model"))[0]
+    tok = chat_tokenizer()
+    ids = [chat.prompt_ids(tok, t) for t in ("The quick brown fox?", "All that glitters?", "A journey?")]
+    s = chat.GenerationSettings(max_new_tokens=6)
+    ours = chat.generate(model, tok, ids, s, batch_size=2, progress=False)
+    monkeypatch.setattr(chat, "output_cache", lambda output: None)  # a forward that ignores use_cache
+    x = torch.tensor([ids[0]])
+    assert chat.greedy_tokens(model, x, torch.ones_like(x), 6, chat.stop_ids(model, tok), 0) is None
+    theirs = chat.generate(model, tok, ids, s, batch_size=2, progress=False)  # transformers' generate
+    assert [a.ids for a in ours] == [a.ids for a in theirs] and all(a.ids for a in theirs)
+
+
 def test_sampled_generation_is_seeded_by_batch(chat_model_dir: Path) -> None:
     model = slicegpt.load_model(str(chat_model_dir / "model"))[0]
     tok = chat_tokenizer()
