@@ -353,7 +353,8 @@ def greedy_tokens(
 ) -> torch.Tensor | None:
     """Greedy continuations of the left-padded rows ``ids`` ([B, W], ``mask`` 1 on real tokens):
     [B, max_new_tokens] new tokens, ``pad`` after a row's stop token; None where the model returns
-    no KV cache (a forward that ignores ``use_cache``: transformers' generate must answer).
+    no KV cache that can drop rows (a forward that ignores ``use_cache``: transformers' generate
+    must answer).
 
     What transformers' greedy generate returns, but a row that has stopped leaves the batch (and
     its KV cache) at once, where generate runs every row until the last stops: a batch of the
@@ -365,7 +366,7 @@ def greedy_tokens(
     if max_new_tokens < 1 or B == 0:
         return out
     params, key = forward_params(model), cache_kwarg(model)
-    stop = torch.tensor(list(stops), dtype=torch.long, device=ids.device)
+    stop = torch.tensor(list(stops), dtype=torch.long)  # compared on the host, where the tokens go
     # Positions as generate counts them (padded ones read 1), given to a forward that takes them.
     positioned = not params or "position_ids" in params
     pos = mask.long().cumsum(-1) - 1
@@ -375,21 +376,20 @@ def greedy_tokens(
         extra["position_ids"] = pos
     output = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
     cache = output_cache(output)
-    if cache is None:
+    if not hasattr(cache, "batch_select_indices"):
         return None
     nxt = output.logits[:, -1].argmax(-1)  # [B]
     alive = torch.arange(B)  # the batch rows still decoding, by their row in ``out``
-    done = torch.zeros(B, dtype=torch.bool)  # rows stopped but kept (a cache that cannot drop rows)
     for step in range(max_new_tokens):
-        out[alive[~done], step] = nxt.cpu()[~done]
-        done |= torch.isin(nxt, stop).cpu()
-        if step == max_new_tokens - 1 or bool(done.all()):
+        token = nxt.cpu()
+        out[alive, step] = token
+        going = ~torch.isin(token, stop)
+        if step == max_new_tokens - 1 or not bool(going.any()):
             break
-        if bool(done.any()) and hasattr(cache, "batch_select_indices"):
-            keep = (~done).nonzero().squeeze(1)
+        if not bool(going.all()):  # the rows that stopped leave the batch and the cache
+            keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep.to(ids.device))
-            alive, done = alive[keep], done[keep]
-            mask, nxt = mask[keep.to(mask.device)], nxt[keep.to(nxt.device)]
+            alive, mask, nxt = alive[keep], mask[keep.to(mask.device)], nxt[keep.to(nxt.device)]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         step_kw: dict[str, Any] = {key: cache}
         if positioned:
